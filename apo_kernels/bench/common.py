@@ -1,0 +1,73 @@
+"""The benchmark's run configuration and result rows (shared by every section)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .timing import DTYPES, Timer
+
+__all__ = ["Config", "make_row", "CPU_HALF_CAP"]
+
+# This CPU (no AVX512-BF16/FP16) runs bf16/fp16 GEMMs at ~0.7 GFLOP/s vs ~60-300 for fp32: torch
+# chains in half precision are capped at this size on CPU so the run stays minutes, not hours.
+CPU_HALF_CAP = {"quick": 128, "full": 256}
+
+
+@dataclass
+class Config:
+    device: torch.device
+    quick: bool
+    sizes: list[int]
+    dtypes: list[str]
+    backends: list[str]
+    skipped_backends: dict[str, str]
+    widths: list[int]
+    layer_sets: list[str]
+    train_widths: list[int]
+    sections: list[str]
+    tick: Callable[[str], None] = lambda desc: None
+    timer: Optional[Timer] = None
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.timer is None:
+            self.timer = Timer(self.device, quick=self.quick)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def scale(self) -> str:
+        return "gpu" if self.is_cuda else ("quick" if self.quick else "cpu")
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[name]
+
+    def half_cap(self) -> Optional[int]:
+        if self.is_cuda:
+            return None
+        return CPU_HALF_CAP["quick" if self.quick else "full"]
+
+    def size_ok(self, size: int, dtype_name: str) -> bool:
+        cap = self.half_cap()
+        return dtype_name == "fp32" or cap is None or size <= cap
+
+
+def make_row(section: str, case: str, impl: str, dtype: str, size, timing: dict, **extra) -> dict:
+    r = dict(section=section, case=case, impl=impl, dtype=dtype, size=size)
+    r.update(timing)
+    r.update(extra)
+    return r
+
+
+def add_ratios(rows: list[dict], baseline_impl: str, key=("section", "case", "dtype", "size")) -> None:
+    """ratio = median / median of ``baseline_impl`` in the same (section, case, dtype, size) cell."""
+    base = {tuple(r[k] for k in key): r for r in rows if r["impl"] == baseline_impl and "median_ms" in r}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in key))
+        if b is not None and "median_ms" in r:
+            r["baseline"] = baseline_impl
+            r["ratio"] = r["median_ms"] / b["median_ms"] if b["median_ms"] > 0 else float("nan")

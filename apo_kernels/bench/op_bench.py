@@ -1,0 +1,113 @@
+"""Section 1 -- the op: forward and backward per backend vs the hand-written torch chain, and the
+grouped op vs a per-layer loop over real layer sets.
+
+Baselines (what a user writes by hand):
+- forward:  ``A @ (S * (A.T @ G @ B)) @ B.T`` (4 matmuls + mul);
+- backward: ``torch.autograd.grad`` of that chain for (dA, dS, dB) given dY -- the meta-gradient's
+  outputs -- vs ``apo_kernels.precondition_backward(..., output_mask=(False, True, True, True))``;
+- grouped:  a Python loop of the chain over the layers vs one ``precondition_grouped`` call.
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import Config, add_ratios, make_row
+from .shapes import layer_set
+
+MASK = (False, True, True, True)
+
+
+def chain(G, A, S, B):
+    return A @ (S * (A.T @ G @ B)) @ B.T
+
+
+def _inputs(m: int, n: int, dtype, device, gen: torch.Generator):
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cpu") * scale).to(device=device, dtype=dtype)
+
+    G = r(m, n)
+    A = r(m, m, scale=m**-0.5)
+    B = r(n, n, scale=n**-0.5)
+    S = (torch.rand(m, n, generator=gen) + 0.5).to(device=device, dtype=dtype)
+    dY = r(m, n)
+    return G, A, S, B, dY
+
+
+def _chain_backward(G, A, S, B, dY):
+    A_, S_, B_ = (t.detach().requires_grad_(True) for t in (A, S, B))
+    with torch.enable_grad():
+        Y = chain(G, A_, S_, B_)
+        return torch.autograd.grad(Y, (A_, S_, B_), dY)
+
+
+def run(cfg: Config) -> dict:
+    import apo_kernels
+
+    timer, dev = cfg.timer, cfg.device
+    gen = torch.Generator().manual_seed(0)
+    single: list[dict] = []
+    for dname in cfg.dtypes:
+        dt = cfg.dtype(dname)
+        for size in cfg.sizes:
+            if not cfg.size_ok(size, dname):
+                continue
+            G, A, S, B, dY = _inputs(size, size, dt, dev, gen)
+            cfg.tick(f"op {dname} {size}: torch chain")
+            with torch.no_grad():
+                single.append(make_row("op", "forward", "torch chain", dname, size, timer(lambda: chain(G, A, S, B))))
+            single.append(
+                make_row("op", "backward", "torch chain", dname, size, timer(lambda: _chain_backward(G, A, S, B, dY)))
+            )
+            for be in cfg.backends:
+                cfg.tick(f"op {dname} {size}: {be}")
+                try:
+                    fwd = timer(lambda: apo_kernels.precondition(G, A, S, B, backend=be))
+                    bwd = timer(
+                        lambda: apo_kernels.precondition_backward(dY, G, A, S, B, output_mask=MASK, backend=be)
+                    )
+                except Exception as exc:  # a backend that fails here is reported, not fatal
+                    single.append(make_row("op", "forward", be, dname, size, {}, error=repr(exc)[:300]))
+                    continue
+                single.append(make_row("op", "forward", be, dname, size, fwd))
+                single.append(make_row("op", "backward", be, dname, size, bwd))
+    add_ratios(single, "torch chain")
+
+    grouped: list[dict] = []
+    gdtypes = ["fp32"] + [d for d in cfg.dtypes if d != "fp32" and cfg.is_cuda][:1]
+    for set_name in cfg.layer_sets:
+        label, shapes = layer_set(set_name, cfg.scale)
+        for dname in gdtypes:
+            if dname not in cfg.dtypes:
+                continue
+            dt = cfg.dtype(dname)
+            layers = [_inputs(m, n, dt, dev, gen) for m, n in shapes]
+            Gs, As, Ss, Bs, dYs = (list(x) for x in zip(*layers))
+            size = f"{len(shapes)} layers"
+            extra = dict(layers=len(shapes), max_dim=max(max(s) for s in shapes))
+            cfg.tick(f"grouped {label} {dname}: loop of torch chain")
+
+            def loop_chain():
+                return [chain(g, a, s, b) for g, a, s, b in zip(Gs, As, Ss, Bs)]
+
+            def loop_chain_bwd():
+                return [_chain_backward(g, a, s, b, dy) for g, a, s, b, dy in zip(Gs, As, Ss, Bs, dYs)]
+
+            with torch.no_grad():
+                grouped.append(make_row("grouped", f"{label} forward", "loop: torch chain", dname, size, timer(loop_chain), **extra))
+            grouped.append(make_row("grouped", f"{label} backward", "loop: torch chain", dname, size, timer(loop_chain_bwd), **extra))
+            for be in cfg.backends:
+                cfg.tick(f"grouped {label} {dname}: {be}")
+                try:
+                    t_loop = timer(lambda: [apo_kernels.precondition(g, a, s, b, backend=be) for g, a, s, b in zip(Gs, As, Ss, Bs)])
+                    t_grp = timer(lambda: apo_kernels.precondition_grouped(Gs, As, Ss, Bs, backend=be))
+                    t_grp_b = timer(
+                        lambda: apo_kernels.precondition_grouped_backward(dYs, Gs, As, Ss, Bs, output_mask=MASK, backend=be)
+                    )
+                except Exception as exc:
+                    grouped.append(make_row("grouped", f"{label} forward", f"grouped: {be}", dname, size, {}, error=repr(exc)[:300], **extra))
+                    continue
+                grouped.append(make_row("grouped", f"{label} forward", f"loop: op[{be}]", dname, size, t_loop, **extra))
+                grouped.append(make_row("grouped", f"{label} forward", f"grouped: {be}", dname, size, t_grp, **extra))
+                grouped.append(make_row("grouped", f"{label} backward", f"grouped: {be}", dname, size, t_grp_b, **extra))
+    add_ratios(grouped, "loop: torch chain")
+    return dict(single=single, grouped=grouped)

@@ -1,0 +1,233 @@
+"""The step loop shared by APOLR and APOPrecond (Algorithm 1 of APO, torch.optim closure style).
+
+A subclass supplies four hooks, none of which may mutate optimizer state except ``_apply``:
+
+    _prepare()              -> plan         everything derived from the current ``.grad`` (at θ);
+                                            independent of φ, so it serves lookahead and update
+    _lookahead_deltas(plan) -> list[Tensor] Δ(φ) per parameter of ``plan.params``: θ' = θ + Δ
+    _meta_backward(plan, dQ)                set ``.grad`` of φ from ∇θ'Q (list like the deltas)
+    _apply(plan)                            the real update θ ← u(θ, φ, B) with the (new) φ, and
+                                            its state update
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import discrepancy
+from .meta import RNGState, all_finite, cuda_devices_of, no_autocast, proximal_objective_grad
+
+
+def check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler):
+    """Shared argument rules; every error names its argument."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (model.parameters() is empty or frozen)")
+    for name, v in (("lambda_fsd", lambda_fsd), ("lambda_wsd", lambda_wsd), ("meta_lr", meta_lr)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+        if not v >= 0.0 or v != v or v == float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if isinstance(meta_interval, bool) or not isinstance(meta_interval, int):
+        raise TypeError(f"meta_interval must be an int, got {type(meta_interval).__name__}")
+    if meta_interval < 0:
+        raise ValueError(f"meta_interval must be >= 0 (0 turns meta-steps off), got {meta_interval}")
+    discrepancy.resolve(fsd)
+    if meta_batch not in ("same", "fresh"):
+        raise ValueError(f"meta_batch must be 'same' or 'fresh', got {meta_batch!r}")
+    if grad_scaler is not None and not hasattr(grad_scaler, "unscale_"):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+
+
+class _Plan:
+    """What one step derives from the gradient at θ (subclasses add fields)."""
+
+    params: list
+
+
+class APOCore:
+    """Mixin with the closure-driven step of Algorithm 1; see the module docstring for the hooks."""
+
+    model: nn.Module
+    lambda_fsd: float
+    lambda_wsd: float
+    meta_interval: int
+    fsd: object
+    grad_scaler: Optional[object]
+    meta_batch: str
+    meta_optimizer: torch.optim.Optimizer
+
+    def _init_core(self):
+        self._apo_step = 0      # steps taken (skipped steps do not count)
+        self.skipped_steps = 0    # non-finite loss / gradient / meta-gradient
+        self.meta_steps = 0
+        self.last_meta: Optional[dict] = None  # Q and its terms at the latest meta-step
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _prepare(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _lookahead_deltas(self, plan) -> list[Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _meta_backward(self, plan, dQ: Sequence[Tensor]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _apply(self, plan) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _after_meta_step(self) -> None:
+        pass
+
+    def _scaler_target(self):
+        return self
+
+    def _device_type(self) -> str:
+        return next(iter(self.model.parameters())).device.type
+
+    # ---- the step ------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return self._apo_step
+
+    def meta_due(self) -> bool:
+        """Whether the next ``step`` does a meta-update (every ``meta_interval`` steps, from step 0)."""
+        return self.meta_interval > 0 and self._apo_step % self.meta_interval == 0
+
+    def _meta_grads(self) -> list[Optional[Tensor]]:
+        return [p.grad for g in self.meta_optimizer.param_groups for p in g["params"]]
+
+    def _zero_meta_grads(self) -> None:
+        self.meta_optimizer.zero_grad(set_to_none=True)
+
+    def _first_closure(self, closure):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = None
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            # records found_inf for scaler.update(); the lookahead's grads are unscaled by hand
+            self.grad_scaler.unscale_(self._scaler_target())
+            scale = float(self.grad_scaler.get_scale())
+        return loss, scale
+
+    def _grads_finite(self, loss) -> bool:
+        tensors = [p.grad for p in self._all_params() if p.grad is not None]
+        if loss is not None and isinstance(loss, Tensor):
+            tensors.append(loss.detach())
+        return all_finite(tensors)
+
+    def _run_step(self, closure: Optional[Callable], fsd_inputs, meta_closure: Optional[Callable]):
+        meta = self.meta_due()
+        if meta:
+            if closure is None:
+                raise ValueError(
+                    "closure is required on a meta-update step (every meta_interval steps): "
+                    "call step(closure) with a closure that zeroes grads, computes the loss and calls backward"
+                )
+            if self.lambda_fsd != 0.0 and fsd_inputs is None:
+                raise ValueError("fsd_inputs is required on a meta-update step when lambda_fsd != 0")
+            if self.meta_batch == "fresh" and meta_closure is None:
+                raise ValueError("meta_closure (a closure on a fresh batch) is required with meta_batch='fresh'")
+        rng0 = RNGState(cuda_devices_of(self._all_params())) if meta else None
+        loss, scale = self._first_closure(closure)
+        if not self._grads_finite(loss):
+            self.skipped_steps += 1
+            return loss
+        # our arithmetic runs outside any autocast region the user opened around step(); the
+        # model forwards of the meta-step (closure, FSD) run under it, as the user intended
+        with no_autocast(self._device_type()):
+            plan = self._prepare()
+        if meta:
+            ok = self._meta_update(plan, closure if self.meta_batch == "same" else meta_closure,
+                                   fsd_inputs, scale, rng0 if self.meta_batch == "same" else None)
+            if not ok:
+                self.skipped_steps += 1
+                return loss
+        with no_autocast(self._device_type()):
+            self._apply(plan)
+        self._apo_step += 1
+        return loss
+
+    def _meta_update(self, plan, closure, fsd_inputs, scale, rng) -> bool:
+        obj = self._objective(plan, closure, fsd_inputs, scale, rng)
+        if obj is None:
+            return False
+        self._zero_meta_grads()
+        with no_autocast(self._device_type()):
+            self._meta_backward(plan, obj.grads)
+        if not all_finite(self._meta_grads()):
+            self._zero_meta_grads()
+            return False
+        self.meta_optimizer.step()
+        self._zero_meta_grads()
+        self.meta_steps += 1
+        self.last_meta = {"step": self._apo_step, "Q": obj.value, "loss": obj.loss,
+                          "fsd": obj.fsd, "wsd": obj.wsd}
+        self._after_meta_step()
+        return True
+
+    def _objective(self, plan, closure, fsd_inputs, scale, rng):
+        with no_autocast(self._device_type()):
+            deltas = self._lookahead_deltas(plan)
+        if not all_finite(deltas):
+            return None
+        obj = proximal_objective_grad(
+            self.model, plan.params, deltas, closure, fsd_inputs=fsd_inputs,
+            lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
+            grad_scale=scale, rng=rng,
+        )
+        if obj.value != obj.value or abs(obj.value) == float("inf") or not all_finite(obj.grads):
+            return None
+        return obj
+
+    # ---- non-mutating probes (tests, diagnostics, finite differences) --------------------
+    @torch.no_grad()
+    def meta_gradient(self, closure: Callable, fsd_inputs=None) -> tuple[float, list[Tensor]]:
+        """(Q, ∇φQ) at the current θ, φ for this closure's batch, without changing θ, φ or state.
+
+        ∇φQ is a list in ``self.phi``'s order (clones). The closure is called
+        twice (at θ and at θ'); ``.grad`` of the model is left holding the gradient at θ.
+        """
+        loss, scale = self._first_closure_probe(closure)
+        with no_autocast(self._device_type()):
+            plan = self._prepare()
+        obj = self._objective(plan, closure, fsd_inputs, scale, None)
+        if obj is None:
+            raise FloatingPointError("non-finite meta-objective")
+        phi = self.phi
+        saved = [p.grad for p in phi]
+        self._zero_meta_grads()
+        with no_autocast(self._device_type()):
+            self._meta_backward(plan, obj.grads)
+        out = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in phi]
+        for p, g in zip(phi, saved):
+            p.grad = g
+        return obj.value, out
+
+    @torch.no_grad()
+    def meta_objective(self, closure: Callable, fsd_inputs=None) -> float:
+        """Q(φ) at the current θ, φ for this closure's batch (θ, φ and state unchanged)."""
+        loss, scale = self._first_closure_probe(closure)
+        with no_autocast(self._device_type()):
+            plan = self._prepare()
+        obj = self._objective(plan, closure, fsd_inputs, scale, None)
+        return float("nan") if obj is None else obj.value
+
+    def _first_closure_probe(self, closure):
+        with torch.enable_grad():
+            loss = closure()
+        scale = None
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale = float(self.grad_scaler.get_scale())
+            for p in self._all_params():
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / scale)
+        return loss, scale
+
+    def _all_params(self) -> list[Tensor]:  # pragma: no cover
+        raise NotImplementedError

@@ -1,0 +1,58 @@
+"""Function-space discrepancies D_F(new, old) for APO's proximal meta-objective.
+
+Each function takes the model's outputs at the lookahead θ' (``new``, differentiable) and at the
+current θ (``old``, detached) and returns a scalar averaged over the batch. Outputs are cast to
+float32 (or kept float64) first, so the term is accurate under autocast.
+
+- ``"kl"``:  mean over the batch of KL(softmax(old) ‖ softmax(new)) over the last dim, i.e. from
+  the current predictive distribution to the lookahead's. ``new``/``old``: logits (…, C).
+- ``"mse"``: mean over the batch of ½‖new − old‖² (summed over the output dims); regression.
+- a callable ``fsd(new, old) -> scalar Tensor`` for anything else (tuple/dict outputs, …).
+"""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Discrepancy = Callable[[object, object], Tensor]
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def kl(new: Tensor, old: Tensor) -> Tensor:
+    """KL(p_old ‖ p_new) over the last dim, averaged over all leading dims. Shapes (…, C)."""
+    if not isinstance(new, Tensor) or not isinstance(old, Tensor):
+        raise TypeError("fsd='kl' needs the model to return a logits Tensor; pass a callable fsd instead")
+    log_new = F.log_softmax(_upcast(new), dim=-1)
+    log_old = F.log_softmax(_upcast(old), dim=-1)
+    per_row = (log_old.exp() * (log_old - log_new)).sum(-1)
+    return per_row.mean()
+
+
+def mse(new: Tensor, old: Tensor) -> Tensor:
+    """½‖new − old‖² summed over the output dims, averaged over the batch (dim 0). Shapes (N, …)."""
+    if not isinstance(new, Tensor) or not isinstance(old, Tensor):
+        raise TypeError("fsd='mse' needs the model to return a Tensor; pass a callable fsd instead")
+    diff = _upcast(new) - _upcast(old)
+    if diff.ndim == 0:
+        return 0.5 * diff * diff
+    return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(-1).mean()
+
+
+_BY_NAME = {"kl": kl, "mse": mse}
+
+
+def resolve(fsd: Union[str, Discrepancy]) -> Discrepancy:
+    """``"kl"`` / ``"mse"`` / a callable → the discrepancy function; ValueError/TypeError naming ``fsd``."""
+    if isinstance(fsd, str):
+        if fsd not in _BY_NAME:
+            raise ValueError(f"fsd must be one of {sorted(_BY_NAME)} or a callable, got {fsd!r}")
+        return _BY_NAME[fsd]
+    if callable(fsd):
+        return fsd
+    raise TypeError(f"fsd must be a str or a callable(new_out, old_out) -> Tensor, got {type(fsd).__name__}")

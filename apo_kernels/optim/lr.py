@@ -1,0 +1,341 @@
+"""APO-LR: meta-learn the learning rate of any torch.optim optimizer with the proximal objective.
+
+φ = log(lr) (positive lr by construction). For SGD (momentum, Nesterov, dampening, weight decay),
+RMSprop (centered, momentum) and Adam/AdamW (amsgrad) the update is linear in lr:
+
+    θ'(lr) = θ + lr · d,      d = the base optimizer's step with lr = 1 and its state frozen
+
+so ∂Q/∂φ = lr · ⟨∇θ'Q, d⟩. ``d`` is computed here by the same formulas torch.optim uses (state is
+read, never written); any other optimizer falls back to stepping it with lr = 1 on a saved copy of
+its state and parameters (exact whenever its update is linear in lr, as for Adagrad, Adamax, …).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._core import APOCore, _Plan, check_common_args
+
+
+def _cdtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _grad(p: Tensor, group: dict) -> Tensor:
+    g = p.grad
+    return -g if group.get("maximize", False) else g
+
+
+def _sgd_direction(p: Tensor, group: dict, state: dict) -> Tensor:
+    g = _grad(p, group)
+    wd, mom = group["weight_decay"], group["momentum"]
+    if wd != 0:
+        g = g.add(p, alpha=wd)
+    if mom != 0:
+        buf = state.get("momentum_buffer")
+        buf = g.clone() if buf is None else buf.mul(mom).add_(g, alpha=1 - group["dampening"])
+        g = g.add(buf, alpha=mom) if group["nesterov"] else buf
+    return -g
+
+
+def _rmsprop_direction(p: Tensor, group: dict, state: dict) -> Tensor:
+    g = _grad(p, group)
+    alpha, eps, wd, mom = group["alpha"], group["eps"], group["weight_decay"], group["momentum"]
+    if wd != 0:
+        g = g.add(p, alpha=wd)
+    sq = state.get("square_avg")
+    sq = torch.zeros_like(p) if sq is None else sq
+    sq = sq.mul(alpha).addcmul_(g, g, value=1 - alpha)
+    if group["centered"]:
+        ga = state.get("grad_avg")
+        ga = torch.zeros_like(p) if ga is None else ga
+        ga = ga.lerp(g, 1 - alpha)
+        avg = sq.addcmul(ga, ga, value=-1).sqrt_()
+    else:
+        avg = sq.sqrt()
+    avg = avg.add_(eps)
+    if mom > 0:
+        buf = state.get("momentum_buffer")
+        buf = torch.zeros_like(p) if buf is None else buf
+        return -buf.mul(mom).addcdiv_(g, avg)
+    return -(g / avg)
+
+
+def _adam_direction(p: Tensor, group: dict, state: dict, decoupled: bool) -> Tensor:
+    g = _grad(p, group)
+    beta1, beta2 = group["betas"]
+    eps, wd = group["eps"], group["weight_decay"]
+    extra = None
+    if wd != 0:
+        if decoupled:
+            extra = p.mul(-wd)  # θ(1 − lr·wd) = θ + lr·(−wd·θ)
+        else:
+            g = g.add(p, alpha=wd)
+    m = state.get("exp_avg")
+    v = state.get("exp_avg_sq")
+    m = torch.zeros_like(p) if m is None else m
+    v = torch.zeros_like(p) if v is None else v
+    m = m.lerp(g, 1 - beta1)
+    v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+    step = float(state["step"]) + 1.0 if "step" in state else 1.0
+    bc1 = 1 - beta1 ** step
+    bc2 = 1 - beta2 ** step
+    if group.get("amsgrad", False):
+        vmax = state.get("max_exp_avg_sq")
+        v = v if vmax is None else torch.maximum(vmax, v)
+    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+    d = -(m / bc1) / denom
+    return d if extra is None else d + extra
+
+
+def _is_decoupled(opt, group) -> bool:
+    return bool(group.get("decoupled_weight_decay", False)) or isinstance(opt, torch.optim.AdamW)
+
+
+@torch.no_grad()
+def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[Tensor]]) -> list[list[Tensor]]:
+    """d per parameter (per group): the base optimizer's step for lr = 1, its state untouched.
+
+    ``params_by_group[k]`` lists group k's parameters that have a ``.grad``. Returns tensors in each
+    parameter's dtype and shape. Exact formulas for SGD/RMSprop/Adam/AdamW, else a generic probe.
+    """
+    kind = None
+    if type(optimizer) in (torch.optim.SGD,):
+        kind = "sgd"
+    elif type(optimizer) in (torch.optim.RMSprop,):
+        kind = "rmsprop"
+    elif type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        kind = "adam"
+    if kind is None:
+        return _generic_directions(optimizer, params_by_group)
+    out = []
+    for group, params in zip(optimizer.param_groups, params_by_group):
+        dirs = []
+        for p in params:
+            st = optimizer.state.get(p, {})
+            if kind == "sgd":
+                dirs.append(_sgd_direction(p, group, st))
+            elif kind == "rmsprop":
+                dirs.append(_rmsprop_direction(p, group, st))
+            else:
+                dirs.append(_adam_direction(p, group, st, _is_decoupled(optimizer, group)))
+        out.append(dirs)
+    return out
+
+
+@torch.no_grad()
+def _generic_directions(optimizer, params_by_group):
+    """Step a saved copy with lr = 1 and read Δθ; restores parameters, state and lr exactly."""
+    all_params = [p for ps in params_by_group for p in ps]
+    values = [p.detach().clone() for p in all_params]
+    saved_state = {p: copy.deepcopy(optimizer.state[p]) for p in all_params if p in optimizer.state}
+    saved_lr = [g["lr"] for g in optimizer.param_groups]
+    try:
+        for g in optimizer.param_groups:
+            g["lr"] = 1.0
+        optimizer.step()
+        out = [[p.detach() - v for p, v in zip(ps, values[sum(map(len, params_by_group[:k])):])]
+               for k, ps in enumerate(params_by_group)]
+        return [[d.clone() for d in ds] for ds in out]
+    finally:
+        for p, v in zip(all_params, values):
+            p.copy_(v)
+        for p in all_params:
+            if p in saved_state:
+                optimizer.state[p] = saved_state[p]
+            else:
+                optimizer.state.pop(p, None)
+        for g, lr in zip(optimizer.param_groups, saved_lr):
+            g["lr"] = lr
+
+
+class _LRPlan(_Plan):
+    def __init__(self, params_by_group):
+        self.params_by_group = params_by_group
+        self.params = [p for ps in params_by_group for p in ps]
+        self.dirs = None
+
+
+class APOLR(APOCore):
+    """Adapt the learning rate of ``base_optimizer`` with APO (Algorithm 1, φ = log lr).
+
+    Args:
+        model: the module being trained (called for the FSD term; its buffers are restored).
+        base_optimizer: a torch.optim optimizer over (some of) ``model``'s parameters, every param
+            group with an ``lr``. Its own ``step`` performs the real update.
+        lambda_fsd, lambda_wsd: weights of the function- and weight-space proximity terms.
+        meta_lr: learning rate of the meta-optimizer (RMSprop on log lr; 0.1 moves lr by ~10%
+            per meta-step once RMSprop's average has warmed up).
+        meta_interval: a meta-step every this many steps (0: never).
+        fsd: "kl" (logits), "mse" (regression) or a callable(new_out, old_out) -> scalar.
+        per_group: one learnt lr per param group (True) or one shared log-scale for all groups,
+            which keeps the groups' lr ratios (False, default).
+        meta_batch: "same" (Algorithm 1) or "fresh" — ablation: the lookahead loss uses
+            ``step(..., meta_closure=...)`` on another batch (short-horizon bias, App. D).
+        grad_scaler: a torch.amp.GradScaler whose ``scale(loss).backward()`` the closure uses.
+        min_lr, max_lr: optional clamps on the learnt lr.
+
+    Attributes:
+        lr: the current learning rate (group 0's); ``lrs`` all groups'.
+        lr_history: list of (step, [lr per group]) — the initial lrs and one entry per meta-step.
+        skipped_steps, meta_steps, last_meta (Q and its terms at the latest meta-step).
+
+    φ is float64 (a scalar per group: exact enough that exp(log lr) never drifts, and free).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        *,
+        lambda_fsd: float,
+        lambda_wsd: float,
+        meta_lr: float = 0.1,
+        meta_interval: int = 10,
+        fsd: Union[str, Callable] = "kl",
+        per_group: bool = False,
+        meta_batch: str = "same",
+        grad_scaler=None,
+        min_lr: Optional[float] = None,
+        max_lr: Optional[float] = None,
+    ):
+        check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if isinstance(base_optimizer, torch.optim.LBFGS):
+            raise TypeError("base_optimizer: LBFGS's update is not linear in lr; it is not supported")
+        model_params = {id(p) for p in model.parameters()}
+        for k, g in enumerate(base_optimizer.param_groups):
+            if "lr" not in g:
+                raise ValueError(f"base_optimizer: param group {k} has no 'lr' hyperparameter")
+            lr = float(g["lr"])
+            if not lr > 0.0 or not math.isfinite(lr):
+                raise ValueError(f"lr of base_optimizer's param group {k} must be > 0 (APO-LR learns log lr), got {lr}")
+            for p in g["params"]:
+                if id(p) not in model_params:
+                    raise ValueError("base_optimizer holds a parameter that is not one of model.parameters()")
+        self.model = model
+        self.base_optimizer = base_optimizer
+        self.lambda_fsd, self.lambda_wsd = float(lambda_fsd), float(lambda_wsd)
+        self.meta_interval, self.fsd, self.meta_batch = meta_interval, fsd, meta_batch
+        self.grad_scaler = grad_scaler
+        self.per_group = bool(per_group)
+        self.min_lr, self.max_lr = min_lr, max_lr
+        lrs = [float(g["lr"]) for g in base_optimizer.param_groups]
+        self._ratios = [lr / lrs[0] for lr in lrs]
+        init = [math.log(lr) for lr in lrs] if self.per_group else [math.log(lrs[0])]
+        self.log_lr = torch.tensor(init, dtype=torch.float64)  # φ
+        self.meta_optimizer = torch.optim.RMSprop([self.log_lr], lr=meta_lr)
+        self._init_core()
+        self.lr_history: list[tuple[int, list[float]]] = [(0, lrs)]
+
+    # ---- public ------------------------------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.base_optimizer.param_groups
+
+    @property
+    def phi(self) -> list[Tensor]:
+        """The meta-learnt tensors: [log_lr] (shape (groups,) or (1,), float64)."""
+        return [self.log_lr]
+
+    @property
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.base_optimizer.param_groups]
+
+    @property
+    def lr(self) -> float:
+        return self.lrs[0]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None, *, fsd_inputs=None, meta_closure=None):
+        """One step of Algorithm 1; returns the closure's loss (None without a closure).
+
+        Without a closure the gradients already in ``.grad`` are used — allowed only on steps
+        with no meta-update (``meta_due()`` is False). ``fsd_inputs``: a tuple of inputs for
+        ``model(*fsd_inputs)`` (needed when lambda_fsd != 0 on a meta-step).
+        """
+        return self._run_step(closure, fsd_inputs, meta_closure)
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _all_params(self):
+        return [p for g in self.base_optimizer.param_groups for p in g["params"]]
+
+    def _scaler_target(self):
+        return self.base_optimizer
+
+    def _prepare(self):
+        return _LRPlan([[p for p in g["params"] if p.grad is not None] for g in self.base_optimizer.param_groups])
+
+    def _lookahead_deltas(self, plan):
+        plan.dirs = lr_directions(self.base_optimizer, plan.params_by_group)
+        deltas = []
+        for group, dirs in zip(self.base_optimizer.param_groups, plan.dirs):
+            lr = float(group["lr"])
+            deltas += [d.to(_cdtype(d)) * lr for d in dirs]
+        return deltas
+
+    def _meta_backward(self, plan, dQ):
+        # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩
+        grads = []
+        k = 0
+        for group, dirs in zip(self.base_optimizer.param_groups, plan.dirs):
+            s = torch.zeros((), dtype=torch.float64)
+            for d in dirs:
+                s = s + (dQ[k].double() * d.double()).sum().cpu()
+                k += 1
+            grads.append(float(group["lr"]) * s)
+        g = torch.stack(grads) if self.per_group else torch.stack(grads).sum().reshape(1)
+        self.log_lr.grad = g
+
+    def _after_meta_step(self):
+        lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
+        hi = math.inf if self.max_lr is None else math.log(self.max_lr)
+        self.log_lr.clamp_(lo, hi)
+        self._write_lrs()
+        self.lr_history.append((self._apo_step, self.lrs))
+
+    def _write_lrs(self):
+        phi = self.log_lr.tolist()
+        for k, g in enumerate(self.base_optimizer.param_groups):
+            lr = math.exp(phi[k]) if self.per_group else math.exp(phi[0]) * self._ratios[k]
+            if isinstance(g["lr"], Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+
+    def _apply(self, plan):
+        self.base_optimizer.step()
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Base optimizer state, φ, meta-optimizer, counters and the lr history."""
+        return {
+            "base_optimizer": self.base_optimizer.state_dict(),
+            "log_lr": self.log_lr.clone(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "step": self._apo_step,
+            "skipped_steps": self.skipped_steps,
+            "meta_steps": self.meta_steps,
+            "lr_history": [(s, list(l)) for s, l in self.lr_history],
+            "ratios": list(self._ratios),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict()``; tensors are mapped to this optimizer's devices."""
+        self.base_optimizer.load_state_dict(state["base_optimizer"])
+        with torch.no_grad():
+            self.log_lr.copy_(state["log_lr"].to(self.log_lr.device, self.log_lr.dtype))
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self._apo_step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.meta_steps = int(state["meta_steps"])
+        self.lr_history = [(s, list(l)) for s, l in state["lr_history"]]
+        self._ratios = list(state["ratios"])

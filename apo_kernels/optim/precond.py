@@ -1,0 +1,354 @@
+"""APO-Precond: meta-learn a structured preconditioner per layer with the proximal objective.
+
+Per layer the gradient (or momentum) matrix G (m, n) is preconditioned as
+
+    Y = A · (S²⊙(Aᵀ G B)) · Bᵀ          (apo_kernels.precondition_grouped, one call per step)
+
+and the update is θ ← θ − update_scale · Y(v), v = μ·v + (g + wd·θ) (heavy-ball momentum on the
+gradient, as torch.optim.SGD, then preconditioned). Layer → matrix:
+
+    nn.Linear            weight (out, in) + bias as an extra column      → (out, in + 1)
+    nn.Conv1d/2d/3d      weight (out, in/groups·k…) + bias column         → (out, in/groups·k… + 1)
+    nn.Embedding         weight (V, d); A fixed to the identity on the vocabulary side (S still
+                         scales each entry: a diagonal block there), B (d, d) learnt
+    everything else      a diagonal S-only preconditioner Y = S²⊙G (norm scales, 1-D params,
+                         params of unsupported modules, the bias of a layer whose weight is tied)
+
+Blocking rule (``max_precond_dim``): a side longer than it is split into ⌈size/max⌉ near-equal
+blocks with a dense factor each (block-diagonal A or B); see ``meta.split_sizes``.
+
+Parametrization (measured; numbers in README): S² starts at lr / update_scale — the base step
+size is folded into S instead of multiplying P by lr — so the first updates equal SGD(+momentum)
+with learning rate ``lr``. S is stored as a log (S² = exp(2S)) so Adam's ≈meta_lr absolute steps
+are *relative* changes of the step size whatever lr's magnitude, and the meta-Adam keeps a short
+second-moment memory (β2 = 0.9), because the meta-gradient shrinks with the loss.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import _validate
+from ._core import APOCore, _Plan, check_common_args
+from .meta import (
+    DiagonalPreconditioner,
+    StructuredPreconditioner,
+    meta_backward_many,
+    precondition_many,
+)
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _Layer:
+    """A weight (+ bias) viewed as one (m, n) matrix with its StructuredPreconditioner."""
+
+    def __init__(self, name: str, kind: str, weight: Tensor, bias: Optional[Tensor], precond_kwargs: dict):
+        self.name, self.kind, self.weight, self.bias = name, kind, weight, bias
+        self.m = weight.shape[0]
+        self.nw = weight[0].numel()
+        self.n = self.nw + (1 if bias is not None else 0)
+        self.precond = StructuredPreconditioner(
+            self.m, self.n, learn_left=(kind != "embedding"), **precond_kwargs
+        )
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def matrix(self, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        W = w.reshape(self.m, self.nw)
+        if self.bias is None:
+            return W
+        return torch.cat([W, b.reshape(self.m, 1)], dim=1)
+
+    def split(self, Y: Tensor) -> list[Tensor]:
+        if self.bias is None:
+            return [Y.reshape(self.weight.shape)]
+        return [Y[:, : self.nw].reshape(self.weight.shape), Y[:, self.nw].reshape(self.bias.shape)]
+
+
+class _PrecondPlan(_Plan):
+    pass
+
+
+def _check_number(name, v, *, low=0.0, low_ok=True, high=None, high_ok=True):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    bad = not math.isfinite(v) or (v < low if low_ok else v <= low)
+    if high is not None:
+        bad = bad or (v > high if high_ok else v >= high)
+    if bad:
+        rng = f"{'[' if low_ok else '('}{low}, {'inf)' if high is None else str(high) + (']' if high_ok else ')')}"
+        raise ValueError(f"{name} must be in {rng}, got {v}")
+    return v
+
+
+class APOPrecond(torch.optim.Optimizer, APOCore):
+    """APO with a structured preconditioner per layer (APO-Precond), torch.optim closure style.
+
+    Args:
+        model: the module to train; its layer types decide the preconditioner structure.
+        lr: the base step size: the initial update is SGD(+momentum) with this lr (also the
+            SGD+momentum step during warm-up).
+        lambda_fsd, lambda_wsd: weights of the FSD and WSD proximity terms in Q.
+        meta_lr: Adam learning rate on S; each dense d×d block of A or B uses meta_lr / d, so a
+            meta-step changes its operator norm by about meta_lr whatever the layer width.
+        meta_interval: a meta-step every this many steps, from step 0 (0: never).
+        fsd: "kl" | "mse" | callable(new_out, old_out) -> scalar.
+        momentum: heavy-ball coefficient on the gradient before preconditioning (0 disables).
+        weight_decay: L2 added to the gradient (torch.optim.SGD's convention).
+        warmup_steps: steps during which θ follows SGD+momentum with ``lr`` while φ is already
+            meta-learnt.
+        update_scale: the real update is update_scale × the meta-optimized lookahead step — a
+            margin below the greedy one-step optimum, which is reused for meta_interval steps.
+            S starts at √(lr/update_scale), so the first real updates are exactly SGD's size.
+        max_precond_dim: longest dense side of A or B; longer sides become block-diagonal.
+        backend: op backend ("auto", "cpu", "cuda", "triton", "reference").
+        meta_betas: Adam betas of the meta-optimizer. The default (0.5, 0.9) keeps a SHORT
+            second-moment memory: the meta-gradient shrinks with the loss (∝ ‖g‖² on a
+            quadratic), and with β2 = 0.999 Adam's steps collapse to ~loss_now/loss_then·meta_lr
+            (measured: no gain over SGD on a cond-3000 regression, vs 1e-15 with β2 = 0.9).
+        s_param: "log" (S² = exp(2S): Adam's steps are relative changes of the step size,
+            independent of lr's magnitude; default) or "linear" (S² = S·S).
+        meta_batch: "same" (Algorithm 1) or "fresh" (ablation; needs ``step(meta_closure=...)``).
+        grad_scaler: the torch.amp.GradScaler the closure scales its loss with.
+
+    Per-layer statistics: ``preconditioner_stats()``. φ is float32 (float64 for a float64 model)
+    whatever the model's dtype; the momentum buffer has φ's dtype.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        lambda_fsd: float,
+        lambda_wsd: float,
+        meta_lr: float,
+        meta_interval: int = 10,
+        fsd: Union[str, Callable] = "kl",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        update_scale: float = 0.9,
+        max_precond_dim: Optional[int] = 2048,
+        backend: str = "auto",
+        meta_betas: tuple[float, float] = (0.5, 0.9),
+        s_param: str = "log",
+        meta_batch: str = "same",
+        grad_scaler=None,
+    ):
+        check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
+        lr = _check_number("lr", lr, low=0.0, low_ok=False)
+        momentum = _check_number("momentum", momentum, low=0.0, high=1.0, high_ok=False)
+        weight_decay = _check_number("weight_decay", weight_decay)
+        update_scale = _check_number("update_scale", update_scale, low=0.0, low_ok=False)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if max_precond_dim is not None:
+            if isinstance(max_precond_dim, bool) or not isinstance(max_precond_dim, int):
+                raise TypeError(f"max_precond_dim must be an int or None, got {type(max_precond_dim).__name__}")
+            if max_precond_dim < 1:
+                raise ValueError(f"max_precond_dim must be >= 1, got {max_precond_dim}")
+        _validate.check_backend(backend)
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        devices = {p.device for p in trainable}
+        if len(devices) != 1:
+            raise ValueError(f"model: all trainable parameters must be on one device, got {sorted(map(str, devices))}")
+        device = trainable[0].device
+        self.phi_dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
+        kwargs = dict(init_s=math.sqrt(lr / update_scale), max_dim=max_precond_dim,
+                      s_param=s_param, dtype=self.phi_dtype, device=device)
+
+        # Layers first (in module order), each parameter claimed once: tied weights are
+        # preconditioned by the first module that owns them.
+        claimed: set[int] = set()
+        self.layers: list[_Layer] = []
+        for name, mod in model.named_modules():
+            kind = ("linear" if isinstance(mod, nn.Linear) else
+                    "conv" if isinstance(mod, _CONVS) else
+                    "embedding" if isinstance(mod, nn.Embedding) else None)
+            w = getattr(mod, "weight", None)
+            if kind is None or not isinstance(w, Tensor) or not w.requires_grad or id(w) in claimed:
+                continue
+            b = getattr(mod, "bias", None)
+            if kind == "embedding" or not isinstance(b, Tensor) or not b.requires_grad or id(b) in claimed:
+                b = None
+            self.layers.append(_Layer(name or kind, kind, w, b, kwargs))
+            claimed.update(id(p) for p in self.layers[-1].params)
+        self.diagonals: list[tuple[str, Tensor, DiagonalPreconditioner]] = []
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in claimed:
+                claimed.add(id(p))
+                self.diagonals.append((name, p, DiagonalPreconditioner(
+                    p.shape, init_s=kwargs["init_s"], s_param=s_param, dtype=self.phi_dtype, device=device)))
+
+        params = [p for layer in self.layers for p in layer.params] + [p for _, p, _ in self.diagonals]
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        self.model = model
+        self.lambda_fsd, self.lambda_wsd = float(lambda_fsd), float(lambda_wsd)
+        self.meta_interval, self.fsd, self.meta_batch = meta_interval, fsd, meta_batch
+        self.grad_scaler = grad_scaler
+        self.warmup_steps, self.update_scale = warmup_steps, update_scale
+        self.max_precond_dim, self.backend = max_precond_dim, backend
+        self._params = params
+        self._phi = [t for layer in self.layers for t in layer.precond.parameters()] + \
+                    [t for _, _, d in self.diagonals for t in d.parameters()]
+        # Adam moves every entry by ≈ lr; the meta-gradient of a d×d factor is low-rank, so its
+        # sign pattern is too, and a step of lr per entry changes the factor's operator norm by
+        # ≈ lr·d (measured: a 4×1024 MLP blew up on the first meta-step at meta_lr=0.01). Each
+        # factor block therefore gets meta_lr / d: ≈ meta_lr of operator-norm change per step,
+        # whatever the width. S (elementwise, log-scale) keeps meta_lr.
+        self.meta_lr = float(meta_lr)
+        groups = []
+        for layer in self.layers:
+            pc = layer.precond
+            for blocks, learn in ((pc.A, pc.learn_left), (pc.B, pc.learn_right)):
+                if learn:
+                    groups += [{"params": [b], "lr": meta_lr / b.shape[0]} for b in blocks]
+        factor_ids = {id(g["params"][0]) for g in groups}
+        groups.append({"params": [t for t in self._phi if id(t) not in factor_ids], "lr": meta_lr})
+        self.meta_optimizer = torch.optim.Adam(groups, lr=meta_lr, betas=meta_betas)
+        self._init_core()
+
+    # ---- public ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None, *, fsd_inputs=None, meta_closure=None):
+        """One step of Algorithm 1; returns the closure's loss (None without a closure).
+
+        Without a closure the gradients in ``.grad`` are used — only on steps with no
+        meta-update. ``fsd_inputs``: tuple of inputs for ``model(*fsd_inputs)``.
+        """
+        return self._run_step(closure, fsd_inputs, meta_closure)
+
+    def preconditioner_stats(self) -> dict[str, dict[str, float]]:
+        """Per layer / diagonal parameter: s2_mean (mean of S², the step multiplier), a_dist and
+        b_dist (‖A−I‖_F, ‖B−I‖_F over blocks; 0 where the factor is fixed or absent)."""
+        out = {layer.name: layer.precond.stats() for layer in self.layers}
+        out.update({name: d.stats() for name, _, d in self.diagonals})
+        return out
+
+    @property
+    def phi(self) -> list[Tensor]:
+        """The meta-learnt tensors in meta-optimizer order (A blocks, S, B blocks per layer, then
+        the diagonal S's)."""
+        return list(self._phi)
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _all_params(self):
+        return self._params
+
+    def _device_type(self) -> str:
+        return self._params[0].device.type
+
+    def _prepare(self):
+        group = self.param_groups[0]
+        mom, wd = group["momentum"], group["weight_decay"]
+        plan = _PrecondPlan()
+        plan.v = {}
+        for p in self._params:
+            if p.grad is None:
+                continue
+            g = p.grad.to(self.phi_dtype)
+            if wd != 0:
+                g = g.add(p.to(self.phi_dtype), alpha=wd)
+            buf = self.state[p].get("momentum_buffer") if mom != 0 else None
+            plan.v[id(p)] = g if buf is None else buf.mul(mom).add_(g)
+        plan.params = [p for p in self._params if id(p) in plan.v]
+        plan.layers, plan.Gs = [], []
+        for layer in self.layers:
+            if not any(id(p) in plan.v for p in layer.params):
+                continue
+            vs = [plan.v.get(id(p)) for p in layer.params]
+            vs = [torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device) if v is None else v
+                  for p, v in zip(layer.params, vs)]
+            plan.layers.append(layer)
+            plan.Gs.append(layer.matrix(*vs) if len(vs) == 2 else layer.matrix(vs[0], None))
+        plan.diags = [(p, d) for _, p, d in self.diagonals if id(p) in plan.v]
+        return plan
+
+    def _directions(self, plan) -> dict[int, Tensor]:
+        """Y(φ) per parameter id: the preconditioned step at the current φ (lr folded into S)."""
+        Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend)
+        out = {}
+        for layer, Y in zip(plan.layers, Ys):
+            for p, y in zip(layer.params, layer.split(Y)):
+                out[id(p)] = y
+        for p, d in plan.diags:
+            out[id(p)] = d.apply(plan.v[id(p)])
+        return out
+
+    def _lookahead_deltas(self, plan):
+        Y = self._directions(plan)
+        return [-Y[id(p)] for p in plan.params]
+
+    def _meta_backward(self, plan, dQ):
+        # θ' = θ − Y(φ)  ⇒  ∂Q/∂φ = (∂Y/∂φ)ᵀ(−∇θ'Q): the op's backward with grad_out = −∇θ'Q
+        dq = {id(p): g for p, g in zip(plan.params, dQ)}
+        dYs = []
+        for layer in plan.layers:
+            parts = [-dq[id(p)] if id(p) in dq else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
+                     for p in layer.params]
+            dYs.append(layer.matrix(*parts) if len(parts) == 2 else layer.matrix(parts[0], None))
+        meta_backward_many([l.precond for l in plan.layers], dYs, plan.Gs, backend=self.backend)
+        for p, d in plan.diags:
+            d.meta_backward(-dq[id(p)], plan.v[id(p)])
+
+    def _apply(self, plan):
+        group = self.param_groups[0]
+        if self._apo_step < self.warmup_steps:
+            lr = group["lr"]
+            for p in plan.params:
+                p.add_(plan.v[id(p)].to(p.dtype), alpha=-lr)
+        else:
+            Y = self._directions(plan)
+            us = self.update_scale
+            for p in plan.params:
+                y = Y[id(p)] if us == 1.0 else Y[id(p)] * us
+                p.sub_(y.to(p.dtype))
+        if group["momentum"] != 0:
+            for p in plan.params:
+                self.state[p]["momentum_buffer"] = plan.v[id(p)]
+
+    # ---- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Momentum buffers (by parameter index), φ, meta-optimizer state, counters, hyperparameters."""
+        return {
+            "momentum": {i: self.state[p]["momentum_buffer"].clone()
+                         for i, p in enumerate(self._params) if "momentum_buffer" in self.state.get(p, {})},
+            "phi": [t.detach().clone() for t in self._phi],
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "step": self._apo_step,
+            "skipped_steps": self.skipped_steps,
+            "meta_steps": self.meta_steps,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict()``; tensors are mapped to this optimizer's device and dtypes."""
+        if len(state["phi"]) != len(self._phi):
+            raise ValueError("state_dict: φ has a different number of tensors (a different model?)")
+        with torch.no_grad():
+            for t, s in zip(self._phi, state["phi"]):
+                if t.shape != s.shape:
+                    raise ValueError(f"state_dict: φ tensor of shape {tuple(s.shape)} where {tuple(t.shape)} expected")
+                t.copy_(s.to(device=t.device, dtype=t.dtype))
+        self.state.clear()
+        for i, buf in state["momentum"].items():
+            p = self._params[int(i)]
+            self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=self.phi_dtype).clone()
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        for g, saved in zip(self.param_groups, state["param_groups"]):
+            g.update(saved)
+        self._apo_step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.meta_steps = int(state["meta_steps"])

@@ -1,0 +1,290 @@
+// apo-kernels: op schemas (TORCH_LIBRARY) and the CPU implementation of the structured preconditioner
+//
+//     Y = A · (S ⊙ (Aᵀ G B)) · Bᵀ          G (m×n), A (m×m), S (m×n), B (n×n)
+//
+// Backward with upstream dY, H = AᵀGB, M = S⊙H:
+//     D = Aᵀ dY B,  E = S ⊙ D,  dS = D ⊙ H,  dG = A E Bᵀ,
+//     dA = dY B Mᵀ + G B Eᵀ,    dB = dYᵀ A M + Gᵀ A E
+//
+// Light headers only (no torch/extension.h, no pybind11): the module registers ops on load and
+// exposes no Python functions. The CUDA implementations live in csrc/cuda/*.cu.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#ifdef APO_KERNELS_PYTHON_MODULE
+#include <Python.h>
+// `import apo_kernels._C` only has to load this library so the static TORCH_LIBRARY registrars run;
+// an empty module is enough (the extension-cpp pattern). Defined only by setup.py, so the CMake
+// build (a plain shared library + C++ test) needs no Python.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+namespace apo {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using Mask = std::array<bool, 4>;
+using TensorVec = std::vector<Tensor>;
+
+// ---------------------------------------------------------------------------------------------
+// Checks (defensive: apo_kernels/ops/_validate.py has already raised a friendly error)
+
+void check_layer(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B,
+                 const Tensor* dY = nullptr) {
+  const auto d = G.dim();
+  TORCH_CHECK(d == 2 || d == 3, "apo: grad must be 2-D or 3-D, got ", G.sizes());
+  TORCH_CHECK(A.dim() == d && S.dim() == d && B.dim() == d,
+              "apo: grad, A, S, B must have the same number of dims");
+  TORCH_CHECK(at::isFloatingType(G.scalar_type()), "apo: floating dtype expected, got ",
+              G.scalar_type());
+  for (const Tensor* t : {&A, &S, &B}) {
+    TORCH_CHECK(t->scalar_type() == G.scalar_type(), "apo: all inputs must share grad's dtype");
+    TORCH_CHECK(t->device() == G.device(), "apo: all inputs must be on grad's device");
+  }
+  const auto m = G.size(-2), n = G.size(-1);
+  TORCH_CHECK(A.size(-2) == m && A.size(-1) == m, "apo: A must be (..., ", m, ", ", m, "), got ",
+              A.sizes());
+  TORCH_CHECK(S.sizes() == G.sizes(), "apo: S must have grad's shape ", G.sizes(), ", got ",
+              S.sizes());
+  TORCH_CHECK(B.size(-2) == n && B.size(-1) == n, "apo: B must be (..., ", n, ", ", n, "), got ",
+              B.sizes());
+  if (d == 3) {
+    TORCH_CHECK(A.size(0) == G.size(0) && B.size(0) == G.size(0), "apo: batch sizes differ");
+  }
+  if (dY != nullptr) {
+    TORCH_CHECK(dY->sizes() == G.sizes(), "apo: grad_out must have grad's shape ", G.sizes(),
+                ", got ", dY->sizes());
+    TORCH_CHECK(dY->scalar_type() == G.scalar_type() && dY->device() == G.device(),
+                "apo: grad_out must share grad's dtype and device");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM helpers over 2-D (mm) or 3-D batched (bmm) operands. Transposed views go to BLAS as
+// transposes, not copies.
+
+Tensor T(const Tensor& x) { return x.transpose(-2, -1); }
+
+Tensor gemm(const Tensor& a, const Tensor& b) {
+  return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
+}
+
+// out = a @ b into an existing buffer (reusing scratch instead of allocating a new product).
+void mm_into(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.dim() == 2) {
+    at::mm_out(out, a, b);
+  } else {
+    at::bmm_out(out, a, b);
+  }
+}
+
+// out += a @ b
+void add_mm(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.dim() == 2) {
+    out.addmm_(a, b);
+  } else {
+    out.baddbmm_(a, b);
+  }
+}
+
+// Half/bf16 are computed in fp32 and rounded once when the result is stored.
+at::ScalarType compute_type(at::ScalarType t) {
+  return at::isReducedFloatingType(t) ? at::kFloat : t;
+}
+Tensor up(const Tensor& x) { return x.to(compute_type(x.scalar_type())); }
+Tensor down(const Tensor& x, at::ScalarType t) { return x.scalar_type() == t ? x : x.to(t); }
+Tensor masked_off(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// ---------------------------------------------------------------------------------------------
+// One layer (2-D, or 3-D with the batch handled by bmm)
+
+Tensor forward_layer(const Tensor& G_, const Tensor& A_, const Tensor& S_, const Tensor& B_) {
+  // The op's autograd (registered from Python) wraps this kernel; its internal GEMMs must not
+  // record a graph, in this thread or in a parallel_for worker.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto dtype = G_.scalar_type();
+  const Tensor G = up(G_), A = up(A_), S = up(S_), B = up(B_);
+
+  Tensor GB = gemm(G, B);
+  Tensor M = gemm(T(A), GB);  // H = AᵀGB ...
+  M.mul_(S);                // ... and M = S⊙H in place while H is still hot in cache
+  Tensor& AM = GB;          // GB is dead: reuse its buffer for A·M
+  mm_into(AM, A, M);
+  return down(gemm(AM, T(B)), dtype);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_layer(const Tensor& dY_, const Tensor& G_,
+                                                          const Tensor& A_, const Tensor& S_,
+                                                          const Tensor& B_, Mask mask) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto [need_g, need_a, need_s, need_b] = mask;
+  const auto dtype = G_.scalar_type();
+  Tensor dG = masked_off(G_), dA = masked_off(G_), dS = masked_off(G_), dB = masked_off(G_);
+  if (!(need_g || need_a || need_s || need_b)) return {dG, dA, dS, dB};
+
+  const Tensor dY = up(dY_), G = up(G_), A = up(A_), S = up(S_), B = up(B_);
+  const bool need_h = need_a || need_s || need_b;  // H (and so GB) feeds dS, and M for dA/dB
+  const bool need_e = need_g || need_a || need_b;
+
+  Tensor dYB = gemm(dY, B);
+  Tensor D = gemm(T(A), dYB);
+  Tensor GB, H;
+  if (need_h) {
+    GB = gemm(G, B);
+    H = gemm(T(A), GB);
+  }
+  if (need_s) dS = down(at::mul(D, H), dtype);
+  // From here on H holds M = S⊙H and D holds E = S⊙D (in place: no extra temporaries).
+  if (need_a || need_b) H.mul_(S);
+  if (need_e) D.mul_(S);
+  const Tensor& M = H;
+  const Tensor& E = D;
+
+  if (need_a) {
+    Tensor out = gemm(dYB, T(M));  // dY B Mᵀ
+    add_mm(out, GB, T(E));       // + G B Eᵀ
+    dA = down(out, dtype);
+  }
+  if (need_g || need_b) {
+    Tensor& AE = dYB;  // dYB is dead once dA is done: reuse it for A·E (shared by dG and dB)
+    mm_into(AE, A, E);
+    if (need_g) dG = down(gemm(AE, T(B)), dtype);
+    if (need_b) {
+      Tensor& AM = GB;  // likewise GB
+      mm_into(AM, A, M);
+      Tensor out = gemm(T(dY), AM);  // dYᵀ A M
+      add_mm(out, T(G), AE);       // + Gᵀ A E
+      dB = down(out, dtype);
+    }
+  }
+  return {dG, dA, dS, dB};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped: many layers of different shapes in one parallel loop
+
+// Rough GEMM work of a layer, ∝ numel·(m+n); used only for scheduling.
+double layer_cost(const Tensor& G) {
+  return static_cast<double>(G.numel()) * static_cast<double>(G.size(-2) + G.size(-1));
+}
+
+// Above this cost (two 256×256 layers' worth) a layer's own GEMMs use the intra-op threads better
+// than a one-thread-per-layer schedule would.
+constexpr double kBigLayerCost = 2.0 * 256.0 * 256.0 * 512.0;
+
+// Runs fn(i) for every layer i. Big layers run one after another with multithreaded GEMMs; the
+// small ones run inside one at::parallel_for, where nested ATen parallelism is off, so each layer's
+// GEMMs are single-threaded and the threads work on different layers. Layers are taken largest
+// first from a shared counter (a dynamic longest-job-first schedule), so uneven widths still
+// balance across threads.
+template <typename Fn>
+void for_each_layer(const TensorList& grads, const Fn& fn) {
+  const auto n = static_cast<int64_t>(grads.size());
+  std::vector<double> cost(n);
+  for (int64_t i = 0; i < n; ++i) cost[i] = layer_cost(grads[i]);
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+
+  int64_t k = 0;
+  for (; k < n && cost[order[k]] >= kBigLayerCost; ++k) fn(order[k]);
+
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n - k);
+  if (workers <= 1 || at::in_parallel_region()) {
+    for (; k < n; ++k) fn(order[k]);
+    return;
+  }
+  std::atomic<int64_t> next{k};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t j = next++; j < n; j = next++) fn(order[j]);
+    }
+  });
+}
+
+void check_group(std::initializer_list<const TensorList*> lists) {
+  const auto n = (*lists.begin())->size();
+  for (const TensorList* l : lists) {
+    TORCH_CHECK(l->size() == n, "apo: grouped op lists must have the same length, got ", n,
+                " and ", l->size());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points (CPU)
+
+Tensor precondition_cpu(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B) {
+  check_layer(G, A, S, B);
+  return forward_layer(G, A, S, B);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> precondition_backward_cpu(
+    const Tensor& dY, const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B,
+    Mask mask) {
+  check_layer(G, A, S, B, &dY);
+  return backward_layer(dY, G, A, S, B, mask);
+}
+
+TensorVec precondition_grouped_cpu(TensorList Gs, TensorList As, TensorList Ss, TensorList Bs) {
+  check_group({&Gs, &As, &Ss, &Bs});
+  for (size_t i = 0; i < Gs.size(); ++i) check_layer(Gs[i], As[i], Ss[i], Bs[i]);
+  TensorVec out(Gs.size());
+  for_each_layer(Gs, [&](int64_t i) { out[i] = forward_layer(Gs[i], As[i], Ss[i], Bs[i]); });
+  return out;
+}
+
+std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_backward_cpu(
+    TensorList dYs, TensorList Gs, TensorList As, TensorList Ss, TensorList Bs, Mask mask) {
+  check_group({&dYs, &Gs, &As, &Ss, &Bs});
+  for (size_t i = 0; i < Gs.size(); ++i) check_layer(Gs[i], As[i], Ss[i], Bs[i], &dYs[i]);
+  const size_t n = Gs.size();
+  std::array<TensorVec, 4> out;
+  for (int k = 0; k < 4; ++k) out[k].resize(mask[k] ? n : 0);  // masked off: empty list
+  for_each_layer(Gs, [&](int64_t i) {
+    auto grads = backward_layer(dYs[i], Gs[i], As[i], Ss[i], Bs[i], mask);
+    if (mask[0]) out[0][i] = std::move(std::get<0>(grads));
+    if (mask[1]) out[1][i] = std::move(std::get<1>(grads));
+    if (mask[2]) out[2][i] = std::move(std::get<2>(grads));
+    if (mask[3]) out[3][i] = std::move(std::get<3>(grads));
+  });
+  return {std::move(out[0]), std::move(out[1]), std::move(out[2]), std::move(out[3])};
+}
+
+}  // namespace
+}  // namespace apo
+
+// Schemas: the single definition (docs/CONTRACT.md). Fake kernels and autograd are registered
+// from Python (apo_kernels/ops/dispatch.py).
+TORCH_LIBRARY(apo, m) {
+  m.def("precondition(Tensor grad, Tensor A, Tensor S, Tensor B) -> Tensor");
+  m.def(
+      "precondition_backward(Tensor grad_out, Tensor grad, Tensor A, Tensor S, Tensor B, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("precondition_grouped(Tensor[] grads, Tensor[] As, Tensor[] Ss, Tensor[] Bs) -> Tensor[]");
+  m.def(
+      "precondition_grouped_backward(Tensor[] grad_outs, Tensor[] grads, Tensor[] As, "
+      "Tensor[] Ss, Tensor[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(apo, CPU, m) {
+  m.impl("precondition", &apo::precondition_cpu);
+  m.impl("precondition_backward", &apo::precondition_backward_cpu);
+  m.impl("precondition_grouped", &apo::precondition_grouped_cpu);
+  m.impl("precondition_grouped_backward", &apo::precondition_grouped_backward_cpu);
+}

@@ -1,0 +1,154 @@
+// C++ test of the CPU kernels, called through the dispatcher exactly as torch.ops.apo.* would be.
+// Checks forward and backward against inline ATen formulas (docs/CONTRACT.md) in float64, fp32 and
+// bf16, 2-D, batched and grouped, non-contiguous inputs, masked outputs. Exit code 0 = pass.
+//
+// Built and run by CMakeLists.txt (ctest); links apo_ops, whose static registrars define the ops.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <array>
+#include <cstdio>
+#include <string>
+#include <tuple>
+#include <vector>
+
+using at::Tensor;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Mask = std::array<bool, 4>;
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+// Relative Frobenius error of `got` against a float64 `want`.
+void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
+  if (got.sizes() != want.sizes()) {
+    expect(false, what + ": shape " + c10::str(got.sizes()) + " != " + c10::str(want.sizes()));
+    return;
+  }
+  const double err = (got.to(at::kDouble) - want).norm().item<double>() /
+                     std::max(want.norm().item<double>(), 1e-300);
+  expect(err <= tol && got.is_contiguous(), what + ": rel err " + std::to_string(err));
+}
+
+Tensor T(const Tensor& x) { return x.transpose(-2, -1); }
+
+struct Layer {
+  Tensor dY, G, A, S, B;
+};
+
+// Float64 inputs; `transposed` stores each matrix transposed so the kernel sees strided views.
+Layer make_layer(std::vector<int64_t> batch, int64_t m, int64_t n, bool transposed) {
+  auto r = [&](int64_t rows, int64_t cols) {
+    auto sz = batch;
+    if (transposed) {
+      sz.insert(sz.end(), {cols, rows});
+      return T(at::randn(sz, at::kDouble));
+    }
+    sz.insert(sz.end(), {rows, cols});
+    return at::randn(sz, at::kDouble);
+  };
+  return {r(m, n), r(m, n), r(m, m), r(m, n), r(n, n)};
+}
+
+Layer cast(const Layer& l, at::ScalarType t) {
+  return {l.dY.to(t), l.G.to(t), l.A.to(t), l.S.to(t), l.B.to(t)};
+}
+
+// The oracle: the contract's formulas, written out plainly.
+Tensor ref_forward(const Layer& l) {
+  return at::matmul(at::matmul(l.A, l.S * at::matmul(at::matmul(T(l.A), l.G), l.B)), T(l.B));
+}
+
+Grads ref_backward(const Layer& l) {
+  const Tensor H = at::matmul(at::matmul(T(l.A), l.G), l.B), M = l.S * H;
+  const Tensor D = at::matmul(at::matmul(T(l.A), l.dY), l.B), E = l.S * D;
+  return {at::matmul(at::matmul(l.A, E), T(l.B)),
+          at::matmul(at::matmul(l.dY, l.B), T(M)) + at::matmul(at::matmul(l.G, l.B), T(E)),
+          D * H,
+          at::matmul(T(l.dY), at::matmul(l.A, M)) + at::matmul(T(l.G), at::matmul(l.A, E))};
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  auto& dispatcher = c10::Dispatcher::singleton();
+  auto fwd = dispatcher.findSchemaOrThrow("apo::precondition", "")
+                 .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  auto bwd = dispatcher.findSchemaOrThrow("apo::precondition_backward", "")
+                 .typed<Grads(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                              const Tensor&, Mask)>();
+  using List = std::vector<Tensor>;
+  auto gfwd = dispatcher.findSchemaOrThrow("apo::precondition_grouped", "")
+                  .typed<List(at::TensorList, at::TensorList, at::TensorList, at::TensorList)>();
+  auto gbwd = dispatcher.findSchemaOrThrow("apo::precondition_grouped_backward", "")
+                  .typed<std::tuple<List, List, List, List>(at::TensorList, at::TensorList,
+                                                            at::TensorList, at::TensorList,
+                                                            at::TensorList, Mask)>();
+
+  const std::vector<std::tuple<at::ScalarType, double>> dtypes = {
+      {at::kDouble, 1e-12}, {at::kFloat, 1e-5}, {at::kBFloat16, 1e-2}};
+  const std::vector<std::tuple<std::vector<int64_t>, int64_t, int64_t>> shapes = {
+      {{}, 1, 1}, {{}, 1, 7}, {{}, 17, 33}, {{3}, 5, 9}, {{}, 0, 4}};
+
+  for (const auto& [dtype, tol] : dtypes) {
+    for (const auto& [batch, m, n] : shapes) {
+      for (bool transposed : {false, true}) {
+        // The oracle sees the same rounded inputs the kernel sees.
+        const Layer x = cast(make_layer(batch, m, n, transposed), dtype);
+        const Layer x64 = cast(x, at::kDouble);
+        const std::string tag = std::string(c10::toString(dtype)) + " " +
+                                c10::str(x.G.sizes()) + (transposed ? " transposed" : "");
+        expect_close(fwd.call(x.G, x.A, x.S, x.B), ref_forward(x64), tol, "forward " + tag);
+
+        const auto want = ref_backward(x64);
+        const auto got = bwd.call(x.dY, x.G, x.A, x.S, x.B, Mask{true, true, true, true});
+        expect_close(std::get<0>(got), std::get<0>(want), tol, "dG " + tag);
+        expect_close(std::get<1>(got), std::get<1>(want), tol, "dA " + tag);
+        expect_close(std::get<2>(got), std::get<2>(want), tol, "dS " + tag);
+        expect_close(std::get<3>(got), std::get<3>(want), tol, "dB " + tag);
+
+        // The meta-gradient's mask: dG must come back as an empty (0,) tensor of the same dtype.
+        const auto meta = bwd.call(x.dY, x.G, x.A, x.S, x.B, Mask{false, true, true, true});
+        const Tensor& dG = std::get<0>(meta);
+        expect(dG.dim() == 1 && dG.size(0) == 0 && dG.scalar_type() == dtype,
+               "masked dG is empty (0,) " + tag);
+        expect_close(std::get<1>(meta), std::get<1>(want), tol, "masked dA " + tag);
+      }
+    }
+  }
+
+  // Grouped: layers of mixed shapes (enough of them to take the parallel path) against the oracle.
+  std::vector<Layer> layers;
+  for (int i = 0; i < 12; ++i) {
+    layers.push_back(cast(make_layer({}, 3 + 7 * i, 40 - 3 * i, i % 2 == 1), at::kFloat));
+  }
+  layers.push_back(cast(make_layer({}, 600, 300, false), at::kFloat));  // a "big" layer
+  List dYs, Gs, As, Ss, Bs;
+  for (const auto& l : layers) {
+    dYs.push_back(l.dY), Gs.push_back(l.G), As.push_back(l.A), Ss.push_back(l.S), Bs.push_back(l.B);
+  }
+  const List ys = gfwd.call(Gs, As, Ss, Bs);
+  const auto [dGs, dAs, dSs, dBs] = gbwd.call(dYs, Gs, As, Ss, Bs, Mask{false, true, true, true});
+  expect(ys.size() == layers.size() && dGs.empty() && dAs.size() == layers.size(),
+         "grouped list lengths (masked dG list is empty)");
+  for (size_t i = 0; i < layers.size() && i < ys.size() && i < dAs.size(); ++i) {
+    const Layer l64 = cast(layers[i], at::kDouble);
+    const auto want = ref_backward(l64);
+    const std::string tag = "grouped layer " + std::to_string(i);
+    expect_close(ys[i], ref_forward(l64), 1e-5, tag + " forward");
+    expect_close(dAs[i], std::get<1>(want), 1e-5, tag + " dA");
+    expect_close(dSs[i], std::get<2>(want), 1e-5, tag + " dS");
+    expect_close(dBs[i], std::get<3>(want), 1e-5, tag + " dB");
+  }
+
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,287 @@
+"""APO-LR (apo_kernels.optim.APOLR): lookahead = base optimizer, meta-gradient, behaviour, state."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from apo_kernels.optim import APOLR, lr_directions
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: intra-op threads only add contention on a shared 2-core box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def batch(dtype=torch.float32, n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+BASES = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgdm": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "sgd-nesterov-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "sgd-dampening-maximize": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.3, maximize=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+    "rmsprop-centered-momentum-wd": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True,
+                                                                  weight_decay=0.01),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adam-wd": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1),
+    "adamw-amsgrad": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True),
+    "adagrad (generic probe)": lambda p: torch.optim.Adagrad(p, lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(BASES))
+def test_lookahead_equals_a_copy_of_the_base_optimizer_stepping(name):
+    m = mlp(torch.float64)
+    x, y = batch(torch.float64)
+    base = BASES[name](m.parameters())
+    for k in range(4):  # state (momentum, moments, step) at a non-trivial point; state frozen below
+        base.zero_grad()
+        F.cross_entropy(m(x + 0.1 * k), y).backward()
+        if k < 3:
+            base.step()
+    lr = base.param_groups[0]["lr"]
+    state_before = copy.deepcopy(base.state_dict())
+    params = [list(m.parameters())]
+    dirs = lr_directions(base, params)
+    lookahead = [p.detach() + lr * d for p, d in zip(params[0], dirs[0])]
+    assert base.state_dict()["state"].keys() == state_before["state"].keys()
+    for k, st in state_before["state"].items():  # the base optimizer's state was not touched
+        for key, v in st.items():
+            cur = base.state_dict()["state"][k][key]
+            assert torch.equal(torch.as_tensor(cur), torch.as_tensor(v)), (k, key)
+    m_copy = copy.deepcopy(m)
+    real = BASES[name](m_copy.parameters())
+    real.load_state_dict(copy.deepcopy(state_before))
+    for p, q in zip(m.parameters(), m_copy.parameters()):
+        q.grad = p.grad.clone()
+    real.step()
+    for a, b in zip(lookahead, m_copy.parameters()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def q_closure(opt, m, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("name,per_group", [("sgd-nesterov-wd", False), ("adamw-amsgrad", False),
+                                            ("rmsprop-centered-momentum-wd", True)])
+def test_meta_gradient_matches_central_finite_differences_float64(name, per_group):
+    m = mlp(torch.float64)
+    x, y = batch(torch.float64)
+    groups = [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 0.05}]
+    base = BASES[name](groups)
+    opt = APOLR(m, base, lambda_fsd=0.3, lambda_wsd=0.5, per_group=per_group, meta_interval=0)
+    closure = q_closure(opt, m, x, y)
+    for _ in range(3):
+        opt.step(closure)
+    _, (grad,) = opt.meta_gradient(closure, fsd_inputs=(x,))
+    eps = 1e-5
+    for k in range(grad.numel()):
+        old = opt.log_lr[k].item()
+
+        def q_at(v):
+            opt.log_lr[k] = v
+            opt._write_lrs()
+            return opt.meta_objective(closure, fsd_inputs=(x,))
+
+        fd = (q_at(old + eps) - q_at(old - eps)) / (2 * eps)
+        q_at(old)
+        assert grad[k].item() == pytest.approx(fd, rel=1e-6, abs=1e-10)
+
+
+def test_meta_steps_off_is_the_base_optimizer_exactly():
+    m1 = mlp()
+    m2 = copy.deepcopy(m1)
+    x, y = batch()
+    o1 = APOLR(m1, torch.optim.Adam(m1.parameters(), lr=0.01), lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=0)
+    o2 = torch.optim.Adam(m2.parameters(), lr=0.01)
+    for _ in range(5):
+        o1.step(q_closure(o1, m1, x, y))
+        o2.step(q_closure(o2, m2, x, y))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert o1.lr == 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Behaviour on a quadratic (least squares; Hessian eigenvalues 0.18 … 1.18 so 2/λmax ≈ 1.7)
+# --------------------------------------------------------------------------------------------
+def regression():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 5, generator=g) * torch.tensor([1.0, 0.8, 0.6, 0.5, 0.4])
+    y = X @ torch.randn(5, 1, generator=g) + 0.3 * torch.randn(256, 1, generator=g)
+    return X, y
+
+
+def run_regression(lr0, *, steps=300, batch_size=None, meta_batch="same", base="sgd"):
+    X, y = regression()
+    torch.manual_seed(1)
+    m = nn.Linear(5, 1)
+    b = torch.optim.SGD(m.parameters(), lr=lr0) if base == "sgd" else torch.optim.Adam(m.parameters(), lr=lr0)
+    opt = APOLR(m, b, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=10, meta_batch=meta_batch)
+    gen = torch.Generator().manual_seed(2)
+
+    def closure_on(idx):
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * (m(X[idx]) - y[idx]).pow(2).mean()
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(steps):
+        idx = torch.randint(0, len(X), (batch_size,), generator=gen) if batch_size else slice(None)
+        fresh = torch.randint(0, len(X), (batch_size,), generator=gen) if batch_size else slice(None)
+        opt.step(closure_on(idx), meta_closure=closure_on(fresh) if meta_batch == "fresh" else None)
+    with torch.no_grad():
+        return opt, (0.5 * (m(X) - y).pow(2).mean()).item()
+
+
+def test_learning_rate_100x_too_small_grows():
+    opt, _ = run_regression(0.01)
+    assert opt.lr > 10 * 0.01
+    history = [lrs[0] for _, lrs in opt.lr_history]
+    assert len(history) == 31 and history[0] == 0.01 and history[-1] == opt.lr
+    _, loss_apo = run_regression(0.01)
+    opt_adam, _ = run_regression(0.001, base="adam")
+    assert opt_adam.lr > 10 * 0.001
+
+
+def test_diverging_learning_rate_shrinks():
+    opt, loss = run_regression(4.0)  # > 2/λmax: plain SGD with it diverges
+    assert opt.lr < 1.7 and math.isfinite(loss) and loss < 0.1
+
+
+def test_fresh_batch_ablation_decays_the_learning_rate_faster():
+    same, _ = run_regression(0.3, steps=600, batch_size=8)
+    fresh, _ = run_regression(0.3, steps=600, batch_size=8, meta_batch="fresh")
+    assert fresh.lr < 0.5 * same.lr
+    with pytest.raises(ValueError, match="meta_closure"):
+        m = nn.Linear(2, 1)
+        o = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0, meta_batch="fresh")
+        o.step(lambda: m(torch.ones(1, 2)).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# State, robustness, arguments
+# --------------------------------------------------------------------------------------------
+def test_state_dict_round_trip_resumes_bit_identically():
+    x, y = batch()
+
+    def make():
+        m = mlp()
+        return m, APOLR(m, torch.optim.Adam(m.parameters(), lr=0.01), lambda_fsd=0.5, lambda_wsd=0.1,
+                        meta_interval=2)
+
+    m1, o1 = make()
+    for _ in range(5):
+        o1.step(q_closure(o1, m1, x, y), fsd_inputs=(x,))
+    sd_m, sd_o = copy.deepcopy(m1.state_dict()), copy.deepcopy(o1.state_dict())
+    for _ in range(5):
+        o1.step(q_closure(o1, m1, x, y), fsd_inputs=(x,))
+    m2, o2 = make()
+    m2.load_state_dict(sd_m)
+    o2.load_state_dict(sd_o)
+    for _ in range(5):
+        o2.step(q_closure(o2, m2, x, y), fsd_inputs=(x,))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert o1.lr == o2.lr and o1.lr_history == o2.lr_history
+
+
+def test_non_finite_step_is_skipped_with_lr_and_params_unchanged():
+    m = mlp()
+    x, y = batch()
+    opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=1)
+    opt.step(q_closure(opt, m, x, y))
+    before = [p.clone() for p in m.parameters()], opt.lr
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    opt.step(q_closure(opt, m, bad, y))
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before[0], m.parameters())) and opt.lr == before[1]
+
+
+def test_grad_scaler_and_autocast():
+    x, y = batch()
+
+    def run(scaler):
+        m = mlp()
+        opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.1,
+                    meta_interval=2, grad_scaler=scaler)
+        for _ in range(6):
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(m(x), y)
+                (scaler.scale(loss) if scaler else loss).backward()
+                return loss
+            opt.step(closure)
+            if scaler:
+                scaler.update()
+        return m, opt
+
+    m_ref, o_ref = run(None)
+    m_sc, o_sc = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    assert all(torch.equal(a, b) for a, b in zip(m_ref.parameters(), m_sc.parameters()))
+    assert o_ref.lr == o_sc.lr
+
+    m = mlp()
+    opt = APOLR(m, torch.optim.Adam(m.parameters(), lr=0.01), lambda_fsd=1.0, lambda_wsd=0.0, meta_interval=2)
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(10):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(opt.step(closure, fsd_inputs=(x,)).item())
+    assert losses[-1] < losses[0] and opt.log_lr.dtype == torch.float64 and opt.meta_steps == 5
+
+
+def test_bad_arguments_raise_naming_the_argument():
+    m = mlp()
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        APOLR(m, "sgd", lambda_fsd=0.0, lambda_wsd=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        APOLR(m, torch.optim.SGD(m.parameters(), lr=0.0), lambda_fsd=0.0, lambda_wsd=0.0)
+    with pytest.raises(ValueError, match="base_optimizer"):
+        APOLR(m, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0)
+    with pytest.raises(ValueError, match="meta_interval"):
+        APOLR(m, sgd, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=-1)
+    with pytest.raises(ValueError, match="fsd"):
+        APOLR(m, sgd, lambda_fsd=0.0, lambda_wsd=0.0, fsd="l1")
+    with pytest.raises(ValueError, match="lambda_fsd"):
+        APOLR(m, sgd, lambda_fsd=-1.0, lambda_wsd=0.0)
+    with pytest.raises(ValueError, match="model"):
+        APOLR(nn.ReLU(), sgd, lambda_fsd=0.0, lambda_wsd=0.0)
+    opt = APOLR(m, sgd, lambda_fsd=1.0, lambda_wsd=0.0)
+    x, y = batch()
+    with pytest.raises(ValueError, match="fsd_inputs"):
+        opt.step(q_closure(opt, m, x, y))
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()

@@ -1,0 +1,545 @@
+"""APO-Precond (apo_kernels.optim.APOPrecond) and the lower layer it stands on (optim.meta).
+
+Small models only (2 CPU cores); the whole file runs in well under a minute.
+"""
+import copy
+import gc
+import warnings
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import apo_kernels
+from apo_kernels.optim import APOPrecond, StructuredPreconditioner
+from apo_kernels.optim.meta import proximal_objective_grad, split_sizes
+from apo_kernels.ops import reference
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: intra-op threads only add contention on a shared 2-core box (measured 20x)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def data(n=16, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def closure_for(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def opt_kwargs(**kw):
+    base = dict(lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01)
+    base.update(kw)
+    return base
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness: identity φ, restoration, resume
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.01)])
+def test_identity_phi_without_meta_steps_is_sgd_bit_for_bit(momentum, weight_decay):
+    # lr = 1/16 and s_param="linear": S = 1/4 is exact, so S² = lr exactly and A = B = I are exact
+    m1 = mlp()
+    m2 = copy.deepcopy(m1)
+    x, y = data()
+    apo = APOPrecond(m1, **opt_kwargs(lr=0.0625, meta_interval=0, momentum=momentum,
+                                      weight_decay=weight_decay, update_scale=1.0, s_param="linear"))
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.0625, momentum=momentum, weight_decay=weight_decay)
+    for _ in range(5):
+        apo.step(closure_for(apo, m1, x, y))
+        sgd.step(closure_for(sgd, m2, x, y))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_step_without_closure_uses_existing_grads_and_meta_step_requires_closure():
+    m = mlp()
+    x, y = data()
+    opt = APOPrecond(m, **opt_kwargs(meta_interval=2))
+    with pytest.raises(ValueError, match="closure"):
+        F.cross_entropy(m(x), y).backward()
+        opt.step()  # step 0 is a meta-step
+    loss = opt.step(closure_for(opt, m, x, y))
+    assert isinstance(loss, torch.Tensor)
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    before = [p.clone() for p in m.parameters()]
+    assert opt.step() is None  # step 1: no meta-update, plain loss.backward(); opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+
+
+def test_meta_step_restores_params_buffers_grads_and_rng_exactly():
+    torch.manual_seed(0)
+    m = BNNet()
+    x, y = data()
+    params = list(m.parameters())
+    opt = APOPrecond(m, **opt_kwargs())
+    closure_for(opt, m, x, y)()
+    deltas = [torch.randn_like(p) for p in params]
+    state = ([p.clone() for p in params], [b.clone() for b in m.buffers()],
+             [p.grad.clone() for p in params], torch.get_rng_state())
+    proximal_objective_grad(m, params, deltas, closure_for(opt, m, x, y),
+                            fsd_inputs=(x,), lambda_fsd=1.0, lambda_wsd=1.0)
+    for a, b in zip(state[0], params):
+        assert torch.equal(a, b)
+    for a, b in zip(state[1], m.buffers()):
+        assert torch.equal(a, b)
+    for a, b in zip(state[2], params):
+        assert torch.equal(a, b.grad)
+    assert torch.equal(state[3], torch.get_rng_state())
+
+    # End to end: with meta_lr = 0 a meta-step changes nothing, so a run with meta-steps (BN +
+    # dropout + FSD forwards in train mode) equals a run without, parameters and buffers alike.
+    torch.manual_seed(0)
+    m1 = BNNet()
+    m2 = copy.deepcopy(m1)
+    o1 = APOPrecond(m1, **opt_kwargs(meta_lr=0.0, meta_interval=1, lambda_fsd=1.0, lambda_wsd=0.1))
+    o2 = APOPrecond(m2, **opt_kwargs(meta_interval=0))
+    for o, mm in ((o1, m1), (o2, m2)):
+        torch.manual_seed(5)
+        for _ in range(4):
+            o.step(closure_for(o, mm, x, y), fsd_inputs=(x,))
+    assert o1.meta_steps == 4
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(m1.buffers(), m2.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_round_trip_resumes_bit_identically():
+    x, y = data()
+
+    def make():
+        m = mlp()
+        return m, APOPrecond(m, **opt_kwargs(meta_interval=2, lambda_fsd=0.5, lambda_wsd=0.1))
+
+    m1, o1 = make()
+    for _ in range(5):
+        o1.step(closure_for(o1, m1, x, y), fsd_inputs=(x,))
+    sd_model = copy.deepcopy(m1.state_dict())
+    sd_opt = copy.deepcopy(o1.state_dict())
+    for _ in range(5):
+        o1.step(closure_for(o1, m1, x, y), fsd_inputs=(x,))
+
+    m2, o2 = make()
+    m2.load_state_dict(sd_model)
+    o2.load_state_dict(sd_opt)
+    assert o2.step_count == 5
+    for _ in range(5):
+        o2.step(closure_for(o2, m2, x, y), fsd_inputs=(x,))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(o1.phi, o2.phi):
+        assert torch.equal(a, b)
+    assert o1.meta_steps == o2.meta_steps == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Meta-gradient
+# --------------------------------------------------------------------------------------------
+class MixedNet(nn.Module):
+    """Embedding + Linear (bias) + LayerNorm (diagonal) in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.fc = nn.Linear(3 + 4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, tok, x):
+        h = torch.cat([self.emb(tok), x], dim=-1)
+        return self.out(torch.tanh(self.ln(self.fc(h))))
+
+
+@pytest.mark.parametrize("max_dim", [None, 4], ids=["dense", "blocked"])
+def test_meta_gradient_matches_central_finite_differences_float64(max_dim):
+    torch.manual_seed(0)
+    m = MixedNet().double()
+    tok = torch.randint(0, 5, (12,))
+    x = torch.randn(12, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    opt = APOPrecond(m, lr=0.1, lambda_fsd=0.3, lambda_wsd=0.5, meta_lr=0.01, momentum=0.5,
+                     update_scale=0.9, max_precond_dim=max_dim)
+    assert all(t.dtype == torch.float64 for t in opt.phi)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(tok, x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, fsd_inputs=(tok, x))  # non-trivial momentum buffers and φ
+    with torch.no_grad():
+        for t in opt.phi:
+            t.add_(0.05 * torch.randn_like(t))
+    _, grads = opt.meta_gradient(closure, fsd_inputs=(tok, x))
+    eps = 1e-4
+    checked = 0
+    for t, g in zip(opt.phi, grads):
+        flat = t.view(-1)
+        for idx in {0, t.numel() // 2, t.numel() - 1}:
+            old = flat[idx].item()
+            flat[idx] = old + eps
+            qp = opt.meta_objective(closure, fsd_inputs=(tok, x))
+            flat[idx] = old - eps
+            qm = opt.meta_objective(closure, fsd_inputs=(tok, x))
+            flat[idx] = old
+            fd = (qp - qm) / (2 * eps)
+            assert g.view(-1)[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
+            checked += 1
+    assert checked >= 3 * len(opt.phi) - 6
+
+
+# --------------------------------------------------------------------------------------------
+# Layer mapping, blocking, grouping
+# --------------------------------------------------------------------------------------------
+def test_split_sizes_rule():
+    assert split_sizes(7, None) == [7]
+    assert split_sizes(7, 7) == [7]
+    assert split_sizes(7, 3) == [3, 2, 2]
+    assert split_sizes(1025, 1024) == [513, 512]
+    assert sum(split_sizes(4097, 1000)) == 4097 and max(split_sizes(4097, 1000)) <= 1000
+
+
+def test_blocked_preconditioner_equals_block_diagonal_factors():
+    torch.manual_seed(0)
+    pc = StructuredPreconditioner(7, 6, max_dim=3, init_s=0.7, dtype=torch.float64)
+    assert [a.shape[0] for a in pc.A] == [3, 2, 2] and [b.shape[0] for b in pc.B] == [3, 3]
+    with torch.no_grad():
+        for t in pc.parameters():
+            t.add_(0.3 * torch.randn_like(t))
+    G = torch.randn(7, 6, dtype=torch.float64)
+    Y = pc.apply(G, backend="reference")
+    A = torch.block_diag(*pc.A)
+    B = torch.block_diag(*pc.B)
+    assert torch.allclose(Y, reference.precondition(G, A, pc.S2(), B), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_mapping_tied_weights_and_unsupported_modules():
+    class Odd(nn.Module):  # an unsupported module type with a 2-D parameter
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, h):
+            return h @ self.w
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+            self.conv = nn.Conv2d(2, 4, 3, groups=2)
+            self.odd = Odd()
+            self.norm = nn.LayerNorm(3)
+            self.head = nn.Linear(3, 10)
+            self.head.weight = self.emb.weight  # tied
+
+        def forward(self, tok):
+            return self.head(self.norm(self.odd(self.emb(tok))))
+
+    net = Net()
+    opt = APOPrecond(net, **opt_kwargs())
+    kinds = {l.name: (l.kind, l.m, l.n) for l in opt.layers}
+    assert kinds == {"emb": ("embedding", 10, 3), "conv": ("conv", 4, 1 * 3 * 3 + 1)}
+    emb_layer = next(l for l in opt.layers if l.name == "emb")
+    assert not emb_layer.precond.learn_left and emb_layer.precond.learn_right
+    diag_names = {name for name, _, _ in opt.diagonals}
+    assert diag_names == {"odd.w", "norm.weight", "norm.bias", "head.bias"}
+    assert len(opt._params) == len({id(p) for p in net.parameters()})  # tied weight once
+    # training through the tied weight works; its gradient (both uses) is preconditioned once
+    tok = torch.randint(0, 10, (8,))
+    target = torch.randint(0, 10, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(tok), target)
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure, fsd_inputs=(tok,)).item() for _ in range(30)]
+    assert losses[-1] < losses[0]
+    stats = opt.preconditioner_stats()
+    assert set(stats) == {"emb", "conv"} | diag_names
+    assert stats["emb"]["b_dist"] > 0 and stats["emb"]["a_dist"] == 0
+
+
+def test_one_grouped_call_per_step(monkeypatch):
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = apo_kernels.precondition_grouped, apo_kernels.precondition_grouped_backward
+
+    def count_fwd(*a, **k):
+        calls["fwd"] += 1
+        return fwd(*a, **k)
+
+    def count_bwd(*a, **k):
+        calls["bwd"] += 1
+        return bwd(*a, **k)
+
+    monkeypatch.setattr(apo_kernels, "precondition_grouped", count_fwd)
+    monkeypatch.setattr(apo_kernels, "precondition_grouped_backward", count_bwd)
+    m = mlp()
+    x, y = data()
+    opt = APOPrecond(m, **opt_kwargs(meta_interval=3))
+    opt.step(closure_for(opt, m, x, y))  # meta-step: lookahead + update, one backward
+    assert calls == {"fwd": 2, "bwd": 1}
+    opt.step(closure_for(opt, m, x, y))  # plain step: one grouped call for both layers
+    assert calls == {"fwd": 3, "bwd": 1}
+
+
+def test_warmup_follows_sgd_momentum_while_phi_is_learnt():
+    m1 = mlp()
+    m2 = copy.deepcopy(m1)
+    x, y = data()
+    apo = APOPrecond(m1, **opt_kwargs(lr=0.0625, meta_interval=1, warmup_steps=3, momentum=0.9))
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.0625, momentum=0.9)
+    phi0 = [t.clone() for t in apo.phi]
+    for _ in range(3):
+        apo.step(closure_for(apo, m1, x, y))
+        sgd.step(closure_for(sgd, m2, x, y))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(phi0, apo.phi))
+
+
+# --------------------------------------------------------------------------------------------
+# It works: ill-conditioned quadratic, small CNN
+# --------------------------------------------------------------------------------------------
+def ill_conditioned_regression(d=4, n=64, cond_exp=3.5):
+    """Full-batch least squares, features with a rotated spectrum: cond(E[x̃x̃ᵀ]) = 10^3.5."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    Z = torch.randn(n, d, generator=g)
+    Z = Z - Z.mean(0)
+    Z = Z @ torch.linalg.inv(torch.linalg.cholesky(Z.T @ Z / n)).T  # exactly white, mean zero
+    X = Z @ torch.diag(torch.logspace(0, -cond_exp, d).sqrt()) @ Q.T
+    y = X @ torch.randn(d, 1, generator=g) + 0.5
+    return X, y
+
+
+def run_regression(make_opt, X, y, steps):
+    torch.manual_seed(1)
+    m = nn.Linear(X.shape[1], 1)
+    opt = make_opt(m)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (m(X) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    with torch.no_grad():
+        return (0.5 * (m(X) - y).pow(2).mean()).item()
+
+
+def test_ill_conditioned_quadratic_beats_best_fixed_lr_sgd_by_100x():
+    X, y = ill_conditioned_regression()
+    Xa = torch.cat([X, torch.ones(len(X), 1)], 1).double()
+    ev = torch.linalg.eigvalsh(Xa.T @ Xa / len(X))
+    assert ev.max() / ev.min() >= 1000
+    steps = 500
+    sgd = min(run_regression(lambda m: torch.optim.SGD(m.parameters(), lr=lr), X, y, steps)
+              for lr in torch.logspace(-1, 0.5, 13).tolist())  # 0.1 … 3.16 (diverges above 2/λmax)
+    # plain preconditioned steps (no momentum) against plain SGD: the gain is the preconditioner's
+    apo = run_regression(lambda m: APOPrecond(m, lr=1.0, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.1,
+                                              meta_interval=1, momentum=0.0), X, y, steps)
+    assert apo * 100 <= sgd, (apo, sgd)
+
+
+def test_small_cnn_with_conv_linear_embedding_trains():
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.emb = nn.Embedding(3, 4)
+            self.fc = nn.Linear(4 * 4 * 4 + 4, 2)
+
+        def forward(self, img, tag):
+            h = F.max_pool2d(torch.relu(self.bn(self.conv(img))), 2).flatten(1)
+            return self.fc(torch.cat([h, self.emb(tag)], 1))
+
+    torch.manual_seed(0)
+    img = torch.randn(32, 1, 8, 8)
+    tag = torch.randint(0, 3, (32,))
+    y = ((img[:, 0, :4].mean((1, 2)) > 0) ^ (tag == 1)).long()
+    net = CNN()
+    opt = APOPrecond(net, lr=0.05, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, meta_interval=5)
+    assert {l.kind for l in opt.layers} == {"conv", "embedding", "linear"}
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(img, tag), y)
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure, fsd_inputs=(img, tag)).item() for _ in range(60)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert opt.meta_steps == 12 and opt.skipped_steps == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness: non-finite, memory, autocast, GradScaler, arguments
+# --------------------------------------------------------------------------------------------
+def test_non_finite_loss_or_meta_gradient_is_skipped_and_counted():
+    m = mlp()
+    x, y = data()
+    opt = APOPrecond(m, **opt_kwargs(meta_interval=1))
+    opt.step(closure_for(opt, m, x, y))
+    before = ([p.clone() for p in m.parameters()], [t.clone() for t in opt.phi])
+
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    opt.step(closure_for(opt, m, bad_x, y))  # non-finite loss and gradient
+    calls = {"n": 0}
+
+    def nan_at_lookahead():  # finite at θ, NaN at θ' -> non-finite meta-gradient
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y) * (1.0 if calls["n"] == 1 else float("nan"))
+        loss.backward()
+        return loss
+
+    opt.step(nan_at_lookahead)
+    assert opt.skipped_steps == 2 and opt.step_count == 1
+    for a, b in zip(before[0], m.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(before[1], opt.phi):
+        assert torch.equal(a, b)
+    opt.step(closure_for(opt, m, x, y))  # training goes on
+    assert opt.step_count == 2
+
+
+def _live_tensor_count():
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some torch.distributed objects warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_memory_is_flat_no_graph_survives_a_meta_step():
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = data()
+    opt = APOPrecond(m, **opt_kwargs(meta_interval=10, lambda_fsd=0.5, lambda_wsd=0.1))
+    closure = closure_for(opt, m, x, y)
+    for _ in range(100):
+        opt.step(closure, fsd_inputs=(x,))
+    n100 = _live_tensor_count()
+    for _ in range(1900):
+        opt.step(closure, fsd_inputs=(x,))
+    assert _live_tensor_count() == n100
+    assert opt.meta_steps == 200
+    assert all(not t.requires_grad and t.grad is None for t in opt.phi)
+    assert all(p.grad_fn is None for p in m.parameters())
+
+
+def test_autocast_bf16_on_cpu_trains_with_fp32_phi():
+    m = mlp()
+    x, y = data(64)
+    opt = APOPrecond(m, **opt_kwargs(lr=0.2, meta_interval=2, lambda_fsd=0.5))
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(20):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # FSD forwards run under it too
+            losses.append(opt.step(closure, fsd_inputs=(x,)).item())
+    assert losses[-1] < losses[0]
+    assert all(t.dtype == torch.float32 for t in opt.phi) and opt.skipped_steps == 0
+
+
+def test_grad_scaler_unscales_before_preconditioning_and_skips_overflow():
+    x, y = data()
+
+    def run(use_scaler, steps=6, poison_at=None):
+        m = mlp()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if use_scaler else None
+        opt = APOPrecond(m, **opt_kwargs(meta_interval=2, lambda_wsd=0.1), grad_scaler=scaler)
+        for t in range(steps):
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(m(x), y)
+                scale = 1.0 if t != poison_at else float("inf")
+                (scaler.scale(loss * scale) if scaler else loss).backward()
+                return loss
+            opt.step(closure)
+            if scaler:
+                scaler.update()
+        return m, opt, scaler
+
+    m_ref, _, _ = run(False)
+    m_sc, _, _ = run(True)
+    # scaling by a power of two and unscaling is exact in fp32: identical trajectories
+    for a, b in zip(m_ref.parameters(), m_sc.parameters()):
+        assert torch.equal(a, b)
+    _, opt, scaler = run(True, poison_at=3)
+    assert opt.skipped_steps == 1 and scaler.get_scale() == 2.0 ** 9
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        (dict(lr=-0.1), ValueError, "lr"),
+        (dict(lr="0.1"), TypeError, "lr"),
+        (dict(meta_interval=-1), ValueError, "meta_interval"),
+        (dict(meta_interval=1.5), TypeError, "meta_interval"),
+        (dict(fsd="js"), ValueError, "fsd"),
+        (dict(fsd=3), TypeError, "fsd"),
+        (dict(momentum=1.0), ValueError, "momentum"),
+        (dict(lambda_wsd=-1.0), ValueError, "lambda_wsd"),
+        (dict(meta_lr=float("nan")), ValueError, "meta_lr"),
+        (dict(max_precond_dim=0), ValueError, "max_precond_dim"),
+        (dict(backend="gpu"), ValueError, "backend"),
+        (dict(update_scale=0.0), ValueError, "update_scale"),
+        (dict(warmup_steps=-2), ValueError, "warmup_steps"),
+        (dict(s_param="sqrt"), ValueError, "s_param"),
+        (dict(meta_batch="other"), ValueError, "meta_batch"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        APOPrecond(mlp(), **opt_kwargs(**kwargs))
+
+
+def test_model_without_parameters_is_rejected():
+    with pytest.raises(ValueError, match="model"):
+        APOPrecond(nn.ReLU(), **opt_kwargs())
+    with pytest.raises(TypeError, match="model"):
+        APOPrecond([torch.zeros(2)], **opt_kwargs())
