@@ -143,8 +143,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy"],
-        "bench": ["matplotlib", "rich", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "curvlinops-for-pytorch"],
+        "bench": ["matplotlib", "rich", "pytest-benchmark", "pytorch-optimizer"],
     },
     entry_points={"console_scripts": ["apo-bench = apo_kernels.bench.__main__:main"]},
     # Tag the wheel abi3 to match py_limited_api above (torch compiles with Py_LIMITED_API=3.10).

@@ -49,10 +49,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _native_has(device_key: str) -> bool:
+def _native_has_kernel(device_key: str) -> bool:
     return _native_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "apo::precondition", device_key
     )
+
+
+# Asked once at import: the dispatcher query is not traceable, and backends() runs inside
+# torch.compile'd code through resolve_backend.
+_NATIVE_HAS_CUDA = _native_has_kernel("CUDA")
 
 
 def backends() -> dict[str, str]:
@@ -62,7 +67,7 @@ def backends() -> dict[str, str]:
         out["cuda"] = "unavailable: torch has no CUDA (CPU build)"
     elif _native_error is not None:
         out["cuda"] = f"unavailable: {_native_error}"
-    elif not _native_has("CUDA"):
+    elif not _NATIVE_HAS_CUDA:
         out["cuda"] = f"unavailable: apo_kernels._C was built without CUDA kernels; reinstall with nvcc on PATH: {REINSTALL_HINT}"
     elif not torch.cuda.is_available():
         out["cuda"] = "unavailable: no CUDA device"
