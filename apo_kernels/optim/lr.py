@@ -101,7 +101,8 @@ def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[T
     """d per parameter (per group): the base optimizer's step for lr = 1, its state untouched.
 
     ``params_by_group[k]`` lists group k's parameters that have a ``.grad``. Returns tensors in each
-    parameter's dtype and shape. Exact formulas for SGD/RMSprop/Adam/AdamW, else a generic probe.
+    parameter's dtype and shape, freshly allocated (the caller may modify them). Exact formulas
+    for SGD/RMSprop/Adam/AdamW, else a generic probe.
     """
     kind = None
     if type(optimizer) in (torch.optim.SGD,):
@@ -157,7 +158,7 @@ class _LRPlan(_Plan):
     def __init__(self, params_by_group):
         self.params_by_group = params_by_group
         self.params = [p for ps in params_by_group for p in ps]
-        self.dirs = None
+        self.deltas = None  # Δ per group, set by the lookahead
 
 
 class APOLR(APOCore):
@@ -275,23 +276,22 @@ class APOLR(APOCore):
         return _LRPlan([[p for p in g["params"] if p.grad is not None] for g in self.base_optimizer.param_groups])
 
     def _lookahead_deltas(self, plan):
-        plan.dirs = lr_directions(self.base_optimizer, plan.params_by_group)
-        deltas = []
-        for group, dirs in zip(self.base_optimizer.param_groups, plan.dirs):
-            lr = float(group["lr"])
-            deltas += [d.to(_cdtype(d)) * lr for d in dirs]
-        return deltas
+        # Δ = lr·d; the directions are fresh tensors, so scale them in place
+        plan.deltas = [
+            [d.to(_cdtype(d)).mul_(float(group["lr"])) for d in dirs]
+            for group, dirs in zip(self.base_optimizer.param_groups,
+                                   lr_directions(self.base_optimizer, plan.params_by_group))
+        ]
+        return [d for ds in plan.deltas for d in ds]
 
     def _meta_backward(self, plan, dQ):
-        # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩
-        grads = []
-        k = 0
-        for group, dirs in zip(self.base_optimizer.param_groups, plan.dirs):
-            s = torch.zeros((), dtype=torch.float64)
-            for d in dirs:
-                s = s + (dQ[k].double() * d.double()).sum().cpu()
-                k += 1
-            grads.append(float(group["lr"]) * s)
+        # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩
+        dQ = iter(dQ)
+        grads = [
+            sum((torch.dot(next(dQ).reshape(-1), d.reshape(-1)).double().cpu() for d in deltas),
+                torch.zeros((), dtype=torch.float64))
+            for deltas in plan.deltas
+        ]
         g = torch.stack(grads) if self.per_group else torch.stack(grads).sum().reshape(1)
         self.log_lr.grad = g
 

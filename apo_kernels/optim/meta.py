@@ -56,11 +56,17 @@ __all__ = [
 # Small utilities
 # --------------------------------------------------------------------------------------------
 def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
-    """True when every given tensor (None entries ignored) holds only finite values (one sync)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    if not flags:
-        return True
-    return bool(torch.stack(flags).all().item())
+    """True when every given tensor (None entries ignored) holds only finite values (one sync per device).
+
+    A tensor is finite iff its min and max are: NaN propagates through both and ±inf shows up in
+    one. ``aminmax`` is a single vectorized read, several times cheaper than ``isfinite(t).all()``,
+    which materializes a full boolean tensor on every step.
+    """
+    extremes: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            extremes.setdefault(t.device, []).extend(torch.aminmax(t.detach()))
+    return all(bool(torch.isfinite(torch.stack(v)).all()) for v in extremes.values())
 
 
 @contextlib.contextmanager
@@ -125,6 +131,16 @@ class ModelSnapshot:
                 mod._buffers[name] = saved.clone()
 
 
+@torch.no_grad()
+def _write_lookahead(params: Sequence[Tensor], values: Sequence[Tensor], deltas: Sequence[Tensor]) -> None:
+    """θ' = θ + Δ in place: formed in Δ's dtype, rounded once to the parameter's."""
+    for p, v, d in zip(params, values, deltas):
+        if d.dtype == p.dtype:
+            p.add_(d)  # p still holds v: same rounding, no temporary
+        else:
+            p.copy_((v.to(d.dtype) + d).to(p.dtype))
+
+
 @contextlib.contextmanager
 def lookahead(model: nn.Module, params: Sequence[Tensor], deltas: Sequence[Tensor]) -> Iterator[ModelSnapshot]:
     """Within the block the model's ``params`` hold θ' = θ + Δ (in place); on exit θ, buffers,
@@ -132,9 +148,7 @@ def lookahead(model: nn.Module, params: Sequence[Tensor], deltas: Sequence[Tenso
     sum is formed in the delta's dtype and rounded once to the parameter's)."""
     snap = ModelSnapshot(model, params)
     try:
-        with torch.no_grad():
-            for p, v, d in zip(params, snap.values, deltas):
-                p.copy_((v.to(d.dtype) + d).to(p.dtype))
+        _write_lookahead(params, snap.values, deltas)
         yield snap
     finally:
         snap.restore()
@@ -206,9 +220,7 @@ def proximal_objective_grad(
             rng_fsd = RNGState(rng_outer.cuda_devices)
             with torch.no_grad():
                 old_out = _detach_tree(model(*fsd_inputs))
-        with torch.no_grad():
-            for p, v, d in zip(params, snap.values, deltas):
-                p.copy_((v.to(d.dtype) + d).to(p.dtype))
+        _write_lookahead(params, snap.values, deltas)
         if rng is not None:
             rng.restore()
         with torch.enable_grad():
@@ -228,18 +240,19 @@ def proximal_objective_grad(
                 f = fsd_fn(model(*fsd_inputs), old_out)
                 fsd_grads = torch.autograd.grad(f, params, allow_unused=True)
             fsd_value = float(f.detach())
-            grads = [
-                g if fg is None else g + lambda_fsd * fg.to(g.dtype) for g, fg in zip(grads, fsd_grads)
-            ]
+            for g, fg in zip(grads, fsd_grads):  # g is our own copy: accumulate in place
+                if fg is not None:
+                    g.add_(fg.to(g.dtype), alpha=lambda_fsd)
             del f, fsd_grads
         loss_value = float(loss.detach())
         del loss, old_out
     finally:
         snap.restore()
         rng_outer.restore()
-    wsd = 0.5 * sum(float(d.detach().double().pow(2).sum()) for d in deltas)
+    wsd = 0.5 * sum(float(torch.linalg.vector_norm(d.detach())) ** 2 for d in deltas)
     if lambda_wsd != 0.0:
-        grads = [g + lambda_wsd * d.detach() for g, d in zip(grads, deltas)]
+        for g, d in zip(grads, deltas):
+            g.add_(d.detach(), alpha=lambda_wsd)
     value = loss_value + lambda_fsd * fsd_value + lambda_wsd * wsd
     return MetaObjective(value=value, loss=loss_value, fsd=fsd_value, wsd=wsd, grads=grads)
 
