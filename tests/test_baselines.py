@@ -332,3 +332,79 @@ def test_bf16_model_inverts_in_fp32(opt_cls):
     assert st[key].dtype == torch.float32 and st["A"].dtype == torch.float32
     assert model[0].weight.dtype == torch.bfloat16
     assert after < 0.5 * before, (before, after)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite values never reach the factors, the momentum or θ
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS)
+def test_non_finite_loss_skips_the_step(opt_cls):
+    model = _mlp()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = opt_cls(model, lr=0.1, damping=1e-2, inverse_interval=1)
+
+    def closure(scale=1.0):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) * scale
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # factors, curvature and momentum exist now
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_state = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in opt.state.items()}
+    loss = opt.step(lambda: closure(float("nan")))
+    assert not torch.isfinite(loss)
+    assert opt.skipped_steps == 1 and opt.steps == 1
+    for p, b in zip(model.parameters(), before_params):
+        assert torch.equal(p, b)
+    assert opt.state.keys() == before_state.keys()
+    for p, st in opt.state.items():
+        for key, v in st.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, before_state[p][key]), key
+    opt.step(closure)  # training goes on
+    assert opt.steps == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_eigenbasis_falls_back_to_float64_when_float32_eigh_returns_nan(monkeypatch):
+    """LAPACK's fp32 eigh can return NaN without raising on rank-deficient factors."""
+    from apo_kernels.baselines import ekfac
+
+    real_eigh = torch.linalg.eigh
+
+    def eigh_nan_in_fp32(M):
+        evals, evecs = real_eigh(M)
+        return (evals.fill_(float("nan")), evecs) if M.dtype == torch.float32 else (evals, evecs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh_nan_in_fp32)
+    a = torch.randn(40, 9)
+    a[:, 3] = 0.0  # a dead unit: exactly rank deficient
+    M = a.T @ a / 40
+    evals, evecs = ekfac.eigenbasis(M)
+    assert evals.dtype == evecs.dtype == torch.float32
+    torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, M, atol=1e-5, rtol=1e-5)
+
+
+def test_ekfac_trains_the_bench_cnn_without_nan():
+    """The benchmark's CNN has dead ReLU units; its rank-deficient factors once made fp32 eigh
+    return NaN on the second refresh (step 20), which then poisoned every parameter."""
+    from apo_kernels.bench.train_bench import small_cnn
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    model = small_cnn(8)
+    opt = EKFAC(model, lr=0.01, damping=0.1, inverse_interval=10)
+    batches = [(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+               for _ in range(4)]
+    for i in range(31):
+        x, y = batches[i % 4]
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert torch.isfinite(loss), f"step {i}"
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim.meta import all_finite
+
 __all__ = [
     "KFAC",
     "kronecker_factors",
@@ -240,6 +242,7 @@ class KFAC(torch.optim.Optimizer):
         self.factor_interval = factor_interval
         self.inverse_interval = inverse_interval
         self.steps = 0
+        self.skipped_steps = 0  # non-finite loss or gradient: nothing updated
 
         # Which modules are preconditioned; shared weights fall back to SGD (preconditioned never twice).
         seen: dict[int, int] = {}
@@ -323,6 +326,13 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"]]
+        if not all_finite(grads + ([loss.detach()] if isinstance(loss, Tensor) else [])):
+            # a non-finite loss or gradient must not reach the factors, the momentum or θ
+            for layer in self.layers:
+                layer.a = layer.g = None
+            self.skipped_steps += 1
+            return loss
         group = self.param_groups[0]
         lr, damping, mom = group["lr"], group["damping"], group["momentum"]
         wd, decay, kl_clip = group["weight_decay"], group["stat_decay"], group["kl_clip"]
@@ -390,11 +400,13 @@ class KFAC(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["kfac_steps"] = self.steps
+        sd["kfac_skipped_steps"] = self.skipped_steps
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.steps = int(state_dict.pop("kfac_steps", 0))
+        self.skipped_steps = int(state_dict.pop("kfac_skipped_steps", 0))
         # torch.optim casts floating state to the param's dtype on load; the curvature is fp32 master
         # data, so restore those entries ourselves.
         saved = {

@@ -102,9 +102,13 @@ def evaluate_targets(res: dict, is_cuda: bool) -> list[dict]:
         alr = _find(tr, case=case, impl="APO-LR(SGD)")
         err = next((r.get("error") for r in tr if r["case"] == case and r["impl"] == "APO-LR(SGD)" and r.get("error")), None)
         thr = sgd["median_ms"] / alr["median_ms"] if sgd and alr else None
+        no_fsd = _find(tr, case=case, impl="APO-LR(SGD) λ_FSD=0")
+        no_fsd_note = f"; with λ_FSD=0 {sgd['median_ms'] / no_fsd['median_ms']:.2f}×" if sgd and no_fsd else ""
         out.append(_t(f"APO-LR throughput ≥ 0.85× SGD [{case}]", thr, "≥ 0.85", thr is not None and thr >= 0.85,
-                      (f"SGD {sgd['median_ms']:.1f} ms/step, APO-LR {alr['median_ms']:.1f} ms/step (meta-step every 10: "
-                       "1 extra fwd/bwd + 2 FSD forwards per 10 steps)") if thr else f"APO-LR unavailable: {err}", "issue 4"))
+                      (f"SGD {sgd['median_ms']:.1f} ms/step, APO-LR {alr['median_ms']:.1f} ms/step. A meta-step every 10 "
+                       "costs a closure at θ' (fwd+bwd), an FSD forward at θ and an FSD fwd+bwd at θ' ≈ 2.3 steps, "
+                       f"so ≈ 10/12.3 = 0.81× is the bound when fwd/bwd dominate{no_fsd_note}")
+                      if thr else f"APO-LR unavailable: {err}", "issue 4"))
         if is_cuda and case.startswith("MLP") and "batch=4096" in case:
             adam = _find(tr, case=case, impl="Adam")
             ap = _find(tr, case=case, impl="APO-Precond")
