@@ -366,17 +366,22 @@ def test_non_finite_loss_skips_the_step(opt_cls):
     assert opt.steps == 2 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_eigenbasis_falls_back_to_float64_when_float32_eigh_returns_nan(monkeypatch):
-    """LAPACK's fp32 eigh can return NaN without raising on rank-deficient factors."""
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+def test_eigenbasis_falls_back_to_float64_when_float32_eigh_fails(monkeypatch, failure):
+    """LAPACK's fp32 eigh can fail to converge, or return NaN without raising, on rank-deficient factors."""
     from apo_kernels.baselines import ekfac
 
     real_eigh = torch.linalg.eigh
 
-    def eigh_nan_in_fp32(M):
+    def eigh_failing_in_fp32(M):
         evals, evecs = real_eigh(M)
-        return (evals.fill_(float("nan")), evecs) if M.dtype == torch.float32 else (evals, evecs)
+        if M.dtype != torch.float32:
+            return evals, evecs
+        if failure == "raise":
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return evals.fill_(float("nan")), evecs
 
-    monkeypatch.setattr(torch.linalg, "eigh", eigh_nan_in_fp32)
+    monkeypatch.setattr(torch.linalg, "eigh", eigh_failing_in_fp32)
     a = torch.randn(40, 9)
     a[:, 3] = 0.0  # a dead unit: exactly rank deficient
     M = a.T @ a / 40

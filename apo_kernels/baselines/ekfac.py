@@ -30,11 +30,16 @@ __all__ = ["EKFAC", "eigenbasis", "projected_second_moment", "ekfac_apply"]
 def eigenbasis(M: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor, in float32.
 
-    LAPACK's float32 eigh can return NaN without raising on exactly rank-deficient factors (dead
-    ReLU units give zero rows and columns; seen on the bench's CNN): then it is redone in float64.
+    LAPACK's float32 eigh can fail to converge, or return NaN without raising, on exactly
+    rank-deficient factors (dead ReLU units give zero rows and columns; both seen on the bench's
+    CNN): then it is redone in float64.
     """
-    evals, evecs = torch.linalg.eigh(M.float())
-    if not all_finite([evals, evecs]):
+    try:
+        evals, evecs = torch.linalg.eigh(M.float())
+        converged = all_finite([evals, evecs])
+    except torch.linalg.LinAlgError:
+        converged = False
+    if not converged:
         evals, evecs = (t.float() for t in torch.linalg.eigh(M.double()))
     return evals.clamp_min_(0.0), evecs
 
