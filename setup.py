@@ -102,8 +102,17 @@ def nvidia_wheel_includes() -> list[str]:
     return sorted(set(dirs))
 
 
+def openmp_flags():
+    """-fopenmp when torch's CPU parallel backend is OpenMP. ATen's at::parallel_for opens its
+    `#pragma omp parallel` region inline in the header, so without the flag the per-layer loop of
+    the grouped CPU op silently runs on one thread (csrc/ops.cpp refuses to compile that way)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return ["-Xpreprocessor", "-fopenmp"] if sys.platform == "darwin" else ["-fopenmp"]
+
+
 def extensions():
-    cxx_flags = ["-O3", "-g0", "-DAPO_KERNELS_PYTHON_MODULE"]
+    cxx_flags = ["-O3", "-g0", "-DAPO_KERNELS_PYTHON_MODULE"] + openmp_flags()
     # The C++ standard is left to torch (C++20 since torch 2.10; its headers refuse C++17).
     common = dict(
         name="apo_kernels._C",
@@ -112,7 +121,8 @@ def extensions():
     reason = cuda_skip_reason()
     if reason is not None:
         _log(f"building the CPU kernels only ({reason})")
-        return [CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx_flags}, **common)]
+        return [CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=openmp_flags(), **common)]
 
     from torch.utils.cpp_extension import CUDAExtension
 
@@ -128,6 +138,7 @@ def extensions():
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-DAPO_KERNELS_PYTHON_MODULE", "--expt-relaxed-constexpr"],
             },
+            extra_link_args=openmp_flags(),
             **common,
         )
     ]

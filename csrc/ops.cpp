@@ -13,6 +13,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+// ATen's OpenMP backend opens the parallel region of at::parallel_for inline in its header: built
+// without OpenMP, every "parallel" loop here would run on the calling thread alone.
+#error "apo-kernels: torch uses OpenMP for at::parallel_for; compile csrc/ops.cpp with -fopenmp"
+#endif
+
 #include <algorithm>
 #include <array>
 #include <atomic>
