@@ -96,6 +96,8 @@ def check_group(grads, As, Ss, Bs, *, grad_outs=None) -> None:
     lengths = {name: len(seq) for name, seq in lists.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"grads, As, Ss, Bs must have the same length, got {lengths}")
+    if grad_outs is None and _group_ok(grads, As, Ss, Bs):
+        return
     for i, (g, a, s, b) in enumerate(zip(grads, As, Ss, Bs)):
         prefix = f"layer {i}: "
         check_layer(g, a, s, b, prefix=prefix)
@@ -107,3 +109,28 @@ def check_group(grads, As, Ss, Bs, *, grad_outs=None) -> None:
             raise ValueError(f"{prefix}device {g.device} differs from layer 0's {grads[0].device}")
         if grad_outs is not None:
             check_grad_out(grad_outs[i], g, prefix=prefix)
+
+
+def _group_ok(grads, As, Ss, Bs) -> bool:
+    """Fast path of ``check_group`` (the op's hot path: one call per optimizer step over every
+    layer): True when every layer is plainly valid. Any doubt returns False and the detailed
+    checks run, so errors still name the argument."""
+    if not grads or not isinstance(grads[0], torch.Tensor):
+        return False
+    dtype, device = grads[0].dtype, grads[0].device
+    if dtype not in SUPPORTED_DTYPES:
+        return False
+    tensor = torch.Tensor
+    for g, a, s, b in zip(grads, As, Ss, Bs):
+        if not (isinstance(g, tensor) and isinstance(a, tensor) and isinstance(s, tensor) and isinstance(b, tensor)):
+            return False
+        if g.ndim != 2:
+            return False
+        m, n = g.shape
+        if a.shape != (m, m) or s.shape != (m, n) or b.shape != (n, n):
+            return False
+        if not (g.dtype is dtype and a.dtype is dtype and s.dtype is dtype and b.dtype is dtype):
+            return False
+        if not (g.device == device and a.device == device and s.device == device and b.device == device):
+            return False
+    return True
