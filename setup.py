@@ -102,17 +102,22 @@ def nvidia_wheel_includes() -> list[str]:
     return sorted(set(dirs))
 
 
-def openmp_flags():
-    """-fopenmp when torch's CPU parallel backend is OpenMP. ATen's at::parallel_for opens its
-    `#pragma omp parallel` region inline in the header, so without the flag the per-layer loop of
-    the grouped CPU op silently runs on one thread (csrc/ops.cpp refuses to compile that way)."""
+def openmp_flags() -> tuple[list[str], list[str]]:
+    """(compile, link) flags for OpenMP when torch's CPU parallel backend is OpenMP. ATen's
+    at::parallel_for opens its `#pragma omp parallel` region inline in the header, so without them
+    the per-layer loop of the grouped CPU op silently runs on one thread (csrc/ops.cpp refuses to
+    compile that way). On macOS, Apple clang takes OpenMP via the preprocessor and links the
+    libomp that torch ships in torch/lib."""
     if "OpenMP" not in torch.__config__.parallel_info():
-        return []
-    return ["-Xpreprocessor", "-fopenmp"] if sys.platform == "darwin" else ["-fopenmp"]
+        return [], []
+    if sys.platform == "darwin":
+        return ["-Xpreprocessor", "-fopenmp"], ["-L" + os.path.join(os.path.dirname(torch.__file__), "lib"), "-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
 
 
 def extensions():
-    cxx_flags = ["-O3", "-g0", "-DAPO_KERNELS_PYTHON_MODULE"] + openmp_flags()
+    omp_compile, omp_link = openmp_flags()
+    cxx_flags = ["-O3", "-g0", "-DAPO_KERNELS_PYTHON_MODULE"] + omp_compile
     # The C++ standard is left to torch (C++20 since torch 2.10; its headers refuse C++17).
     common = dict(
         name="apo_kernels._C",
@@ -122,7 +127,7 @@ def extensions():
     if reason is not None:
         _log(f"building the CPU kernels only ({reason})")
         return [CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx_flags},
-                             extra_link_args=openmp_flags(), **common)]
+                             extra_link_args=omp_link, **common)]
 
     from torch.utils.cpp_extension import CUDAExtension
 
@@ -138,7 +143,7 @@ def extensions():
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-DAPO_KERNELS_PYTHON_MODULE", "--expt-relaxed-constexpr"],
             },
-            extra_link_args=openmp_flags(),
+            extra_link_args=omp_link,
             **common,
         )
     ]
