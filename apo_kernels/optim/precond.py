@@ -262,7 +262,13 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             if wd != 0:
                 g = g.add(p.to(self.phi_dtype), alpha=wd)
             buf = self.state[p].get("momentum_buffer") if mom != 0 else None
-            plan.v[id(p)] = g if buf is None else buf.mul(mom).add_(g)
+            if buf is not None:
+                plan.v[id(p)] = buf.mul(mom).add_(g)
+            else:
+                # v becomes the momentum buffer and is read after the lookahead's closure: it must
+                # never alias .grad, which zero_grad(set_to_none=False), gradient accumulation or
+                # DDP bucket views write in place (.to() returns .grad itself when dtypes match)
+                plan.v[id(p)] = g.clone() if g is p.grad else g
         plan.params = [p for p in self._params if id(p) in plan.v]
         plan.layers, plan.Gs = [], []
         for layer in self.layers:
