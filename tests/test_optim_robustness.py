@@ -80,3 +80,31 @@ def test_bit_identical_to_sgd_momentum_when_grads_are_written_in_place(make, set
     assert apo.step_count == 20
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# A meta-step leaves every parameter's .grad as the closure left it at θ
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["grads-kept", "grads-none"])
+def test_grads_outside_the_base_optimizer_are_restored_bit_for_bit(set_to_none):
+    m = mlp()
+    x, y = data()
+    m[2].bias.requires_grad_(False)  # a frozen parameter keeps grad None
+    opt = APOLR(m, torch.optim.SGD([m[2].weight], lr=0.1, momentum=0.9),
+                lambda_fsd=0.5, lambda_wsd=0.1, meta_interval=1)
+
+    def closure():  # zeroes the whole model: m[0] is outside the base optimizer
+        m.zero_grad(set_to_none=set_to_none)
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        reference = copy.deepcopy(m)  # θ before the step: its gradient is what .grad must hold after
+        opt.step(closure, fsd_inputs=(x,))
+        reference.zero_grad(set_to_none=set_to_none)
+        F.cross_entropy(reference(x), y).backward()
+        assert opt.meta_steps > 0
+        for p, q in zip(m[0].parameters(), reference[0].parameters()):
+            assert torch.equal(p.grad, q.grad)
+        assert m[2].bias.grad is None

@@ -95,16 +95,19 @@ def cuda_devices_of(params: Iterable[Tensor]) -> list[int]:
 
 
 class ModelSnapshot:
-    """Copies of the given parameters (values and ``.grad``) and of every buffer of ``model``.
+    """Copies of the given parameters' values, of ``.grad`` of every parameter of ``model`` (and of
+    the given ones), and of every buffer of ``model``.
 
     ``restore()`` writes them back in place, bit for bit: θ, BatchNorm running statistics,
-    ``num_batches_tracked`` and the gradients are exactly as when the snapshot was taken.
+    ``num_batches_tracked`` and the gradients are exactly as when the snapshot was taken — also the
+    gradients of parameters the lookahead does not move (the closure's backward rewrites them too).
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor]):
         self.params = list(params)
         self.values = [p.detach().clone() for p in self.params]
-        self.grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+        self.grad_params = list({id(p): p for p in (*self.params, *model.parameters())}.values())
+        self.grads = [None if p.grad is None else p.grad.detach().clone() for p in self.grad_params]
         # (module, name) rather than the tensor: a forward may rebind a buffer instead of writing it
         self.buffers = [
             (mod, name, buf.detach().clone())
@@ -115,8 +118,9 @@ class ModelSnapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for p, v, g in zip(self.params, self.values, self.grads):
+        for p, v in zip(self.params, self.values):
             p.copy_(v)
+        for p, g in zip(self.grad_params, self.grads):
             if g is None:
                 p.grad = None
             elif p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype:
