@@ -265,23 +265,23 @@ def test_grad_scaler_and_autocast():
 def test_bad_arguments_raise_naming_the_argument():
     m = mlp()
     sgd = torch.optim.SGD(m.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="base_optimizer"):
+    with pytest.raises(TypeError, match=r"\bbase_optimizer\b"):
         APOLR(m, "sgd", lambda_fsd=0.0, lambda_wsd=0.0)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"\blr\b"):
         APOLR(m, torch.optim.SGD(m.parameters(), lr=0.0), lambda_fsd=0.0, lambda_wsd=0.0)
-    with pytest.raises(ValueError, match="base_optimizer"):
+    with pytest.raises(ValueError, match=r"\bbase_optimizer\b"):
         APOLR(m, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0)
-    with pytest.raises(ValueError, match="meta_interval"):
+    with pytest.raises(ValueError, match=r"\bmeta_interval\b"):
         APOLR(m, sgd, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=-1)
-    with pytest.raises(ValueError, match="fsd"):
+    with pytest.raises(ValueError, match=r"\bfsd\b"):
         APOLR(m, sgd, lambda_fsd=0.0, lambda_wsd=0.0, fsd="l1")
-    with pytest.raises(ValueError, match="lambda_fsd"):
+    with pytest.raises(ValueError, match=r"\blambda_fsd\b"):
         APOLR(m, sgd, lambda_fsd=-1.0, lambda_wsd=0.0)
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(ValueError, match=r"\bmodel\b"):
         APOLR(nn.ReLU(), sgd, lambda_fsd=0.0, lambda_wsd=0.0)
     opt = APOLR(m, sgd, lambda_fsd=1.0, lambda_wsd=0.0)
     x, y = batch()
-    with pytest.raises(ValueError, match="fsd_inputs"):
+    with pytest.raises(ValueError, match=r"\bfsd_inputs\b"):
         opt.step(q_closure(opt, m, x, y))
-    with pytest.raises(ValueError, match="closure"):
+    with pytest.raises(ValueError, match=r"\bclosure\b"):
         opt.step()

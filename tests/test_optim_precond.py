@@ -534,7 +534,7 @@ def test_grad_scaler_unscales_before_preconditioning_and_skips_overflow():
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, exc, name):
-    with pytest.raises(exc, match=name):
+    with pytest.raises(exc, match=rf"\b{name}\b"):  # \b: "lr" must not match inside "meta_lr"
         APOPrecond(mlp(), **opt_kwargs(**kwargs))
 
 

@@ -108,3 +108,87 @@ def test_grads_outside_the_base_optimizer_are_restored_bit_for_bit(set_to_none):
         for p, q in zip(m[0].parameters(), reference[0].parameters()):
             assert torch.equal(p.grad, q.grad)
         assert m[2].bias.grad is None
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments that used to corrupt silently: refused at construction (or at step), by name
+# --------------------------------------------------------------------------------------------
+def _apolr(**kw):
+    m = mlp()
+    return APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0, **kw)
+
+
+def _precond(**kw):
+    base = dict(lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01)
+    base.update(kw)
+    return APOPrecond(mlp(), **base)
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,exc,name",
+    [
+        (_apolr, dict(max_lr=float("nan")), ValueError, "max_lr"),
+        (_apolr, dict(max_lr=0.0), ValueError, "max_lr"),
+        (_apolr, dict(max_lr=float("inf")), ValueError, "max_lr"),
+        (_apolr, dict(max_lr="1"), TypeError, "max_lr"),
+        (_apolr, dict(min_lr=0.0), ValueError, "min_lr"),
+        (_apolr, dict(min_lr=-1e-3), ValueError, "min_lr"),
+        (_apolr, dict(min_lr=1.0, max_lr=0.5), ValueError, "min_lr"),
+        (_apolr, dict(per_group="no"), TypeError, "per_group"),
+        (_apolr, dict(per_group=1), TypeError, "per_group"),
+        (_precond, dict(meta_betas=(0.5,)), ValueError, "meta_betas"),
+        (_precond, dict(meta_betas=None), TypeError, "meta_betas"),
+        (_precond, dict(meta_betas=(0.5, 1.0)), ValueError, "meta_betas"),
+        (_precond, dict(meta_betas=(0.5, "0.9")), TypeError, "meta_betas"),
+        # S² = lr / update_scale must be a normal number of φ's dtype (float32 here)
+        (_precond, dict(lr=1e30, update_scale=1e-9), ValueError, "update_scale"),
+        (_precond, dict(lr=1e-30, update_scale=1e10), ValueError, "update_scale"),
+    ],
+    ids=lambda v: v.__name__ if callable(v) else None,
+)
+def test_bad_arguments_raise_at_construction_naming_the_argument(make, kwargs, exc, name):
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        make(**kwargs)
+
+
+def test_unavailable_backend_is_refused_at_construction():
+    import apo_kernels
+    for backend, status in apo_kernels.backends().items():
+        if status.startswith("available"):
+            continue
+        with pytest.raises(ValueError, match=r"\bbackend\b"):
+            _precond(backend=backend)
+    if not apo_kernels.backends()["cuda"].startswith("available"):
+        with pytest.raises(ValueError, match=r"\bbackend\b.*unavailable"):
+            _precond(backend="cuda")
+    else:  # CUDA is here, but the model is on CPU: the cuda backend cannot run on it
+        with pytest.raises(ValueError, match=r"\bbackend\b"):
+            _precond(backend="cuda")
+
+
+@pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
+@pytest.mark.parametrize(
+    "step_kwargs,name",
+    [
+        (dict(closure=5), "closure"),
+        (dict(meta_closure=3), "meta_closure"),
+        (dict(fsd_inputs=5), "fsd_inputs"),
+    ],
+)
+def test_bad_step_arguments_raise_naming_the_argument(make, step_kwargs, name):
+    opt = make(meta_interval=1)
+    x, y = data()
+    model = opt.model
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    kwargs = dict(closure=closure)
+    kwargs.update(step_kwargs)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=rf"\b{name}\b"):
+        opt.step(**kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0

@@ -11,6 +11,7 @@ A subclass supplies four hooks, none of which may mutate optimizer state except 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -40,6 +41,41 @@ def check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd
         raise ValueError(f"meta_batch must be 'same' or 'fresh', got {meta_batch!r}")
     if grad_scaler is not None and not hasattr(grad_scaler, "unscale_"):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+
+
+def check_number(name, v, *, low=0.0, low_ok=True, high=None, high_ok=True) -> float:
+    """A finite real number in the given range, as float; TypeError/ValueError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    bad = not math.isfinite(v) or (v < low if low_ok else v <= low)
+    if high is not None:
+        bad = bad or (v > high if high_ok else v >= high)
+    if bad:
+        rng = f"{'[' if low_ok else '('}{low}, {'inf)' if high is None else str(high) + (']' if high_ok else ')')}"
+        raise ValueError(f"{name} must be in {rng}, got {v}")
+    return v
+
+
+def check_betas(name, betas) -> tuple[float, float]:
+    """Two numbers in [0, 1) (Adam's betas); TypeError/ValueError naming ``name``."""
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"{name} must be a pair of numbers (beta1, beta2), got {type(betas).__name__}")
+    if len(betas) != 2:
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {len(betas)} values")
+    return tuple(check_number(f"{name}[{i}]", b, high=1.0, high_ok=False) for i, b in enumerate(betas))
+
+
+def check_step_args(closure, fsd_inputs, meta_closure) -> None:
+    """Type rules of ``step``'s arguments, checked on every step (before anything is computed)."""
+    if closure is not None and not callable(closure):
+        raise TypeError(f"closure must be a callable (zero grads, forward, backward, return the loss), "
+                        f"got {type(closure).__name__}")
+    if meta_closure is not None and not callable(meta_closure):
+        raise TypeError(f"meta_closure must be a callable like closure, got {type(meta_closure).__name__}")
+    if fsd_inputs is not None and not isinstance(fsd_inputs, (tuple, list, Tensor)):
+        raise TypeError(f"fsd_inputs must be a tuple of inputs for model(*fsd_inputs) (or one Tensor), "
+                        f"got {type(fsd_inputs).__name__}")
 
 
 class _Plan:
@@ -122,6 +158,7 @@ class APOCore:
         return all_finite(tensors)
 
     def _run_step(self, closure: Optional[Callable], fsd_inputs, meta_closure: Optional[Callable]):
+        check_step_args(closure, fsd_inputs, meta_closure)
         meta = self.meta_due()
         if meta:
             if closure is None:
@@ -219,6 +256,9 @@ class APOCore:
         return float("nan") if obj is None else obj.value
 
     def _first_closure_probe(self, closure):
+        check_step_args(closure, None, None)
+        if closure is None:
+            raise ValueError("closure is required: the meta-objective is evaluated on the closure's batch")
         with torch.enable_grad():
             loss = closure()
         scale = None

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._core import APOCore, _Plan, check_common_args
+from ._core import APOCore, _Plan, check_common_args, check_number
 
 
 def _cdtype(p: Tensor) -> torch.dtype:
@@ -205,6 +205,13 @@ class APOLR(APOCore):
         max_lr: Optional[float] = None,
     ):
         check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
+        if not isinstance(per_group, bool):
+            raise TypeError(f"per_group must be a bool, got {type(per_group).__name__}")
+        bounds = {}
+        for name, v in (("min_lr", min_lr), ("max_lr", max_lr)):
+            bounds[name] = None if v is None else check_number(name, v, low=0.0, low_ok=False)
+        if None not in bounds.values() and bounds["min_lr"] > bounds["max_lr"]:
+            raise ValueError(f"min_lr must be <= max_lr, got min_lr={min_lr} > max_lr={max_lr}")
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, torch.optim.LBFGS):
@@ -224,8 +231,8 @@ class APOLR(APOCore):
         self.lambda_fsd, self.lambda_wsd = float(lambda_fsd), float(lambda_wsd)
         self.meta_interval, self.fsd, self.meta_batch = meta_interval, fsd, meta_batch
         self.grad_scaler = grad_scaler
-        self.per_group = bool(per_group)
-        self.min_lr, self.max_lr = min_lr, max_lr
+        self.per_group = per_group
+        self.min_lr, self.max_lr = bounds["min_lr"], bounds["max_lr"]
         lrs = [float(g["lr"]) for g in base_optimizer.param_groups]
         self._ratios = [lr / lrs[0] for lr in lrs]
         init = [math.log(lr) for lr in lrs] if self.per_group else [math.log(lrs[0])]

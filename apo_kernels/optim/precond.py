@@ -31,8 +31,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops import _validate
-from ._core import APOCore, _Plan, check_common_args
+from ..ops import resolve_backend
+from ._core import APOCore, _Plan, check_betas, check_common_args, check_number
 from .meta import (
     DiagonalPreconditioner,
     StructuredPreconditioner,
@@ -73,19 +73,6 @@ class _Layer:
 
 class _PrecondPlan(_Plan):
     pass
-
-
-def _check_number(name, v, *, low=0.0, low_ok=True, high=None, high_ok=True):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
-    bad = not math.isfinite(v) or (v < low if low_ok else v <= low)
-    if high is not None:
-        bad = bad or (v > high if high_ok else v >= high)
-    if bad:
-        rng = f"{'[' if low_ok else '('}{low}, {'inf)' if high is None else str(high) + (']' if high_ok else ')')}"
-        raise ValueError(f"{name} must be in {rng}, got {v}")
-    return v
 
 
 class APOPrecond(torch.optim.Optimizer, APOCore):
@@ -144,10 +131,10 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         grad_scaler=None,
     ):
         check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
-        lr = _check_number("lr", lr, low=0.0, low_ok=False)
-        momentum = _check_number("momentum", momentum, low=0.0, high=1.0, high_ok=False)
-        weight_decay = _check_number("weight_decay", weight_decay)
-        update_scale = _check_number("update_scale", update_scale, low=0.0, low_ok=False)
+        lr = check_number("lr", lr, low=0.0, low_ok=False)
+        momentum = check_number("momentum", momentum, low=0.0, high=1.0, high_ok=False)
+        weight_decay = check_number("weight_decay", weight_decay)
+        update_scale = check_number("update_scale", update_scale, low=0.0, low_ok=False)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
             raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
         if warmup_steps < 0:
@@ -157,14 +144,19 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
                 raise TypeError(f"max_precond_dim must be an int or None, got {type(max_precond_dim).__name__}")
             if max_precond_dim < 1:
                 raise ValueError(f"max_precond_dim must be >= 1, got {max_precond_dim}")
-        _validate.check_backend(backend)
+        meta_betas = check_betas("meta_betas", meta_betas)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         devices = {p.device for p in trainable}
         if len(devices) != 1:
             raise ValueError(f"model: all trainable parameters must be on one device, got {sorted(map(str, devices))}")
         device = trainable[0].device
+        resolve_backend(backend, device)  # an unavailable backend fails here, naming it, not at step
         self.phi_dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
+        finfo = torch.finfo(self.phi_dtype)
+        if not finfo.tiny <= lr / update_scale <= finfo.max:
+            raise ValueError(f"lr / update_scale = {lr / update_scale:.3g} is the initial S² and must be a normal "
+                             f"{self.phi_dtype} number (lr={lr}, update_scale={update_scale})")
         kwargs = dict(init_s=math.sqrt(lr / update_scale), max_dim=max_precond_dim,
                       s_param=s_param, dtype=self.phi_dtype, device=device)
 
