@@ -77,7 +77,12 @@ def test_quick_plots_and_summary(quick_run):
     assert (out / "summary.md").read_text().startswith("# apo-bench results")
 
 
-@pytest.mark.parametrize("argv", [["--dtype", "fp64"], ["--sizes", "a,b"], ["--sections", "nope"]])
-def test_bad_flags_exit_with_usage(argv):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("argv,flag", [(["--dtype", "fp64"], "--dtype"), (["--sizes", "a,b"], "--sizes"),
+                                       (["--sections", "nope"], "--sections")])
+def test_bad_flags_exit_with_usage(argv, flag, capsys):
+    # argparse's usage error: exit status 2 and a message naming the flag (--help also exits, with 0)
+    with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and f"argument {flag}" in err
