@@ -4,6 +4,7 @@
 
 Build environment variables:
     APO_KERNELS_SKIP_CUDA=1   build the CPU kernels only, even with a CUDA torch and nvcc present
+    APO_KERNELS_REQUIRE_CUDA=1  fail instead of falling back to a CPU-only build (GPU machines, CI)
     TORCH_CUDA_ARCH_LIST      CUDA archs to compile for (default here "8.0;9.0")
     CUDA_HOME                 CUDA toolkit to use (otherwise nvcc on PATH / the usual places)
     MAX_JOBS                  parallel compile jobs (ninja); nvcc needs ~1-2 GB per job
@@ -124,6 +125,8 @@ def extensions():
         py_limited_api=True,  # no pybind11: one abi3 wheel serves every CPython >= 3.10
     )
     reason = cuda_skip_reason()
+    if reason is not None and os.environ.get("APO_KERNELS_REQUIRE_CUDA", "0") == "1":
+        raise RuntimeError(f"apo-kernels setup: APO_KERNELS_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
     if reason is not None:
         _log(f"building the CPU kernels only ({reason})")
         return [CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx_flags},
@@ -159,7 +162,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "curvlinops-for-pytorch"],
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "hypothesis", "numpy", "curvlinops-for-pytorch"],
         "bench": ["matplotlib", "rich", "pytest-benchmark", "pytorch-optimizer"],
     },
     entry_points={"console_scripts": ["apo-bench = apo_kernels.bench.__main__:main"]},

@@ -379,27 +379,70 @@ def test_cuda_sources_compile():
 # ------------------------------------------------------------------------------------------------
 
 
+def _host_toolchain_missing():
+    """Why a C++ extension cannot be built here (no compiler or no ninja), else None."""
+    from torch.utils import cpp_extension
+
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx}) on PATH"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed"
+    return None
+
+
+def build_host_extension(name, source, build_dir):
+    """Compiles `source` as a torch C++ extension (TORCH_LIBRARY registration, no Python module).
+
+    Skips only when the toolchain is missing; a compile error raises, so it fails the test."""
+    from torch.utils import cpp_extension
+
+    missing = _host_toolchain_missing()
+    if missing is not None:
+        pytest.skip(f"cannot build {name}: {missing}")
+    Path(build_dir).mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_include_paths=[str(ROOT / "csrc" / "cuda")],
+        extra_cflags=["-O1", "-g0"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def emulated_kernels():
     """Builds csrc/cuda/host_emulation.cpp: the kernels of precondition_kernels.cuh compiled as C++,
     run one thread per block (see that file). Registers torch.ops.apo_cuda_emu.*."""
-    from torch.utils import cpp_extension
-
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    build = ROOT / "build" / "cuda_emu"
-    build.mkdir(parents=True, exist_ok=True)
-    try:
-        cpp_extension.load(
-            name="apo_cuda_emu",
-            sources=[str(ROOT / "csrc" / "cuda" / "host_emulation.cpp")],
-            extra_include_paths=[str(ROOT / "csrc" / "cuda")],
-            extra_cflags=["-O1", "-g0"],
-            build_directory=str(build),
-            is_python_module=False,
-        )
-    except (RuntimeError, OSError) as exc:  # no compiler / ninja
-        pytest.skip(f"cannot build the host emulation of the CUDA kernels: {exc}")
+    build_host_extension("apo_cuda_emu", ROOT / "csrc" / "cuda" / "host_emulation.cpp", ROOT / "build" / "cuda_emu")
     return torch.ops.apo_cuda_emu
+
+
+def test_host_build_error_fails_not_skips(tmp_path):
+    """A compile error in the emulation source must fail the emulation test, never skip it."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#include <ATen/ATen.h>\nthis is not C++;\n")
+    with pytest.raises(RuntimeError, match="(?i)error building extension"):
+        build_host_extension("apo_broken_emu", broken, tmp_path / "build")
+
+
+@pytest.mark.parametrize("require", [False, True], ids=["fallback", "required"])
+def test_setup_require_cuda_flag(require):
+    """APO_KERNELS_REQUIRE_CUDA=1 turns setup.py's CPU-only fallback into an error."""
+    env = dict(os.environ, APO_KERNELS_SKIP_CUDA="1")
+    env.pop("APO_KERNELS_REQUIRE_CUDA", None)
+    if require:
+        env["APO_KERNELS_REQUIRE_CUDA"] = "1"
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if require:
+        assert proc.returncode != 0, proc.stdout
+        assert "APO_KERNELS_REQUIRE_CUDA=1" in proc.stderr and "APO_KERNELS_SKIP_CUDA=1" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "building the CPU kernels only" in proc.stderr
 
 
 EMU_SHAPES = [(1, 1), (1, 7), (7, 1), (5, 9), (33, 17), (64, 64), (0, 5), (4, 0)]
