@@ -162,7 +162,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "hypothesis", "numpy", "curvlinops-for-pytorch"],
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "hypothesis", "numpy", "curvlinops-for-pytorch>=3.0,<4"],
         "bench": ["matplotlib", "rich", "pytest-benchmark", "pytorch-optimizer"],
     },
     entry_points={"console_scripts": ["apo-bench = apo_kernels.bench.__main__:main"]},

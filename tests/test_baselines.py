@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apo_kernels.baselines import EKFAC, KFAC
-from apo_kernels.baselines.kfac import factored_damping
+from apo_kernels.baselines.kfac import LIKELIHOODS, MAX_PI, damped_inverse, factored_damping
 
 OPTIMIZERS = [KFAC, EKFAC]
 
@@ -32,54 +32,73 @@ def _cnn(seed=0):
     )
 
 
-def _one_step_factors(opt_cls, model, x, y):
-    opt = opt_cls(model, lr=1e-3, damping=1e-3, stat_decay=0.0)
+# the loss each likelihood's closure computes (a mean over the batch of −log p(y|f), up to a constant)
+CLOSURE_LOSS = {
+    "categorical": lambda out, y: F.cross_entropy(out, y),
+    "bernoulli": lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction="sum") / out.shape[0],
+    "gaussian": lambda out, y: 0.5 * F.mse_loss(out, y, reduction="sum") / out.shape[0],
+}
+
+
+def _targets(likelihood, out_shape, gen=None):
+    if likelihood == "categorical":
+        return torch.randint(0, out_shape[1], (out_shape[0],), generator=gen)
+    if likelihood == "bernoulli":
+        return torch.rand(out_shape, generator=gen).round()
+    return torch.randn(out_shape, generator=gen)
+
+
+def _one_step_factors(opt_cls, model, x, y, loss="categorical", **kwargs):
+    opt = opt_cls(model, lr=1e-3, damping=1e-3, stat_decay=0.0, **kwargs)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+        loss_value = CLOSURE_LOSS[loss](model(x), y)
+        loss_value.backward()
+        return loss_value
 
     opt.step(closure)
     return opt
 
 
 # --------------------------------------------------------------------------------------------
-# Kronecker factors against a maintained curvature library (test-only dependency)
+# Kronecker factors against a maintained curvature library (curvlinops-for-pytorch, in the
+# "test" extra: required, never skipped)
 # --------------------------------------------------------------------------------------------
-def _curvlinops_factors(model, x, y):
-    curvlinops = pytest.importorskip(
-        "curvlinops", reason="curvlinops-for-pytorch not installed (pip install curvlinops-for-pytorch)"
-    )
+# curvlinops' loss for each likelihood, and the factor by which its G exceeds ours: its MSELoss is
+# Σ(f − y)² (Gaussian of variance ½: G doubles), and a "sum" reduction drops our 1/N.
+CURVLINOPS_LOSS = {
+    "categorical": (lambda: nn.CrossEntropyLoss(), lambda n: 1.0),
+    "bernoulli": (lambda: nn.BCEWithLogitsLoss(reduction="sum"), lambda n: float(n)),
+    "gaussian": (lambda: nn.MSELoss(reduction="sum"), lambda n: 2.0 * n),
+}
+
+
+def _curvlinops_factors(model, x, y, fisher_type="empirical", likelihood="categorical", seed=2147483647):
+    """curvlinops' (A, G) per layer name, G rescaled to our convention (mean of −log p over the batch)."""
+    import curvlinops
+
+    loss_fn, g_scale = CURVLINOPS_LOSS[likelihood]
     params = [p for p in model.parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         op = curvlinops.KFACLinearOperator(
             model,
-            nn.CrossEntropyLoss(),  # reduction="mean", as our convention assumes
+            loss_fn(),
             params,
             [(x, y)],
-            fisher_type="empirical",  # our factors use the real loss's gradients
+            fisher_type=fisher_type,
+            seed=seed,
             kfac_approx="expand",
             separate_weight_and_bias=False,  # bias as an extra input column, like ours
             check_deterministic=False,
         )
         op.compute_kronecker_factors()
-    return op._input_covariances, op._gradient_covariances
+    scale = g_scale(x.shape[0])
+    return op._input_covariances, {k: v / scale for k, v in op._gradient_covariances.items()}
 
 
-@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_factors_match_curvlinops(opt_cls, arch):
-    torch.manual_seed(1)
-    if arch == "mlp":
-        model, x = _mlp(), torch.randn(16, 6)
-    else:
-        model, x = _cnn(), torch.randn(8, 3, 7, 7)
-    y = torch.randint(0, 3, (x.shape[0],))
-    ref_A, ref_G = _curvlinops_factors(copy.deepcopy(model), x, y)
-    opt = _one_step_factors(opt_cls, model, x, y)
+def _assert_factors_match(opt, model, ref_A, ref_G, rtol=1e-5, atol=1e-7):
     names = {id(m): n for n, m in model.named_modules()}
     assert len(opt.layers) == len(ref_A) == len(ref_G)
     for layer in opt.layers:
@@ -87,7 +106,60 @@ def test_factors_match_curvlinops(opt_cls, arch):
         st = opt.state[layer.weight]
         assert st["A"].dtype == torch.float32 and st["G"].dtype == torch.float32
         torch.testing.assert_close(st["A"], ref_A[name].float(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(st["G"], ref_G[name].float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(st["G"], ref_G[name].float(), rtol=rtol, atol=atol)
+
+
+def _model_and_input(arch, likelihood="categorical"):
+    torch.manual_seed(1)
+    if arch == "mlp":
+        model, x = _mlp(), torch.randn(16, 6)
+    else:
+        model, x = _cnn(), torch.randn(8, 3, 7, 7)
+    return model, x, _targets(likelihood, (x.shape[0], 3))
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_factors_match_curvlinops(opt_cls, arch):
+    """Empirical Fisher (the default): float32 factors equal curvlinops' to float32 rounding."""
+    model, x, y = _model_and_input(arch)
+    ref_A, ref_G = _curvlinops_factors(copy.deepcopy(model), x, y)
+    opt = _one_step_factors(opt_cls, model, x, y)
+    _assert_factors_match(opt, model, ref_A, ref_G)
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_mc_factors_match_curvlinops_with_the_same_seed(opt_cls, likelihood, arch):
+    """fisher="mc": with the sampling seed of curvlinops' MC Fisher, the same targets are drawn and
+    A, G agree to float32 rounding (G rescaled for curvlinops' loss convention, see CURVLINOPS_LOSS)."""
+    model, x, y = _model_and_input(arch, likelihood)
+    ref_A, ref_G = _curvlinops_factors(copy.deepcopy(model), x, y, "mc", likelihood, seed=1234)
+    _, emp_G = _curvlinops_factors(copy.deepcopy(model), x, y, "empirical", likelihood)
+    opt = _one_step_factors(opt_cls, model, x, y, likelihood, fisher="mc", likelihood=likelihood, seed=1234)
+    _assert_factors_match(opt, model, ref_A, ref_G, rtol=1e-4, atol=1e-7)
+    # and they are not the empirical factors (the sampled targets differ from y)
+    last = opt.layers[-1]
+    name = {id(m): n for n, m in model.named_modules()}[id(last.module)]
+    assert not torch.allclose(opt.state[last.weight]["G"], emp_G[name].float(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_mc_factors_converge_to_the_exact_fisher(likelihood):
+    """In expectation the sampled G is the exact Fisher's (curvlinops' "type-2": E over y in closed
+    form). 16 inputs each repeated 4000 times in one batch: G is a mean over 64000 draws, so the
+    Monte-Carlo error is about 1/sqrt(4000) ≈ 1.6 % per entry; tolerance 6 % of max|G|."""
+    model, x, y = _model_and_input("mlp", likelihood)
+    ref_A, ref_G = _curvlinops_factors(copy.deepcopy(model), x, y, "type-2", likelihood)
+    reps = 4000
+    xr, yr = x.repeat(reps, 1), y.repeat(reps, *([1] * (y.dim() - 1)))
+    opt = _one_step_factors(KFAC, model, xr, yr, likelihood, fisher="mc", likelihood=likelihood, seed=5)
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in opt.layers:
+        G, ref = opt.state[layer.weight]["G"].double(), ref_G[names[id(layer.module)]].double()
+        err = float((G - ref).abs().max() / ref.abs().max())
+        assert err < 0.06, (likelihood, names[id(layer.module)], err)
 
 
 def test_kfac_direction_is_damped_kronecker_solve():
@@ -239,24 +311,51 @@ def test_intervals(opt_cls):
 
 @pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "kwargs, name, error",
     [
-        (dict(damping=0.0), "damping"),
-        (dict(damping=-1.0), "damping"),
-        (dict(damping=float("nan")), "damping"),
-        (dict(lr=-0.1), "lr"),
-        (dict(inverse_interval=0), "inverse_interval"),
-        (dict(inverse_interval=2.5), "inverse_interval"),
-        (dict(factor_interval=0), "factor_interval"),
-        (dict(momentum=1.0), "momentum"),
-        (dict(stat_decay=1.5), "stat_decay"),
-        (dict(weight_decay=-1e-4), "weight_decay"),
+        (dict(damping=0.0), "damping", ValueError),
+        (dict(damping=-1.0), "damping", ValueError),
+        (dict(damping=float("nan")), "damping", ValueError),
+        (dict(damping=True), "damping", TypeError),
+        (dict(lr=-0.1), "lr", ValueError),
+        (dict(lr="0.1"), "lr", TypeError),
+        (dict(lr=True), "lr", TypeError),
+        (dict(lr=torch.tensor(0.1)), "lr", TypeError),
+        (dict(lr=float("inf")), "lr", ValueError),
+        (dict(inverse_interval=0), "inverse_interval", ValueError),
+        (dict(inverse_interval=2.5), "inverse_interval", TypeError),
+        (dict(inverse_interval=True), "inverse_interval", TypeError),
+        (dict(factor_interval=0), "factor_interval", ValueError),
+        (dict(factor_interval="1"), "factor_interval", TypeError),
+        (dict(momentum=1.0), "momentum", ValueError),
+        (dict(momentum="0.9"), "momentum", TypeError),
+        (dict(stat_decay=1.5), "stat_decay", ValueError),
+        (dict(weight_decay=-1e-4), "weight_decay", ValueError),
+        (dict(kl_clip=0.0), "kl_clip", ValueError),
+        (dict(kl_clip="1e-3"), "kl_clip", TypeError),
+        (dict(fisher="type-2"), "fisher", ValueError),
+        (dict(fisher=None), "fisher", ValueError),
+        (dict(fisher="mc"), "likelihood", ValueError),  # mc needs the likelihood
+        (dict(fisher="mc", likelihood="poisson"), "likelihood", ValueError),
+        (dict(likelihood="categorical"), "likelihood", ValueError),  # ignored by the empirical Fisher
+        (dict(fisher="mc", likelihood="categorical", seed="0"), "seed", TypeError),
+        (dict(fisher="mc", likelihood="categorical", seed=1.5), "seed", TypeError),
     ],
 )
-def test_bad_arguments_name_the_argument(opt_cls, kwargs, name):
+def test_bad_arguments_name_the_argument(opt_cls, kwargs, name, error):
     args = dict(lr=0.01, damping=0.1) | kwargs
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(error, match=rf"^{name}\b"):
         opt_cls(_mlp(), **args)
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_step_argument_is_checked(opt_cls):
+    model = _mlp()
+    opt = opt_cls(model, lr=0.01, damping=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="^closure"):
+        opt.step(5)
+    assert opt.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_model_type_and_empty_model():
@@ -288,30 +387,34 @@ def test_state_dict_round_trip(opt_cls):
 # --------------------------------------------------------------------------------------------
 # Low precision: what really happens when a half-precision factor is inverted
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_inverse_really_tried(dtype):
-    """torch's linalg has no half kernels on CPU: record that it refuses (the baselines invert in fp32).
+def test_half_precision_model_never_inverts_in_half(monkeypatch, opt_cls, dtype):
+    """torch's linalg has no half kernels on CPU (and half has 3-4 significant digits): KFAC / EKFAC
+    must hand every factor to cholesky / inv / eigh in float32 or float64 whatever the model's dtype,
+    keep the curvature in float32, and apply it in the model's dtype."""
+    seen = []
 
-    If a future torch accepts it, the result must at least be reported as inaccurate or accurate --
-    the bench prints the residual; here we only pin down that it is not silently used by KFAC.
-    """
+    def recording(fn):
+        def wrapper(M, *args, **kwargs):
+            seen.append((fn.__name__, M.dtype))
+            return fn(M, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("cholesky_ex", "inv", "eigh"):
+        monkeypatch.setattr(torch.linalg, name, recording(getattr(torch.linalg, name)))
     torch.manual_seed(0)
-    a = torch.randn(256, 64)
-    M = (a.T @ a / 256 + 0.1 * torch.eye(64)).to(dtype)
-    outcome = {}
-    for name, fn in [("inv", torch.linalg.inv), ("eigh", torch.linalg.eigh), ("cholesky", torch.linalg.cholesky)]:
-        try:
-            out = fn(M)
-        except (RuntimeError, NotImplementedError) as exc:
-            outcome[name] = f"error: {exc}"
-        else:
-            if name == "inv":
-                res = float((M.double() @ out.double() - torch.eye(64, dtype=torch.float64)).abs().max())
-                outcome[name] = f"residual {res:.2e}"
-            else:
-                outcome[name] = "ran"
-    print(dtype, outcome)  # visible with -s; apo-bench reports the same in its JSON
-    assert set(outcome) == {"inv", "eigh", "cholesky"}
+    model = _mlp(seed=1, dtype=dtype)
+    opt = opt_cls(model, lr=0.03, damping=0.1, inverse_interval=1)
+    x, y = torch.randn(64, 6).to(dtype), torch.randint(0, 3, (64,))
+    _train(model, opt, x, y, 3)
+    assert seen, "no factorization was recorded"
+    assert {dt for _, dt in seen} <= {torch.float32, torch.float64}, seen
+    st = opt.state[model[0].weight]
+    for key in ("A", "G") + (("A_inv", "G_inv") if opt_cls is KFAC else ("QA", "QG", "scale")):
+        assert st[key].dtype == torch.float32, key
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
@@ -413,3 +516,217 @@ def test_ekfac_trains_the_bench_cnn_without_nan():
         loss = opt.step(closure)
         assert torch.isfinite(loss), f"step {i}"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled Fisher: own generator, .grad untouched, reproducible
+# --------------------------------------------------------------------------------------------
+def _closure_for(opt, model, x, y, loss="categorical", set_to_none=True):
+    def closure():
+        opt.zero_grad(set_to_none=set_to_none)
+        value = CLOSURE_LOSS[loss](model(x), y)
+        value.backward()
+        return value
+
+    return closure
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_mc_sampling_leaves_grad_and_global_rng_alone(opt_cls):
+    """The sampled backward neither writes .grad nor draws from torch's global generator."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    model = _mlp()
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    opt = opt_cls(model, lr=0.01, damping=0.1, fisher="mc", likelihood="categorical", momentum=0.0)
+    rng = torch.get_rng_state()
+    opt.step(_closure_for(opt, model, x, y))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)  # the user's gradient, not the sampled one
+    assert all("G" in opt.state[L.weight] for L in opt.layers)
+
+
+def test_mc_sampling_is_reproducible_and_seeded():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    runs = {}
+    for tag, seed in [("a", 3), ("b", 3), ("c", 4)]:
+        model = _mlp()
+        opt = KFAC(model, lr=0.05, damping=0.1, fisher="mc", likelihood="categorical", seed=seed)
+        for _ in range(5):
+            opt.step(_closure_for(opt, model, x, y))
+        runs[tag] = (torch.cat([p.detach().flatten() for p in model.parameters()]), opt.state[model[2].weight]["G"])
+    assert torch.equal(runs["a"][0], runs["b"][0]) and torch.equal(runs["a"][1], runs["b"][1])
+    assert not torch.equal(runs["a"][1], runs["c"][1])
+
+
+def test_mc_state_dict_restores_the_sampler():
+    """After load_state_dict the next draws are the ones the saved run would have made."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = _mlp()
+    opt = KFAC(model, lr=0.05, damping=0.1, fisher="mc", likelihood="categorical", seed=7)
+    for _ in range(3):
+        opt.step(_closure_for(opt, model, x, y))
+    model2 = _mlp(seed=5)
+    model2.load_state_dict(model.state_dict())
+    opt2 = KFAC(model2, lr=0.05, damping=0.1, fisher="mc", likelihood="categorical", seed=0)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(3):
+        opt.step(_closure_for(opt, model, x, y))
+        opt2.step(_closure_for(opt2, model2, x, y))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_mc_warns_when_the_model_is_bypassed():
+    """Calling the layers without the hooked model never draws targets: warned, factors not updated."""
+    model = _mlp()
+    opt = KFAC(model, lr=0.05, damping=0.1, fisher="mc", likelihood="categorical")
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def closure():
+        opt.zero_grad()
+        out = x
+        for layer in model:  # not model(x)
+            out = layer(out)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="fisher='mc'"):
+        opt.step(closure)
+    assert not any("G" in opt.state[L.weight] for L in opt.layers)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_mc_refuses_a_non_tensor_output():
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    model = TupleOut()
+    opt = KFAC(model, lr=0.05, damping=0.1, fisher="mc", likelihood="categorical")
+    with pytest.raises(TypeError, match="fisher='mc'"):
+        model(torch.randn(5, 4))
+    assert opt.steps == 0
+
+
+# --------------------------------------------------------------------------------------------
+# No state aliases .grad: zero_grad(set_to_none=False) and accumulation change nothing
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_zeroing_grad_in_place_changes_nothing(opt_cls, fisher, micro_batches):
+    """20 steps with zero_grad(set_to_none=False) -- which overwrites .grad in place, as DDP's bucket
+    views and gradient accumulation do -- are bit-identical to set_to_none=True. With 2
+    micro-batches, .grad accumulates and each step sees their mean."""
+    torch.manual_seed(0)
+    x = torch.randn(20 * 32, 6)
+    y = (x @ torch.randn(6, 3)).argmax(1)
+    mc = dict(fisher="mc", likelihood="categorical") if fisher == "mc" else {}
+    finals = []
+    for set_to_none in (True, False):
+        model = _mlp(seed=1)
+        opt = opt_cls(model, lr=0.05, damping=0.1, inverse_interval=3, weight_decay=1e-4, **mc)
+        for i in range(20):
+            xb, yb = x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]
+
+            def closure():
+                opt.zero_grad(set_to_none=set_to_none)
+                for xm, ym in zip(xb.chunk(micro_batches), yb.chunk(micro_batches)):
+                    loss = F.cross_entropy(model(xm), ym) / micro_batches
+                    loss.backward()
+                return loss
+
+            opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*finals):
+        assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------------------------
+# Damping floor and curvature recovery: a dead layer or a failed factorization never raises
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "trace_a, trace_g",
+    [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (1e30, 1e-45), (1e-45, 1e30), (float("inf"), 1.0), (2.0, 0.5)],
+)
+def test_factored_damping_has_a_floor_on_each_side(trace_a, trace_g):
+    """λ_A·λ_G = damping and each side ≥ sqrt(damping)/MAX_PI, even when a trace vanishes (dead
+    ReLU units) or is not finite; in the ordinary case π = sqrt(ratio of mean traces)."""
+    damping = 1e-2
+    A, G = torch.eye(5) * trace_a, torch.eye(3) * trace_g
+    lam_a, lam_g = factored_damping(A, G, damping)
+    floor = damping**0.5 / MAX_PI
+    assert lam_a >= floor * (1 - 1e-12) and lam_g >= floor * (1 - 1e-12), (lam_a, lam_g)
+    assert abs(lam_a * lam_g - damping) < 1e-9
+    for M, lam in ((A, lam_a), (G, lam_g)):
+        inv, _ = damped_inverse(M, lam)
+        assert (inv is None) == (not torch.isfinite(M).all()), (M, lam)
+    if (trace_a, trace_g) == (2.0, 0.5):
+        assert lam_a == pytest.approx(2.0 * damping**0.5)
+
+
+def test_damped_inverse_falls_back_when_cholesky_fails(monkeypatch):
+    """A rank-deficient factor whose float32 Cholesky fails: the inverse comes from float64 (or from
+    the eigendecomposition of M's PSD part), equal to the float64 (M + λI)⁻¹; no exception."""
+    torch.manual_seed(0)
+    a = torch.randn(10, 8)
+    a[:, 2] = 0.0  # a dead unit
+    M = a.T @ a / 10
+    expected = torch.linalg.inv(M.double() + 1e-3 * torch.eye(8, dtype=torch.float64))
+    real = torch.linalg.cholesky_ex
+    for failing in ({torch.float32}, {torch.float32, torch.float64}):
+        def cholesky_failing(A, **kw):
+            L, info = real(A, **kw)
+            return (L, torch.ones_like(info)) if A.dtype in failing else (L, info)
+
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", cholesky_failing)
+        inv, fell_back = damped_inverse(M, 1e-3)
+        assert fell_back and inv.dtype == torch.float32
+        torch.testing.assert_close(inv.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_training_survives_dead_layers_and_failing_factorizations(monkeypatch, opt_cls):
+    """A ReLU net whose first hidden layer is dead (zero-trace G, zero activations downstream) and
+    whose every Cholesky, inv and eigh fails after step 3: no exception, finite parameters, the
+    previous curvature is kept and every fallback is counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit dead: G of layer 0 is exactly 0
+    opt = opt_cls(model, lr=0.05, damping=1e-2, inverse_interval=1, fisher="mc", likelihood="categorical")
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    closure = _closure_for(opt, model, x, y)
+    for _ in range(3):
+        opt.step(closure)
+    assert float(opt.state[model[0].weight]["G"].trace()) == 0.0
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg: The factorization could not be completed")
+
+    def cholesky_fails(A, **kwargs):
+        L = torch.zeros_like(A)
+        return L, torch.ones(A.shape[:-2], dtype=torch.int32)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", cholesky_fails)
+    monkeypatch.setattr(torch.linalg, "inv", fail)
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    before = {p: {k: v.clone() for k, v in st.items() if k in ("A_inv", "QA")} for p, st in opt.state.items()}
+    for _ in range(5):
+        loss = opt.step(closure)
+        assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.recoveries["kept_previous_curvature"] == 5 * len(opt.layers)
+    for p, kept in before.items():  # the curvature from step 3 is still in use
+        for key, v in kept.items():
+            assert torch.equal(opt.state[p][key], v)

@@ -14,9 +14,14 @@ moment of the per-example gradients projected on it:
 
 For a Linear layer the per-example projection costs two GEMMs with the batch
 ((N·g)Q_G and a Q_A, then (·)²ᵀ(·)²); for weight-sharing layers (Conv2d) it needs a batched
-product over locations. Same conventions, hooks and step(closure) contract as :class:`KFAC`.
+product over locations. Same conventions, hooks, ``fisher`` / ``likelihood`` options (with
+``fisher="mc"`` the scale s is the second moment of the sampled per-example gradients, as in
+George et al.) and step(closure) contract as :class:`KFAC`. An eigendecomposition that fails even
+in float64 keeps the previous basis and scale (counted in ``recoveries``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,21 +32,21 @@ from .kfac import KFAC, _cov_dtype, _Layer
 __all__ = ["EKFAC", "eigenbasis", "projected_second_moment", "ekfac_apply"]
 
 
-def eigenbasis(M: Tensor) -> tuple[Tensor, Tensor]:
+def eigenbasis(M: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor, in float32.
 
     LAPACK's float32 eigh can fail to converge, or return NaN without raising, on exactly
     rank-deficient factors (dead ReLU units give zero rows and columns; both seen on the bench's
-    CNN): then it is redone in float64.
+    CNN): then it is redone in float64. None when that fails too (the caller keeps its basis).
     """
-    try:
-        evals, evecs = torch.linalg.eigh(M.float())
-        converged = all_finite([evals, evecs])
-    except torch.linalg.LinAlgError:
-        converged = False
-    if not converged:
-        evals, evecs = (t.float() for t in torch.linalg.eigh(M.double()))
-    return evals.clamp_min_(0.0), evecs
+    for dtype in (torch.float32, torch.float64):
+        try:
+            evals, evecs = torch.linalg.eigh(M.to(dtype))
+        except (torch.linalg.LinAlgError, RuntimeError):
+            continue
+        if all_finite([evals, evecs]):
+            return evals.float().clamp_min_(0.0), evecs.float()
+    return None
 
 
 def projected_second_moment(a: Tensor, g: Tensor, batch_size: int, QA: Tensor, QG: Tensor) -> Tensor:
@@ -72,8 +77,11 @@ class EKFAC(KFAC):
         return "QA" in state
 
     def _update_curvature(self, layer: _Layer, state: dict, damping: float, dtype: torch.dtype) -> None:
-        state["eig_A"], state["QA"] = eigenbasis(state["A"])
-        state["eig_G"], state["QG"] = eigenbasis(state["G"])
+        basis_A, basis_G = eigenbasis(state["A"]), eigenbasis(state["G"])
+        if basis_A is None or basis_G is None:
+            self.recoveries["kept_previous_curvature"] += 1
+            return
+        (state["eig_A"], state["QA"]), (state["eig_G"], state["QG"]) = basis_A, basis_G
         state["scale"] = torch.outer(state["eig_G"], state["eig_A"])
         state["QA_c"] = state["QA"].to(dtype)
         state["QG_c"] = state["QG"].to(dtype)

@@ -1,35 +1,62 @@
 """KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for Conv2d): the curvature baseline of apo-bench.
 
 Per preconditioned layer with weight gradient ∇W of shape (out, in) -- a Conv2d weight is read as
-(out, in·kh·kw) and a bias becomes one extra input column -- KFAC approximates the (empirical)
-Fisher of vec(W) by A ⊗ G with
+(out, in·kh·kw) and a bias becomes one extra input column -- KFAC approximates the Fisher of vec(W)
+by A ⊗ G with
 
     A = E[a aᵀ]   (in+1, in+1)   layer inputs a (Conv2d: unfolded patches), ones column for bias
-    G = E[g gᵀ]   (out, out)     per-example gradients w.r.t. the layer output
+    G = E[g gᵀ]   (out, out)     per-example gradients of −log p(y|x) w.r.t. the layer output
 
-and updates with  ΔW = (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹  (factored Tikhonov damping, λ_A·λ_G = damping,
-split by π = sqrt((tr A / dim A) / (tr G / dim G))).  The factors are running averages (stat_decay),
-refreshed every ``factor_interval`` steps from hooks on the real modules; the inverses are recomputed
-every ``inverse_interval`` steps, in float32 whatever the model's dtype (as practitioners do:
-torch.linalg.inv / cholesky have no bf16/fp16 kernels, see apo-bench's low-precision section).
+and updates with  ΔW = (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹.
 
-Conventions (chosen to match curvlinops' ``KFACLinearOperator(fisher_type="empirical",
-kfac_approx="expand", separate_weight_and_bias=False)``, which tests/test_baselines.py checks):
-the loss is assumed to be a MEAN over the batch (dimension 0 of the layer input), so a per-example
-output gradient is N·grad_output; for weight sharing (Conv2d locations, extra leading dims of a
-Linear input) A averages over the N·L rows and G sums over the L locations of each example:
+Which Fisher (``fisher``):
+
+* ``"mc"`` -- the Fisher of Martens & Grosse: y is SAMPLED from the model's predictive distribution
+  p(y|x) given by ``likelihood`` and the model's output f (``"categorical"``: softmax(f) over dim 1,
+  ``"bernoulli"``: sigmoid(f) per entry, ``"gaussian"``: N(f, I) per entry). On factor-update steps a
+  forward hook on the model draws y as soon as ``model(x)`` returns and backpropagates
+  ∂(−log p(y|f))/∂f / N once (``torch.autograd.grad`` on the layer weights, graph retained): one
+  extra backward, ``.grad`` untouched. The sampling uses the optimizer's own generator (``seed``),
+  never torch's global RNG stream. The model's output must be f itself (logits / mean), and the
+  closure's loss should be the mean over the batch of −log p(y|f): cross-entropy,
+  BCE-with-logits summed over outputs, or ½‖f − y‖² summed over outputs; another scale of the loss
+  only rescales the step (fold it into lr).
+* ``"empirical"`` (default, kept for backward compatibility) -- g are the gradients of the loss
+  the closure computes, with the real targets. Cheaper (no extra backward) but the empirical Fisher
+  is a poor curvature model far from a minimum (Kunstner et al. 2019).
+
+Damping: factored Tikhonov, λ_A·λ_G = damping, split by π = sqrt((tr A / dim A) / (tr G / dim G))
+(Martens & Grosse §6.3). A dead layer (a trace of 0 or not finite) gets π = 1, and π is clamped
+to [1/MAX_PI, MAX_PI], so each side keeps at least sqrt(damping)/MAX_PI: a vanishing trace cannot
+take one side's damping to 0 (singular) and the other to ∞. The damped inverses are computed in
+float32 by Cholesky; where that fails (a rank-deficient factor below float32's resolution) the
+inverse is redone in float64, then by a float64 eigendecomposition of the factor's PSD part, and if
+even that fails the previous inverse is kept; each such event is counted in ``recoveries``.
+
+The factors are running averages (stat_decay), refreshed every ``factor_interval`` steps from hooks
+on the real modules; the inverses are recomputed every ``inverse_interval`` steps, in float32
+whatever the model's dtype (torch.linalg.inv / cholesky have no bf16/fp16 kernels, see apo-bench's
+low-precision section).
+
+Conventions (chosen to match curvlinops' ``KFACLinearOperator(kfac_approx="expand",
+separate_weight_and_bias=False)`` with ``fisher_type="empirical"`` or ``"mc"``, which
+tests/test_baselines.py checks): the loss is a MEAN over the batch (dimension 0 of the layer
+input), so a per-example output gradient is N·grad_output; for weight sharing (Conv2d locations,
+extra leading dims of a Linear input) A averages over the N·L rows and G sums over the L locations
+of each example:
 
     A = aᵀa / (N·L),   G = (N·g)ᵀ(N·g) / N  with a: (N·L, in+1), g: (N·L, out).
 
-This is the empirical Fisher (gradients of the loss the closure computes), not the MC/type-2 Fisher.
-
 Every other parameter (norm scales, embeddings, grouped convs, shared weights) gets plain SGD with
 momentum. ``step(closure=None)`` follows torch.optim's closure contract (as the APO optimizers do):
-it returns the closure's loss, or uses the gradients already in ``.grad`` without a closure.
+it returns the closure's loss, or uses the gradients already in ``.grad`` without a closure. A step
+whose loss, gradient or update is not finite changes nothing (``skipped_steps``).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -40,11 +67,20 @@ from ..optim.meta import all_finite
 
 __all__ = [
     "KFAC",
+    "FISHER_TYPES",
+    "LIKELIHOODS",
+    "MAX_PI",
     "kronecker_factors",
     "factored_damping",
     "damped_inverse",
     "kfac_apply",
+    "sampled_output_gradient",
 ]
+
+FISHER_TYPES = ("empirical", "mc")
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+# π's clamp: traces may differ by up to MAX_PI² before the split stops following them.
+MAX_PI = 1e4
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,30 +106,71 @@ def kronecker_factors(a: Tensor, g: Tensor, batch_size: int) -> tuple[Tensor, Te
 
 
 def factored_damping(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
-    """π-split Tikhonov damping (Martens & Grosse 2015, §6.3): returns (λ_A, λ_G), λ_A·λ_G = damping."""
-    ta = float(A.diagonal().mean())
-    tg = float(G.diagonal().mean())
+    """π-split Tikhonov damping (Martens & Grosse 2015, §6.3): returns (λ_A, λ_G), λ_A·λ_G = damping.
+
+    π = sqrt((tr A/dim A) / (tr G/dim G)), 1 when a trace is 0 or not finite, clamped to
+    [1/MAX_PI, MAX_PI] so that neither side's damping goes to 0 or ∞.
+    """
+    ta = float(A.diagonal().double().mean())
+    tg = float(G.diagonal().double().mean())
     if ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg):
-        pi = math.sqrt(ta / tg)
+        pi = min(max(math.sqrt(ta / tg), 1.0 / MAX_PI), MAX_PI)
     else:
         pi = 1.0
     root = math.sqrt(damping)
     return pi * root, root / pi
 
 
-def damped_inverse(M: Tensor, lam: float) -> Tensor:
-    """(M + lam·I)⁻¹ of a symmetric PSD matrix, in float32 (Cholesky; LU if Cholesky fails)."""
-    M32 = M.float()
-    Md = M32 + lam * torch.eye(M32.shape[0], dtype=M32.dtype, device=M32.device)
-    L, info = torch.linalg.cholesky_ex(Md)
-    if int(info) == 0:
-        return torch.cholesky_inverse(L)
-    return torch.linalg.inv(Md)
+def damped_inverse(M: Tensor, lam: float) -> tuple[Optional[Tensor], bool]:
+    """(M + lam·I)⁻¹ of a symmetric PSD matrix, returned in float32, and whether a fallback was needed.
+
+    Cholesky in float32; where it fails or gives a non-finite result (M rank deficient below
+    float32's resolution of lam), Cholesky in float64; then (M₊ + lam·I)⁻¹ from a float64 eigh,
+    M₊ the PSD part of M (its negative eigenvalues are rounding). Returns (None, True) when even
+    that fails (M not finite): the caller keeps its previous inverse.
+    """
+    for dtype in (torch.float32, torch.float64):
+        Md = M.to(dtype)
+        Md = Md + lam * torch.eye(Md.shape[0], dtype=dtype, device=Md.device)
+        L, info = torch.linalg.cholesky_ex(Md)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(L).float()
+            if all_finite([inv]):
+                return inv, dtype != torch.float32
+    try:
+        evals, evecs = torch.linalg.eigh(M.double())
+    except (torch.linalg.LinAlgError, RuntimeError):
+        return None, True
+    inv = ((evecs / (evals.clamp_min(0.0) + lam)) @ evecs.T).float()
+    return (inv, True) if all_finite([inv]) else (None, True)
 
 
 def kfac_apply(grad_mat: Tensor, A_inv: Tensor, G_inv: Tensor) -> Tensor:
     """KFAC direction G⁻¹ ∇W A⁻¹ (2 GEMMs), in the dtype of the given matrices."""
     return G_inv @ grad_mat @ A_inv
+
+
+def sampled_output_gradient(output: Tensor, likelihood: str, generator: Optional[torch.Generator]) -> Tensor:
+    """∂(−log p(y|f))/∂f at y drawn from p(·|f), per example (not divided by N), in float32.
+
+    f = ``output``; ``"categorical"``: classes along dim 1 (F.cross_entropy's layout), gradient
+    softmax(f) − onehot(y); ``"bernoulli"``: per entry, sigmoid(f) − y; ``"gaussian"``: unit variance
+    per entry, f − y = −ε with ε ~ N(0, 1). The draws use ``generator`` only (the same calls as
+    curvlinops' ``draw_label``, so a generator with the same seed draws the same y).
+    """
+    f = output.detach().float()
+    if likelihood == "categorical":
+        logits = f.movedim(1, -1)
+        probs = logits.reshape(-1, logits.shape[-1]).softmax(dim=1)
+        y = probs.multinomial(num_samples=1, generator=generator)
+        grad = probs.scatter_add(1, y, -torch.ones_like(probs[:, :1]))
+        return grad.reshape(logits.shape).movedim(-1, 1)
+    if likelihood == "bernoulli":
+        probs = f.sigmoid()
+        return probs - probs.bernoulli(generator=generator)
+    if likelihood == "gaussian":
+        return -torch.randn(f.shape, generator=generator, device=f.device, dtype=f.dtype)
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,21 +240,37 @@ class _Layer:
         return mat.reshape(self.weight.shape), None
 
 
-def _check_nonneg(name: str, value, *, positive: bool = False, integer: bool = False) -> None:
-    if integer:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+# --------------------------------------------------------------------------------------------
+# Argument checks (shared with EKFAC)
+# --------------------------------------------------------------------------------------------
+def _check_number(name: str, value, *, positive: bool = False, below_one: bool = False) -> float:
+    """A real number (not a bool, str or tensor), finite, >= 0 (> 0 if positive, < 1 if below_one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
+    if below_one and v >= 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _check_interval(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 class KFAC(torch.optim.Optimizer):
-    """K-FAC with empirical-Fisher factors from forward/backward hooks, SGD-momentum on the rest.
+    """K-FAC with Kronecker factors from forward/backward hooks, SGD-momentum on the other parameters.
 
     Args:
         model: the nn.Module being trained (its Linear / Conv2d layers are found and hooked).
@@ -189,13 +282,22 @@ class KFAC(torch.optim.Optimizer):
         factor_interval: refresh the factors from the hooks every this many steps (>= 1).
         inverse_interval: recompute inverses every this many steps (>= 1).
         kl_clip: optional KL-style clipping of the update (Ba et al. 2017), None = off.
+        fisher: ``"empirical"`` (default: gradients of the closure's loss) or ``"mc"`` (Martens &
+            Grosse: targets sampled from the model's predictive distribution; needs ``likelihood``).
+        likelihood: with ``fisher="mc"``: ``"categorical"`` (logits, classes on dim 1),
+            ``"bernoulli"`` (logits per entry) or ``"gaussian"`` (mean per entry, unit variance).
+        seed: seed of the optimizer's own generator for the sampled targets (default 0).
 
     Usage (torch.optim's closure contract)::
 
-        opt = KFAC(model, lr=0.01, damping=1e-3)
+        opt = KFAC(model, lr=0.01, damping=1e-3, fisher="mc", likelihood="categorical")
         def closure():
             opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
         loss = opt.step(closure)        # or: loss.backward(); opt.step()
+
+    With ``fisher="mc"`` the model must be called as ``model(x)`` (the hooked module) and return
+    one tensor; tensor or module backward hooks that the user put on the model also run during
+    the sampled backward.
     """
 
     def __init__(
@@ -210,39 +312,49 @@ class KFAC(torch.optim.Optimizer):
         factor_interval: int = 1,
         inverse_interval: int = 10,
         kl_clip: Optional[float] = None,
+        fisher: str = "empirical",
+        likelihood: Optional[str] = None,
+        seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_nonneg("lr", lr, positive=True)
-        _check_nonneg("damping", damping, positive=True)
-        _check_nonneg("momentum", momentum)
-        if float(momentum) >= 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        _check_nonneg("weight_decay", weight_decay)
-        _check_nonneg("stat_decay", stat_decay)
-        if float(stat_decay) >= 1.0:
-            raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay!r}")
-        _check_nonneg("factor_interval", factor_interval, integer=True)
-        _check_nonneg("inverse_interval", inverse_interval, integer=True)
-        if kl_clip is not None:
-            _check_nonneg("kl_clip", kl_clip, positive=True)
+        defaults = dict(
+            lr=_check_number("lr", lr, positive=True),
+            damping=_check_number("damping", damping, positive=True),
+            momentum=_check_number("momentum", momentum, below_one=True),
+            weight_decay=_check_number("weight_decay", weight_decay),
+            stat_decay=_check_number("stat_decay", stat_decay, below_one=True),
+            kl_clip=None if kl_clip is None else _check_number("kl_clip", kl_clip, positive=True),
+        )
+        self.factor_interval = _check_interval("factor_interval", factor_interval)
+        self.inverse_interval = _check_interval("inverse_interval", inverse_interval)
+        self.fisher = _check_choice("fisher", fisher, FISHER_TYPES)
+        if fisher == "mc":
+            if likelihood is None:
+                raise ValueError(f"likelihood must be given with fisher='mc', one of {LIKELIHOODS}")
+            self.likelihood = _check_choice("likelihood", likelihood, LIKELIHOODS)
+        elif likelihood is not None:
+            raise ValueError(f"likelihood is used only with fisher='mc' (got fisher={fisher!r}, likelihood={likelihood!r})")
+        else:
+            self.likelihood = None
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+        self.seed = int(seed)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")
-        defaults = dict(
-            lr=float(lr),
-            damping=float(damping),
-            momentum=float(momentum),
-            weight_decay=float(weight_decay),
-            stat_decay=float(stat_decay),
-            kl_clip=kl_clip,
-        )
         super().__init__(params, defaults)
         self.model = model
-        self.factor_interval = factor_interval
-        self.inverse_interval = inverse_interval
         self.steps = 0
-        self.skipped_steps = 0  # non-finite loss or gradient: nothing updated
+        self.skipped_steps = 0  # non-finite loss, gradient or update: nothing updated
+        # How often the curvature needed a fallback (see the module docstring); nothing raises.
+        self.recoveries = {"float64_inverse": 0, "kept_previous_curvature": 0, "non_finite_factors": 0}
+        self._generator: Optional[torch.Generator] = None
+        self._generator_state: Optional[Tensor] = None  # restored by load_state_dict, applied lazily
+        self._sampling = False  # True during the sampled backward of fisher="mc"
+        self._pending: list[_Layer] = []  # layers captured by the current forward, for the sampled backward
+        self._warned_no_sample = False
+        self._refresh_next = False
 
         # Which modules are preconditioned; shared weights fall back to SGD (preconditioned never twice).
         seen: dict[int, int] = {}
@@ -265,6 +377,12 @@ class KFAC(torch.optim.Optimizer):
         self._handles = []
         for L in self.layers:
             self._handles.append(L.module.register_forward_hook(self._make_forward_hook(L)))
+        if self.fisher == "mc":  # registered last: runs after the layer hooks when model is a layer itself
+            # a closure, not a bound method: copy.deepcopy(model) must not deep-copy the optimizer
+            def sampling_hook(module, inputs, output):
+                self._sampled_backward(module, output)
+
+            self._handles.append(model.register_forward_hook(sampling_hook))
 
     # ---------------------------------------------------------------------------------- hooks
     def _capturing(self, module: nn.Module) -> bool:
@@ -277,13 +395,50 @@ class KFAC(torch.optim.Optimizer):
             x = inputs[0]
             layer.batch_size = x.shape[0] if x.dim() > 1 else 1
             layer.a = layer.input_rows(x)
+            self._pending.append(layer)
 
             def grad_hook(gy: Tensor):
-                layer.g = layer.output_rows(gy)
+                # empirical: the user's backward; mc: only the sampled backward
+                if self._sampling == (self.fisher == "mc"):
+                    layer.g = layer.output_rows(gy)
 
             output.register_hook(grad_hook)
 
         return hook
+
+    def _sampler(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+                self._generator_state = None
+        return self._generator
+
+    def _sampled_backward(self, module: nn.Module, output) -> None:
+        """fisher="mc": backpropagate ∂(−log p(y|f))/∂f / N for y ~ p(·|f) to the hooked layers."""
+        pending, self._pending = self._pending, []
+        if not pending or not self._capturing(module):
+            return
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"fisher='mc' needs the model to return one tensor (the {self.likelihood} likelihood's "
+                f"parameters), got {type(output).__name__}"
+            )
+        if not output.requires_grad or not all_finite([output]):
+            return  # a non-finite output: the loss is not finite either, the step will be skipped
+        if self.likelihood == "categorical" and output.dim() < 2:
+            raise ValueError(f"likelihood='categorical' needs an output (N, C, ...), got shape {tuple(output.shape)}")
+        n = output.shape[0] if output.dim() > 0 else 1
+        dF = sampled_output_gradient(output, self.likelihood, self._sampler(output.device)).div_(n)
+        self._sampling = True
+        try:
+            torch.autograd.grad(
+                output, [L.weight for L in pending], grad_outputs=dF.to(output.dtype),
+                retain_graph=True, allow_unused=True,
+            )
+        finally:
+            self._sampling = False
 
     def remove_hooks(self) -> None:
         """Detach from the model (the optimizer keeps working as SGD-momentum with stale factors)."""
@@ -292,21 +447,30 @@ class KFAC(torch.optim.Optimizer):
         self._handles = []
 
     # ------------------------------------------------------------------- per-layer curvature
-    def _update_factors(self, layer: _Layer, state: dict, decay: float) -> None:
+    def _update_factors(self, layer: _Layer, state: dict, decay: float) -> bool:
         A, G = kronecker_factors(layer.a, layer.g, layer.batch_size)
+        if not all_finite([A, G]):  # finite rows whose squares overflow must not poison the averages
+            self.recoveries["non_finite_factors"] += 1
+            return False
         if "A" not in state:
             state["A"], state["G"] = A, G
         else:
             state["A"].mul_(decay).add_(A, alpha=1 - decay)
             state["G"].mul_(decay).add_(G, alpha=1 - decay)
+        return True
 
     def _update_curvature(self, layer: _Layer, state: dict, damping: float, dtype: torch.dtype) -> None:
         lam_a, lam_g = factored_damping(state["A"], state["G"], damping)
-        state["A_inv"] = damped_inverse(state["A"], lam_a)
-        state["G_inv"] = damped_inverse(state["G"], lam_g)
+        A_inv, fell_back_a = damped_inverse(state["A"], lam_a)
+        G_inv, fell_back_g = damped_inverse(state["G"], lam_g)
+        self.recoveries["float64_inverse"] += int(fell_back_a) + int(fell_back_g)
+        if A_inv is None or G_inv is None:
+            self.recoveries["kept_previous_curvature"] += 1
+            return
+        state["A_inv"], state["G_inv"] = A_inv, G_inv
         # Applied in the gradient's dtype: cast once per inversion, not every step.
-        state["A_inv_c"] = state["A_inv"].to(dtype)
-        state["G_inv_c"] = state["G_inv"].to(dtype)
+        state["A_inv_c"] = A_inv.to(dtype)
+        state["G_inv_c"] = G_inv.to(dtype)
 
     def _has_curvature(self, state: dict) -> bool:
         return "A_inv" in state
@@ -318,10 +482,17 @@ class KFAC(torch.optim.Optimizer):
             A_inv, G_inv = A_inv.to(dt), G_inv.to(dt)
         return kfac_apply(grad_mat, A_inv, G_inv)
 
+    def _clear_captures(self) -> None:
+        for layer in self.layers:
+            layer.a = layer.g = None
+        self._pending = []
+
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One update; returns the closure's loss (None without a closure)."""
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable or None, got {type(closure).__name__}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -329,27 +500,35 @@ class KFAC(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"]]
         if not all_finite(grads + ([loss.detach()] if isinstance(loss, Tensor) else [])):
             # a non-finite loss or gradient must not reach the factors, the momentum or θ
-            for layer in self.layers:
-                layer.a = layer.g = None
+            self._clear_captures()
             self.skipped_steps += 1
             return loss
+        if self.fisher == "mc" and not self._warned_no_sample and any(
+            L.a is not None and L.g is None for L in self.layers
+        ):
+            self._warned_no_sample = True
+            warnings.warn(
+                "KFAC(fisher='mc') captured layer inputs but no sampled backward ran: call the model "
+                "given to the optimizer (its forward hook draws the targets); those factors are not updated",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         group = self.param_groups[0]
         lr, damping, mom = group["lr"], group["damping"], group["momentum"]
         wd, decay, kl_clip = group["weight_decay"], group["stat_decay"], group["kl_clip"]
-        refresh = self.steps % self.inverse_interval == 0
+        refresh = self.steps % self.inverse_interval == 0 or self._refresh_next
+        self._refresh_next = False
 
         updates: list[tuple[Tensor, Tensor, bool]] = []  # (param, direction, KL-clipped?)
         vg_sum = 0.0
         for layer in self.layers:
             grad_mat = layer.grad_matrix()
             if grad_mat is None:
-                layer.a = layer.g = None
                 continue
             state = self.state[layer.weight]
             if layer.a is not None and layer.g is not None:
-                self._update_factors(layer, state, decay)
-                self._after_factor_update(layer, state, decay)
-            layer.a = layer.g = None
+                if self._update_factors(layer, state, decay):
+                    self._after_factor_update(layer, state, decay)
             if wd:
                 grad_mat = grad_mat.add(layer.param_matrix(), alpha=wd)
             if "A" in state and (refresh or not self._has_curvature(state)):
@@ -364,6 +543,7 @@ class KFAC(torch.optim.Optimizer):
             updates.append((layer.weight, dw, True))
             if db is not None:
                 updates.append((layer.bias, db, True))
+        self._clear_captures()
 
         nu = 1.0
         if kl_clip is not None and vg_sum > 0:
@@ -376,6 +556,11 @@ class KFAC(torch.optim.Optimizer):
                 d = d.add(p.detach(), alpha=wd)
             updates.append((p, d, False))  # clipping applies to the KFAC directions only
 
+        if not all_finite([d for _, d, _ in updates]) or not math.isfinite(vg_sum):
+            # finite gradients, overflowing direction (a near-singular curvature): change nothing
+            self.skipped_steps += 1
+            self._refresh_next = True  # recompute the curvature at the next step, whatever the interval
+            return loss
         for p, d, clipped in updates:
             if clipped and nu != 1.0:
                 d = d * nu
@@ -383,7 +568,7 @@ class KFAC(torch.optim.Optimizer):
             if mom:
                 buf = st.get("momentum_buffer")
                 if buf is None:
-                    buf = st["momentum_buffer"] = d.detach().clone()
+                    buf = st["momentum_buffer"] = d.detach().clone()  # never an alias of .grad
                 else:
                     buf.mul_(mom).add_(d)
                 d = buf
@@ -401,12 +586,19 @@ class KFAC(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["kfac_steps"] = self.steps
         sd["kfac_skipped_steps"] = self.skipped_steps
+        sd["kfac_recoveries"] = dict(self.recoveries)
+        generator_state = self._generator.get_state() if self._generator is not None else self._generator_state
+        if generator_state is not None:
+            sd["kfac_generator_state"] = generator_state.clone()
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.steps = int(state_dict.pop("kfac_steps", 0))
         self.skipped_steps = int(state_dict.pop("kfac_skipped_steps", 0))
+        self.recoveries.update(state_dict.pop("kfac_recoveries", {}))
+        self._generator_state = state_dict.pop("kfac_generator_state", None)
+        self._generator = None  # recreated on the output's device with the saved state
         # torch.optim casts floating state to the param's dtype on load; the curvature is fp32 master
         # data, so restore those entries ourselves.
         saved = {
