@@ -1,6 +1,8 @@
 """APO-LR (apo_kernels.optim.APOLR): lookahead = base optimizer, meta-gradient, behaviour, state."""
 import copy
+import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -101,7 +103,6 @@ def test_meta_gradient_matches_central_finite_differences_float64(name, per_grou
 
         def q_at(v):
             opt.log_lr[k] = v
-            opt._write_lrs()
             return opt.meta_objective(closure, fsd_inputs=(x,))
 
         fd = (q_at(old + eps) - q_at(old - eps)) / (2 * eps)
@@ -133,11 +134,12 @@ def regression():
     return X, y
 
 
-def run_regression(lr0, *, steps=300, batch_size=None, meta_batch="same", base="sgd"):
+def run_regression(lr0, *, steps=300, batch_size=None, meta_batch="same", base="sgd", momentum=0.0):
     X, y = regression()
     torch.manual_seed(1)
     m = nn.Linear(5, 1)
-    b = torch.optim.SGD(m.parameters(), lr=lr0) if base == "sgd" else torch.optim.Adam(m.parameters(), lr=lr0)
+    b = (torch.optim.SGD(m.parameters(), lr=lr0, momentum=momentum) if base == "sgd"
+         else torch.optim.Adam(m.parameters(), lr=lr0))
     opt = APOLR(m, b, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=10, meta_batch=meta_batch)
     gen = torch.Generator().manual_seed(2)
 
@@ -157,14 +159,53 @@ def run_regression(lr0, *, steps=300, batch_size=None, meta_batch="same", base="
         return opt, (0.5 * (m(X) - y).pow(2).mean()).item()
 
 
+def fixed_lr_regression_loss(lr, steps=300, momentum=0.0):
+    X, y = regression()
+    torch.manual_seed(1)
+    m = nn.Linear(5, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * (m(X) - y).pow(2).mean()).backward()
+        opt.step()
+    with torch.no_grad():
+        return (0.5 * (m(X) - y).pow(2).mean()).item()
+
+
 def test_learning_rate_100x_too_small_grows():
-    opt, _ = run_regression(0.01)
-    assert opt.lr > 10 * 0.01
+    opt, loss_apo = run_regression(0.01)
     history = [lrs[0] for _, lrs in opt.lr_history]
     assert len(history) == 31 and history[0] == 0.01 and history[-1] == opt.lr
-    _, loss_apo = run_regression(0.01)
+    # every meta-step raises it; the first by exactly meta_lr = 0.1 in log lr (a bias-corrected second
+    # moment: torch's RMSprop made it 1.0, a jump by e), the others here by no more
+    steps = [math.log(b / a) for a, b in zip(history, history[1:])]
+    assert steps[0] == pytest.approx(0.1, rel=1e-6)
+    assert all(0 < s <= 0.1 * 1.01 for s in steps)
+    assert opt.lr > 3 * 0.01
+    assert loss_apo < 0.5 * fixed_lr_regression_loss(0.01)
     opt_adam, _ = run_regression(0.001, base="adam")
     assert opt_adam.lr > 10 * 0.001
+
+
+@functools.lru_cache(maxsize=None)
+def best_fixed_lr_sgd_momentum_loss(steps=500):
+    """The best final loss of SGD(momentum 0.9) over fixed lrs 1e-4 … 10 (above 2(1 + μ)/λmax ≈ 3.2
+    they diverge)."""
+    fixed = [fixed_lr_regression_loss(10 ** (k / 4), steps=steps, momentum=0.9) for k in range(-16, 5)]
+    return min(v for v in fixed if math.isfinite(v))
+
+
+@pytest.mark.parametrize("lr0", [1e3, 1e1, 1e-4])
+def test_sgd_momentum_from_any_start_ends_within_10x_of_the_best_fixed_lr(lr0):
+    best = best_fixed_lr_sgd_momentum_loss()
+    start = fixed_lr_regression_loss(lr0, steps=0)
+    opt, loss = run_regression(lr0, steps=500, momentum=0.9)
+    assert math.isfinite(loss) and loss <= 10 * best, (loss, best)
+    assert loss - best <= 0.01 * (start - best), (loss, best, start)  # and most of the way there
+    assert opt.skipped_steps == 0
+    if lr0 > 2:  # step 0's lookahead was worse than not stepping: the lr was cut before any real update
+        after_step_0 = [lrs[0] for step, lrs in opt.lr_history if step == 0][-1]
+        assert opt.recoveries >= 1 and after_step_0 < 2
 
 
 def test_diverging_learning_rate_shrinks():
@@ -285,3 +326,84 @@ def test_bad_arguments_raise_naming_the_argument():
         opt.step(q_closure(opt, m, x, y))
     with pytest.raises(ValueError, match=r"\bclosure\b"):
         opt.step()
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedulers compose with the learnt lr as a multiplier
+# --------------------------------------------------------------------------------------------
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.25),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 5], gamma=0.1),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=30, cycle_momentum=False),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)),
+    "LinearLR warm-up": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=4),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_without_meta_steps_is_the_scheduled_base_optimizer_exactly(name):
+    m1 = mlp()
+    m2 = copy.deepcopy(m1)
+    x, y = batch()
+    apo = APOLR(m1, torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
+                meta_interval=0)
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    s1, s2 = SCHEDULERS[name](apo.base_optimizer), SCHEDULERS[name](sgd)
+    for _ in range(10):
+        apo.step(q_closure(apo, m1, x, y))
+        sgd.step(q_closure(sgd, m2, x, y))
+        s1.step()
+        s2.step()
+        assert apo.lr == sgd.param_groups[0]["lr"]
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_multiplies_the_learnt_lr_and_keeps_its_own_schedule(name):
+    m = mlp(torch.float64)
+    x, y = batch(torch.float64)
+    base = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt = APOLR(m, base, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=2)
+    sched = SCHEDULERS[name](base)
+    reference = SCHEDULERS[name](torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    initial = 0.1  # the lr at APOLR's construction is the schedule's reference (OneCycleLR's own start differs)
+    closure = q_closure(opt, m, x, y)
+    for _ in range(20):
+        # the group holds the schedule alone, the learnt lr lives in φ
+        assert base.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]
+        assert opt.lr == pytest.approx(opt.learnt_lrs[0] * base.param_groups[0]["lr"] / initial, rel=1e-12)
+        if opt.meta_due():
+            opt.step(closure)
+        else:  # a step without meta-update: its real update uses exactly opt.lr
+            before = [p.detach().clone() for p in m.parameters()]
+            lr = opt.lr
+            closure()
+            grads = [p.grad.clone() for p in m.parameters()]
+            opt.step()
+            for p, b, g in zip(m.parameters(), before, grads):
+                assert torch.equal(p, b.add(g, alpha=-lr))  # torch.optim.SGD's own operation
+        sched.step()
+        reference.optimizer.step()
+        reference.step()
+    assert opt.meta_steps == 10 and opt.learnt_lrs[0] != 0.1  # the learnt lr moved
+
+
+def test_lookahead_ignores_the_schedule():
+    x, y = batch(torch.float64)
+
+    def make():
+        m = mlp(torch.float64)
+        return m, APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0,
+                        lambda_wsd=0.1, meta_interval=1)
+
+    (m1, o1), (m2, o2) = make(), make()
+    sched = torch.optim.lr_scheduler.StepLR(o2.base_optimizer, step_size=1, gamma=1e-3)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+        warnings.simplefilter("ignore")
+        sched.step()
+    assert o2.lr == pytest.approx(1e-4) and o2.learnt_lrs == o1.learnt_lrs == [0.1]
+    q1, g1 = o1.meta_gradient(q_closure(o1, m1, x, y))
+    q2, g2 = o2.meta_gradient(q_closure(o2, m2, x, y))
+    assert q1 == q2 and torch.equal(g1[0], g2[0])

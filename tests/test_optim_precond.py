@@ -4,6 +4,7 @@ Small models only (2 CPU cores); the whole file runs in well under a minute.
 """
 import copy
 import gc
+import math
 import warnings
 
 import pytest
@@ -378,6 +379,26 @@ def test_ill_conditioned_quadratic_beats_best_fixed_lr_sgd_by_100x():
     assert apo * 100 <= sgd, (apo, sgd)
 
 
+def test_diverging_initial_lr_recovers_at_the_first_meta_step():
+    X, y = ill_conditioned_regression()
+    sgd = run_regression(lambda m: torch.optim.SGD(m.parameters(), lr=1e3, momentum=0.9), X, y, 20)
+    assert not sgd < 1e10  # lr 1e3 diverges (far above 2(1 + μ)/λmax)
+    made = []
+
+    def apo(lr):
+        def make(m):
+            made.append(APOPrecond(m, lr=lr, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.1, momentum=0.9))
+            return made[-1]
+        return run_regression(make, X, y, 500)
+
+    good = min(apo(1.0), apo(0.1))  # started at stable lrs
+    recovered = apo(1e3)
+    opt = made[-1]
+    # step 0's lookahead was worse than not stepping: S² was cut before the first real update
+    assert opt.recoveries >= 1 and opt.skipped_steps == 0 and opt.meta_steps == 50
+    assert recovered <= 10 * good, (recovered, good)
+
+
 def test_small_cnn_with_conv_linear_embedding_trains():
     class CNN(nn.Module):
         def __init__(self):
@@ -413,19 +434,25 @@ def test_small_cnn_with_conv_linear_embedding_trains():
 # --------------------------------------------------------------------------------------------
 # Robustness: non-finite, memory, autocast, GradScaler, arguments
 # --------------------------------------------------------------------------------------------
-def test_non_finite_loss_or_meta_gradient_is_skipped_and_counted():
+def test_non_finite_loss_is_skipped_and_non_finite_lookahead_shrinks_s():
     m = mlp()
     x, y = data()
     opt = APOPrecond(m, **opt_kwargs(meta_interval=1))
     opt.step(closure_for(opt, m, x, y))
-    before = ([p.clone() for p in m.parameters()], [t.clone() for t in opt.phi])
+    snapshot = lambda: ([p.clone() for p in m.parameters()], [t.clone() for t in opt.phi],
+                        [opt.state[p]["momentum_buffer"].clone() for p in m.parameters()])
+    before = snapshot()
 
     bad_x = x.clone()
     bad_x[0, 0] = float("nan")
-    opt.step(closure_for(opt, m, bad_x, y))  # non-finite loss and gradient
+    opt.step(closure_for(opt, m, bad_x, y))  # non-finite loss and gradient at θ: nothing to learn
+    assert opt.skipped_steps == 1 and opt.step_count == 1 and opt.recoveries == 0
+    for a, b in zip(before, snapshot()):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
     calls = {"n": 0}
 
-    def nan_at_lookahead():  # finite at θ, NaN at θ' -> non-finite meta-gradient
+    def nan_at_lookahead():  # finite at θ, NaN at every lookahead θ'
         calls["n"] += 1
         opt.zero_grad()
         loss = F.cross_entropy(m(x), y) * (1.0 if calls["n"] == 1 else float("nan"))
@@ -433,13 +460,22 @@ def test_non_finite_loss_or_meta_gradient_is_skipped_and_counted():
         return loss
 
     opt.step(nan_at_lookahead)
-    assert opt.skipped_steps == 2 and opt.step_count == 1
-    for a, b in zip(before[0], m.parameters()):
+    tries = 1 + APOPrecond.MAX_RECOVERIES_PER_STEP
+    assert calls["n"] == 1 + tries  # bounded retries, then the step ends
+    assert opt.recoveries == tries and opt.skipped_steps == 2 and opt.step_count == 2
+    after = snapshot()
+    for a, b in zip(before[0] + before[2], after[0] + after[2]):  # θ and momentum untouched
         assert torch.equal(a, b)
-    for a, b in zip(before[1], opt.phi):
-        assert torch.equal(a, b)
+    s_tensors = {id(layer.precond.S) for layer in opt.layers}
+    for t, a, b in zip(opt.phi, before[1], after[1]):
+        if id(t) in s_tensors:  # each failure divided S² by 10 (S stored as a log: −ln(10)/2)
+            assert torch.allclose(b, a - tries * 0.5 * math.log(10.0), rtol=0, atol=1e-5)
+        else:  # A and B untouched
+            assert torch.equal(a, b)
+    assert len(opt.meta_optimizer.state) == 0  # the moments, estimated at the old scale, are reset
+    assert opt.meta_due()  # the next step retries the meta-update whatever meta_interval says
     opt.step(closure_for(opt, m, x, y))  # training goes on
-    assert opt.step_count == 2
+    assert opt.step_count == 3 and opt.meta_steps == 2 and opt.skipped_steps == 2
 
 
 def _live_tensor_count():
@@ -543,3 +579,66 @@ def test_model_without_parameters_is_rejected():
         APOPrecond(nn.ReLU(), **opt_kwargs())
     with pytest.raises(TypeError, match="model"):
         APOPrecond([torch.zeros(2)], **opt_kwargs())
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedulers: the real update scales with the scheduled lr / initial lr
+# --------------------------------------------------------------------------------------------
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.25),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 5], gamma=0.1),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8),
+    # max_lr / div_factor = 1/16: the scheduler's initial lr is the optimizer's lr
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=25 / 16, total_steps=12),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)),
+    "LinearLR warm-up": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=4),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedulers_scale_the_real_update_exactly(name):
+    # identity φ with S² = lr = 1/16 exactly: the real update is (scheduled lr / initial lr)·S²·v, i.e.
+    # torch.optim.SGD(momentum) with the same scheduler, bit for bit (OneCycleLR cycles momentum too)
+    m1 = mlp()
+    m2 = copy.deepcopy(m1)
+    x, y = data()
+    apo = APOPrecond(m1, **opt_kwargs(lr=0.0625, meta_interval=0, momentum=0.9, update_scale=1.0,
+                                      s_param="linear"))
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.0625, momentum=0.9)
+    s1, s2 = SCHEDULERS[name](apo), SCHEDULERS[name](sgd)
+    lrs = set()
+    for _ in range(10):
+        apo.step(closure_for(apo, m1, x, y))
+        sgd.step(closure_for(sgd, m2, x, y))
+        lrs.add(apo.param_groups[0]["lr"])
+        s1.step()
+        s2.step()
+    assert len(lrs) > 1  # the schedule did move the lr
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_scheduler_decay_is_not_learnt_back_by_the_lookahead():
+    x, y = data(dtype=torch.float64)
+
+    def make():
+        m = mlp(torch.float64)
+        return m, APOPrecond(m, **opt_kwargs(meta_interval=1, lambda_wsd=0.1))
+
+    (m1, o1), (m2, o2) = make(), make()
+    sched = torch.optim.lr_scheduler.StepLR(o2, step_size=1, gamma=1e-3)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+        warnings.simplefilter("ignore")
+        sched.step()
+    assert o2.schedule_factor() == pytest.approx(1e-3) and o1.schedule_factor() == 1.0
+    # the meta-objective and its gradient are those of the base step, whatever the schedule
+    q1, g1 = o1.meta_gradient(closure_for(o1, m1, x, y))
+    q2, g2 = o2.meta_gradient(closure_for(o2, m2, x, y))
+    assert q1 == q2 and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    # ... while the real update is 1000x smaller
+    before = [p.clone() for p in m2.parameters()]
+    o1.step(closure_for(o1, m1, x, y))
+    o2.step(closure_for(o2, m2, x, y))
+    d1 = torch.cat([(p - b).flatten() for p, b in zip(m1.parameters(), before)])
+    d2 = torch.cat([(p - b).flatten() for p, b in zip(m2.parameters(), before)])
+    assert torch.allclose(d2, 1e-3 * d1, rtol=1e-9, atol=0.0)

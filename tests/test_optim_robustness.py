@@ -2,6 +2,7 @@
 (zero_grad(set_to_none=False), gradient accumulation), parameters outside the base optimizer,
 steps too large to evaluate, and bad arguments."""
 import copy
+import math
 
 import pytest
 import torch
@@ -192,3 +193,80 @@ def test_bad_step_arguments_raise_naming_the_argument(make, step_kwargs, name):
     with pytest.raises(TypeError, match=rf"\b{name}\b"):
         opt.step(**kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
+
+
+# --------------------------------------------------------------------------------------------
+# A step too large to evaluate shrinks the step; training never stalls
+# --------------------------------------------------------------------------------------------
+def _make_apolr(model, lr):
+    return APOLR(model, torch.optim.SGD(model.parameters(), lr=lr), lambda_fsd=0.0, lambda_wsd=0.0)
+
+
+def _make_precond(model, lr):
+    return APOPrecond(model, lr=lr, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.05)
+
+
+@pytest.mark.parametrize("make", [_make_apolr, _make_precond], ids=["APOLR", "APOPrecond"])
+@pytest.mark.parametrize("dtype,lr", [(torch.float32, 1e25), (torch.float16, 1e5)], ids=["fp32-lr1e25", "fp16-lr1e5"])
+def test_absurd_initial_lr_does_not_stall(make, dtype, lr):
+    m = mlp(dtype)
+    x, y = data(64)
+    x = x.to(dtype)
+    opt = make(m, lr)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x).float(), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        start = float(F.cross_entropy(m(x).float(), y))
+    skipped = []
+    for _ in range(40):
+        opt.step(closure)
+        skipped.append(opt.skipped_steps)
+        assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+    with torch.no_grad():
+        end = float(F.cross_entropy(m(x).float(), y))
+    # a few steps are spent shrinking the step (at most 1 + 3 retries each), then it trains
+    assert opt.recoveries > 0 and skipped[-1] == skipped[19] and skipped[-1] < 20
+    assert opt.step_count == 40 and opt.meta_steps >= 2
+    assert end < 0.9 * start, (start, end)
+
+
+def test_non_finite_lookahead_never_reaches_apolr_state():
+    m = mlp()
+    x, y = data()
+    opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
+                meta_interval=1)
+    calls = {"n": 0, "poison": False}
+
+    def closure():
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        if calls["poison"] and calls["n"] > 1:  # finite at θ, NaN at every lookahead
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    params = [p.clone() for p in m.parameters()]
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in m.parameters()]
+    log_lr = opt.log_lr.clone()
+    calls.update(n=0, poison=True)
+    opt.step(closure)
+    tries = 1 + APOLR.MAX_RECOVERIES_PER_STEP
+    assert calls["n"] == 1 + tries and opt.recoveries == tries and opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
+    assert all(torch.equal(a, opt.base_optimizer.state[p]["momentum_buffer"])
+               for a, p in zip(momentum, m.parameters()))
+    # each failure divided the lr by 10; the meta-optimizer's moments were reset; the next step
+    # is a meta-step again
+    assert opt.log_lr.item() == pytest.approx(log_lr.item() - tries * math.log(10.0), abs=1e-12)
+    assert len(opt.meta_optimizer.state) == 0 and opt.meta_due()
+    calls.update(poison=False)
+    opt.step(closure)
+    assert opt.meta_steps == 4 and opt.skipped_steps == 1 and math.isfinite(opt.lr)

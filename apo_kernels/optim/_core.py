@@ -1,13 +1,35 @@
 """The step loop shared by APOLR and APOPrecond (Algorithm 1 of APO, torch.optim closure style).
 
-A subclass supplies four hooks, none of which may mutate optimizer state except ``_apply``:
+A subclass supplies these hooks; only ``_apply`` and ``_shrink_phi`` mutate state:
 
     _prepare()              -> plan         everything derived from the current ``.grad`` (at θ);
                                             independent of φ, so it serves lookahead and update
     _lookahead_deltas(plan) -> list[Tensor] Δ(φ) per parameter of ``plan.params``: θ' = θ + Δ
     _meta_backward(plan, dQ)                set ``.grad`` of φ from ∇θ'Q (list like the deltas)
-    _apply(plan)                            the real update θ ← u(θ, φ, B) with the (new) φ, and
-                                            its state update
+    _apply(plan) -> bool                    the real update θ ← u(θ, φ, B) with the (new) φ, and
+                                            its state update; False (nothing written) when the
+                                            update it would write is not finite
+    _shrink_phi(factor)                     multiply φ's step size by factor < 1 (a recovery)
+
+Recoveries: a step too large to evaluate is information, not an error.
+- A non-finite lookahead, meta-objective or meta-gradient: φ's step size is multiplied by SHRINK
+  (0.1).
+- While the step size is not yet validated (the first meta-step, and the first after any
+  recovery; same-batch meta-steps only), a lookahead worse than not stepping, Q(Δ) > Q(0) = J_B(θ), along a descent direction:
+  the step is multiplied by t* ∈ [0.01, 1/2), the minimum of the quadratic along Δ through Q(0),
+  its slope ⟨∇J_B(θ), Δ⟩ and Q(Δ) (``_overshoot_factor``), i.e. the step is shortened as far as a
+  quadratic model says it is too long. Later meta-steps leave this to the meta-gradient: one
+  minibatch's line search is noisy, which is what APO amortizes.
+Each recovery resets the meta-optimizer's moments (estimated at the old scale, they would push φ
+back), counts in ``recoveries`` and retries the meta-step with the shrunk φ, at most
+MAX_RECOVERIES_PER_STEP times in one step. The real update is taken only after a meta-step
+succeeded, so it uses a φ whose lookahead was finite (and, while searching, no worse than not
+stepping). If every
+retry failed, the step takes no update (``skipped_steps``), the step counter advances and the next
+step is a meta-step again whatever ``meta_interval`` says. A real update that would not be finite
+(``_apply`` returns False) is retried the same way. A non-finite loss or gradient at θ is
+different: it says nothing about φ, so that step is skipped with θ, φ and all state untouched and
+the step counter not advanced. Non-finite values never reach θ, momentum, φ or the meta-optimizer.
 """
 from __future__ import annotations
 
@@ -96,10 +118,17 @@ class APOCore:
     meta_batch: str
     meta_optimizer: torch.optim.Optimizer
 
+    MAX_RECOVERIES_PER_STEP = 3  # each one costs a closure: bounded, so a step always ends
+    SHRINK = 0.1                 # a recovery multiplies φ's step size (APO-LR's lr, APO-Precond's S²) by this
+    OVERSHOOT_MIN_FACTOR = 0.01  # the most one overshoot recovery shrinks the step by
+
     def _init_core(self):
-        self._apo_step = 0      # steps taken (skipped steps do not count)
-        self.skipped_steps = 0    # non-finite loss / gradient / meta-gradient
+        self._apo_step = 0      # steps taken (a step skipped for a non-finite gradient does not count)
+        self.skipped_steps = 0  # steps without a real update
+        self.recoveries = 0     # times φ's step was shrunk because it was too large to evaluate
         self.meta_steps = 0
+        self._meta_pending = False  # the last meta-step failed every retry: the next step retries
+        self._searching = True      # the step size is not validated yet: first meta-step, or after a recovery
         self.last_meta: Optional[dict] = None  # Q and its terms at the latest meta-step
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -112,7 +141,10 @@ class APOCore:
     def _meta_backward(self, plan, dQ: Sequence[Tensor]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _apply(self, plan) -> None:  # pragma: no cover
+    def _apply(self, plan) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def _shrink_phi(self, factor: float) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def _after_meta_step(self) -> None:
@@ -130,8 +162,9 @@ class APOCore:
         return self._apo_step
 
     def meta_due(self) -> bool:
-        """Whether the next ``step`` does a meta-update (every ``meta_interval`` steps, from step 0)."""
-        return self.meta_interval > 0 and self._apo_step % self.meta_interval == 0
+        """Whether the next ``step`` does a meta-update: every ``meta_interval`` steps from step 0,
+        and the step after one whose meta-update failed every recovery."""
+        return self.meta_interval > 0 and (self._meta_pending or self._apo_step % self.meta_interval == 0)
 
     def _meta_grads(self) -> list[Optional[Tensor]]:
         return [p.grad for g in self.meta_optimizer.param_groups for p in g["params"]]
@@ -179,36 +212,85 @@ class APOCore:
         # model forwards of the meta-step (closure, FSD) run under it, as the user intended
         with no_autocast(self._device_type()):
             plan = self._prepare()
+        loss_at_theta = None
+        if meta and self.meta_batch == "same" and isinstance(loss, (Tensor, float, int)):
+            loss_at_theta = float(loss)  # Q at Δ = 0 (both proximity terms vanish there)
+        meta_ok = True
         if meta:
-            ok = self._meta_update(plan, closure if self.meta_batch == "same" else meta_closure,
-                                   fsd_inputs, scale, rng0 if self.meta_batch == "same" else None)
-            if not ok:
-                self.skipped_steps += 1
-                return loss
-        with no_autocast(self._device_type()):
-            self._apply(plan)
+            args = (closure if self.meta_batch == "same" else meta_closure, fsd_inputs, scale,
+                    rng0 if self.meta_batch == "same" else None, loss_at_theta)
+            meta_ok = self._with_recoveries(lambda: self._meta_update(plan, *args))
+        updated = meta_ok and self._with_recoveries(lambda: self._apply_outside_autocast(plan))
+        if not updated:
+            self.skipped_steps += 1
+        # after a failure, learn the (shrunk) step again at once rather than meta_interval steps later
+        self._meta_pending = not updated and self.meta_interval > 0
         self._apo_step += 1
         return loss
 
-    def _meta_update(self, plan, closure, fsd_inputs, scale, rng) -> bool:
-        obj = self._objective(plan, closure, fsd_inputs, scale, rng)
-        if obj is None:
-            return False
+    def _with_recoveries(self, attempt: Callable[[], Optional[float]]) -> bool:
+        """Run ``attempt()`` until it succeeds (returns None); after each failure it returns the
+        factor by which φ's step must shrink, and φ is shrunk. At most 1 + MAX_RECOVERIES_PER_STEP
+        attempts; after a last failure φ is still shrunk, so the next step starts smaller."""
+        for _ in range(self.MAX_RECOVERIES_PER_STEP + 1):
+            factor = attempt()
+            if factor is None:
+                return True
+            self._recover(factor)
+        return False
+
+    def _apply_outside_autocast(self, plan) -> Optional[float]:
+        with no_autocast(self._device_type()):
+            return None if self._apply(plan) else self.SHRINK
+
+    def _recover(self, factor: float) -> None:
+        self._shrink_phi(factor)
+        # the moments were estimated for the old scale of φ (and would push it back up)
+        self.meta_optimizer.state.clear()
+        self.recoveries += 1
+        self._searching = True
+
+    def _meta_update(self, plan, closure, fsd_inputs, scale, rng, loss_at_theta) -> Optional[float]:
+        """One meta-step; None when done, else the factor by which φ's step must shrink first."""
+        found = self._objective(plan, closure, fsd_inputs, scale, rng)
+        if found is None:
+            return self.SHRINK
+        obj, deltas = found
+        if self._searching and loss_at_theta is not None and obj.value > loss_at_theta:
+            factor = self._overshoot_factor(plan, deltas, loss_at_theta, obj.value)
+            if factor is not None:
+                return factor
         self._zero_meta_grads()
         with no_autocast(self._device_type()):
             self._meta_backward(plan, obj.grads)
         if not all_finite(self._meta_grads()):
             self._zero_meta_grads()
-            return False
+            return self.SHRINK
         self.meta_optimizer.step()
         self._zero_meta_grads()
         self.meta_steps += 1
+        self._searching = False
         self.last_meta = {"step": self._apo_step, "Q": obj.value, "loss": obj.loss,
                           "fsd": obj.fsd, "wsd": obj.wsd}
         self._after_meta_step()
-        return True
+        return None
+
+    def _overshoot_factor(self, plan, deltas, q0: float, q1: float) -> Optional[float]:
+        """The lookahead θ + Δ is worse than not stepping (Q(Δ) > Q(0) = J_B(θ)). Along a descent
+        direction (slope s0 = ⟨∇J_B(θ), Δ⟩ < 0) the quadratic q(t) = Q(0) + s0·t + c·t² through
+        Q(Δ) has its minimum at t* = −s0 / (2c) < 1/2, c = Q(Δ) − Q(0) − s0 > 0: the step is 1/t*
+        times too long. Returns t* (at least OVERSHOOT_MIN_FACTOR), or None off a descent direction
+        (no step length helps there; the meta-gradient handles it)."""
+        with no_autocast(self._device_type()):  # float64: a huge step's slope must not overflow
+            s0 = sum(float(torch.dot(p.grad.reshape(-1).double(), d.reshape(-1).double()))
+                     for p, d in zip(plan.params, deltas) if p.grad is not None)
+        if not s0 < 0.0:
+            return None
+        t = -s0 / (2.0 * (q1 - q0 - s0))
+        return max(t, self.OVERSHOOT_MIN_FACTOR) if math.isfinite(t) else self.SHRINK
 
     def _objective(self, plan, closure, fsd_inputs, scale, rng):
+        """(Q at the lookahead, the deltas), or None when either is not finite."""
         with no_autocast(self._device_type()):
             deltas = self._lookahead_deltas(plan)
         if not all_finite(deltas):
@@ -220,7 +302,7 @@ class APOCore:
         )
         if obj.value != obj.value or abs(obj.value) == float("inf") or not all_finite(obj.grads):
             return None
-        return obj
+        return obj, deltas
 
     # ---- non-mutating probes (tests, diagnostics, finite differences) --------------------
     @torch.no_grad()
@@ -233,9 +315,10 @@ class APOCore:
         loss, scale = self._first_closure_probe(closure)
         with no_autocast(self._device_type()):
             plan = self._prepare()
-        obj = self._objective(plan, closure, fsd_inputs, scale, None)
-        if obj is None:
+        found = self._objective(plan, closure, fsd_inputs, scale, None)
+        if found is None:
             raise FloatingPointError("non-finite meta-objective")
+        obj = found[0]
         phi = self.phi
         saved = [p.grad for p in phi]
         self._zero_meta_grads()
@@ -252,8 +335,8 @@ class APOCore:
         loss, scale = self._first_closure_probe(closure)
         with no_autocast(self._device_type()):
             plan = self._prepare()
-        obj = self._objective(plan, closure, fsd_inputs, scale, None)
-        return float("nan") if obj is None else obj.value
+        found = self._objective(plan, closure, fsd_inputs, scale, None)
+        return float("nan") if found is None else found[0].value
 
     def _first_closure_probe(self, closure):
         check_step_args(closure, None, None)
@@ -271,3 +354,16 @@ class APOCore:
 
     def _all_params(self) -> list[Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    # ---- state shared by both optimizers --------------------------------------------------
+    def _core_state(self) -> dict:
+        return {"step": self._apo_step, "skipped_steps": self.skipped_steps, "recoveries": self.recoveries,
+                "meta_steps": self.meta_steps, "meta_pending": self._meta_pending, "searching": self._searching}
+
+    def _load_core_state(self, state: dict) -> None:
+        self._apo_step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.recoveries = int(state.get("recoveries", 0))
+        self.meta_steps = int(state["meta_steps"])
+        self._meta_pending = bool(state.get("meta_pending", False))
+        self._searching = bool(state.get("searching", self.meta_steps == 0))

@@ -162,28 +162,44 @@ class _LRPlan(_Plan):
 
 
 class APOLR(APOCore):
-    """Adapt the learning rate of ``base_optimizer`` with APO (Algorithm 1, φ = log lr).
+    """Adapt the learning rate of ``base_optimizer`` with APO (Algorithm 1, φ = log of the learnt lr).
 
     Args:
         model: the module being trained (called for the FSD term; its buffers are restored).
         base_optimizer: a torch.optim optimizer over (some of) ``model``'s parameters, every param
             group with an ``lr``. Its own ``step`` performs the real update.
         lambda_fsd, lambda_wsd: weights of the function- and weight-space proximity terms.
-        meta_lr: learning rate of the meta-optimizer (RMSprop on log lr; 0.1 moves lr by ~10%
-            per meta-step once RMSprop's average has warmed up).
+        meta_lr: step of the meta-optimizer on log lr (0.1: the lr moves by about 10% per meta-step).
         meta_interval: a meta-step every this many steps (0: never).
-        fsd: "kl" (logits), "mse" (regression) or a callable(new_out, old_out) -> scalar.
+        fsd: "kl" (logits), "mse" (regression), "bernoulli" (multi-label logits) or a
+            callable(new_out, old_out) -> scalar.
         per_group: one learnt lr per param group (True) or one shared log-scale for all groups,
             which keeps the groups' lr ratios (False, default).
         meta_batch: "same" (Algorithm 1) or "fresh" — ablation: the lookahead loss uses
             ``step(..., meta_closure=...)`` on another batch (short-horizon bias, App. D).
         grad_scaler: a torch.amp.GradScaler whose ``scale(loss).backward()`` the closure uses.
-        min_lr, max_lr: optional clamps on the learnt lr.
+        min_lr, max_lr: optional clamps on the learnt lr (numbers > 0, min_lr <= max_lr).
+
+    Learning-rate schedulers compose as a multiplier. A torch.optim.lr_scheduler on
+    ``base_optimizer`` owns ``param_groups[k]["lr"]``; APO-LR learns its own lr per group
+    (initialised to the group's initial lr: its "initial_lr" if a scheduler recorded one, else its
+    lr at construction). The base optimizer steps with
+
+        effective lr = learnt lr × param_groups[k]["lr"] / initial lr
+
+    swapped into the group for its ``step`` only, so chainable and closed-form schedulers alike see
+    their own schedule in the group. The lookahead uses the learnt lr without the schedule's factor:
+    the meta-step learns the greedy lr at the base step, and a decay cannot be learnt back.
+
+    A lookahead that is not finite means the lr is too large to evaluate: the learnt lr is divided
+    by 10 and the meta-step retried (``recoveries``; see ``apo_kernels.optim._core``).
 
     Attributes:
-        lr: the current learning rate (group 0's); ``lrs`` all groups'.
-        lr_history: list of (step, [lr per group]) — the initial lrs and one entry per meta-step.
-        skipped_steps, meta_steps, last_meta (Q and its terms at the latest meta-step).
+        lr: the effective lr of group 0 (what the next real step uses); ``lrs`` all groups'.
+        learnt_lrs: the learnt lr per group (the effective lr without the schedule's factor).
+        lr_history: list of (step, [learnt lr per group]) — the initial lrs and one entry per
+            meta-step or recovery.
+        skipped_steps, recoveries, meta_steps, last_meta (Q and its terms at the latest meta-step).
 
     φ is float64 (a scalar per group: exact enough that exp(log lr) never drifts, and free).
     """
@@ -220,9 +236,11 @@ class APOLR(APOCore):
         for k, g in enumerate(base_optimizer.param_groups):
             if "lr" not in g:
                 raise ValueError(f"base_optimizer: param group {k} has no 'lr' hyperparameter")
-            lr = float(g["lr"])
-            if not lr > 0.0 or not math.isfinite(lr):
-                raise ValueError(f"lr of base_optimizer's param group {k} must be > 0 (APO-LR learns log lr), got {lr}")
+            for key in ("lr", "initial_lr"):
+                lr = float(g.get(key, 1.0))
+                if not lr > 0.0 or not math.isfinite(lr):
+                    raise ValueError(f"{key} of base_optimizer's param group {k} must be a finite number > 0 "
+                                     f"(APO-LR learns log lr), got {lr}")
             for p in g["params"]:
                 if id(p) not in model_params:
                     raise ValueError("base_optimizer holds a parameter that is not one of model.parameters()")
@@ -233,13 +251,18 @@ class APOLR(APOCore):
         self.grad_scaler = grad_scaler
         self.per_group = per_group
         self.min_lr, self.max_lr = bounds["min_lr"], bounds["max_lr"]
-        lrs = [float(g["lr"]) for g in base_optimizer.param_groups]
-        self._ratios = [lr / lrs[0] for lr in lrs]
-        init = [math.log(lr) for lr in lrs] if self.per_group else [math.log(lrs[0])]
+        # the initial lr per group: where the learnt lr starts, and the schedule's reference
+        self._lr0 = [float(g.get("initial_lr", g["lr"])) for g in base_optimizer.param_groups]
+        init = [math.log(lr) for lr in self._lr0] if self.per_group else [math.log(self._lr0[0])]
         self.log_lr = torch.tensor(init, dtype=torch.float64)  # φ
-        self.meta_optimizer = torch.optim.RMSprop([self.log_lr], lr=meta_lr)
+        self._log_lr0 = self.log_lr.clone()
+        self.meta_lr = float(meta_lr)
+        self.meta_optimizer = self._make_meta_optimizer()
         self._init_core()
-        self.lr_history: list[tuple[int, list[float]]] = [(0, lrs)]
+        self.lr_history: list[tuple[int, list[float]]] = [(0, self.learnt_lrs)]
+
+    def _make_meta_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.log_lr], lr=self.meta_lr, betas=(0.0, 0.9))
 
     # ---- public ------------------------------------------------------------------------
     @property
@@ -251,9 +274,22 @@ class APOLR(APOCore):
         """The meta-learnt tensors: [log_lr] (shape (groups,) or (1,), float64)."""
         return [self.log_lr]
 
+    def _learnt_factors(self) -> list[float]:
+        """learnt lr / its initial value per group: exp(φ − φ₀), exactly 1 until φ moves."""
+        f = [math.exp(v) for v in (self.log_lr - self._log_lr0).tolist()]
+        return f if self.per_group else f * len(self._lr0)
+
+    @property
+    def learnt_lrs(self) -> list[float]:
+        """The learnt lr per param group (without a scheduler's factor)."""
+        return [lr0 * f for lr0, f in zip(self._lr0, self._learnt_factors())]
+
     @property
     def lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.base_optimizer.param_groups]
+        """The effective lr per group: learnt lr × param_groups[k]["lr"] / initial lr (what the base
+        optimizer steps with). Formed as the group's lr × exp(φ − φ₀), so it is the group's (scheduled)
+        lr exactly while φ has not moved."""
+        return [float(g["lr"]) * f for g, f in zip(self.base_optimizer.param_groups, self._learnt_factors())]
 
     @property
     def lr(self) -> float:
@@ -283,11 +319,10 @@ class APOLR(APOCore):
         return _LRPlan([[p for p in g["params"] if p.grad is not None] for g in self.base_optimizer.param_groups])
 
     def _lookahead_deltas(self, plan):
-        # Δ = lr·d; the directions are fresh tensors, so scale them in place
+        # Δ = learnt lr·d; the directions are fresh tensors, so scale them in place
         plan.deltas = [
-            [d.to(_cdtype(d)).mul_(float(group["lr"])) for d in dirs]
-            for group, dirs in zip(self.base_optimizer.param_groups,
-                                   lr_directions(self.base_optimizer, plan.params_by_group))
+            [d.to(_cdtype(d)).mul_(lr) for d in dirs]
+            for lr, dirs in zip(self.learnt_lrs, lr_directions(self.base_optimizer, plan.params_by_group))
         ]
         return [d for ds in plan.deltas for d in ds]
 
@@ -302,24 +337,37 @@ class APOLR(APOCore):
         g = torch.stack(grads) if self.per_group else torch.stack(grads).sum().reshape(1)
         self.log_lr.grad = g
 
-    def _after_meta_step(self):
+    def _clamp(self):
         lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
         hi = math.inf if self.max_lr is None else math.log(self.max_lr)
         self.log_lr.clamp_(lo, hi)
-        self._write_lrs()
-        self.lr_history.append((self._apo_step, self.lrs))
+        self.lr_history.append((self._apo_step, self.learnt_lrs))
 
-    def _write_lrs(self):
-        phi = self.log_lr.tolist()
-        for k, g in enumerate(self.base_optimizer.param_groups):
-            lr = math.exp(phi[k]) if self.per_group else math.exp(phi[0]) * self._ratios[k]
-            if isinstance(g["lr"], Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
+    def _after_meta_step(self):
+        self._clamp()
 
-    def _apply(self, plan):
-        self.base_optimizer.step()
+    def _shrink_phi(self, factor: float):
+        self.log_lr.add_(math.log(factor))
+        self._clamp()
+
+    def _apply(self, plan) -> bool:
+        # the effective lr only for the base optimizer's step; the scheduler's values are restored
+        saved = [g["lr"] for g in self.base_optimizer.param_groups]
+        saved = [v.clone() if isinstance(v, Tensor) else v for v in saved]
+        try:
+            for g, lr in zip(self.base_optimizer.param_groups, self.lrs):
+                if isinstance(g["lr"], Tensor):
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
+            self.base_optimizer.step()
+        finally:
+            for g, v in zip(self.base_optimizer.param_groups, saved):
+                if isinstance(v, Tensor):
+                    g["lr"].copy_(v)
+                else:
+                    g["lr"] = v
+        return True
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -328,11 +376,9 @@ class APOLR(APOCore):
             "base_optimizer": self.base_optimizer.state_dict(),
             "log_lr": self.log_lr.clone(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
-            "step": self._apo_step,
-            "skipped_steps": self.skipped_steps,
-            "meta_steps": self.meta_steps,
+            **self._core_state(),
             "lr_history": [(s, list(l)) for s, l in self.lr_history],
-            "ratios": list(self._ratios),
+            "lr0": list(self._lr0),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -341,8 +387,8 @@ class APOLR(APOCore):
         with torch.no_grad():
             self.log_lr.copy_(state["log_lr"].to(self.log_lr.device, self.log_lr.dtype))
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        self._apo_step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.meta_steps = int(state["meta_steps"])
+        self._load_core_state(state)
         self.lr_history = [(s, list(l)) for s, l in state["lr_history"]]
-        self._ratios = list(state["ratios"])
+        self._lr0 = list(state["lr0"])
+        init = [math.log(lr) for lr in self._lr0] if self.per_group else [math.log(self._lr0[0])]
+        self._log_lr0 = torch.tensor(init, dtype=torch.float64)

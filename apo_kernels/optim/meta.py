@@ -307,6 +307,15 @@ def _ds(S: Tensor, dS2: Tensor, s_param: str) -> Tensor:
     return 2.0 * _s2(S, s_param) * dS2 if s_param == "log" else 2.0 * S * dS2
 
 
+@torch.no_grad()
+def _scale_s2(S: Tensor, factor: float, s_param: str) -> None:
+    """S² ← factor·S² in place, in either parametrization."""
+    if s_param == "log":
+        S.add_(0.5 * math.log(factor))
+    else:
+        S.mul_(math.sqrt(factor))
+
+
 def _add_grad(t: Tensor, g: Tensor) -> None:
     t.grad = g.clone() if t.grad is None else t.grad + g
 
@@ -364,6 +373,10 @@ class StructuredPreconditioner:
     def S2(self) -> Tensor:
         """S² (m, n), the op's diagonal: S·S for s_param="linear", exp(2S) for "log"."""
         return _s2(self.S, self.s_param)
+
+    def scale_s2(self, factor: float) -> None:
+        """S² ← factor·S² (the whole step scales by ``factor``; A and B unchanged)."""
+        _scale_s2(self.S, factor, self.s_param)
 
     # ---- φ ------------------------------------------------------------------------------
     def parameters(self) -> list[Tensor]:
@@ -438,6 +451,10 @@ class DiagonalPreconditioner:
 
     def S2(self) -> Tensor:
         return _s2(self.S, self.s_param)
+
+    def scale_s2(self, factor: float) -> None:
+        """S² ← factor·S²."""
+        _scale_s2(self.S, factor, self.s_param)
 
     def parameters(self) -> list[Tensor]:
         return [self.S]

@@ -35,6 +35,7 @@ from ..ops import resolve_backend
 from ._core import APOCore, _Plan, check_betas, check_common_args, check_number
 from .meta import (
     DiagonalPreconditioner,
+    all_finite,
     StructuredPreconditioner,
     meta_backward_many,
     precondition_many,
@@ -186,6 +187,7 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         params = [p for layer in self.layers for p in layer.params] + [p for _, p, _ in self.diagonals]
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         torch.optim.Optimizer.__init__(self, params, defaults)
+        self._initial_lr = lr
         self.model = model
         self.lambda_fsd, self.lambda_wsd = float(lambda_fsd), float(lambda_wsd)
         self.meta_interval, self.fsd, self.meta_batch = meta_interval, fsd, meta_batch
@@ -301,21 +303,40 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         for p, d in plan.diags:
             d.meta_backward(-dq[id(p)], plan.v[id(p)])
 
-    def _apply(self, plan):
+    def schedule_factor(self) -> float:
+        """param_groups[0]["lr"] / the lr given at construction: what an lr scheduler has made of it."""
+        return float(self.param_groups[0]["lr"]) / self._initial_lr
+
+    def _apply(self, plan) -> bool:
         group = self.param_groups[0]
-        if self._apo_step < self.warmup_steps:
-            lr = group["lr"]
-            for p in plan.params:
-                p.add_(plan.v[id(p)].to(p.dtype), alpha=-lr)
+        if self._apo_step < self.warmup_steps:  # SGD+momentum with the (scheduled) lr
+            steps, scale = {id(p): plan.v[id(p)] for p in plan.params}, float(group["lr"])
         else:
-            Y = self._directions(plan)
-            us = self.update_scale
-            for p in plan.params:
-                y = Y[id(p)] if us == 1.0 else Y[id(p)] * us
-                p.sub_(y.to(p.dtype))
+            # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
+            # base step, else the meta-step would learn S back up and undo the decay.
+            steps, scale = self._directions(plan), self.update_scale * self.schedule_factor()
+        if not all_finite(steps.values()):
+            return False
+        new_values = {}
+        for p in plan.params:
+            y = steps[id(p)]
+            if y.dtype != p.dtype:  # formed in φ's dtype, rounded once (as the lookahead)
+                new_values[id(p)] = (p.to(y.dtype) - y * scale).to(p.dtype)
+        if not all_finite(new_values.values()):  # e.g. beyond fp16's range
+            return False
+        for p in plan.params:
+            if id(p) in new_values:
+                p.copy_(new_values[id(p)])
+            else:
+                p.add_(steps[id(p)], alpha=-scale)  # torch.optim.SGD's own operation
         if group["momentum"] != 0:
             for p in plan.params:
                 self.state[p]["momentum_buffer"] = plan.v[id(p)]
+        return True
+
+    def _shrink_phi(self, factor: float):
+        for pc in [layer.precond for layer in self.layers] + [d for _, _, d in self.diagonals]:
+            pc.scale_s2(factor)
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -325,9 +346,8 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
                          for i, p in enumerate(self._params) if "momentum_buffer" in self.state.get(p, {})},
             "phi": [t.detach().clone() for t in self._phi],
             "meta_optimizer": self.meta_optimizer.state_dict(),
-            "step": self._apo_step,
-            "skipped_steps": self.skipped_steps,
-            "meta_steps": self.meta_steps,
+            **self._core_state(),
+            "initial_lr": self._initial_lr,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }
 
@@ -347,6 +367,5 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         for g, saved in zip(self.param_groups, state["param_groups"]):
             g.update(saved)
-        self._apo_step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.meta_steps = int(state["meta_steps"])
+        self._load_core_state(state)
+        self._initial_lr = float(state["initial_lr"])
