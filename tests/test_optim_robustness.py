@@ -270,3 +270,32 @@ def test_non_finite_lookahead_never_reaches_apolr_state():
     calls.update(poison=False)
     opt.step(closure)
     assert opt.meta_steps == 4 and opt.skipped_steps == 1 and math.isfinite(opt.lr)
+
+
+# --------------------------------------------------------------------------------------------
+# fsd="bernoulli"
+# --------------------------------------------------------------------------------------------
+def test_bernoulli_discrepancy_matches_the_float64_formula_and_is_stable():
+    from apo_kernels.optim import discrepancy
+    g = torch.Generator().manual_seed(0)
+    old = 4 * torch.randn(6, 3, 2, generator=g, dtype=torch.float64)
+    new = old + torch.randn(6, 3, 2, generator=g, dtype=torch.float64)
+    p, q = torch.sigmoid(old), torch.sigmoid(new)
+    direct = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum((1, 2)).mean()
+    got = discrepancy.bernoulli(new, old)
+    assert got.dtype == torch.float64 and torch.allclose(got, direct, rtol=1e-12, atol=0)
+    # float32 inputs are computed in float32: within a few float32 ulps of the float64 value
+    got32 = discrepancy.bernoulli(new.float(), old.float())
+    assert got32.dtype == torch.float32 and abs(got32.double() - direct) <= 1e-5 * direct
+    assert discrepancy.resolve("bernoulli") is discrepancy.bernoulli
+    # logits far beyond where σ rounds to 0 or 1 (the direct formula gives nan / inf there)
+    old = torch.tensor([[60.0, -60.0, 60.0, 0.0]], requires_grad=False)
+    new = torch.tensor([[55.0, -70.0, -60.0, 0.0]], requires_grad=True)
+    v = discrepancy.bernoulli(new, old)
+    v.backward()
+    # 60 vs 55 and −60 vs −70: ≈ e^-55 ≈ 0; 60 vs −60: log σ(60) − log σ(−60) ≈ 0 + 60; 0 vs 0: 0
+    assert torch.isfinite(v) and v.item() == pytest.approx(60.0, rel=1e-6)
+    assert torch.isfinite(new.grad).all()
+    assert discrepancy.bernoulli(old, old).item() == 0.0
+    with pytest.raises(TypeError, match=r"\bfsd\b"):
+        discrepancy.bernoulli((new,), old)

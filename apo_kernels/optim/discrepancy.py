@@ -7,6 +7,9 @@ float32 (or kept float64) first, so the term is accurate under autocast.
 - ``"kl"``:  mean over the batch of KL(softmax(old) ‖ softmax(new)) over the last dim, i.e. from
   the current predictive distribution to the lookahead's. ``new``/``old``: logits (…, C).
 - ``"mse"``: mean over the batch of ½‖new − old‖² (summed over the output dims); regression.
+- ``"bernoulli"``: mean over the batch of Σ_outputs KL(Bernoulli(σ(old)) ‖ Bernoulli(σ(new))):
+  independent binary outputs (multi-label classification, a sigmoid autoencoder's pixels) given
+  as logits (N, …).
 - a callable ``fsd(new, old) -> scalar Tensor`` for anything else (tuple/dict outputs, …).
 """
 from __future__ import annotations
@@ -44,11 +47,29 @@ def mse(new: Tensor, old: Tensor) -> Tensor:
     return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(-1).mean()
 
 
-_BY_NAME = {"kl": kl, "mse": mse}
+def bernoulli(new: Tensor, old: Tensor) -> Tensor:
+    """Σ over output dims of KL(Bern(σ(old)) ‖ Bern(σ(new))), averaged over the batch (dim 0).
+
+    Logits in, shapes (N, …). With log σ(x) = logsigmoid(x) and log(1 − σ(x)) = logsigmoid(−x):
+    KL = σ(a)·(log σ(a) − log σ(b)) + σ(−a)·(log σ(−a) − log σ(−b)), a = old, b = new — finite and
+    accurate for logits of any size (no log of a rounded 0 or 1).
+    """
+    if not isinstance(new, Tensor) or not isinstance(old, Tensor):
+        raise TypeError("fsd='bernoulli' needs the model to return a logits Tensor; pass a callable fsd instead")
+    a, b = _upcast(old), _upcast(new)
+    kl_elem = (torch.sigmoid(a) * (F.logsigmoid(a) - F.logsigmoid(b))
+               + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b)))
+    if kl_elem.ndim == 0:
+        return kl_elem
+    return kl_elem.reshape(kl_elem.shape[0], -1).sum(-1).mean()
+
+
+_BY_NAME = {"kl": kl, "mse": mse, "bernoulli": bernoulli}
 
 
 def resolve(fsd: Union[str, Discrepancy]) -> Discrepancy:
-    """``"kl"`` / ``"mse"`` / a callable → the discrepancy function; ValueError/TypeError naming ``fsd``."""
+    """``"kl"`` / ``"mse"`` / ``"bernoulli"`` / a callable → the discrepancy function; ValueError/TypeError
+    naming ``fsd``."""
     if isinstance(fsd, str):
         if fsd not in _BY_NAME:
             raise ValueError(f"fsd must be one of {sorted(_BY_NAME)} or a callable, got {fsd!r}")
