@@ -164,6 +164,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "hypothesis", "numpy", "curvlinops-for-pytorch>=3.0,<4"],
         "bench": ["matplotlib", "rich", "pytest-benchmark", "pytorch-optimizer"],
+        # python/reproduce.py: the paper's experiments (data generated or bundled, never downloaded)
+        "paper": ["scikit-learn", "mnist1d", "matplotlib", "rich", "pytorch-optimizer"],
     },
     entry_points={"console_scripts": ["apo-bench = apo_kernels.bench.__main__:main"]},
     # Tag the wheel abi3 to match py_limited_api above (torch compiles with Py_LIMITED_API=3.10).

@@ -1,0 +1,1 @@
+"""The APO paper's experiments, reproduced offline at CPU scale (see python/reproduce.py)."""

@@ -1,0 +1,299 @@
+"""The paper-experiments harness (python/reproduce.py, python/paper/): claim evaluation, protocol
+pieces, data rules, and the --quick smoke run that CI executes."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from paper import common as C  # noqa: E402
+
+import reproduce  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------
+# Fabricated results: the claims are computed from the numbers, both ways
+# ------------------------------------------------------------------------------------------
+def fake(tasks: dict[str, dict[str, float]], features=None, **extra) -> dict:
+    """A result dict with only what claims() reads: per task, per label, the mean."""
+    return {
+        "tasks": {t: {"methods": {l: {"mean": v, "runs": []} for l, v in ms.items()}} for t, ms in tasks.items()},
+        "features": features or {"kfac_mc_fisher": "available"},
+        **extra,
+    }
+
+
+def holds(rows):
+    return [r["holds"] for r in rows]
+
+
+def test_rosenbrock_claims_both_ways():
+    from paper import rosenbrock as m
+
+    good = fake({"Rosenbrock": {"SGD (best fixed lr)": 1e-2, "APO-LR(SGD)": 1e-3, "APO-Precond": 1e-9}})
+    bad = fake({"Rosenbrock": {"SGD (best fixed lr)": 1e-2, "APO-LR(SGD)": 5.0, "APO-Precond": 1e-1}})
+    assert holds(m.claims(good)) == [True, True]
+    assert holds(m.claims(bad)) == [False, False]
+    assert holds(m.claims(fake({"Rosenbrock": {"APO-Precond": 1.0}}))) == [None, None]
+
+
+def test_ill_conditioned_claims_both_ways():
+    from paper import ill_conditioned as m
+
+    t = m.TASK
+    good = fake({t: {"SGDm": 1e-3, "Adam": 2e-3, "KFAC": 1e-5, "APO-Precond": 1.5e-5}})
+    bad = fake({t: {"SGDm": 1e-3, "Adam": 2e-3, "KFAC": 1e-6, "APO-Precond": 5e-4}})
+    assert holds(m.claims(good)) == [True, True]
+    assert holds(m.claims(bad)) == [False, False]
+    # the 0.1× bound is against the BEST first-order method, not the worst
+    mixed = fake({t: {"SGDm": 1e-3, "Adam": 1e-5, "KFAC": 1e-5, "APO-Precond": 5e-5}})
+    assert holds(m.claims(mixed))[0] is False
+
+
+def test_regression_claims_both_ways():
+    from paper import regression_mlp as m
+
+    base = {"SGDm": 0.1, "Adam": 0.05, "KFAC": 0.02, "Shampoo": 0.03}
+    good = fake({t: dict(base, **{"APO-Precond": 0.01}) for t in m.TASKS})
+    bad = fake({t: dict(base, **{"APO-Precond": 0.025}) for t in m.TASKS})
+    assert holds(m.claims(good)) == [True, True]
+    assert holds(m.claims(bad)) == [False, False]
+
+
+def test_autoencoder_claims_both_ways_and_mc_fisher_required():
+    from paper import autoencoder as m
+
+    t = m.TASK
+    good = fake({t: {"SGDm": 20.0, "Adam": 16.0, "KFAC": 12.0, "APO-Precond": 14.0}})
+    bad = fake({t: {"SGDm": 20.0, "Adam": 16.0, "KFAC": 17.0, "APO-Precond": 15.0}})  # 6 % only
+    assert holds(m.claims(good)) == [True, True]
+    assert holds(m.claims(bad)) == [False, False]
+    # KFAC's claim is about the sampled Fisher: not decidable when that feature was missing
+    emp = fake({t: {"SGDm": 20.0, "Adam": 16.0, "KFAC": 12.0, "APO-Precond": 14.0}},
+               features={"kfac_mc_fisher": "missing: empirical"})
+    assert holds(m.claims(emp))[1] is None
+
+
+def test_classification_claims_both_ways():
+    from paper import classification as m
+
+    good = fake({"A": {"SGDm": 80.0, "Adam": 79.0, "KFAC": 81.0, "APO-Precond": 80.0}})
+    bad = fake({"A": {"SGDm": 80.0, "Adam": 81.0, "KFAC": 81.0, "APO-Precond": 80.5}})
+    assert holds(m.claims(good)) == [True]
+    assert holds(m.claims(bad)) == [False]
+
+
+def test_apo_lr_claims_both_ways():
+    from paper import apo_lr as m
+
+    t = m.MLP_TASK
+    good = {}
+    bad = {}
+    for b in m.BASES:
+        good.update({f"{b} fixed": 70.0, f"{b} step decay": 75.0, f"APO-LR({b})": 74.6})
+        bad.update({f"{b} fixed": 70.0, f"{b} step decay": 75.0, f"APO-LR({b})": 69.0})
+    assert holds(m.claims(fake({t: good}))) == [True, True] * 3
+    assert holds(m.claims(fake({t: bad}))) == [False, False] * 3
+
+
+def test_low_precision_claims_both_ways():
+    from paper import low_precision as m
+
+    def res(acc_half, skipped):
+        tasks = {}
+        for p, acc in (("fp32", 80.0), ("bf16", acc_half), ("fp16", acc_half)):
+            tasks[m.task_name(p)] = {"methods": {"APO-Precond": {
+                "mean": acc, "skipped_steps": [skipped, 0], "nonfinite_loss_steps": [0, 0], "diverged": 0}}}
+        return {"tasks": tasks}
+
+    assert holds(m.claims(res(79.8, 0))) == [True, True, True, True]
+    assert holds(m.claims(res(79.0, 3))) == [False, False, False, False]
+
+
+def test_ablation_claims_both_ways():
+    from paper import ablations as m
+
+    S = m.SWEEPS
+
+    def res(same_acc, fresh_lr, spread, k_min):
+        hist = lambda lr: [{"lr_history": [[0, 0.1], [100, lr]]}]  # noqa: E731
+        return {"tasks": {
+            S["meta-batch"]: {"methods": {"same batch": {"mean": same_acc, "runs": hist(0.1)},
+                                          "fresh batch": {"mean": 70.0, "runs": hist(fresh_lr)}}},
+            S["lambda_fsd"]: {"methods": {"a": {"mean": 80.0}, "b": {"mean": 80.0 - spread}}},
+            S["lambda_wsd"]: {"methods": {"a": {"mean": 80.0}, "b": {"mean": 80.0 - spread}}},
+            S["interval"]: {"methods": {"K=10": {"mean": 80.0}, "K=20": {"mean": k_min},
+                                        "SGDm (baseline)": {"mean": 78.0}}},
+            S["initial_lr"]: {"methods": {"a": {"mean": 80.0}, "b": {"mean": 80.0 - spread}}},
+        }}
+
+    assert holds(m.claims(res(75.0, 1e-4, 0.5, 79.5))) == [True] * 6
+    assert holds(m.claims(res(65.0, 1.0, 3.0, 77.0))) == [False] * 6
+
+
+# ------------------------------------------------------------------------------------------
+# Protocol pieces
+# ------------------------------------------------------------------------------------------
+def test_grid_and_same_size_rule():
+    g = C.grid(lr=[0.1, 0.01], damping=[1e-2])
+    assert g == [{"lr": 0.1, "damping": 1e-2}, {"lr": 0.01, "damping": 1e-2}]
+    assert C.check_same_size({"a": g, "b": C.grid(lr=[1, 2])}) == 2
+    with pytest.raises(ValueError, match="same size"):
+        C.check_same_size({"a": g, "b": C.grid(lr=[1])})
+    with pytest.raises(ValueError, match="lr"):
+        C.grid(lr=[])
+
+
+def test_mean_std_and_divergence_ranking():
+    assert C.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+    assert C.mean_std([1.0, None]) == (None, None)  # a diverged seed makes the mean unknown
+    task = C.Task("t", "point", C.VectorParameter, loss="rosenbrock", metric="loss", batch_size=1, steps=1)
+    ok = {"diverged": False, "select": 5.0}
+    better = {"diverged": False, "select": 1.0}
+    dead = {"diverged": True, "select": None}
+    assert C._better(better, ok, task) and not C._better(ok, better, task)
+    assert C._better(ok, dead, task) and not C._better(dead, ok, task)
+
+
+def test_train_records_a_raising_method_as_diverged(monkeypatch):
+    """A baseline that raises mid-run is a result (diverged, with the error), not a crash."""
+    task = C.Task("Rosenbrock", "point", lambda: C.VectorParameter((-1.5, 2.5)), loss="rosenbrock",
+                  metric="loss", batch_size=1, steps=5, select_on="train", report_on="train")
+    real = torch.optim.SGD.step
+
+    def boom(self, closure=None):
+        raise RuntimeError("singular")
+
+    monkeypatch.setattr(torch.optim.SGD, "step", boom)
+    r = C.train(C.RunSpec(task, "SGD", {"lr": 1e-3}, seed=0, steps=5))
+    monkeypatch.setattr(torch.optim.SGD, "step", real)
+    assert r["diverged"] and any("singular" in n for n in r["notes"])
+    ok = C.train(C.RunSpec(task, "SGD", {"lr": 1e-4}, seed=0, steps=5))
+    assert not ok["diverged"] and ok["report"] < C.rosenbrock_value(torch.tensor([-1.5, 2.5])).item()
+
+
+def test_bernoulli_kl_matches_definition():
+    new, old = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    p, q = torch.sigmoid(old), torch.sigmoid(new)
+    ref = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(1).mean()
+    assert torch.allclose(C.bernoulli_kl(new, old).double(), ref, rtol=1e-5)
+    assert float(C.bernoulli_kl(old, old)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="method"):
+        C.build_method("LBFGS", torch.nn.Linear(2, 1), {"lr": 1.0}, None, 10)
+    with pytest.raises(ValueError, match="dataset"):
+        C.load_data("imagenet", (), "cpu", "fp32")
+    with pytest.raises(ValueError, match="loss"):
+        C.loss_value("hinge", torch.zeros(1), torch.zeros(1), torch.zeros(1))
+
+
+def test_torchvision_missing_dataset_names_expected_files(tmp_path):
+    pytest.importorskip("torchvision", reason="torchvision not installed (optional, --data-dir only)")
+    with pytest.raises(FileNotFoundError) as e:
+        C.torchvision_data("cifar10", str(tmp_path))
+    assert "cifar-10-batches-py" in str(e.value) and "nothing is downloaded" in str(e.value)
+    assert not any(tmp_path.iterdir())  # and nothing was written (no download attempt)
+
+
+def test_mnist1d_is_generated_offline(monkeypatch):
+    pytest.importorskip("mnist1d", reason="mnist1d not installed: pip install -e '.[paper]'")
+    import requests
+
+    def no_network(*a, **k):
+        raise AssertionError("mnist1d tried the network")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    C._load_cpu.cache_clear()
+    d = C.mnist1d()
+    assert d.x_train.shape == (3500, 40) and d.x_val.shape == (500, 40) and d.x_test.shape == (1000, 40)
+    assert set(d.y_train.unique().tolist()) == set(range(10))
+
+
+def test_every_script_declares_equal_grids_per_task():
+    for name in reproduce.EXPERIMENTS:
+        mod = importlib.import_module(f"paper.{name}")
+        for quick in (True, False):
+            args = C.default_args(quick=quick)
+            for item in mod.plan(args):
+                sizes = {len(e.grid) for e in item.entries}
+                assert len(sizes) == 1, (name, item.key, sizes)
+
+
+def test_report_only_marks_missing_experiments(tmp_path):
+    path = reproduce.report(tmp_path)
+    text = path.read_text()
+    assert text.count("not run") >= len(reproduce.EXPERIMENTS)
+
+
+# ------------------------------------------------------------------------------------------
+# The smoke run (CI): every table produced, every number finite, every claim evaluated
+# ------------------------------------------------------------------------------------------
+_NUM = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?(?![\w.])", re.I)
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.mark.slow
+def test_quick_reproduce_end_to_end(tmp_path):
+    for mod in ("sklearn", "mnist1d", "pytorch_optimizer", "matplotlib", "rich"):
+        pytest.importorskip(mod, reason=f"{mod} missing: pip install -e '.[paper]'")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / "reproduce.py"), "--quick", "--no-progress",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"reproduce.py --quick: {elapsed:.0f} s")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "not run" not in text and "failed" not in text
+    for name in reproduce.EXPERIMENTS:
+        mod = importlib.import_module(f"paper.{name}")
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert "error" not in result, result.get("error")
+        assert mod.TITLE in text
+        # every number in the JSON is finite (non-finite values are stored as null with a diverged flag)
+        assert all(math.isfinite(x) for x in _numbers(result))
+        for tres in result["tasks"].values():
+            for label, m in tres["methods"].items():
+                if m["diverged"] == 0:
+                    assert m["mean"] is not None and m["std"] is not None, (name, label)
+                assert len(m["grid_scores"]) == len(m["grid"])
+                assert m["chosen"] in m["grid"]
+        rows = mod.claims(result)
+        assert rows and all(r["holds"] in (True, False, None) for r in rows)
+        assert any(r["holds"] is not None for r in rows), f"{name}: no claim could be decided"
+        for p in result["plots"]:
+            assert (tmp_path / p).stat().st_size > 1000
+    # the claims table of each experiment is in RESULTS.md, with a computed verdict per row
+    verdicts = re.findall(r"^\| .* \| (yes|no|n/a)(?: \(.*\))? \|$", text, flags=re.M)
+    n_claims = sum(len(importlib.import_module(f"paper.{n}").claims(
+        json.loads((tmp_path / f"{n}.json").read_text()))) for n in reproduce.EXPERIMENTS)
+    assert len(verdicts) == 2 * n_claims  # once in the summary, once in the experiment's table
+    # the report can be rebuilt from the JSONs alone
+    os.remove(tmp_path / "RESULTS.md")
+    assert reproduce.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "RESULTS.md").read_text().count("| yes") + \
+        (tmp_path / "RESULTS.md").read_text().count("| no") > 0
