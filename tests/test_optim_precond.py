@@ -642,3 +642,72 @@ def test_scheduler_decay_is_not_learnt_back_by_the_lookahead():
     d1 = torch.cat([(p - b).flatten() for p, b in zip(m1.parameters(), before)])
     d2 = torch.cat([(p - b).flatten() for p, b in zip(m2.parameters(), before)])
     assert torch.allclose(d2, 1e-3 * d1, rtol=1e-9, atol=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# small_full_max: a full preconditioner for small parameters no layer owns
+# --------------------------------------------------------------------------------------------
+class Rosenbrock(nn.Module):
+    """Rosenbrock in z = M·x + 0.1·c[:2]: x (2,) and M (2, 2) are small, c (6,) is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor([-1.5, 2.5], dtype=torch.float64))
+        self.M = nn.Parameter(torch.tensor([[1.0, 0.2], [-0.1, 0.9]], dtype=torch.float64))
+        self.c = nn.Parameter(torch.linspace(-0.5, 0.5, 6, dtype=torch.float64))
+
+    def forward(self):
+        z = self.M @ self.x + 0.1 * self.c[:2]
+        return (1 - z[0]) ** 2 + 100 * (z[1] - z[0] ** 2) ** 2 + 0.5 * self.c.pow(2).sum()
+
+
+def test_small_full_preconditioner_layout_and_meta_gradient_against_autograd():
+    torch.manual_seed(0)
+    m = Rosenbrock()
+    opt = APOPrecond(m, lr=1e-4, lambda_fsd=0.3, lambda_wsd=0.5, meta_lr=0.01, momentum=0.5, fsd="mse",
+                     small_full_max=4)
+    assert [(l.name, l.kind, l.m, l.n) for l in opt.layers] == [("x", "full", 1, 2), ("M", "full", 1, 4)]
+    assert [name for name, _, _ in opt.diagonals] == ["c"]
+    x_pc = opt.layers[0].precond
+    assert not x_pc.learn_left and x_pc.learn_right and x_pc.parameters() == [x_pc.S, x_pc.B[0]]
+
+    def closure():
+        opt.zero_grad()
+        loss = m()
+        loss.backward()
+        return loss
+
+    opt.step(closure, fsd_inputs=())  # a momentum buffer and a meta-step: φ is no longer the identity
+    with torch.no_grad():
+        for t in opt.phi:
+            t.add_(0.1 * torch.randn_like(t))
+    _, grads = opt.meta_gradient(closure, fsd_inputs=())
+
+    # the same Q(φ) written with autograd: θ' = θ − Y(φ), Y = (S²⊙(v·B))·Bᵀ for the flattened
+    # small parameters, S²⊙v for c; v = μ·buffer + g
+    closure()
+    params = dict(m.named_parameters())
+    v = {n: 0.5 * opt.state[p]["momentum_buffer"] + p.grad for n, p in params.items()}
+    phi = [t.detach().clone().requires_grad_(True) for t in opt.phi]
+    by_name = dict(zip(["x", "M"], [(phi[0], phi[1]), (phi[2], phi[3])]))
+    Y = {}
+    for name, (S, B) in by_name.items():
+        G = v[name].reshape(1, -1)
+        Y[name] = ((torch.exp(2 * S) * (G @ B)) @ B.T).reshape(params[name].shape)
+    Y["c"] = torch.exp(2 * phi[4]) * v["c"]
+    new = {n: p.detach() - Y[n] for n, p in params.items()}
+    f_new = torch.func.functional_call(m, new, ())
+    f_old = m().detach()
+    Q = f_new + 0.3 * 0.5 * (f_new - f_old) ** 2 + 0.5 * 0.5 * sum(y.pow(2).sum() for y in Y.values())
+    expected = torch.autograd.grad(Q, phi)
+    for g, e in zip(grads, expected):
+        assert torch.allclose(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_small_full_max_argument():
+    with pytest.raises(ValueError, match=r"\bsmall_full_max\b"):
+        APOPrecond(Rosenbrock(), **opt_kwargs(small_full_max=0))
+    with pytest.raises(TypeError, match=r"\bsmall_full_max\b"):
+        APOPrecond(Rosenbrock(), **opt_kwargs(small_full_max=2.0))
+    opt = APOPrecond(Rosenbrock(), **opt_kwargs())  # default: every unowned parameter is diagonal
+    assert opt.layers == [] and len(opt.diagonals) == 3

@@ -12,7 +12,9 @@ gradient, as torch.optim.SGD, then preconditioned). Layer → matrix:
     nn.Embedding         weight (V, d); A fixed to the identity on the vocabulary side (S still
                          scales each entry: a diagonal block there), B (d, d) learnt
     everything else      a diagonal S-only preconditioner Y = S²⊙G (norm scales, 1-D params,
-                         params of unsupported modules, the bias of a layer whose weight is tied)
+                         params of unsupported modules, the bias of a layer whose weight is tied);
+                         with ``small_full_max``, those with at most that many entries instead
+                         get a full one: flattened to (1, numel), A = 1 fixed, B learnt
 
 Blocking rule (``max_precond_dim``): a side longer than it is split into ⌈size/max⌉ near-equal
 blocks with a dense factor each (block-diagonal A or B); see ``meta.split_sizes``.
@@ -45,15 +47,20 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class _Layer:
-    """A weight (+ bias) viewed as one (m, n) matrix with its StructuredPreconditioner."""
+    """A weight (+ bias) viewed as one (m, n) matrix with its StructuredPreconditioner.
+
+    kind "linear" / "conv": rows = output units, A and B learnt; "embedding": A fixed (vocabulary
+    side); "full": a small parameter no layer owns, flattened to one row (1, numel) — A is the fixed
+    1×1 identity and B a full numel×numel factor.
+    """
 
     def __init__(self, name: str, kind: str, weight: Tensor, bias: Optional[Tensor], precond_kwargs: dict):
         self.name, self.kind, self.weight, self.bias = name, kind, weight, bias
-        self.m = weight.shape[0]
-        self.nw = weight[0].numel()
+        self.m = 1 if kind == "full" else weight.shape[0]
+        self.nw = weight.numel() // self.m
         self.n = self.nw + (1 if bias is not None else 0)
         self.precond = StructuredPreconditioner(
-            self.m, self.n, learn_left=(kind != "embedding"), **precond_kwargs
+            self.m, self.n, learn_left=kind not in ("embedding", "full"), **precond_kwargs
         )
 
     @property
@@ -96,6 +103,10 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             margin below the greedy one-step optimum, which is reused for meta_interval steps.
             S starts at √(lr/update_scale), so the first real updates are exactly SGD's size.
         max_precond_dim: longest dense side of A or B; longer sides become block-diagonal.
+        small_full_max: a parameter no layer owns with at most this many entries gets a full
+            preconditioner instead of a diagonal one: flattened to a (1, numel) row, with A the fixed
+            1×1 identity and B a learnt numel×numel factor (e.g. the 2-vector of a Rosenbrock
+            problem gets a full 2×2 preconditioner). None (default): diagonal for all of them.
         backend: op backend ("auto", "cpu", "cuda", "triton", "reference").
         meta_betas: Adam betas of the meta-optimizer. The default (0.5, 0.9) keeps a SHORT
             second-moment memory: the meta-gradient shrinks with the loss (∝ ‖g‖² on a
@@ -125,6 +136,7 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         warmup_steps: int = 0,
         update_scale: float = 0.9,
         max_precond_dim: Optional[int] = 2048,
+        small_full_max: Optional[int] = None,
         backend: str = "auto",
         meta_betas: tuple[float, float] = (0.5, 0.9),
         s_param: str = "log",
@@ -140,11 +152,12 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if max_precond_dim is not None:
-            if isinstance(max_precond_dim, bool) or not isinstance(max_precond_dim, int):
-                raise TypeError(f"max_precond_dim must be an int or None, got {type(max_precond_dim).__name__}")
-            if max_precond_dim < 1:
-                raise ValueError(f"max_precond_dim must be >= 1, got {max_precond_dim}")
+        for name, v in (("max_precond_dim", max_precond_dim), ("small_full_max", small_full_max)):
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
+                if v < 1:
+                    raise ValueError(f"{name} must be >= 1, got {v}")
         meta_betas = check_betas("meta_betas", meta_betas)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -179,8 +192,12 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             claimed.update(id(p) for p in self.layers[-1].params)
         self.diagonals: list[tuple[str, Tensor, DiagonalPreconditioner]] = []
         for name, p in model.named_parameters():
-            if p.requires_grad and id(p) not in claimed:
-                claimed.add(id(p))
+            if not p.requires_grad or id(p) in claimed:
+                continue
+            claimed.add(id(p))
+            if small_full_max is not None and p.numel() <= small_full_max:
+                self.layers.append(_Layer(name, "full", p, None, kwargs))
+            else:
                 self.diagonals.append((name, p, DiagonalPreconditioner(
                     p.shape, init_s=kwargs["init_s"], s_param=s_param, dtype=self.phi_dtype, device=device)))
 
@@ -193,7 +210,7 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         self.meta_interval, self.fsd, self.meta_batch = meta_interval, fsd, meta_batch
         self.grad_scaler = grad_scaler
         self.warmup_steps, self.update_scale = warmup_steps, update_scale
-        self.max_precond_dim, self.backend = max_precond_dim, backend
+        self.max_precond_dim, self.small_full_max, self.backend = max_precond_dim, small_full_max, backend
         self._params = params
         self._phi = [t for layer in self.layers for t in layer.precond.parameters()] + \
                     [t for _, _, d in self.diagonals for t in d.parameters()]
