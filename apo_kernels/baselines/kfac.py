@@ -434,7 +434,7 @@ class KFAC(torch.optim.Optimizer):
         self._sampling = True
         try:
             torch.autograd.grad(
-                output, [L.weight for L in pending], grad_outputs=dF.to(output.dtype),
+                output, list({id(L.weight): L.weight for L in pending}.values()), grad_outputs=dF.to(output.dtype),
                 retain_graph=True, allow_unused=True,
             )
         finally:
