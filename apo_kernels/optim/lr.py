@@ -1,6 +1,7 @@
 """APO-LR: meta-learn the learning rate of any torch.optim optimizer with the proximal objective.
 
-φ = log(lr) (positive lr by construction). For SGD (momentum, Nesterov, dampening, weight decay),
+φ = log of the learnt lr (positive by construction; a scheduler on the base optimizer multiplies
+it, see APOLR). For SGD (momentum, Nesterov, dampening, weight decay),
 RMSprop (centered, momentum) and Adam/AdamW (amsgrad) the update is linear in lr:
 
     θ'(lr) = θ + lr · d,      d = the base optimizer's step with lr = 1 and its state frozen
@@ -337,18 +338,18 @@ class APOLR(APOCore):
         g = torch.stack(grads) if self.per_group else torch.stack(grads).sum().reshape(1)
         self.log_lr.grad = g
 
-    def _clamp(self):
+    def _clamp_and_record(self):
         lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
         hi = math.inf if self.max_lr is None else math.log(self.max_lr)
         self.log_lr.clamp_(lo, hi)
         self.lr_history.append((self._apo_step, self.learnt_lrs))
 
     def _after_meta_step(self):
-        self._clamp()
+        self._clamp_and_record()
 
     def _shrink_phi(self, factor: float):
         self.log_lr.add_(math.log(factor))
-        self._clamp()
+        self._clamp_and_record()
 
     def _apply(self, plan) -> bool:
         # the effective lr only for the base optimizer's step; the scheduler's values are restored

@@ -4,8 +4,9 @@ Per layer the gradient (or momentum) matrix G (m, n) is preconditioned as
 
     Y = A · (S²⊙(Aᵀ G B)) · Bᵀ          (apo_kernels.precondition_grouped, one call per step)
 
-and the update is θ ← θ − update_scale · Y(v), v = μ·v + (g + wd·θ) (heavy-ball momentum on the
-gradient, as torch.optim.SGD, then preconditioned). Layer → matrix:
+and the update is θ ← θ − update_scale · (lr_t / lr) · Y(v), v = μ·v + (g + wd·θ) (heavy-ball
+momentum on the gradient, as torch.optim.SGD, then preconditioned; lr_t / lr is an lr scheduler's
+factor, 1 without one). Layer → matrix:
 
     nn.Linear            weight (out, in) + bias as an extra column      → (out, in + 1)
     nn.Conv1d/2d/3d      weight (out, in/groups·k…) + bias column         → (out, in/groups·k… + 1)
@@ -116,6 +117,15 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             independent of lr's magnitude; default) or "linear" (S² = S·S).
         meta_batch: "same" (Algorithm 1) or "fresh" (ablation; needs ``step(meta_closure=...)``).
         grad_scaler: the torch.amp.GradScaler the closure scales its loss with.
+
+    Learning-rate schedulers: the real update is multiplied by ``schedule_factor()`` =
+    param_groups[0]["lr"] / ``lr`` (the constructor's). The lookahead does not see it: φ learns the
+    greedy step at the base lr — if it saw the factor, the meta-step would learn S² back up and undo
+    a decay. With identity φ the updates are torch.optim.SGD's under the same scheduler.
+
+    A step too large to evaluate (non-finite lookahead or update; on the first meta-step a
+    lookahead worse than not stepping) scales S² down and retries (``recoveries``; see
+    ``apo_kernels.optim._core``). No state aliases ``.grad``.
 
     Per-layer statistics: ``preconditioner_stats()``. φ is float32 (float64 for a float64 model)
     whatever the model's dtype; the momentum buffer has φ's dtype.
