@@ -94,6 +94,8 @@ def results_table(tres: dict) -> list[str]:
             label, _hp(m["chosen"]), mean, m["n"], m["diverged"], sum(m["skipped_steps"]),
             C.fmt(t, 3), grid)) + " |")
     notes = sorted({f"{label}: {n}" for label, m in tres["methods"].items() for n in m.get("notes", [])})
+    notes += [f"{label}: {_hp(r['point'])} rejected (diverged with seed(s) {r['diverged_seeds']})"
+              for label, m in tres["methods"].items() for r in m.get("rejected", [])]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]
     return lines
@@ -174,19 +176,22 @@ def estimate(args, probe_steps: int) -> dict[str, float]:
 
     torch.set_num_threads(args.threads if args.jobs == 1 else 1)
     out = {}
+    print("experiment       wall-clock now   CPU-time based (an idle machine)")
     for name in args.names:
-        total = 0.0
+        wall = cpu = 0.0
         for item in module(name).plan(args):
             C.load_data(item.task.data, item.task.data_kwargs, args.device, "fp64" if item.dtype == "fp64" else "fp32")
             for e in item.entries:
                 spec = C.RunSpec(task=item.task, method=e.method, hp=e.grid[0], seed=0,
                                  steps=probe_steps, device=args.device, dtype=item.dtype)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 C.train(spec)
-                per_step = (time.perf_counter() - t0) / probe_steps
-                total += (len(e.grid) + len(item.seeds) - 1) * item.steps * per_step
-        out[name] = total / args.jobs
-        print(f"{name:16s} ~{out[name]:6.0f} s  ({sum(i.n_runs() for i in module(name).plan(args))} runs)")
+                scale = (len(e.grid) + len(item.seeds) - 1) * item.steps / probe_steps
+                wall += (time.perf_counter() - t0) * scale
+                cpu += (time.process_time() - c0) * scale
+        out[name] = wall / args.jobs
+        n = sum(i.n_runs() for i in module(name).plan(args))
+        print(f"{name:16s} ~{wall / args.jobs:6.0f} s        ~{cpu / args.jobs:6.0f} s   ({n} runs)")
     print(f"{'total':16s} ~{sum(out.values()):6.0f} s with --jobs {args.jobs}")
     return out
 

@@ -297,3 +297,33 @@ def test_quick_reproduce_end_to_end(tmp_path):
     assert reproduce.main(["--report-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "RESULTS.md").read_text().count("| yes") + \
         (tmp_path / "RESULTS.md").read_text().count("| no") > 0
+
+
+def test_protocol_falls_back_when_the_chosen_point_diverges_on_another_seed():
+    """Seed 0 ranks lr=1 best, but it diverges on seed 1: the next-best point (lr=2) is reported,
+    with the rejected point recorded; a method whose best point is stable keeps it."""
+    task = C.Task("t", "point", C.VectorParameter, loss="rosenbrock", metric="loss", batch_size=1,
+                  steps=1, select_on="train", report_on="train")
+
+    class StubRunner:
+        progress, bar, calls = C.Progress(enabled=False), None, 0
+
+        def map(self, specs):
+            self.calls += 1
+            out = []
+            for s in specs:
+                lr = s.hp["lr"]
+                bad = s.label == "edgy" and lr == 1 and s.seed > 0
+                v = None if bad else float(lr + s.seed)
+                out.append({"seed": s.seed, "diverged": bad, "select": v, "report": v, "notes": [],
+                            "final": {}, "curve": {}, "time_s": 0.0})
+            return out
+
+    grid = C.grid(lr=[3, 1, 2])
+    item = C.PlanItem(task, [C.Entry("edgy", "SGD", grid), C.Entry("calm", "SGD", grid)], seeds=[0, 1, 2], steps=1)
+    runner = StubRunner()
+    res = C.run_protocol(item, runner)["methods"]
+    assert res["edgy"]["chosen"] == {"lr": 2} and res["edgy"]["rejected"][0]["point"] == {"lr": 1}
+    assert res["edgy"]["diverged"] == 0 and res["edgy"]["mean"] == pytest.approx(3.0)  # 2, 3, 4
+    assert res["calm"]["chosen"] == {"lr": 1} and res["calm"]["rejected"] == []
+    assert runner.calls == 3  # grid, seeds, one fallback round

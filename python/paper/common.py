@@ -916,6 +916,12 @@ class Progress:
     def add(self, description: str, total: int):
         return self._p.add_task(description, total=total) if self._p is not None else None
 
+    def extend(self, task_id, n: int) -> None:
+        """Add ``n`` runs to a line's total (fallback runs decided during the experiment)."""
+        if self._p is not None and task_id is not None and n:
+            task = next(t for t in self._p.tasks if t.id == task_id)
+            self._p.update(task_id, total=(task.total or 0) + n)
+
     def advance(self, task_id, n: int = 1, total: Optional[int] = None):
         if self._p is not None and task_id is not None:
             if total is not None:
@@ -1045,37 +1051,55 @@ def plan_item(task: Task, entries: list[Entry], args, *, seeds=None, steps=None,
 
 def run_protocol(item: PlanItem, runner: Runner, device: str = "cpu") -> dict:
     """Grid search on the first seed (scored on task.select_on), then the chosen point with every
-    other seed. A one-point grid is simply run with every seed."""
+    other seed. When the chosen point diverges on another seed, the next-best grid point that
+    trained on the first seed is taken instead (and recorded in "rejected"): a point at the edge
+    of stability on one seed is not the method's best setting. A one-point grid is simply run
+    with every seed."""
     task, entries, seeds, steps, dtype = item.task, item.entries, item.seeds, item.steps, item.dtype
     spec = functools.partial(RunSpec, task=task, steps=steps, device=device, dtype=dtype)
     grid_specs = [spec(method=e.method, hp=hp, seed=seeds[0], label=e.label)
                   for e in entries for hp in e.grid]
     grid_runs = runner.map(grid_specs)
-    chosen: dict[str, tuple[int, dict]] = {}
+    grid_of, ranked = {}, {}
     i = 0
     for e in entries:
-        best = None
-        for k in range(len(e.grid)):
-            if _better(grid_runs[i + k], best, task):
-                best, best_k = grid_runs[i + k], k
-        chosen[e.label] = (best_k, best)
+        part = grid_runs[i:i + len(e.grid)]
         i += len(e.grid)
-    seed_specs = [spec(method=e.method, hp=e.grid[chosen[e.label][0]], seed=s, label=e.label)
-                  for e in entries for s in seeds[1:]]
-    seed_runs = iter(runner.map(seed_specs))
+        grid_of[e.label] = part
+        order = sorted(range(len(part)), key=functools.cmp_to_key(
+            lambda a, b: -1 if _better(part[a], part[b], task) else (1 if _better(part[b], part[a], task) else 0)))
+        # candidates in rank order; points that diverged on the first seed only as a last resort
+        ranked[e.label] = [k for k in order if not part[k]["diverged"]] or order[:1]
+    pick = {e.label: 0 for e in entries}
+    rejected: dict[str, list] = {e.label: [] for e in entries}
+    seed_runs: dict[str, list] = {}
+    pending = list(entries)
+    while pending:
+        specs = [spec(method=e.method, hp=e.grid[ranked[e.label][pick[e.label]]], seed=s, label=e.label)
+                 for e in pending for s in seeds[1:]]
+        runner.progress.extend(runner.bar, len(specs) if any(pick[e.label] for e in pending) else 0)
+        done = iter(runner.map(specs))
+        retry = []
+        for e in pending:
+            runs = [next(done) for _ in seeds[1:]]
+            seed_runs[e.label] = runs
+            k = ranked[e.label][pick[e.label]]
+            if any(r["diverged"] for r in runs) and pick[e.label] + 1 < len(ranked[e.label]):
+                rejected[e.label].append({"point": e.grid[k], "diverged_seeds": [r["seed"] for r in runs if r["diverged"]]})
+                pick[e.label] += 1
+                retry.append(e)
+        pending = retry
     methods = {}
-    i = 0
     for e in entries:
-        k, best = chosen[e.label]
-        runs = [best] + [next(seed_runs) for _ in seeds[1:]]
-        grid_part = grid_runs[i:i + len(e.grid)]
-        i += len(e.grid)
+        k = ranked[e.label][pick[e.label]]
+        runs = [grid_of[e.label][k]] + seed_runs[e.label]
         methods[e.label] = {
             "method": e.method,
             "grid": e.grid,
-            "grid_scores": [r["select"] for r in grid_part],
-            "grid_diverged": [r["diverged"] for r in grid_part],
+            "grid_scores": [r["select"] for r in grid_of[e.label]],
+            "grid_diverged": [r["diverged"] for r in grid_of[e.label]],
             "chosen": e.grid[k],
+            "rejected": rejected[e.label],
             "notes": sorted({n for r in runs for n in r["notes"]}),
             **summarize_runs(runs),
             "runs": [_strip(r) for r in runs],
@@ -1160,7 +1184,8 @@ def read_json(path: Path) -> dict:
 
 
 def _curve_mean(runs: list[dict], xkey: str, ykey: str):
-    curves = [r["curve"] for r in runs if r.get("curve") and r["curve"]["step"]]
+    """Mean curve over the seeds that did not diverge (None when every seed diverged)."""
+    curves = [r["curve"] for r in runs if not r.get("diverged") and r.get("curve") and r["curve"]["step"]]
     if not curves:
         return None
     n = min(len(c["step"]) for c in curves)
@@ -1187,6 +1212,7 @@ def plot_task(task_result: dict, path: Path, title: str) -> Optional[Path]:
             for row, ykey in enumerate(("train_loss", "metric")):
                 c = _curve_mean(m["runs"], xkey, ykey)
                 if c is None:
+                    axes[row][col].plot([], [], label=f"{label} (diverged)")
                     continue
                 axes[row][col].plot(c[0], c[1], label=label)
     for col, xlab in enumerate(("step", "wall-clock training time (s)")):
