@@ -299,3 +299,29 @@ def test_bernoulli_discrepancy_matches_the_float64_formula_and_is_stable():
     assert discrepancy.bernoulli(old, old).item() == 0.0
     with pytest.raises(TypeError, match=r"\bfsd\b"):
         discrepancy.bernoulli((new,), old)
+
+
+def test_apo_precond_refuses_a_real_update_beyond_the_parameters_range():
+    # no meta-steps: only the real update can notice that S² is too large for fp16 parameters
+    m = mlp(torch.float16)
+    x, y = data(64)
+    opt = APOPrecond(m, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0)
+    with torch.no_grad():
+        for layer in opt.layers:  # S² ≈ 1e9 (S is stored as a log): finite in φ's float32, θ − Y is not in fp16
+            layer.precond.S.add_(0.5 * math.log(1e10))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x.half()).float(), y)
+        loss.backward()
+        return loss
+
+    start = [p.clone() for p in m.parameters()]
+    opt.step(closure)  # 4 attempts, none fits: no update at all, S² is 1e4 smaller
+    assert opt.skipped_steps == 1 and opt.recoveries == 1 + APOPrecond.MAX_RECOVERIES_PER_STEP
+    assert all(torch.equal(a, b) for a, b in zip(start, m.parameters()))
+    assert all("momentum_buffer" not in opt.state[p] for p in m.parameters())  # momentum untouched too
+    for _ in range(4):  # nothing non-finite is ever written (without meta-steps nothing checks the
+        opt.step(closure)  # loss an update leads to: a huge but finite θ stays huge, as with SGD)
+        assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, m.parameters()))
