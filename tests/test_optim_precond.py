@@ -683,8 +683,9 @@ def test_small_full_preconditioner_layout_and_meta_gradient_against_autograd():
             t.add_(0.1 * torch.randn_like(t))
     _, grads = opt.meta_gradient(closure, fsd_inputs=())
 
-    # the same Q(φ) written with autograd: θ' = θ − Y(φ), Y = (S²⊙(v·B))·Bᵀ for the flattened
-    # small parameters, S²⊙v for c; v = μ·buffer + g
+    # the same Q(φ) written with autograd: θ' = θ − c·Y(φ), Y = (S²⊙(v·B))·Bᵀ for the flattened
+    # small parameters, S²⊙v for c; v = μ·buffer + g; c = the momentum catch-up of a buffer holding
+    # 2 gradients: its steady length 1/(1−μ) over its length now 1 + μ
     closure()
     params = dict(m.named_parameters())
     v = {n: 0.5 * opt.state[p]["momentum_buffer"] + p.grad for n, p in params.items()}
@@ -695,10 +696,11 @@ def test_small_full_preconditioner_layout_and_meta_gradient_against_autograd():
         G = v[name].reshape(1, -1)
         Y[name] = ((torch.exp(2 * S) * (G @ B)) @ B.T).reshape(params[name].shape)
     Y["c"] = torch.exp(2 * phi[4]) * v["c"]
-    new = {n: p.detach() - Y[n] for n, p in params.items()}
+    c = (1 / (1 - 0.5)) / (1 + 0.5)
+    new = {n: p.detach() - c * Y[n] for n, p in params.items()}
     f_new = torch.func.functional_call(m, new, ())
     f_old = m().detach()
-    Q = f_new + 0.3 * 0.5 * (f_new - f_old) ** 2 + 0.5 * 0.5 * sum(y.pow(2).sum() for y in Y.values())
+    Q = f_new + 0.3 * 0.5 * (f_new - f_old) ** 2 + 0.5 * 0.5 * sum((c * y).pow(2).sum() for y in Y.values())
     expected = torch.autograd.grad(Q, phi)
     for g, e in zip(grads, expected):
         assert torch.allclose(g, e, rtol=1e-10, atol=1e-12)

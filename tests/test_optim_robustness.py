@@ -325,3 +325,56 @@ def test_apo_precond_refuses_a_real_update_beyond_the_parameters_range():
         opt.step(closure)  # loss an update leads to: a huge but finite θ stays huge, as with SGD)
         assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(start, m.parameters()))
+
+
+# ---- momentum catch-up: the lookahead judges the step a warmed-up momentum buffer takes ----------
+@pytest.mark.parametrize("mu,dampening,nesterov", [(0.9, 0.0, False), (0.5, 0.3, False), (0.9, 0.0, True)])
+def test_momentum_catch_up_is_the_growth_of_torch_sgd_step_under_a_steady_gradient(mu, dampening, nesterov):
+    from apo_kernels.optim._core import momentum_catch_up
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    sgd = torch.optim.SGD([p], lr=1.0, momentum=mu, dampening=dampening, nesterov=nesterov)
+    steps = []
+    for _ in range(200):
+        before = p.detach().clone()
+        p.grad = torch.ones(1, dtype=torch.float64)
+        sgd.step()
+        steps.append(float(before - p.detach()))
+    for k in (1, 2, 5, 30):
+        assert momentum_catch_up(mu, k, dampening=dampening, nesterov=nesterov) == pytest.approx(steps[-1] / steps[k - 1], rel=1e-9)
+    assert momentum_catch_up(0.0, 1) == 1.0
+
+
+def test_momentum_catch_up_of_rmsprop_buffer_starting_at_zero():
+    from apo_kernels.optim._core import momentum_catch_up
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.RMSprop([p], lr=1.0, momentum=0.8, alpha=0.0, eps=0.0)  # alpha=0: avg = |g|
+    steps = []
+    for _ in range(200):
+        before = p.detach().clone()
+        p.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        steps.append(float(before - p.detach()))
+    for k in (1, 3, 10):
+        assert momentum_catch_up(0.8, k, starts_at_grad=False) == pytest.approx(steps[-1] / steps[k - 1], rel=1e-9)
+
+
+def test_apolr_first_lookahead_of_sgd_momentum_is_the_warmed_up_step():
+    """At step 0 torch.optim.SGD's buffer is g, but the step it heads for is g/(1−μ): the lookahead
+    must judge that one (else a good lr looks 10× safer than it is at μ = 0.9)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    apo = APOLR(model, base, lambda_fsd=0.0, lambda_wsd=0.0)
+    x = torch.randn(8, 3)
+
+    def closure():
+        apo.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    closure()
+    plan = apo._prepare()
+    deltas = apo._lookahead_deltas(plan)
+    for p, d in zip(plan.params, deltas):
+        assert torch.allclose(d, -0.01 * 10.0 * p.grad, rtol=1e-6)

@@ -100,6 +100,32 @@ def check_step_args(closure, fsd_inputs, meta_closure) -> None:
                         f"got {type(fsd_inputs).__name__}")
 
 
+def momentum_catch_up(mu: float, k: int, *, dampening: float = 0.0, nesterov: bool = False,
+                      starts_at_grad: bool = True) -> float:
+    """How many times longer a heavy-ball step along a steady gradient becomes once the momentum
+    buffer has warmed up than it is after k accumulations (≥ 1; 1 without momentum).
+
+    The lookahead of a meta-step judges one step, but a young momentum buffer keeps growing: right
+    after the first gradient the buffer is g while the step it is heading for is g/(1−μ), 10× longer
+    at μ = 0.9. Judged at its young length, a step size looks 1/(1−μ) times safer than it is, and a
+    meta-step started at a good lr takes it past the edge of stability (measured on ReLU nets).
+    The lookahead therefore scales the step by this factor (bias correction, as Adam's for its
+    moments). ``starts_at_grad``: torch.optim.SGD's buffer starts at g; RMSprop's at 0.
+    """
+    if mu == 0.0:
+        return 1.0
+    if starts_at_grad:
+        young = mu ** (k - 1) + (1.0 - dampening) * (1.0 - mu ** (k - 1)) / (1.0 - mu)
+    else:
+        young = (1.0 - mu ** k) / (1.0 - mu)
+    steady = (1.0 - dampening) / (1.0 - mu)
+    if nesterov:
+        young, steady = 1.0 + mu * young, 1.0 + mu * steady
+    if not (young > 0.0 and steady > 0.0):
+        return 1.0
+    return max(1.0, steady / young)
+
+
 class _Plan:
     """What one step derives from the gradient at θ (subclasses add fields)."""
 

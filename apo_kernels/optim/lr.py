@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._core import APOCore, _Plan, check_common_args, check_number
+from ._core import APOCore, _Plan, check_common_args, check_number, momentum_catch_up
 
 
 def _cdtype(p: Tensor) -> torch.dtype:
@@ -320,12 +320,33 @@ class APOLR(APOCore):
         return _LRPlan([[p for p in g["params"] if p.grad is not None] for g in self.base_optimizer.param_groups])
 
     def _lookahead_deltas(self, plan):
-        # Δ = learnt lr·d; the directions are fresh tensors, so scale them in place
+        # Δ = learnt lr·c·d, c the momentum catch-up factor; the directions are fresh tensors, so
+        # scale them in place. ⟨∇θ'Q, Δ⟩ stays ∂Q/∂log lr (Δ is linear in lr).
         plan.deltas = [
-            [d.to(_cdtype(d)).mul_(lr) for d in dirs]
-            for lr, dirs in zip(self.learnt_lrs, lr_directions(self.base_optimizer, plan.params_by_group))
+            [d.to(_cdtype(d)).mul_(lr * self._catch_up(group, params)) for d in dirs]
+            for lr, group, params, dirs in zip(self.learnt_lrs, self.base_optimizer.param_groups,
+                                               plan.params_by_group,
+                                               lr_directions(self.base_optimizer, plan.params_by_group))
         ]
         return [d for ds in plan.deltas for d in ds]
+
+    def _catch_up(self, group: dict, params: list) -> float:
+        """The lookahead judges the step a warmed-up momentum buffer will take (``momentum_catch_up``)."""
+        mom = float(group.get("momentum", 0.0) or 0.0)
+        if mom == 0.0 or not params:
+            return 1.0
+        state = self.base_optimizer.state.get(params[0], {})
+        if "momentum_buffer" not in state or state["momentum_buffer"] is None:
+            k = 1  # this step creates the buffer
+        elif "step" in state:  # RMSprop counts its steps
+            k = int(state["step"]) + 1
+        else:  # torch.optim.SGD does not: the steps taken through this optimizer
+            k = self._apo_step + 1
+        if isinstance(self.base_optimizer, torch.optim.SGD):
+            return momentum_catch_up(mom, k, dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]))
+        if isinstance(self.base_optimizer, torch.optim.RMSprop):
+            return momentum_catch_up(mom, k, starts_at_grad=False)
+        return 1.0
 
     def _meta_backward(self, plan, dQ):
         # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import resolve_backend
-from ._core import APOCore, _Plan, check_betas, check_common_args, check_number
+from ._core import APOCore, _Plan, check_betas, check_common_args, check_number, momentum_catch_up
 from .meta import (
     DiagonalPreconditioner,
     all_finite,
@@ -315,12 +315,16 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         return out
 
     def _lookahead_deltas(self, plan):
+        # the lookahead judges the step a warmed-up momentum buffer will take (momentum_catch_up)
+        group = self.param_groups[0]
+        young = not any("momentum_buffer" in self.state.get(p, {}) for p in plan.params)
+        plan.catch_up = momentum_catch_up(group["momentum"], 1 if young else self._apo_step + 1)
         Y = self._directions(plan)
-        return [-Y[id(p)] for p in plan.params]
+        return [Y[id(p)].mul(-plan.catch_up) for p in plan.params]
 
     def _meta_backward(self, plan, dQ):
-        # θ' = θ − Y(φ)  ⇒  ∂Q/∂φ = (∂Y/∂φ)ᵀ(−∇θ'Q): the op's backward with grad_out = −∇θ'Q
-        dq = {id(p): g for p, g in zip(plan.params, dQ)}
+        # θ' = θ − c·Y(φ)  ⇒  ∂Q/∂φ = (∂Y/∂φ)ᵀ(−c·∇θ'Q): the op's backward with grad_out = −c·∇θ'Q
+        dq = {id(p): g.mul(plan.catch_up) if plan.catch_up != 1.0 else g for p, g in zip(plan.params, dQ)}
         dYs = []
         for layer in plan.layers:
             parts = [-dq[id(p)] if id(p) in dq else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
