@@ -167,7 +167,7 @@ def test_kfac_direction_is_damped_kronecker_solve():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    opt = KFAC(model, lr=1.0, damping=0.1, momentum=0.0, stat_decay=0.0)
+    opt = KFAC(model, lr=1.0, damping=0.1, momentum=0.0, stat_decay=0.0, kl_clip=None)
     w0 = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1).clone()
 
     def closure():
@@ -193,7 +193,7 @@ def test_ekfac_right_after_eigh_equals_eigen_kfac():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    opt = EKFAC(model, lr=1.0, damping=0.1, momentum=0.0, stat_decay=0.0)
+    opt = EKFAC(model, lr=1.0, damping=0.1, momentum=0.0, stat_decay=0.0, kl_clip=None)
     w0 = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1).clone()
 
     def closure():
@@ -730,3 +730,25 @@ def test_training_survives_dead_layers_and_failing_factorizations(monkeypatch, o
     for p, kept in before.items():  # the curvature from step 3 is still in use
         for key, v in kept.items():
             assert torch.equal(opt.state[p][key], v)
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_large_lr_does_not_run_away_with_the_default_step_bound(opt_cls, fisher):
+    """lr 0.1 with momentum 0.9 and damping 1e-2 on a ReLU MLP: without a step bound the loss
+    reaches ~1e25 within 60 steps and ends NaN (as on MNIST-1D); the default kl_clip keeps every
+    step finite and the loss falls."""
+    torch.manual_seed(0)
+    x = torch.randn(400, 40)
+    y = (x[:, :10] * x[:, 10:20]).argmax(1)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    mc = dict(fisher="mc", likelihood="categorical") if fisher == "mc" else {}
+    opt = opt_cls(model, lr=0.1, damping=1e-2, **mc)
+    losses = []
+    for i in range(60):
+        idx = torch.arange(i * 50, (i + 1) * 50) % 400
+        losses.append(float(opt.step(_closure_for(opt, model, x[idx], y[idx])).detach()))
+    with torch.no_grad():
+        final = float(F.cross_entropy(model(x), y))
+    assert opt.skipped_steps == 0 and max(losses) < 3.0, losses
+    assert final < 0.5 * losses[0], (losses[0], final)
