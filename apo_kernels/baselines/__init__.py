@@ -1,22 +1,38 @@
 """Curvature baselines for apo-bench, in the same ``step(closure)`` contract as the APO optimizers.
 
     from apo_kernels.baselines import KFAC, EKFAC
-    opt = KFAC(model, lr=0.05, damping=1e-3)       # or EKFAC(model, ...)
+    opt = KFAC(model, lr=0.05, damping=1e-3)       # empirical Fisher (the default)
+    opt = KFAC(model, lr=0.05, damping=1e-3, fisher="mc", likelihood="categorical")  # Martens & Grosse
     loss = opt.step(closure)
 
 Both find the model's Linear / Conv2d layers, keep Kronecker factors from forward/backward hooks
-(empirical Fisher) and invert / eigendecompose them in float32 every ``inverse_interval`` steps.
+(empirical Fisher, or the sampled Fisher with ``fisher="mc"``) and invert / eigendecompose them in
+float32 every ``inverse_interval`` steps, with a damping floor and a fallback that never raises.
 """
 from .ekfac import EKFAC, eigenbasis, ekfac_apply, projected_second_moment
-from .kfac import KFAC, damped_inverse, factored_damping, kfac_apply, kronecker_factors
+from .kfac import (
+    FISHER_TYPES,
+    KFAC,
+    LIKELIHOODS,
+    damped_inverse,
+    damped_inverse_ex,
+    factored_damping,
+    kfac_apply,
+    kronecker_factors,
+    sampled_output_gradient,
+)
 
 __all__ = [
     "KFAC",
     "EKFAC",
+    "FISHER_TYPES",
+    "LIKELIHOODS",
     "kronecker_factors",
     "factored_damping",
     "damped_inverse",
+    "damped_inverse_ex",
     "kfac_apply",
+    "sampled_output_gradient",
     "eigenbasis",
     "projected_second_moment",
     "ekfac_apply",

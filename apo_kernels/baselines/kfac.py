@@ -76,6 +76,7 @@ __all__ = [
     "kronecker_factors",
     "factored_damping",
     "damped_inverse",
+    "damped_inverse_ex",
     "kfac_apply",
     "sampled_output_gradient",
 ]
@@ -124,7 +125,12 @@ def factored_damping(A: Tensor, G: Tensor, damping: float) -> tuple[float, float
     return pi * root, root / pi
 
 
-def damped_inverse(M: Tensor, lam: float) -> tuple[Optional[Tensor], bool]:
+def damped_inverse(M: Tensor, lam: float) -> Optional[Tensor]:
+    """(M + lam·I)⁻¹ of a symmetric PSD matrix in float32; None if M is not finite (see damped_inverse_ex)."""
+    return damped_inverse_ex(M, lam)[0]
+
+
+def damped_inverse_ex(M: Tensor, lam: float) -> tuple[Optional[Tensor], bool]:
     """(M + lam·I)⁻¹ of a symmetric PSD matrix, returned in float32, and whether a fallback was needed.
 
     Cholesky in float32; where it fails or gives a non-finite result (M rank deficient below
@@ -467,8 +473,8 @@ class KFAC(torch.optim.Optimizer):
 
     def _update_curvature(self, layer: _Layer, state: dict, damping: float, dtype: torch.dtype) -> None:
         lam_a, lam_g = factored_damping(state["A"], state["G"], damping)
-        A_inv, fell_back_a = damped_inverse(state["A"], lam_a)
-        G_inv, fell_back_g = damped_inverse(state["G"], lam_g)
+        A_inv, fell_back_a = damped_inverse_ex(state["A"], lam_a)
+        G_inv, fell_back_g = damped_inverse_ex(state["G"], lam_g)
         self.recoveries["float64_inverse"] += int(fell_back_a) + int(fell_back_g)
         if A_inv is None or G_inv is None:
             self.recoveries["kept_previous_curvature"] += 1
