@@ -802,7 +802,9 @@ def train(spec: RunSpec) -> dict:
     try:
         for step in range(1, spec.steps + 1):
             xb, yb = next_batch()
-            meta_closure = make_closure(*next_batch()) if spec.hp.get("meta_batch") == "fresh" else None
+            meta_closure = None
+            if spec.hp.get("meta_batch") == "fresh" and getattr(method.opt, "meta_due", lambda: True)():
+                meta_closure = make_closure(*next_batch())  # a fresh batch, only for meta-steps
             t0 = time.perf_counter()
             loss = method.step(make_closure(xb, yb), xb, meta_closure)
             method.after_step()
