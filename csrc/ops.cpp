@@ -19,6 +19,8 @@
 #error "apo-kernels: torch uses OpenMP for at::parallel_for; compile csrc/ops.cpp with -fopenmp"
 #endif
 
+#include "apo_checks.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -46,39 +48,6 @@ using at::Tensor;
 using at::TensorList;
 using Mask = std::array<bool, 4>;
 using TensorVec = std::vector<Tensor>;
-
-// ---------------------------------------------------------------------------------------------
-// Checks (defensive: apo_kernels/ops/_validate.py has already raised a friendly error)
-
-void check_layer(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B,
-                 const Tensor* dY = nullptr) {
-  const auto d = G.dim();
-  TORCH_CHECK(d == 2 || d == 3, "apo: grad must be 2-D or 3-D, got ", G.sizes());
-  TORCH_CHECK(A.dim() == d && S.dim() == d && B.dim() == d,
-              "apo: grad, A, S, B must have the same number of dims");
-  TORCH_CHECK(at::isFloatingType(G.scalar_type()), "apo: floating dtype expected, got ",
-              G.scalar_type());
-  for (const Tensor* t : {&A, &S, &B}) {
-    TORCH_CHECK(t->scalar_type() == G.scalar_type(), "apo: all inputs must share grad's dtype");
-    TORCH_CHECK(t->device() == G.device(), "apo: all inputs must be on grad's device");
-  }
-  const auto m = G.size(-2), n = G.size(-1);
-  TORCH_CHECK(A.size(-2) == m && A.size(-1) == m, "apo: A must be (..., ", m, ", ", m, "), got ",
-              A.sizes());
-  TORCH_CHECK(S.sizes() == G.sizes(), "apo: S must have grad's shape ", G.sizes(), ", got ",
-              S.sizes());
-  TORCH_CHECK(B.size(-2) == n && B.size(-1) == n, "apo: B must be (..., ", n, ", ", n, "), got ",
-              B.sizes());
-  if (d == 3) {
-    TORCH_CHECK(A.size(0) == G.size(0) && B.size(0) == G.size(0), "apo: batch sizes differ");
-  }
-  if (dY != nullptr) {
-    TORCH_CHECK(dY->sizes() == G.sizes(), "apo: grad_out must have grad's shape ", G.sizes(),
-                ", got ", dY->sizes());
-    TORCH_CHECK(dY->scalar_type() == G.scalar_type() && dY->device() == G.device(),
-                "apo: grad_out must share grad's dtype and device");
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // GEMM helpers over 2-D (mm) or 3-D batched (bmm) operands. Transposed views go to BLAS as
@@ -224,32 +193,30 @@ void for_each_layer(const TensorList& grads, const Fn& fn) {
   });
 }
 
-void check_group(std::initializer_list<const TensorList*> lists) {
-  const auto n = (*lists.begin())->size();
-  for (const TensorList* l : lists) {
-    TORCH_CHECK(l->size() == n, "apo: grouped op lists must have the same length, got ", n,
-                " and ", l->size());
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Op entry points (CPU)
 
+// Every entry point applies the input rules of apo_checks.h first (a direct call of torch.ops.apo.*
+// fails like the public API), then refuses a result bigger than the machine's memory.
+
 Tensor precondition_cpu(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B) {
-  check_layer(G, A, S, B);
+  checks::check_layer(G, A, S, B);
+  checks::check_result_fits({G}, nullptr, checks::host_memory_bytes());
   return forward_layer(G, A, S, B);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> precondition_backward_cpu(
     const Tensor& dY, const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B,
     Mask mask) {
-  check_layer(G, A, S, B, &dY);
+  checks::check_layer(G, A, S, B);
+  checks::check_grad_out(dY, G);
+  checks::check_result_fits({G}, &mask, checks::host_memory_bytes());
   return backward_layer(dY, G, A, S, B, mask);
 }
 
 TensorVec precondition_grouped_cpu(TensorList Gs, TensorList As, TensorList Ss, TensorList Bs) {
-  check_group({&Gs, &As, &Ss, &Bs});
-  for (size_t i = 0; i < Gs.size(); ++i) check_layer(Gs[i], As[i], Ss[i], Bs[i]);
+  checks::check_group(Gs, As, Ss, Bs);
+  checks::check_result_fits(Gs, nullptr, checks::host_memory_bytes());
   TensorVec out(Gs.size());
   for_each_layer(Gs, [&](int64_t i) { out[i] = forward_layer(Gs[i], As[i], Ss[i], Bs[i]); });
   return out;
@@ -257,8 +224,8 @@ TensorVec precondition_grouped_cpu(TensorList Gs, TensorList As, TensorList Ss, 
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_backward_cpu(
     TensorList dYs, TensorList Gs, TensorList As, TensorList Ss, TensorList Bs, Mask mask) {
-  check_group({&dYs, &Gs, &As, &Ss, &Bs});
-  for (size_t i = 0; i < Gs.size(); ++i) check_layer(Gs[i], As[i], Ss[i], Bs[i], &dYs[i]);
+  checks::check_group(Gs, As, Ss, Bs, &dYs);
+  checks::check_result_fits(Gs, &mask, checks::host_memory_bytes());
   const size_t n = Gs.size();
   std::array<TensorVec, 4> out;
   for (int k = 0; k < 4; ++k) out[k].resize(mask[k] ? n : 0);  // masked off: empty list

@@ -5,9 +5,10 @@
 // Backward with upstream dY, H = AᵀGB, M = S⊙H:
 //     D = Aᵀ dY B,  E = S⊙D,  dS = D⊙H,  dG = A E Bᵀ,
 //     dA = dY B Mᵀ + G B Eᵀ,  dB = dYᵀ A M + Gᵀ A E
-// Schemas, masks and output conventions: docs/CONTRACT.md. The Python side validates inputs; the
-// TORCH_CHECKs here are only a defensive backstop. The kernels themselves are in
-// precondition_kernels.cuh (host-compilable, so host_emulation.cpp can run them on a CPU in tests).
+// Schemas, masks and output conventions: docs/CONTRACT.md. Every entry point first applies the input
+// rules of ../apo_checks.h (shared with the CPU kernels, the same as the Python API's). The kernels
+// themselves are in precondition_kernels.cuh (host-compilable, so host_emulation.cpp can run them on
+// a CPU in tests).
 //
 // Two paths, chosen per layer (a 3-D batch counts as L layers of one shape):
 //
@@ -52,6 +53,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../apo_checks.h"
 #include "precondition_kernels.cuh"
 
 #include <algorithm>
@@ -255,27 +257,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> large_backward(const Tensor& dY, cons
 // Op entry points
 // ------------------------------------------------------------------------------------------------
 
-void check_layer(const Tensor& g, const Tensor& a, const Tensor& s, const Tensor& b, const Tensor* dy) {
-  TORCH_CHECK(g.is_cuda(), "apo (CUDA): grad must be a CUDA tensor");
-  TORCH_CHECK(g.dim() == 2 || g.dim() == 3, "apo (CUDA): grad must be 2-D or 3-D, got ", g.sizes());
-  const int64_t m = g.size(-2), n = g.size(-1);
-  auto expect = [&](const Tensor& t, const char* name, int64_t r, int64_t c) {
-    TORCH_CHECK(t.device() == g.device() && t.scalar_type() == g.scalar_type(), "apo (CUDA): ", name,
-                " must match grad's device and dtype");
-    TORCH_CHECK(t.dim() == g.dim() && t.size(-2) == r && t.size(-1) == c &&
-                    (g.dim() == 2 || t.size(0) == g.size(0)),
-                "apo (CUDA): ", name, " has shape ", t.sizes(), " for grad of shape ", g.sizes());
-  };
-  expect(a, "A", m, m);
-  expect(s, "S", m, n);
-  expect(b, "B", n, n);
-  if (dy != nullptr) expect(*dy, "grad_out", m, n);
-  TORCH_CHECK(m <= std::numeric_limits<int32_t>::max() && n <= std::numeric_limits<int32_t>::max(),
-              "apo (CUDA): layer too large");
+// Input rules: apo_checks.h (shared with the CPU kernels). Then the limits of this file's kernels.
+double device_memory_bytes(const at::Device& device) {
+  return static_cast<double>(at::cuda::getDeviceProperties(device.index())->totalGlobalMem);
+}
+
+// The layer descriptors of the small path hold m and n as int32.
+void check_kernel_limits(const Tensor& g) {
+  TORCH_CHECK_VALUE(g.size(-2) <= std::numeric_limits<int32_t>::max() &&
+                        g.size(-1) <= std::numeric_limits<int32_t>::max(),
+                    "grad of shape ", checks::shape_str(g.sizes()),
+                    ": m and n must be below 2^31 on the CUDA backend");
+}
+
+void check_layer(const Tensor& g, const Tensor& a, const Tensor& s, const Tensor& b, const Tensor* dy,
+                 const Mask* mask) {
+  checks::check_layer(g, a, s, b);
+  if (dy != nullptr) checks::check_grad_out(*dy, g);
+  checks::check_result_fits({g}, mask, device_memory_bytes(g.device()));
+  check_kernel_limits(g);
 }
 
 Tensor precondition_cuda(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B) {
-  check_layer(G, A, S, B, nullptr);
+  check_layer(G, A, S, B, nullptr, nullptr);
   const c10::cuda::CUDAGuard guard(G.device());
   if (!use_small_path(G.size(-2), G.size(-1), /*backward=*/false, G.scalar_type())) {
     return large_forward(G, A, S, B);
@@ -304,7 +308,7 @@ std::array<Tensor, 4> alloc_small_grads(const Tensor& G, Mask mask) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> precondition_backward_cuda(
     const Tensor& dY, const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B, Mask mask) {
-  check_layer(G, A, S, B, &dY);
+  check_layer(G, A, S, B, &dY, &mask);
   const c10::cuda::CUDAGuard guard(G.device());
   if (!use_small_path(G.size(-2), G.size(-1), /*backward=*/true, G.scalar_type())) {
     return large_backward(dY, G, A, S, B, mask);
@@ -321,22 +325,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> precondition_backward_cuda(
   return {out[0], out[1], out[2], out[3]};
 }
 
-void check_group(std::initializer_list<const TensorList*> lists) {
-  const size_t n = (*lists.begin())->size();
-  for (const TensorList* l : lists) {
-    TORCH_CHECK(l->size() == n, "apo (CUDA): grouped lists must have the same length");
-  }
+// The grouped rules (apo_checks.h), then the per-layer limits of this file's kernels.
+void check_group(TensorList Gs, TensorList As, TensorList Ss, TensorList Bs, const TensorList* dYs,
+                 const Mask* mask) {
+  checks::check_group(Gs, As, Ss, Bs, dYs);
+  if (Gs.empty()) return;
+  checks::check_result_fits(Gs, mask, device_memory_bytes(Gs[0].device()));
+  for (const Tensor& g : Gs) check_kernel_limits(g);
 }
 
 TensorVec precondition_grouped_cuda(TensorList Gs, TensorList As, TensorList Ss, TensorList Bs) {
-  check_group({&Gs, &As, &Ss, &Bs});
+  check_group(Gs, As, Ss, Bs, nullptr, nullptr);
   TensorVec Ys(Gs.size());
   if (Gs.empty()) return Ys;
-  for (size_t i = 0; i < Gs.size(); ++i) {
-    check_layer(Gs[i], As[i], Ss[i], Bs[i], nullptr);
-    TORCH_CHECK(Gs[i].device() == Gs[0].device() && Gs[i].scalar_type() == Gs[0].scalar_type(),
-                "apo (CUDA): all layers of a grouped call must share device and dtype");
-  }
   const c10::cuda::CUDAGuard guard(Gs[0].device());
   std::vector<LayerDesc> table;
   for (size_t i = 0; i < Gs.size(); ++i) {
@@ -354,17 +355,12 @@ TensorVec precondition_grouped_cuda(TensorList Gs, TensorList As, TensorList Ss,
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_backward_cuda(
     TensorList dYs, TensorList Gs, TensorList As, TensorList Ss, TensorList Bs, Mask mask) {
-  check_group({&dYs, &Gs, &As, &Ss, &Bs});
+  check_group(Gs, As, Ss, Bs, &dYs, &mask);
   const size_t count = Gs.size();
   std::array<TensorVec, 4> out;
   for (int k = 0; k < 4; ++k) out[k].resize(mask[k] ? count : 0);  // masked off: empty list
   const bool any = mask[0] || mask[1] || mask[2] || mask[3];
   if (count == 0 || !any) return {out[0], out[1], out[2], out[3]};
-  for (size_t i = 0; i < count; ++i) {
-    check_layer(Gs[i], As[i], Ss[i], Bs[i], &dYs[i]);
-    TORCH_CHECK(Gs[i].device() == Gs[0].device() && Gs[i].scalar_type() == Gs[0].scalar_type(),
-                "apo (CUDA): all layers of a grouped call must share device and dtype");
-  }
   const c10::cuda::CUDAGuard guard(Gs[0].device());
   std::vector<LayerDesc> table;
   for (size_t i = 0; i < count; ++i) {

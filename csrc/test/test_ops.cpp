@@ -1,6 +1,8 @@
 // C++ test of the CPU kernels, called through the dispatcher exactly as torch.ops.apo.* would be.
 // Checks forward and backward against inline ATen formulas (docs/CONTRACT.md) in float64, fp32 and
-// bf16, 2-D, batched and grouped, non-contiguous inputs, masked outputs. Exit code 0 = pass.
+// bf16, 2-D, batched and grouped, non-contiguous inputs, masked outputs; and that bad input is
+// refused by the rules of csrc/apo_checks.h (c10::TypeError / c10::ValueError naming the argument).
+// Exit code 0 = pass.
 //
 // Built and run by CMakeLists.txt (ctest); links apo_ops, whose static registrars define the ops.
 
@@ -9,6 +11,7 @@
 
 #include <array>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -73,6 +76,23 @@ Grads ref_backward(const Layer& l) {
           at::matmul(at::matmul(l.dY, l.B), T(M)) + at::matmul(at::matmul(l.G, l.B), T(E)),
           D * H,
           at::matmul(T(l.dY), at::matmul(l.A, M)) + at::matmul(T(l.G), at::matmul(l.A, E))};
+}
+
+// `call` must throw c10::TypeError (type_error) or c10::ValueError whose message contains `needle`.
+void expect_refused(const std::function<void()>& call, bool type_error, const std::string& needle,
+                    const std::string& what) {
+  try {
+    call();
+    expect(false, "refused: " + what + " (returned a result)");
+  } catch (const c10::TypeError& e) {
+    const std::string msg = e.what_without_backtrace();
+    expect(type_error && msg.find(needle) != std::string::npos, "refused: " + what + ": TypeError " + msg);
+  } catch (const c10::ValueError& e) {
+    const std::string msg = e.what_without_backtrace();
+    expect(!type_error && msg.find(needle) != std::string::npos, "refused: " + what + ": ValueError " + msg);
+  } catch (const std::exception& e) {
+    expect(false, "refused: " + what + ": wrong error type: " + e.what());
+  }
 }
 
 }  // namespace
@@ -147,6 +167,51 @@ int main() {
     expect_close(dAs[i], std::get<1>(want), 1e-5, tag + " dA");
     expect_close(dSs[i], std::get<2>(want), 1e-5, tag + " dS");
     expect_close(dBs[i], std::get<3>(want), 1e-5, tag + " dB");
+  }
+
+  // Input rules: every op refuses bad input before computing, naming the argument.
+  {
+    const Layer x = cast(make_layer({}, 4, 3, false), at::kFloat);
+    const Mask all{true, true, true, true};
+    constexpr bool kType = true, kValue = false;
+    expect_refused([&] { fwd.call(x.G, x.A.to(at::kLong), x.S, x.B); }, kType, "A has dtype torch.int64",
+                   "integer A");
+    expect_refused([&] { fwd.call(x.G, x.A, x.S.to(at::kDouble), x.B); }, kType,
+                   "S has dtype torch.float64 but grad has torch.float32", "mixed dtypes");
+    expect_refused([&] { fwd.call(x.G, x.A, x.S.narrow(0, 0, 1), x.B); }, kValue,
+                   "S must have shape (4, 3) for grad of shape (4, 3)", "broadcastable S");
+    expect_refused([&] { fwd.call(x.G.unsqueeze(0).unsqueeze(0), x.A, x.S, x.B); }, kValue,
+                   "grad must be 2-D (m, n) or 3-D (L, m, n)", "4-D grad");
+    expect_refused([&] { fwd.call(x.G, x.A.unsqueeze(0), x.S, x.B); }, kValue, "A must have 2 dims",
+                   "3-D A");
+    expect_refused([&] { fwd.call(x.G, x.A, x.S, Tensor()); }, kType,
+                   "B must be a torch.Tensor, got an undefined tensor", "undefined B (None from Python)");
+    expect_refused([&] { bwd.call(x.dY.t(), x.G, x.A, x.S, x.B, all); }, kValue,
+                   "grad_out must have the shape of grad (4, 3)", "transposed grad_out");
+    const Tensor B3 = x.B.expand({2, 3, 3}), G3 = x.G.expand({3, 4, 3}), A3 = x.A.expand({3, 4, 4});
+    const Tensor S3 = x.S.expand({3, 4, 3});
+    expect_refused([&] { fwd.call(G3, A3, S3, B3); }, kValue, "(mismatched batch size)", "batch of B");
+    // Expanded (stride-0) inputs of a valid shape whose backward result (dB: 2^22 x 2^22 floats,
+    // 64 TiB) cannot fit in memory: refused before anything is allocated.
+    const int64_t huge = int64_t{1} << 22;
+    auto one = at::ones({1, 1});
+    expect_refused(
+        [&] {
+          bwd.call(one.expand({1, huge}), one.expand({1, huge}), one, one.expand({1, huge}),
+                   one.expand({huge, huge}), Mask{false, false, false, true});
+        },
+        kValue, "needs 70368744177664 bytes", "dB too big for memory");
+    const Layer y = cast(make_layer({}, 2, 5, false), at::kFloat);
+    expect_refused([&] { gfwd.call({x.G, y.G}, {x.A}, {x.S, y.S}, {x.B, y.B}); }, kValue,
+                   "grads, As, Ss, Bs must have the same length, got {'grads': 2, 'As': 1", "list lengths");
+    const Layer y64 = cast(y, at::kDouble);
+    expect_refused([&] { gfwd.call({x.G, y64.G}, {x.A, y64.A}, {x.S, y64.S}, {x.B, y64.B}); }, kType,
+                   "layer 1: dtype torch.float64 differs from layer 0's torch.float32", "mixed layer dtypes");
+    expect_refused([&] { gfwd.call({G3}, {A3}, {S3}, {x.B.expand({3, 3, 3})}); }, kValue,
+                   "layer 0: grouped layers must be 2-D", "3-D grouped layer");
+    expect_refused(
+        [&] { gbwd.call({x.dY, y.dY.t()}, {x.G, y.G}, {x.A, y.A}, {x.S, y.S}, {x.B, y.B}, all); }, kValue,
+        "layer 1: grad_out must have the shape of grad (2, 5)", "grouped grad_out");
   }
 
   std::printf("%d failure(s)\n", failures);
