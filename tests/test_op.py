@@ -326,6 +326,8 @@ BAD_INPUTS = {
     "wrong S shape": (lambda G, A, S, B: (G, A, S.T, B), ValueError, "S must have shape"),
     "wrong B shape": (lambda G, A, S, B: (G, A, S, B[:-1, :-1]), ValueError, "B must have shape"),
     "A ndim differs": (lambda G, A, S, B: (G, A[None], S, B), ValueError, "A must have 2 dims"),
+    "sparse B": (lambda G, A, S, B: (G, A, S, B.to_sparse()), ValueError, "B must be a dense"),
+    "broadcastable S": (lambda G, A, S, B: (G, A, S[:1], B), ValueError, "S must have shape"),
     "device mismatch": (lambda G, A, S, B: (G, A.to("meta"), S, B), ValueError, "A is on meta"),
     "not a tensor": (lambda G, A, S, B: (G, A.tolist(), S, B), TypeError, "A must be a torch.Tensor"),
     "batch mismatch": (
@@ -364,3 +366,113 @@ def test_bad_backward_and_grouped_input():
         apo_kernels.precondition_grouped([G, G.double()], [A, A.double()], [S, S.double()], [B, B.double()])
     with pytest.raises(ValueError, match="layer 0: S must have shape"):
         apo_kernels.precondition_grouped([G], [A], [S.T], [B])
+
+
+def test_zero_size_and_empty_calls_check_their_arguments():
+    G, A, S, B = make_layer(0, 3, torch.float32)
+    for call in (
+        lambda: apo_kernels.precondition(G, A, S, B, backend="fast"),
+        lambda: apo_kernels.precondition_backward(G, G, A, S, B, backend="fast"),
+        lambda: apo_kernels.precondition_grouped([], [], [], [], backend="fast"),
+        lambda: apo_kernels.precondition_grouped_backward([], [], [], [], [], backend="fast"),
+    ):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            call()
+    with pytest.raises(TypeError, match="grad_outs must be a list"):
+        apo_kernels.precondition_grouped_backward(None, [G], [A], [S], [B])
+    with pytest.raises(ValueError, match="output_mask"):
+        apo_kernels.precondition_grouped_backward([], [], [], [], [], output_mask=(True,))
+
+
+HUGE = 1 << 22  # (HUGE, HUGE) float32: 64 TiB, more than any machine's memory
+
+
+def _expanded(*shape):
+    return torch.ones(1).expand(*shape)  # valid shape, no memory
+
+
+def test_result_too_big_for_memory_is_refused_before_allocation():
+    big = [_expanded(HUGE, HUGE) for _ in range(4)]
+    with pytest.raises(ValueError, match=f"grad of shape \\({HUGE}, {HUGE}\\): the result needs {4 * HUGE**2} bytes"):
+        apo_kernels.precondition(*big)
+    # the backward's result is what its mask asks for: dB (n, n) of a thin layer
+    thin = [_expanded(1, HUGE), _expanded(1, HUGE), _expanded(1, 1), _expanded(1, HUGE), _expanded(HUGE, HUGE)]
+    with pytest.raises(ValueError, match=f"output_mask=\\[False, False, False, True\\] needs {4 * HUGE**2} bytes"):
+        apo_kernels.precondition_backward(*thin, output_mask=(False, False, False, True))
+    with pytest.raises(ValueError, match="grads \\(2 layers\\): the result needs"):
+        G, A, S, B = make_layer(3, 4, torch.float32)
+        apo_kernels.precondition_grouped([G, big[0]], [A, big[1]], [S, big[2]], [B, big[3]])
+    # the registered ops refuse it too (C++ kernels and the Triton ops), with the size
+    ops = torch.ops.apo
+    with pytest.raises(ValueError, match=f"needs {4 * HUGE**2} bytes"):
+        ops.precondition(*big)
+    with pytest.raises(ValueError, match=f"needs {4 * HUGE**2} bytes"):
+        ops.precondition_backward(*thin, [False, False, False, True])
+    if hasattr(ops, "triton_precondition"):
+        with pytest.raises(ValueError, match=f"needs {4 * HUGE**2} bytes"):
+            ops.triton_precondition(*big)
+
+
+@pytest.mark.parametrize("prefix", registered_op_families())
+def test_registered_ops_check_their_inputs(prefix):
+    """Direct calls of torch.ops.apo.{,triton_}precondition* are refused like the public API's
+    (the fuzz test, test_fuzz_ops.py, covers many more malformed calls in subprocesses)."""
+    ops = torch.ops.apo
+    fwd, bwd = getattr(ops, f"{prefix}precondition"), getattr(ops, f"{prefix}precondition_backward")
+    grouped = getattr(ops, f"{prefix}precondition_grouped")
+    G, A, S, B = make_layer(4, 3, torch.float32)
+    with pytest.raises(ValueError, match="A must have shape \\(4, 4\\) for grad of shape \\(4, 3\\)"):
+        fwd(G, torch.randn(3, 3), S, B)
+    with pytest.raises(ValueError, match="S must have shape"):
+        fwd(G, A, S[:1], B)  # broadcastable S
+    with pytest.raises(ValueError, match="grad must be 2-D"):
+        fwd(G[None, None], A, S, B)
+    with pytest.raises(TypeError, match="A has dtype torch.int64"):
+        fwd(G, A.long(), S, B)
+    with pytest.raises(ValueError, match="grad_out must have the shape"):
+        bwd(G.T, G, A, S, B, [True] * 4)
+    # mixed dtypes across the layers of a grouped call
+    G2, A2, S2, B2 = make_layer(2, 5, torch.float64)
+    with pytest.raises(TypeError, match="layer 1: dtype torch.float64 differs"):
+        grouped([G, G2], [A, A2], [S, S2], [B, B2])
+
+
+@pytest.mark.parametrize("prefix", registered_op_families())
+def test_meta_input_mixed_with_cpu_is_refused(prefix):
+    """A meta tensor makes the Meta (fake) kernel win dispatch: it must refuse the mix, not return
+    an uninitialized CPU tensor; all-meta calls still work (shape propagation)."""
+    ops = torch.ops.apo
+    fwd, grouped = getattr(ops, f"{prefix}precondition"), getattr(ops, f"{prefix}precondition_grouped")
+    G, A, S, B = make_layer(4, 3, torch.float32)
+    with pytest.raises(ValueError, match="A is on meta but grad is on cpu"):
+        fwd(G, A.to("meta"), S, B)
+    with pytest.raises(ValueError, match="grad_out is on meta"):
+        getattr(ops, f"{prefix}precondition_backward")(G.to("meta"), G, A, S, B, [True] * 4)
+    with pytest.raises(ValueError, match="layer 1: S is on meta"):
+        grouped([G, G], [A, A], [S, S.to("meta")], [B, B])
+    meta = [t.to("meta") for t in (G, A, S, B)]
+    with pytest.raises(ValueError, match="layer 1: device cpu differs from layer 0's meta"):
+        grouped([meta[0], G], [meta[1], A], [meta[2], S], [meta[3], B])
+    out = fwd(*meta)
+    assert out.device.type == "meta" and out.shape == G.shape
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
+def test_torch_compile_reports_shape_errors_at_trace_time(backend):
+    """The fake kernels check shapes with torch._check: a mismatch fails while tracing, with the
+    message naming the argument, also with symbolic (dynamic) shapes."""
+    def bad(G, A, S, B):
+        return torch.ops.apo.precondition(G, A, S[:, :2], B)
+
+    G, A, S, B = make_layer(5, 3, torch.float32)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="S must have shape"):
+        torch.compile(bad, fullgraph=True, dynamic=True, backend="eager")(G, A, S, B)
+
+    def good(G, A, S, B):
+        return apo_kernels.precondition(G, A, S, B, backend=backend)
+
+    compiled = torch.compile(good, fullgraph=True, dynamic=True)
+    for m, n in [(5, 3), (7, 2)]:
+        args = make_layer(m, n, torch.float32)
+        check_close(compiled(*args), reference.precondition(*(t.double() for t in args)), torch.float32)

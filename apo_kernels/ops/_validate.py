@@ -1,21 +1,50 @@
 """Every input rule of the preconditioner op, in one place.
 
 Rules are checked before any kernel runs and raise ``TypeError`` (wrong kind of object or dtype)
-or ``ValueError`` (shape, device or consistency), always naming the argument.
+or ``ValueError`` (shape, device, size or consistency), always naming the argument. The same
+functions guard the public API, the Triton ops and the fake (meta) kernels of every registered
+op; the C++ kernels apply the same rules with the same messages (csrc/apo_checks.h).
+
+Shape rules go through :func:`_require`, which takes a plain bool or, while ``torch.compile``
+traces with symbolic shapes, a SymBool (``torch._check_with``): a shape error is then reported at
+trace time, and a shape that is only known at run time becomes a runtime assert.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import os
+from typing import Optional, Sequence
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+_NOT_GIVEN = object()
+
+
+def _require(cond, error: type, message) -> None:
+    """Raise ``error(message())`` unless ``cond``.
+
+    A SymBool (a fake kernel running on symbolic shapes) goes to ``torch._check_with``; while
+    Dynamo traces this code itself (the public API inside a compiled function), a plain ``if``
+    becomes a shape guard, as Dynamo cannot trace the message closure of ``torch._check_with``.
+    """
+    if type(cond) is bool or torch.compiler.is_compiling():
+        if not cond:
+            raise error(message())
+        return
+    torch._check_with(error, cond, message)
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
 
 
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} has dtype {t.dtype}; supported dtypes are float32, float64, float16, bfloat16"
@@ -41,12 +70,12 @@ def check_layer(grad, A, S, B, *, prefix: str = "", grad_name: str = "grad") -> 
         _check_tensor(prefix + name, t)
     if grad.ndim not in (2, 3):
         raise ValueError(
-            f"{prefix}{grad_name} must be 2-D (m, n) or 3-D (L, m, n), got shape {tuple(grad.shape)}"
+            f"{prefix}{grad_name} must be 2-D (m, n) or 3-D (L, m, n), got shape {_shape(grad)}"
         )
     for name, t in zip(names[1:], tensors[1:]):
         if t.ndim != grad.ndim:
             raise ValueError(
-                f"{prefix}{name} must have {grad.ndim} dims like {grad_name}, got shape {tuple(t.shape)}"
+                f"{prefix}{name} must have {grad.ndim} dims like {grad_name}, got shape {_shape(t)}"
             )
         if t.dtype != grad.dtype:
             raise TypeError(f"{prefix}{name} has dtype {t.dtype} but {grad_name} has {grad.dtype}")
@@ -55,20 +84,26 @@ def check_layer(grad, A, S, B, *, prefix: str = "", grad_name: str = "grad") -> 
     *batch, m, n = grad.shape
     expected = {"A": (*batch, m, m), "S": (*batch, m, n), "B": (*batch, n, n)}
     for name, t in zip(names[1:], tensors[1:]):
-        if tuple(t.shape) != expected[name]:
-            what = "batch size" if batch and t.shape[0] != batch[0] else "shape"
-            raise ValueError(
-                f"{prefix}{name} must have shape {expected[name]} for {grad_name} of shape "
-                f"{tuple(grad.shape)} (mismatched {what}), got {tuple(t.shape)}"
+        want = expected[name]
+        for dim, (got_d, want_d) in enumerate(zip(t.shape, want)):
+            what = "batch size" if batch and dim == 0 else "shape"
+            _require(
+                got_d == want_d, ValueError,
+                lambda name=name, t=t, want=want, what=what: (
+                    f"{prefix}{name} must have shape {want} for {grad_name} of shape "
+                    f"{_shape(grad)} (mismatched {what}), got {_shape(t)}"
+                ),
             )
 
 
 def check_grad_out(grad_out, grad, *, prefix: str = "") -> None:
     _check_tensor(prefix + "grad_out", grad_out)
-    if grad_out.shape != grad.shape:
-        raise ValueError(
-            f"{prefix}grad_out must have the shape of grad {tuple(grad.shape)}, got {tuple(grad_out.shape)}"
-        )
+    message = lambda: (  # noqa: E731
+        f"{prefix}grad_out must have the shape of grad {_shape(grad)}, got {_shape(grad_out)}"
+    )
+    _require(grad_out.ndim == grad.ndim, ValueError, message)
+    for got_d, want_d in zip(grad_out.shape, grad.shape):
+        _require(got_d == want_d, ValueError, message)
     if grad_out.dtype != grad.dtype:
         raise TypeError(f"{prefix}grad_out has dtype {grad_out.dtype} but grad has {grad.dtype}")
     if grad_out.device != grad.device:
@@ -85,10 +120,13 @@ def check_output_mask(output_mask) -> tuple[bool, bool, bool, bool]:
     return tuple(output_mask)
 
 
-def check_group(grads, As, Ss, Bs, *, grad_outs=None) -> None:
-    """Check the grouped op's lists: equal lengths, 2-D layers, one dtype and device for all."""
+def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True) -> None:
+    """Check the grouped op's lists: equal lengths, 2-D layers, one dtype and device for all.
+
+    ``fast=False`` skips the fast path (fake kernels: it would specialize symbolic shapes).
+    """
     lists = {"grads": grads, "As": As, "Ss": Ss, "Bs": Bs}
-    if grad_outs is not None:
+    if grad_outs is not _NOT_GIVEN:
         lists["grad_outs"] = grad_outs
     for name, seq in lists.items():
         if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
@@ -96,18 +134,18 @@ def check_group(grads, As, Ss, Bs, *, grad_outs=None) -> None:
     lengths = {name: len(seq) for name, seq in lists.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"grads, As, Ss, Bs must have the same length, got {lengths}")
-    if grad_outs is None and _group_ok(grads, As, Ss, Bs):
+    if fast and grad_outs is _NOT_GIVEN and _group_ok(grads, As, Ss, Bs):
         return
     for i, (g, a, s, b) in enumerate(zip(grads, As, Ss, Bs)):
         prefix = f"layer {i}: "
         check_layer(g, a, s, b, prefix=prefix)
         if g.ndim != 2:
-            raise ValueError(f"{prefix}grouped layers must be 2-D (m, n), got shape {tuple(g.shape)}")
+            raise ValueError(f"{prefix}grouped layers must be 2-D (m, n), got shape {_shape(g)}")
         if g.dtype != grads[0].dtype:
             raise TypeError(f"{prefix}dtype {g.dtype} differs from layer 0's {grads[0].dtype}")
         if g.device != grads[0].device:
             raise ValueError(f"{prefix}device {g.device} differs from layer 0's {grads[0].device}")
-        if grad_outs is not None:
+        if grad_outs is not _NOT_GIVEN:
             check_grad_out(grad_outs[i], g, prefix=prefix)
 
 
@@ -120,7 +158,7 @@ def _group_ok(grads, As, Ss, Bs) -> bool:
     dtype, device = grads[0].dtype, grads[0].device
     if dtype not in SUPPORTED_DTYPES:
         return False
-    tensor = torch.Tensor
+    tensor, strided = torch.Tensor, torch.strided
     for g, a, s, b in zip(grads, As, Ss, Bs):
         if not (isinstance(g, tensor) and isinstance(a, tensor) and isinstance(s, tensor) and isinstance(b, tensor)):
             return False
@@ -133,4 +171,61 @@ def _group_ok(grads, As, Ss, Bs) -> bool:
             return False
         if not (g.device == device and a.device == device and s.device == device and b.device == device):
             return False
+        if not (g.layout is strided and a.layout is strided and s.layout is strided and b.layout is strided):
+            return False
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# Size: a result that cannot fit in the device's memory is refused before anything is allocated
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _memory_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of ``device`` (physical RAM for cpu), or None where unknown (meta, …)."""
+    try:
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+    except (AttributeError, ValueError, OSError, RuntimeError, AssertionError):
+        pass
+    return None
+
+
+def _result_elems(grad, output_mask: Optional[Sequence[bool]]) -> Optional[int]:
+    """Elements of the op's result for one layer (the backward's per the mask); None if symbolic."""
+    shape = tuple(grad.shape)
+    if not all(type(d) is int for d in shape):
+        return None
+    *batch, m, n = shape
+    lead = batch[0] if batch else 1
+    if output_mask is None:
+        return lead * m * n
+    per_output = (m * n, m * m, m * n, n * n)
+    return lead * sum(e for e, need in zip(per_output, output_mask) if need)
+
+
+def check_result_fits(grads: Sequence[torch.Tensor], output_mask: Optional[Sequence[bool]] = None) -> None:
+    """The result of the op on these (already checked) layers must fit in their device's memory.
+
+    ``output_mask`` None: the forward (one grad-shaped output per layer); else the backward's
+    requested outputs (d_grad, dA, dS, dB). Python ints: no overflow.
+    """
+    if not grads or torch.compiler.is_compiling():
+        return  # under Dynamo, the op's fake kernel (run outside the traced frame) checks this
+    limit = _memory_bytes(grads[0].device)
+    if limit is None:
+        return
+    total = 0
+    for g in grads:
+        elems = _result_elems(g, output_mask)
+        if elems is None:
+            return
+        total += elems * g.element_size()
+    if total > limit:
+        who = f"grad of shape {_shape(grads[0])}" if len(grads) == 1 else f"grads ({len(grads)} layers)"
+        what = "result" if output_mask is None else f"result for output_mask={list(output_mask)}"
+        raise ValueError(
+            f"{who}: the {what} needs {total} bytes, more than the {limit} bytes of memory of "
+            f"{grads[0].device}"
+        )

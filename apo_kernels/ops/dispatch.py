@@ -112,19 +112,34 @@ def _register_fake_and_autograd(prefix: str) -> _OpFamily:
         grouped_backward=getattr(ops, f"{prefix}precondition_grouped_backward").default,
     )
 
+    # The fake kernels check the inputs like every real kernel does: they also serve as the Meta
+    # kernels, which win dispatch whenever one input is a meta tensor (a meta tensor mixed with CPU
+    # ones must be refused, not answered with an uninitialized CPU tensor), and under
+    # torch.compile the symbolic shape rules (torch._check) fail at trace time.
     def fake_forward(grad, A, S, B):
+        _validate.check_layer(grad, A, S, B)
+        _validate.check_result_fits([grad])
         return grad.new_empty(grad.shape)
 
     def fake_backward(grad_out, grad, A, S, B, output_mask):
+        _validate.check_layer(grad, A, S, B)
+        _validate.check_grad_out(grad_out, grad)
+        mask = _validate.check_output_mask(output_mask)
+        _validate.check_result_fits([grad], mask)
         shapes = (grad.shape, A.shape, S.shape, B.shape)
-        return tuple(grad.new_empty(s if m else (0,)) for s, m in zip(shapes, output_mask))
+        return tuple(grad.new_empty(s if m else (0,)) for s, m in zip(shapes, mask))
 
     def fake_grouped(grads, As, Ss, Bs):
+        _validate.check_group(grads, As, Ss, Bs, fast=False)
+        _validate.check_result_fits(grads)
         return [g.new_empty(g.shape) for g in grads]
 
     def fake_grouped_backward(grad_outs, grads, As, Ss, Bs, output_mask):
+        _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs, fast=False)
+        mask = _validate.check_output_mask(output_mask)
+        _validate.check_result_fits(grads, mask)
         lists = (grads, As, Ss, Bs)
-        return tuple([t.new_empty(t.shape) for t in ts] if m else [] for ts, m in zip(lists, output_mask))
+        return tuple([t.new_empty(t.shape) for t in ts] if m else [] for ts, m in zip(lists, mask))
 
     torch.library.register_fake(name)(fake_forward)
     torch.library.register_fake(f"{name}_backward")(fake_backward)
@@ -241,7 +256,9 @@ def precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor, *, backend: str 
     Shapes: grad (m, n), A (m, m), S (m, n), B (n, n), or all with a leading batch L.
     dtypes float32/float64/float16/bfloat16 (one for all); half precision accumulates in fp32.
     """
+    _validate.check_backend(backend)
     _validate.check_layer(grad, A, S, B)
+    _validate.check_result_fits([grad])
     if grad.numel() == 0:
         return reference.precondition(grad, A, S, B)
     chosen = resolve_backend(backend, grad.device)
@@ -264,9 +281,11 @@ def precondition_backward(
 
     The default mask is the meta-gradient's: dA, dS, dB, never d_grad.
     """
+    _validate.check_backend(backend)
     _validate.check_layer(grad, A, S, B)
     _validate.check_grad_out(grad_out, grad)
     mask = _validate.check_output_mask(output_mask)
+    _validate.check_result_fits([grad], mask)
     chosen = "reference" if grad.numel() == 0 else resolve_backend(backend, grad.device)
     if chosen == "reference":
         return reference.precondition_backward(grad_out, grad, A, S, B, mask)
@@ -282,7 +301,9 @@ def precondition_grouped(
 
     Each layer is 2-D: grads[i] (m_i, n_i), As[i] (m_i, m_i), Ss[i] (m_i, n_i), Bs[i] (n_i, n_i).
     """
+    _validate.check_backend(backend)
     _validate.check_group(grads, As, Ss, Bs)
+    _validate.check_result_fits(grads)
     if len(grads) == 0:
         return []
     chosen = resolve_backend(backend, grads[0].device)
@@ -302,8 +323,10 @@ def precondition_grouped_backward(
     backend: str = "auto",
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """Per-layer (d_grads, dAs, dSs, dBs) of the grouped op; an empty list where masked off."""
+    _validate.check_backend(backend)
     _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs)
     mask = _validate.check_output_mask(output_mask)
+    _validate.check_result_fits(grads, mask)
     if len(grads) == 0:
         return ([], [], [], [])
     chosen = resolve_backend(backend, grads[0].device)

@@ -29,8 +29,9 @@ ptxas minutes for one 64×64 fused program).
 
 Launchers take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (:func:`is_interpreter`). Inputs may be non-contiguous (strides are passed to the
-kernels); outputs are contiguous and have the input dtype. Inputs are assumed valid (see
-``_validate.py``); only device and dtype support are checked here.
+kernels); outputs are contiguous and have the input dtype. Every launcher first applies the op's
+input rules (``_validate.py``, the same as the public API's), then the Triton backend's own (no
+float64; CUDA tensors, or CPU tensors under the interpreter), before anything is launched.
 
 Language: the subset common to Triton 3.6–3.9 (pointer arithmetic, no ``tl.make_block_ptr``).
 ``apo_kernels.ops.triton_aot`` compiles every kernel variant these launchers launch for sm_80 and
@@ -46,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from . import _validate
 
 __all__ = [
     "FUSED_MAX_DIM",
@@ -517,7 +520,7 @@ def _gemm(L: int, M: int, N: int, K: int, x: _Op, y: _Op, c: Tensor, *, x2: Opti
 
 
 def _check(tensors: Sequence[Tensor], what: str) -> None:
-    """Device and dtype support of the Triton backend (everything else is _validate.py's job)."""
+    """Device and dtype support of the Triton backend, on inputs that passed ``_validate``."""
     if not tensors:
         return
     t0 = tensors[0]
@@ -647,6 +650,8 @@ def triton_precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> Tensor
     grad, S: (m, n) or (L, m, n); A: (…, m, m); B: (…, n, n); float32/float16/bfloat16, same dtype
     and device (CUDA, or CPU under the interpreter). Returns a contiguous tensor like grad.
     """
+    _validate.check_layer(grad, A, S, B)
+    _validate.check_result_fits([grad])
     _check((grad, A, S, B), "grad")
     out = _empty_like_layer(grad, grad.shape)
     if out.numel() == 0:
@@ -663,8 +668,11 @@ def triton_precondition_backward(
     Only the requested outputs are computed (mask (False, True, True, True) never forms dG).
     Shapes as :func:`triton_precondition`; outputs contiguous, dtype of the inputs.
     """
+    _validate.check_layer(grad, A, S, B)
+    _validate.check_grad_out(grad_out, grad)
+    mask = _validate.check_output_mask(output_mask)
+    _validate.check_result_fits([grad], mask)
     _check((grad_out, grad, A, S, B), "grad")
-    mask = tuple(bool(v) for v in output_mask)
     shapes = _bwd_shapes(grad)
     outs = tuple(_empty_like_layer(grad, sh) if need else None for need, sh in zip(mask, shapes))
     if not any(mask):
@@ -706,6 +714,8 @@ def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], S
     Small 2-D layers (m, n ≤ FUSED_MAX_DIM) are one launch per padded block shape; the rest go
     through the per-layer (tiled / batched) path. Returns contiguous tensors.
     """
+    _validate.check_group(grads, As, Ss, Bs)
+    _validate.check_result_fits(grads)
     grads, As, Ss, Bs = list(grads), list(As), list(Ss), list(Bs)
     _check(grads, "grads[0]")
     outs = [_empty_like_layer(g, g.shape) for g in grads]
@@ -738,9 +748,11 @@ def triton_precondition_grouped_backward(
     Bs: Sequence[Tensor], output_mask: Sequence[bool] = (True,) * 4,
 ) -> tuple[list, list, list, list]:
     """Per-layer (d_grad, dA, dS, dB) for layers of different shapes; [] where masked off."""
+    _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs)
+    mask = _validate.check_output_mask(output_mask)
+    _validate.check_result_fits(grads, mask)
     grad_outs, grads, As, Ss, Bs = list(grad_outs), list(grads), list(As), list(Ss), list(Bs)
     _check(grads, "grads[0]")
-    mask = tuple(bool(v) for v in output_mask)
     result = tuple([] for _ in range(4))
     if not any(mask):
         return result
