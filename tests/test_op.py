@@ -1,8 +1,9 @@
 """The public op on every backend that runs on CPU tensors, against the float64 reference.
 
 Tolerances (relative Frobenius error vs float64 on the same, already-rounded inputs):
-float64 1e-10, float32 1e-5, float16/bfloat16 1e-2 — and for half precision also at most
-2× the error of the same torch chain computed in that dtype (+1e-4 floor).
+float64 1e-10, float32 1e-5; float16/bfloat16: the "fp32 accumulation, rounded once" contract of
+tests/_contract.py (within u of the oracle, and below 0.8x the torch chain's own error in that
+dtype), for forward, backward, batched and grouped.
 """
 import os
 
@@ -10,19 +11,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import _contract
 import apo_kernels
 from apo_kernels.ops import reference
 from conftest import cpu_backends
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (17, 129), (64, 64), (257, 63), (130, 500)]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # half precision: tests/_contract.py
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MASKS = [(True, True, True, True), (False, True, True, True), (True, False, False, False), (False, False, True, False)]
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_layer(m, n, dtype, batch=None, requires_grad=False):
@@ -39,12 +36,12 @@ def ids(shape):
     return "x".join(map(str, shape))
 
 
-def check_close(out, ref, dtype, torch_same_dtype=None):
-    err = rel_err(out, ref)
-    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:.0e} for {dtype}"
-    if torch_same_dtype is not None and dtype in (torch.float16, torch.bfloat16):
-        torch_err = rel_err(torch_same_dtype, ref)
-        assert err <= 2 * torch_err + 1e-4, f"error {err:.3g} vs torch's own {torch_err:.3g} in {dtype}"
+def check_close(out, ref, dtype, chain=None, what="", backend=None):
+    """out vs the float64 ``ref``; ``chain``: the same output by the torch formulas in ``dtype``
+    (required for half precision). Interpreted Triton stores bfloat16 rounded toward zero."""
+    truncated = backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    policy = _contract.TRUNCATED_ONCE if truncated else _contract.ROUNDED_ONCE
+    _contract.check(out, ref, dtype, TOL.get(dtype), chain=chain, what=what, policy=policy)
 
 
 def skip_unsupported(backend, dtype, m, n):
@@ -67,7 +64,7 @@ def test_forward_matches_float64(backend, dtype, shape):
     out = apo_kernels.precondition(G, A, S, B, backend=backend)
     assert out.shape == G.shape and out.dtype == dtype
     ref = reference.precondition(*(t.double() for t in (G, A, S, B)))
-    check_close(out, ref, dtype, torch_same_dtype=reference.precondition(G, A, S, B))
+    check_close(out, ref, dtype, chain=reference.precondition(G, A, S, B), what="Y", backend=backend)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -79,9 +76,10 @@ def test_backward_matches_float64(backend, dtype, shape):
     dY = torch.randn(shape).to(dtype)
     apo_kernels.precondition(G, A, S, B, backend=backend).backward(dY)
     refs = reference.precondition_backward(*(t.detach().double() for t in (dY, G, A, S, B)))
-    for name, t, ref in zip("GASB", (G, A, S, B), refs):
+    chains = reference.precondition_backward(*(t.detach() for t in (dY, G, A, S, B)))
+    for name, t, ref, chain in zip("GASB", (G, A, S, B), refs, chains):
         assert t.grad is not None and t.grad.dtype == dtype, name
-        check_close(t.grad, ref, dtype)
+        check_close(t.grad, ref, dtype, chain=chain, what=f"d{name}", backend=backend)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -107,16 +105,19 @@ def test_backward_op_computes_only_the_mask(backend, mask):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_batched_layers(backend, dtype):
     G, A, S, B = make_layer(13, 21, dtype, batch=3, requires_grad=True)
     dY = torch.randn(3, 13, 21).to(dtype)
     out = apo_kernels.precondition(G, A, S, B, backend=backend)
     out.backward(dY)
-    f64 = [t.detach().double() for t in (dY, G, A, S, B)]
-    check_close(out, reference.precondition(*f64[1:]), dtype)
-    for t, ref in zip((G, A, S, B), reference.precondition_backward(*f64)):
-        check_close(t.grad, ref, dtype)
+    ins = [t.detach() for t in (dY, G, A, S, B)]
+    f64 = [t.double() for t in ins]
+    check_close(out, reference.precondition(*f64[1:]), dtype, chain=reference.precondition(*ins[1:]), what="Y",
+                backend=backend)
+    chains = reference.precondition_backward(*ins)
+    for name, t, ref, chain in zip("GASB", (G, A, S, B), reference.precondition_backward(*f64), chains):
+        check_close(t.grad, ref, dtype, chain=chain, what=f"d{name}", backend=backend)
 
 
 GROUP = [(1, 1), (7, 1), (1, 7), (17, 129), (64, 64), (33, 20), (5, 5)]
@@ -131,10 +132,14 @@ def test_grouped_matches_float64(backend, dtype):
     dYs = [torch.randn(o.shape).to(dtype) for o in outs]
     torch.autograd.backward(outs, dYs)
     for i, (out, dY) in enumerate(zip(outs, dYs)):
-        f64 = [t.detach().double() for t in (dY, grads[i], As[i], Ss[i], Bs[i])]
-        check_close(out, reference.precondition(*f64[1:]), dtype)
-        for t, ref in zip((grads[i], As[i], Ss[i], Bs[i]), reference.precondition_backward(*f64)):
-            check_close(t.grad, ref, dtype)
+        ins = [t.detach() for t in (dY, grads[i], As[i], Ss[i], Bs[i])]
+        f64 = [t.double() for t in ins]
+        check_close(out, reference.precondition(*f64[1:]), dtype, chain=reference.precondition(*ins[1:]),
+                    what=f"layer {i}: Y", backend=backend)
+        layer = (grads[i], As[i], Ss[i], Bs[i])
+        chains = reference.precondition_backward(*ins)
+        for name, t, ref, chain in zip("GASB", layer, reference.precondition_backward(*f64), chains):
+            check_close(t.grad, ref, dtype, chain=chain, what=f"layer {i}: d{name}", backend=backend)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -171,6 +176,45 @@ def test_zero_size_dims(backend, shape):
     batched = make_layer(3, 4, torch.float32, batch=0)
     assert apo_kernels.precondition(*batched, backend=backend).shape == (0, 3, 4)
     assert apo_kernels.precondition_grouped([], [], [], [], backend=backend) == []
+
+
+def _round_every_gemm(dtype):
+    """The op's formulas with every GEMM (and ⊙) result rounded to ``dtype``: what the half
+    contract must reject."""
+    def r(x):
+        return x.to(dtype).float()
+
+    def forward(G, A, S, B):
+        return r(r(A @ r(S * r(A.T @ r(G @ B)))) @ B.T)
+
+    def backward(dY, G, A, S, B):
+        GB, dYB = r(G @ B), r(dY @ B)
+        H, D = r(A.T @ GB), r(A.T @ dYB)
+        M, E = r(S * H), r(S * D)
+        AE, AM = r(A @ E), r(A @ M)
+        return (r(AE @ B.T), r(r(dYB @ M.T) + r(GB @ E.T)), r(D * H), r(r(dY.T @ AM) + r(G.T @ AE)))
+
+    return forward, backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(64, 64), (17, 129)], ids=ids)
+def test_half_contract_rejects_rounding_every_gemm(dtype, shape):
+    """The half-precision contract passes fp32 computation rounded once, and fails an
+    implementation that rounds every intermediate to half (its error is the torch chain's)."""
+    G, A, S, B = make_layer(*shape, dtype)
+    dY = torch.randn(shape).to(dtype)
+    ins = [t.float() for t in (dY, G, A, S, B)]
+    f64 = [t.double() for t in ins]
+    oracle = [reference.precondition(*f64[1:]), *reference.precondition_backward(*f64)]
+    chain = [reference.precondition(G, A, S, B), *reference.precondition_backward(dY, G, A, S, B)]
+    once = [reference.precondition(*ins[1:]).to(dtype), *(o.to(dtype) for o in reference.precondition_backward(*ins))]
+    forward, backward = _round_every_gemm(dtype)
+    every = [forward(*ins[1:]).to(dtype), *(o.to(dtype) for o in backward(*ins))]
+    for name, o, ref, c, bad in zip(("Y", "dG", "dA", "dS", "dB"), once, oracle, chain, every):
+        _contract.check_half(o, ref, c, dtype, name)
+        with pytest.raises(AssertionError, match="intermediates are rounded"):
+            _contract.check_half(bad, ref, c, dtype, name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Backends
   ``torch.ops.apo.precondition*``; the dispatcher picks the CPU or CUDA kernel by device.
 - ``triton``: ``apo_kernels.ops.triton_kernels``, wrapped here as ``torch.ops.apo.triton_*`` custom
   ops; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``.
-- ``reference``: plain torch (``reference.py``), the fallback.
+- ``reference``: plain torch (``reference.py``), the fallback; half precision computed in fp32
+  and rounded once, like the kernels.
 
 Both op families follow one contract (docs/CONTRACT.md), so fake kernels and autograd are
 registered once for each by the same two functions below.
@@ -260,10 +261,10 @@ def precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor, *, backend: str 
     _validate.check_layer(grad, A, S, B)
     _validate.check_result_fits([grad])
     if grad.numel() == 0:
-        return reference.precondition(grad, A, S, B)
+        return reference.rounded_once(reference.precondition, grad, A, S, B)
     chosen = resolve_backend(backend, grad.device)
     if chosen == "reference":
-        return reference.precondition(grad, A, S, B)
+        return reference.rounded_once(reference.precondition, grad, A, S, B)
     return _FAMILIES[chosen].forward(grad, A, S, B)
 
 
@@ -288,7 +289,7 @@ def precondition_backward(
     _validate.check_result_fits([grad], mask)
     chosen = "reference" if grad.numel() == 0 else resolve_backend(backend, grad.device)
     if chosen == "reference":
-        return reference.precondition_backward(grad_out, grad, A, S, B, mask)
+        return reference.rounded_once(reference.precondition_backward, grad_out, grad, A, S, B, mask)
     outs = _FAMILIES[chosen].backward(grad_out, grad, A, S, B, list(mask))
     return tuple(o if m else None for o, m in zip(outs, mask))
 
@@ -308,7 +309,7 @@ def precondition_grouped(
         return []
     chosen = resolve_backend(backend, grads[0].device)
     if chosen == "reference":
-        return reference.precondition_grouped(grads, As, Ss, Bs)
+        return reference.rounded_once(reference.precondition_grouped, grads, As, Ss, Bs)
     return list(_FAMILIES[chosen].grouped(list(grads), list(As), list(Ss), list(Bs)))
 
 
@@ -331,7 +332,7 @@ def precondition_grouped_backward(
         return ([], [], [], [])
     chosen = resolve_backend(backend, grads[0].device)
     if chosen == "reference":
-        return reference.precondition_grouped_backward(grad_outs, grads, As, Ss, Bs, mask)
+        return reference.rounded_once(reference.precondition_grouped_backward, grad_outs, grads, As, Ss, Bs, mask)
     outs = _FAMILIES[chosen].grouped_backward(
         list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask)
     )

@@ -10,7 +10,9 @@ Backward with upstream dY, H = AᵀGB, M = S⊙H:
     dB = dYᵀ A M + Gᵀ A E
 
 Every function takes 2-D (m, n) or batched 3-D (L, m, n) inputs (``torch.matmul`` broadcasts) and
-computes in the inputs' dtype; pass float64 tensors to get the oracle.
+computes in the inputs' dtype; pass float64 tensors to get the oracle, half-precision tensors to get
+the plain torch chain in that dtype (every GEMM rounded). The ``reference`` backend runs them through
+:func:`rounded_once`, the op's precision contract for float16/bfloat16.
 """
 from __future__ import annotations
 
@@ -18,6 +20,38 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _cast(x, dtype):
+    """x (a tensor, or a list/tuple of them, or None) cast to ``dtype``."""
+    if isinstance(x, Tensor):
+        return x.to(dtype)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
+def _first_tensor(args) -> Optional[Tensor]:
+    for a in args:
+        for v in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(v, Tensor):
+                return v
+    return None
+
+
+def rounded_once(fn, *args):
+    """``fn(*args)`` in float32 when the tensors are float16/bfloat16, each result rounded once to
+    their dtype (fp32 accumulation, rounded once); other dtypes run as they are.
+
+    Differentiable: autograd goes through the casts, so gradients are rounded once as well.
+    """
+    first = _first_tensor(args)
+    if first is None or first.dtype not in _HALF:
+        return fn(*args)
+    return _cast(fn(*(_cast(a, torch.float32) for a in args)), first.dtype)
 
 
 def _t(x: Tensor) -> Tensor:
