@@ -25,12 +25,12 @@ TITLE = "Ablations (App. D, I)"
 ROBUST_PT = 1.0  # accuracy points: "robust" = every setting within this of the sweep's best
 
 # Base points when the other experiments have not been run in --out (one-point grids).
-BASE_APO_PRECOND = C.grid(lr=[0.1], meta_lr=[0.03], lambda_fsd=[0.1], lambda_wsd=[0.0])[0]
+BASE_APO_PRECOND = C.grid(lr=[0.1], meta_lr=[0.1], lambda_fsd=[0.1], lambda_wsd=[1.0])[0]
 BASE_SGDM = C.grid(lr=[0.1])[0]
-BASE_APO_LR = C.grid(lr=[0.1], lambda_fsd=[0.1], lambda_wsd=[0.0], meta_lr=[0.1])[0]
+BASE_APO_LR = C.grid(lr=[0.1], lambda_fsd=[0.1], lambda_wsd=[0.3], meta_lr=[0.1])[0]
 
 LAMBDA_FSD = [0.01, 0.1, 1.0, 10.0]
-LAMBDA_WSD = [0.0, 1e-3, 1e-2, 1e-1]
+LAMBDA_WSD = [0.0, 0.1, 0.3, 1.0, 3.0]
 INTERVALS = [10, 20, 50, 100]
 INITIAL_LRS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
@@ -74,7 +74,7 @@ def sweeps(args) -> tuple[dict[str, list[C.Entry]], dict]:
 
 
 def plan(args) -> list[C.PlanItem]:
-    task = classification.mnist1d_mlp_task(150 if args.quick else 2000)
+    task = classification.mnist1d_mlp_task(100 if args.quick else 2000)
     sw, _ = sweeps(args)
     return [C.plan_item(task, es, args, key=SWEEPS[key]) for key, es in sw.items()]
 

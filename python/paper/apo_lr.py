@@ -30,19 +30,22 @@ def entries(quick: bool) -> list[C.Entry]:
                "Adam": [1e-2, 3e-3, 1e-3, 3e-4]}
         apo = {"SGDm": [0.1, 0.01], "RMSprop": [1e-3, 1e-4], "Adam": [1e-3, 1e-4]}
         fsd = [0.1, 1.0]
+    # λ_WSD ≈ 0.03/lr of the base step (docs/optim.md: without it the same-batch objective grows
+    # the lr until training diverges); Adam's and RMSprop's steps are per-coordinate normalized
+    wsd = {"SGDm": 0.3, "RMSprop": 0.0, "Adam": 0.0}
     out = []
     for b in BASES:
         out += [
             C.Entry(f"{b} fixed", b, C.grid(lr=lrs[b])),
             C.Entry(f"{b} step decay", b, C.grid(lr=lrs[b], schedule=["step"])),
             C.Entry(f"APO-LR({b})", f"APO-LR({b})",
-                    C.grid(lr=apo[b], lambda_fsd=fsd, lambda_wsd=[0.0], meta_lr=[0.1])),
+                    C.grid(lr=apo[b], lambda_fsd=fsd, lambda_wsd=[wsd[b]], meta_lr=[0.1])),
         ]
     return out
 
 
 def plan(args) -> list[C.PlanItem]:
-    return [C.plan_item(mnist1d_mlp_task(150 if args.quick else 2000), entries(args.quick), args)]
+    return [C.plan_item(mnist1d_mlp_task(100 if args.quick else 2000), entries(args.quick), args)]
 
 
 def run(args, progress=None) -> dict:

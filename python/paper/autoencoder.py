@@ -25,7 +25,7 @@ WIDTHS = (64, 128, 64, 32, 8, 32, 64, 128, 64)
 def task(quick: bool) -> C.Task:
     return C.Task(
         name=TASK, data="digits", model=functools.partial(C.mlp, WIDTHS, act="sigmoid", init="sparse"),
-        loss="bce_sum", metric="loss", batch_size=128, steps=200 if quick else 2500,
+        loss="bce_sum", metric="loss", batch_size=128, steps=150 if quick else 2500,
         fsd="bernoulli", likelihood="bernoulli", select_on="train", report_on="train", l2=1e-5,
         description="digits pixels in [0, 1], " + "-".join(map(str, WIDTHS)) +
                     " sigmoid, sparse init, batch 128; BCE summed over pixels",
@@ -47,7 +47,7 @@ def entries(quick: bool) -> list[C.Entry]:
         C.Entry("KFAC", "KFAC", C.grid(lr=[0.1, 0.03], damping=[0.1, 0.01])),
         C.Entry("EKFAC", "EKFAC", C.grid(lr=[0.1, 0.03], damping=[0.1, 0.01])),
         C.Entry("APO-Precond", "APO-Precond",
-                C.grid(lr=[0.3, 0.1], meta_lr=[0.1, 0.03], lambda_fsd=[0.1], lambda_wsd=[0.0])),
+                C.grid(lr=[0.3, 0.1], meta_lr=[0.1], lambda_fsd=[0.1], lambda_wsd=[0.0, 1.0])),
     ]
 
 

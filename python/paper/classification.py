@@ -35,9 +35,9 @@ def mnist1d_mlp_task(steps: int) -> C.Task:
 def tasks(args) -> list[C.Task]:
     q = args.quick
     ts = [
-        mnist1d_mlp_task(200 if q else 3000),
+        mnist1d_mlp_task(150 if q else 3000),
         C.Task(name=CNN_TASK, data="mnist1d", model=functools.partial(C.cnn1d), loss="ce",
-               metric="accuracy", batch_size=100, steps=200 if q else 3000,
+               metric="accuracy", batch_size=100, steps=150 if q else 3000,
                description="MNIST-1D, the reference CNN (3 convolutions, 25 channels), batch 100"),
         C.Task(name=DIGITS_TASK, data="digits", data_kwargs=(("images", True),),
                model=functools.partial(C.cnn_digits), loss="ce", metric="accuracy", batch_size=64,
@@ -62,14 +62,15 @@ def entries(quick: bool, methods=("SGDm", "Adam", "KFAC", "APO-Precond")) -> lis
             "SGDm": C.grid(lr=[0.1, 0.03], schedule=step),
             "Adam": C.grid(lr=[3e-3, 1e-3], schedule=step),
             "KFAC": C.grid(lr=[0.03], damping=[1e-2, 1e-3], schedule=step),
-            "APO-Precond": C.grid(lr=[0.1, 0.03], meta_lr=[0.03], lambda_fsd=[0.1], lambda_wsd=[0.0], schedule=step),
+            "APO-Precond": C.grid(lr=[0.1], meta_lr=[0.1], lambda_fsd=[0.1], lambda_wsd=[0.3, 1.0], schedule=step),
         }
     else:
         grids = {
             "SGDm": C.grid(lr=[0.3, 0.1, 0.03, 0.01], schedule=step),
             "Adam": C.grid(lr=[1e-2, 3e-3, 1e-3, 3e-4], schedule=step),
             "KFAC": C.grid(lr=[0.03, 0.01], damping=[1e-2, 1e-3], schedule=step),
-            "APO-Precond": C.grid(lr=[0.1, 0.03], meta_lr=[0.1, 0.03], lambda_fsd=[0.1], lambda_wsd=[0.0],
+            # λ_WSD keeps the same-batch objective from growing the step (docs/optim.md): ≈ 0.01/lr–0.1/lr
+            "APO-Precond": C.grid(lr=[0.1, 0.03], meta_lr=[0.1], lambda_fsd=[0.1], lambda_wsd=[0.3, 1.0],
                                   schedule=step),
         }
     return [C.Entry(m, m, grids[m]) for m in methods]
