@@ -25,7 +25,7 @@ def tasks(quick: bool) -> list[C.Task]:
                   select_on="train", report_on="train")
     return [
         C.Task(name=TASKS[0], data="diabetes", model=functools.partial(C.mlp, (10, 100, 100, 1)),
-               steps=200 if quick else 2000,
+               steps=150 if quick else 2000,
                description="sklearn diabetes (266 training rows × 10), 10-100-100-1 ReLU", **common),
         C.Task(name=TASKS[1], data="slice_like",
                data_kwargs=(("n", 4000),) if quick else (),
