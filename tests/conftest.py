@@ -1,16 +1,18 @@
 """Shared test set-up.
 
 Triton's interpreter must be switched on before triton is first imported, so it is decided here,
-at collection start: on a machine without an NVIDIA device the Triton kernels run interpreted on
-CPU tensors (that is how CI tests them); on a GPU machine they run compiled.
+at collection start, by torch's own query: without a usable CUDA device the Triton kernels run
+interpreted on CPU tensors (that is how CI tests them); with one they run compiled. (Importing
+torch does not import triton.)
 """
 import os
 
-if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import apo_kernels  # noqa: E402
 

@@ -68,6 +68,13 @@ def _ids(shape):
     return "x".join(map(str, shape))
 
 
+def dtype_id(dtype):
+    """Test id of a dtype; interpreted, fp16/bf16 dots are computed in fp32 (the interpreter cannot
+    do bf16 arithmetic), so those ids say that their half-precision dot operands never ran."""
+    name = str(dtype).replace("torch.", "")
+    return f"{name}-interpreted-fp32-dots" if INTERPRETED and dtype != torch.float32 else name
+
+
 def make(m, n, dtype=torch.float32, L=None, seed=0):
     """(dY, G, A, S, B) in ``dtype``; A, B scaled by 1/√dim so fp16 stays far from overflow."""
     gen = torch.Generator().manual_seed(seed + 1000 * m + n)
@@ -108,7 +115,7 @@ def force_tiled(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_forward(shape, dtype):
     if dtype != torch.float32 and shape == (257, 63):
         pytest.skip("half precision covered on the tiled path by (17, 129); keeps the interpreter fast")
@@ -131,7 +138,7 @@ def test_backward_fp32(shape, mask):
 
 
 @pytest.mark.parametrize("shape", [(7, 1), (64, 64), (17, 129)], ids=_ids)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_backward_half(shape, dtype):
     dY, G, A, S, B = make(*shape, dtype)
     outs = tk.triton_precondition_backward(dY, G, A, S, B, ALL)
@@ -157,7 +164,7 @@ def test_backward_every_mask(mask, path, monkeypatch):
             assert o is None, name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_tiled_path_on_small_shapes(force_tiled, dtype):
     dY, G, A, S, B = make(20, 33, dtype)
     check(tk.triton_precondition(G, A, S, B), ref.precondition(*d64(G, A, S, B)), dtype, "Y",
@@ -168,8 +175,28 @@ def test_tiled_path_on_small_shapes(force_tiled, dtype):
         check(o, r, dtype, name, chain=c)
 
 
-def test_fused_128_boundary():
-    dY, G, A, S, B = make(128, 100, torch.bfloat16)
+def _recorded_kernels(fn, shapes, dtype=torch.float32):
+    """Names of the kernels ``fn`` launches for meta layers of ``shapes`` (recording mode)."""
+    layers = [[torch.empty(*sh, dtype=dtype, device="meta") for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
+              for m, n in shapes]
+    with tk.recording() as rec:
+        fn(layers)
+    return sorted({k.__name__ for k, *_ in rec})
+
+
+def test_fused_path_limit():
+    """Layers up to FUSED_MAX_DIM take the fused programs (batched and grouped), larger ones the GEMMs."""
+    lim = tk.FUSED_MAX_DIM
+    single = lambda ls: tk.triton_precondition(*ls[0][1:])  # noqa: E731
+    grouped_bwd = lambda ls: tk.triton_precondition_grouped_backward(*(list(c) for c in zip(*ls)), ALL)  # noqa: E731
+    assert _recorded_kernels(single, [(lim, lim)]) == ["_fused_fwd_kernel"]
+    assert _recorded_kernels(single, [(lim + 1, 3)]) == ["_gemm_kernel"]
+    assert _recorded_kernels(grouped_bwd, [(lim, 5), (3, lim)]) == ["_grouped_bwd_kernel"]
+    assert _recorded_kernels(grouped_bwd, [(lim, 5), (lim + 1, 5)]) == ["_gemm_kernel", "_grouped_bwd_kernel"]
+
+
+def test_fused_boundary():
+    dY, G, A, S, B = make(tk.FUSED_MAX_DIM, 50, torch.bfloat16)
     check(tk.triton_precondition(G, A, S, B), ref.precondition(*d64(G, A, S, B)), torch.bfloat16, "Y",
           chain=ref.precondition(G, A, S, B))
 
@@ -230,7 +257,7 @@ def _group(dtype):
     return [make(m, n, dtype, seed=i) for i, (m, n) in enumerate(GROUP)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_grouped_forward(dtype):
     layers = _group(dtype)
     _, G, A, S, B = (list(c) for c in zip(*layers))
@@ -242,7 +269,7 @@ def test_grouped_forward(dtype):
 
 
 @pytest.mark.parametrize("mask", [ALL, META, (False, False, True, False)], ids=["all", "meta", "dS"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_grouped_backward(mask, dtype):
     layers = _group(dtype)
     cols = [list(c) for c in zip(*layers)]
@@ -311,7 +338,8 @@ def test_gpu_large_layer_autotuned():
 
 
 def test_aot_compile_sm80_sm90():
-    """Every kernel (smoke set: fp32 + bf16, fused + tiled + grouped) compiles for sm_80 and sm_90."""
+    """Every kernel (smoke set: fp32 + bf16, fused + tiled + grouped) compiles for sm_80 and sm_90
+    with the runtime's specialization, without register spills."""
     pytest.importorskip("triton.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -319,4 +347,213 @@ def test_aot_compile_sm80_sm90():
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "compiled" in proc.stdout
+    assert "compiled" in proc.stdout and "max stack" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# launch plumbing: index width, grid limits, layer tables, devices, streams, CUDA graphs
+# --------------------------------------------------------------------------------------------
+
+requires_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="GPU-only: needs a CUDA device (compiled Triton kernels)")
+
+
+def test_gemm_index_width_follows_the_offsets(monkeypatch):
+    """The tiled GEMMs switch to int64 index arithmetic exactly when an offset reaches 2^31."""
+    def idx64_flags():
+        m, n = 129, 200
+        ls = [torch.empty(*sh, device="meta") for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
+        with tk.recording() as rec:
+            tk.triton_precondition_backward(*ls, ALL)
+        return {c["IDX64"] for k, _, c, _ in rec if k is tk._gemm_kernel}
+
+    assert idx64_flags() == {False}
+    monkeypatch.setattr(tk, "INT32_OFFSETS", 30000)  # B's largest offset (39999) crosses it, m×n ones (≤ 25799) not
+    assert idx64_flags() == {False, True}
+
+
+def test_gemm_int64_indexing_is_correct(force_tiled, monkeypatch):
+    """The int64 index path of the GEMM kernel (forced on a small layer) computes the same op."""
+    monkeypatch.setattr(tk, "INT32_OFFSETS", 0)
+    dY, G, A, S, B = make(20, 33)
+    check(tk.triton_precondition(G, A, S, B), ref.precondition(*d64(G, A, S, B)), torch.float32, "Y")
+    outs = tk.triton_precondition_backward(dY, G, A, S, B, ALL)
+    for name, o, r in zip(("dG", "dA", "dS", "dB"), outs, ref.precondition_backward(*d64(dY, G, A, S, B))):
+        check(o, r, torch.float32, name)
+
+
+def test_table_rows_are_padded_int64():
+    table = tk._table([[1, 2, 3], [4, 5, 6]], 8, torch.empty(0))
+    assert table.dtype == torch.int64 and table.shape == (2, 8)
+    assert table[:, :3].tolist() == [[1, 2, 3], [4, 5, 6]] and not table[:, 3:].any()
+
+
+def test_captured_table_parts_are_never_reused():
+    """Tables copied under CUDA-graph capture come from an arena whose parts are handed out once."""
+    arena = tk._CapturedTableArena()
+    arena.SIZE = 24
+    arena.buf = torch.zeros(arena.SIZE, dtype=torch.int64)  # pinned on a GPU; plain memory is enough here
+    a = arena.take(torch.arange(8).view(2, 4))
+    b = arena.take(torch.full((2, 4), 7))
+    assert a.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and b.tolist() == [[7] * 4] * 2  # a not overwritten
+    assert a.data_ptr() != b.data_ptr()
+    with pytest.raises(RuntimeError, match="no pinned memory left"):
+        arena.take(torch.zeros(9, dtype=torch.int64))
+
+
+@requires_gpu
+def test_fused_programs_do_not_spill():
+    """The runtime's own register report (n_spills) of every fused program a 64×64 layer launches."""
+    compiled = []
+    real = tk._launch
+
+    def spy(*args, **kwargs):
+        k = real(*args, **kwargs)
+        compiled.append(k)
+        return k
+
+    tk._launch = spy
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            dY, G, A, S, B = make(64, 64, dtype)
+            tk.triton_precondition(G, A, S, B)
+            tk.triton_precondition_backward(dY, G, A, S, B, ALL)
+            tk.triton_precondition_grouped_backward([dY, dY], [G, G], [A, A], [S, S], [B, B], ALL)
+        torch.cuda.synchronize()
+    finally:
+        tk._launch = real
+    assert len(compiled) == 6
+    spills = {k.name: k.n_spills for k in compiled if k.n_spills}
+    assert not spills, f"register spills: {spills}"
+
+
+@requires_gpu
+def test_batch_beyond_grid_axis_limit(force_tiled):
+    """L = 70000 > 65535 (the limit of grid axes 1 and 2) on the tiled GEMMs."""
+    dY, G, A, S, B = make(3, 2, L=70000)
+    check(tk.triton_precondition(G, A, S, B), ref.precondition(*d64(G, A, S, B)), torch.float32, "Y")
+    outs = tk.triton_precondition_backward(dY, G, A, S, B, ALL)
+    for name, o, r in zip(("dG", "dA", "dS", "dB"), outs, ref.precondition_backward(*d64(dY, G, A, S, B))):
+        check(o, r, torch.float32, name)
+
+
+@requires_gpu
+def test_gemm_offsets_beyond_int32():
+    """A GEMM whose X has more than 2^31 elements (4 GiB of bf16): rows past the int32 limit are right."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip(f"needs 12 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    M, K, N = 2**21 + 64, 1024, 16
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(M, N, device="cuda", dtype=torch.float32)
+    tk._gemm(1, M, N, K, tk._Op(x), tk._Op(y), c, dtype=torch.bfloat16)
+    for rows in (slice(0, 64), slice(M - 64, M)):  # the last rows start past 2^31 elements of x
+        want = x[rows].double() @ y.double()
+        err = ((c[rows].double() - want).norm() / want.norm()).item()
+        assert err < 1e-2, f"rows {rows}: relative error {err:.2e}"
+
+
+@requires_gpu
+def test_runs_on_current_stream():
+    """Inputs are written on a side stream after a long sleep, then the op is called there: a launch
+    on any other stream would read them before they are written (NaN) and fail."""
+    layers = [make(m, n, seed=i) for i, (m, n) in enumerate([(7, 5), (64, 64), (130, 70)])]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        staged = [[torch.full_like(t, float("nan")) for t in layer] for layer in layers]
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the inputs exist
+        for dst, src in zip(staged, layers):
+            for d, t in zip(dst, src):
+                d.copy_(t)
+        singles = [tk.triton_precondition(*ls[1:]) for ls in staged]
+        grouped = tk.triton_precondition_grouped_backward(*(list(c) for c in zip(*staged)), ALL)
+    side.synchronize()
+    for (dY, G, A, S, B), y, i in zip(layers, singles, range(len(layers))):
+        check(y, ref.precondition(*d64(G, A, S, B)), torch.float32, f"Y[{i}]")
+        refs = ref.precondition_backward(*d64(dY, G, A, S, B))
+        for k, name in enumerate(("dG", "dA", "dS", "dB")):
+            check(grouped[k][i], refs[k], torch.float32, f"{name}[{i}]")
+
+
+@requires_gpu
+def test_cuda_graph_capture_and_replay():
+    """The grouped op (fused table path + tiled layers) and a batched layer, captured into a CUDA
+    graph, replayed on new input values after pinned host memory was churned: every replay must
+    read its own tables."""
+    shapes = [(7, 5), (33, 64), (64, 64), (16, 3), (130, 70)]
+    layers = [make(m, n, seed=i) for i, (m, n) in enumerate(shapes)]
+    cols = [list(c) for c in zip(*layers)]
+    batch = make(9, 12, L=3, seed=99)
+
+    def run():
+        ys = tk.triton_precondition_grouped(*cols[1:])
+        grads = tk.triton_precondition_grouped_backward(*cols, ALL)
+        yb = tk.triton_precondition(*batch[1:])
+        return ys, grads, yb
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, autotunes
+        run()
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys, grads, yb = run()
+
+    for replay in range(2):
+        gen = torch.Generator().manual_seed(100 + replay)
+        for t in [*(t for c in cols for t in c), *batch]:
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype).div_(t.shape[-1] ** 0.5))
+        churn = [torch.full((4096,), -1, dtype=torch.int64).pin_memory() for _ in range(32)]
+        graph.replay()
+        torch.cuda.synchronize()
+        del churn
+        want_y = ref.precondition_grouped(*(d64(*c) for c in cols[1:]))
+        want_g = ref.precondition_grouped_backward(*(d64(*c) for c in cols))
+        for i in range(len(shapes)):
+            check(ys[i], want_y[i], torch.float32, f"replay {replay} Y[{i}]")
+            for k, name in enumerate(("dG", "dA", "dS", "dB")):
+                check(grads[k][i], want_g[k][i], torch.float32, f"replay {replay} {name}[{i}]")
+        check(yb, ref.precondition(*d64(*batch[1:])), torch.float32, f"replay {replay} batched Y")
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_launches_on_the_inputs_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1."""
+    torch.cuda.set_device(0)
+    layers = [[t.to("cuda:1") for t in make(m, n, seed=i)] for i, (m, n) in enumerate([(7, 5), (64, 64), (130, 70)])]
+    for dY, G, A, S, B in layers:
+        check(tk.triton_precondition(G, A, S, B), ref.precondition(*d64(G, A, S, B)), torch.float32, "Y")
+    outs = tk.triton_precondition_grouped_backward(*(list(c) for c in zip(*layers)), ALL)
+    for i, (dY, G, A, S, B) in enumerate(layers):
+        for k, r in enumerate(ref.precondition_backward(*d64(dY, G, A, S, B))):
+            assert outs[k][i].device == G.device
+            check(outs[k][i], r, torch.float32, f"output {k} of layer {i}")
+    assert torch.cuda.current_device() == 0
+
+
+@requires_gpu
+@pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
+def test_public_autograd_on_cuda(grouped):
+    """apo_kernels.precondition(_grouped) with backend="triton": autograd gradients vs float64 autograd."""
+    import apo_kernels
+
+    layers = [make(m, n, seed=i) for i, (m, n) in enumerate([(7, 5), (64, 64), (130, 70)])]
+    if not grouped:
+        layers = layers[1:2]
+    leaves = [[t.clone().requires_grad_(True) for t in layer[1:]] for layer in layers]
+    leaves64 = [[t.detach().double().cpu().requires_grad_(True) for t in ls] for ls in leaves]
+    weights = [layer[0] for layer in layers]
+    if grouped:
+        ys = apo_kernels.precondition_grouped(*(list(c) for c in zip(*leaves)), backend="triton")
+        ys64 = ref.precondition_grouped(*(list(c) for c in zip(*leaves64)))
+    else:
+        ys = [apo_kernels.precondition(*leaves[0], backend="triton")]
+        ys64 = [ref.precondition(*leaves64[0])]
+    sum((y * w).sum() for y, w in zip(ys, weights)).backward()
+    sum((y * w.double().cpu()).sum() for y, w in zip(ys64, weights)).backward()
+    for i, (ls, ls64) in enumerate(zip(leaves, leaves64)):
+        for name, t, t64 in zip(("G", "A", "S", "B"), ls, ls64):
+            check(t.grad.contiguous(), t64.grad, torch.float32, f"layer {i} d{name}")

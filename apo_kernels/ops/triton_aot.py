@@ -2,15 +2,22 @@
 
     python -m apo_kernels.ops.triton_aot                   # CI: every kernel × dtype, sm_80 + sm_90
     python -m apo_kernels.ops.triton_aot --level smoke     # a fast subset (what tests/ run)
-    python -m apo_kernels.ops.triton_aot --level full --jobs 8 --arch 90
+    python -m apo_kernels.ops.triton_aot --level full --jobs 8 --arch 90 -v
 
 The variants are not listed by hand: the launchers of ``triton_kernels`` run in recording mode on
-``meta`` tensors (fused and tiled layers, batched, grouped, every backward output mask, float32 /
-float16 / bfloat16, fp32 dots in "ieee" and "tf32"), and each recorded launch — kernel,
-signature, constexprs, num_warps/num_stages — is compiled with
-``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))``.
-A compile error, or a kernel whose shared memory exceeds the arch's limit (it would fail at
-launch), makes the command exit non-zero with the offending variant printed.
+``meta`` tensors (fused and tiled layers, batched, grouped, backward output masks, float32 /
+float16 / bfloat16, fp32 dots in "tf32x3" and "tf32"), and each recorded launch is specialized
+exactly as Triton's runtime specializes it (its own binder: an integer argument equal to 1 becomes
+a constant, multiples of 16 and 16-byte-aligned pointers get the divisibility attribute) and
+compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``.
+
+The command exits non-zero, printing the offending variant, on
+  * a compile error;
+  * shared memory above the arch's limit (the launch would fail);
+  * a register spill: any per-thread stack frame (local memory) in the cubin, read with
+    ``cuobjdump -res-usage`` (the STACK the runtime reports as ``n_spills``). Spills of these
+    programs cost kilobytes of local memory per thread, reserved for every resident thread.
+Registers, stack and shared memory are printed per kernel (``-v``: per variant).
 
 Must run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled). Needs no GPU.
 """
@@ -37,9 +44,10 @@ def collect_variants(level: str = "default") -> list:
 
     smoke:   float32 + bfloat16, one fused block shape, tiled layers, masks (all) and
              (False, True, True, True), one small GEMM config — what the tests run.
-    default: every dtype and fp32 precision, the largest fused block shapes of each direction,
-             four masks, first autotune config — what CI runs.
-    full:    default + every output mask (on the smallest block) + every autotune config.
+    default: every dtype and fp32 precision; the largest fused block (at FUSED_MAX_DIM, with
+             dimensions that are and are not multiples of 16: the runtime specializes on that) and
+             the smallest; four masks; every autotune config of each operand class — what CI runs.
+    full:    default + every output mask.
     """
     import torch
 
@@ -57,10 +65,10 @@ def collect_variants(level: str = "default") -> list:
         dtypes, precs, fused_shapes = (torch.float32, torch.bfloat16), (False,), [(1, 1)]
     else:
         dtypes, precs = (torch.float32, torch.float16, torch.bfloat16), (False, True)
-        fused_shapes = [(1, 1), (64, 64), (64, 128), (128, 64), (128, 128)]
+        top = tk.FUSED_MAX_DIM
+        fused_shapes = [(1, 1), (top, top), (top - 1, top - 31), (top // 4 + 1, top)]
         main_masks += [(False, False, True, False), (True, False, False, False)]
     extra_masks = [m for m in itertools.product((False, True), repeat=4) if any(m) and m not in main_masks]
-    all_configs = level == "full"
 
     def layer(m, n, dtype, L=None):
         b = () if L is None else (L,)
@@ -85,46 +93,98 @@ def collect_variants(level: str = "default") -> list:
                     tk.triton_precondition_grouped(*cols[1:])
                     for mask in main_masks:
                         tk.triton_precondition_grouped_backward(*cols, mask)
-                for kernel, sig, consts, opts in rec:
-                    if not all_configs and kernel is tk._gemm_kernel:
-                        # one autotune config: the first (largest), or a small one for a fast smoke run
-                        cfg = (64, 64, 32) if level == "smoke" else tk.GEMM_CONFIGS[0][:3]
-                        if (consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]) != cfg:
+                for kernel, args, consts, opts in rec:
+                    if level == "smoke" and kernel is tk._gemm_kernel:
+                        # one autotune config, the class's smallest, for a fast smoke run
+                        cls = tk.GEMM_CONFIGS[tk._config_class(consts["DOT_DT"])]
+                        smallest = min(cls, key=lambda c: c[0] * c[1])
+                        if (consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]) != smallest[:3]:
                             continue
-                    key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
-                           tuple(sorted(opts.items())))
+                    sig, cx, attrs, options = runtime_specialization(kernel, args, consts, opts, 90)
+                    key = (kernel.__name__, tuple(sig.items()), repr(sorted(cx.items())),
+                           repr(sorted(attrs.items())), tuple(sorted(opts.items())))
                     if key not in seen:
                         seen.add(key)
-                        out.append((kernel, sig, consts, opts))
+                        out.append((kernel, args, consts, opts))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     return out
 
 
-def _describe(kernel, sig, consts, opts) -> str:
-    ptrs = ",".join(f"{k}:{v[1:]}" for k, v in sig.items() if v.startswith("*"))
+def runtime_specialization(kernel, args: dict, consts: dict, opts: dict, arch: int):
+    """(signature, constexprs, attrs, options) of ``kernel[grid](**args, **consts, **opts)`` on sm_<arch>,
+    computed by Triton's own launch-time binder (no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(consts, **opts)
+    bound, specialization, options = binder(**args, **kwargs)
+    options, sig, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return sig, constexprs, attrs, options.__dict__
+
+
+def _cuobjdump() -> str:
+    import shutil
+
+    import triton
+
+    try:
+        return triton.knobs.nvidia.cuobjdump.path  # the one Triton ships
+    except AttributeError:  # older Triton
+        path = shutil.which("cuobjdump")
+        if path is None:
+            raise RuntimeError("cuobjdump not found: cannot read register and stack usage") from None
+        return path
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{"REG", "STACK", "SHARED", "LOCAL", ...} of the one kernel in ``cubin`` (cuobjdump -res-usage)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if "REG:" in line]
+    if len(lines) != 1:
+        raise RuntimeError(f"unexpected cuobjdump -res-usage output:\n{out}")
+    fields = (kv.split(":", 1) for kv in lines[0].split() if ":" in kv)
+    return {k: int(v) for k, v in fields if v.isdigit()}
+
+
+def _describe(kernel, consts, opts) -> str:
     cs = ",".join(f"{k}={v}" for k, v in consts.items())
-    return f"{kernel.__name__}[{cs}; warps={opts['num_warps']} stages={opts['num_stages']}]({ptrs})"
+    return f"{kernel.__name__}[{cs}; warps={opts['num_warps']} stages={opts['num_stages']}]"
 
 
 def _compile_one(job):
+    """(idx, arch, error or None, usage dict, seconds) for one variant on one arch."""
     idx, arch = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, sig, consts, opts = _VARIANTS[idx]
+    kernel, args, consts, opts = _VARIANTS[idx]
     t0 = time.perf_counter()
     try:
-        src = ASTSource(kernel, sig, consts)
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(opts))
-        shared = int(getattr(ck.metadata, "shared", 0))
-        if shared > SMEM_LIMIT.get(arch, 101376):
-            return idx, arch, f"needs {shared} B shared memory > {SMEM_LIMIT.get(arch)} B on sm_{arch}", shared, time.perf_counter() - t0
-        return idx, arch, None, shared, time.perf_counter() - t0
+        sig, cx, attrs, options = runtime_specialization(kernel, args, consts, opts, arch)
+        ck = triton.compile(ASTSource(kernel, sig, cx, attrs), target=GPUTarget("cuda", arch, 32), options=options)
+        usage = resource_usage(ck.asm["cubin"])
+        usage["SMEM"] = int(getattr(ck.metadata, "shared", 0))
+        err = None
+        if usage["SMEM"] > SMEM_LIMIT.get(arch, 101376):
+            err = f"needs {usage['SMEM']} B shared memory > {SMEM_LIMIT.get(arch)} B on sm_{arch}"
+        elif usage.get("STACK", 0) > 0 or usage.get("LOCAL", 0) > 0:
+            err = (f"register spill: {usage.get('STACK', 0)} B stack, {usage.get('LOCAL', 0)} B local memory "
+                   f"per thread ({usage['REG']} registers)")
+        return idx, arch, err, usage, time.perf_counter() - t0
     except Exception as exc:  # report every failure, not just the first
         msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
-        return idx, arch, "\n    ".join(msg[-15:]), -1, time.perf_counter() - t0
+        return idx, arch, "\n    ".join(msg[-15:]), {}, time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -133,7 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--level", choices=LEVELS, default="default",
                         help="smoke (seconds; tests), default (CI), full (every mask and autotune config)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="one line per variant (registers, stack, smem)")
+    parser.add_argument("--json", help="write every variant's registers, stack and shared memory to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("triton_aot: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
@@ -153,19 +214,30 @@ def main(argv=None) -> int:
         results = [_compile_one(j) for j in jobs]
     failures = 0
     per_kernel: dict = {}
-    for idx, arch, err, shared, secs in results:
-        kernel, sig, consts, opts = _VARIANTS[idx]
-        stat = per_kernel.setdefault((kernel.__name__, arch), [0, 0, 0.0])
-        stat[0] += 1
-        stat[1] = max(stat[1], shared)
-        stat[2] += secs
+    rows = []
+    for idx, arch, err, usage, secs in results:
+        kernel, _, consts, opts = _VARIANTS[idx]
+        rows.append(dict(kernel=kernel.__name__, arch=arch, constexprs=consts, error=err, seconds=round(secs, 2),
+                         **opts, **usage))
+        stat = per_kernel.setdefault((kernel.__name__, arch), dict(n=0, REG=0, STACK=0, SMEM=0, secs=0.0))
+        stat["n"] += 1
+        stat["secs"] += secs
+        for k in ("REG", "STACK", "SMEM"):
+            stat[k] = max(stat[k], usage.get(k, 0))
         if err is not None:
             failures += 1
-            print(f"FAILED sm_{arch} {_describe(kernel, sig, consts, opts)}\n    {err}", file=sys.stderr)
+            print(f"FAILED sm_{arch} {_describe(kernel, consts, opts)}\n    {err}", file=sys.stderr)
         elif args.verbose:
-            print(f"ok sm_{arch} {secs:.2f}s smem={shared} {_describe(kernel, sig, consts, opts)}")
-    for (name, arch), (count, smem, secs) in sorted(per_kernel.items()):
-        print(f"  sm_{arch} {name:22s} {count:4d} variants  max smem {smem:7d} B  {secs:6.1f} s")
+            print(f"ok sm_{arch} {secs:5.2f}s regs={usage['REG']:3d} stack={usage.get('STACK', 0)} "
+                  f"smem={usage['SMEM']:6d} {_describe(kernel, consts, opts)}")
+    for (name, arch), st in sorted(per_kernel.items()):
+        print(f"  sm_{arch} {name:20s} {st['n']:4d} variants  max regs {st['REG']:3d}  max stack {st['STACK']:5d} B"
+              f"  max smem {st['SMEM']:6d} B  {st['secs']:6.1f} s")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
     print(f"{len(jobs) - failures}/{len(jobs)} compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     if failures:
         print(f"triton_aot: {failures} compile(s) FAILED", file=sys.stderr)

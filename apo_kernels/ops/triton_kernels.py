@@ -9,29 +9,38 @@ Backward with upstream dY, H = AᵀGB, M = S⊙H:
 
 Two paths, chosen per layer:
 
-* small layers (m, n ≤ ``FUSED_MAX_DIM`` = 128): ONE program per layer loads the whole layer into
-  registers (padded to power-of-two blocks, masked), does all products with ``tl.dot`` and stores
-  only the outputs (:func:`_fused_fwd_kernel`, :func:`_fused_bwd_kernel`). The grouped op walks a
-  table of layers (pointers, strides, m, n) so that every layer of one padded block shape is a
-  single launch (:func:`_grouped_fwd_kernel`, :func:`_grouped_bwd_kernel`).
+* small layers (m, n ≤ ``FUSED_MAX_DIM`` = 64): ONE program per layer computes every product as a
+  K-loop of ``tl.dot`` chunks (padded power-of-two blocks, masked), passing intermediates through a
+  small per-layer fp32 scratch buffer (L2-resident) between block-wide barriers, and stores only the
+  outputs (:func:`_fused_fwd_kernel`, :func:`_fused_bwd_kernel`). The grouped op walks a table of
+  layers (addresses, m, n) so that every layer of one padded block shape is a single launch
+  (:func:`_grouped_fwd_kernel`, :func:`_grouped_bwd_kernel`).
 * larger layers: a batched tiled GEMM with fused epilogues (:func:`_gemm_kernel`) — ``M = S⊙(AᵀGB)``
   in the epilogue of the GEMM producing H, ``E = S⊙D`` and ``dS = D⊙H`` in the epilogue of the GEMM
-  producing D, and the two-product sums of dA and dB as one "dual" GEMM. Autotuned on GPU.
+  producing D, and the two-product sums of dA and dB as one "dual" GEMM. Autotuned on GPU over a
+  pruned config set (:func:`_prune_gemm_configs`).
 
 Precision: every load is cast to fp32 at once (the interpreter holds bf16 as raw 16-bit integers,
 so arithmetic on un-cast bf16 is silently wrong), elementwise maths is fp32, ``tl.dot`` accumulates
 in fp32, intermediates between GEMMs are fp32 buffers, and each output is rounded once on store.
 On a GPU, fp16/bf16 layers feed their dot operands to ``tl.dot`` in that dtype (tensor cores;
 constexpr ``DOT_DT``); fp32 dots use ``input_precision="tf32"`` when
-``torch.backends.cuda.matmul.allow_tf32`` is set, as torch does, else "tf32x3" (three tf32 MMAs:
-fp32-level accuracy on tensor cores; "ieee" would compile every dot to unrolled FMAs, which took
-ptxas minutes for one 64×64 fused program).
+``torch.backends.cuda.matmul.allow_tf32`` is set, as torch does, else "tf32x3" in the tiled GEMMs
+(three tf32 MMAs: fp32-level accuracy on tensor cores) and "ieee" (fp32 FMAs) in the fused
+programs (:func:`_dot_config`). Under the interpreter every dot is computed in fp32, whatever the
+dtype: fp16/bf16 dot operands have never been executed there.
+
+Registers: every variant the launchers can launch is compiled for sm_80 and sm_90 by
+``apo_kernels.ops.triton_aot``, which fails on any register spill (CI runs it).
 
 Launchers take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (:func:`is_interpreter`). Inputs may be non-contiguous (strides are passed to the
-kernels); outputs are contiguous and have the input dtype. Every launcher first applies the op's
-input rules (``_validate.py``, the same as the public API's), then the Triton backend's own (no
-float64; CUDA tensors, or CPU tensors under the interpreter), before anything is launched.
+kernels; the grouped table path copies strided small layers first); outputs are contiguous and have
+the input dtype. Every launcher first applies the op's input rules (``_validate.py``, the same as
+the public API's), then the Triton backend's own (no float64; CUDA tensors, or CPU tensors under
+the interpreter), before anything is launched. Kernels run on the inputs' device and torch's
+current stream; layer tables reach the device by a non-blocking copy from pinned memory, safe
+under CUDA-graph capture (:func:`_table`).
 
 Language: the subset common to Triton 3.6–3.9 (pointer arithmetic, no ``tl.make_block_ptr``).
 ``apo_kernels.ops.triton_aot`` compiles every kernel variant these launchers launch for sm_80 and
@@ -40,6 +49,7 @@ sm_90 without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -59,18 +69,12 @@ __all__ = [
     "triton_precondition_grouped_backward",
 ]
 
-# Layers with m and n at most FUSED_MAX_DIM, whose padded block (BM·BN) is also at most the budget
-# below, go to the single fused program; the rest to the tiled GEMMs. The budgets keep the fused
-# programs within sm_80's 163 KiB of shared memory (measured with triton_aot: fp32 forward 128×64
-# 128 KiB, 128×128 192 KiB; fp32 backward 64×64 80 KiB, 128×64 192 KiB; bf16 backward 128×64
-# 96 KiB, 128×128 160 KiB) and their compile time reasonable. Tests lower them to force a path.
-FUSED_MAX_DIM = 128
-FUSED_MAX_ELEMS = {  # (backward?, 4-byte dtype?) -> max BM·BN
-    (False, True): 64 * 128,
-    (False, False): 128 * 128,
-    (True, True): 64 * 64,
-    (True, False): 64 * 128,
-}
+# Layers with m and n at most FUSED_MAX_DIM go to the fused single-program kernels, the rest to the
+# tiled GEMMs. 64 is the largest power of two at which every fused program (forward, backward,
+# batched, grouped; fp32, fp16, bf16) compiles without register spills for sm_80 and sm_90
+# (``python -m apo_kernels.ops.triton_aot`` checks it; at 128 the grouped backward spilled 2.4 KB
+# per thread). Tests lower it to force the tiled path.
+FUSED_MAX_DIM = 64
 
 # dtype codes passed to kernels as constexprs (DT: the pointee type of table pointers;
 # DOT_DT: the operand type fed to tl.dot).
@@ -145,68 +149,110 @@ def _dot_acc(a, b, acc, DOT_DT: tl.constexpr, PREC: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
-# Fused single-program bodies (one layer, m ≤ BM, n ≤ BN, everything in registers)
+# Fused single-program bodies (one layer, m ≤ BM, n ≤ BN)
+#
+# Every product is a K-loop of BK-wide chunks into one BM×BN fp32 accumulator, so at most one
+# accumulator and two operand chunks are live: whole-layer tiles held in registers spilled to local
+# memory (up to 23 KB per thread at 64×128). Intermediates (GB, M, E, ...) go through a per-layer
+# fp32 scratch buffer in global memory (L2-resident at these sizes); a block-wide barrier between
+# the stages makes one stage's stores visible to the next stage's loads.
 # --------------------------------------------------------------------------------------------
+
+FUSED_BK = 16  # K chunk of the fused products (≥ 16 for tl.dot; 32 spilled with tf32x3 on sm_80)
+FWD_SCRATCH = tl.constexpr(2)  # m×n fp32 scratch slots per layer, forward
+BWD_SCRATCH = tl.constexpr(5)  # and backward
+
+
+@triton.jit
+def _mm(x, sxm, sxk, y, syk, syn, M, N, K,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """fp32 BM×BN tile of X @ Y (X: M×K, Y: K×N, strided; zero outside M×N), K in BK chunks."""
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        xa = _cvt(_load_f32(x, rm, k0 + rk, sxm, sxk, M, K), DOT_DT)
+        yb = _cvt(_load_f32(y, k0 + rk, rn, syk, syn, K, N), DOT_DT)
+        acc = _dot_acc(xa, yb, acc, DOT_DT, PREC)
+    return acc
 
 
 @triton.jit
 def _fused_fwd_body(
-    g, a, s, b, y, m, n,
+    g, a, s, b, y, t, m, n,
     sgm, sgn, sam, sak, ssm, ssn, sbk, sbn, sym, syn,
-    BM: tl.constexpr, BN: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
+    # t: FWD_SCRATCH contiguous m×n fp32 slots: t1 = G B, then M Bᵀ; t2 = M.
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
-    G = _load_f32(g, rm, rn, sgm, sgn, m, n)
-    B = _load_f32(b, rn, rn, sbk, sbn, n, n)
-    At = _load_f32(a, rm, rm, sak, sam, m, m)
-    H = _dot(At, _dot(G, B, DOT_DT, PREC), DOT_DT, PREC)
-    M = _load_f32(s, rm, rn, ssm, ssn, m, n) * H
-    Bt = _load_f32(b, rn, rn, sbn, sbk, n, n)
-    A = _load_f32(a, rm, rm, sam, sak, m, m)
-    Y = _dot(A, _dot(M, Bt, DOT_DT, PREC), DOT_DT, PREC)
+    t1 = t
+    t2 = t + m * n
+    _store(t1, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)
+    tl.debug_barrier()
+    H = _mm(a, sak, sam, t1, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)             # Aᵀ (G B)
+    _store(t2, _load_f32(s, rm, rn, ssm, ssn, m, n) * H, rm, rn, n, 1, m, n)      # M = S ⊙ H
+    tl.debug_barrier()
+    _store(t1, _mm(t2, n, 1, b, sbn, sbk, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)  # M Bᵀ
+    tl.debug_barrier()
+    Y = _mm(a, sam, sak, t1, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)             # A (M Bᵀ)
     _store(y, Y, rm, rn, sym, syn, m, n)
 
 
 @triton.jit
 def _fused_bwd_body(
-    dy, g, a, s, b, dg, da, ds, db, m, n,
+    dy, g, a, s, b, dg, da, ds, db, t, m, n,
     sdym, sdyn, sgm, sgn, sam, sak, ssm, ssn, sbk, sbn,
     NEED_G: tl.constexpr, NEED_A: tl.constexpr, NEED_S: tl.constexpr, NEED_B: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     # Outputs are contiguous: dG, dS (m, n), dA (m, m), dB (n, n).
+    # t: BWD_SCRATCH m×n fp32 slots: p1 = dY B, then A M; p2 = G B; p3 = E; p4 = M; p5 = D, then A E.
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
-    B = _load_f32(b, rn, rn, sbk, sbn, n, n)
-    At = _load_f32(a, rm, rm, sak, sam, m, m)
-    S = _load_f32(s, rm, rn, ssm, ssn, m, n)
-    dYB = _dot(_load_f32(dy, rm, rn, sdym, sdyn, m, n), B, DOT_DT, PREC)
-    D = _dot(At, dYB, DOT_DT, PREC)
-    E = S * D
-    if NEED_G:
-        Bt = _load_f32(b, rn, rn, sbn, sbk, n, n)
-        A = _load_f32(a, rm, rm, sam, sak, m, m)
-        dG = _dot(A, _dot(E, Bt, DOT_DT, PREC), DOT_DT, PREC)
-        _store(dg, dG, rm, rn, n, 1, m, n)
+    mn = m * n
+    p1 = t
+    p2 = t + mn
+    p3 = t + 2 * mn
+    p4 = t + 3 * mn
+    p5 = t + 4 * mn
+    _store(p1, _mm(dy, sdym, sdyn, b, sbk, sbn, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)
+    if NEED_A or NEED_S or NEED_B:  # H is needed
+        _store(p2, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)
+    tl.debug_barrier()
+    sv = _load_f32(s, rm, rn, ssm, ssn, m, n)
+    D = _mm(a, sak, sam, p1, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)              # Aᵀ dY B
+    if NEED_G or NEED_A or NEED_B:
+        _store(p3, sv * D, rm, rn, n, 1, m, n)                                     # E = S ⊙ D
+    if NEED_S:
+        _store(p5, D, rm, rn, n, 1, m, n)
+        tl.debug_barrier()
     if NEED_A or NEED_S or NEED_B:
-        GB = _dot(_load_f32(g, rm, rn, sgm, sgn, m, n), B, DOT_DT, PREC)
-        H = _dot(At, GB, DOT_DT, PREC)
-        if NEED_S:
-            _store(ds, D * H, rm, rn, n, 1, m, n)
+        H = _mm(a, sak, sam, p2, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)          # Aᵀ G B
         if NEED_A or NEED_B:
-            M = S * H
-            if NEED_A:
-                dA = _dot(dYB, tl.trans(M), DOT_DT, PREC) + _dot(GB, tl.trans(E), DOT_DT, PREC)
-                _store(da, dA, rm, rm, m, 1, m, m)
-            if NEED_B:
-                A2 = _load_f32(a, rm, rm, sam, sak, m, m)
-                dYt = _load_f32(dy, rn, rm, sdyn, sdym, n, m)
-                Gt = _load_f32(g, rn, rm, sgn, sgm, n, m)
-                AM = _dot(A2, M, DOT_DT, PREC)
-                AE = _dot(A2, E, DOT_DT, PREC)
-                dB = _dot(dYt, AM, DOT_DT, PREC) + _dot(Gt, AE, DOT_DT, PREC)
-                _store(db, dB, rn, rn, n, 1, n, n)
+            _store(p4, sv * H, rm, rn, n, 1, m, n)                                 # M = S ⊙ H
+        if NEED_S:
+            _store(ds, _load_f32(p5, rm, rn, n, 1, m, n) * H, rm, rn, n, 1, m, n)  # dS = D ⊙ H
+    tl.debug_barrier()
+    if NEED_A:  # dA = (dY B) Mᵀ + (G B) Eᵀ
+        dA = _mm(p1, n, 1, p4, 1, n, m, m, n, BM, BM, BK, DOT_DT, PREC)
+        dA += _mm(p2, n, 1, p3, 1, n, m, m, n, BM, BM, BK, DOT_DT, PREC)
+        _store(da, dA, rm, rm, m, 1, m, m)
+        if NEED_B:
+            tl.debug_barrier()  # p1 is overwritten below
+    if NEED_G or NEED_B:
+        _store(p5, _mm(a, sam, sak, p3, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)  # A E
+        if NEED_B:
+            _store(p1, _mm(a, sam, sak, p4, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)  # A M
+        tl.debug_barrier()
+    if NEED_G:  # dG = (A E) Bᵀ
+        dG = _mm(p5, n, 1, b, sbn, sbk, m, n, n, BM, BN, BK, DOT_DT, PREC)
+        _store(dg, dG, rm, rn, n, 1, m, n)
+    if NEED_B:  # dB = dYᵀ (A M) + Gᵀ (A E)
+        dB = _mm(dy, sdyn, sdym, p1, n, 1, n, n, m, BN, BN, BK, DOT_DT, PREC)
+        dB += _mm(g, sgn, sgm, p5, n, 1, n, n, m, BN, BN, BK, DOT_DT, PREC)
+        _store(db, dB, rn, rn, n, 1, n, n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,56 +260,67 @@ def _fused_bwd_body(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Batch strides vary with the layer shape and only enter one int64 base offset: not specialized.
+@triton.jit(do_not_specialize=["sgb", "sab", "ssb", "sbb"])
 def _fused_fwd_kernel(
-    g, a, s, b, y, m, n,
+    g, a, s, b, y, t, m, n,
     sgb, sgm, sgn, sab, sam, sak, ssb, ssm, ssn, sbb, sbk, sbn,
-    BM: tl.constexpr, BN: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     l = tl.program_id(0).to(tl.int64)
     _fused_fwd_body(
-        g + l * sgb, a + l * sab, s + l * ssb, b + l * sbb, y + l * m * n, m, n,
+        g + l * sgb, a + l * sab, s + l * ssb, b + l * sbb, y + l * m * n, t + l * (FWD_SCRATCH * m * n), m, n,
         sgm, sgn, sam, sak, ssm, ssn, sbk, sbn, n, 1,
-        BM, BN, DOT_DT, PREC,
+        BM, BN, BK, DOT_DT, PREC,
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sdyb", "sgb", "sab", "ssb", "sbb"])
 def _fused_bwd_kernel(
-    dy, g, a, s, b, dg, da, ds, db, m, n,
+    dy, g, a, s, b, dg, da, ds, db, t, m, n,
     sdyb, sdym, sdyn, sgb, sgm, sgn, sab, sam, sak, ssb, ssm, ssn, sbb, sbk, sbn,
     NEED_G: tl.constexpr, NEED_A: tl.constexpr, NEED_S: tl.constexpr, NEED_B: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     l = tl.program_id(0).to(tl.int64)
     _fused_bwd_body(
         dy + l * sdyb, g + l * sgb, a + l * sab, s + l * ssb, b + l * sbb,
-        dg + l * m * n, da + l * m * m, ds + l * m * n, db + l * n * n, m, n,
+        dg + l * m * n, da + l * m * m, ds + l * m * n, db + l * n * n, t + l * (BWD_SCRATCH * m * n), m, n,
         sdym, sdyn, sgm, sgn, sam, sak, ssm, ssn, sbk, sbn,
-        NEED_G, NEED_A, NEED_S, NEED_B, BM, BN, DOT_DT, PREC,
+        NEED_G, NEED_A, NEED_S, NEED_B, BM, BN, BK, DOT_DT, PREC,
     )
 
 
-# Layer-table layouts (int64 rows, one per layer). Addresses of masked-off outputs are 0.
-_FWD_FIELDS = ("g", "a", "s", "b", "y", "m", "n", "sgm", "sgn", "sam", "sak", "ssm", "ssn", "sbk", "sbn")
-_BWD_FIELDS = ("dy", "g", "a", "s", "b", "dg", "da", "ds", "db", "m", "n",
-               "sdym", "sdyn", "sgm", "sgn", "sam", "sak", "ssm", "ssn", "sbk", "sbn")
+# Layer-table layouts (int64 rows, one per layer, padded to 8 or 16 entries: 64-byte aligned rows).
+# Layers in a table are contiguous (the launchers copy any other first), so rows hold only
+# addresses and dimensions: no runtime strides in the kernel's index arithmetic, which keeps the
+# grouped programs as lean in registers as the batched ones. Addresses of masked-off outputs are 0;
+# "t" is the layer's scratch.
+_FWD_FIELDS = ("g", "a", "s", "b", "y", "t", "m", "n")
+_BWD_FIELDS = ("dy", "g", "a", "s", "b", "dg", "da", "ds", "db", "t", "m", "n")
+FWD_ROW = tl.constexpr(8)
+BWD_ROW = tl.constexpr(16)
+
+
+@triton.jit
+def _ptr_at(row, k, DT: tl.constexpr):
+    """Entry k of a table row (an int64 address) as a pointer to dtype code DT."""
+    return _as_ptr(tl.load(row + k), DT)
 
 
 @triton.jit
 def _grouped_fwd_kernel(
     table, DT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    row = table + tl.program_id(0).to(tl.int64) * 15
-    m = tl.load(row + 5).to(tl.int32)
-    n = tl.load(row + 6).to(tl.int32)
+    row = table + tl.program_id(0).to(tl.int64) * FWD_ROW
+    m = tl.load(row + 6).to(tl.int32)
+    n = tl.load(row + 7).to(tl.int32)
     _fused_fwd_body(
-        _as_ptr(tl.load(row + 0), DT), _as_ptr(tl.load(row + 1), DT), _as_ptr(tl.load(row + 2), DT),
-        _as_ptr(tl.load(row + 3), DT), _as_ptr(tl.load(row + 4), DT), m, n,
-        tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), tl.load(row + 10),
-        tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), n, 1,
-        BM, BN, DOT_DT, PREC,
+        _ptr_at(row, 0, DT), _ptr_at(row, 1, DT), _ptr_at(row, 2, DT), _ptr_at(row, 3, DT),
+        _ptr_at(row, 4, DT), _ptr_at(row, 5, 0), m, n,
+        n, 1, m, 1, n, 1, n, 1, n, 1,
+        BM, BN, BK, DOT_DT, PREC,
     )
 
 
@@ -271,20 +328,17 @@ def _grouped_fwd_kernel(
 def _grouped_bwd_kernel(
     table, DT: tl.constexpr,
     NEED_G: tl.constexpr, NEED_A: tl.constexpr, NEED_S: tl.constexpr, NEED_B: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    row = table + tl.program_id(0).to(tl.int64) * 21
-    m = tl.load(row + 9).to(tl.int32)
-    n = tl.load(row + 10).to(tl.int32)
+    row = table + tl.program_id(0).to(tl.int64) * BWD_ROW
+    m = tl.load(row + 10).to(tl.int32)
+    n = tl.load(row + 11).to(tl.int32)
     _fused_bwd_body(
-        _as_ptr(tl.load(row + 0), DT), _as_ptr(tl.load(row + 1), DT), _as_ptr(tl.load(row + 2), DT),
-        _as_ptr(tl.load(row + 3), DT), _as_ptr(tl.load(row + 4), DT),
-        _as_ptr(tl.load(row + 5), DT), _as_ptr(tl.load(row + 6), DT), _as_ptr(tl.load(row + 7), DT),
-        _as_ptr(tl.load(row + 8), DT), m, n,
-        tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
-        tl.load(row + 15), tl.load(row + 16), tl.load(row + 17), tl.load(row + 18),
-        tl.load(row + 19), tl.load(row + 20),
-        NEED_G, NEED_A, NEED_S, NEED_B, BM, BN, DOT_DT, PREC,
+        _ptr_at(row, 0, DT), _ptr_at(row, 1, DT), _ptr_at(row, 2, DT), _ptr_at(row, 3, DT),
+        _ptr_at(row, 4, DT), _ptr_at(row, 5, DT), _ptr_at(row, 6, DT), _ptr_at(row, 7, DT),
+        _ptr_at(row, 8, DT), _ptr_at(row, 9, 0), m, n,
+        n, 1, n, 1, m, 1, n, 1, n, 1,
+        NEED_G, NEED_A, NEED_S, NEED_B, BM, BN, BK, DOT_DT, PREC,
     )
 
 
@@ -293,7 +347,8 @@ def _grouped_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Batch strides vary with every layer shape and only enter one int64 base offset: not specialized.
+@triton.jit(do_not_specialize=["sxb", "syb", "sx2b", "sy2b", "scb", "ssb", "shb"])
 def _gemm_kernel(
     x, y, x2, y2, c, c2, s, h,
     M, N, K,
@@ -301,10 +356,13 @@ def _gemm_kernel(
     sx2b, sx2m, sx2k, sy2b, sy2k, sy2n,
     scb, scm, scn, ssb, ssm, ssn, shb, shm, shn,
     EPI: tl.constexpr, DUAL: tl.constexpr, STORE_C: tl.constexpr, STORE_C2: tl.constexpr,
-    DOT_DT: tl.constexpr, PREC: tl.constexpr,
+    DOT_DT: tl.constexpr, PREC: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """acc = X @ Y (+ X2 @ Y2 when DUAL), batch = program_id(1); transposes are swapped strides.
+    """acc = X @ Y (+ X2 @ Y2 when DUAL) per batch element; transposes are swapped strides.
+
+    One grid axis: program_id(0) = batch · tiles + tile (axis 1 is limited to 65535, too few for a
+    long batch). IDX64: element offsets within one matrix reach 2³¹, so index arithmetic is int64.
 
     Epilogues (c and c2 share the strides sc*):
       EPI 0: c = acc
@@ -312,10 +370,11 @@ def _gemm_kernel(
       EPI 2: c = S ⊙ acc (E),  c2 = acc ⊙ H (dS)            -- backward, GEMM producing D
     STORE_C / STORE_C2 switch each store off (nothing is written that is not needed).
     """
-    pid = tl.program_id(0)
-    bid = tl.program_id(1).to(tl.int64)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    bid = (pid // (num_m * num_n)).to(tl.int64)
+    pid = pid % (num_m * num_n)
     # Grouped tile order: GROUP_M row-tiles share their Y column tiles in L2.
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
@@ -326,74 +385,122 @@ def _gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if IDX64:
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+        rk = rk.to(tl.int64)
+        kstep = tl.full([], BLOCK_K, tl.int64)
+    else:
+        kstep = BLOCK_K
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    xp = x + bid * sxb + rm[:, None] * sxm + rk[None, :] * sxk
-    yp = y + bid * syb + rk[:, None] * syk + rn[None, :] * syn
+    xp = (x + bid * sxb) + (rm[:, None] * sxm + rk[None, :] * sxk)
+    yp = (y + bid * syb) + (rk[:, None] * syk + rn[None, :] * syn)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
         xa = _cvt(tl.load(xp, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), DOT_DT)
         yb = _cvt(tl.load(yp, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32), DOT_DT)
         acc = _dot_acc(xa, yb, acc, DOT_DT, PREC)
-        xp += BLOCK_K * sxk
-        yp += BLOCK_K * syk
+        xp += kstep * sxk
+        yp += kstep * syk
     if DUAL:
-        xp2 = x2 + bid * sx2b + rm[:, None] * sx2m + rk[None, :] * sx2k
-        yp2 = y2 + bid * sy2b + rk[:, None] * sy2k + rn[None, :] * sy2n
+        xp2 = (x2 + bid * sx2b) + (rm[:, None] * sx2m + rk[None, :] * sx2k)
+        yp2 = (y2 + bid * sy2b) + (rk[:, None] * sy2k + rn[None, :] * sy2n)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + rk) < K
             xa = _cvt(tl.load(xp2, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), DOT_DT)
             yb = _cvt(tl.load(yp2, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32), DOT_DT)
             acc = _dot_acc(xa, yb, acc, DOT_DT, PREC)
-            xp2 += BLOCK_K * sx2k
-            yp2 += BLOCK_K * sy2k
+            xp2 += kstep * sx2k
+            yp2 += kstep * sy2k
 
-    c_off = bid * scb + rm[:, None] * scm + rn[None, :] * scn
+    # The batch offset goes into the (scalar) base pointers, so the per-element offsets stay int32
+    # unless IDX64: an int64 offset tile costs two registers per element and spilled.
+    c_off = rm[:, None] * scm + rn[None, :] * scn
     mask = m_ok[:, None] & n_ok[None, :]
     if EPI == 0:
-        tl.store(c + c_off, acc.to(c.dtype.element_ty), mask=mask)
+        tl.store(c + bid * scb + c_off, acc.to(c.dtype.element_ty), mask=mask)
     else:
-        sv = tl.load(s + bid * ssb + rm[:, None] * ssm + rn[None, :] * ssn, mask=mask, other=0.0).to(tl.float32)
+        sv = tl.load((s + bid * ssb) + rm[:, None] * ssm + rn[None, :] * ssn, mask=mask, other=0.0).to(tl.float32)
         if STORE_C:
-            tl.store(c + c_off, (sv * acc).to(c.dtype.element_ty), mask=mask)
+            tl.store((c + bid * scb) + c_off, (sv * acc).to(c.dtype.element_ty), mask=mask)
         if STORE_C2:
             if EPI == 1:
-                tl.store(c2 + c_off, acc.to(c2.dtype.element_ty), mask=mask)
+                tl.store((c2 + bid * scb) + c_off, acc.to(c2.dtype.element_ty), mask=mask)
             else:
-                hv = tl.load(h + bid * shb + rm[:, None] * shm + rn[None, :] * shn, mask=mask, other=0.0).to(tl.float32)
-                tl.store(c2 + c_off, (acc * hv).to(c2.dtype.element_ty), mask=mask)
+                hv = tl.load((h + bid * shb) + rm[:, None] * shm + rn[None, :] * shn, mask=mask,
+                             other=0.0).to(tl.float32)
+                tl.store((c2 + bid * scb) + c_off, (acc * hv).to(c2.dtype.element_ty), mask=mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the usual Triton GEMM set, sized
-# to fit sm_80's shared memory with fp32 operands.
-GEMM_CONFIGS = (
-    (128, 128, 32, 8, 8, 3),
-    (128, 64, 32, 8, 4, 4),
-    (64, 128, 32, 8, 4, 4),
-    (64, 64, 32, 8, 4, 4),
-    (64, 64, 64, 8, 4, 3),
-    (32, 64, 32, 8, 4, 4),
-    (64, 32, 32, 8, 2, 5),
-)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per operand class. Each config is
+# free of register spills for sm_80 and sm_90 on every epilogue (triton_aot checks). The usual
+# Triton set (128×128×32 and 64×64×64 tiles) spilled up to 1.9 KB per thread with fp32 operands
+# (tf32x3 splits each operand in two) and up to 0.8 KB with bf16; 128×128 tiles spill with either.
+GEMM_CONFIGS = {
+    "fp32": (
+        (128, 64, 16, 8, 8, 3),
+        (64, 128, 16, 8, 8, 3),
+        (64, 64, 16, 8, 4, 4),
+        (32, 64, 32, 8, 4, 4),
+    ),
+    "half": (
+        (128, 64, 16, 8, 8, 3),
+        (64, 128, 16, 8, 8, 3),
+        (64, 64, 32, 8, 4, 4),
+        (32, 64, 32, 8, 4, 4),
+    ),
+}
 # Under the interpreter: one config, large enough to keep the Python loop short and small
 # enough that odd shapes still take several K steps and masked tails.
 INTERPRETER_GEMM_CONFIG = (64, 64, 32, 8, 4, 1)
+
+
+def _config_class(dot_dt: int) -> str:
+    return "fp32" if dot_dt == 0 else "half"
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Autotune candidates for one GEMM: its operand class's configs, without tiles far larger
+    than the problem (a 40×40 product gains nothing from trying 128×128 tiles). Always one left."""
+    a = {**named_args, **kwargs}
+    allowed = set(GEMM_CONFIGS[_config_class(a["DOT_DT"])])
+
+    def key(c):
+        kw = c.kwargs
+        return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], c.num_warps, c.num_stages)
+
+    mine = [c for c in configs if key(c) in allowed]
+    fits = [c for c in mine if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(a["M"]))
+            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(a["N"]))]
+    return fits or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _quick_bench(fn, quantiles=None, **_):
+    """The autotuner's timer with short warm-up and repetition (Triton's default: 25 + 100 ms a config)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
 
 _gemm_autotuned = None
 
 
 def _gemm_tuned():
-    """``_gemm_kernel`` under @triton.autotune, built on first GPU use (its benchmarker needs a GPU)."""
+    """``_gemm_kernel`` under @triton.autotune, built on first GPU use (its benchmarker needs a GPU).
+
+    The key leaves out the epilogue flags: GEMMs of one shape share their tuning, so a layer
+    tunes ~4 (M, N, K, DUAL) keys instead of ~10."""
     global _gemm_autotuned
     if _gemm_autotuned is None:
+        every = sorted({cfg for cls in GEMM_CONFIGS.values() for cfg in cls})
         configs = [
             triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm), num_warps=w, num_stages=st)
-            for bm, bn, bk, gm, w, st in GEMM_CONFIGS
+            for bm, bn, bk, gm, w, st in every
         ]
         _gemm_autotuned = triton.autotune(
-            configs, key=["M", "N", "K", "EPI", "DUAL", "STORE_C", "STORE_C2", "DOT_DT", "PREC"]
+            configs, key=["M", "N", "K", "DUAL", "DOT_DT", "PREC"],
+            prune_configs_by={"early_config_prune": _prune_gemm_configs}, do_bench=_quick_bench,
         )(_gemm_kernel)
     return _gemm_autotuned
 
@@ -409,9 +516,10 @@ _RECORD: Optional[list] = None
 def recording():
     """Record kernel launches instead of running them (tensors may be on the ``meta`` device).
 
-    Yields a list that fills with ``(kernel, signature, constexprs, options)`` tuples, one per
-    launch and, for the autotuned GEMM, one per config: exactly what ``triton.compile`` needs.
-    Used by ``apo_kernels.ops.triton_aot`` to compile every variant the launchers launch.
+    Yields a list that fills with ``(kernel, args, constexprs, options)`` tuples, one per launch
+    and, for the autotuned GEMM, one per config: the launch's own argument values (tensors, ints),
+    so that ``apo_kernels.ops.triton_aot`` can specialize and compile each variant exactly as the
+    runtime would (integer 1 → constant, multiples of 16 and 16-byte-aligned pointers → divisibility).
     """
     global _RECORD
     prev, _RECORD = _RECORD, []
@@ -421,25 +529,23 @@ def recording():
         _RECORD = prev
 
 
-_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+def _record(kernel, args: dict, constexprs: dict, options: dict) -> None:
+    _RECORD.append((kernel, dict(args), dict(constexprs), dict(options)))
 
 
-def _record(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> None:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            v = args[name]
-            sig[name] = "*" + _TL_NAME[v.dtype] if isinstance(v, Tensor) else "i32"
-    _RECORD.append((kernel, sig, dict(constexprs), dict(num_warps=num_warps, num_stages=num_stages)))
+def _launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
+            maxnreg: Optional[int] = None):
+    """Launch (or record) one kernel; returns Triton's compiled kernel (None when recording).
 
-
-def _launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1) -> None:
+    maxnreg: register cap per thread for ptxas. Without it ptxas stopped at 128 registers and
+    spilled the fused programs, which fit in ~180."""
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None and not is_interpreter():
+        options["maxnreg"] = maxnreg
     if _RECORD is not None:
-        _record(kernel, args, constexprs, num_warps, num_stages)
-        return
-    kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        _record(kernel, args, constexprs, options)
+        return None
+    return kernel[grid](**args, **constexprs, **options)
 
 
 def _next_pow2(v: int) -> int:
@@ -447,15 +553,29 @@ def _next_pow2(v: int) -> int:
 
 
 def _fused_warps(bm: int, bn: int) -> int:
-    return 8 if max(bm, bn) >= 128 else 4
+    # Backward accumulators reach max(bm, bn)² (dA, dB): 8 warps keep a 128×128 fp32 one at 64
+    # registers per thread.
+    return 4 if max(bm, bn) <= 32 else 8
 
 
-def _dot_config(dtype: torch.dtype) -> tuple[int, str]:
-    """(DOT_DT, PREC): dot operand type and fp32 input precision for this dtype here."""
+# Register cap of the fused programs (≤ 8 warps: 255 still fits 256 threads in one SM's 64K).
+FUSED_MAXNREG = 255
+
+
+def _dot_config(dtype: torch.dtype, fused: bool = False) -> tuple[int, str]:
+    """(DOT_DT, PREC): dot operand type and fp32 input precision for this dtype here.
+
+    fp32: "tf32" when torch allows TF32 matmuls; otherwise "tf32x3" in the tiled GEMMs (three
+    tensor-core MMAs, fp32-level accuracy) and "ieee" in the fused programs, whose BK-wide chunks
+    keep the FMA code small: there tf32x3's split operands cost ~250 registers per thread and
+    spilled. Half precision ignores PREC (one fixed value, so no duplicate compiles)."""
     if is_interpreter() and _RECORD is None:
         return 0, "ieee"  # the interpreter computes dots in fp32 (and cannot do bf16 arithmetic)
-    prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
-    return _DT_CODE[dtype], prec
+    if dtype != torch.float32:
+        return _DT_CODE[dtype], "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
+        return 0, "tf32"
+    return 0, "ieee" if fused else "tf32x3"
 
 
 def _s3(t: Tensor) -> tuple[int, int, int]:
@@ -498,20 +618,38 @@ def _gemm(L: int, M: int, N: int, K: int, x: _Op, y: _Op, c: Tensor, *, x2: Opti
         sx2b=x2.sb, sx2m=x2.sr, sx2k=x2.sc, sy2b=y2.sb, sy2k=y2.sr, sy2n=y2.sc,
         scb=scb, scm=scm, scn=scn, ssb=s.sb, ssm=s.sr, ssn=s.sc, shb=h.sb, shm=h.sr, shn=h.sc,
     )
+    spans = (_span2(M, K, x.sr, x.sc), _span2(K, N, y.sr, y.sc), _span2(M, N, scm, scn),
+             _span2(M, K, x2.sr, x2.sc), _span2(K, N, y2.sr, y2.sc), _span2(M, N, s.sr, s.sc),
+             _span2(M, N, h.sr, h.sc))
     consts = dict(EPI=epi, DUAL=x2 is not dummy, STORE_C=store_c, STORE_C2=c2 is not None,
-                  DOT_DT=dot_dt, PREC=prec)
+                  DOT_DT=dot_dt, PREC=prec, IDX64=max(spans) >= INT32_OFFSETS)
     if _RECORD is not None:
-        for bm, bn, bk, gm, w, st in GEMM_CONFIGS:
-            _record(_gemm_kernel, args, dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm), w, st)
+        for bm, bn, bk, gm, w, st in GEMM_CONFIGS[_config_class(dot_dt)]:
+            _record(_gemm_kernel, args, dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm),
+                    dict(num_warps=w, num_stages=st))
         return
+
+    def grid(meta):  # batch folded into axis 0 (see _gemm_kernel)
+        programs = L * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        if programs >= 2**31:
+            raise ValueError(f"triton backend: {programs} GEMM tiles exceed one launch's grid (2^31 - 1)")
+        return (programs,)
+
     if is_interpreter():
         bm, bn, bk, gm, w, st = INTERPRETER_GEMM_CONFIG
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), L)
-        _gemm_kernel[grid](**args, **consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                           num_warps=w, num_stages=st)
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+        _gemm_kernel[grid(meta)](**args, **consts, **meta, num_warps=w, num_stages=st)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), L)  # noqa: E731
         _gemm_tuned()[grid](**args, **consts)
+
+
+def _span2(rows: int, cols: int, s_r: int, s_c: int) -> int:
+    """Largest element offset within a rows×cols matrix with strides (s_r, s_c)."""
+    return max(rows - 1, 0) * s_r + max(cols - 1, 0) * s_c
+
+
+# Element offsets within one matrix from here on need int64 index arithmetic in the GEMM kernel.
+INT32_OFFSETS = 2**31
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,23 +685,22 @@ def _dims(grad: Tensor) -> tuple[int, int, int]:
     return (grad.shape[0], grad.shape[1], grad.shape[2]) if grad.dim() == 3 else (1, grad.shape[0], grad.shape[1])
 
 
-def _fused_ok(m: int, n: int, dtype: torch.dtype, backward: bool) -> bool:
-    if m > FUSED_MAX_DIM or n > FUSED_MAX_DIM:
-        return False
-    return _next_pow2(m) * _next_pow2(n) <= FUSED_MAX_ELEMS[(backward, dtype == torch.float32)]
+def _fused_ok(m: int, n: int) -> bool:
+    return m <= FUSED_MAX_DIM and n <= FUSED_MAX_DIM
 
 
 def _forward_into(out: Tensor, grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> None:
     L, m, n = _dims(grad)
-    dot_dt, prec = _dot_config(grad.dtype)
-    if _fused_ok(m, n, grad.dtype, False):
+    if _fused_ok(m, n):
+        dot_dt, prec = _dot_config(grad.dtype, fused=True)
         bm, bn = _next_pow2(m), _next_pow2(n)
         sg, sa, ss, sb = _s3(grad), _s3(A), _s3(S), _s3(B)
-        args = dict(g=grad, a=A, s=S, b=B, y=out, m=m, n=n,
+        scratch = torch.empty((L, FWD_SCRATCH.value, m, n), dtype=torch.float32, device=grad.device)
+        args = dict(g=grad, a=A, s=S, b=B, y=out, t=scratch, m=m, n=n,
                     sgb=sg[0], sgm=sg[1], sgn=sg[2], sab=sa[0], sam=sa[1], sak=sa[2],
                     ssb=ss[0], ssm=ss[1], ssn=ss[2], sbb=sb[0], sbk=sb[1], sbn=sb[2])
-        _launch(_fused_fwd_kernel, (L,), args, dict(BM=bm, BN=bn, DOT_DT=dot_dt, PREC=prec),
-                num_warps=_fused_warps(bm, bn))
+        _launch(_fused_fwd_kernel, (L,), args, dict(BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
+                num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
         return
     f32 = dict(dtype=torch.float32, device=grad.device)
     bshape = (L, m, n)
@@ -582,19 +719,20 @@ def _backward_into(outs: tuple, grad_out: Tensor, grad: Tensor, A: Tensor, S: Te
     dG, dA, dS, dB = outs
     need_g, need_a, need_s, need_b = (o is not None for o in outs)
     L, m, n = _dims(grad)
-    dot_dt, prec = _dot_config(grad.dtype)
-    if _fused_ok(m, n, grad.dtype, True):
+    if _fused_ok(m, n):
+        dot_dt, prec = _dot_config(grad.dtype, fused=True)
         bm, bn = _next_pow2(m), _next_pow2(n)
         sdy, sg, sa, ss, sb = _s3(grad_out), _s3(grad), _s3(A), _s3(S), _s3(B)
         args = dict(dy=grad_out, g=grad, a=A, s=S, b=B,
                     dg=grad_out if dG is None else dG, da=grad_out if dA is None else dA,
-                    ds=grad_out if dS is None else dS, db=grad_out if dB is None else dB, m=m, n=n,
+                    ds=grad_out if dS is None else dS, db=grad_out if dB is None else dB,
+                    t=torch.empty((L, BWD_SCRATCH.value, m, n), dtype=torch.float32, device=grad.device), m=m, n=n,
                     sdyb=sdy[0], sdym=sdy[1], sdyn=sdy[2], sgb=sg[0], sgm=sg[1], sgn=sg[2],
                     sab=sa[0], sam=sa[1], sak=sa[2], ssb=ss[0], ssm=ss[1], ssn=ss[2],
                     sbb=sb[0], sbk=sb[1], sbn=sb[2])
         consts = dict(NEED_G=need_g, NEED_A=need_a, NEED_S=need_s, NEED_B=need_b,
-                      BM=bm, BN=bn, DOT_DT=dot_dt, PREC=prec)
-        _launch(_fused_bwd_kernel, (L,), args, consts, num_warps=_fused_warps(bm, bn))
+                      BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
+        _launch(_fused_bwd_kernel, (L,), args, consts, num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
         return
 
     need_e = need_g or need_a or need_b
@@ -644,6 +782,23 @@ def _bwd_shapes(grad: Tensor):
     return ((*batch, m, n), (*batch, m, m), (*batch, m, n), (*batch, n, n))
 
 
+def _on_inputs_device(launcher):
+    """Run ``launcher`` with its inputs' CUDA device as the current device: Triton launches on the
+    current device, which need not be the tensors' one."""
+
+    @functools.wraps(launcher)
+    def wrapper(first, *args, **kwargs):
+        seq = first if isinstance(first, (list, tuple)) else ()
+        t = first if isinstance(first, Tensor) else next((x for x in seq if isinstance(x, Tensor)), None)
+        if t is None or t.device.type != "cuda":
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(first, *args, **kwargs)
+
+    return wrapper
+
+
+@_on_inputs_device
 def triton_precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> Tensor:
     """Y = A (S ⊙ (Aᵀ grad B)) Bᵀ.
 
@@ -660,6 +815,7 @@ def triton_precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> Tensor
     return out
 
 
+@_on_inputs_device
 def triton_precondition_backward(
     grad_out: Tensor, grad: Tensor, A: Tensor, S: Tensor, B: Tensor, output_mask: Sequence[bool] = (True,) * 4,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
@@ -699,6 +855,71 @@ def _table_path_ok(t: Tensor) -> bool:
     return not (is_interpreter() and t.device.type == "cuda")
 
 
+def _scratch(layers: Sequence[int], grads: Sequence[Tensor], slots: int) -> tuple[Tensor, dict]:
+    """One fp32 scratch buffer for the fused programs of ``layers``; {layer: address of its part}.
+
+    Each layer gets ``slots`` m×n slots, its part rounded up to 16 bytes."""
+    sizes = {i: -(-slots * grads[i].numel() // 4) * 4 for i in layers}
+    scratch = torch.empty(sum(sizes.values()), dtype=torch.float32, device=grads[layers[0]].device)
+    addr, offset = {}, _addr(scratch)
+    for i in layers:
+        addr[i] = offset
+        offset += 4 * sizes[i]
+    return scratch, addr
+
+
+class _CapturedTableArena:
+    """Pinned host memory for the layer tables copied while a CUDA graph is being captured.
+
+    A captured host-to-device copy is replayed from the same host address, so that memory must
+    stay put and unchanged for as long as the graph may be replayed: parts of this arena are handed
+    out once and never reused. The arena itself is pinned outside capture, on the first grouped
+    call on a CUDA device (that is the warm-up call that capture requires anyway).
+    """
+
+    SIZE = 1 << 19  # int64 entries (4 MiB): ~30 captures of a 1000-layer backward
+
+    def __init__(self):
+        self.buf: Optional[Tensor] = None
+        self.used = 0
+
+    def reserve(self) -> None:
+        if self.buf is None:
+            self.buf = torch.empty(self.SIZE, dtype=torch.int64).pin_memory()
+
+    def take(self, values: Tensor) -> Tensor:
+        n = values.numel()
+        if self.buf is None or self.used + n > self.SIZE:
+            raise RuntimeError(
+                "triton backend: no pinned memory left for layer tables captured into CUDA graphs "
+                f"({self.SIZE * 8 >> 20} MiB per process; call the op once outside capture first)")
+        part = self.buf[self.used:self.used + n].view_as(values)
+        self.used += n
+        part.copy_(values)
+        return part
+
+
+_CAPTURED_TABLES = _CapturedTableArena()
+
+
+def _table(rows: list, row_len: int, like: Tensor) -> Tensor:
+    """The int64 layer table (rows zero-padded to ``row_len``) on ``like``'s device.
+
+    Never a pageable or synchronizing copy: the rows go to the device from pinned memory with a
+    non-blocking copy on the current stream. Under CUDA-graph capture the pinned source is a part
+    of ``_CAPTURED_TABLES`` that is never reused, so every replay reads the rows of its capture.
+    """
+    host = torch.tensor([r + [0] * (row_len - len(r)) for r in rows], dtype=torch.int64)
+    if like.device.type != "cuda":
+        return host.to(like.device)
+    _CAPTURED_TABLES.reserve()
+    if torch.cuda.is_current_stream_capturing():
+        host = _CAPTURED_TABLES.take(host)
+    else:
+        host = host.pin_memory()
+    return host.to(like.device, non_blocking=True)
+
+
 def _buckets(layers: Sequence[int], grads: Sequence[Tensor]) -> dict:
     out: dict = {}
     for i in layers:
@@ -707,6 +928,7 @@ def _buckets(layers: Sequence[int], grads: Sequence[Tensor]) -> dict:
     return out
 
 
+@_on_inputs_device
 def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], Ss: Sequence[Tensor],
                                 Bs: Sequence[Tensor]) -> list[Tensor]:
     """Per-layer Y_i = A_i (S_i ⊙ (A_iᵀ G_i B_i)) B_iᵀ for layers of different shapes.
@@ -723,26 +945,28 @@ def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], S
     for i, g in enumerate(grads):
         if g.numel() == 0:
             continue
-        if g.dim() == 2 and _fused_ok(*g.shape, g.dtype, False) and _table_path_ok(g):
+        if g.dim() == 2 and _fused_ok(*g.shape) and _table_path_ok(g):
             small.append(i)
         else:
             _forward_into(outs[i], g, As[i], Ss[i], Bs[i])
     if small:
-        dtype, device = grads[0].dtype, grads[0].device
-        dot_dt, prec = _dot_config(dtype)
+        dtype = grads[0].dtype
+        dot_dt, prec = _dot_config(dtype, fused=True)
+        scratch, scratch_addr = _scratch(small, grads, FWD_SCRATCH.value)
         for (bm, bn), idx in _buckets(small, grads).items():
             rows = []
+            keep = []  # contiguous copies of strided inputs, alive until the launch is queued
             for i in idx:
-                g, a, s, b, y = grads[i], As[i], Ss[i], Bs[i], outs[i]
-                rows.append([_addr(g), _addr(a), _addr(s), _addr(b), _addr(y), g.shape[0], g.shape[1],
-                             *g.stride(), *a.stride(), *s.stride(), *b.stride()])
-            table = torch.tensor(rows, dtype=torch.int64).to(device)
-            _launch(_grouped_fwd_kernel, (len(idx),), dict(table=table),
-                    dict(DT=_DT_CODE[dtype], BM=bm, BN=bn, DOT_DT=dot_dt, PREC=prec),
-                    num_warps=_fused_warps(bm, bn))
+                ins = [t.contiguous() for t in (grads[i], As[i], Ss[i], Bs[i])]
+                keep += ins
+                rows.append([*map(_addr, ins), _addr(outs[i]), scratch_addr[i], *grads[i].shape])
+            _launch(_grouped_fwd_kernel, (len(idx),), dict(table=_table(rows, FWD_ROW.value, scratch)),
+                    dict(DT=_DT_CODE[dtype], BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
+                    num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
     return outs
 
 
+@_on_inputs_device
 def triton_precondition_grouped_backward(
     grad_outs: Sequence[Tensor], grads: Sequence[Tensor], As: Sequence[Tensor], Ss: Sequence[Tensor],
     Bs: Sequence[Tensor], output_mask: Sequence[bool] = (True,) * 4,
@@ -769,22 +993,23 @@ def triton_precondition_grouped_backward(
             for o in per_layer[i]:
                 if o is not None:
                     o.zero_()
-        elif g.dim() == 2 and _fused_ok(*g.shape, g.dtype, True) and _table_path_ok(g):
+        elif g.dim() == 2 and _fused_ok(*g.shape) and _table_path_ok(g):
             small.append(i)
         else:
             _backward_into(per_layer[i], grad_outs[i], g, As[i], Ss[i], Bs[i])
     if small:
-        dtype, device = grads[0].dtype, grads[0].device
-        dot_dt, prec = _dot_config(dtype)
+        dtype = grads[0].dtype
+        dot_dt, prec = _dot_config(dtype, fused=True)
+        scratch, scratch_addr = _scratch(small, grads, BWD_SCRATCH.value)
         for (bm, bn), idx in _buckets(small, grads).items():
             rows = []
+            keep = []  # contiguous copies of strided inputs, alive until the launch is queued
             for i in idx:
-                dy, g, a, s, b = grad_outs[i], grads[i], As[i], Ss[i], Bs[i]
-                rows.append([_addr(dy), _addr(g), _addr(a), _addr(s), _addr(b),
-                             *(_addr(o) for o in per_layer[i]), g.shape[0], g.shape[1],
-                             *dy.stride(), *g.stride(), *a.stride(), *s.stride(), *b.stride()])
-            table = torch.tensor(rows, dtype=torch.int64).to(device)
+                ins = [t.contiguous() for t in (grad_outs[i], grads[i], As[i], Ss[i], Bs[i])]
+                keep += ins
+                rows.append([*map(_addr, ins), *map(_addr, per_layer[i]), scratch_addr[i], *grads[i].shape])
             consts = dict(DT=_DT_CODE[dtype], NEED_G=mask[0], NEED_A=mask[1], NEED_S=mask[2], NEED_B=mask[3],
-                          BM=bm, BN=bn, DOT_DT=dot_dt, PREC=prec)
-            _launch(_grouped_bwd_kernel, (len(idx),), dict(table=table), consts, num_warps=_fused_warps(bm, bn))
+                          BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
+            _launch(_grouped_bwd_kernel, (len(idx),), dict(table=_table(rows, BWD_ROW.value, scratch)), consts,
+                    num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
     return result
