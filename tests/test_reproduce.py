@@ -327,3 +327,24 @@ def test_protocol_falls_back_when_the_chosen_point_diverges_on_another_seed():
     assert res["edgy"]["diverged"] == 0 and res["edgy"]["mean"] == pytest.approx(3.0)  # 2, 3, 4
     assert res["calm"]["chosen"] == {"lr": 1} and res["calm"]["rejected"] == []
     assert runner.calls == 3  # grid, seeds, one fallback round
+
+
+def test_torchvision_mnist_read_from_disk(tmp_path):
+    """A (tiny, fabricated) MNIST in torchvision's raw layout is read, split and normalized."""
+    pytest.importorskip("torchvision", reason="torchvision not installed (optional, --data-dir only)")
+    import struct
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 12), ("t10k", 4)):
+        imgs = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + imgs.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+    d = C.torchvision_data("mnist", str(tmp_path), val=2)
+    assert d.x_train.shape == (10, 1, 28, 28) and d.x_val.shape == (2, 1, 28, 28) and d.x_test.shape == (4, 1, 28, 28)
+    assert d.x_train.mean().abs() < 1e-5 and (d.x_train.std() - 1).abs() < 1e-2  # training statistics
+    assert d.y_test.tolist() == [0, 1, 2, 3]
+    model = C.lenet(1, 28, 10)
+    assert model(d.x_val).shape == (2, 10)

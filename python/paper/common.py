@@ -251,11 +251,11 @@ def torchvision_data(name: str, data_dir: str, val: int = 5000) -> Data:
 
     xt, yt = arrays(train)
     xs, ys = arrays(test)
-    mean = xt.mean((0, 2, 3), keepdim=True)
-    std = xt.std((0, 2, 3), keepdim=True)
-    xt, xs = (xt - mean) / std, (xs - mean) / std
-    return Data(name, xt[:-val], yt[:-val], xt[-val:], yt[-val:], xs, ys,
-                info={"source": f"torchvision.datasets.{cls_name}(download=False)"})
+    xt, yt, xv, yv = xt[:-val], yt[:-val], xt[-val:], yt[-val:]
+    mean = xt.mean((0, 2, 3), keepdim=True)  # statistics of the training split only
+    std = xt.std((0, 2, 3), keepdim=True).clamp_min(1e-8)
+    xt, xv, xs = ((t - mean) / std for t in (xt, xv, xs))
+    return Data(name, xt, yt, xv, yv, xs, ys, info={"source": f"torchvision.datasets.{cls_name}(download=False)"})
 
 
 DATASETS: dict[str, Callable[..., Data]] = {
