@@ -287,15 +287,129 @@ def test_zero_size(shape, batch):
 @requires_cuda
 @pytest.mark.parametrize("shape", SMALL_AND_LARGE, ids=[f"{m}x{n}" for m, n in SMALL_AND_LARGE])
 def test_runs_on_current_stream(shape):
-    dY, G, A, S, B = make_layer(*shape, torch.float32, batch=2)
+    """The inputs are written on a side stream after a long sleep, then the op is called there: a
+    kernel or table copy on any other stream would read them before they exist (NaN) and fail."""
+    layer = make_layer(*shape, torch.float32, batch=2)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
+        dY, G, A, S, B = staged = [torch.full_like(t, float("nan")) for t in layer]
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the inputs exist
+        for d, t in zip(staged, layer):
+            d.copy_(t)
         Y = torch.ops.apo.precondition(G, A, S, B)
         outs = torch.ops.apo.precondition_backward(dY, G, A, S, B, [True] * 4)
+        Ys = torch.ops.apo.precondition_grouped([G[0], G[1]], [A[0], A[1]], [S[0], S[1]], [B[0], B[1]])
     side.synchronize()
+    dY, G, A, S, B = layer
     assert_close(Y, ref.precondition(*f64((G, A, S, B))), torch.float32, "Y")
     check_backward(outs, dY, G, A, S, B, [True] * 4, torch.float32)
+    for i in range(2):
+        assert_close(Ys[i], ref.precondition(*f64((G[i], A[i], S[i], B[i]))), torch.float32, f"grouped Y[{i}]")
+
+
+@requires_cuda
+def test_batch_beyond_grid_axis_limit():
+    """L = 70000 > 65535 layers of one small shape in one batched call."""
+    dY, G, A, S, B = make_layer(3, 2, torch.float32, batch=70000)
+    assert_close(torch.ops.apo.precondition(G, A, S, B), ref.precondition(*f64((G, A, S, B))), torch.float32, "Y")
+    outs = torch.ops.apo.precondition_backward(dY, G, A, S, B, [True] * 4)
+    check_backward(outs, dY, G, A, S, B, [True] * 4, torch.float32)
+
+
+@requires_cuda
+def test_d_grad_alone_skips_the_h_products():
+    """Mask (1,0,0,0) on the large path: dY B, Aᵀ(dY B), A E and (A E) Bᵀ only, not G B and Aᵀ G B."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dY, G, A, S, B = make_layer(130, 70, torch.float32)
+
+    def gemms(mask):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs = torch.ops.apo.precondition_backward(dY, G, A, S, B, list(mask))
+            torch.cuda.synchronize()
+        names = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+        return outs, sum(e.count for e in prof.key_averages() if e.key in names)
+
+    outs, count = gemms((True, False, False, False))
+    check_backward(outs, dY, G, A, S, B, (True, False, False, False), torch.float32)
+    assert count == 4, f"{count} GEMMs for d_grad alone"
+    assert gemms((True, True, True, True))[1] > count
+
+
+@requires_cuda
+def test_cuda_graph_capture_and_replay():
+    """Grouped (small-layer table + large layers) and batched calls captured into a CUDA graph,
+    replayed on new input values after pinned host memory was churned (the descriptor tables of a
+    replay must not come from a reused host buffer)."""
+    shapes = [(7, 5), (33, 64), (64, 64), (16, 3), (130, 70)]
+    dYs, Gs, As, Ss, Bs = make_group(shapes, torch.float32)
+    batch = make_layer(9, 12, torch.float32, batch=3, seed=99)
+
+    def run():
+        Ys = torch.ops.apo.precondition_grouped(Gs, As, Ss, Bs)
+        grads = torch.ops.apo.precondition_grouped_backward(dYs, Gs, As, Ss, Bs, [True] * 4)
+        return Ys, grads, torch.ops.apo.precondition(*batch[1:])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        Ys, grads, Yb = run()
+
+    for replay in range(2):
+        gen = torch.Generator().manual_seed(100 + replay)
+        for t in [*dYs, *Gs, *As, *Ss, *Bs, *batch]:
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64).div_(t.shape[-1] ** 0.5).float())
+        churn = [torch.full((1 << 16,), 255, dtype=torch.uint8).pin_memory() for _ in range(32)]
+        graph.replay()
+        torch.cuda.synchronize()
+        del churn
+        expected = ref.precondition_grouped(f64(Gs), f64(As), f64(Ss), f64(Bs))
+        expected_grads = ref.precondition_grouped_backward(f64(dYs), f64(Gs), f64(As), f64(Ss), f64(Bs))
+        for i in range(len(shapes)):
+            assert_close(Ys[i], expected[i], torch.float32, f"replay {replay} Y[{i}]")
+            for k in range(4):
+                assert_close(grads[k][i], expected_grads[k][i], torch.float32, f"replay {replay} output {k}[{i}]")
+        assert_close(Yb, ref.precondition(*f64(batch[1:])), torch.float32, f"replay {replay} batched Y")
+
+
+@requires_cuda
+@pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
+def test_public_autograd_on_cuda(grouped):
+    """apo_kernels.precondition(_grouped) with backend="cuda": autograd gradients vs float64 autograd."""
+    import apo_kernels
+
+    shapes = [(7, 5), (64, 64), (130, 70)] if grouped else [(64, 64)]
+    layers = [make_layer(m, n, torch.float32, seed=i) for i, (m, n) in enumerate(shapes)]
+    leaves = [[t.clone().requires_grad_(True) for t in layer[1:]] for layer in layers]
+    leaves64 = [[t.detach().double().cpu().requires_grad_(True) for t in ls] for ls in leaves]
+    if grouped:
+        ys = apo_kernels.precondition_grouped(*(list(c) for c in zip(*leaves)), backend="cuda")
+        ys64 = ref.precondition_grouped(*(list(c) for c in zip(*leaves64)))
+    else:
+        ys = [apo_kernels.precondition(*leaves[0], backend="cuda")]
+        ys64 = [ref.precondition(*leaves64[0])]
+    weights = [layer[0] for layer in layers]
+    sum((y * w).sum() for y, w in zip(ys, weights)).backward()
+    sum((y * w.double().cpu()).sum() for y, w in zip(ys64, weights)).backward()
+    for i, (ls, ls64) in enumerate(zip(leaves, leaves64)):
+        for name, t, t64 in zip(("G", "A", "S", "B"), ls, ls64):
+            assert_close(t.grad.contiguous(), t64.grad, torch.float32, f"layer {i} d{name}")
+
+
+@pytest.mark.skipif(_SKIP is not None or torch.cuda.device_count() < 2, reason=_SKIP or "needs 2 CUDA devices")
+def test_launches_on_the_inputs_device():
+    torch.cuda.set_device(0)
+    dYs, Gs, As, Ss, Bs = ([t.to("cuda:1") for t in col] for col in make_group([(7, 5), (130, 70)], torch.float32))
+    Ys = torch.ops.apo.precondition_grouped(Gs, As, Ss, Bs)
+    for y, e in zip(Ys, ref.precondition_grouped(f64(Gs), f64(As), f64(Ss), f64(Bs))):
+        assert y.device == Gs[0].device
+        assert_close(y, e, torch.float32, "Y")
+    assert torch.cuda.current_device() == 0
 
 
 # ------------------------------------------------------------------------------------------------

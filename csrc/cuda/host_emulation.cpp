@@ -148,6 +148,17 @@ std::tuple<Tensor, Tensor, Tensor> elementwise(const Tensor& s, const Tensor& h,
   return {M, E, dS};
 }
 
+// The same pass as the op uses it for d_grad alone: no H (so no M, no dS), E over D in place.
+Tensor elementwise_e_only(const Tensor& s, const Tensor& d) {
+  Tensor S = s.contiguous(), E = d.contiguous().clone();
+  blockIdx.x = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, S.scalar_type(), "emu_elementwise_e", [&] {
+    elementwise_kernel<scalar_t>(S.numel(), S.data_ptr<scalar_t>(), nullptr, E.data_ptr<scalar_t>(), nullptr,
+                                 E.data_ptr<scalar_t>(), nullptr);
+  });
+  return E;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(apo_cuda_emu, m) {
@@ -155,10 +166,12 @@ TORCH_LIBRARY(apo_cuda_emu, m) {
   m.def("small_backward(Tensor grad_out, Tensor grad, Tensor A, Tensor S, Tensor B, bool[4] output_mask)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("elementwise(Tensor S, Tensor H, Tensor D) -> (Tensor, Tensor, Tensor)");
+  m.def("elementwise_e_only(Tensor S, Tensor D) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(apo_cuda_emu, CPU, m) {
   m.impl("small_forward", &small_forward);
   m.impl("small_backward", &small_backward);
   m.impl("elementwise", &elementwise);
+  m.impl("elementwise_e_only", &elementwise_e_only);
 }

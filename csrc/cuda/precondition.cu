@@ -50,6 +50,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -61,7 +62,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace apo {
@@ -135,9 +139,66 @@ void append_layer(std::vector<LayerDesc>& table, const Tensor& g, const Tensor& 
   }
 }
 
+// Pinned host memory for the descriptor tables copied while a CUDA graph is being captured. A
+// captured host-to-device copy is replayed from the same host address, so that memory must stay
+// put and unchanged for as long as the graph may be replayed: parts of this arena are handed out
+// once and never reused. (Outside capture a table comes from the caching host allocator, which
+// keeps a block until the copy that reads it has run, then reuses it: fine for one launch, wrong
+// for a replayed graph.) The arena is pinned on the first small-layer launch, which precedes any
+// capture of it (capture needs a warm-up call).
+class CapturedTableArena {
+ public:
+  static constexpr int64_t kBytes = int64_t{4} << 20;  // ~25k layers of captured descriptors
+
+  void reserve() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (buf_ == nullptr) {
+      // Deliberately never freed (a static destructor would run after CUDA is torn down).
+      buf_ = new Tensor(at::empty({kBytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+    }
+  }
+
+  // A never-reused pinned part of `bytes` bytes (16-byte aligned).
+  Tensor take(int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t start = (used_ + 15) / 16 * 16;
+    TORCH_CHECK(buf_ != nullptr && start + bytes <= kBytes,
+                "apo (CUDA): no pinned memory left for descriptor tables captured into CUDA graphs (",
+                kBytes >> 20, " MiB per process); call the op once outside capture first");
+    used_ = start + bytes;
+    return buf_->narrow(0, start, bytes);
+  }
+
+ private:
+  std::mutex mu_;
+  Tensor* buf_ = nullptr;
+  int64_t used_ = 0;
+};
+
+CapturedTableArena& captured_tables() {
+  static CapturedTableArena arena;
+  return arena;
+}
+
+// Opts `kernel` in to the device's whole dynamic shared memory, once per kernel and device. The
+// attribute belongs to the function, so setting it on every call to that call's size raced between
+// host threads launching different sizes (one could launch under another's smaller limit).
+void allow_max_dynamic_smem(void (*kernel)(const LayerDesc*)) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  if (done.count(key) != 0) return;
+  const auto max_bytes = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(max_bytes)));
+  done.insert(key);
+}
+
 // One launch of the small-layer kernel over every descriptor of `table` (one block each). The table
-// goes to the device in a single H2D copy from pinned memory on the current stream; the caching
-// host/device allocators keep both buffers alive until the stream has consumed them.
+// goes to the device in a single non-blocking H2D copy from pinned memory on the current stream
+// (from the captured-table arena while a CUDA graph is being captured).
 void launch_small(const std::vector<LayerDesc>& table, bool backward, at::ScalarType dtype,
                   const at::Device& device) {
   if (table.empty()) return;
@@ -148,7 +209,11 @@ void launch_small(const std::vector<LayerDesc>& table, bool backward, at::Scalar
   const size_t smem_bytes = elems * compute_elem_size(dtype);
 
   const int64_t table_bytes = static_cast<int64_t>(table.size() * sizeof(LayerDesc));
-  Tensor host = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  captured_tables().reserve();
+  const bool capturing =
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  Tensor host = capturing ? captured_tables().take(table_bytes)
+                          : at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), table.data(), table_bytes);
   Tensor dev = at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   dev.copy_(host, /*non_blocking=*/true);
@@ -159,10 +224,9 @@ void launch_small(const std::vector<LayerDesc>& table, bool backward, at::Scalar
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "apo_small_layers", [&] {
     void (*kernel)(const LayerDesc*) =
         backward ? small_backward_kernel<scalar_t> : small_forward_kernel<scalar_t>;
-    // Above 48 KiB a kernel must opt in to more dynamic shared memory (use_small_path checked the
-    // device limit).
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_bytes)));
+    // Above 48 KiB a kernel must opt in to more dynamic shared memory (use_small_path checked
+    // that this launch fits the device limit).
+    allow_max_dynamic_smem(kernel);
     kernel<<<grid, kSmallThreads, smem_bytes, stream>>>(layers);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -181,6 +245,7 @@ void launch_elementwise(const Tensor& S, const Tensor& H, const Tensor& D, const
     TORCH_CHECK(t->is_contiguous() && t->numel() == numel && t->scalar_type() == S.scalar_type(),
                 "apo: internal error: bad elementwise operand");
   }
+  TORCH_CHECK(H.defined() || !(M.defined() || dS.defined()), "apo: internal error: M or dS without H");
   if (numel == 0) return;
   const int64_t blocks = std::min<int64_t>((numel + kElementwiseThreads - 1) / kElementwiseThreads,
                                            int64_t{1} << 16);
@@ -231,9 +296,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> large_backward(const Tensor& dY, cons
   const Tensor g = G.to(ct), dy = dY.to(ct), a = A.to(ct), b = B.to(ct);
   const Tensor s = S.to(ct).contiguous();
 
-  const Tensor GB = at::matmul(g, b);
+  // GB and H = Aᵀ G B only feed dA, dS and dB: d_grad alone (mask 1,0,0,0) skips those 2 GEMMs.
+  const bool need_h = need_a || need_s || need_b;
+  const Tensor GB = need_h ? at::matmul(g, b) : Tensor();
   const Tensor dYB = at::matmul(dy, b);
-  Tensor H = at::matmul(mT(a), GB).contiguous();
+  Tensor H = need_h ? at::matmul(mT(a), GB).contiguous() : Tensor();
   Tensor D = at::matmul(mT(a), dYB).contiguous();
 
   // One pass over D, H, S. M overwrites H and E overwrites D (read first, same element, same thread).

@@ -218,8 +218,9 @@ __global__ void __launch_bounds__(kSmallThreads) small_backward_kernel(const Lay
   }
 }
 
-// Large-layer path's elementwise pass, over numel contiguous elements, reading S, H and (if
-// non-null) D once each:  dS = D⊙H (if dS),  E = S⊙D (if E),  M = S⊙H (if M).
+// Large-layer path's elementwise pass, over numel contiguous elements, reading S and (if non-null)
+// H and D once each:  dS = D⊙H (if dS),  E = S⊙D (if E),  M = S⊙H (if M). H is null when only E is
+// wanted (d_grad alone needs no H); M and dS then are null too.
 // Computes in opmath (fp32 for half types) and rounds once on store. M may alias H and E may alias
 // D (each element is read before it is written, by the same thread), so no __restrict__.
 template <typename scalar_t>
@@ -229,7 +230,7 @@ __global__ void elementwise_kernel(int64_t numel, const scalar_t* S, const scala
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     const acc_t s = static_cast<acc_t>(S[i]);
-    const acc_t h = static_cast<acc_t>(H[i]);
+    const acc_t h = H != nullptr ? static_cast<acc_t>(H[i]) : acc_t(0);
     const acc_t d = D != nullptr ? static_cast<acc_t>(D[i]) : acc_t(0);
     if (dS != nullptr) dS[i] = static_cast<scalar_t>(d * h);
     if (E != nullptr) E[i] = static_cast<scalar_t>(s * d);
