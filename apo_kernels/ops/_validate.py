@@ -194,13 +194,14 @@ def _memory_bytes(device: torch.device) -> Optional[int]:
 
 def _result_elems(grad, output_mask: Optional[Sequence[bool]]) -> Optional[int]:
     """Elements of the op's result for one layer (the backward's per the mask); None if symbolic."""
+    if output_mask is None:
+        elems = grad.numel()
+        return elems if type(elems) is int else None
     shape = tuple(grad.shape)
     if not all(type(d) is int for d in shape):
         return None
     *batch, m, n = shape
     lead = batch[0] if batch else 1
-    if output_mask is None:
-        return lead * m * n
     per_output = (m * n, m * m, m * n, n * n)
     return lead * sum(e for e, need in zip(per_output, output_mask) if need)
 
