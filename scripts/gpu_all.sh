@@ -10,8 +10,8 @@
 #   backends   cpu, cuda and triton must all report "available"
 #   cuda       tests/test_cuda.py (the CUDA kernels vs float64; -m "not slow": the CPU-side compile
 #              checks run in CI)
-#   sanitizer  compute-sanitizer racecheck, synccheck, memcheck on scripts/sanitize_kernels.py
 #   triton     tests/test_triton.py, kernels compiled for this GPU
+#   sanitizer  compute-sanitizer racecheck, synccheck, memcheck on scripts/sanitize_kernels.py
 #   op_cpu     every other test file, -m "not slow" (public API, autograd, optimizers on the GPU)
 #   bench_*    apo-bench, one section per stage (op, precond, train, lowprec)
 # Every pytest stage runs with a per-test --timeout and writes a junit file; a stage's time limit
@@ -125,6 +125,9 @@ assert "TRITON_INTERPRET" not in status["triton"], "triton must run compiled her
 # 2. Tests, one stage per file group. Per-test timeouts leave room for first-call JIT compiles.
 # shellcheck disable=SC2046
 stage cuda 150 "$PYTHON" $(pytest_args cuda 60 4) -m "not slow" tests/test_cuda.py
+# shellcheck disable=SC2046
+stage triton 180 "$PYTHON" $(pytest_args triton 120 8) tests/test_triton.py
+# After the triton stage: Triton's compile cache is warm, so the sanitizer runs the kernels, not ptxas.
 if command -v compute-sanitizer >/dev/null; then
   for tool in racecheck synccheck memcheck; do
     # memcheck without the caching allocator, so that an out-of-bounds access leaves its own
@@ -138,8 +141,6 @@ else
   summary "$(printf '%-14s NOT RUN   (compute-sanitizer not on PATH)' sanitizer)"
   FAILED=1
 fi
-# shellcheck disable=SC2046
-stage triton 180 "$PYTHON" $(pytest_args triton 120 8) tests/test_triton.py
 # shellcheck disable=SC2046
 stage op_cpu 120 "$PYTHON" $(pytest_args op_cpu 90 8) -m "not slow" tests \
   --ignore=tests/test_cuda.py --ignore=tests/test_triton.py

@@ -18,7 +18,7 @@ Two paths, chosen per layer:
 * larger layers: a batched tiled GEMM with fused epilogues (:func:`_gemm_kernel`) — ``M = S⊙(AᵀGB)``
   in the epilogue of the GEMM producing H, ``E = S⊙D`` and ``dS = D⊙H`` in the epilogue of the GEMM
   producing D, and the two-product sums of dA and dB as one "dual" GEMM. Autotuned on GPU over a
-  pruned config set (:func:`_prune_gemm_configs`).
+  small config set pruned by problem size (:func:`_prune_gemm_configs`).
 
 Precision: every load is cast to fp32 at once (the interpreter holds bf16 as raw 16-bit integers,
 so arithmetic on un-cast bf16 is silently wrong), elementwise maths is fp32, ``tl.dot`` accumulates
@@ -75,6 +75,11 @@ __all__ = [
 # (``python -m apo_kernels.ops.triton_aot`` checks it; at 128 the grouped backward spilled 2.4 KB
 # per thread). Tests lower it to force the tiled path.
 FUSED_MAX_DIM = 64
+
+# Register cap per thread given to ptxas for the fused programs (≤ 8 warps: 255 still fits 256
+# threads in one SM's 64K registers). Without it ptxas stopped at 128 and spilled programs that
+# fit in 150-230.
+MAXNREG = 255
 
 # dtype codes passed to kernels as constexprs (DT: the pointee type of table pointers;
 # DOT_DT: the operand type fed to tl.dot).
@@ -159,21 +164,48 @@ def _dot_acc(a, b, acc, DOT_DT: tl.constexpr, PREC: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 FUSED_BK = 16  # K chunk of the fused products (≥ 16 for tl.dot; 32 spilled with tf32x3 on sm_80)
-FWD_SCRATCH = tl.constexpr(2)  # m×n fp32 scratch slots per layer, forward
+FWD_SCRATCH = tl.constexpr(2)  # BM×BN fp32 scratch slots per layer, forward
 BWD_SCRATCH = tl.constexpr(5)  # and backward
 
 
 @triton.jit
-def _mm(x, sxm, sxk, y, syk, syn, M, N, K,
+def _tile(ptr, rows, cols, s_r, s_c, n_r, n_c, PADDED: tl.constexpr):
+    """fp32 tile ptr[rows, cols]: masked to n_r × n_c, or unmasked from a zero-padded scratch slot.
+
+    Scratch slots are whole BM×BN tiles, stored unmasked: every intermediate is zero outside m×n
+    (each is a product or ⊙ of masked, zero-filled loads), so reading the padding reads zeros. That
+    saves the masks and the runtime strides, which cost the unaligned programs ~80 registers."""
+    if PADDED:
+        return tl.load(ptr + rows[:, None] * s_r + cols[None, :] * s_c)
+    else:
+        return _load_f32(ptr, rows, cols, s_r, s_c, n_r, n_c)
+
+
+@triton.jit
+def _put(slot, val, BM: tl.constexpr, BN: tl.constexpr):
+    """Store a whole BM×BN fp32 tile into a scratch slot (row-major, leading dimension BN)."""
+    tl.store(slot + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :], val)
+
+
+@triton.jit
+def _mm(x, sxm, sxk, y, syk, syn, M, N, K, XP: tl.constexpr, YP: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
-    """fp32 BM×BN tile of X @ Y (X: M×K, Y: K×N, strided; zero outside M×N), K in BK chunks."""
+    """fp32 BM×BN tile of X @ Y (X: M×K, Y: K×N, strided; zero outside M×N), K in BK chunks.
+    XP / YP: the operand is a padded scratch slot (see :func:`_tile`)."""
+    return _mm_acc(tl.zeros((BM, BN), dtype=tl.float32), x, sxm, sxk, y, syk, syn, M, N, K, XP, YP,
+                   BM, BN, BK, DOT_DT, PREC)
+
+
+@triton.jit
+def _mm_acc(acc, x, sxm, sxk, y, syk, syn, M, N, K, XP: tl.constexpr, YP: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """acc + X @ Y (as :func:`_mm`): a sum of two products keeps one accumulator live, not two."""
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        xa = _cvt(_load_f32(x, rm, k0 + rk, sxm, sxk, M, K), DOT_DT)
-        yb = _cvt(_load_f32(y, k0 + rk, rn, syk, syn, K, N), DOT_DT)
+        xa = _cvt(_tile(x, rm, k0 + rk, sxm, sxk, M, K, XP), DOT_DT)
+        yb = _cvt(_tile(y, k0 + rk, rn, syk, syn, K, N, YP), DOT_DT)
         acc = _dot_acc(xa, yb, acc, DOT_DT, PREC)
     return acc
 
@@ -184,19 +216,19 @@ def _fused_fwd_body(
     sgm, sgn, sam, sak, ssm, ssn, sbk, sbn, sym, syn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    # t: FWD_SCRATCH contiguous m×n fp32 slots: t1 = G B, then M Bᵀ; t2 = M.
+    # t: FWD_SCRATCH padded BM×BN slots: t1 = G B, then M Bᵀ; t2 = M.
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     t1 = t
-    t2 = t + m * n
-    _store(t1, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)
+    t2 = t + BM * BN
+    _put(t1, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
     tl.debug_barrier()
-    H = _mm(a, sak, sam, t1, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)             # Aᵀ (G B)
-    _store(t2, _load_f32(s, rm, rn, ssm, ssn, m, n) * H, rm, rn, n, 1, m, n)      # M = S ⊙ H
+    H = _mm(a, sak, sam, t1, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)         # Aᵀ (G B)
+    _put(t2, _load_f32(s, rm, rn, ssm, ssn, m, n) * H, BM, BN)                              # M = S ⊙ H
     tl.debug_barrier()
-    _store(t1, _mm(t2, n, 1, b, sbn, sbk, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)  # M Bᵀ
+    _put(t1, _mm(t2, BN, 1, b, sbn, sbk, m, n, n, True, False, BM, BN, BK, DOT_DT, PREC), BM, BN)  # M Bᵀ
     tl.debug_barrier()
-    Y = _mm(a, sam, sak, t1, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)             # A (M Bᵀ)
+    Y = _mm(a, sam, sak, t1, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)         # A (M Bᵀ)
     _store(y, Y, rm, rn, sym, syn, m, n)
 
 
@@ -208,50 +240,49 @@ def _fused_bwd_body(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     # Outputs are contiguous: dG, dS (m, n), dA (m, m), dB (n, n).
-    # t: BWD_SCRATCH m×n fp32 slots: p1 = dY B, then A M; p2 = G B; p3 = E; p4 = M; p5 = D, then A E.
+    # t: BWD_SCRATCH padded BM×BN slots: p1 = dY B, then A M; p2 = G B; p3 = E; p4 = M; p5 = D, then A E.
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
-    mn = m * n
     p1 = t
-    p2 = t + mn
-    p3 = t + 2 * mn
-    p4 = t + 3 * mn
-    p5 = t + 4 * mn
-    _store(p1, _mm(dy, sdym, sdyn, b, sbk, sbn, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)
+    p2 = t + BM * BN
+    p3 = t + 2 * BM * BN
+    p4 = t + 3 * BM * BN
+    p5 = t + 4 * BM * BN
+    _put(p1, _mm(dy, sdym, sdyn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
     if NEED_A or NEED_S or NEED_B:  # H is needed
-        _store(p2, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)
+        _put(p2, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
     tl.debug_barrier()
-    sv = _load_f32(s, rm, rn, ssm, ssn, m, n)
-    D = _mm(a, sak, sam, p1, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)              # Aᵀ dY B
+    # S is loaded after each K-loop (twice, from L1/L2) rather than held live across both.
+    D = _mm(a, sak, sam, p1, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)         # Aᵀ dY B
     if NEED_G or NEED_A or NEED_B:
-        _store(p3, sv * D, rm, rn, n, 1, m, n)                                     # E = S ⊙ D
+        _put(p3, _load_f32(s, rm, rn, ssm, ssn, m, n) * D, BM, BN)                          # E = S ⊙ D
     if NEED_S:
-        _store(p5, D, rm, rn, n, 1, m, n)
+        _put(p5, D, BM, BN)
         tl.debug_barrier()
     if NEED_A or NEED_S or NEED_B:
-        H = _mm(a, sak, sam, p2, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC)          # Aᵀ G B
+        H = _mm(a, sak, sam, p2, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)     # Aᵀ G B
         if NEED_A or NEED_B:
-            _store(p4, sv * H, rm, rn, n, 1, m, n)                                 # M = S ⊙ H
+            _put(p4, _load_f32(s, rm, rn, ssm, ssn, m, n) * H, BM, BN)                      # M = S ⊙ H
         if NEED_S:
-            _store(ds, _load_f32(p5, rm, rn, n, 1, m, n) * H, rm, rn, n, 1, m, n)  # dS = D ⊙ H
+            _store(ds, _tile(p5, rm, rn, BN, 1, m, n, True) * H, rm, rn, n, 1, m, n)      # dS = D ⊙ H
     tl.debug_barrier()
     if NEED_A:  # dA = (dY B) Mᵀ + (G B) Eᵀ
-        dA = _mm(p1, n, 1, p4, 1, n, m, m, n, BM, BM, BK, DOT_DT, PREC)
-        dA += _mm(p2, n, 1, p3, 1, n, m, m, n, BM, BM, BK, DOT_DT, PREC)
+        dA = _mm(p1, BN, 1, p4, 1, BN, m, m, n, True, True, BM, BM, BK, DOT_DT, PREC)
+        dA = _mm_acc(dA, p2, BN, 1, p3, 1, BN, m, m, n, True, True, BM, BM, BK, DOT_DT, PREC)
         _store(da, dA, rm, rm, m, 1, m, m)
         if NEED_B:
             tl.debug_barrier()  # p1 is overwritten below
     if NEED_G or NEED_B:
-        _store(p5, _mm(a, sam, sak, p3, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)  # A E
+        _put(p5, _mm(a, sam, sak, p3, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC), BM, BN)  # A E
         if NEED_B:
-            _store(p1, _mm(a, sam, sak, p4, n, 1, m, n, m, BM, BN, BK, DOT_DT, PREC), rm, rn, n, 1, m, n)  # A M
+            _put(p1, _mm(a, sam, sak, p4, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC), BM, BN)  # A M
         tl.debug_barrier()
     if NEED_G:  # dG = (A E) Bᵀ
-        dG = _mm(p5, n, 1, b, sbn, sbk, m, n, n, BM, BN, BK, DOT_DT, PREC)
+        dG = _mm(p5, BN, 1, b, sbn, sbk, m, n, n, True, False, BM, BN, BK, DOT_DT, PREC)
         _store(dg, dG, rm, rn, n, 1, m, n)
     if NEED_B:  # dB = dYᵀ (A M) + Gᵀ (A E)
-        dB = _mm(dy, sdyn, sdym, p1, n, 1, n, n, m, BN, BN, BK, DOT_DT, PREC)
-        dB += _mm(g, sgn, sgm, p5, n, 1, n, n, m, BN, BN, BK, DOT_DT, PREC)
+        dB = _mm(dy, sdyn, sdym, p1, BN, 1, n, n, m, False, True, BN, BN, BK, DOT_DT, PREC)
+        dB = _mm_acc(dB, g, sgn, sgm, p5, BN, 1, n, n, m, False, True, BN, BN, BK, DOT_DT, PREC)
         _store(db, dB, rn, rn, n, 1, n, n)
 
 
@@ -269,7 +300,8 @@ def _fused_fwd_kernel(
 ):
     l = tl.program_id(0).to(tl.int64)
     _fused_fwd_body(
-        g + l * sgb, a + l * sab, s + l * ssb, b + l * sbb, y + l * m * n, t + l * (FWD_SCRATCH * m * n), m, n,
+        g + l * sgb, a + l * sab, s + l * ssb, b + l * sbb, y + l * m * n,
+        t + l * (FWD_SCRATCH * BM * BN), m, n,
         sgm, sgn, sam, sak, ssm, ssn, sbk, sbn, n, 1,
         BM, BN, BK, DOT_DT, PREC,
     )
@@ -285,7 +317,8 @@ def _fused_bwd_kernel(
     l = tl.program_id(0).to(tl.int64)
     _fused_bwd_body(
         dy + l * sdyb, g + l * sgb, a + l * sab, s + l * ssb, b + l * sbb,
-        dg + l * m * n, da + l * m * m, ds + l * m * n, db + l * n * n, t + l * (BWD_SCRATCH * m * n), m, n,
+        dg + l * m * n, da + l * m * m, ds + l * m * n, db + l * n * n,
+        t + l * (BWD_SCRATCH * BM * BN), m, n,
         sdym, sdyn, sgm, sgn, sam, sak, ssm, ssn, sbk, sbn,
         NEED_G, NEED_A, NEED_S, NEED_B, BM, BN, BK, DOT_DT, PREC,
     )
@@ -435,47 +468,28 @@ def _gemm_kernel(
                 tl.store((c2 + bid * scb) + c_off, (acc * hv).to(c2.dtype.element_ty), mask=mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per operand class. Each config is
-# free of register spills for sm_80 and sm_90 on every epilogue (triton_aot checks). The usual
-# Triton set (128×128×32 and 64×64×64 tiles) spilled up to 1.9 KB per thread with fp32 operands
-# (tf32x3 splits each operand in two) and up to 0.8 KB with bf16; 128×128 tiles spill with either.
-GEMM_CONFIGS = {
-    "fp32": (
-        (128, 64, 16, 8, 8, 3),
-        (64, 128, 16, 8, 8, 3),
-        (64, 64, 16, 8, 4, 4),
-        (32, 64, 32, 8, 4, 4),
-    ),
-    "half": (
-        (128, 64, 16, 8, 8, 3),
-        (64, 128, 16, 8, 8, 3),
-        (64, 64, 32, 8, 4, 4),
-        (32, 64, 32, 8, 4, 4),
-    ),
-}
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Each config is free of register
+# spills for sm_80 and sm_90 on every epilogue and operand type (triton_aot checks). The usual
+# Triton set spilled up to 1.9 KB per thread with fp32 operands (tf32x3 splits each operand in two)
+# and up to 0.8 KB with bf16: 128×128 tiles spill with either, 64×64×16 with 4 warps spilled the
+# bf16 epilogue. (Unlike the fused programs, the GEMMs spill more with maxnreg=255, not less.)
+GEMM_CONFIGS = (
+    (128, 64, 16, 8, 8, 3),
+    (64, 128, 16, 8, 8, 3),
+    (32, 64, 32, 8, 4, 4),
+)
 # Under the interpreter: one config, large enough to keep the Python loop short and small
 # enough that odd shapes still take several K steps and masked tails.
 INTERPRETER_GEMM_CONFIG = (64, 64, 32, 8, 4, 1)
 
 
-def _config_class(dot_dt: int) -> str:
-    return "fp32" if dot_dt == 0 else "half"
-
-
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Autotune candidates for one GEMM: its operand class's configs, without tiles far larger
-    than the problem (a 40×40 product gains nothing from trying 128×128 tiles). Always one left."""
+    """Autotune candidates for one GEMM: no tiles far larger than the problem (a 40×40 product gains
+    nothing from trying 128×64 tiles). Always one left."""
     a = {**named_args, **kwargs}
-    allowed = set(GEMM_CONFIGS[_config_class(a["DOT_DT"])])
-
-    def key(c):
-        kw = c.kwargs
-        return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], c.num_warps, c.num_stages)
-
-    mine = [c for c in configs if key(c) in allowed]
-    fits = [c for c in mine if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(a["M"]))
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(a["M"]))
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(a["N"]))]
-    return fits or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _quick_bench(fn, quantiles=None, **_):
@@ -489,14 +503,13 @@ _gemm_autotuned = None
 def _gemm_tuned():
     """``_gemm_kernel`` under @triton.autotune, built on first GPU use (its benchmarker needs a GPU).
 
-    The key leaves out the epilogue flags: GEMMs of one shape share their tuning, so a layer
-    tunes ~4 (M, N, K, DUAL) keys instead of ~10."""
+    Three configs, pruned by problem size (was seven). The key leaves out the epilogue flags: GEMMs
+    of one shape share their tuning, so a layer tunes ~4 (M, N, K, DUAL) keys instead of ~10."""
     global _gemm_autotuned
     if _gemm_autotuned is None:
-        every = sorted({cfg for cls in GEMM_CONFIGS.values() for cfg in cls})
         configs = [
             triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm), num_warps=w, num_stages=st)
-            for bm, bn, bk, gm, w, st in every
+            for bm, bn, bk, gm, w, st in GEMM_CONFIGS
         ]
         _gemm_autotuned = triton.autotune(
             configs, key=["M", "N", "K", "DUAL", "DOT_DT", "PREC"],
@@ -537,8 +550,7 @@ def _launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_
             maxnreg: Optional[int] = None):
     """Launch (or record) one kernel; returns Triton's compiled kernel (None when recording).
 
-    maxnreg: register cap per thread for ptxas. Without it ptxas stopped at 128 registers and
-    spilled the fused programs, which fit in ~180."""
+    maxnreg: register cap per thread for ptxas (see MAXNREG)."""
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg is not None and not is_interpreter():
         options["maxnreg"] = maxnreg
@@ -553,13 +565,9 @@ def _next_pow2(v: int) -> int:
 
 
 def _fused_warps(bm: int, bn: int) -> int:
-    # Backward accumulators reach max(bm, bn)² (dA, dB): 8 warps keep a 128×128 fp32 one at 64
+    # The backward's dA and dB accumulators are max(bm, bn)²: at 64, 8 warps keep each at 16
     # registers per thread.
     return 4 if max(bm, bn) <= 32 else 8
-
-
-# Register cap of the fused programs (≤ 8 warps: 255 still fits 256 threads in one SM's 64K).
-FUSED_MAXNREG = 255
 
 
 def _dot_config(dtype: torch.dtype, fused: bool = False) -> tuple[int, str]:
@@ -624,7 +632,7 @@ def _gemm(L: int, M: int, N: int, K: int, x: _Op, y: _Op, c: Tensor, *, x2: Opti
     consts = dict(EPI=epi, DUAL=x2 is not dummy, STORE_C=store_c, STORE_C2=c2 is not None,
                   DOT_DT=dot_dt, PREC=prec, IDX64=max(spans) >= INT32_OFFSETS)
     if _RECORD is not None:
-        for bm, bn, bk, gm, w, st in GEMM_CONFIGS[_config_class(dot_dt)]:
+        for bm, bn, bk, gm, w, st in GEMM_CONFIGS:
             _record(_gemm_kernel, args, dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm),
                     dict(num_warps=w, num_stages=st))
         return
@@ -695,12 +703,12 @@ def _forward_into(out: Tensor, grad: Tensor, A: Tensor, S: Tensor, B: Tensor) ->
         dot_dt, prec = _dot_config(grad.dtype, fused=True)
         bm, bn = _next_pow2(m), _next_pow2(n)
         sg, sa, ss, sb = _s3(grad), _s3(A), _s3(S), _s3(B)
-        scratch = torch.empty((L, FWD_SCRATCH.value, m, n), dtype=torch.float32, device=grad.device)
+        scratch = torch.empty((L, FWD_SCRATCH.value, bm, bn), dtype=torch.float32, device=grad.device)
         args = dict(g=grad, a=A, s=S, b=B, y=out, t=scratch, m=m, n=n,
                     sgb=sg[0], sgm=sg[1], sgn=sg[2], sab=sa[0], sam=sa[1], sak=sa[2],
                     ssb=ss[0], ssm=ss[1], ssn=ss[2], sbb=sb[0], sbk=sb[1], sbn=sb[2])
         _launch(_fused_fwd_kernel, (L,), args, dict(BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
-                num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
+                num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
         return
     f32 = dict(dtype=torch.float32, device=grad.device)
     bshape = (L, m, n)
@@ -726,13 +734,13 @@ def _backward_into(outs: tuple, grad_out: Tensor, grad: Tensor, A: Tensor, S: Te
         args = dict(dy=grad_out, g=grad, a=A, s=S, b=B,
                     dg=grad_out if dG is None else dG, da=grad_out if dA is None else dA,
                     ds=grad_out if dS is None else dS, db=grad_out if dB is None else dB,
-                    t=torch.empty((L, BWD_SCRATCH.value, m, n), dtype=torch.float32, device=grad.device), m=m, n=n,
+                    t=torch.empty((L, BWD_SCRATCH.value, bm, bn), dtype=torch.float32, device=grad.device), m=m, n=n,
                     sdyb=sdy[0], sdym=sdy[1], sdyn=sdy[2], sgb=sg[0], sgm=sg[1], sgn=sg[2],
                     sab=sa[0], sam=sa[1], sak=sa[2], ssb=ss[0], ssm=ss[1], ssn=ss[2],
                     sbb=sb[0], sbk=sb[1], sbn=sb[2])
         consts = dict(NEED_G=need_g, NEED_A=need_a, NEED_S=need_s, NEED_B=need_b,
                       BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
-        _launch(_fused_bwd_kernel, (L,), args, consts, num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
+        _launch(_fused_bwd_kernel, (L,), args, consts, num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
         return
 
     need_e = need_g or need_a or need_b
@@ -858,8 +866,8 @@ def _table_path_ok(t: Tensor) -> bool:
 def _scratch(layers: Sequence[int], grads: Sequence[Tensor], slots: int) -> tuple[Tensor, dict]:
     """One fp32 scratch buffer for the fused programs of ``layers``; {layer: address of its part}.
 
-    Each layer gets ``slots`` m×n slots, its part rounded up to 16 bytes."""
-    sizes = {i: -(-slots * grads[i].numel() // 4) * 4 for i in layers}
+    Each layer gets ``slots`` slots of its padded block (BM×BN: the kernels store whole tiles)."""
+    sizes = {i: slots * _next_pow2(grads[i].shape[0]) * _next_pow2(grads[i].shape[1]) for i in layers}
     scratch = torch.empty(sum(sizes.values()), dtype=torch.float32, device=grads[layers[0]].device)
     addr, offset = {}, _addr(scratch)
     for i in layers:
@@ -962,7 +970,7 @@ def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], S
                 rows.append([*map(_addr, ins), _addr(outs[i]), scratch_addr[i], *grads[i].shape])
             _launch(_grouped_fwd_kernel, (len(idx),), dict(table=_table(rows, FWD_ROW.value, scratch)),
                     dict(DT=_DT_CODE[dtype], BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
-                    num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
+                    num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
     return outs
 
 
@@ -1011,5 +1019,5 @@ def triton_precondition_grouped_backward(
             consts = dict(DT=_DT_CODE[dtype], NEED_G=mask[0], NEED_A=mask[1], NEED_S=mask[2], NEED_B=mask[3],
                           BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
             _launch(_grouped_bwd_kernel, (len(idx),), dict(table=_table(rows, BWD_ROW.value, scratch)), consts,
-                    num_warps=_fused_warps(bm, bn), maxnreg=FUSED_MAXNREG)
+                    num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
     return result
