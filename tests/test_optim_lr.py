@@ -10,15 +10,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from apo_kernels.optim import APOLR, lr_directions
+from _tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: intra-op threads only add contention on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def mlp(dtype=torch.float32):
