@@ -313,17 +313,23 @@ def test_apo_precond_refuses_a_real_update_beyond_the_parameters_range():
 
 
 # ---- momentum catch-up: the lookahead judges the step a warmed-up momentum buffer takes ----------
+def _step_lengths(make_optimizer, steps=200):
+    """Lengths of a torch optimizer's successive steps on one float64 scalar under gradient 1."""
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = make_optimizer(p)
+    out = []
+    for _ in range(steps):
+        before = p.detach().clone()
+        p.grad = torch.ones(1, dtype=torch.float64)
+        opt.step()
+        out.append(float(before - p.detach()))
+    return out
+
+
 @pytest.mark.parametrize("mu,dampening,nesterov", [(0.9, 0.0, False), (0.5, 0.3, False), (0.9, 0.0, True)])
 def test_momentum_catch_up_is_the_growth_of_torch_sgd_step_under_a_steady_gradient(mu, dampening, nesterov):
     from apo_kernels.optim._core import momentum_catch_up
-    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    sgd = torch.optim.SGD([p], lr=1.0, momentum=mu, dampening=dampening, nesterov=nesterov)
-    steps = []
-    for _ in range(200):
-        before = p.detach().clone()
-        p.grad = torch.ones(1, dtype=torch.float64)
-        sgd.step()
-        steps.append(float(before - p.detach()))
+    steps = _step_lengths(lambda p: torch.optim.SGD([p], lr=1.0, momentum=mu, dampening=dampening, nesterov=nesterov))
     for k in (1, 2, 5, 30):
         assert momentum_catch_up(mu, k, dampening=dampening, nesterov=nesterov) == pytest.approx(steps[-1] / steps[k - 1], rel=1e-9)
     assert momentum_catch_up(0.0, 1) == 1.0
@@ -331,14 +337,8 @@ def test_momentum_catch_up_is_the_growth_of_torch_sgd_step_under_a_steady_gradie
 
 def test_momentum_catch_up_of_rmsprop_buffer_starting_at_zero():
     from apo_kernels.optim._core import momentum_catch_up
-    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.RMSprop([p], lr=1.0, momentum=0.8, alpha=0.0, eps=0.0)  # alpha=0: avg = |g|
-    steps = []
-    for _ in range(200):
-        before = p.detach().clone()
-        p.grad = torch.ones(1, dtype=torch.float64)
-        opt.step()
-        steps.append(float(before - p.detach()))
+    # alpha=0: the denominator is |g|
+    steps = _step_lengths(lambda p: torch.optim.RMSprop([p], lr=1.0, momentum=0.8, alpha=0.0, eps=0.0))
     for k in (1, 3, 10):
         assert momentum_catch_up(0.8, k, starts_at_grad=False) == pytest.approx(steps[-1] / steps[k - 1], rel=1e-9)
 
