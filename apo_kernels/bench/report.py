@@ -10,7 +10,7 @@ __all__ = ["evaluate_targets", "print_tables", "markdown", "write_json", "plot"]
 
 
 # --------------------------------------------------------------------------------------------
-# Targets from the issues: figures of the benchmark, never asserted in unit tests
+# The project's speed targets: figures of the benchmark, never asserted in unit tests
 # --------------------------------------------------------------------------------------------
 def _t(name, measured, threshold, ok, reason, source):
     if measured is None:
@@ -41,13 +41,13 @@ def evaluate_targets(res: dict, is_cuda: bool) -> list[dict]:
                 continue
             if is_cuda:
                 out.append(_t(f"GPU grouped op ≥3× faster than loop [{r['case']}, {r['dtype']}]", r["ratio"], "≤ 0.333",
-                              r["ratio"] <= 1 / 3, f"grouped {r['median_ms']:.3f} ms vs loop of chain {r['median_ms'] / r['ratio']:.3f} ms", "issue 2"))
+                              r["ratio"] <= 1 / 3, f"grouped {r['median_ms']:.3f} ms vs loop of chain {r['median_ms'] / r['ratio']:.3f} ms", "op targets"))
             elif r["case"].startswith("64 layers"):
                 out.append(_t("CPU grouped op over 64 small layers ≤ 0.5× per-layer loop of the chain", r["ratio"], "≤ 0.5",
-                              r["ratio"] <= 0.5, f"grouped {r['median_ms']:.3f} ms vs loop {r['median_ms'] / r['ratio']:.3f} ms ({be} backend)", "issue 2"))
+                              r["ratio"] <= 0.5, f"grouped {r['median_ms']:.3f} ms vs loop {r['median_ms'] / r['ratio']:.3f} ms ({be} backend)", "op targets"))
     elif not is_cuda:
         out.append(_t("CPU grouped op over 64 small layers ≤ 0.5× per-layer loop of the chain", None, "≤ 0.5", False,
-                      "op section not run", "issue 2"))
+                      "op section not run", "op targets"))
 
     # Issue 2: single layer forward vs chain.
     fwd = [r for r in single if r["case"] == "forward" and r["impl"] == be and "ratio" in r]
@@ -55,19 +55,19 @@ def evaluate_targets(res: dict, is_cuda: bool) -> list[dict]:
         big = max((r for r in fwd if r["dtype"] == "fp32"), key=lambda r: r["size"], default=None)
         if big:
             out.append(_t(f"CPU single large layer forward ≤ 1.0× torch chain (fp32, {big['size']}²)", big["ratio"], "≤ 1.0",
-                          big["ratio"] <= 1.0, f"op {big['median_ms']:.2f} ms vs chain {big['median_ms'] / big['ratio']:.2f} ms", "issue 2"))
+                          big["ratio"] <= 1.0, f"op {big['median_ms']:.2f} ms vs chain {big['median_ms'] / big['ratio']:.2f} ms", "op targets"))
     if fwd and is_cuda:
         for dname in ("fp32", "bf16"):
             rs = [r for r in fwd if r["dtype"] == dname]
             if rs:
                 worst = max(rs, key=lambda r: r["ratio"])
                 out.append(_t(f"GPU fused forward ≤ 1.0× chain at every size ({dname})", worst["ratio"], "≤ 1.0 (worst size)",
-                              worst["ratio"] <= 1.0, f"worst at {worst['size']}: {worst['median_ms']:.3f} ms", "issue 2"))
+                              worst["ratio"] <= 1.0, f"worst at {worst['size']}: {worst['median_ms']:.3f} ms", "op targets"))
                 small = [r for r in rs if r["size"] <= 512]
                 if small:
                     ws = max(small, key=lambda r: r["ratio"])
                     out.append(_t(f"GPU fused forward ≥ 1.6× faster than chain at ≤ 512 ({dname})", ws["ratio"], "≤ 0.625",
-                                  ws["ratio"] <= 0.625, f"worst at {ws['size']}", "issue 2"))
+                                  ws["ratio"] <= 0.625, f"worst at {ws['size']}", "op targets"))
 
     # Issue 4: preconditioner cost.
     pc = res.get("precond") or []
@@ -75,12 +75,12 @@ def evaluate_targets(res: dict, is_cuda: bool) -> list[dict]:
         apo = _find(pc, impl="APO", dtype="fp32", size=4096)
         out.append(_t("GPU w=4096 fp32: APO amortized ≤ 0.3× EKFAC", apo and apo["ratio_vs_ekfac"], "≤ 0.3",
                       bool(apo) and apo["ratio_vs_ekfac"] <= 0.3,
-                      (f"APO {apo['median_ms']:.2f} ms; EKFAC eigh {apo['ekfac_eigh_ms']:.1f} ms every {apo['T']}" if apo else "width 4096 not in this run"), "issue 4"))
+                      (f"APO {apo['median_ms']:.2f} ms; EKFAC eigh {apo['ekfac_eigh_ms']:.1f} ms every {apo['T']}" if apo else "width 4096 not in this run"), "optimizer-cost targets"))
         a32 = _find(pc, impl="APO", dtype="fp32", size=4096)
         a16 = _find(pc, impl="APO", dtype="bf16", size=4096)
         sp = a32["median_ms"] / a16["median_ms"] if a32 and a16 else None
         out.append(_t("GPU w=4096: APO bf16 ≥ 1.5× faster than APO fp32", sp, "≥ 1.5", sp is not None and sp >= 1.5,
-                      "measured in the same run" if sp else "needs fp32 and bf16 at width 4096", "issue 4"))
+                      "measured in the same run" if sp else "needs fp32 and bf16 at width 4096", "optimizer-cost targets"))
     else:
         for w in (1024, 2048):
             r = _find(pc, impl="APO", dtype="fp32", size=w)
@@ -88,12 +88,12 @@ def evaluate_targets(res: dict, is_cuda: bool) -> list[dict]:
                 f"APO {r['median_ms']:.1f} ms = op {r['apo_forward_ms']:.1f} + meta {r['apo_meta_ms']:.1f}/{r['K']}; "
                 f"EKFAC eigh {r['ekfac_eigh_ms']:.1f}/{r['T']} + scale {r['ekfac_scale_ms']:.1f} + apply {r['ekfac_apply_ms']:.1f} + factors {r['factor_update_ms']:.1f}")
             out.append(_t(f"CPU w={w} fp32: APO amortized ≤ 1.0× EKFAC", r and r["ratio_vs_ekfac"], "≤ 1.0",
-                          bool(r) and r["ratio_vs_ekfac"] <= 1.0, reason, "issue 4"))
+                          bool(r) and r["ratio_vs_ekfac"] <= 1.0, reason, "optimizer-cost targets"))
             reason = "width not in this run (use the full run: no --quick)" if r is None else (
                 f"KFAC {r['median_ms'] / r['ratio_vs_kfac']:.1f} ms = factors {r['factor_update_ms']:.1f} + apply (2 GEMMs) "
                 f"{r['kfac_apply_ms']:.1f} + inverses {r['kfac_inverse_ms']:.1f}/{r['T']}; APO pays 4 GEMMs + meta-step/K")
             out.append(_t(f"CPU w={w} fp32: APO amortized ≤ 2.2× KFAC", r and r["ratio_vs_kfac"], "≤ 2.2",
-                          bool(r) and r["ratio_vs_kfac"] <= 2.2, reason, "issue 4"))
+                          bool(r) and r["ratio_vs_kfac"] <= 2.2, reason, "optimizer-cost targets"))
 
     # Issue 4: end-to-end.
     tr = res.get("train") or []
@@ -108,13 +108,13 @@ def evaluate_targets(res: dict, is_cuda: bool) -> list[dict]:
                       (f"SGD {sgd['median_ms']:.1f} ms/step, APO-LR {alr['median_ms']:.1f} ms/step. A meta-step every 10 "
                        "costs a closure at θ' (fwd+bwd), an FSD forward at θ and an FSD fwd+bwd at θ' ≈ 2.3 steps, "
                        f"so ≈ 10/12.3 = 0.81× is the bound when fwd/bwd dominate{no_fsd_note}")
-                      if thr else f"APO-LR unavailable: {err}", "issue 4"))
+                      if thr else f"APO-LR unavailable: {err}", "optimizer-cost targets"))
         if is_cuda and case.startswith("MLP") and "batch=4096" in case:
             adam = _find(tr, case=case, impl="Adam")
             ap = _find(tr, case=case, impl="APO-Precond")
             rr = ap["median_ms"] / adam["median_ms"] if adam and ap else None
             out.append(_t(f"GPU APO-Precond step ≤ 1.5× Adam [{case}]", rr, "≤ 1.5", rr is not None and rr <= 1.5,
-                          "same run" if rr else "APO-Precond unavailable", "issue 4"))
+                          "same run" if rr else "APO-Precond unavailable", "optimizer-cost targets"))
     return out
 
 

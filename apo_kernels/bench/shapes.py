@@ -34,7 +34,7 @@ def transformer_shapes(d_model: int = 768, n_layers: int = 12, mlp_ratio: int = 
 
 
 def small_layers(count: int = 64, lo: int = 32, hi: int = 128, seed: int = 0) -> list[tuple[int, int]]:
-    """``count`` layers of random sizes in [lo, hi]: issue 2's grouped-vs-loop target set."""
+    """``count`` layers of random sizes in [lo, hi]: the layer set of the grouped-vs-loop target."""
     rng = random.Random(seed)
     return [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(count)]
 
