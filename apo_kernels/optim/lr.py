@@ -97,6 +97,13 @@ def _is_decoupled(opt, group) -> bool:
     return bool(group.get("decoupled_weight_decay", False)) or isinstance(opt, torch.optim.AdamW)
 
 
+def _kind(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """"sgd" / "rmsprop" / "adam" for the optimizers whose step is written out here (exact types:
+    a subclass may change the step), else None."""
+    return {torch.optim.SGD: "sgd", torch.optim.RMSprop: "rmsprop",
+            torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}.get(type(optimizer))
+
+
 @torch.no_grad()
 def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[Tensor]]) -> list[list[Tensor]]:
     """d per parameter (per group): the base optimizer's step for lr = 1, its state untouched.
@@ -105,13 +112,7 @@ def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[T
     parameter's dtype and shape, freshly allocated (the caller may modify them). Exact formulas
     for SGD/RMSprop/Adam/AdamW, else a generic probe.
     """
-    kind = None
-    if type(optimizer) in (torch.optim.SGD,):
-        kind = "sgd"
-    elif type(optimizer) in (torch.optim.RMSprop,):
-        kind = "rmsprop"
-    elif type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
-        kind = "adam"
+    kind = _kind(optimizer)
     if kind is None:
         return _generic_directions(optimizer, params_by_group)
     out = []
@@ -342,9 +343,10 @@ class APOLR(APOCore):
             k = int(state["step"]) + 1
         else:  # torch.optim.SGD does not: the steps taken through this optimizer
             k = self._apo_step + 1
-        if isinstance(self.base_optimizer, torch.optim.SGD):
+        kind = _kind(self.base_optimizer)
+        if kind == "sgd":
             return momentum_catch_up(mom, k, dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]))
-        if isinstance(self.base_optimizer, torch.optim.RMSprop):
+        if kind == "rmsprop":
             return momentum_catch_up(mom, k, starts_at_grad=False)
         return 1.0
 
