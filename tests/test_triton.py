@@ -31,6 +31,7 @@ import torch  # noqa: E402
 tk = pytest.importorskip("apo_kernels.ops.triton_kernels", reason="triton is not installed")
 import _contract  # noqa: E402
 from apo_kernels.ops import reference as ref  # noqa: E402
+from apo_kernels.ops import triton_aot  # noqa: E402
 
 INTERPRETED = tk.is_interpreter()
 if INTERPRETED:
@@ -179,7 +180,7 @@ def _recorded_kernels(fn, shapes, dtype=torch.float32):
     """Names of the kernels ``fn`` launches for meta layers of ``shapes`` (recording mode)."""
     layers = [[torch.empty(*sh, dtype=dtype, device="meta") for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
               for m, n in shapes]
-    with tk.recording() as rec:
+    with triton_aot.recording() as rec:
         fn(layers)
     return sorted({k.__name__ for k, *_ in rec})
 
@@ -362,7 +363,7 @@ def test_gemm_index_width_follows_the_offsets(monkeypatch):
     def idx64_flags():
         m, n = 129, 200
         ls = [torch.empty(*sh, device="meta") for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
-        with tk.recording() as rec:
+        with triton_aot.recording() as rec:
             tk.triton_precondition_backward(*ls, ALL)
         return {c["IDX64"] for k, _, c, _ in rec if k is tk._gemm_kernel}
 

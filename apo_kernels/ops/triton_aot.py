@@ -24,16 +24,55 @@ Must run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled). N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import multiprocessing
 import os
 import sys
 import time
 
+from . import triton_kernels as tk
+
 # Max dynamic shared memory per block (bytes), per compute capability.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 _VARIANTS: list = []
+
+
+class _Recorder(tk.Launcher):
+    """Records launches instead of running them (see :func:`recording`)."""
+
+    def __init__(self):
+        self.launches: list = []
+
+    def check_device(self, t, what):
+        pass  # meta tensors: nothing runs
+
+    def run(self, kernel, grid, args, constexprs, options):
+        self.launches.append((kernel, dict(args), dict(constexprs), dict(options)))
+
+    def run_gemm(self, grid, args, constexprs):
+        for bm, bn, bk, gm, w, st in tk.GEMM_CONFIGS:  # every autotune config
+            self.run(tk._gemm_kernel, None, args, dict(constexprs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm),
+                     dict(num_warps=w, num_stages=st))
+
+
+@contextlib.contextmanager
+def recording():
+    """Record the launches of ``triton_kernels``' launchers instead of running them (tensors may be
+    on the ``meta`` device).
+
+    Yields a list that fills with ``(kernel, args, constexprs, options)`` tuples, one per launch
+    and, for the autotuned GEMM, one per config: the launch's own argument values (tensors, ints),
+    so that each variant can be specialized and compiled exactly as the runtime would (integer 1 →
+    constant, multiples of 16 and 16-byte-aligned pointers → divisibility).
+    """
+    recorder = _Recorder()
+    prev, tk.LAUNCHER = tk.LAUNCHER, recorder
+    try:
+        yield recorder.launches
+    finally:
+        tk.LAUNCHER = prev
 
 
 LEVELS = ("smoke", "default", "full")
@@ -50,8 +89,6 @@ def collect_variants(level: str = "default") -> list:
     full:    default + every output mask.
     """
     import torch
-
-    from . import triton_kernels as tk
 
     if type(tk._fused_fwd_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("TRITON_INTERPRET=1 is set: interpreted kernels cannot be compiled; unset it")
@@ -80,7 +117,7 @@ def collect_variants(level: str = "default") -> list:
         for dtype in dtypes:
             for tf32 in (precs if dtype == torch.float32 else (False,)):
                 torch.backends.cuda.matmul.allow_tf32 = tf32
-                with tk.recording() as rec:
+                with recording() as rec:
                     for m, n in fused_shapes + tiled_shapes:
                         dy, g, a, s, b = layer(m, n, dtype)
                         tk.triton_precondition(g, a, s, b)

@@ -48,7 +48,6 @@ sm_90 without a GPU.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Optional, Sequence
@@ -519,45 +518,54 @@ def _gemm_tuned():
 
 
 # --------------------------------------------------------------------------------------------
-# Launch plumbing (and a recording mode used by the AOT compile check)
+# Launch plumbing
 # --------------------------------------------------------------------------------------------
 
-_RECORD: Optional[list] = None
 
+class Launcher:
+    """Where the launchers' kernels go: this one checks the inputs' device and runs them.
 
-@contextlib.contextmanager
-def recording():
-    """Record kernel launches instead of running them (tensors may be on the ``meta`` device).
-
-    Yields a list that fills with ``(kernel, args, constexprs, options)`` tuples, one per launch
-    and, for the autotuned GEMM, one per config: the launch's own argument values (tensors, ints),
-    so that ``apo_kernels.ops.triton_aot`` can specialize and compile each variant exactly as the
-    runtime would (integer 1 → constant, multiples of 16 and 16-byte-aligned pointers → divisibility).
+    ``apo_kernels.ops.triton_aot`` installs a recording subclass as :data:`LAUNCHER` to collect
+    every kernel variant from meta tensors without a GPU; the launchers call the hook at the
+    launch point only, so running carries no recording test.
     """
-    global _RECORD
-    prev, _RECORD = _RECORD, []
-    try:
-        yield _RECORD
-    finally:
-        _RECORD = prev
+
+    def check_device(self, t: Tensor, what: str) -> None:
+        """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
+        if t.device.type == "cpu":
+            if not is_interpreter():
+                raise ValueError(
+                    f"triton backend: {what} is a CPU tensor; Triton runs on CUDA tensors, or on CPU tensors "
+                    "only in its interpreter (set TRITON_INTERPRET=1 before triton is first imported)"
+                )
+        elif t.device.type != "cuda":
+            raise ValueError(f"triton backend: {what} is on {t.device}; expected a CUDA (or interpreted CPU) tensor")
+
+    def run(self, kernel, grid, args: dict, constexprs: dict, options: dict):
+        """Launch one kernel; returns Triton's compiled kernel."""
+        return kernel[grid](**args, **constexprs, **options)
+
+    def run_gemm(self, grid, args: dict, constexprs: dict) -> None:
+        """Launch :func:`_gemm_kernel`: autotuned on a GPU, one fixed config under the interpreter."""
+        if is_interpreter():
+            bm, bn, bk, gm, w, st = INTERPRETER_GEMM_CONFIG
+            meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+            _gemm_kernel[grid(meta)](**args, **constexprs, **meta, num_warps=w, num_stages=st)
+        else:
+            _gemm_tuned()[grid](**args, **constexprs)
 
 
-def _record(kernel, args: dict, constexprs: dict, options: dict) -> None:
-    _RECORD.append((kernel, dict(args), dict(constexprs), dict(options)))
+LAUNCHER = Launcher()
 
 
 def _launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
             maxnreg: Optional[int] = None):
-    """Launch (or record) one kernel; returns Triton's compiled kernel (None when recording).
-
-    maxnreg: register cap per thread for ptxas (see MAXNREG)."""
+    """Launch one kernel through :data:`LAUNCHER`. maxnreg: register cap per thread for ptxas
+    (see MAXNREG)."""
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg is not None and not is_interpreter():
         options["maxnreg"] = maxnreg
-    if _RECORD is not None:
-        _record(kernel, args, constexprs, options)
-        return None
-    return kernel[grid](**args, **constexprs, **options)
+    return LAUNCHER.run(kernel, grid, args, constexprs, options)
 
 
 def _next_pow2(v: int) -> int:
@@ -577,7 +585,7 @@ def _dot_config(dtype: torch.dtype, fused: bool = False) -> tuple[int, str]:
     tensor-core MMAs, fp32-level accuracy) and "ieee" in the fused programs, whose BK-wide chunks
     keep the FMA code small: there tf32x3's split operands cost ~250 registers per thread and
     spilled. Half precision ignores PREC (one fixed value, so no duplicate compiles)."""
-    if is_interpreter() and _RECORD is None:
+    if is_interpreter():
         return 0, "ieee"  # the interpreter computes dots in fp32 (and cannot do bf16 arithmetic)
     if dtype != torch.float32:
         return _DT_CODE[dtype], "ieee"
@@ -631,24 +639,13 @@ def _gemm(L: int, M: int, N: int, K: int, x: _Op, y: _Op, c: Tensor, *, x2: Opti
              _span2(M, N, h.sr, h.sc))
     consts = dict(EPI=epi, DUAL=x2 is not dummy, STORE_C=store_c, STORE_C2=c2 is not None,
                   DOT_DT=dot_dt, PREC=prec, IDX64=max(spans) >= INT32_OFFSETS)
-    if _RECORD is not None:
-        for bm, bn, bk, gm, w, st in GEMM_CONFIGS:
-            _record(_gemm_kernel, args, dict(consts, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm),
-                    dict(num_warps=w, num_stages=st))
-        return
-
     def grid(meta):  # batch folded into axis 0 (see _gemm_kernel)
         programs = L * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
         if programs >= 2**31:
             raise ValueError(f"triton backend: {programs} GEMM tiles exceed one launch's grid (2^31 - 1)")
         return (programs,)
 
-    if is_interpreter():
-        bm, bn, bk, gm, w, st = INTERPRETER_GEMM_CONFIG
-        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
-        _gemm_kernel[grid(meta)](**args, **consts, **meta, num_warps=w, num_stages=st)
-    else:
-        _gemm_tuned()[grid](**args, **consts)
+    LAUNCHER.run_gemm(grid, args, consts)
 
 
 def _span2(rows: int, cols: int, s_r: int, s_c: int) -> int:
@@ -672,16 +669,7 @@ def _check(tensors: Sequence[Tensor], what: str) -> None:
     t0 = tensors[0]
     if t0.dtype not in _DT_CODE:
         raise TypeError(f"triton backend: {what} has dtype {t0.dtype}; supported: float32, float16, bfloat16")
-    if _RECORD is not None:
-        return
-    if t0.device.type == "cpu":
-        if not is_interpreter():
-            raise ValueError(
-                f"triton backend: {what} is a CPU tensor; Triton runs on CUDA tensors, or on CPU tensors "
-                "only in its interpreter (set TRITON_INTERPRET=1 before triton is first imported)"
-            )
-    elif t0.device.type != "cuda":
-        raise ValueError(f"triton backend: {what} is on {t0.device}; expected a CUDA (or interpreted CPU) tensor")
+    LAUNCHER.check_device(t0, what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -936,6 +924,42 @@ def _buckets(layers: Sequence[int], grads: Sequence[Tensor]) -> dict:
     return out
 
 
+def _grouped(kernel, row_len: int, slots: int, ins: list, outs: list, run_layer, constexprs: dict) -> None:
+    """The grouped forward and backward: small layers through ``kernel``, the rest one by one.
+
+    ``ins[i]``: layer i's input tensors and ``outs[i]`` its outputs (None where not computed), in
+    the order of the kernel's table row (inputs, outputs, scratch, m, n); the grad is
+    ``ins[i][-4]``. Small 2-D layers (m, n ≤ FUSED_MAX_DIM) are one launch per padded block shape;
+    the rest go through ``run_layer(outs[i], *ins[i])`` (the per-layer tiled / batched path).
+    """
+    grads = [x[-4] for x in ins]
+    small = []
+    for i, g in enumerate(grads):
+        if g.numel() == 0:
+            for o in outs[i]:
+                if o is not None:
+                    o.zero_()  # e.g. dA (m×m) of an m×0 layer: a sum over nothing
+        elif g.dim() == 2 and _fused_ok(*g.shape) and _table_path_ok(g):
+            small.append(i)
+        else:
+            run_layer(outs[i], *ins[i])
+    if not small:
+        return
+    dtype = grads[0].dtype
+    dot_dt, prec = _dot_config(dtype, fused=True)
+    scratch, scratch_addr = _scratch(small, grads, slots)
+    for (bm, bn), idx in _buckets(small, grads).items():
+        rows = []
+        keep = []  # contiguous copies of strided inputs, alive until the launch is queued
+        for i in idx:
+            xs = [t.contiguous() for t in ins[i]]
+            keep += xs
+            rows.append([*map(_addr, xs), *map(_addr, outs[i]), scratch_addr[i], *grads[i].shape])
+        _launch(kernel, (len(idx),), dict(table=_table(rows, row_len, scratch)),
+                dict(constexprs, DT=_DT_CODE[dtype], BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
+                num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
+
+
 @_on_inputs_device
 def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], Ss: Sequence[Tensor],
                                 Bs: Sequence[Tensor]) -> list[Tensor]:
@@ -946,31 +970,10 @@ def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], S
     """
     _validate.check_group(grads, As, Ss, Bs)
     _validate.check_result_fits(grads)
-    grads, As, Ss, Bs = list(grads), list(As), list(Ss), list(Bs)
     _check(grads, "grads[0]")
     outs = [_empty_like_layer(g, g.shape) for g in grads]
-    small = []
-    for i, g in enumerate(grads):
-        if g.numel() == 0:
-            continue
-        if g.dim() == 2 and _fused_ok(*g.shape) and _table_path_ok(g):
-            small.append(i)
-        else:
-            _forward_into(outs[i], g, As[i], Ss[i], Bs[i])
-    if small:
-        dtype = grads[0].dtype
-        dot_dt, prec = _dot_config(dtype, fused=True)
-        scratch, scratch_addr = _scratch(small, grads, FWD_SCRATCH.value)
-        for (bm, bn), idx in _buckets(small, grads).items():
-            rows = []
-            keep = []  # contiguous copies of strided inputs, alive until the launch is queued
-            for i in idx:
-                ins = [t.contiguous() for t in (grads[i], As[i], Ss[i], Bs[i])]
-                keep += ins
-                rows.append([*map(_addr, ins), _addr(outs[i]), scratch_addr[i], *grads[i].shape])
-            _launch(_grouped_fwd_kernel, (len(idx),), dict(table=_table(rows, FWD_ROW.value, scratch)),
-                    dict(DT=_DT_CODE[dtype], BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
-                    num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
+    _grouped(_grouped_fwd_kernel, FWD_ROW.value, FWD_SCRATCH.value, list(zip(grads, As, Ss, Bs)),
+             [(y,) for y in outs], lambda o, *x: _forward_into(o[0], *x), {})
     return outs
 
 
@@ -983,41 +986,11 @@ def triton_precondition_grouped_backward(
     _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs)
     mask = _validate.check_output_mask(output_mask)
     _validate.check_result_fits(grads, mask)
-    grad_outs, grads, As, Ss, Bs = list(grad_outs), list(grads), list(As), list(Ss), list(Bs)
     _check(grads, "grads[0]")
-    result = tuple([] for _ in range(4))
     if not any(mask):
-        return result
-    per_layer = []
-    for g in grads:
-        outs = tuple(_empty_like_layer(g, sh) if need else None for need, sh in zip(mask, _bwd_shapes(g)))
-        per_layer.append(outs)
-        for k in range(4):
-            if mask[k]:
-                result[k].append(outs[k])
-    small = []
-    for i, g in enumerate(grads):
-        if g.numel() == 0:
-            for o in per_layer[i]:
-                if o is not None:
-                    o.zero_()
-        elif g.dim() == 2 and _fused_ok(*g.shape) and _table_path_ok(g):
-            small.append(i)
-        else:
-            _backward_into(per_layer[i], grad_outs[i], g, As[i], Ss[i], Bs[i])
-    if small:
-        dtype = grads[0].dtype
-        dot_dt, prec = _dot_config(dtype, fused=True)
-        scratch, scratch_addr = _scratch(small, grads, BWD_SCRATCH.value)
-        for (bm, bn), idx in _buckets(small, grads).items():
-            rows = []
-            keep = []  # contiguous copies of strided inputs, alive until the launch is queued
-            for i in idx:
-                ins = [t.contiguous() for t in (grad_outs[i], grads[i], As[i], Ss[i], Bs[i])]
-                keep += ins
-                rows.append([*map(_addr, ins), *map(_addr, per_layer[i]), scratch_addr[i], *grads[i].shape])
-            consts = dict(DT=_DT_CODE[dtype], NEED_G=mask[0], NEED_A=mask[1], NEED_S=mask[2], NEED_B=mask[3],
-                          BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
-            _launch(_grouped_bwd_kernel, (len(idx),), dict(table=_table(rows, BWD_ROW.value, scratch)), consts,
-                    num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
-    return result
+        return ([], [], [], [])
+    outs = [tuple(_empty_like_layer(g, sh) if need else None for need, sh in zip(mask, _bwd_shapes(g)))
+            for g in grads]
+    _grouped(_grouped_bwd_kernel, BWD_ROW.value, BWD_SCRATCH.value, list(zip(grad_outs, grads, As, Ss, Bs)),
+             outs, _backward_into, dict(zip(("NEED_G", "NEED_A", "NEED_S", "NEED_B"), mask)))
+    return tuple([o[k] for o in outs] if mask[k] else [] for k in range(4))
