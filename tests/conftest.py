@@ -15,23 +15,34 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import apo_kernels  # noqa: E402
+from apo_kernels.ops.backends import get, registered  # noqa: E402
 
 
-def backend_skip_reason(backend: str):
-    status = apo_kernels.backends()[backend]
-    return None if status.startswith("available") else status
+def backend_skip_reason(backend: str, device_type: str = "cpu"):
+    """Why ``backend`` cannot run on ``device_type`` tensors here (None: it can)."""
+    entry = get(backend)
+    status = entry.status()
+    if not status.startswith("available"):
+        return status
+    if device_type not in entry.devices:
+        return f"runs on {'/'.join(entry.devices)} tensors here, not {device_type}"
+    return None
+
+
+def device_backends(device_type: str):
+    """Every registered backend as a pytest param for tensors of ``device_type``, each skipped with
+    its reason when it cannot run on them here."""
+    params = []
+    for entry in registered():
+        reason = backend_skip_reason(entry.name, device_type)
+        marks = [pytest.mark.skip(reason=f"{entry.name}: {reason}")] if reason else []
+        params.append(pytest.param(entry.name, marks=marks, id=entry.name))
+    return params
 
 
 def cpu_backends():
     """Backends that run on CPU tensors here, each skipped with its reason when unavailable."""
-    params = []
-    for name in ("cpu", "triton", "reference"):
-        reason = backend_skip_reason(name)
-        if name == "triton" and reason is None and os.environ.get("TRITON_INTERPRET") != "1":
-            reason = "triton runs on CUDA tensors here (TRITON_INTERPRET is not set)"
-        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return device_backends("cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -85,7 +85,11 @@ def _mutations(torch, base_ndim: int, square: bool):
     return muts
 
 
-def _value_mutations(torch):
+# None for A or B is an identity factor, a valid call (tests/test_identity_factors.py), not a mistake.
+IDENTITY_ARGS = ("A", "B")
+
+
+def _value_mutations(torch, arg: str = ""):
     """dtype, layout and non-tensor mutations (2-D calls only: they do not depend on ndim)."""
     muts = [
         (f"dtype {dt}".replace("torch.", ""), lambda x, dt=dt: x.to(dt))
@@ -96,7 +100,7 @@ def _value_mutations(torch):
         muts.append(("dtype float8_e4m3fn", lambda x: x.to(torch.float8_e4m3fn)))
     muts += [
         ("sparse", lambda x: x.to_sparse()),
-        ("None", lambda x: None),
+        *([] if arg in IDENTITY_ARGS else [("None", lambda x: None)]),
         ("nested list", lambda x: x.tolist()),
         ("python float", lambda x: 1.0),
     ]
@@ -149,7 +153,7 @@ def build_cases() -> list[Case]:
                 square = arg in ("A", "B")
                 muts = _mutations(torch, base_ndim, square)
                 if batch is None:
-                    muts = muts + _value_mutations(torch)
+                    muts = muts + _value_mutations(torch, arg)
                 for label, mut in muts:
                     def build(arg=arg, mut=mut, names=names, op=op, batch=batch):
                         layer = _layer(torch, M, N, batch)
@@ -183,7 +187,7 @@ def build_cases() -> list[Case]:
                     muts = [mu for mu in _mutations(torch, 2, square)
                             if mu[0] in ("1-D", "extra leading dim", "rows-1", "cols+1", "broadcastable row",
                                          "meta device", "transposed")]
-                    muts += [mu for mu in _value_mutations(torch)
+                    muts += [mu for mu in _value_mutations(torch, arg)
                              if mu[0] in ("dtype int64", "dtype float64", "dtype bfloat16", "sparse", "None")]
                     for label, mut in muts:
                         def build(arg=arg, mut=mut, names=names, op=op, layer_idx=layer_idx):

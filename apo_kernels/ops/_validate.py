@@ -18,7 +18,6 @@ from typing import Optional, Sequence
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 _NOT_GIVEN = object()
 
 
@@ -51,28 +50,22 @@ def _check_tensor(name: str, t) -> None:
         )
 
 
-def check_backend(backend) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
 def check_layer(grad, A, S, B, *, prefix: str = "", grad_name: str = "grad") -> None:
     """Check one (possibly batched) layer: grad (…, m, n), A (…, m, m), S (…, m, n), B (…, n, n).
 
-    ``prefix`` is prepended to argument names (e.g. ``"layer 3: "`` for the grouped op).
+    A or B None is an identity factor. ``prefix`` is prepended to argument names (e.g.
+    ``"layer 3: "`` for the grouped op).
     """
-    names = (grad_name, "A", "S", "B")
-    tensors = (grad, A, S, B)
-    for name, t in zip(names, tensors):
+    given = [(name, t) for name, t in zip((grad_name, "A", "S", "B"), (grad, A, S, B))
+             if t is not None or name not in ("A", "B")]
+    for name, t in given:
         _check_tensor(prefix + name, t)
     if grad.ndim not in (2, 3):
         raise ValueError(
             f"{prefix}{grad_name} must be 2-D (m, n) or 3-D (L, m, n), got shape {_shape(grad)}"
         )
-    for name, t in zip(names[1:], tensors[1:]):
+    factors = given[1:]
+    for name, t in factors:
         if t.ndim != grad.ndim:
             raise ValueError(
                 f"{prefix}{name} must have {grad.ndim} dims like {grad_name}, got shape {_shape(t)}"
@@ -83,7 +76,7 @@ def check_layer(grad, A, S, B, *, prefix: str = "", grad_name: str = "grad") -> 
             raise ValueError(f"{prefix}{name} is on {t.device} but {grad_name} is on {grad.device}")
     *batch, m, n = grad.shape
     expected = {"A": (*batch, m, m), "S": (*batch, m, n), "B": (*batch, n, n)}
-    for name, t in zip(names[1:], tensors[1:]):
+    for name, t in factors:
         want = expected[name]
         for dim, (got_d, want_d) in enumerate(zip(t.shape, want)):
             what = "batch size" if batch and dim == 0 else "shape"
@@ -121,7 +114,8 @@ def check_output_mask(output_mask) -> tuple[bool, bool, bool, bool]:
 
 
 def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True) -> None:
-    """Check the grouped op's lists: equal lengths, 2-D layers, one dtype and device for all.
+    """Check the grouped op's lists: equal lengths, 2-D layers, one dtype and device for all;
+    an entry of ``As`` or ``Bs`` may be None (identity factor).
 
     ``fast=False`` skips the fast path (fake kernels: it would specialize symbolic shapes).
     """
@@ -160,18 +154,22 @@ def _group_ok(grads, As, Ss, Bs) -> bool:
         return False
     tensor, strided = torch.Tensor, torch.strided
     for g, a, s, b in zip(grads, As, Ss, Bs):
-        if not (isinstance(g, tensor) and isinstance(a, tensor) and isinstance(s, tensor) and isinstance(b, tensor)):
-            return False
-        if g.ndim != 2:
+        if not (isinstance(g, tensor) and isinstance(s, tensor)) or g.ndim != 2:
             return False
         m, n = g.shape
-        if a.shape != (m, m) or s.shape != (m, n) or b.shape != (n, n):
+        if s.shape != (m, n) or not (g.dtype is dtype and s.dtype is dtype):
             return False
-        if not (g.dtype is dtype and a.dtype is dtype and s.dtype is dtype and b.dtype is dtype):
+        if not (g.device == device and s.device == device and g.layout is strided and s.layout is strided):
             return False
-        if not (g.device == device and a.device == device and s.device == device and b.device == device):
+        if a is not None and not (
+            isinstance(a, tensor) and a.shape == (m, m) and a.dtype is dtype and a.device == device
+            and a.layout is strided
+        ):
             return False
-        if not (g.layout is strided and a.layout is strided and s.layout is strided and b.layout is strided):
+        if b is not None and not (
+            isinstance(b, tensor) and b.shape == (n, n) and b.dtype is dtype and b.device == device
+            and b.layout is strided
+        ):
             return False
     return True
 
@@ -192,8 +190,9 @@ def _memory_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def _result_elems(grad, output_mask: Optional[Sequence[bool]]) -> Optional[int]:
-    """Elements of the op's result for one layer (the backward's per the mask); None if symbolic."""
+def _result_elems(grad, output_mask: Optional[Sequence[bool]], has_a: bool, has_b: bool) -> Optional[int]:
+    """Elements of the op's result for one layer (the backward's per the mask; an identity factor
+    has no gradient); None if symbolic."""
     if output_mask is None:
         elems = grad.numel()
         return elems if type(elems) is int else None
@@ -202,15 +201,19 @@ def _result_elems(grad, output_mask: Optional[Sequence[bool]]) -> Optional[int]:
         return None
     *batch, m, n = shape
     lead = batch[0] if batch else 1
-    per_output = (m * n, m * m, m * n, n * n)
+    per_output = (m * n, m * m if has_a else 0, m * n, n * n if has_b else 0)
     return lead * sum(e for e, need in zip(per_output, output_mask) if need)
 
 
-def check_result_fits(grads: Sequence[torch.Tensor], output_mask: Optional[Sequence[bool]] = None) -> None:
+def check_result_fits(
+    grads: Sequence[torch.Tensor], output_mask: Optional[Sequence[bool]] = None, *,
+    As: Optional[Sequence] = None, Bs: Optional[Sequence] = None,
+) -> None:
     """The result of the op on these (already checked) layers must fit in their device's memory.
 
     ``output_mask`` None: the forward (one grad-shaped output per layer); else the backward's
-    requested outputs (d_grad, dA, dS, dB). Python ints: no overflow.
+    requested outputs (d_grad, dA, dS, dB). ``As``/``Bs``: the layers' factors, where a None entry
+    (identity) has no gradient; omitted, every factor is counted. Python ints: no overflow.
     """
     if not grads or torch.compiler.is_compiling():
         return  # under Dynamo, the op's fake kernel (run outside the traced frame) checks this
@@ -218,8 +221,10 @@ def check_result_fits(grads: Sequence[torch.Tensor], output_mask: Optional[Seque
     if limit is None:
         return
     total = 0
-    for g in grads:
-        elems = _result_elems(g, output_mask)
+    for i, g in enumerate(grads):
+        has_a = As is None or As[i] is not None
+        has_b = Bs is None or Bs[i] is not None
+        elems = _result_elems(g, output_mask, has_a, has_b)
         if elems is None:
             return
         total += elems * g.element_size()

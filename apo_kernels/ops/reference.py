@@ -9,6 +9,8 @@ Backward with upstream dY, H = AᵀGB, M = S⊙H:
     dA = dY B Mᵀ + G B Eᵀ
     dB = dYᵀ A M + Gᵀ A E
 
+A or B None is an identity factor: its GEMMs are skipped, and its gradient is None.
+
 Every function takes 2-D (m, n) or batched 3-D (L, m, n) inputs (``torch.matmul`` broadcasts) and
 computes in the inputs' dtype; pass float64 tensors to get the oracle, half-precision tensors to get
 the plain torch chain in that dtype (every GEMM rounded). The ``reference`` backend runs them through
@@ -16,10 +18,13 @@ the plain torch chain in that dtype (every GEMM rounded). The ``reference`` back
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .library import OpFamily
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -58,31 +63,51 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
-def precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> Tensor:
-    """Y = A (S ⊙ (Aᵀ grad B)) Bᵀ; differentiable through ordinary autograd."""
-    return A @ (S * (_t(A) @ grad @ B)) @ _t(B)
+# An identity factor (None) skips its GEMM: these apply A, Aᵀ, B or Bᵀ, or nothing.
+def _left(A: Optional[Tensor], x: Tensor) -> Tensor:
+    return x if A is None else A @ x
+
+
+def _left_t(A: Optional[Tensor], x: Tensor) -> Tensor:
+    return x if A is None else _t(A) @ x
+
+
+def _right(x: Tensor, B: Optional[Tensor]) -> Tensor:
+    return x if B is None else x @ B
+
+
+def _right_t(x: Tensor, B: Optional[Tensor]) -> Tensor:
+    return x if B is None else x @ _t(B)
+
+
+def precondition(grad: Tensor, A: Optional[Tensor], S: Tensor, B: Optional[Tensor]) -> Tensor:
+    """Y = A (S ⊙ (Aᵀ grad B)) Bᵀ; A or B None means identity. Differentiable by ordinary autograd."""
+    return _right_t(_left(A, S * _right(_left_t(A, grad), B)), B)
 
 
 def precondition_backward(
     grad_out: Tensor,
     grad: Tensor,
-    A: Tensor,
+    A: Optional[Tensor],
     S: Tensor,
-    B: Tensor,
+    B: Optional[Tensor],
     output_mask: Sequence[bool] = (True, True, True, True),
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients (d_grad, dA, dS, dB) of ⟨grad_out, Y⟩; None where ``output_mask`` is False."""
+    """Gradients (d_grad, dA, dS, dB) of ⟨grad_out, Y⟩; None where ``output_mask`` is False and
+    for an identity factor (A or B None)."""
     need_g, need_a, need_s, need_b = output_mask
-    GB = grad @ B
-    H = _t(A) @ GB
-    dYB = grad_out @ B
-    D = _t(A) @ dYB
+    need_a = need_a and A is not None
+    need_b = need_b and B is not None
+    GB = _right(grad, B)
+    H = _left_t(A, GB)
+    dYB = _right(grad_out, B)
+    D = _left_t(A, dYB)
     E = S * D
     M = S * H
-    d_grad = A @ E @ _t(B) if need_g else None
+    d_grad = _right_t(_left(A, E), B) if need_g else None
     dA = dYB @ _t(M) + GB @ _t(E) if need_a else None
     dS = D * H if need_s else None
-    dB = _t(grad_out) @ (A @ M) + _t(grad) @ (A @ E) if need_b else None
+    dB = _t(grad_out) @ _left(A, M) + _t(grad) @ _left(A, E) if need_b else None
     return d_grad, dA, dS, dB
 
 
@@ -91,7 +116,8 @@ def precondition_grouped(grads, As, Ss, Bs) -> list[Tensor]:
 
 
 def precondition_grouped_backward(grad_outs, grads, As, Ss, Bs, output_mask=(True,) * 4):
-    """Per-layer backward; returns four lists (empty where ``output_mask`` is False)."""
+    """Per-layer backward; returns four lists (empty where ``output_mask`` is False; None in the
+    slot of an identity factor)."""
     per_layer = [
         precondition_backward(dy, g, a, s, b, output_mask)
         for dy, g, a, s, b in zip(grad_outs, grads, As, Ss, Bs)
@@ -101,10 +127,27 @@ def precondition_grouped_backward(grad_outs, grads, As, Ss, Bs, output_mask=(Tru
     )
 
 
+def _backend_backward(grad_out, grad, A, S, B, output_mask):
+    return rounded_once(precondition_backward, grad_out, grad, A, S, B, tuple(output_mask))
+
+
+def _backend_grouped_backward(grad_outs, grads, As, Ss, Bs, output_mask):
+    return rounded_once(precondition_grouped_backward, grad_outs, grads, As, Ss, Bs, tuple(output_mask))
+
+
+# The ``reference`` backend: the functions above, half precision computed in fp32 and rounded once.
+FAMILY = OpFamily(
+    forward=functools.partial(rounded_once, precondition),
+    backward=_backend_backward,
+    grouped=functools.partial(rounded_once, precondition_grouped),
+    grouped_backward=_backend_grouped_backward,
+)
+
+
 def preconditioner_matrix(A: Tensor, S: Tensor, B: Tensor) -> Tensor:
     """Explicit P = (A⊗B)·diag(vec S)·(A⊗B)ᵀ with row-major vec, so vec(Y) = P·vec(G).
 
-    Only for tests and small examples: P is (mn)×(mn).
+    Only for tests and small examples: P is (mn)×(mn); A and B are explicit matrices here.
     """
     AB = torch.kron(A, B)
     return AB @ torch.diag(S.reshape(-1)) @ AB.T
