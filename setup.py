@@ -2,11 +2,15 @@
 
     pip install --no-build-isolation -e ".[test]"     # torch must already be installed
 
+Sources, compile flags, include dirs and the default GPU archs are in csrc/build_config.txt, which
+CMakeLists.txt reads too. Each build also writes apo_kernels/_build_info.py (the torch version it was
+built against) next to the module, so that importing it under another torch warns instead of failing.
+
 Build environment variables:
     APO_KERNELS_SKIP_CUDA=1   build the CPU kernels only, even with a CUDA torch and nvcc present
     APO_KERNELS_REQUIRE_CUDA=1  fail instead of falling back to a CPU-only build (GPU machines, CI)
-    TORCH_CUDA_ARCH_LIST      CUDA archs to compile for (default here "8.0;9.0")
-    CUDA_HOME                 CUDA toolkit to use (otherwise nvcc on PATH / the usual places)
+    TORCH_CUDA_ARCH_LIST      CUDA archs to compile for (default: cuda_arch_list in csrc/build_config.txt)
+    CUDA_HOME                 CUDA toolkit to use (otherwise the one of nvcc on PATH)
     MAX_JOBS                  parallel compile jobs (ninja); nvcc needs ~1-2 GB per job
 """
 from __future__ import annotations
@@ -23,30 +27,61 @@ from setuptools import find_packages, setup
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Relative source paths: setuptools rejects absolute ones in an editable build's SOURCES.txt.
-CPU_SOURCES = ["csrc/ops.cpp"]
-CUDA_SOURCES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+BUILD_CONFIG = "csrc/build_config.txt"
+BUILD_INFO = "_build_info.py"  # written next to apo_kernels._C by every build (git-ignored)
 
 
 def _log(msg: str) -> None:
     print(f"apo-kernels setup: {msg}", file=sys.stderr)
 
 
-def _resolve_cuda_home() -> None:
-    """Point CUDA_HOME at the real toolkit when nvcc on PATH is a wrapper script.
+def read_build_config(path: str = os.path.join(ROOT, BUILD_CONFIG)) -> dict[str, list[str]]:
+    """`key = value ...` lines of csrc/build_config.txt as {key: [values]}."""
+    config = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip().isidentifier():
+                raise ValueError(f"{path}:{number}: expected `key = value ...`, got {line!r}")
+            config[key.strip()] = value.split()
+    return config
 
-    torch takes CUDA_HOME = dirname(dirname(which nvcc)); for a wrapper such as /usr/local/bin/nvcc
-    that is /usr/local, which has neither the CUDA headers nor libcudart, and linking fails. nvcc
-    itself knows where it lives (`--dryrun` prints _HERE_=<toolkit>/bin). Must run before
-    torch.utils.cpp_extension is imported, which reads CUDA_HOME once.
+
+CONFIG = read_build_config()
+
+
+def sources(key: str) -> list[str]:
+    """The files of a source list of the build config, expanded from its globs. Relative to ROOT:
+    setuptools rejects absolute paths in an editable build's SOURCES.txt."""
+    return sorted({path for pattern in CONFIG[key] for path in glob.glob(pattern, root_dir=ROOT)})
+
+
+CPU_SOURCES = sources("cpu_sources")
+CUDA_SOURCES = sources("cuda_sources")
+
+
+def _has_cuda_headers(toolkit: str) -> bool:
+    return os.path.exists(os.path.join(toolkit, "include", "cuda_runtime.h"))
+
+
+def _resolve_cuda_home() -> None:
+    """Set CUDA_HOME when torch's own guess of the toolkit would be wrong: nvcc on PATH is a wrapper.
+
+    Without CUDA_HOME/CUDA_PATH, torch takes the toolkit to be dirname(dirname(which nvcc)). For a
+    wrapper script such as /usr/local/bin/nvcc (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`) that is
+    /usr/local, which has no CUDA headers, so the build cannot succeed. Only then is nvcc asked where
+    it really lives (`--dryrun` prints `_HERE_=<toolkit>/bin` for the binary that actually runs), and
+    CUDA_HOME is set to that toolkit if it has the headers. A user's CUDA_HOME/CUDA_PATH, or an nvcc
+    whose toolkit torch finds by itself, is left alone. Must run before torch.utils.cpp_extension is
+    imported, which reads CUDA_HOME once.
     """
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return
-    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+    if nvcc is None or _has_cuda_headers(os.path.dirname(os.path.dirname(nvcc))):
         return
     try:
         out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
@@ -55,10 +90,10 @@ def _resolve_cuda_home() -> None:
         return
     for line in out.splitlines():
         if line.startswith("#$ _HERE_="):
-            real = os.path.dirname(line.split("=", 1)[1].strip())
-            if os.path.exists(os.path.join(real, "include", "cuda_runtime.h")):
-                _log(f"nvcc on PATH is a wrapper; using CUDA_HOME={real}")
-                os.environ["CUDA_HOME"] = real
+            toolkit = os.path.dirname(line.split("=", 1)[1].strip())
+            if _has_cuda_headers(toolkit):
+                _log(f"nvcc on PATH ({nvcc}) runs {toolkit}/bin/nvcc; using CUDA_HOME={toolkit}")
+                os.environ["CUDA_HOME"] = toolkit
             return
 
 
@@ -83,24 +118,19 @@ def cuda_skip_reason() -> str | None:
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
     if not CUDA_SOURCES:
-        return "no csrc/cuda/*.cu sources"
+        return f"no CUDA sources ({' '.join(CONFIG['cuda_sources'])})"
     return None
 
 
 def nvidia_wheel_includes() -> list[str]:
-    """Header dirs of the nvidia-* pip wheels (cuBLAS etc.), which torch's CUDA wheels link against.
-
-    CUDA 13 wheels put everything under nvidia/cu13/include; older ones under nvidia/<lib>/include.
-    """
+    """The nvidia_include_dirs of the build config that exist in the installed nvidia-* wheels."""
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return []
     major = (torch.version.cuda or "").split(".")[0]
-    dirs = []
-    for base in spec.submodule_search_locations:
-        dirs += glob.glob(os.path.join(base, f"cu{major}", "include"))
-        dirs += glob.glob(os.path.join(base, "cublas", "include"))
-    return sorted(set(dirs))
+    site_dirs = {os.path.dirname(p) for p in spec.submodule_search_locations}
+    patterns = [p.replace("{cuda_major}", major) for p in CONFIG["nvidia_include_dirs"]]
+    return sorted(d for site in site_dirs for p in patterns for d in glob.glob(os.path.join(site, p)))
 
 
 def openmp_flags() -> tuple[list[str], list[str]]:
@@ -118,10 +148,13 @@ def openmp_flags() -> tuple[list[str], list[str]]:
 
 def extensions():
     omp_compile, omp_link = openmp_flags()
-    cxx_flags = ["-O3", "-g0", "-DAPO_KERNELS_PYTHON_MODULE"] + omp_compile
+    # APO_KERNELS_PYTHON_MODULE: the Python module init of csrc/ops.cpp, which the CMake build leaves out.
     # The C++ standard is left to torch (C++20 since torch 2.10; its headers refuse C++17).
+    cxx_flags = CONFIG["cxx_flags"] + ["-DAPO_KERNELS_PYTHON_MODULE"] + omp_compile
     common = dict(
         name="apo_kernels._C",
+        include_dirs=[os.path.join(ROOT, d) for d in CONFIG["include_dirs"]],
+        extra_link_args=omp_link,
         py_limited_api=True,  # no pybind11: one abi3 wheel serves every CPython >= 3.10
     )
     reason = cuda_skip_reason()
@@ -129,27 +162,42 @@ def extensions():
         raise RuntimeError(f"apo-kernels setup: APO_KERNELS_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
     if reason is not None:
         _log(f"building the CPU kernels only ({reason})")
-        return [CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx_flags},
-                             extra_link_args=omp_link, **common)]
+        return [CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": cxx_flags}, **common)]
 
     from torch.utils.cpp_extension import CUDAExtension
 
     # Arch list via the env var only: torch drops TORCH_CUDA_ARCH_LIST if any nvcc flag names an arch.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", " ".join(CONFIG["cuda_arch_list"]))
     _log(f"building CPU + CUDA kernels ({', '.join(CUDA_SOURCES)}) for "
          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    common["include_dirs"] += nvidia_wheel_includes()
     return [
         CUDAExtension(
             sources=CPU_SOURCES + CUDA_SOURCES,
-            include_dirs=[os.path.join(ROOT, "csrc")] + nvidia_wheel_includes(),
-            extra_compile_args={
-                "cxx": cxx_flags,
-                "nvcc": ["-O3", "-DAPO_KERNELS_PYTHON_MODULE", "--expt-relaxed-constexpr"],
-            },
-            extra_link_args=omp_link,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": CONFIG["nvcc_flags"] + ["-DAPO_KERNELS_PYTHON_MODULE"]},
             **common,
         )
     ]
+
+
+class BuildExtensionRecordingTorch(BuildExtension.with_options(use_ninja=True)):
+    """BuildExtension that also writes apo_kernels/_build_info.py next to the built module: the torch
+    version it was compiled against, which apo_kernels compares with the running torch at import."""
+
+    def run(self):
+        super().run()
+        path = self._build_info_path()
+        self.mkpath(os.path.dirname(path))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("# Written by setup.py when it built apo_kernels._C (not in version control).\n"
+                    f"TORCH_VERSION = {str(torch.__version__)!r}\n")
+
+    def get_outputs(self):
+        return super().get_outputs() + [self._build_info_path()]
+
+    def _build_info_path(self) -> str:
+        # Beside _C: the source tree for --inplace and editable installs, else build_lib.
+        return os.path.join(os.path.dirname(self.get_ext_fullpath("apo_kernels._C")), BUILD_INFO)
 
 
 setup(
@@ -159,7 +207,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["apo_kernels", "apo_kernels.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionRecordingTorch},
     install_requires=["torch"],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "hypothesis", "numpy", "curvlinops-for-pytorch>=3.0,<4"],
