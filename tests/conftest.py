@@ -26,6 +26,8 @@ def backend_skip_reason(backend: str, device_type: str = "cpu"):
         return status
     if device_type not in entry.devices:
         return f"runs on {'/'.join(entry.devices)} tensors here, not {device_type}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device here"
     return None
 
 
