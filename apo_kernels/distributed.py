@@ -136,6 +136,9 @@ class Replicas:
         self.device = device
         self.traffic: dict[str, int] = {}
 
+    def __deepcopy__(self, memo):
+        return self  # a copied optimizer agrees with the same ranks (a process group is not copyable)
+
     def _collective(self, fn, tensor: Tensor, what: str, **kwargs) -> None:
         self.traffic[what] = self.traffic.get(what, 0) + tensor.numel() * tensor.element_size()
         try:
@@ -344,12 +347,19 @@ def gather_state(shards: Optional[Shards], state: dict, phi: Sequence[Tensor], m
 # Checks and measurements (examples, tests)
 # --------------------------------------------------------------------------------------------
 def check_replicas(opt, group=None) -> dict[str, Optional[bool]]:
-    """Whether φ (the optimizer's ``phi``) and θ (its model's parameters) are bit-identical on every
-    rank of ``group``: {"phi": bool, "theta": bool}. In sharded mode each φ tensor lives on one rank
-    and "phi" is None. A collective (all_gather_object of one SHA-256 digest per rank and item);
-    all True with one process."""
-    items = {"phi": None if getattr(opt, "_shards", None) is not None else list(opt.phi),
-             "theta": list(opt.model.parameters())}
+    """Whether φ and θ (the optimizer's model's parameters) are bit-identical on every rank of
+    ``group``: {"phi": bool, "theta": bool}. φ is the optimizer's ``phi`` (APO), else every tensor
+    of its per-parameter state (KFAC's factors, inverses, momentum); in sharded mode each φ tensor
+    lives on one rank and "phi" is None. A collective (all_gather_object of one SHA-256 digest per
+    rank and item); all True with one process."""
+    if getattr(opt, "_shards", None) is not None:
+        phi = None
+    elif hasattr(opt, "phi"):
+        phi = list(opt.phi)
+    else:
+        phi = [v for p in opt.model.parameters() for _, v in sorted(opt.state.get(p, {}).items())
+               if isinstance(v, Tensor)]
+    items = {"phi": phi, "theta": list(opt.model.parameters())}
     if not (dist.is_available() and dist.is_initialized()):
         return {k: None if v is None else True for k, v in items.items()}
     out = {}
