@@ -312,6 +312,171 @@ def test_grouped_empty_and_zero_layers():
 
 
 # --------------------------------------------------------------------------------------------
+# identity factors: A = None / B = None
+# --------------------------------------------------------------------------------------------
+
+IDENTITIES = {"A": (True, False), "B": (False, True), "AB": (True, True)}
+NAMES = ("dG", "dA", "dS", "dB")
+
+
+def _identity_layer(shape, identity, dtype=torch.float32, L=None, seed=0):
+    """(dY, G, A, S, B) with None for the identity factors, and the float64 oracle's inputs with
+    explicit ``torch.eye`` in their place."""
+    dY, G, A, S, B = make(*shape, dtype, L=L, seed=seed)
+    a_id, b_id = IDENTITIES[identity] if isinstance(identity, str) else identity
+    A, B = (None if a_id else A), (None if b_id else B)
+    eye = lambda k: torch.eye(k, dtype=torch.float64).expand(*G.shape[:-2], k, k)  # noqa: E731
+    A64 = eye(G.shape[-2]) if A is None else A.double().cpu()
+    B64 = eye(G.shape[-1]) if B is None else B.double().cpu()
+    return (dY, G, A, S, B), (*d64(dY, G), A64, *d64(S), B64)
+
+
+def _eye_chain(dY, G, A, S, B):
+    """The torch chain in the layer's dtype with explicit eye factors (the half contract's reference)."""
+    eye = lambda k: torch.eye(k, dtype=G.dtype, device=G.device).expand(*G.shape[:-2], k, k)  # noqa: E731
+    return dY, G, eye(G.shape[-2]) if A is None else A, S, eye(G.shape[-1]) if B is None else B
+
+
+def _check_backward(outs, refs, chains, mask, A, B, dtype, what=""):
+    """The requested gradients against the oracle; an identity factor's slot is an empty (0,) tensor."""
+    for k, name in enumerate(NAMES):
+        identity = (k == 1 and A is None) or (k == 3 and B is None)
+        if not mask[k]:
+            assert outs[k] is None, f"{what}{name}"
+        elif identity:
+            assert outs[k].shape == (0,) and outs[k].dtype == dtype, f"{what}{name}: {outs[k].shape}"
+        else:
+            check(outs[k], refs[k], dtype, f"{what}{name}", chain=None if chains is None else chains[k])
+
+
+# Odd shapes: the fused programs (13×7, padded to 16×16 blocks), the tiled GEMMs forced on the same
+# shape (masked tails in one tile), and a layer that is tiled on its own (n > FUSED_MAX_DIM).
+IDENTITY_CASES = [("fused", (13, 7)), ("tiled", (13, 7)), ("tiled", (17, 129))]
+
+
+@pytest.mark.parametrize("identity", list(IDENTITIES))
+@pytest.mark.parametrize("case", IDENTITY_CASES, ids=lambda c: f"{c[0]}-{_ids(c[1])}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_identity_factors(dtype, case, identity, monkeypatch):
+    """A = None / B = None give the op with explicit eye factors: forward and every gradient; the
+    identity factor's gradient slot is an empty (0,) tensor."""
+    path, shape = case
+    if dtype != torch.float32 and shape == (17, 129):
+        pytest.skip("half precision covered on the tiled path by the forced 13x7 case; keeps the interpreter fast")
+    if path == "tiled":
+        monkeypatch.setattr(tk, "FUSED_MAX_DIM", 0)
+    (dY, G, A, S, B), oracle_in = _identity_layer(shape, identity, dtype)
+    chain_in = _eye_chain(dY, G, A, S, B)
+    half = dtype != torch.float32
+    check(tk.triton_precondition(G, A, S, B), ref.precondition(*oracle_in[1:]), dtype, "Y",
+          chain=ref.precondition(*chain_in[1:]) if half else None)
+    outs = tk.triton_precondition_backward(dY, G, A, S, B, ALL)
+    _check_backward(outs, ref.precondition_backward(*oracle_in), ref.precondition_backward(*chain_in) if half else None,
+                    ALL, A, B, dtype)
+
+
+@pytest.mark.parametrize("identity", list(IDENTITIES))
+@pytest.mark.parametrize("path", ["fused", "tiled"])
+def test_identity_factors_every_mask(path, identity, monkeypatch):
+    if path == "tiled":
+        monkeypatch.setattr(tk, "FUSED_MAX_DIM", 0)
+    (dY, G, A, S, B), oracle_in = _identity_layer((9, 5), identity)
+    for mask in __import__("itertools").product((False, True), repeat=4):
+        outs = tk.triton_precondition_backward(dY, G, A, S, B, mask)
+        refs = ref.precondition_backward(*oracle_in, output_mask=mask)
+        _check_backward(outs, refs, None, mask, A, B, torch.float32, f"mask {mask}: ")
+
+
+@pytest.mark.parametrize("identity", list(IDENTITIES))
+@pytest.mark.parametrize("shape", [(5, 3), (40, 130)], ids=_ids)
+def test_identity_factors_batched(shape, identity):
+    (dY, G, A, S, B), oracle_in = _identity_layer(shape, identity, L=3)
+    check(tk.triton_precondition(G, A, S, B), ref.precondition(*oracle_in[1:]), torch.float32, "Y")
+    outs = tk.triton_precondition_backward(dY, G, A, S, B, ALL)
+    _check_backward(outs, ref.precondition_backward(*oracle_in), None, ALL, A, B, torch.float32)
+
+
+def _gemm_launches(fn, *layer):
+    """How many tiled GEMMs ``fn(*layer)`` launches (recorded: one entry per autotune config)."""
+    with triton_aot.recording() as rec:
+        fn(*layer)
+    return sum(k is tk._gemm_kernel for k, *_ in rec) // len(tk.GEMM_CONFIGS)
+
+
+@pytest.mark.parametrize("identity,forward,backward", [
+    (None, 4, 10), ("A", 2, 4), ("B", 2, 4), ("AB", 0, 0),
+])
+def test_identity_factors_skip_their_gemms(identity, forward, backward):
+    """Tiled path: no GEMM multiplies by an identity factor (4 forward and 10 backward GEMMs with
+    both factors; an identity A or B halves the forward; both leave elementwise products only)."""
+    m, n = 129, 200
+    a_id, b_id = IDENTITIES.get(identity, (False, False))
+    dY, G, A, S, B = [torch.empty(*sh, device="meta") for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
+    A, B = (None if a_id else A), (None if b_id else B)
+    assert _gemm_launches(tk.triton_precondition, G, A, S, B) == forward
+    assert _gemm_launches(tk.triton_precondition_backward, dY, G, A, S, B, ALL) == backward
+
+
+def test_identity_factors_are_constexprs_of_the_fused_programs():
+    """The fused programs are compiled per identity pattern (A_ID, B_ID), so an identity costs no product."""
+    m, n = 13, 7
+    dY, G, A, S, B = [torch.empty(*sh, device="meta") for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
+    with triton_aot.recording() as rec:
+        tk.triton_precondition(G, None, S, B)
+        tk.triton_precondition_backward(dY, G, A, S, None, ALL)
+        tk.triton_precondition_grouped([G, G, G], [None, A, None], [S, S, S], [B, B, None])
+    flags = [(k.__name__, c["A_ID"], c["B_ID"]) for k, _, c, _ in rec]
+    assert flags == [("_fused_fwd_kernel", True, False), ("_fused_bwd_kernel", False, True),
+                     ("_grouped_fwd_kernel", True, False), ("_grouped_fwd_kernel", False, False),
+                     ("_grouped_fwd_kernel", True, True)]
+    assert rec[1][2]["NEED_B"] is False  # an identity factor's gradient is never computed
+
+
+# Per layer: (A identity, B identity). Layers of 256+ elements (the half contract's torch-chain
+# bound) keep at least one factor, so that an intermediate is left for that bound to see.
+GROUP_IDENTITY = [(True, True), (True, False), (True, True), (True, False), (False, True), (False, False),
+                  (False, True), (True, False)]
+
+
+def _group_with_identities(dtype):
+    layers = [_identity_layer(sh, ids, dtype, seed=i) for i, (sh, ids) in enumerate(zip(GROUP, GROUP_IDENTITY))]
+    cols = [list(c) for c in zip(*(x for x, _ in layers))]
+    oracle = [list(c) for c in zip(*(o for _, o in layers))]
+    chains = [list(c) for c in zip(*(_eye_chain(*x) for x, _ in layers))]
+    return cols, oracle, chains
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_grouped_identity_factors(dtype):
+    """Grouped forward with a different identity pattern per layer (fused table and tiled layers)."""
+    cols, oracle, chains = _group_with_identities(dtype)
+    outs = tk.triton_precondition_grouped(*cols[1:])
+    want = ref.precondition_grouped(*oracle[1:])
+    chain = ref.precondition_grouped(*chains[1:])
+    for i, y in enumerate(outs):
+        check(y, want[i], dtype, f"layer {i} ({GROUP[i]}, identity {GROUP_IDENTITY[i]})",
+              chain=chain[i] if dtype != torch.float32 else None)
+
+
+@pytest.mark.parametrize("mask", [ALL, META, (True, False, True, False)], ids=["all", "meta", "dG-dS"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_grouped_backward_identity_factors(dtype, mask):
+    cols, oracle, chains = _group_with_identities(dtype)
+    outs = tk.triton_precondition_grouped_backward(*cols, mask)
+    refs = ref.precondition_grouped_backward(*oracle, output_mask=mask)
+    chain = ref.precondition_grouped_backward(*chains, output_mask=mask) if dtype != torch.float32 else None
+    for k, name in enumerate(NAMES):
+        if not mask[k]:
+            assert outs[k] == [], name
+            continue
+        assert len(outs[k]) == len(GROUP), name
+    for i, (A, B) in enumerate(zip(cols[2], cols[4])):
+        _check_backward([o[i] if o else None for o in outs], [r[i] if r else None for r in refs],
+                        None if chain is None else [c[i] if c else None for c in chain], mask, A, B, dtype,
+                        f"layer {i}: ")
+
+
+# --------------------------------------------------------------------------------------------
 # devices, dtypes, AOT compile
 # --------------------------------------------------------------------------------------------
 

@@ -210,24 +210,60 @@ def _mm_acc(acc, x, sxm, sxk, y, syk, syn, M, N, K, XP: tl.constexpr, YP: tl.con
 
 
 @triton.jit
+def _left(a, sar, sac, x, sxr, sxc, m, n, XP: tl.constexpr, IDENTITY: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """fp32 BM×BN tile of F X: F the m×m factor ``a`` with strides (sar, sac) (A or Aᵀ), X m×n;
+    X's own tile when the factor is the identity (no product)."""
+    if IDENTITY:
+        return _tile(x, tl.arange(0, BM), tl.arange(0, BN), sxr, sxc, m, n, XP)
+    else:
+        return _mm(a, sar, sac, x, sxr, sxc, m, n, m, False, XP, BM, BN, BK, DOT_DT, PREC)
+
+
+@triton.jit
+def _right(x, sxr, sxc, b, sbr, sbc, m, n, XP: tl.constexpr, IDENTITY: tl.constexpr,
+           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr):
+    """fp32 BM×BN tile of X F: X m×n, F the n×n factor ``b`` with strides (sbr, sbc) (B or Bᵀ);
+    X's own tile when the factor is the identity (no product)."""
+    if IDENTITY:
+        return _tile(x, tl.arange(0, BM), tl.arange(0, BN), sxr, sxc, m, n, XP)
+    else:
+        return _mm(x, sxr, sxc, b, sbr, sbc, m, n, n, XP, False, BM, BN, BK, DOT_DT, PREC)
+
+
+@triton.jit
 def _fused_fwd_body(
     g, a, s, b, y, t, m, n,
     sgm, sgn, sam, sak, ssm, ssn, sbk, sbn, sym, syn,
+    A_ID: tl.constexpr, B_ID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     # t: FWD_SCRATCH padded BM×BN slots: t1 = G B, then M Bᵀ; t2 = M.
+    # A_ID / B_ID: that factor is the identity; its products are skipped (never multiplied by I).
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     t1 = t
     t2 = t + BM * BN
-    _put(t1, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
-    tl.debug_barrier()
-    H = _mm(a, sak, sam, t1, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)         # Aᵀ (G B)
-    _put(t2, _load_f32(s, rm, rn, ssm, ssn, m, n) * H, BM, BN)                              # M = S ⊙ H
-    tl.debug_barrier()
-    _put(t1, _mm(t2, BN, 1, b, sbn, sbk, m, n, n, True, False, BM, BN, BK, DOT_DT, PREC), BM, BN)  # M Bᵀ
-    tl.debug_barrier()
-    Y = _mm(a, sam, sak, t1, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)         # A (M Bᵀ)
+    if B_ID:
+        H = _left(a, sak, sam, g, sgm, sgn, m, n, False, A_ID, BM, BN, BK, DOT_DT, PREC)    # Aᵀ G
+    else:
+        _put(t1, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
+        tl.debug_barrier()
+        H = _left(a, sak, sam, t1, BN, 1, m, n, True, A_ID, BM, BN, BK, DOT_DT, PREC)       # Aᵀ (G B)
+    M = _load_f32(s, rm, rn, ssm, ssn, m, n) * H                                            # M = S ⊙ H
+    if A_ID and B_ID:
+        Y = M
+    else:
+        _put(t2, M, BM, BN)
+        tl.debug_barrier()
+        if B_ID:
+            Y = _mm(a, sam, sak, t2, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)     # A M
+        elif A_ID:
+            Y = _mm(t2, BN, 1, b, sbn, sbk, m, n, n, True, False, BM, BN, BK, DOT_DT, PREC)     # M Bᵀ
+        else:
+            _put(t1, _mm(t2, BN, 1, b, sbn, sbk, m, n, n, True, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
+            tl.debug_barrier()
+            Y = _mm(a, sam, sak, t1, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)     # A (M Bᵀ)
     _store(y, Y, rm, rn, sym, syn, m, n)
 
 
@@ -236,10 +272,14 @@ def _fused_bwd_body(
     dy, g, a, s, b, dg, da, ds, db, t, m, n,
     sdym, sdyn, sgm, sgn, sam, sak, ssm, ssn, sbk, sbn,
     NEED_G: tl.constexpr, NEED_A: tl.constexpr, NEED_S: tl.constexpr, NEED_B: tl.constexpr,
+    A_ID: tl.constexpr, B_ID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     # Outputs are contiguous: dG, dS (m, n), dA (m, m), dB (n, n).
     # t: BWD_SCRATCH padded BM×BN slots: p1 = dY B, then A M; p2 = G B; p3 = E; p4 = M; p5 = D, then A E.
+    # A_ID / B_ID: that factor is the identity: its products are skipped (dY B and G B are dY and G,
+    # read in place; A E and A M are E and M) and its gradient is not asked for (NEED_A / NEED_B
+    # False: the launchers never request it).
     rm = tl.arange(0, BM)
     rn = tl.arange(0, BN)
     p1 = t
@@ -247,41 +287,58 @@ def _fused_bwd_body(
     p3 = t + 2 * BM * BN
     p4 = t + 3 * BM * BN
     p5 = t + 4 * BM * BN
-    _put(p1, _mm(dy, sdym, sdyn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
-    if NEED_A or NEED_S or NEED_B:  # H is needed
-        _put(p2, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
-    tl.debug_barrier()
+    if not B_ID:
+        _put(p1, _mm(dy, sdym, sdyn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
+        if NEED_A or NEED_S or NEED_B:  # H is needed
+            _put(p2, _mm(g, sgm, sgn, b, sbk, sbn, m, n, n, False, False, BM, BN, BK, DOT_DT, PREC), BM, BN)
+        tl.debug_barrier()
     # S is loaded after each K-loop (twice, from L1/L2) rather than held live across both.
-    D = _mm(a, sak, sam, p1, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)         # Aᵀ dY B
+    if B_ID:
+        D = _left(a, sak, sam, dy, sdym, sdyn, m, n, False, A_ID, BM, BN, BK, DOT_DT, PREC)  # Aᵀ dY
+    else:
+        D = _left(a, sak, sam, p1, BN, 1, m, n, True, A_ID, BM, BN, BK, DOT_DT, PREC)      # Aᵀ dY B
     if NEED_G or NEED_A or NEED_B:
         _put(p3, _load_f32(s, rm, rn, ssm, ssn, m, n) * D, BM, BN)                          # E = S ⊙ D
     if NEED_S:
         _put(p5, D, BM, BN)
         tl.debug_barrier()
     if NEED_A or NEED_S or NEED_B:
-        H = _mm(a, sak, sam, p2, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC)     # Aᵀ G B
+        if B_ID:
+            H = _left(a, sak, sam, g, sgm, sgn, m, n, False, A_ID, BM, BN, BK, DOT_DT, PREC)  # Aᵀ G
+        else:
+            H = _left(a, sak, sam, p2, BN, 1, m, n, True, A_ID, BM, BN, BK, DOT_DT, PREC)   # Aᵀ G B
         if NEED_A or NEED_B:
             _put(p4, _load_f32(s, rm, rn, ssm, ssn, m, n) * H, BM, BN)                      # M = S ⊙ H
         if NEED_S:
             _store(ds, _tile(p5, rm, rn, BN, 1, m, n, True) * H, rm, rn, n, 1, m, n)      # dS = D ⊙ H
     tl.debug_barrier()
     if NEED_A:  # dA = (dY B) Mᵀ + (G B) Eᵀ
-        dA = _mm(p1, BN, 1, p4, 1, BN, m, m, n, True, True, BM, BM, BK, DOT_DT, PREC)
-        dA = _mm_acc(dA, p2, BN, 1, p3, 1, BN, m, m, n, True, True, BM, BM, BK, DOT_DT, PREC)
+        if B_ID:
+            dA = _mm(dy, sdym, sdyn, p4, 1, BN, m, m, n, False, True, BM, BM, BK, DOT_DT, PREC)
+            dA = _mm_acc(dA, g, sgm, sgn, p3, 1, BN, m, m, n, False, True, BM, BM, BK, DOT_DT, PREC)
+        else:
+            dA = _mm(p1, BN, 1, p4, 1, BN, m, m, n, True, True, BM, BM, BK, DOT_DT, PREC)
+            dA = _mm_acc(dA, p2, BN, 1, p3, 1, BN, m, m, n, True, True, BM, BM, BK, DOT_DT, PREC)
         _store(da, dA, rm, rm, m, 1, m, m)
         if NEED_B:
             tl.debug_barrier()  # p1 is overwritten below
-    if NEED_G or NEED_B:
-        _put(p5, _mm(a, sam, sak, p3, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC), BM, BN)  # A E
-        if NEED_B:
-            _put(p1, _mm(a, sam, sak, p4, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC), BM, BN)  # A M
-        tl.debug_barrier()
+    if A_ID:
+        ae = p3  # A E = E
+        am = p4  # A M = M
+    else:
+        ae = p5
+        am = p1
+        if NEED_G or NEED_B:
+            _put(p5, _mm(a, sam, sak, p3, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC), BM, BN)  # A E
+            if NEED_B:
+                _put(p1, _mm(a, sam, sak, p4, BN, 1, m, n, m, False, True, BM, BN, BK, DOT_DT, PREC), BM, BN)  # A M
+            tl.debug_barrier()
     if NEED_G:  # dG = (A E) Bᵀ
-        dG = _mm(p5, BN, 1, b, sbn, sbk, m, n, n, True, False, BM, BN, BK, DOT_DT, PREC)
+        dG = _right(ae, BN, 1, b, sbn, sbk, m, n, True, B_ID, BM, BN, BK, DOT_DT, PREC)
         _store(dg, dG, rm, rn, n, 1, m, n)
     if NEED_B:  # dB = dYᵀ (A M) + Gᵀ (A E)
-        dB = _mm(dy, sdyn, sdym, p1, BN, 1, n, n, m, False, True, BN, BN, BK, DOT_DT, PREC)
-        dB = _mm_acc(dB, g, sgn, sgm, p5, BN, 1, n, n, m, False, True, BN, BN, BK, DOT_DT, PREC)
+        dB = _mm(dy, sdyn, sdym, am, BN, 1, n, n, m, False, True, BN, BN, BK, DOT_DT, PREC)
+        dB = _mm_acc(dB, g, sgn, sgm, ae, BN, 1, n, n, m, False, True, BN, BN, BK, DOT_DT, PREC)
         _store(db, dB, rn, rn, n, 1, n, n)
 
 
@@ -295,6 +352,7 @@ def _fused_bwd_body(
 def _fused_fwd_kernel(
     g, a, s, b, y, t, m, n,
     sgb, sgm, sgn, sab, sam, sak, ssb, ssm, ssn, sbb, sbk, sbn,
+    A_ID: tl.constexpr, B_ID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     l = tl.program_id(0).to(tl.int64)
@@ -302,7 +360,7 @@ def _fused_fwd_kernel(
         g + l * sgb, a + l * sab, s + l * ssb, b + l * sbb, y + l * m * n,
         t + l * (FWD_SCRATCH * BM * BN), m, n,
         sgm, sgn, sam, sak, ssm, ssn, sbk, sbn, n, 1,
-        BM, BN, BK, DOT_DT, PREC,
+        A_ID, B_ID, BM, BN, BK, DOT_DT, PREC,
     )
 
 
@@ -311,6 +369,7 @@ def _fused_bwd_kernel(
     dy, g, a, s, b, dg, da, ds, db, t, m, n,
     sdyb, sdym, sdyn, sgb, sgm, sgn, sab, sam, sak, ssb, ssm, ssn, sbb, sbk, sbn,
     NEED_G: tl.constexpr, NEED_A: tl.constexpr, NEED_S: tl.constexpr, NEED_B: tl.constexpr,
+    A_ID: tl.constexpr, B_ID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     l = tl.program_id(0).to(tl.int64)
@@ -319,7 +378,7 @@ def _fused_bwd_kernel(
         dg + l * m * n, da + l * m * m, ds + l * m * n, db + l * n * n,
         t + l * (BWD_SCRATCH * BM * BN), m, n,
         sdym, sdyn, sgm, sgn, sam, sak, ssm, ssn, sbk, sbn,
-        NEED_G, NEED_A, NEED_S, NEED_B, BM, BN, BK, DOT_DT, PREC,
+        NEED_G, NEED_A, NEED_S, NEED_B, A_ID, B_ID, BM, BN, BK, DOT_DT, PREC,
     )
 
 
@@ -342,7 +401,7 @@ def _ptr_at(row, k, DT: tl.constexpr):
 
 @triton.jit
 def _grouped_fwd_kernel(
-    table, DT: tl.constexpr,
+    table, DT: tl.constexpr, A_ID: tl.constexpr, B_ID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     row = table + tl.program_id(0).to(tl.int64) * FWD_ROW
@@ -352,13 +411,13 @@ def _grouped_fwd_kernel(
         _ptr_at(row, 0, DT), _ptr_at(row, 1, DT), _ptr_at(row, 2, DT), _ptr_at(row, 3, DT),
         _ptr_at(row, 4, DT), _ptr_at(row, 5, 0), m, n,
         n, 1, m, 1, n, 1, n, 1, n, 1,
-        BM, BN, BK, DOT_DT, PREC,
+        A_ID, B_ID, BM, BN, BK, DOT_DT, PREC,
     )
 
 
 @triton.jit
 def _grouped_bwd_kernel(
-    table, DT: tl.constexpr,
+    table, DT: tl.constexpr, A_ID: tl.constexpr, B_ID: tl.constexpr,
     NEED_G: tl.constexpr, NEED_A: tl.constexpr, NEED_S: tl.constexpr, NEED_B: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -370,7 +429,7 @@ def _grouped_bwd_kernel(
         _ptr_at(row, 4, DT), _ptr_at(row, 5, DT), _ptr_at(row, 6, DT), _ptr_at(row, 7, DT),
         _ptr_at(row, 8, DT), _ptr_at(row, 9, 0), m, n,
         n, 1, n, 1, m, 1, n, 1, n, 1,
-        NEED_G, NEED_A, NEED_S, NEED_B, BM, BN, BK, DOT_DT, PREC,
+        NEED_G, NEED_A, NEED_S, NEED_B, A_ID, B_ID, BM, BN, BK, DOT_DT, PREC,
     )
 
 
@@ -685,88 +744,148 @@ def _fused_ok(m: int, n: int) -> bool:
     return m <= FUSED_MAX_DIM and n <= FUSED_MAX_DIM
 
 
-def _forward_into(out: Tensor, grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> None:
+def _factor(t: Optional[Tensor], placeholder: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """(pointer argument, (batch, row, col) strides) of a factor; an identity factor (None) passes
+    ``placeholder``, which the kernels never read (A_ID / B_ID)."""
+    return (placeholder, (0, 0, 0)) if t is None else (t, _s3(t))
+
+
+def _forward_into(out: Tensor, grad: Tensor, A: Optional[Tensor], S: Tensor, B: Optional[Tensor]) -> None:
     L, m, n = _dims(grad)
-    if _fused_ok(m, n):
-        dot_dt, prec = _dot_config(grad.dtype, fused=True)
-        bm, bn = _next_pow2(m), _next_pow2(n)
-        sg, sa, ss, sb = _s3(grad), _s3(A), _s3(S), _s3(B)
-        scratch = torch.empty((L, FWD_SCRATCH.value, bm, bn), dtype=torch.float32, device=grad.device)
-        args = dict(g=grad, a=A, s=S, b=B, y=out, t=scratch, m=m, n=n,
-                    sgb=sg[0], sgm=sg[1], sgn=sg[2], sab=sa[0], sam=sa[1], sak=sa[2],
-                    ssb=ss[0], ssm=ss[1], ssn=ss[2], sbb=sb[0], sbk=sb[1], sbn=sb[2])
-        _launch(_fused_fwd_kernel, (L,), args, dict(BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
-                num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
+    if not _fused_ok(m, n):
+        _forward_tiled(out, grad, A, S, B)
         return
-    f32 = dict(dtype=torch.float32, device=grad.device)
-    bshape = (L, m, n)
-    buf1 = torch.empty(bshape, **f32)
-    buf2 = torch.empty(bshape, **f32)
-    G_, A_, S_, B_ = _Op(grad), _Op(A), _Op(S), _Op(B)
-    kw = dict(dtype=grad.dtype)
-    _gemm(L, m, n, n, G_, B_, buf1, **kw)                                   # GB
-    _gemm(L, m, n, m, A_.T, _Op(buf1), buf2, s=S_, epi=1, **kw)             # M = S ⊙ (Aᵀ GB)
-    _gemm(L, m, n, n, _Op(buf2), B_.T, buf1, **kw)                          # M Bᵀ
-    _gemm(L, m, n, m, A_, _Op(buf1), out, **kw)                             # Y = A (M Bᵀ)
+    dot_dt, prec = _dot_config(grad.dtype, fused=True)
+    bm, bn = _next_pow2(m), _next_pow2(n)
+    (a, sa), (b, sb) = _factor(A, grad), _factor(B, grad)
+    sg, ss = _s3(grad), _s3(S)
+    scratch = torch.empty((L, FWD_SCRATCH.value, bm, bn), dtype=torch.float32, device=grad.device)
+    args = dict(g=grad, a=a, s=S, b=b, y=out, t=scratch, m=m, n=n,
+                sgb=sg[0], sgm=sg[1], sgn=sg[2], sab=sa[0], sam=sa[1], sak=sa[2],
+                ssb=ss[0], ssm=ss[1], ssn=ss[2], sbb=sb[0], sbk=sb[1], sbn=sb[2])
+    consts = dict(A_ID=A is None, B_ID=B is None, BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
+    _launch(_fused_fwd_kernel, (L,), args, consts, num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
 
 
-def _backward_into(outs: tuple, grad_out: Tensor, grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> None:
-    """outs = (dG, dA, dS, dB) preallocated contiguous tensors, None where not requested."""
+def _optional_op(t: Optional[Tensor]) -> Optional[_Op]:
+    return None if t is None else _Op(t)
+
+
+def _fp32_like(grad: Tensor) -> Tensor:
+    """An fp32 (L, m, n) buffer for an intermediate between GEMMs."""
+    return torch.empty(_dims(grad), dtype=torch.float32, device=grad.device)
+
+
+def _at_x_b(grad: Tensor, A_: Optional[_Op], x: _Op, B_: Optional[_Op], c: Tensor, **epilogue) -> Optional[_Op]:
+    """c (and c2) = epilogue(Aᵀ X B), X m×n like ``grad``, skipping identity factors (None; at least
+    one factor is given): the last GEMM carries the epilogue. Returns X B (X itself when B = I),
+    which dA reuses, when A is given; None otherwise (then no GEMM forms X B on its own)."""
+    L, m, n = _dims(grad)
+    if A_ is None:
+        _gemm(L, m, n, n, x, B_, c, dtype=grad.dtype, **epilogue)
+        return None
+    xb = x
+    if B_ is not None:
+        xb = _Op(_fp32_like(grad))
+        _gemm(L, m, n, n, x, B_, xb.t, dtype=grad.dtype)
+    _gemm(L, m, n, m, A_.T, xb, c, dtype=grad.dtype, **epilogue)
+    return xb
+
+
+def _a_x_bt(grad: Tensor, A_: Optional[_Op], x: _Op, B_: Optional[_Op], c: Tensor) -> None:
+    """c = A X Bᵀ, X m×n like ``grad``, skipping identity factors (None; at least one is given)."""
+    L, m, n = _dims(grad)
+    if B_ is not None:
+        if A_ is None:
+            _gemm(L, m, n, n, x, B_.T, c, dtype=grad.dtype)
+            return
+        xbt = _fp32_like(grad)
+        _gemm(L, m, n, n, x, B_.T, xbt, dtype=grad.dtype)
+        x = _Op(xbt)
+    _gemm(L, m, n, m, A_, x, c, dtype=grad.dtype)
+
+
+def _forward_tiled(out: Tensor, grad: Tensor, A: Optional[Tensor], S: Tensor, B: Optional[Tensor]) -> None:
+    if A is None and B is None:  # no GEMM left: Y = S ⊙ G, computed in fp32 and rounded once
+        torch.mul(S, grad, out=out)
+        return
+    A_, B_ = _optional_op(A), _optional_op(B)
+    M = _fp32_like(grad)
+    _at_x_b(grad, A_, _Op(grad), B_, M, s=_Op(S), epi=1)                   # M = S ⊙ (Aᵀ G B)
+    _a_x_bt(grad, A_, _Op(M), B_, out)                                       # Y = A M Bᵀ
+
+
+def _needed(mask: Sequence[bool], a_identity: bool, b_identity: bool) -> tuple[bool, bool, bool, bool]:
+    """The backward's outputs to compute: the mask, less the gradient of an identity factor (it has
+    none: the op returns an empty (0,) tensor in its place)."""
+    return (mask[0], mask[1] and not a_identity, mask[2], mask[3] and not b_identity)
+
+
+def _backward_into(outs: tuple, grad_out: Tensor, grad: Tensor, A: Optional[Tensor], S: Tensor,
+                   B: Optional[Tensor]) -> None:
+    """outs = (dG, dA, dS, dB) preallocated contiguous tensors, None where not computed (always None
+    for an identity factor's gradient)."""
+    dG, dA, dS, dB = outs
+    L, m, n = _dims(grad)
+    if not _fused_ok(m, n):
+        _backward_tiled(outs, grad_out, grad, A, S, B)
+        return
+    dot_dt, prec = _dot_config(grad.dtype, fused=True)
+    bm, bn = _next_pow2(m), _next_pow2(n)
+    (a, sa), (b, sb) = _factor(A, grad), _factor(B, grad)
+    sdy, sg, ss = _s3(grad_out), _s3(grad), _s3(S)
+    args = dict(dy=grad_out, g=grad, a=a, s=S, b=b,
+                dg=grad_out if dG is None else dG, da=grad_out if dA is None else dA,
+                ds=grad_out if dS is None else dS, db=grad_out if dB is None else dB,
+                t=torch.empty((L, BWD_SCRATCH.value, bm, bn), dtype=torch.float32, device=grad.device), m=m, n=n,
+                sdyb=sdy[0], sdym=sdy[1], sdyn=sdy[2], sgb=sg[0], sgm=sg[1], sgn=sg[2],
+                sab=sa[0], sam=sa[1], sak=sa[2], ssb=ss[0], ssm=ss[1], ssn=ss[2],
+                sbb=sb[0], sbk=sb[1], sbn=sb[2])
+    consts = dict(NEED_G=dG is not None, NEED_A=dA is not None, NEED_S=dS is not None, NEED_B=dB is not None,
+                  A_ID=A is None, B_ID=B is None, BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
+    _launch(_fused_bwd_kernel, (L,), args, consts, num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
+
+
+def _backward_tiled(outs: tuple, grad_out: Tensor, grad: Tensor, A: Optional[Tensor], S: Tensor,
+                    B: Optional[Tensor]) -> None:
     dG, dA, dS, dB = outs
     need_g, need_a, need_s, need_b = (o is not None for o in outs)
-    L, m, n = _dims(grad)
-    if _fused_ok(m, n):
-        dot_dt, prec = _dot_config(grad.dtype, fused=True)
-        bm, bn = _next_pow2(m), _next_pow2(n)
-        sdy, sg, sa, ss, sb = _s3(grad_out), _s3(grad), _s3(A), _s3(S), _s3(B)
-        args = dict(dy=grad_out, g=grad, a=A, s=S, b=B,
-                    dg=grad_out if dG is None else dG, da=grad_out if dA is None else dA,
-                    ds=grad_out if dS is None else dS, db=grad_out if dB is None else dB,
-                    t=torch.empty((L, BWD_SCRATCH.value, bm, bn), dtype=torch.float32, device=grad.device), m=m, n=n,
-                    sdyb=sdy[0], sdym=sdy[1], sdyn=sdy[2], sgb=sg[0], sgm=sg[1], sgn=sg[2],
-                    sab=sa[0], sam=sa[1], sak=sa[2], ssb=ss[0], ssm=ss[1], ssn=ss[2],
-                    sbb=sb[0], sbk=sb[1], sbn=sb[2])
-        consts = dict(NEED_G=need_g, NEED_A=need_a, NEED_S=need_s, NEED_B=need_b,
-                      BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
-        _launch(_fused_bwd_kernel, (L,), args, consts, num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
+    if A is None and B is None:  # no GEMM left: D = dY and H = G, so dG = E = S ⊙ dY, dS = dY ⊙ G
+        if need_g:
+            torch.mul(S, grad_out, out=dG)
+        if need_s:
+            torch.mul(grad_out, grad, out=dS)
         return
-
     need_e = need_g or need_a or need_b
     need_mh = need_a or need_b  # M = S⊙H
-    f32 = dict(dtype=torch.float32, device=grad.device)
-    bshape = (L, m, n)
+    L, m, n = _dims(grad)
     kw = dict(dtype=grad.dtype)
-    dY_, G_, A_, S_, B_ = _Op(grad_out), _Op(grad), _Op(A), _Op(S), _Op(B)
+    dY_, G_, S_ = _Op(grad_out), _Op(grad), _Op(S)
+    A_, B_ = _optional_op(A), _optional_op(B)
 
-    dYB = torch.empty(bshape, **f32)
-    _gemm(L, m, n, n, dY_, B_, dYB, **kw)                                   # dY B
     GB = H = Mb = None
     if need_s or need_mh:
-        GB = torch.empty(bshape, **f32)
-        _gemm(L, m, n, n, G_, B_, GB, **kw)                                 # G B
-        Mb = torch.empty(bshape, **f32) if need_mh else None
-        H = torch.empty(bshape, **f32) if need_s else None
+        Mb = _fp32_like(grad) if need_mh else None
+        H = _fp32_like(grad) if need_s else None
         # H = Aᵀ G B with epilogue: M = S⊙H (c) for dA/dB, H itself (c2) only for dS
-        _gemm(L, m, n, m, A_.T, _Op(GB), Mb if Mb is not None else H, c2=H, s=S_, epi=1,
-              store_c=Mb is not None, **kw)
-    E = torch.empty(bshape, **f32) if need_e else None
+        GB = _at_x_b(grad, A_, G_, B_, Mb if Mb is not None else H, c2=H, s=S_, epi=1, store_c=Mb is not None)
+    E = _fp32_like(grad) if need_e else None
     # D = Aᵀ dY B with epilogue: E = S⊙D (c), dS = D⊙H (c2); D itself is never stored
-    _gemm(L, m, n, m, A_.T, _Op(dYB), E if E is not None else dS, c2=dS, s=S_,
-          h=_Op(H) if H is not None else None, epi=2, store_c=E is not None, **kw)
+    dYB = _at_x_b(grad, A_, dY_, B_, E if E is not None else dS, c2=dS, s=S_,
+                  h=_Op(H) if H is not None else None, epi=2, store_c=E is not None)
     if need_g:
-        EBt = torch.empty(bshape, **f32)
-        _gemm(L, m, n, n, _Op(E), B_.T, EBt, **kw)                           # E Bᵀ
-        _gemm(L, m, n, m, A_, _Op(EBt), dG, **kw)                           # dG = A E Bᵀ
+        _a_x_bt(grad, A_, _Op(E), B_, dG)                                   # dG = A E Bᵀ
     if need_a:
-        # dA = dYB Mᵀ + GB Eᵀ in one dual GEMM
-        _gemm(L, m, m, n, _Op(dYB), _Op(Mb).T, dA, x2=_Op(GB), y2=_Op(E).T, **kw)
+        # dA = dYB Mᵀ + GB Eᵀ in one dual GEMM (A is given here: an identity has no gradient)
+        _gemm(L, m, m, n, dYB, _Op(Mb).T, dA, x2=GB, y2=_Op(E).T, **kw)
     if need_b:
-        AM = torch.empty(bshape, **f32)
-        AE = torch.empty(bshape, **f32)
-        _gemm(L, m, n, m, A_, _Op(Mb), AM, **kw)                             # A M
-        _gemm(L, m, n, m, A_, _Op(E), AE, **kw)                              # A E
+        AM, AE = _Op(Mb), _Op(E)                                            # A M, A E: M, E when A = I
+        if A_ is not None:
+            AM, AE = _Op(_fp32_like(grad)), _Op(_fp32_like(grad))
+            _gemm(L, m, n, m, A_, _Op(Mb), AM.t, **kw)
+            _gemm(L, m, n, m, A_, _Op(E), AE.t, **kw)
         # dB = dYᵀ (A M) + Gᵀ (A E) in one dual GEMM
-        _gemm(L, n, n, m, dY_.T, _Op(AM), dB, x2=G_.T, y2=_Op(AE), **kw)
+        _gemm(L, n, n, m, dY_.T, AM, dB, x2=G_.T, y2=AE, **kw)
 
 
 def _empty_like_layer(grad: Tensor, shape) -> Tensor:
@@ -794,9 +913,18 @@ def _on_inputs_device(launcher):
     return wrapper
 
 
+def _backward_outputs(grad: Tensor, A: Optional[Tensor], B: Optional[Tensor], mask: Sequence[bool]):
+    """(outputs to compute, None where not; the op's result: None where masked off, and an empty
+    (0,) tensor for a requested gradient of an identity factor)."""
+    computed = tuple(_empty_like_layer(grad, sh) if need else None
+                     for need, sh in zip(_needed(mask, A is None, B is None), _bwd_shapes(grad)))
+    result = tuple(_empty_like_layer(grad, (0,)) if want and o is None else o for want, o in zip(mask, computed))
+    return computed, result
+
+
 @_on_inputs_device
-def triton_precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> Tensor:
-    """Y = A (S ⊙ (Aᵀ grad B)) Bᵀ.
+def triton_precondition(grad: Tensor, A: Optional[Tensor], S: Tensor, B: Optional[Tensor]) -> Tensor:
+    """Y = A (S ⊙ (Aᵀ grad B)) Bᵀ; A = None or B = None is the identity (its products are skipped).
 
     grad, S: (m, n) or (L, m, n); A: (…, m, m); B: (…, n, n); float32/float16/bfloat16, same dtype
     and device (CUDA, or CPU under the interpreter). Returns a contiguous tensor like grad.
@@ -813,11 +941,13 @@ def triton_precondition(grad: Tensor, A: Tensor, S: Tensor, B: Tensor) -> Tensor
 
 @_on_inputs_device
 def triton_precondition_backward(
-    grad_out: Tensor, grad: Tensor, A: Tensor, S: Tensor, B: Tensor, output_mask: Sequence[bool] = (True,) * 4,
+    grad_out: Tensor, grad: Tensor, A: Optional[Tensor], S: Tensor, B: Optional[Tensor],
+    output_mask: Sequence[bool] = (True,) * 4,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(d_grad, dA, dS, dB) of ⟨grad_out, Y⟩, None where ``output_mask`` is False.
 
-    Only the requested outputs are computed (mask (False, True, True, True) never forms dG).
+    Only the requested outputs are computed (mask (False, True, True, True) never forms dG). An
+    identity factor (None) has no gradient: an empty (0,) tensor stands in its place when asked for.
     Shapes as :func:`triton_precondition`; outputs contiguous, dtype of the inputs.
     """
     _validate.check_layer(grad, A, S, B)
@@ -825,15 +955,15 @@ def triton_precondition_backward(
     mask = _validate.check_output_mask(output_mask)
     _validate.check_result_fits([grad], mask)
     _check((grad_out, grad, A, S, B), "grad")
-    shapes = _bwd_shapes(grad)
-    outs = tuple(_empty_like_layer(grad, sh) if need else None for need, sh in zip(mask, shapes))
-    if not any(mask):
-        return outs
+    computed, result = _backward_outputs(grad, A, B, mask)
     if grad.numel() == 0:
         # a zero m or n (or L) still leaves e.g. dA (m×m) = a sum over nothing = 0
-        return tuple(o.zero_() if o is not None else None for o in outs)
-    _backward_into(outs, grad_out, grad, A, S, B)
-    return outs
+        for o in computed:
+            if o is not None:
+                o.zero_()
+    elif any(o is not None for o in computed):
+        _backward_into(computed, grad_out, grad, A, S, B)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -916,21 +1046,26 @@ def _table(rows: list, row_len: int, like: Tensor) -> Tensor:
     return host.to(like.device, non_blocking=True)
 
 
-def _buckets(layers: Sequence[int], grads: Sequence[Tensor]) -> dict:
+def _buckets(layers: Sequence[int], ins: list) -> dict:
+    """Small layers by launch: {(BM, BN, A is identity, B is identity): [layer indices]}."""
     out: dict = {}
     for i in layers:
-        m, n = grads[i].shape
-        out.setdefault((_next_pow2(m), _next_pow2(n)), []).append(i)
+        g, a, b = ins[i][-4], ins[i][-3], ins[i][-1]
+        m, n = g.shape
+        out.setdefault((_next_pow2(m), _next_pow2(n), a is None, b is None), []).append(i)
     return out
 
 
-def _grouped(kernel, row_len: int, slots: int, ins: list, outs: list, run_layer, constexprs: dict) -> None:
+def _grouped(kernel, row_len: int, slots: int, ins: list, outs: list, run_layer,
+             mask: Optional[Sequence[bool]] = None) -> None:
     """The grouped forward and backward: small layers through ``kernel``, the rest one by one.
 
-    ``ins[i]``: layer i's input tensors and ``outs[i]`` its outputs (None where not computed), in
-    the order of the kernel's table row (inputs, outputs, scratch, m, n); the grad is
-    ``ins[i][-4]``. Small 2-D layers (m, n ≤ FUSED_MAX_DIM) are one launch per padded block shape;
-    the rest go through ``run_layer(outs[i], *ins[i])`` (the per-layer tiled / batched path).
+    ``ins[i]``: layer i's input tensors (the grad, A, S, B last; A or B None = identity) and
+    ``outs[i]`` its outputs (None where not computed), in the order of the kernel's table row
+    (inputs, outputs, scratch, m, n). Small 2-D layers (m, n ≤ FUSED_MAX_DIM) are one launch per
+    padded block shape and identity pattern (constexprs A_ID, B_ID; an identity factor's address
+    in the table is 0); the rest go through ``run_layer(outs[i], *ins[i])`` (the per-layer tiled /
+    batched path). ``mask``: the backward's output mask (its NEED_* constexprs).
     """
     grads = [x[-4] for x in ins]
     small = []
@@ -948,22 +1083,25 @@ def _grouped(kernel, row_len: int, slots: int, ins: list, outs: list, run_layer,
     dtype = grads[0].dtype
     dot_dt, prec = _dot_config(dtype, fused=True)
     scratch, scratch_addr = _scratch(small, grads, slots)
-    for (bm, bn), idx in _buckets(small, grads).items():
+    for (bm, bn, a_id, b_id), idx in _buckets(small, ins).items():
+        consts = dict(DT=_DT_CODE[dtype], A_ID=a_id, B_ID=b_id, BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
+        if mask is not None:
+            consts.update(zip(("NEED_G", "NEED_A", "NEED_S", "NEED_B"), _needed(mask, a_id, b_id)))
         rows = []
         keep = []  # contiguous copies of strided inputs, alive until the launch is queued
         for i in idx:
-            xs = [t.contiguous() for t in ins[i]]
+            xs = [None if t is None else t.contiguous() for t in ins[i]]
             keep += xs
             rows.append([*map(_addr, xs), *map(_addr, outs[i]), scratch_addr[i], *grads[i].shape])
-        _launch(kernel, (len(idx),), dict(table=_table(rows, row_len, scratch)),
-                dict(constexprs, DT=_DT_CODE[dtype], BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec),
+        _launch(kernel, (len(idx),), dict(table=_table(rows, row_len, scratch)), consts,
                 num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
 
 
 @_on_inputs_device
-def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], Ss: Sequence[Tensor],
-                                Bs: Sequence[Tensor]) -> list[Tensor]:
-    """Per-layer Y_i = A_i (S_i ⊙ (A_iᵀ G_i B_i)) B_iᵀ for layers of different shapes.
+def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Optional[Tensor]], Ss: Sequence[Tensor],
+                                Bs: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """Per-layer Y_i = A_i (S_i ⊙ (A_iᵀ G_i B_i)) B_iᵀ for layers of different shapes; a None in
+    As or Bs is that layer's identity factor.
 
     Small 2-D layers (m, n ≤ FUSED_MAX_DIM) are one launch per padded block shape; the rest go
     through the per-layer (tiled / batched) path. Returns contiguous tensors.
@@ -973,24 +1111,24 @@ def triton_precondition_grouped(grads: Sequence[Tensor], As: Sequence[Tensor], S
     _check(grads, "grads[0]")
     outs = [_empty_like_layer(g, g.shape) for g in grads]
     _grouped(_grouped_fwd_kernel, FWD_ROW.value, FWD_SCRATCH.value, list(zip(grads, As, Ss, Bs)),
-             [(y,) for y in outs], lambda o, *x: _forward_into(o[0], *x), {})
+             [(y,) for y in outs], lambda o, *x: _forward_into(o[0], *x))
     return outs
 
 
 @_on_inputs_device
 def triton_precondition_grouped_backward(
-    grad_outs: Sequence[Tensor], grads: Sequence[Tensor], As: Sequence[Tensor], Ss: Sequence[Tensor],
-    Bs: Sequence[Tensor], output_mask: Sequence[bool] = (True,) * 4,
+    grad_outs: Sequence[Tensor], grads: Sequence[Tensor], As: Sequence[Optional[Tensor]], Ss: Sequence[Tensor],
+    Bs: Sequence[Optional[Tensor]], output_mask: Sequence[bool] = (True,) * 4,
 ) -> tuple[list, list, list, list]:
-    """Per-layer (d_grad, dA, dS, dB) for layers of different shapes; [] where masked off."""
+    """Per-layer (d_grad, dA, dS, dB) for layers of different shapes; [] where masked off, and an
+    empty (0,) tensor in the slot of an identity factor's gradient."""
     _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs)
     mask = _validate.check_output_mask(output_mask)
     _validate.check_result_fits(grads, mask)
     _check(grads, "grads[0]")
     if not any(mask):
         return ([], [], [], [])
-    outs = [tuple(_empty_like_layer(g, sh) if need else None for need, sh in zip(mask, _bwd_shapes(g)))
-            for g in grads]
+    per_layer = [_backward_outputs(g, a, b, mask) for g, a, b in zip(grads, As, Bs)]
     _grouped(_grouped_bwd_kernel, BWD_ROW.value, BWD_SCRATCH.value, list(zip(grad_outs, grads, As, Ss, Bs)),
-             outs, _backward_into, dict(zip(("NEED_G", "NEED_A", "NEED_S", "NEED_B"), mask)))
-    return tuple([o[k] for o in outs] if mask[k] else [] for k in range(4))
+             [computed for computed, _ in per_layer], _backward_into, mask)
+    return tuple([result[k] for _, result in per_layer] if mask[k] else [] for k in range(4))
