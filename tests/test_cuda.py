@@ -566,19 +566,48 @@ def test_setup_require_cuda_flag(require):
         assert "building the CPU kernels only" in proc.stderr
 
 
-EMU_SHAPES = [(1, 1), (1, 7), (7, 1), (5, 9), (33, 17), (64, 64), (0, 5), (4, 0)]
+EMU_SHAPES = [(1, 1), (1, 7), (7, 1), (5, 9), (16, 16), (17, 3), (32, 31), (33, 17), (64, 64), (0, 5), (4, 0)]
+EMU_IDENTITY_SHAPES = [(5, 9), (33, 17), (64, 64)]  # also run with A, B or both None (identity)
+
+
+def _eye_for(factor, size, lead, dtype):
+    """The explicit identity standing for a None factor (for the reference)."""
+    return factor if factor is not None else torch.eye(size, dtype=dtype).expand(*lead, size, size)
+
+
+def _check_emulated(out, expected, chain, dtype, tol, what, elementwise_only):
+    """_contract.check, except where both factors are the identity in half precision: every output
+    is then one elementwise product, which the torch chain also rounds only once, so only the oracle
+    bound (one rounding of the exact result) applies."""
+    if elementwise_only and dtype in _contract.HALF_DTYPES:
+        err = _contract.rel_err(out, expected)
+        assert out.dtype == dtype and err <= _contract.UNIT_ROUNDOFF[dtype] + _contract.FP32_SLACK, f"{what}: {err:.3g}"
+    else:
+        _contract.check(out, expected, dtype, tol, chain=chain, what=what)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
                          ids=["float32", "float64", "float16", "bfloat16"])
 def test_kernels_emulated_on_host(emulated_kernels, dtype):
-    """The small-layer kernels and the elementwise kernel, from their CUDA source, vs float64;
-    outputs and shared memory start as NaN, inputs are strided views. ~1 min to build."""
+    """The small-layer kernels and the elementwise kernel, from their CUDA source, vs float64: each
+    block with the threads of its size class in lockstep (odd blocks in reverse thread order, so a
+    batch of 2 covers both), identity factors as None; outputs and shared memory start as NaN,
+    inputs are strided views. ~1 min to build."""
     emu = emulated_kernels
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype)  # half precision: tests/_contract.py
+    # Launch shapes: size class, threads per block, shared-memory bytes. The fp32 (and half) backward
+    # at 64x64 fits two blocks per SM on an A100 (164 KB, 1 KB reserved per block).
+    assert tuple(emu.launch_shape(5, 9, True, dtype)[:2]) == (16, 32)
+    assert tuple(emu.launch_shape(32, 31, True, dtype)[:2]) == (32, 64)
+    assert tuple(emu.launch_shape(64, 17, True, dtype)[:2]) == (64, 256)
+    if dtype != torch.float64:
+        assert emu.launch_shape(64, 64, True, dtype)[2] <= 81 * 1024
     for (m, n) in EMU_SHAPES:
         for batch in (None, 2):
+            identities = [(False, False)]
+            if (m, n) in EMU_IDENTITY_SHAPES and batch == 2:
+                identities += [(True, False), (False, True), (True, True)]
             gen = torch.Generator().manual_seed(m * 100 + n)
             lead = () if batch is None else (batch,)
             G = torch.randn(*lead, m, n, generator=gen, dtype=torch.float64)
@@ -587,21 +616,31 @@ def test_kernels_emulated_on_host(emulated_kernels, dtype):
             A = torch.randn(*lead, m, m, generator=gen, dtype=torch.float64) / math.sqrt(max(m, 1))
             B = torch.randn(*lead, n, n, generator=gen, dtype=torch.float64) / math.sqrt(max(n, 1))
             ins = [_strided(t.to(dtype), "transposed") for t in (dY, G, A, S, B)]
-            exact = f64(ins)
-            where = f"{dtype} {(m, n)} batch={batch}"
-            Y = emu.small_forward(*ins[1:])
-            expected = ref.precondition(*exact[1:])
-            _contract.check(Y, expected, dtype, tol, chain=ref.precondition(*ins[1:]), what=f"Y {where}")
-            for mask in MASKS:
-                outs = emu.small_backward(*ins, list(mask))
-                expected = ref.precondition_backward(*exact, output_mask=mask)
-                chains = ref.precondition_backward(*ins, output_mask=mask)
-                for k, name in enumerate(("d_grad", "dA", "dS", "dB")):
-                    if not mask[k]:
-                        assert tuple(outs[k].shape) == (0,), f"{name} {where}"
-                        continue
-                    _contract.check(outs[k], expected[k], dtype, tol, chain=chains[k],
-                                    what=f"{name} {where} mask={mask}")
+            for no_a, no_b in identities:
+                run = list(ins)
+                if no_a:
+                    run[2] = None
+                if no_b:
+                    run[4] = None
+                eyes = list(run)
+                eyes[2] = _eye_for(run[2], m, lead, dtype)
+                eyes[4] = _eye_for(run[4], n, lead, dtype)
+                exact = f64(eyes)
+                where = f"{dtype} {(m, n)} batch={batch} A={'I' if no_a else 'A'} B={'I' if no_b else 'B'}"
+                Y = emu.small_forward(*run[1:])
+                expected = ref.precondition(*exact[1:])
+                _check_emulated(Y, expected, ref.precondition(*eyes[1:]), dtype, tol, f"Y {where}", no_a and no_b)
+                for mask in MASKS:
+                    outs = emu.small_backward(*run, list(mask))
+                    expected = ref.precondition_backward(*exact, output_mask=mask)
+                    chains = ref.precondition_backward(*eyes, output_mask=mask)
+                    for k, name in enumerate(("d_grad", "dA", "dS", "dB")):
+                        identity_grad = (k == 1 and no_a) or (k == 3 and no_b)
+                        if not mask[k] or identity_grad:
+                            assert tuple(outs[k].shape) == (0,), f"{name} {where}"
+                            continue
+                        _check_emulated(outs[k], expected[k], chains[k], dtype, tol, f"{name} {where} mask={mask}",
+                                        no_a and no_b)
     # The large path's elementwise pass, with M over H and E over D in place as the op uses it.
     S, H, D = (torch.randn(3, 50, 7, dtype=torch.float64).to(dtype) for _ in range(3))
     M, E, dS = emu.elementwise(S, H, D)

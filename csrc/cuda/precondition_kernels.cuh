@@ -1,9 +1,27 @@
 // apo-kernels: the device code of csrc/cuda/precondition.cu (host code and op registration live there).
 //
 // Kept free of CUDA-only headers so that csrc/cuda/host_emulation.cpp can compile these exact
-// kernels as plain C++ and run them on the CPU, one thread per block (every kernel here is correct
-// for any blockDim, and __syncthreads is then a no-op): that is how the indexing of the kernels is
-// tested on a machine without a GPU (tests/test_cuda.py::test_kernels_emulated_on_host).
+// kernels as plain C++ and run them on the CPU: each CUDA thread of a block runs as a fiber, the
+// threads of a block in lockstep from one __syncthreads to the next (tests/test_cuda.py::
+// test_kernels_emulated_on_host). That checks indexing, shared-memory layout and buffer reuse, and
+// that every barrier is reached by the whole block; running odd blocks' threads in reverse order
+// also exposes a read of another thread's write that lacks a barrier in between.
+//
+// Small-layer kernels: one block per layer (a table of descriptors, so a grouped call or a 3-D
+// batch is one launch per shared-memory size class). Every product is register-tiled: a thread
+// computes a kTile×kTile micro-tile, reading kTile values of each operand per step of the inner
+// dimension (kTile² FMAs per 2·kTile shared-memory loads; one output per thread needed 2 loads per
+// FMA). Intermediates live in shared memory; the factors A, B (and in the backward's last product
+// G, dY) are read from global memory in K-chunks of kChunk through a small staging buffer, so only
+// 2 (forward) or 4 (backward) m×n buffers are resident. A factor with a null pointer is the
+// identity: its products are skipped (the other operand is taken as the result).
+//
+// Resources per kernel (nvcc 13.0, -O3, `-Xptxas -v`; registers per thread, no spills, no stack;
+// shared memory at 64×64, dynamic):
+//                       sm_80 regs  sm_90 regs  shared fp32 (fp64)   blocks per SM by shared memory
+//   forward fp32           REGF80      REGF90     37.6 KB (75 KB)     A100: 4, H100: 5
+//   backward fp32          REGB80      REGB90     73.5 KB (147 KB)    A100: 2, H100: 3
+// (was: one output per thread; backward fp32 146 KB at 64×64, one block per SM.)
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -16,16 +34,51 @@ namespace apo {
 namespace kernels {
 
 constexpr int64_t kSmallMaxDim = 64;  // fused small-layer kernel when m, n <= this
-constexpr int kSmallThreads = 256;    // threads per block of the small-layer kernels
+constexpr int kTile = 4;              // a thread computes kTile×kTile outputs of a product
+constexpr int kChunk = 16;            // K-chunk of an operand staged from global memory
+constexpr int kChunkLd = kChunk + 1;  // leading dimension of a staged rows×kChunk chunk (odd: no bank conflicts)
+
+// Shared-memory size classes of the small-layer path: a layer belongs to the smallest class bound
+// >= max(m, n). The host launches once per class, with that class's thread count and the shared
+// memory of its largest layer, so small layers are not sized (or threaded) for a 64×64 one.
+constexpr int64_t kSmallClasses[] = {16, 32, 64};
+
+inline int64_t small_size_class(int64_t m, int64_t n) {
+  const int64_t d = m > n ? m : n;
+  for (int64_t c : kSmallClasses) {
+    if (d <= c) return c;
+  }
+  return kSmallMaxDim;
+}
+
+// Threads per block for a size class: one per micro-tile of the largest product (bound×bound),
+// rounded up to whole warps. The kernels require blockDim.x >= the micro-tiles of every product
+// of the layer, i.e. at least this many threads for the layer's class.
+inline constexpr int small_class_threads(int64_t bound) {
+  const int64_t side = (bound + kTile - 1) / kTile;
+  return static_cast<int>((side * side + 31) / 32 * 32);
+}
+constexpr int kSmallThreads = small_class_threads(kSmallMaxDim);  // 256: the largest class
+
+// Blocks of 256 threads per SM that the registers must allow (__launch_bounds__: at most 64
+// registers a thread for 4 blocks, 80 for 3, 128 for 2), matched to what shared memory admits at
+// 64×64 on an H100 (228 KB per SM): fp32 compute 4 forward (5 by shared memory) and 3 backward;
+// fp64 2 and 1.
+template <typename acc_t>
+constexpr int small_min_blocks(bool backward) {
+  return sizeof(acc_t) <= 4 ? (backward ? 3 : 4) : (backward ? 1 : 2);
+}
 
 // A strided 2-D input matrix in global memory: element (i, j) is at p[i * s0 + j * s1].
+// For the factors A and B, p == nullptr means the identity.
 struct StridedIn {
   const void* p;
   int64_t s0, s1;
 };
 
 // One layer (or one element of a 3-D batch) for the small-layer kernels. Outputs are contiguous
-// (row-major, leading dimension = number of columns); a nullptr output is not computed.
+// (row-major, leading dimension = number of columns); a nullptr output is not computed. With an
+// identity A (a.p == nullptr) dA is never computed, nor dB with an identity B.
 struct LayerDesc {
   StridedIn g, dy, a, s, b;  // dy unused in the forward
   void* y;                   // forward: Y (m×n); backward: d_grad (m×n)
@@ -39,15 +92,22 @@ struct LayerDesc {
 // column (a transposed operand, stride = ld) hits 32 different banks.
 inline constexpr int64_t smem_ld(int64_t cols) { return cols | 1; }
 
-// Dynamic shared memory of one small-layer block, in elements of the compute type.
-// Forward: A (m×m), B (n×n) + three m×n buffers (S, X, T).
-// Backward: A, B + seven m×n buffers (S, G, dY, GB, dYB, H, D).
+// Dynamic shared memory of one small-layer block, in elements of the compute type: the resident
+// m×n buffers (forward 2, backward 4) and one staging area for K-chunks of global operands (a
+// left operand's chunk is rows×kChunkLd, a right operand's kChunk×smem_ld(cols); the backward's
+// last product stages two n×kChunkLd chunks, of dYᵀ and Gᵀ).
 inline int64_t small_smem_elems(int64_t m, int64_t n, bool backward) {
-  return m * smem_ld(m) + n * smem_ld(n) + (backward ? 7 : 3) * m * smem_ld(n);
+  const int64_t buffer = m * smem_ld(n);
+  const int64_t left = m * kChunkLd, right = kChunk * smem_ld(n), two_left_t = 2 * n * kChunkLd;
+  int64_t staging = left > right ? left : right;
+  if (backward && two_left_t > staging) staging = two_left_t;
+  return (backward ? 4 : 2) * buffer + staging;
 }
 
+__device__ inline int imin(int a, int b) { return a < b ? a : b; }
+
 // A read-only view of a shared-memory matrix: element (i, j) at p[i * s0 + j * s1]; a transpose
-// is the same buffer with the strides swapped.
+// is the same buffer with the strides swapped. p == nullptr: the identity.
 template <typename acc_t>
 struct SmemView {
   const acc_t* p;
@@ -61,65 +121,180 @@ __device__ SmemView<acc_t> rowmajor(const acc_t* p, int ld) { return {p, ld, 1};
 template <typename acc_t>
 __device__ SmemView<acc_t> transposed(const acc_t* p, int ld) { return {p, 1, ld}; }
 
-// Epilogue writing to a row-major shared-memory matrix, optionally multiplied elementwise by
-// `scale` (same layout): this is where ⊙S is fused into the product that yields H.
-template <typename acc_t>
-struct StoreSmem {
-  acc_t* out;
-  int ld;
-  const acc_t* scale;  // nullptr: no scaling
-  __device__ void operator()(int i, int j, acc_t v) const {
-    const int k = i * ld + j;
-    out[k] = scale != nullptr ? v * scale[k] : v;
-  }
-};
+// The transpose of a global matrix (the same memory, strides swapped); the identity stays itself.
+__device__ inline StridedIn transposed(StridedIn m) { return {m.p, m.s1, m.s0}; }
 
-// Epilogue writing to a contiguous global output, rounding once to the output dtype.
+// Element (i, j) of a global matrix, converted to the compute type.
 template <typename scalar_t, typename acc_t>
-struct StoreGlobal {
-  scalar_t* out;
-  int ld;
-  __device__ void operator()(int i, int j, acc_t v) const {
-    out[static_cast<int64_t>(i) * ld + j] = static_cast<scalar_t>(v);
-  }
-};
-
-// out(i, j) = Σ_k a1(i,k)·b1(k,j) [+ Σ_k a2(i,k)·b2(k,j)] for a rows×cols result, summed over
-// `inner`; the second product is skipped when a2.p is nullptr. Each thread computes whole output
-// elements; ends with a barrier so the next stage may read what was written. Must be called by
-// every thread of the block (all callers branch only on block-uniform conditions).
-template <typename acc_t, typename Store>
-__device__ void block_gemm(int rows, int cols, int inner, SmemView<acc_t> a1, SmemView<acc_t> b1,
-                           SmemView<acc_t> a2, SmemView<acc_t> b2, Store store) {
-  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
-    const int i = idx / cols;
-    const int j = idx % cols;
-    acc_t acc = 0;
-    for (int k = 0; k < inner; ++k) acc += a1(i, k) * b1(k, j);
-    if (a2.p != nullptr) {
-      for (int k = 0; k < inner; ++k) acc += a2(i, k) * b2(k, j);
-    }
-    store(i, j, acc);
-  }
-  __syncthreads();
+__device__ acc_t global_at(StridedIn m, int i, int j) {
+  return static_cast<acc_t>(static_cast<const scalar_t*>(m.p)[i * m.s0 + j * m.s1]);
 }
 
-template <typename acc_t, typename Store>
-__device__ void block_gemm(int rows, int cols, int inner, SmemView<acc_t> a, SmemView<acc_t> b,
-                           Store store) {
-  block_gemm(rows, cols, inner, a, b, SmemView<acc_t>{nullptr, 0, 0}, SmemView<acc_t>{nullptr, 0, 0},
-             store);
-}
-
-// Copies a strided rows×cols global matrix into a row-major shared buffer with leading dimension
-// ld, converting to acc_t. No barrier: callers issue one after all their loads.
+// Copies a strided rows×cols global matrix, starting at element (i0, j0), into a row-major shared
+// buffer with leading dimension ld, converting to acc_t. Consecutive threads walk the smaller of
+// the two global strides (coalesced for either layout; the odd ld keeps the shared stores free of
+// bank conflicts both ways). No barrier: callers issue one after all their loads.
 template <typename scalar_t, typename acc_t>
-__device__ void load_tile(acc_t* dst, int ld, StridedIn src, int rows, int cols) {
-  const scalar_t* p = static_cast<const scalar_t*>(src.p);
+__device__ void load_tile(acc_t* dst, int ld, StridedIn src, int i0, int j0, int rows, int cols) {
+  const scalar_t* p = static_cast<const scalar_t*>(src.p) + i0 * src.s0 + j0 * src.s1;
+  const bool along_rows = (src.s1 < 0 ? -src.s1 : src.s1) <= (src.s0 < 0 ? -src.s0 : src.s0);
   for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
-    const int i = idx / cols;
-    const int j = idx % cols;
+    const int i = along_rows ? idx / cols : idx % rows;
+    const int j = along_rows ? idx % cols : idx / rows;
     dst[i * ld + j] = static_cast<acc_t>(p[i * src.s0 + j * src.s1]);
+  }
+}
+
+// The micro-tile of a rows×cols product that this thread computes: rows i0 + r·rs, columns
+// j0 + c·cs (r, c < kTile), with rs = ceil(rows / kTile), cs = ceil(cols / kTile). Strided, so that
+// the threads of a warp read consecutive columns of the right operand (and broadcast the left).
+// Threads beyond rs·cs hold no tile. Out-of-range rows/columns of a tile are clamped for loads
+// (computed, never stored).
+struct TileMap {
+  int rows, cols, rs, cs, i0, j0;
+  bool active;
+  __device__ int row(int r) const { return imin(i0 + r * rs, rows - 1); }
+  __device__ int col(int c) const { return imin(j0 + c * cs, cols - 1); }
+};
+
+__device__ inline TileMap tile_map(int rows, int cols) {
+  TileMap t;
+  t.rows = rows;
+  t.cols = cols;
+  t.rs = (rows + kTile - 1) / kTile;
+  t.cs = (cols + kTile - 1) / kTile;
+  const int tid = static_cast<int>(threadIdx.x);
+  t.active = tid < t.rs * t.cs;
+  t.i0 = t.active ? tid / t.cs : 0;
+  t.j0 = t.active ? tid % t.cs : 0;
+  return t;
+}
+
+// One thread's accumulators (registers: every index is a compile-time constant after unrolling).
+template <typename acc_t>
+struct Acc {
+  acc_t v[kTile][kTile];
+  __device__ void zero() {
+#pragma unroll
+    for (int r = 0; r < kTile; ++r) {
+#pragma unroll
+      for (int c = 0; c < kTile; ++c) v[r][c] = acc_t(0);
+    }
+  }
+};
+
+// Calls f(r, c, i, j) for each output (i, j) = (i0 + r·rs, j0 + c·cs) that this thread owns.
+template <typename F>
+__device__ void for_owned(const TileMap& t, F f) {
+  if (!t.active) return;
+#pragma unroll
+  for (int r = 0; r < kTile; ++r) {
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      const int i = t.i0 + r * t.rs, j = t.j0 + c * t.cs;
+      if (i < t.rows && j < t.cols) f(r, c, i, j);
+    }
+  }
+}
+
+// acc(i, j) += Σ_{k < kc} a(i, k)·b(k, j) over this thread's tile, for one K-chunk starting at k0
+// (a and b are views of the chunk: k counts from k0). An identity operand (p == nullptr) is
+// a(i, k) = [i == k0 + k] (or b(k, j) = [k0 + k == j]): then the other operand is added, no FMAs.
+template <typename acc_t>
+__device__ void fma_chunk(Acc<acc_t>& acc, const TileMap& t, SmemView<acc_t> a, SmemView<acc_t> b, int k0,
+                          int kc) {
+  if (!t.active) return;
+  if (a.p == nullptr || b.p == nullptr) {
+#pragma unroll
+    for (int r = 0; r < kTile; ++r) {
+#pragma unroll
+      for (int c = 0; c < kTile; ++c) {
+        const int i = t.i0 + r * t.rs, j = t.j0 + c * t.cs;
+        if (a.p == nullptr && i >= k0 && i < k0 + kc) acc.v[r][c] += b(i - k0, t.col(c));
+        if (b.p == nullptr && j >= k0 && j < k0 + kc) acc.v[r][c] += a(t.row(r), j - k0);
+      }
+    }
+    return;
+  }
+  for (int k = 0; k < kc; ++k) {
+    acc_t av[kTile], bv[kTile];
+#pragma unroll
+    for (int r = 0; r < kTile; ++r) av[r] = a(t.row(r), k);
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) bv[c] = b(k, t.col(c));
+#pragma unroll
+    for (int r = 0; r < kTile; ++r) {
+#pragma unroll
+      for (int c = 0; c < kTile; ++c) acc.v[r][c] += av[r] * bv[c];
+    }
+  }
+}
+
+// An operand of a product: resident in shared memory (`smem`), or a global matrix (`global`)
+// read through `staging` one K-chunk at a time, or, with both null, the identity. The left
+// operand of a rows×cols product over `inner` is rows×inner, the right one inner×cols.
+template <typename acc_t>
+struct Operand {
+  SmemView<acc_t> smem;
+  StridedIn global;
+  acc_t* staging;
+};
+
+template <typename acc_t>
+__device__ Operand<acc_t> resident(SmemView<acc_t> v) { return {v, {nullptr, 0, 0}, nullptr}; }
+// A global matrix (a factor: nullptr stays the identity) staged through `staging`.
+template <typename acc_t>
+__device__ Operand<acc_t> staged(StridedIn m, acc_t* staging) { return {{nullptr, 0, 0}, m, staging}; }
+
+// Loads the chunk [k0, k0 + kc) of a staged operand into its staging area; false if not staged.
+template <typename scalar_t, typename acc_t>
+__device__ bool stage_left(const Operand<acc_t>& a, int rows, int k0, int kc) {
+  if (a.global.p == nullptr) return false;
+  load_tile<scalar_t>(a.staging, kChunkLd, a.global, 0, k0, rows, kc);
+  return true;
+}
+template <typename scalar_t, typename acc_t>
+__device__ bool stage_right(const Operand<acc_t>& b, int cols, int k0, int kc) {
+  if (b.global.p == nullptr) return false;
+  load_tile<scalar_t>(b.staging, static_cast<int>(smem_ld(cols)), b.global, k0, 0, kc, cols);
+  return true;
+}
+
+// Views of the chunk starting at k0 (identity: a null view).
+template <typename acc_t>
+__device__ SmemView<acc_t> chunk_left(const Operand<acc_t>& a, int k0) {
+  if (a.smem.p != nullptr) return {a.smem.p + k0 * a.smem.s1, a.smem.s0, a.smem.s1};
+  if (a.global.p != nullptr) return rowmajor<acc_t>(a.staging, kChunkLd);
+  return {nullptr, 0, 0};
+}
+template <typename acc_t>
+__device__ SmemView<acc_t> chunk_right(const Operand<acc_t>& b, int k0, int cols) {
+  if (b.smem.p != nullptr) return {b.smem.p + k0 * b.smem.s0, b.smem.s0, b.smem.s1};
+  if (b.global.p != nullptr) return rowmajor<acc_t>(b.staging, static_cast<int>(smem_ld(cols)));
+  return {nullptr, 0, 0};
+}
+
+// acc1 += a1·b1 and, when acc2 is given, acc2 += a2·b2 (acc2 may be &acc1: a sum of two products),
+// for the tile `t` of a product over `inner`, in K-chunks. Staged operands are loaded once per
+// chunk, between two barriers; an operand of the second product with the same staging area as
+// one of the first is the same operand, loaded once. Must be reached by every thread of the block
+// with the same operands (a thread without a tile computes nothing but joins the barriers).
+template <typename scalar_t, typename acc_t>
+__device__ void tile_products(const TileMap& t, int inner, const Operand<acc_t>& a1, const Operand<acc_t>& b1,
+                              Acc<acc_t>& acc1, const Operand<acc_t>* a2 = nullptr,
+                              const Operand<acc_t>* b2 = nullptr, Acc<acc_t>* acc2 = nullptr) {
+  for (int k0 = 0; k0 < inner; k0 += kChunk) {
+    const int kc = imin(kChunk, inner - k0);
+    bool staged_any = stage_left<scalar_t>(a1, t.rows, k0, kc);
+    staged_any |= stage_right<scalar_t>(b1, t.cols, k0, kc);
+    if (acc2 != nullptr) {
+      if (a2->staging != a1.staging) staged_any |= stage_left<scalar_t>(*a2, t.rows, k0, kc);
+      if (b2->staging != b1.staging) staged_any |= stage_right<scalar_t>(*b2, t.cols, k0, kc);
+    }
+    if (staged_any) __syncthreads();
+    fma_chunk(acc1, t, chunk_left(a1, k0), chunk_right(b1, k0, t.cols), k0, kc);
+    if (acc2 != nullptr) fma_chunk(*acc2, t, chunk_left(*a2, k0), chunk_right(*b2, k0, t.cols), k0, kc);
+    if (staged_any) __syncthreads();  // the next chunk overwrites the staging area
   }
 }
 
@@ -129,92 +304,144 @@ __device__ void load_tile(acc_t* dst, int ld, StridedIn src, int rows, int cols)
 extern __shared__ __align__(16) unsigned char apo_smem[];
 #endif
 
-// Forward of one small layer per block: Y = A (S ⊙ (Aᵀ (G B))) Bᵀ.
+// Forward of one small layer per block: Y = A (S ⊙ (Aᵀ (G B))) Bᵀ, in four register-tiled
+// products through two resident buffers.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kSmallThreads) small_forward_kernel(const LayerDesc* layers) {
+__global__ void __launch_bounds__(kSmallThreads, small_min_blocks<at::opmath_type<scalar_t>>(false))
+    small_forward_kernel(const LayerDesc* layers) {
   using acc_t = at::opmath_type<scalar_t>;
   const LayerDesc& L = layers[blockIdx.x];
   const int m = L.m, n = L.n;
-  const int lm = static_cast<int>(smem_ld(m)), ln = static_cast<int>(smem_ld(n));
-  acc_t* sA = reinterpret_cast<acc_t*>(apo_smem);  // m×m
-  acc_t* sB = sA + m * lm;                          // n×n
-  acc_t* sS = sB + n * ln;                          // m×n
-  acc_t* sX = sS + m * ln;                          // m×n: G, then M
-  acc_t* sT = sX + m * ln;                          // m×n: G B, then A M
+  const int ln = static_cast<int>(smem_ld(n));
+  acc_t* p0 = reinterpret_cast<acc_t*>(apo_smem);  // G, then M
+  acc_t* p1 = p0 + m * ln;                          // G B, then A M
+  acc_t* stage = p1 + m * ln;                       // K-chunks of A or B
+  const TileMap t = tile_map(m, n);
+  Acc<acc_t> acc;
+  auto store_to = [&](acc_t* dst, const Acc<acc_t>& from) {
+    for_owned(t, [&](int r, int c, int i, int j) { dst[i * ln + j] = from.v[r][c]; });
+  };
 
-  load_tile<scalar_t>(sA, lm, L.a, m, m);
-  load_tile<scalar_t>(sB, ln, L.b, n, n);
-  load_tile<scalar_t>(sS, ln, L.s, m, n);
-  load_tile<scalar_t>(sX, ln, L.g, m, n);
+  load_tile<scalar_t>(p0, ln, L.g, 0, 0, m, n);
   __syncthreads();
-
-  block_gemm(m, n, n, rowmajor(sX, ln), rowmajor(sB, ln), StoreSmem<acc_t>{sT, ln, nullptr});  // T = G B
-  block_gemm(m, n, m, transposed(sA, lm), rowmajor(sT, ln), StoreSmem<acc_t>{sX, ln, sS});     // X = S⊙(AᵀT) = M
-  block_gemm(m, n, m, rowmajor(sA, lm), rowmajor(sX, ln), StoreSmem<acc_t>{sT, ln, nullptr});  // T = A M
-  block_gemm(m, n, n, rowmajor(sT, ln), transposed(sB, ln),                                   // Y = T Bᵀ
-             StoreGlobal<scalar_t, acc_t>{static_cast<scalar_t*>(L.y), n});
+  acc.zero();  // p1 = G B
+  tile_products<scalar_t>(t, n, resident(rowmajor<acc_t>(p0, ln)), staged(L.b, stage), acc);
+  store_to(p1, acc);
+  __syncthreads();
+  acc.zero();  // p0 = M = S ⊙ (Aᵀ p1)
+  tile_products<scalar_t>(t, m, staged(transposed(L.a), stage), resident(rowmajor<acc_t>(p1, ln)), acc);
+  for_owned(t, [&](int r, int c, int i, int j) {
+    p0[i * ln + j] = acc.v[r][c] * global_at<scalar_t, acc_t>(L.s, i, j);
+  });
+  __syncthreads();
+  acc.zero();  // p1 = A M
+  tile_products<scalar_t>(t, m, staged(L.a, stage), resident(rowmajor<acc_t>(p0, ln)), acc);
+  store_to(p1, acc);
+  __syncthreads();
+  acc.zero();  // Y = p1 Bᵀ
+  tile_products<scalar_t>(t, n, resident(rowmajor<acc_t>(p1, ln)), staged(transposed(L.b), stage), acc);
+  scalar_t* y = static_cast<scalar_t*>(L.y);
+  for_owned(t, [&](int r, int c, int i, int j) { y[i * n + j] = static_cast<scalar_t>(acc.v[r][c]); });
 }
 
 // Backward of one small layer per block; computes the outputs whose pointers are non-null.
+//   GB = G B, dYB = dY B;  H = Aᵀ GB, D = Aᵀ dYB;  dS = D⊙H, M = S⊙H, E = S⊙D;
+//   dA = dYB Mᵀ + GB Eᵀ;  AE = A E, AM = A M;  d_grad = AE Bᵀ;  dB = dYᵀ AM + Gᵀ AE.
+// Products that share an operand run together (one load of it feeds both accumulators).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kSmallThreads) small_backward_kernel(const LayerDesc* layers) {
+__global__ void __launch_bounds__(kSmallThreads, small_min_blocks<at::opmath_type<scalar_t>>(true))
+    small_backward_kernel(const LayerDesc* layers) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Op = Operand<acc_t>;
   const LayerDesc& L = layers[blockIdx.x];
   const int m = L.m, n = L.n;
-  const int lm = static_cast<int>(smem_ld(m)), ln = static_cast<int>(smem_ld(n));
-  acc_t* sA = reinterpret_cast<acc_t*>(apo_smem);  // m×m
-  acc_t* sB = sA + m * lm;                          // n×n
-  acc_t* sS = sB + n * ln;                          // m×n: S, then A E
-  acc_t* sG = sS + m * ln;                          // m×n
-  acc_t* sdY = sG + m * ln;                         // m×n
-  acc_t* sGB = sdY + m * ln;                        // m×n: G B, then A M
-  acc_t* sdYB = sGB + m * ln;                       // m×n: dY B
-  acc_t* sH = sdYB + m * ln;                        // m×n: H, then M
-  acc_t* sD = sH + m * ln;                          // m×n: D, then E
+  const int ln = static_cast<int>(smem_ld(n));
+  acc_t* p0 = reinterpret_cast<acc_t*>(apo_smem);  // G B, then A E
+  acc_t* p1 = p0 + m * ln;                          // dY B, then A M
+  acc_t* p2 = p1 + m * ln;                          // G, then M
+  acc_t* p3 = p2 + m * ln;                          // dY, then E
+  acc_t* stage = p3 + m * ln;                       // K-chunks of A, B, dYᵀ and Gᵀ
 
-  load_tile<scalar_t>(sA, lm, L.a, m, m);
-  load_tile<scalar_t>(sB, ln, L.b, n, n);
-  load_tile<scalar_t>(sS, ln, L.s, m, n);
-  load_tile<scalar_t>(sG, ln, L.g, m, n);
-  load_tile<scalar_t>(sdY, ln, L.dy, m, n);
+  scalar_t* d_grad = static_cast<scalar_t*>(L.y);
+  scalar_t* dA = L.a.p != nullptr ? static_cast<scalar_t*>(L.da) : nullptr;
+  scalar_t* dS = static_cast<scalar_t*>(L.ds);
+  scalar_t* dB = L.b.p != nullptr ? static_cast<scalar_t*>(L.db) : nullptr;
+  const bool need_h = dA != nullptr || dS != nullptr || dB != nullptr;  // d_grad alone: no G B, no H
+  const TileMap t = tile_map(m, n);
+  Acc<acc_t> x, z;
+  auto store_to = [&](acc_t* dst, const Acc<acc_t>& acc) {
+    for_owned(t, [&](int r, int c, int i, int j) { dst[i * ln + j] = acc.v[r][c]; });
+  };
+  auto view = [&](const acc_t* p) { return resident(rowmajor<acc_t>(p, ln)); };
+  auto view_t = [&](const acc_t* p) { return resident(transposed<acc_t>(p, ln)); };
+
+  if (need_h) load_tile<scalar_t>(p2, ln, L.g, 0, 0, m, n);
+  load_tile<scalar_t>(p3, ln, L.dy, 0, 0, m, n);
   __syncthreads();
-
-  block_gemm(m, n, n, rowmajor(sG, ln), rowmajor(sB, ln), StoreSmem<acc_t>{sGB, ln, nullptr});     // GB = G B
-  block_gemm(m, n, n, rowmajor(sdY, ln), rowmajor(sB, ln), StoreSmem<acc_t>{sdYB, ln, nullptr});   // dYB = dY B
-  block_gemm(m, n, m, transposed(sA, lm), rowmajor(sGB, ln), StoreSmem<acc_t>{sH, ln, nullptr});   // H = Aᵀ GB
-  block_gemm(m, n, m, transposed(sA, lm), rowmajor(sdYB, ln), StoreSmem<acc_t>{sD, ln, nullptr});  // D = Aᵀ dYB
-
-  // One pass over D, H, S: dS = D⊙H to global; M = S⊙H and E = S⊙D in place.
-  scalar_t* ds = static_cast<scalar_t*>(L.ds);
-  for (int idx = threadIdx.x; idx < m * n; idx += blockDim.x) {
-    const int k = (idx / n) * ln + idx % n;
-    const acc_t d = sD[k], h = sH[k], s = sS[k];
-    if (ds != nullptr) ds[idx] = static_cast<scalar_t>(d * h);
-    sH[k] = s * h;
-    sD[k] = s * d;
+  {  // p1 = dY B, p0 = G B
+    x.zero();
+    z.zero();
+    const Op b = staged(L.b, stage), dy = view(p3), g = view(p2);
+    if (need_h) {
+      tile_products<scalar_t>(t, n, dy, b, z, &g, &b, &x);
+      store_to(p0, x);
+    } else {
+      tile_products<scalar_t>(t, n, dy, b, z);
+    }
+    store_to(p1, z);
+    __syncthreads();
   }
-  __syncthreads();
-  const acc_t* sM = sH;
-  const acc_t* sE = sD;
-
-  if (L.da != nullptr) {  // dA = dYB Mᵀ + GB Eᵀ  (m×m, summed over n)
-    block_gemm(m, m, n, rowmajor(sdYB, ln), transposed(sM, ln), rowmajor(sGB, ln), transposed(sE, ln),
-               StoreGlobal<scalar_t, acc_t>{static_cast<scalar_t*>(L.da), m});
+  {  // D = Aᵀ dYB, H = Aᵀ GB; dS = D⊙H, p2 = M = S⊙H, p3 = E = S⊙D
+    x.zero();
+    z.zero();
+    const Op at = staged(transposed(L.a), stage), dyb = view(p1), gb = view(p0);
+    if (need_h) {
+      tile_products<scalar_t>(t, m, at, dyb, z, &at, &gb, &x);
+    } else {
+      tile_products<scalar_t>(t, m, at, dyb, z);
+    }
+    for_owned(t, [&](int r, int c, int i, int j) {
+      const acc_t h = x.v[r][c], d = z.v[r][c], s = global_at<scalar_t, acc_t>(L.s, i, j);
+      if (dS != nullptr) dS[i * n + j] = static_cast<scalar_t>(d * h);
+      p2[i * ln + j] = s * h;
+      p3[i * ln + j] = s * d;
+    });
+    __syncthreads();
   }
-  // S is no longer needed: its buffer takes A E (used by both d_grad and dB).
-  acc_t* sAE = sS;
-  if (L.y != nullptr || L.db != nullptr) {
-    block_gemm(m, n, m, rowmajor(sA, lm), rowmajor(sE, ln), StoreSmem<acc_t>{sAE, ln, nullptr});
+  if (dA != nullptr) {  // dA = dYB Mᵀ + GB Eᵀ  (m×m over n)
+    const TileMap ta = tile_map(m, m);
+    x.zero();
+    const Op dyb = view(p1), mt = view_t(p2), gb = view(p0), et = view_t(p3);
+    tile_products<scalar_t>(ta, n, dyb, mt, x, &gb, &et, &x);
+    for_owned(ta, [&](int r, int c, int i, int j) { dA[i * m + j] = static_cast<scalar_t>(x.v[r][c]); });
+    __syncthreads();  // p0, p1 are overwritten next
   }
-  if (L.y != nullptr) {  // d_grad = (A E) Bᵀ
-    block_gemm(m, n, n, rowmajor(sAE, ln), transposed(sB, ln),
-               StoreGlobal<scalar_t, acc_t>{static_cast<scalar_t*>(L.y), n});
+  if (d_grad != nullptr || dB != nullptr) {  // p0 = A E, p1 = A M (for dB)
+    x.zero();
+    z.zero();
+    const Op a = staged(L.a, stage), e = view(p3), mm = view(p2);
+    if (dB != nullptr) {
+      tile_products<scalar_t>(t, m, a, e, x, &a, &mm, &z);
+      store_to(p1, z);
+    } else {
+      tile_products<scalar_t>(t, m, a, e, x);
+    }
+    store_to(p0, x);
+    __syncthreads();
   }
-  if (L.db != nullptr) {  // dB = dYᵀ (A M) + Gᵀ (A E)  (n×n, summed over m)
-    acc_t* sAM = sGB;  // GB was last read by dA, which has finished (barrier in block_gemm)
-    block_gemm(m, n, m, rowmajor(sA, lm), rowmajor(sM, ln), StoreSmem<acc_t>{sAM, ln, nullptr});
-    block_gemm(n, n, m, transposed(sdY, ln), rowmajor(sAM, ln), transposed(sG, ln), rowmajor(sAE, ln),
-               StoreGlobal<scalar_t, acc_t>{static_cast<scalar_t*>(L.db), n});
+  if (d_grad != nullptr) {  // d_grad = AE Bᵀ
+    x.zero();
+    tile_products<scalar_t>(t, n, view(p0), staged(transposed(L.b), stage), x);
+    for_owned(t, [&](int r, int c, int i, int j) { d_grad[i * n + j] = static_cast<scalar_t>(x.v[r][c]); });
+    __syncthreads();  // the staging area is reused by dB
+  }
+  if (dB != nullptr) {  // dB = dYᵀ AM + Gᵀ AE  (n×n over m; dYᵀ and Gᵀ staged side by side)
+    const TileMap tb = tile_map(n, n);
+    x.zero();
+    const Op dyt = staged(transposed(L.dy), stage), am = view(p1);
+    const Op gt = staged(transposed(L.g), stage + n * kChunkLd), ae = view(p0);
+    tile_products<scalar_t>(tb, m, dyt, am, x, &gt, &ae, &x);
+    for_owned(tb, [&](int r, int c, int i, int j) { dB[i * n + j] = static_cast<scalar_t>(x.v[r][c]); });
   }
 }
 
