@@ -1,4 +1,5 @@
-"""Write your own APO optimizer from the lower layer (apo_kernels.optim.meta) and the op.
+"""Write your own APO optimizer from the lower layer (apo_kernels.optim.preconditioners and
+apo_kernels.optim.objective) and the op.
 
 This is a complete, minimal APO-Precond for one model, written on three public pieces:
 
@@ -23,12 +24,8 @@ from torch import nn
 import torch.nn.functional as F
 
 import apo_kernels
-from apo_kernels.optim.meta import (
-    StructuredPreconditioner,
-    meta_backward_many,
-    precondition_many,
-    proximal_objective_grad,
-)
+from apo_kernels.optim.objective import proximal_objective_grad
+from apo_kernels.optim.preconditioners import StructuredPreconditioner, meta_backward_many, precondition_many
 
 
 class TinyAPO:

@@ -334,7 +334,7 @@ def test_intervals(opt_cls):
         (dict(kl_clip=0.0), "kl_clip", ValueError),
         (dict(kl_clip="1e-3"), "kl_clip", TypeError),
         (dict(fisher="type-2"), "fisher", ValueError),
-        (dict(fisher=None), "fisher", ValueError),
+        (dict(fisher=None), "fisher", TypeError),  # a wrong type: TypeError, as for every argument
         (dict(fisher="mc"), "likelihood", ValueError),  # mc needs the likelihood
         (dict(fisher="mc", likelihood="poisson"), "likelihood", ValueError),
         (dict(likelihood="categorical"), "likelihood", ValueError),  # ignored by the empirical Fisher

@@ -1,4 +1,4 @@
-"""APO-Precond (apo_kernels.optim.APOPrecond) and the lower layer it stands on (optim.meta).
+"""APO-Precond (apo_kernels.optim.APOPrecond) and the lower layer it stands on (optim.snapshot, optim.objective, optim.preconditioners).
 
 Small models only (2 CPU cores); the whole file runs in well under a minute.
 """
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import apo_kernels
 from apo_kernels.optim import APOPrecond, StructuredPreconditioner
-from apo_kernels.optim.meta import proximal_objective_grad, split_sizes
+from apo_kernels.optim.objective import proximal_objective_grad
+from apo_kernels.optim.preconditioners import split_sizes
 from apo_kernels.ops import reference
 from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
 

@@ -5,7 +5,8 @@
     opt = KFAC(model, lr=0.05, damping=1e-3, fisher="mc", likelihood="categorical")  # Martens & Grosse
     loss = opt.step(closure)
 
-Both find the model's Linear / Conv2d layers, keep Kronecker factors from forward/backward hooks
+Both take the model's layers with Kronecker factors from the layer registry (``apo_kernels.layers``:
+Linear, Conv1d/2d/3d, and any registered type), keep the factors from forward/backward hooks
 (empirical Fisher, or the sampled Fisher with ``fisher="mc"``) and invert / eigendecompose them in
 float32 every ``inverse_interval`` steps, with a damping floor and a fallback that never raises.
 """

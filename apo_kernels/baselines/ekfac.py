@@ -13,7 +13,7 @@ moment of the per-example gradients projected on it:
     ΔW = Q_G [(Q_Gᵀ ∇W Q_A) / (s + damping)] Q_Aᵀ            (4 GEMMs per step).
 
 For a Linear layer the per-example projection costs two GEMMs with the batch
-((N·g)Q_G and a Q_A, then (·)²ᵀ(·)²); for weight-sharing layers (Conv2d) it needs a batched
+((N·g)Q_G and a Q_A, then (·)²ᵀ(·)²); for weight-sharing layers (convolutions) it needs a batched
 product over locations. Same conventions, hooks, ``fisher`` / ``likelihood`` options (with
 ``fisher="mc"`` the scale s is the second moment of the sampled per-example gradients, as in
 George et al.) and step(closure) contract as :class:`KFAC`. An eigendecomposition that fails even
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..optim.meta import all_finite
+from .._numerics import all_finite
 from .kfac import KFAC, _cov_dtype, _Layer
 
 __all__ = ["EKFAC", "eigenbasis", "projected_second_moment", "ekfac_apply"]
@@ -90,6 +90,7 @@ class EKFAC(KFAC):
         if "QA" not in state:
             return
         s = projected_second_moment(layer.a, layer.g, layer.batch_size, state["QA"], state["QG"])
+        self._replicas.mean_([s], "EKFAC's projected second moment")  # each rank's batch → the whole batch's
         state["scale"].mul_(decay).add_(s, alpha=1 - decay)
 
     def _precondition(self, layer: _Layer, state: dict, grad_mat: Tensor, damping: float) -> Tensor:

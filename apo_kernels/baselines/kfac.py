@@ -1,10 +1,13 @@
-"""KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for Conv2d): the curvature baseline of apo-bench.
+"""KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions): the curvature baseline of apo-bench.
 
-Per preconditioned layer with weight gradient ∇W of shape (out, in) -- a Conv2d weight is read as
-(out, in·kh·kw) and a bias becomes one extra input column -- KFAC approximates the Fisher of vec(W)
-by A ⊗ G with
+The layers and their matrices are those of the layer registry (``apo_kernels.layers``), the same
+APOPrecond preconditions: a layer type with Kronecker factors there (nn.Linear; nn.Conv1d/2d/3d
+with groups=1 and numeric zero padding; any type registered with ``input_rows``/``output_rows``)
+is preconditioned here. Per such layer with weight gradient ∇W of shape (out, in) -- a
+convolution's weight is read as (out, in·Πkernel) and a bias becomes one extra input column --
+KFAC approximates the Fisher of vec(W) by A ⊗ G with
 
-    A = E[a aᵀ]   (in+1, in+1)   layer inputs a (Conv2d: unfolded patches), ones column for bias
+    A = E[a aᵀ]   (in+1, in+1)   layer inputs a (convolutions: unfolded patches), ones column for bias
     G = E[g gᵀ]   (out, out)     per-example gradients of −log p(y|x) w.r.t. the layer output
 
 and updates with  ΔW = (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹.
@@ -44,13 +47,14 @@ low-precision section).
 Conventions (chosen to match curvlinops' ``KFACLinearOperator(kfac_approx="expand",
 separate_weight_and_bias=False)`` with ``fisher_type="empirical"`` or ``"mc"``, which
 tests/test_baselines.py checks): the loss is a MEAN over the batch (dimension 0 of the layer
-input), so a per-example output gradient is N·grad_output; for weight sharing (Conv2d locations,
+input), so a per-example output gradient is N·grad_output; for weight sharing (convolution locations,
 extra leading dims of a Linear input) A averages over the N·L rows and G sums over the L locations
 of each example:
 
     A = aᵀa / (N·L),   G = (N·g)ᵀ(N·g) / N  with a: (N·L, in+1), g: (N·L, out).
 
-Every other parameter (norm scales, embeddings, grouped convs, shared weights) gets plain SGD with
+Every other parameter (norm scales, embeddings -- their input factor would be a dense V×V matrix
+of token frequencies --, grouped convs, weights another module also holds) gets plain SGD with
 momentum. ``step(closure=None)`` follows torch.optim's closure contract (as the APO optimizers do):
 it returns the closure's loss, or uses the gradients already in ``.grad`` without a closure. A step
 whose loss, gradient or update is not finite changes nothing (``skipped_steps``).
@@ -58,15 +62,16 @@ whose loss, gradient or update is not finite changes nothing (``skipped_steps``)
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim.meta import all_finite
+from .._args import check_choice, check_int, check_number, check_type
+from .. import distributed
+from .._numerics import all_finite
+from ..layers import Layer, find_layers
 
 __all__ = [
     "KFAC",
@@ -183,106 +188,53 @@ def sampled_output_gradient(output: Tensor, likelihood: str, generator: Optional
 
 
 # --------------------------------------------------------------------------------------------
-# Hooks: which layers, and how their inputs / output gradients become matrices
+# One preconditioned layer: its matrices come from the layer registry (apo_kernels.layers)
 # --------------------------------------------------------------------------------------------
-def _conv_supported(m: nn.Conv2d) -> bool:
-    return (
-        m.groups == 1
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-    )
-
-
 class _Layer:
-    """Book-keeping for one preconditioned module (weight + optional bias)."""
+    """Book-keeping for one preconditioned module (weight + optional bias) and its captures."""
 
-    __slots__ = ("module", "weight", "bias", "a", "g", "batch_size")
+    __slots__ = ("layer", "module", "weight", "bias", "a", "g", "batch_size")
 
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.weight: nn.Parameter = module.weight
-        self.bias: Optional[nn.Parameter] = module.bias if module.bias is not None and module.bias.requires_grad else None
+    def __init__(self, layer: Layer):
+        self.layer, self.module = layer, layer.module
+        self.weight: nn.Parameter = layer.weight
+        self.bias: Optional[nn.Parameter] = layer.bias
         self.a: Optional[Tensor] = None
         self.g: Optional[Tensor] = None
         self.batch_size = 0
 
     def input_rows(self, x: Tensor) -> Tensor:
-        m = self.module
-        if isinstance(m, nn.Conv2d):
-            if x.dim() == 3:
-                x = x.unsqueeze(0)
-            patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·L, in·kh·kw)
-        else:
-            rows = x.reshape(-1, x.shape[-1])
-        if self.bias is not None:
+        rows = self.layer.view.input_rows(self.module, x)
+        if self.bias is not None:  # the bias is the matrix's last column: an input of ones
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         return rows.detach()
 
     def output_rows(self, gy: Tensor) -> Tensor:
-        if isinstance(self.module, nn.Conv2d):
-            if gy.dim() == 3:
-                gy = gy.unsqueeze(0)
-            gy = gy.movedim(1, -1)
-        return gy.reshape(-1, gy.shape[-1]).detach()
+        return self.layer.view.output_rows(self.module, gy).detach()
 
     def grad_matrix(self) -> Optional[Tensor]:
         gw = self.weight.grad
         if gw is None:
             return None
-        gw = gw.reshape(gw.shape[0], -1)
+        gb = None
         if self.bias is not None:
-            gb = self.bias.grad
-            gb = torch.zeros_like(gw[:, :1]) if gb is None else gb.reshape(-1, 1)
-            gw = torch.cat([gw, gb], dim=1)
-        return gw
+            gb = torch.zeros_like(self.bias) if self.bias.grad is None else self.bias.grad
+            gb = gb.to(gw.dtype)
+        return self.layer.matrix(gw, gb)
 
     def param_matrix(self) -> Tensor:
-        w = self.weight.detach().reshape(self.weight.shape[0], -1)
-        if self.bias is not None:
-            w = torch.cat([w, self.bias.detach().reshape(-1, 1)], dim=1)
-        return w
+        return self.layer.matrix(self.weight.detach(), None if self.bias is None else self.bias.detach())
 
     def split(self, mat: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        if self.bias is not None:
-            return mat[:, :-1].reshape(self.weight.shape), mat[:, -1].reshape(self.bias.shape)
-        return mat.reshape(self.weight.shape), None
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks (shared with EKFAC)
-# --------------------------------------------------------------------------------------------
-def _check_number(name: str, value, *, positive: bool = False, below_one: bool = False) -> float:
-    """A real number (not a bool, str or tensor), finite, >= 0 (> 0 if positive, < 1 if below_one)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value!r}")
-    if below_one and v >= 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return v
-
-
-def _check_interval(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
+        parts = self.layer.split(mat)
+        return parts[0], (parts[1] if len(parts) == 2 else None)
 
 
 class KFAC(torch.optim.Optimizer):
     """K-FAC with Kronecker factors from forward/backward hooks, SGD-momentum on the other parameters.
 
     Args:
-        model: the nn.Module being trained (its Linear / Conv2d layers are found and hooked).
+        model: the nn.Module being trained (its layers with Kronecker factors are found and hooked).
         lr: learning rate (> 0).
         damping: Tikhonov damping λ added to the Fisher (> 0), split between the factors by π.
         momentum: heavy-ball momentum on the preconditioned direction, in [0, 1).
@@ -299,6 +251,9 @@ class KFAC(torch.optim.Optimizer):
         likelihood: with ``fisher="mc"``: ``"categorical"`` (logits, classes on dim 1),
             ``"bernoulli"`` (logits per entry) or ``"gaussian"`` (mean per entry, unit variance).
         seed: seed of the optimizer's own generator for the sampled targets (default 0).
+        shard_preconditioners: only False: KFAC keeps every layer's factors on every rank
+            (under DDP its batch factors are averaged over ranks, see ``apo_kernels.distributed``);
+            sharded preconditioners are APOPrecond's.
 
     Usage (torch.optim's closure contract)::
 
@@ -327,36 +282,41 @@ class KFAC(torch.optim.Optimizer):
         fisher: str = "empirical",
         likelihood: Optional[str] = None,
         seed: int = 0,
+        shard_preconditioners: bool = False,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_type("model", model, nn.Module, "a torch.nn.Module")
+        distributed.refuse_fsdp(model)
+        if shard_preconditioners is not False:
+            raise ValueError(f"shard_preconditioners: {type(self).__name__} keeps every layer's factors on every "
+                             "rank (replicated under DDP); sharded preconditioners are APOPrecond's "
+                             "(APOPrecond(..., shard_preconditioners=True))")
         defaults = dict(
-            lr=_check_number("lr", lr, positive=True),
-            damping=_check_number("damping", damping, positive=True),
-            momentum=_check_number("momentum", momentum, below_one=True),
-            weight_decay=_check_number("weight_decay", weight_decay),
-            stat_decay=_check_number("stat_decay", stat_decay, below_one=True),
-            kl_clip=None if kl_clip is None else _check_number("kl_clip", kl_clip, positive=True),
+            lr=check_number("lr", lr, low=0.0, low_ok=False),
+            damping=check_number("damping", damping, low=0.0, low_ok=False),
+            momentum=check_number("momentum", momentum, high=1.0, high_ok=False),
+            weight_decay=check_number("weight_decay", weight_decay),
+            stat_decay=check_number("stat_decay", stat_decay, high=1.0, high_ok=False),
+            kl_clip=None if kl_clip is None else check_number("kl_clip", kl_clip, low=0.0, low_ok=False),
         )
-        self.factor_interval = _check_interval("factor_interval", factor_interval)
-        self.inverse_interval = _check_interval("inverse_interval", inverse_interval)
-        self.fisher = _check_choice("fisher", fisher, FISHER_TYPES)
+        self.factor_interval = check_int("factor_interval", factor_interval, low=1)
+        self.inverse_interval = check_int("inverse_interval", inverse_interval, low=1)
+        self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
         if fisher == "mc":
             if likelihood is None:
                 raise ValueError(f"likelihood must be given with fisher='mc', one of {LIKELIHOODS}")
-            self.likelihood = _check_choice("likelihood", likelihood, LIKELIHOODS)
+            self.likelihood = check_choice("likelihood", likelihood, LIKELIHOODS)
         elif likelihood is not None:
             raise ValueError(f"likelihood is used only with fisher='mc' (got fisher={fisher!r}, likelihood={likelihood!r})")
         else:
             self.likelihood = None
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+        check_int("seed", seed)
         self.seed = int(seed)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")
         super().__init__(params, defaults)
         self.model = model
+        self._replicas = distributed.replicas_of(model)  # the ranks the factors and skips are agreed with
         self.steps = 0
         self.skipped_steps = 0  # non-finite loss, gradient or update: nothing updated
         # How often the curvature needed a fallback (see the module docstring); nothing raises.
@@ -368,22 +328,9 @@ class KFAC(torch.optim.Optimizer):
         self._warned_no_sample = False
         self._refresh_next = False
 
-        # Which modules are preconditioned; shared weights fall back to SGD (preconditioned never twice).
-        seen: dict[int, int] = {}
-        candidates = []
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad:
-                if isinstance(m, nn.Conv2d) and not _conv_supported(m):
-                    continue
-                candidates.append(m)
-                for p in (m.weight, m.bias):
-                    if p is not None:
-                        seen[id(p)] = seen.get(id(p), 0) + 1
-        self.layers: list[_Layer] = [
-            _Layer(m)
-            for m in candidates
-            if seen[id(m.weight)] == 1 and (m.bias is None or seen[id(m.bias)] == 1)
-        ]
+        # The registered layers with Kronecker factors (apo_kernels.layers); a layer whose weight or
+        # bias another module also holds (tied weights) takes the SGD-momentum path.
+        self.layers: list[_Layer] = [_Layer(L) for L in find_layers(model, shared="exclude", kronecker=True)]
         layer_params = {id(p) for L in self.layers for p in (L.weight, L.bias) if p is not None}
         self.other_params = [p for p in params if id(p) not in layer_params]
         self._handles = []
@@ -461,6 +408,7 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------- per-layer curvature
     def _update_factors(self, layer: _Layer, state: dict, decay: float) -> bool:
         A, G = kronecker_factors(layer.a, layer.g, layer.batch_size)
+        self._replicas.mean_([A, G], "KFAC's batch factors")  # each rank's batch → the whole batch's
         if not all_finite([A, G]):  # finite rows whose squares overflow must not poison the averages
             self.recoveries["non_finite_factors"] += 1
             return False
@@ -510,7 +458,8 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"]]
-        if not all_finite(grads + ([loss.detach()] if isinstance(loss, Tensor) else [])):
+        if not self._replicas.all_true(all_finite(grads + ([loss.detach()] if isinstance(loss, Tensor) else [])),
+                                       "the finiteness of the loss and gradients"):
             # a non-finite loss or gradient must not reach the factors, the momentum or θ
             self._clear_captures()
             self.skipped_steps += 1

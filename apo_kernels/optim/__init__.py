@@ -8,18 +8,20 @@
   structured preconditioner A·(S²⊙(AᵀGB))·Bᵀ per layer.
 
 Both use torch.optim's closure convention: ``opt.step(closure, fsd_inputs=(x,))`` returns the loss.
-The lower layer (lookahead, proximal objective, per-parameter preconditioners) is
-``apo_kernels.optim.meta``; the discrepancies are in ``apo_kernels.optim.discrepancy``.
+Both are torch.optim.Optimizer subclasses (param_groups, state, lr schedulers, step hooks).
+
+The lower layer, for writing your own APO optimizer: ``snapshot`` (the lookahead θ + Δ written
+in place and θ, buffers, gradients restored exactly), ``objective`` (the proximal meta-objective and its gradient at the lookahead),
+``preconditioners`` (structured and diagonal preconditioners, many in one grouped op call) and
+``discrepancy`` (the function-space discrepancies). How layers become matrices is
+``apo_kernels.layers``.
 """
-from . import discrepancy, meta
+from . import discrepancy, objective, preconditioners, snapshot
 from .lr import APOLR, lr_directions
-from .meta import (
-    DiagonalPreconditioner,
-    StructuredPreconditioner,
-    lookahead,
-    proximal_objective_grad,
-)
+from .objective import proximal_objective_grad
 from .precond import APOPrecond
+from .preconditioners import DiagonalPreconditioner, StructuredPreconditioner
+from .snapshot import lookahead
 
 __all__ = [
     "APOLR",
@@ -29,6 +31,8 @@ __all__ = [
     "lookahead",
     "proximal_objective_grad",
     "lr_directions",
-    "meta",
     "discrepancy",
+    "objective",
+    "preconditioners",
+    "snapshot",
 ]

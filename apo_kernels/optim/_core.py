@@ -39,53 +39,30 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._args import check_choice, check_int, check_number, check_type
+from .. import distributed
+from .._numerics import all_finite, no_autocast
 from . import discrepancy
-from .meta import RNGState, all_finite, cuda_devices_of, no_autocast, proximal_objective_grad
+from .snapshot import RNGState, cuda_devices_of
+from .objective import proximal_objective_grad
+
+
+META_BATCHES = ("same", "fresh")
 
 
 def check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler):
     """Shared argument rules; every error names its argument."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_type("model", model, nn.Module, "a torch.nn.Module")
+    distributed.refuse_fsdp(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (model.parameters() is empty or frozen)")
     for name, v in (("lambda_fsd", lambda_fsd), ("lambda_wsd", lambda_wsd), ("meta_lr", meta_lr)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-        if not v >= 0.0 or v != v or v == float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-    if isinstance(meta_interval, bool) or not isinstance(meta_interval, int):
-        raise TypeError(f"meta_interval must be an int, got {type(meta_interval).__name__}")
-    if meta_interval < 0:
-        raise ValueError(f"meta_interval must be >= 0 (0 turns meta-steps off), got {meta_interval}")
+        check_number(name, v)
+    check_int("meta_interval", meta_interval, low=0)  # 0 turns meta-steps off
     discrepancy.resolve(fsd)
-    if meta_batch not in ("same", "fresh"):
-        raise ValueError(f"meta_batch must be 'same' or 'fresh', got {meta_batch!r}")
+    check_choice("meta_batch", meta_batch, META_BATCHES)
     if grad_scaler is not None and not hasattr(grad_scaler, "unscale_"):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-
-
-def check_number(name, v, *, low=0.0, low_ok=True, high=None, high_ok=True) -> float:
-    """A finite real number in the given range, as float; TypeError/ValueError naming ``name``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
-    bad = not math.isfinite(v) or (v < low if low_ok else v <= low)
-    if high is not None:
-        bad = bad or (v > high if high_ok else v >= high)
-    if bad:
-        rng = f"{'[' if low_ok else '('}{low}, {'inf)' if high is None else str(high) + (']' if high_ok else ')')}"
-        raise ValueError(f"{name} must be in {rng}, got {v}")
-    return v
-
-
-def check_betas(name, betas) -> tuple[float, float]:
-    """Two numbers in [0, 1) (Adam's betas); TypeError/ValueError naming ``name``."""
-    if not isinstance(betas, (tuple, list)):
-        raise TypeError(f"{name} must be a pair of numbers (beta1, beta2), got {type(betas).__name__}")
-    if len(betas) != 2:
-        raise ValueError(f"{name} must be a pair (beta1, beta2), got {len(betas)} values")
-    return tuple(check_number(f"{name}[{i}]", b, high=1.0, high_ok=False) for i, b in enumerate(betas))
 
 
 def check_step_args(closure, fsd_inputs, meta_closure) -> None:
@@ -132,8 +109,11 @@ class _Plan:
     params: list
 
 
-class APOCore:
-    """Mixin with the closure-driven step of Algorithm 1; see the module docstring for the hooks."""
+class APOCore(torch.optim.Optimizer):
+    """The base of APOLR and APOPrecond: a torch.optim.Optimizer (param_groups, state, step hooks,
+    lr schedulers) with the closure-driven step of Algorithm 1; see the module docstring for the
+    hooks. A subclass calls ``torch.optim.Optimizer.__init__`` and then ``_init_core()``.
+    """
 
     model: nn.Module
     lambda_fsd: float
@@ -156,6 +136,20 @@ class APOCore:
         self._meta_pending = False  # the last meta-step failed every retry: the next step retries
         self._searching = True      # the step size is not validated yet: first meta-step, or after a recovery
         self.last_meta: Optional[dict] = None  # Q and its terms at the latest meta-step
+        self._replicas = distributed.replicas_of(self.model)  # the ranks every decision is agreed with
+        self._groups_fixed = True   # φ is built for the groups given at construction
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Only during construction: φ (and the parameter plan) is built for the groups given then."""
+        if getattr(self, "_groups_fixed", False):
+            raise ValueError(f"param_group: {type(self).__name__} builds φ for the parameters given at "
+                             "construction; construct a new optimizer to train more parameters")
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; φ, the model and the
+        # meta-optimizer must travel too (copy.deepcopy, pickle)
+        return self.__dict__.copy()
 
     # ---- hooks ---------------------------------------------------------------------------
     def _prepare(self):  # pragma: no cover - abstract
@@ -214,7 +208,8 @@ class APOCore:
         tensors = [p.grad for p in self._all_params() if p.grad is not None]
         if loss is not None and isinstance(loss, Tensor):
             tensors.append(loss.detach())
-        return all_finite(tensors)
+        # a rank whose own loss is not finite makes every rank skip (grads are DDP's average)
+        return self._replicas.all_true(all_finite(tensors), "the finiteness of the loss and gradients at θ")
 
     def _run_step(self, closure: Optional[Callable], fsd_inputs, meta_closure: Optional[Callable]):
         check_step_args(closure, fsd_inputs, meta_closure)
@@ -240,7 +235,8 @@ class APOCore:
             plan = self._prepare()
         loss_at_theta = None
         if meta and self.meta_batch == "same" and isinstance(loss, (Tensor, float, int)):
-            loss_at_theta = float(loss)  # Q at Δ = 0 (both proximity terms vanish there)
+            # Q at Δ = 0 (both proximity terms vanish there), over every rank's batch
+            loss_at_theta = self._replicas.mean(float(loss), "the loss at θ")
         meta_ok = True
         if meta:
             args = (closure if self.meta_batch == "same" else meta_closure, fsd_inputs, scale,
@@ -289,7 +285,7 @@ class APOCore:
         self._zero_meta_grads()
         with no_autocast(self._device_type()):
             self._meta_backward(plan, obj.grads)
-        if not all_finite(self._meta_grads()):
+        if not self._replicas.all_true(all_finite(self._meta_grads()), "the meta-gradient's finiteness"):
             self._zero_meta_grads()
             return self.SHRINK
         self.meta_optimizer.step()
@@ -321,11 +317,12 @@ class APOCore:
             deltas = self._lookahead_deltas(plan)
         if not all_finite(deltas):
             return None
-        obj = proximal_objective_grad(
-            self.model, plan.params, deltas, closure, fsd_inputs=fsd_inputs,
+        obj = proximal_objective_grad(  # FSD forwards outside DDP: their gradient is averaged below
+            distributed.local_module(self.model), plan.params, deltas, closure, fsd_inputs=fsd_inputs,
             lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
             grad_scale=scale, rng=rng,
         )
+        self._replicas.average_objective(obj, with_grads=self.lambda_fsd != 0.0)
         if obj.value != obj.value or abs(obj.value) == float("inf") or not all_finite(obj.grads):
             return None
         return obj, deltas

@@ -19,7 +19,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._core import APOCore, _Plan, check_common_args, check_number, momentum_catch_up
+from .._args import check_bool, check_number, check_type
+from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
 
 
 def _cdtype(p: Tensor) -> torch.dtype:
@@ -223,15 +224,13 @@ class APOLR(APOCore):
         max_lr: Optional[float] = None,
     ):
         check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
-        if not isinstance(per_group, bool):
-            raise TypeError(f"per_group must be a bool, got {type(per_group).__name__}")
+        check_bool("per_group", per_group)
         bounds = {}
         for name, v in (("min_lr", min_lr), ("max_lr", max_lr)):
             bounds[name] = None if v is None else check_number(name, v, low=0.0, low_ok=False)
         if None not in bounds.values() and bounds["min_lr"] > bounds["max_lr"]:
             raise ValueError(f"min_lr must be <= max_lr, got min_lr={min_lr} > max_lr={max_lr}")
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        check_type("base_optimizer", base_optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer")
         if isinstance(base_optimizer, torch.optim.LBFGS):
             raise TypeError("base_optimizer: LBFGS's update is not linear in lr; it is not supported")
         model_params = {id(p) for p in model.parameters()}
@@ -246,6 +245,12 @@ class APOLR(APOCore):
             for p in g["params"]:
                 if id(p) not in model_params:
                     raise ValueError("base_optimizer holds a parameter that is not one of model.parameters()")
+        torch.optim.Optimizer.__init__(self, [{"params": list(g["params"])} for g in base_optimizer.param_groups], {})
+        # one set of groups and one per-parameter state, the base optimizer's: a scheduler on either
+        # optimizer schedules both, and a hyperparameter set in one group is set in both
+        self.param_groups = base_optimizer.param_groups
+        self.state = base_optimizer.state
+        self.defaults = base_optimizer.defaults
         self.model = model
         self.base_optimizer = base_optimizer
         self.lambda_fsd, self.lambda_wsd = float(lambda_fsd), float(lambda_wsd)
@@ -267,10 +272,6 @@ class APOLR(APOCore):
         return torch.optim.Adam([self.log_lr], lr=self.meta_lr, betas=(0.0, 0.9))
 
     # ---- public ------------------------------------------------------------------------
-    @property
-    def param_groups(self):
-        return self.base_optimizer.param_groups
-
     @property
     def phi(self) -> list[Tensor]:
         """The meta-learnt tensors: [log_lr] (shape (groups,) or (1,), float64)."""

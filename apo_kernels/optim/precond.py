@@ -6,19 +6,20 @@ Per layer the gradient (or momentum) matrix G (m, n) is preconditioned as
 
 and the update is θ ← θ − update_scale · (lr_t / lr) · Y(v), v = μ·v + (g + wd·θ) (heavy-ball
 momentum on the gradient, as torch.optim.SGD, then preconditioned; lr_t / lr is an lr scheduler's
-factor, 1 without one). Layer → matrix:
+factor, 1 without one). Layer → matrix, as the layer registry ``apo_kernels.layers`` reads it
+(``register_layer`` adds a type):
 
     nn.Linear            weight (out, in) + bias as an extra column      → (out, in + 1)
     nn.Conv1d/2d/3d      weight (out, in/groups·k…) + bias column         → (out, in/groups·k… + 1)
     nn.Embedding         weight (V, d); A fixed to the identity on the vocabulary side (S still
                          scales each entry: a diagonal block there), B (d, d) learnt
     everything else      a diagonal S-only preconditioner Y = S²⊙G (norm scales, 1-D params,
-                         params of unsupported modules, the bias of a layer whose weight is tied);
+                         params of unregistered modules, the bias of a layer whose weight is tied);
                          with ``small_full_max``, those with at most that many entries instead
                          get a full one: flattened to (1, numel), A = 1 fixed, B learnt
 
 Blocking rule (``max_precond_dim``): a side longer than it is split into ⌈size/max⌉ near-equal
-blocks with a dense factor each (block-diagonal A or B); see ``meta.split_sizes``.
+blocks with a dense factor each (block-diagonal A or B); see ``preconditioners.split_sizes``.
 
 Parametrization (measured; numbers in README): S² starts at lr / update_scale — the base step
 size is folded into S instead of multiplying P by lr — so the first updates equal SGD(+momentum)
@@ -34,57 +35,54 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .._args import check_choice, check_int, check_number, check_pair
+from .. import distributed
+from .._numerics import all_finite
+from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
-from ._core import APOCore, _Plan, check_betas, check_common_args, check_number, momentum_catch_up
-from .meta import (
+from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
+from .preconditioners import (
+    S_PARAMS,
     DiagonalPreconditioner,
-    all_finite,
     StructuredPreconditioner,
     meta_backward_many,
     precondition_many,
 )
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+class _FlatView(LayerView):
+    """A parameter no layer owns, as one row (1, numel): A is the fixed 1×1 identity, B learnt."""
+
+    name = "full"
+    learn_left = False
+
+    def matrix(self, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return weight.reshape(1, -1)
 
 
 class _Layer:
-    """A weight (+ bias) viewed as one (m, n) matrix with its StructuredPreconditioner.
+    """A layer (``apo_kernels.layers.Layer``: weight + bias as one (m, n) matrix) with its
+    StructuredPreconditioner; ``kind`` is its view's name ("linear", "conv", "embedding", …,
+    "full" for a small parameter no layer owns)."""
 
-    kind "linear" / "conv": rows = output units, A and B learnt; "embedding": A fixed (vocabulary
-    side); "full": a small parameter no layer owns, flattened to one row (1, numel) — A is the fixed
-    1×1 identity and B a full numel×numel factor.
-    """
-
-    def __init__(self, name: str, kind: str, weight: Tensor, bias: Optional[Tensor], precond_kwargs: dict):
-        self.name, self.kind, self.weight, self.bias = name, kind, weight, bias
-        self.m = 1 if kind == "full" else weight.shape[0]
-        self.nw = weight.numel() // self.m
-        self.n = self.nw + (1 if bias is not None else 0)
-        self.precond = StructuredPreconditioner(
-            self.m, self.n, learn_left=kind not in ("embedding", "full"), **precond_kwargs
-        )
-
-    @property
-    def params(self) -> list[Tensor]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
+    def __init__(self, layer: Layer, precond_kwargs: dict):
+        self.layer, self.name, self.kind = layer, layer.name, layer.view.name
+        self.weight, self.bias, self.params = layer.weight, layer.bias, layer.params
+        self.m, self.n = layer.shape
+        self.precond = StructuredPreconditioner(self.m, self.n, learn_left=layer.view.learn_left, **precond_kwargs)
 
     def matrix(self, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        W = w.reshape(self.m, self.nw)
-        if self.bias is None:
-            return W
-        return torch.cat([W, b.reshape(self.m, 1)], dim=1)
+        return self.layer.matrix(w, b)
 
     def split(self, Y: Tensor) -> list[Tensor]:
-        if self.bias is None:
-            return [Y.reshape(self.weight.shape)]
-        return [Y[:, : self.nw].reshape(self.weight.shape), Y[:, self.nw].reshape(self.bias.shape)]
+        return self.layer.split(Y)
 
 
 class _PrecondPlan(_Plan):
     pass
 
 
-class APOPrecond(torch.optim.Optimizer, APOCore):
+class APOPrecond(APOCore):
     """APO with a structured preconditioner per layer (APO-Precond), torch.optim closure style.
 
     Args:
@@ -117,6 +115,12 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             independent of lr's magnitude; default) or "linear" (S² = S·S).
         meta_batch: "same" (Algorithm 1) or "fresh" (ablation; needs ``step(meta_closure=...)``).
         grad_scaler: the torch.amp.GradScaler the closure scales its loss with.
+        shard_preconditioners: under torch.distributed (DDP), keep each preconditioner's φ and
+            meta-optimizer state on one owner rank only (assigned by cost), which computes that
+            layer's update and meta-gradient and broadcasts the update: φ's memory per rank is
+            about 1/world_size. ``state_dict()`` then gathers (call it on every rank); ``phi``
+            holds ``meta``-device placeholders for the other ranks' tensors. No effect in one
+            process. See ``apo_kernels.distributed``.
 
     Learning-rate schedulers: the real update is multiplied by ``schedule_factor()`` =
     param_groups[0]["lr"] / ``lr`` (the constructor's). The lookahead does not see it: φ learns the
@@ -152,23 +156,19 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         s_param: str = "log",
         meta_batch: str = "same",
         grad_scaler=None,
+        shard_preconditioners: bool = False,
     ):
         check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
         lr = check_number("lr", lr, low=0.0, low_ok=False)
         momentum = check_number("momentum", momentum, low=0.0, high=1.0, high_ok=False)
         weight_decay = check_number("weight_decay", weight_decay)
         update_scale = check_number("update_scale", update_scale, low=0.0, low_ok=False)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
-            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
         for name, v in (("max_precond_dim", max_precond_dim), ("small_full_max", small_full_max)):
             if v is not None:
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
-                if v < 1:
-                    raise ValueError(f"{name} must be >= 1, got {v}")
-        meta_betas = check_betas("meta_betas", meta_betas)
+                check_int(name, v, low=1)
+        check_choice("s_param", s_param, S_PARAMS)
+        meta_betas = check_pair("meta_betas", meta_betas, high=1.0, high_ok=False)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         devices = {p.device for p in trainable}
@@ -184,29 +184,16 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         kwargs = dict(init_s=math.sqrt(lr / update_scale), max_dim=max_precond_dim,
                       s_param=s_param, dtype=self.phi_dtype, device=device)
 
-        # Layers first (in module order), each parameter claimed once: tied weights are
-        # preconditioned by the first module that owns them.
-        claimed: set[int] = set()
-        self.layers: list[_Layer] = []
-        for name, mod in model.named_modules():
-            kind = ("linear" if isinstance(mod, nn.Linear) else
-                    "conv" if isinstance(mod, _CONVS) else
-                    "embedding" if isinstance(mod, nn.Embedding) else None)
-            w = getattr(mod, "weight", None)
-            if kind is None or not isinstance(w, Tensor) or not w.requires_grad or id(w) in claimed:
-                continue
-            b = getattr(mod, "bias", None)
-            if kind == "embedding" or not isinstance(b, Tensor) or not b.requires_grad or id(b) in claimed:
-                b = None
-            self.layers.append(_Layer(name or kind, kind, w, b, kwargs))
-            claimed.update(id(p) for p in self.layers[-1].params)
+        # Layers first (in module order); a tied weight is preconditioned by the first layer that holds it
+        self.layers = [_Layer(layer, kwargs) for layer in find_layers(model, shared="first_owner")]
+        claimed = {id(p) for layer in self.layers for p in layer.params}
         self.diagonals: list[tuple[str, Tensor, DiagonalPreconditioner]] = []
         for name, p in model.named_parameters():
             if not p.requires_grad or id(p) in claimed:
                 continue
             claimed.add(id(p))
             if small_full_max is not None and p.numel() <= small_full_max:
-                self.layers.append(_Layer(name, "full", p, None, kwargs))
+                self.layers.append(_Layer(Layer(name, None, _FlatView(), p), kwargs))
             else:
                 self.diagonals.append((name, p, DiagonalPreconditioner(
                     p.shape, init_s=kwargs["init_s"], s_param=s_param, dtype=self.phi_dtype, device=device)))
@@ -222,6 +209,8 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
         self.warmup_steps, self.update_scale = warmup_steps, update_scale
         self.max_precond_dim, self.small_full_max, self.backend = max_precond_dim, small_full_max, backend
         self._params = params
+        # sharded mode: φ only for this rank's preconditioners (the others' are placeholders)
+        self._shards = distributed.shard_preconditioners(model, self.layers, self.diagonals, shard_preconditioners)
         self._phi = [t for layer in self.layers for t in layer.precond.parameters()] + \
                     [t for _, _, d in self.diagonals for t in d.parameters()]
         # Adam moves every entry by ≈ lr; the meta-gradient of a d×d factor is low-rank, so its
@@ -254,8 +243,9 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
     def preconditioner_stats(self) -> dict[str, dict[str, float]]:
         """Per layer / diagonal parameter: s2_mean (mean of S², the step multiplier), a_dist and
         b_dist (‖A−I‖_F, ‖B−I‖_F over blocks; 0 where the factor is fixed or absent)."""
-        out = {layer.name: layer.precond.stats() for layer in self.layers}
-        out.update({name: d.stats() for name, _, d in self.diagonals})
+        out = {layer.name: layer.precond.stats() for layer in self.layers
+               if distributed.owns(self._shards, layer.precond)}  # sharded: this rank's only
+        out.update({name: d.stats() for name, _, d in self.diagonals if distributed.owns(self._shards, d)})
         return out
 
     @property
@@ -301,6 +291,7 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             plan.layers.append(layer)
             plan.Gs.append(layer.matrix(*vs) if len(vs) == 2 else layer.matrix(vs[0], None))
         plan.diags = [(p, d) for _, p, d in self.diagonals if id(p) in plan.v]
+        distributed.keep_owned(self._shards, plan)  # sharded: this rank's preconditioners only
         return plan
 
     def _directions(self, plan) -> dict[int, Tensor]:
@@ -312,7 +303,8 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
                 out[id(p)] = y
         for p, d in plan.diags:
             out[id(p)] = d.apply(plan.v[id(p)])
-        return out
+        # sharded: the other owners' updates arrive by broadcast
+        return distributed.gather_directions(self._shards, out, plan.params, self.phi_dtype)
 
     def _lookahead_deltas(self, plan):
         # the lookahead judges the step a warmed-up momentum buffer will take (momentum_catch_up)
@@ -371,8 +363,9 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Momentum buffers (by parameter index), φ, meta-optimizer state, counters, hyperparameters."""
-        return {
+        """Momentum buffers (by parameter index), φ, meta-optimizer state, counters, hyperparameters.
+        Sharded: gathered from every rank (a collective), in the same layout."""
+        return distributed.gather_state(self._shards, {
             "momentum": {i: self.state[p]["momentum_buffer"].clone()
                          for i, p in enumerate(self._params) if "momentum_buffer" in self.state.get(p, {})},
             "phi": [t.detach().clone() for t in self._phi],
@@ -380,7 +373,7 @@ class APOPrecond(torch.optim.Optimizer, APOCore):
             **self._core_state(),
             "initial_lr": self._initial_lr,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-        }
+        }, self._phi, self.meta_optimizer)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; tensors are mapped to this optimizer's device and dtypes."""

@@ -1,0 +1,284 @@
+"""Per-parameter preconditioners whose parameters φ APO meta-learns.
+
+- ``StructuredPreconditioner``: Y = A·(S²⊙(AᵀGB))·Bᵀ for one (m, n) matrix, with block-diagonal
+  A/B for sides above ``max_dim`` (``split_sizes``); ``DiagonalPreconditioner``: Y = S²⊙G for
+  any shape.
+- ``precondition_many`` / ``meta_backward_many``: many structured preconditioners in ONE grouped
+  op call (forward, and the op's registered backward for ∂Q/∂φ).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+import apo_kernels
+
+from .._args import check_choice, check_number
+
+__all__ = [
+    "S_PARAMS",
+    "split_sizes",
+    "StructuredPreconditioner",
+    "DiagonalPreconditioner",
+    "precondition_many",
+    "meta_backward_many",
+]
+
+
+def split_sizes(size: int, max_dim: Optional[int]) -> list[int]:
+    """The blocking rule: a side longer than ``max_dim`` is cut into ⌈size/max_dim⌉ near-equal
+    blocks (sizes differ by at most one), each with its own factor; ``None`` means never split."""
+    if max_dim is None or size <= max_dim:
+        return [size]
+    k = math.ceil(size / max_dim)
+    base, extra = divmod(size, k)
+    return [base + 1] * extra + [base] * (k - extra)
+
+
+def _offsets(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return out
+
+
+S_PARAMS = ("log", "linear")
+
+
+def _init_s(shape, init_s: float, s_param: str, dtype, device) -> Tensor:
+    """The stored S for a given initial value of S (so that S² = init_s² either way)."""
+    init_s = check_number("init_s", init_s, low=0.0, low_ok=False)
+    v = math.log(init_s) if s_param == "log" else float(init_s)
+    return torch.full(tuple(shape), v, dtype=dtype, device=device)
+
+
+def _s2(S: Tensor, s_param: str) -> Tensor:
+    # "log": S² = exp(2S), so Adam's ≈meta_lr absolute steps are relative changes of the step size
+    return torch.exp(2.0 * S) if s_param == "log" else S * S
+
+
+def _ds(S: Tensor, dS2: Tensor, s_param: str) -> Tensor:
+    return 2.0 * _s2(S, s_param) * dS2 if s_param == "log" else 2.0 * S * dS2
+
+
+@torch.no_grad()
+def _scale_s2(S: Tensor, factor: float, s_param: str) -> None:
+    """S² ← factor·S² in place, in either parametrization."""
+    if s_param == "log":
+        S.add_(0.5 * math.log(factor))
+    else:
+        S.mul_(math.sqrt(factor))
+
+
+def _add_grad(t: Tensor, g: Tensor) -> None:
+    t.grad = g.clone() if t.grad is None else t.grad + g
+
+
+class StructuredPreconditioner:
+    """Y = A · (S²⊙(Aᵀ G B)) · Bᵀ for one (m, n) gradient matrix G — the APO-Precond rule.
+
+    P = (A⊗B)·diag(vec S²)·(A⊗B)ᵀ is PSD by construction. A (m×m) and B (n×n) start at identity,
+    S (m×n) at ``init_s`` everywhere, so initially Y = init_s²·G (a plain SGD step of size init_s²).
+
+    Blocking (``max_dim``): a side longer than ``max_dim`` is split into near-equal blocks and the
+    factor on that side is block-diagonal (one dense block per piece). Each (row block, column
+    block) tile is one entry of the grouped op, with its row block's A and column block's B; their
+    meta-gradients are summed over tiles. Memory per side of size d: d·⌈d/⌈d/max_dim⌉⌉ ≤ d·max_dim.
+
+    ``learn_left=False`` (``learn_right=False``) fixes that side's factor to the identity (used on
+    the vocabulary side of embeddings): it is not meta-learned and costs one shared identity block.
+
+    Attributes:
+        A, B: lists of square blocks (dtype ``dtype``); S: (m, n).
+    """
+
+    def __init__(
+        self,
+        m: int,
+        n: int,
+        *,
+        init_s: float = 1.0,
+        max_dim: Optional[int] = None,
+        learn_left: bool = True,
+        learn_right: bool = True,
+        s_param: str = "log",
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device, None] = None,
+    ):
+        check_choice("s_param", s_param, S_PARAMS)
+        self.s_param = s_param
+        self.shape = (int(m), int(n))
+        self.learn_left, self.learn_right = bool(learn_left), bool(learn_right)
+        self.row_blocks = _offsets(split_sizes(m, max_dim))
+        self.col_blocks = _offsets(split_sizes(n, max_dim))
+        eye_cache: dict[int, Tensor] = {}
+
+        def factor(size: int, learn: bool) -> Tensor:
+            if learn:
+                return torch.eye(size, dtype=dtype, device=device)
+            if size not in eye_cache:  # fixed identity blocks are shared, never written
+                eye_cache[size] = torch.eye(size, dtype=dtype, device=device)
+            return eye_cache[size]
+
+        self.A = [factor(r1 - r0, learn_left) for r0, r1 in self.row_blocks]
+        self.B = [factor(c1 - c0, learn_right) for c0, c1 in self.col_blocks]
+        self.S = _init_s(self.shape, init_s, s_param, dtype, device)
+
+    def S2(self) -> Tensor:
+        """S² (m, n), the op's diagonal: S·S for s_param="linear", exp(2S) for "log"."""
+        return _s2(self.S, self.s_param)
+
+    def scale_s2(self, factor: float) -> None:
+        """S² ← factor·S² (the whole step scales by ``factor``; A and B unchanged)."""
+        _scale_s2(self.S, factor, self.s_param)
+
+    # ---- φ ------------------------------------------------------------------------------
+    def parameters(self) -> list[Tensor]:
+        """The meta-learned tensors: A blocks (if learnt), S, B blocks (if learnt)."""
+        return (self.A if self.learn_left else []) + [self.S] + (self.B if self.learn_right else [])
+
+    def tiles(self, X: Tensor) -> list[Tensor]:
+        """Views of the (m, n) matrix X per (row block, column block), row-major order."""
+        if len(self.row_blocks) == 1 and len(self.col_blocks) == 1:
+            return [X]
+        return [X[r0:r1, c0:c1] for r0, r1 in self.row_blocks for c0, c1 in self.col_blocks]
+
+    def op_inputs(self, G: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """(grads, As, S²s, Bs) tile lists for the grouped op, for the (m, n) matrix G."""
+        S2 = self.S2()
+        nc = len(self.col_blocks)
+        As = [self.A[k // nc] for k in range(len(self.row_blocks) * nc)]
+        Bs = [self.B[k % nc] for k in range(len(self.row_blocks) * nc)]
+        return self.tiles(G), As, self.tiles(S2), Bs
+
+    def assemble(self, tiles: Sequence[Tensor]) -> Tensor:
+        """Inverse of ``tiles``: the (m, n) matrix from its tiles."""
+        if len(tiles) == 1:
+            return tiles[0]
+        nc = len(self.col_blocks)
+        rows = [torch.cat(list(tiles[i * nc:(i + 1) * nc]), dim=1) for i in range(len(self.row_blocks))]
+        return torch.cat(rows, dim=0)
+
+    def accumulate_meta_grad(self, dAs: Sequence[Tensor], dS2s: Sequence[Tensor], dBs: Sequence[Tensor]) -> None:
+        """Add the op's per-tile (dA, dS², dB) to ``.grad`` of A, S, B (chain rule through S²)."""
+        nc = len(self.col_blocks)
+        if self.learn_left and dAs:
+            for i, a in enumerate(self.A):
+                _add_grad(a, sum(dAs[i * nc + j] for j in range(nc)))
+        if self.learn_right and dBs:
+            for j, b in enumerate(self.B):
+                _add_grad(b, sum(dBs[i * nc + j] for i in range(len(self.row_blocks))))
+        _add_grad(self.S, _ds(self.S, self.assemble(dS2s), self.s_param))
+
+    @torch.no_grad()
+    def apply(self, G: Tensor, *, backend: str = "auto") -> Tensor:
+        """Y = A·(S²⊙(AᵀGB))·Bᵀ, shape (m, n) (one grouped op call over the tiles)."""
+        return precondition_many([self], [G], backend=backend)[0]
+
+    @torch.no_grad()
+    def meta_backward(self, dY: Tensor, G: Tensor, *, backend: str = "auto") -> None:
+        """Accumulate ∂⟨dY, Y⟩/∂(A, S, B) into their ``.grad``; dY, G (m, n)."""
+        meta_backward_many([self], [dY], [G], backend=backend)
+
+    # ---- observability ------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """s2_mean: mean of S² (the average step multiplier); a_dist/b_dist: ‖A−I‖_F, ‖B−I‖_F."""
+        def dist(blocks, learn):
+            if not learn:
+                return 0.0
+            return math.sqrt(sum(float((b - torch.eye(b.shape[0], dtype=b.dtype, device=b.device)).pow(2).sum())
+                                 for b in blocks))
+        return {
+            "s2_mean": float(self.S2().mean()),
+            "a_dist": dist(self.A, self.learn_left),
+            "b_dist": dist(self.B, self.learn_right),
+        }
+
+
+class DiagonalPreconditioner:
+    """Y = S²⊙G for a tensor of any shape (norm scales, biases without a layer, unsupported modules)."""
+
+    def __init__(self, shape, *, init_s: float = 1.0, s_param: str = "log", dtype=torch.float32, device=None):
+        check_choice("s_param", s_param, S_PARAMS)
+        self.shape, self.s_param = tuple(shape), s_param
+        self.S = _init_s(self.shape, init_s, s_param, dtype, device)
+
+    def S2(self) -> Tensor:
+        return _s2(self.S, self.s_param)
+
+    def scale_s2(self, factor: float) -> None:
+        """S² ← factor·S²."""
+        _scale_s2(self.S, factor, self.s_param)
+
+    def parameters(self) -> list[Tensor]:
+        return [self.S]
+
+    @torch.no_grad()
+    def apply(self, G: Tensor) -> Tensor:
+        return self.S2() * G
+
+    @torch.no_grad()
+    def meta_backward(self, dY: Tensor, G: Tensor) -> None:
+        """∂⟨dY, S²⊙G⟩/∂S (chain rule through S²), added to ``S.grad``."""
+        _add_grad(self.S, _ds(self.S, dY * G, self.s_param))
+
+    def stats(self) -> dict[str, float]:
+        return {"s2_mean": float(self.S2().mean()), "a_dist": 0.0, "b_dist": 0.0}
+
+
+@torch.no_grad()
+def precondition_many(
+    preconds: Sequence[StructuredPreconditioner], Gs: Sequence[Tensor], *, backend: str = "auto"
+) -> list[Tensor]:
+    """Y_i = preconds[i] applied to Gs[i] (m_i, n_i), all tiles of all layers in ONE grouped call."""
+    grads, As, Ss, Bs, counts = [], [], [], [], []
+    for pc, G in zip(preconds, Gs):
+        g, a, s, b = pc.op_inputs(G)
+        grads += g
+        As += a
+        Ss += s
+        Bs += b
+        counts.append(len(g))
+    if not grads:
+        return []
+    Ys = apo_kernels.precondition_grouped(grads, As, Ss, Bs, backend=backend)
+    out, k = [], 0
+    for pc, c in zip(preconds, counts):
+        out.append(pc.assemble(Ys[k:k + c]))
+        k += c
+    return out
+
+
+@torch.no_grad()
+def meta_backward_many(
+    preconds: Sequence[StructuredPreconditioner],
+    dYs: Sequence[Tensor],
+    Gs: Sequence[Tensor],
+    *,
+    backend: str = "auto",
+) -> None:
+    """For each layer add ∂⟨dY_i, Y_i⟩/∂(A_i, S_i, B_i) into their ``.grad``: ONE grouped backward
+    call with output_mask (False, learn A?, True, learn B?) — the op's d_grad is never computed."""
+    grad_outs, grads, As, Ss, Bs, counts = [], [], [], [], [], []
+    for pc, dY, G in zip(preconds, dYs, Gs):
+        g, a, s, b = pc.op_inputs(G)
+        grad_outs += pc.tiles(dY)
+        grads += g
+        As += a
+        Ss += s
+        Bs += b
+        counts.append(len(g))
+    if not grads:
+        return
+    mask = (False, any(pc.learn_left for pc in preconds), True, any(pc.learn_right for pc in preconds))
+    _, dAs, dS2s, dBs = apo_kernels.precondition_grouped_backward(
+        grad_outs, grads, As, Ss, Bs, output_mask=mask, backend=backend
+    )
+    k = 0
+    for pc, c in zip(preconds, counts):
+        pc.accumulate_meta_grad(dAs[k:k + c] if dAs else [], dS2s[k:k + c], dBs[k:k + c] if dBs else [])
+        k += c
