@@ -3,5 +3,7 @@
 #   bash scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] && .venv/bin/python -c 'import apo_kernels' 2>/dev/null || bash scripts/setup_env.sh
+# (Re)build unless the package imports and its native module was built against the installed torch.
+[ -x .venv/bin/python ] && .venv/bin/python -c 'import sys, apo_kernels._native_build as b; sys.exit(b.torch_mismatch("") is not None)' 2>/dev/null \
+  || bash scripts/setup_env.sh
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests/ "$@"
