@@ -214,14 +214,16 @@ def _worker(rank, world, init_file, out_dir, scenario, kwargs, pg_timeout):
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     result["elapsed"] = time.monotonic() - start
-    torch.save(result, out_dir / f"rank{rank}.pt")
+    torch.save(result, out_dir / f"rank{rank}.tmp")
+    os.replace(out_dir / f"rank{rank}.tmp", out_dir / f"rank{rank}.pt")  # the parent polls for it
     if dist.is_initialized() and "ok" in result:
         dist.destroy_process_group()
 
 
 def _spawn(tmp_path, scenario, *, pg_timeout, deadline, wait_for=None, **kwargs):
     """Run ``scenario`` on WORLD spawned ranks; their results by rank. Waits at most ``deadline`` s
-    for the ranks in ``wait_for`` (default all), then kills whatever still runs."""
+    for the results of the ranks in ``wait_for`` (default all), then kills whatever still runs (a
+    process whose peer died can take long to exit after reporting)."""
     ctx = multiprocessing.get_context("spawn")
     init_file = tmp_path / f"init_{scenario}"
     procs = [ctx.Process(target=_worker, args=(r, WORLD, str(init_file), str(tmp_path), scenario, kwargs, pg_timeout),
@@ -229,8 +231,10 @@ def _spawn(tmp_path, scenario, *, pg_timeout, deadline, wait_for=None, **kwargs)
     for p in procs:
         p.start()
     end = time.monotonic() + deadline
-    for r in (range(WORLD) if wait_for is None else wait_for):
-        procs[r].join(max(0.0, end - time.monotonic()))
+    wanted = list(range(WORLD) if wait_for is None else wait_for)
+    while time.monotonic() < end and not all(
+            (tmp_path / f"rank{r}.pt").exists() or not procs[r].is_alive() for r in wanted):
+        time.sleep(0.05)
     for p in procs:
         if p.is_alive():
             p.kill()
