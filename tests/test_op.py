@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 import _contract
 import apo_kernels
 from apo_kernels.ops import reference
+from apo_kernels.ops.backends import get
 from conftest import cpu_backends
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (17, 129), (64, 64), (257, 63), (130, 500)]
@@ -235,38 +236,39 @@ def test_gradcheck_float64(backend):
 
 
 def registered_op_families():
-    fams = []
-    if apo_kernels.backends()["cpu"] == "available":
-        fams.append(pytest.param("", id="native"))
-    else:
-        fams.append(pytest.param("", id="native", marks=pytest.mark.skip(reason=apo_kernels.backends()["cpu"])))
-    reason = None if os.environ.get("TRITON_INTERPRET") == "1" else "triton ops run on CPU only under TRITON_INTERPRET=1"
-    if apo_kernels.backends()["triton"].startswith("unavailable"):
-        reason = apo_kernels.backends()["triton"]
-    fams.append(pytest.param("triton_", id="triton", marks=[pytest.mark.skip(reason=reason)] if reason else []))
-    return fams
+    """One backend per family of registered (torch.library) ops in the registry, for CPU tensors
+    (cpu and cuda share the native ops; the reference is plain torch, no registered op)."""
+    by_family = {}
+    for p in cpu_backends():
+        family = get(p.values[0]).family
+        if family is None or family is reference.FAMILY:
+            continue
+        kept = by_family.get(id(family))
+        if kept is None or (kept.marks and not p.marks):  # a backend that runs here wins
+            by_family[id(family)] = p
+    return list(by_family.values())
 
 
-@pytest.mark.parametrize("prefix", registered_op_families())
+@pytest.mark.parametrize("backend", registered_op_families())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_opcheck_every_registered_op(prefix, dtype):
-    ops = torch.ops.apo
-    if prefix == "triton_" and dtype == torch.float64:
+def test_opcheck_every_registered_op(backend, dtype):
+    fam = get(backend).family
+    if backend == "triton" and dtype == torch.float64:
         pytest.skip("Triton's tl.dot has no float64")
     G, A, S, B = make_layer(5, 3, dtype, requires_grad=True)
     dY = torch.randn(5, 3, dtype=dtype)
-    torch.library.opcheck(getattr(ops, f"{prefix}precondition"), (G, A, S, B))
+    torch.library.opcheck(fam.forward, (G, A, S, B))
     Gb, Ab, Sb, Bb = make_layer(4, 3, dtype, batch=2, requires_grad=True)
-    torch.library.opcheck(getattr(ops, f"{prefix}precondition"), (Gb, Ab, Sb, Bb))
+    torch.library.opcheck(fam.forward, (Gb, Ab, Sb, Bb))
     detached = [t.detach() for t in (G, A, S, B)]
     for mask in ([True] * 4, [False, True, True, True]):
-        torch.library.opcheck(getattr(ops, f"{prefix}precondition_backward"), (dY, *detached, mask))
+        torch.library.opcheck(fam.backward, (dY, *detached, mask))
     layers = [make_layer(m, n, dtype, requires_grad=True) for m, n in [(3, 2), (1, 4), (6, 6)]]
     lists = [list(x) for x in zip(*layers)]
-    torch.library.opcheck(getattr(ops, f"{prefix}precondition_grouped"), tuple(lists))
+    torch.library.opcheck(fam.grouped, tuple(lists))
     dYs = [torch.randn_like(g) for g in lists[0]]
     det = [[t.detach() for t in ts] for ts in lists]
-    torch.library.opcheck(getattr(ops, f"{prefix}precondition_grouped_backward"), (dYs, *det, [False, True, True, True]))
+    torch.library.opcheck(fam.grouped_backward, (dYs, *det, [False, True, True, True]))
 
 
 def saved_by_autograd(fn):
@@ -505,13 +507,12 @@ def test_result_too_big_for_memory_is_refused_before_allocation():
             ops.triton_precondition(*big)
 
 
-@pytest.mark.parametrize("prefix", registered_op_families())
-def test_registered_ops_check_their_inputs(prefix):
+@pytest.mark.parametrize("backend", registered_op_families())
+def test_registered_ops_check_their_inputs(backend):
     """Direct calls of torch.ops.apo.{,triton_}precondition* are refused like the public API's
     (the fuzz test, test_fuzz_ops.py, covers many more malformed calls in subprocesses)."""
-    ops = torch.ops.apo
-    fwd, bwd = getattr(ops, f"{prefix}precondition"), getattr(ops, f"{prefix}precondition_backward")
-    grouped = getattr(ops, f"{prefix}precondition_grouped")
+    fam = get(backend).family
+    fwd, bwd, grouped = fam.forward, fam.backward, fam.grouped
     G, A, S, B = make_layer(4, 3, torch.float32)
     with pytest.raises(ValueError, match="A must have shape \\(4, 4\\) for grad of shape \\(4, 3\\)"):
         fwd(G, torch.randn(3, 3), S, B)
@@ -529,17 +530,17 @@ def test_registered_ops_check_their_inputs(prefix):
         grouped([G, G2], [A, A2], [S, S2], [B, B2])
 
 
-@pytest.mark.parametrize("prefix", registered_op_families())
-def test_meta_input_mixed_with_cpu_is_refused(prefix):
+@pytest.mark.parametrize("backend", registered_op_families())
+def test_meta_input_mixed_with_cpu_is_refused(backend):
     """A meta tensor makes the Meta (fake) kernel win dispatch: it must refuse the mix, not return
     an uninitialized CPU tensor; all-meta calls still work (shape propagation)."""
-    ops = torch.ops.apo
-    fwd, grouped = getattr(ops, f"{prefix}precondition"), getattr(ops, f"{prefix}precondition_grouped")
+    fam = get(backend).family
+    fwd, grouped = fam.forward, fam.grouped
     G, A, S, B = make_layer(4, 3, torch.float32)
     with pytest.raises(ValueError, match="A is on meta but grad is on cpu"):
         fwd(G, A.to("meta"), S, B)
     with pytest.raises(ValueError, match="grad_out is on meta"):
-        getattr(ops, f"{prefix}precondition_backward")(G.to("meta"), G, A, S, B, [True] * 4)
+        fam.backward(G.to("meta"), G, A, S, B, [True] * 4)
     with pytest.raises(ValueError, match="layer 1: S is on meta"):
         grouped([G, G], [A, A], [S, S.to("meta")], [B, B])
     meta = [t.to("meta") for t in (G, A, S, B)]
