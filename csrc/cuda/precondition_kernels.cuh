@@ -16,12 +16,17 @@
 // 2 (forward) or 4 (backward) m×n buffers are resident. A factor with a null pointer is the
 // identity: its products are skipped (the other operand is taken as the result).
 //
-// Resources per kernel (nvcc 13.0, -O3, `-Xptxas -v`; registers per thread, no spills, no stack;
-// shared memory at 64×64, dynamic):
-//                       sm_80 regs  sm_90 regs  shared fp32 (fp64)   blocks per SM by shared memory
-//   forward fp32           REGF80      REGF90     37.6 KB (75 KB)     A100: 4, H100: 5
-//   backward fp32          REGB80      REGB90     73.5 KB (147 KB)    A100: 2, H100: 3
-// (was: one output per thread; backward fp32 146 KB at 64×64, one block per SM.)
+// Resources per kernel (nvcc 13.0, -O3, `-Xptxas -v`, sm_80 and sm_90 alike unless noted: registers
+// per thread, no spills, no stack; dynamic shared memory at 64×64 in KiB, fp32 compute for
+// fp32/fp16/bf16; blocks per SM allowed by shared memory (A100 164 KiB, H100 228 KiB per SM, 1 KiB
+// reserved per block), and by registers where they allow fewer):
+//                        registers           shared memory    blocks per SM
+//   forward fp32/half    64                  36.8             A100 4, H100 6 (registers: 4)
+//   backward fp32/half   80                  73.5             A100 2, H100 3
+//   forward fp64         105 (sm_90: 108)    73.5             A100 2, H100 3 (registers: 2)
+//   backward fp64        184                 147              1
+// The one-output-per-thread kernels they replace held A, B and 3 (forward) or 7 (backward) m×n
+// buffers: 146 KB for the fp32 backward at 64×64 (one block per SM), 292 KB in fp64 (did not fit).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -61,9 +66,8 @@ inline constexpr int small_class_threads(int64_t bound) {
 constexpr int kSmallThreads = small_class_threads(kSmallMaxDim);  // 256: the largest class
 
 // Blocks of 256 threads per SM that the registers must allow (__launch_bounds__: at most 64
-// registers a thread for 4 blocks, 80 for 3, 128 for 2), matched to what shared memory admits at
-// 64×64 on an H100 (228 KB per SM): fp32 compute 4 forward (5 by shared memory) and 3 backward;
-// fp64 2 and 1.
+// registers a thread for 4 blocks, 80 for 3, 128 for 2), close to what shared memory admits at
+// 64×64 on an H100 (table at the top): fp32 compute 4 forward and 3 backward; fp64 2 and 1.
 template <typename acc_t>
 constexpr int small_min_blocks(bool backward) {
   return sizeof(acc_t) <= 4 ? (backward ? 3 : 4) : (backward ? 1 : 2);
