@@ -5,8 +5,9 @@
     python scripts/sanitize_kernels.py --backend cpu           # the same workload on the CPU kernels
 
 Runs, for each GPU backend (cuda, triton): fp32 64×64 forward and backward (every output), the same
-batched with L = 3, and a grouped call mixing small (fused) and large (tiled / cuBLAS) layers,
-forward and backward. Every result is compared with the float64 reference, so a run that the
+batched with L = 3, and a grouped call mixing small (fused) layers of every shared-memory size class
+(max(m, n) ≤ 16, ≤ 32, ≤ 64: one CUDA launch each) with large (tiled / cuBLAS) layers, some with
+identity factors (None), forward and backward. Every result is compared with the float64 reference, so a run that the
 sanitizer lets through still fails on wrong numbers. Exit status: 0 ok, 1 wrong result, 2 no GPU
 or a backend missing. Sizes are small: under memcheck every kernel runs 10-100x slower.
 """
@@ -19,7 +20,9 @@ import time
 import torch
 
 # Small (fused) and large (tiled / cuBLAS) layers in one grouped call: both backends fuse m, n <= 64.
-GROUP_MIX = [(1, 1), (7, 3), (33, 17), (64, 64), (65, 10), (130, 70)]
+# (m, n, identity factors): "A" / "B" / "AB" pass None for those factors.
+GROUP_MIX = [(1, 1, ""), (7, 3, "A"), (20, 32, ""), (20, 32, "B"), (33, 17, ""), (64, 64, ""), (64, 64, "AB"),
+             (65, 10, ""), (130, 70, "A")]
 FP32_TOL = 1e-4  # relative Frobenius error vs float64 (TF32 is switched off below)
 
 
@@ -40,6 +43,11 @@ def rel_err(x, ref):
 
 def check(name, outs, refs, failures):
     for k, (o, r) in enumerate(zip(outs, refs)):
+        if r is None or o is None:  # the gradient of an identity factor: None from both
+            if not (r is None and o is None):
+                failures.append(f"{name}[{k}]: {'None' if o is None else 'a tensor'} where the reference has "
+                                f"{'None' if r is None else 'a tensor'}")
+            continue
         err = rel_err(o, r)
         if not err <= FP32_TOL:
             failures.append(f"{name}[{k}]: relative error {err:.2e} > {FP32_TOL:.0e}")
@@ -50,7 +58,7 @@ def run_backend(backend: str, failures: list) -> None:
     from apo_kernels.ops import reference as ref
 
     def d64(ts):
-        return [t.double() for t in ts]
+        return [None if t is None else t.double() for t in ts]
 
     device = "cpu" if backend == "cpu" else "cuda"
     every = (True, True, True, True)
@@ -61,7 +69,10 @@ def run_backend(backend: str, failures: list) -> None:
         check(f"{tag} forward", [y], [ref.precondition(*d64((g, a, s, b)))], failures)
         outs = apo_kernels.precondition_backward(dy, g, a, s, b, output_mask=every, backend=backend)
         check(f"{tag} backward", outs, ref.precondition_backward(*d64((dy, g, a, s, b)), every), failures)
-    layers = [make(m, n, device, seed=i) for i, (m, n) in enumerate(GROUP_MIX)]
+    layers = []
+    for i, (m, n, identity) in enumerate(GROUP_MIX):
+        dy, g, a, s, b = make(m, n, device, seed=i)
+        layers.append((dy, g, None if "A" in identity else a, s, None if "B" in identity else b))
     dys, gs, as_, ss, bs = (list(c) for c in zip(*layers))
     ys = apo_kernels.precondition_grouped(gs, as_, ss, bs, backend=backend)
     check(f"{backend} grouped forward", ys, ref.precondition_grouped(d64(gs), d64(as_), d64(ss), d64(bs)), failures)
