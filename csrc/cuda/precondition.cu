@@ -196,17 +196,35 @@ void allow_max_dynamic_smem(void (*kernel)(const LayerDesc*)) {
   done.insert(key);
 }
 
-// One launch of the small-layer kernel over every descriptor of `table` (one block each). The table
-// goes to the device in a single non-blocking H2D copy from pinned memory on the current stream
-// (from the captured-table arena while a CUDA graph is being captured).
-void launch_small(const std::vector<LayerDesc>& table, bool backward, at::ScalarType dtype,
+// The small-layer kernel over every descriptor of `layers` (one block each): one launch per
+// shared-memory size class (kernels::small_size_class), with that class's thread count and the
+// shared memory of its largest layer, so small layers are not sized for the largest one of a
+// grouped call. The table, ordered by class, goes to the device in a single non-blocking H2D copy
+// from pinned memory on the current stream (from the captured-table arena while a CUDA graph is
+// being captured).
+void launch_small(const std::vector<LayerDesc>& layers_in, bool backward, at::ScalarType dtype,
                   const at::Device& device) {
-  if (table.empty()) return;
-  TORCH_CHECK(table.size() <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
-              "apo: too many layers for one launch: ", table.size());
-  int64_t elems = 0;
-  for (const LayerDesc& d : table) elems = std::max(elems, small_smem_elems(d.m, d.n, backward));
-  const size_t smem_bytes = elems * compute_elem_size(dtype);
+  if (layers_in.empty()) return;
+  TORCH_CHECK(layers_in.size() <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
+              "apo: too many layers for one launch: ", layers_in.size());
+  struct ClassLaunch {
+    int64_t bound;
+    size_t begin, count;
+    int64_t elems;
+  };
+  std::vector<LayerDesc> table;
+  table.reserve(layers_in.size());
+  std::vector<ClassLaunch> launches;
+  for (const int64_t bound : kernels::kSmallClasses) {
+    ClassLaunch c{bound, table.size(), 0, 0};
+    for (const LayerDesc& d : layers_in) {
+      if (kernels::small_size_class(d.m, d.n) != bound) continue;
+      table.push_back(d);
+      c.elems = std::max(c.elems, small_smem_elems(d.m, d.n, backward));
+    }
+    c.count = table.size() - c.begin;
+    if (c.count > 0) launches.push_back(c);
+  }
 
   const int64_t table_bytes = static_cast<int64_t>(table.size() * sizeof(LayerDesc));
   captured_tables().reserve();
@@ -220,15 +238,18 @@ void launch_small(const std::vector<LayerDesc>& table, bool backward, at::Scalar
   const auto* layers = static_cast<const LayerDesc*>(dev.data_ptr());
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned int>(table.size()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "apo_small_layers", [&] {
     void (*kernel)(const LayerDesc*) =
         backward ? small_backward_kernel<scalar_t> : small_forward_kernel<scalar_t>;
     // Above 48 KiB a kernel must opt in to more dynamic shared memory (use_small_path checked
-    // that this launch fits the device limit).
+    // that every layer fits the device limit).
     allow_max_dynamic_smem(kernel);
-    kernel<<<grid, kSmallThreads, smem_bytes, stream>>>(layers);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (const ClassLaunch& c : launches) {
+      const size_t smem_bytes = c.elems * compute_elem_size(dtype);
+      kernel<<<static_cast<unsigned int>(c.count), kernels::small_class_threads(c.bound), smem_bytes, stream>>>(
+          layers + c.begin);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 
