@@ -7,6 +7,8 @@ the baselines precondition the same matrices as APO. A view says
 - ``matrix(weight, bias)``: the (m, n) matrix of a weight-shaped and a bias-shaped tensor (the
   gradient, the momentum, the update); the bias, if any, is the LAST column;
 - ``split(Y, weight_shape, bias_shape)``: the inverse, a matrix update back to (weight, bias);
+- ``shape(weight_shape, bias_shape)``: (m, n) without touching parameter memory (derived from
+  ``matrix``; nothing to write for a new view);
 - ``learn_left``: whether APO learns the left factor A (rows side); False where the rows are not
   a space a dense factor makes sense on (an embedding's vocabulary: A stays the identity, S
   still scales each entry);
@@ -26,6 +28,7 @@ that several modules share (tied weights).
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -68,6 +71,17 @@ class LayerView:
         if bias is None:
             return W
         return torch.cat([W, bias.reshape(W.shape[0], 1)], dim=1)
+
+    def shape(self, weight_shape: Sequence[int], bias_shape: Optional[Sequence[int]] = None) -> tuple[int, int]:
+        """(m, n) of ``matrix`` for these parameter shapes, without parameter memory."""
+        if type(self).matrix is LayerView.matrix:
+            rows = int(weight_shape[0])
+            return rows, math.prod(weight_shape) // max(rows, 1) + (0 if bias_shape is None else 1)
+        # another layout: ask it, on uninitialized one-byte stand-ins (meta tensors would do, but
+        # their first torch.cat costs seconds of lazy imports)
+        probe = lambda s: torch.empty(tuple(s), dtype=torch.uint8)  # noqa: E731
+        m, n = self.matrix(probe(weight_shape), None if bias_shape is None else probe(bias_shape)).shape
+        return int(m), int(n)
 
     def split(self, Y: Tensor, weight_shape: Sequence[int],
               bias_shape: Optional[Sequence[int]] = None) -> tuple[Tensor, Optional[Tensor]]:
@@ -215,7 +229,7 @@ class Layer:
     @property
     def shape(self) -> tuple[int, int]:
         """(m, n) of the layer's matrix."""
-        return _shape(self.view, self.weight.shape, None if self.bias is None else self.bias.shape)
+        return self.view.shape(self.weight.shape, None if self.bias is None else self.bias.shape)
 
     def matrix(self, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """The (m, n) matrix of tensors shaped like (weight, bias); bias is required when the
@@ -230,12 +244,6 @@ class Layer:
         return [w] if self.bias is None else [w, b]
 
 
-def _shape(view: LayerView, weight_shape, bias_shape) -> tuple[int, int]:
-    meta = lambda s: torch.empty(tuple(s), device="meta")  # noqa: E731 - shapes only, no memory
-    m, n = view.matrix(meta(weight_shape), None if bias_shape is None else meta(bias_shape)).shape
-    return int(m), int(n)
-
-
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
     """(m, n) of a registered module's matrix, bias column included when it has a bias (works on
     modules built on the ``meta`` device)."""
@@ -243,7 +251,7 @@ def matrix_shape(module: nn.Module) -> tuple[int, int]:
     if view is None:
         raise TypeError(f"module: {type(module).__name__} is not a registered layer type")
     weight, bias = view.params(module)
-    return _shape(view, weight.shape, None if bias is None else bias.shape)
+    return view.shape(weight.shape, None if bias is None else bias.shape)
 
 
 SHARED_POLICIES = ("first_owner", "exclude")

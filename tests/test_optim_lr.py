@@ -401,3 +401,57 @@ def test_lookahead_ignores_the_schedule():
     q1, g1 = o1.meta_gradient(q_closure(o1, m1, x, y))
     q2, g2 = o2.meta_gradient(q_closure(o2, m2, x, y))
     assert q1 == q2 and torch.equal(g1[0], g2[0])
+
+
+# --------------------------------------------------------------------------------------------
+# APOLR is a torch.optim.Optimizer (the base of APOPrecond too) over the base optimizer's groups
+# --------------------------------------------------------------------------------------------
+def test_apolr_is_a_torch_optimizer_over_the_base_optimizers_groups_and_state():
+    m = mlp()
+    base = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    opt = APOLR(m, base, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=0)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    x, y = batch()
+    opt.step(q_closure(opt, m, x, y))
+    assert all("momentum_buffer" in opt.state[p] for p in m.parameters())
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(o))  # torch.optim's step hooks
+    opt.step(q_closure(opt, m, x, y))
+    assert calls == [opt]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_scheduler_on_apolr_itself_schedules_the_base_optimizer(name):
+    m1 = mlp()
+    m2 = copy.deepcopy(m1)
+    x, y = batch()
+    apo = APOLR(m1, torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
+                meta_interval=0)
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    s1, s2 = SCHEDULERS[name](apo), SCHEDULERS[name](sgd)
+    for _ in range(10):
+        apo.step(q_closure(apo, m1, x, y))
+        sgd.step(q_closure(sgd, m2, x, y))
+        s1.step()
+        s2.step()
+        assert apo.lr == sgd.param_groups[0]["lr"] == apo.base_optimizer.param_groups[0]["lr"]
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_apolr_deepcopy_steps_like_the_original_and_groups_are_fixed():
+    m = mlp(torch.float64)
+    x, y = batch(torch.float64)
+    opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.1,
+                meta_interval=2)
+    opt.step(q_closure(opt, m, x, y))
+    twin = copy.deepcopy(opt)  # copies the model and the base optimizer with it
+    for _ in range(3):
+        opt.step(q_closure(opt, opt.model, x, y))
+        twin.step(q_closure(twin, twin.model, x, y))
+    assert twin.learnt_lrs == opt.learnt_lrs and twin.meta_steps == opt.meta_steps == 2
+    for a, b in zip(opt.model.parameters(), twin.model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"^param_group\b"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})

@@ -699,3 +699,20 @@ def test_small_full_max_argument():
         APOPrecond(Rosenbrock(), **opt_kwargs(small_full_max=2.0))
     opt = APOPrecond(Rosenbrock(), **opt_kwargs())  # default: every unowned parameter is diagonal
     assert opt.layers == [] and len(opt.diagonals) == 3
+
+
+def test_deepcopy_steps_like_the_original_and_groups_are_fixed():
+    torch.manual_seed(0)
+    m = mlp(torch.float64)
+    x, y = data(dtype=torch.float64)
+    opt = APOPrecond(m, **opt_kwargs(meta_interval=2, lambda_wsd=0.1))
+    opt.step(closure_for(opt, m, x, y))
+    twin = copy.deepcopy(opt)  # φ, momentum, the meta-optimizer and the model travel together
+    for _ in range(3):
+        opt.step(closure_for(opt, opt.model, x, y))
+        twin.step(closure_for(twin, twin.model, x, y))
+    assert twin.meta_steps == opt.meta_steps == 2
+    for a, b in zip(opt.phi + list(opt.model.parameters()), twin.phi + list(twin.model.parameters())):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"^param_group\b"):  # φ is built for the parameters given at construction
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})

@@ -363,3 +363,55 @@ def test_apolr_first_lookahead_of_sgd_momentum_is_the_warmed_up_step():
     deltas = apo._lookahead_deltas(plan)
     for p, d in zip(plan.params, deltas):
         assert torch.allclose(d, -0.01 * 10.0 * p.grad, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# One argument checker (apo_kernels._args): wrong type → TypeError, bad value → ValueError, the
+# message starts with the argument's name, whichever optimizer is given the mistake
+# --------------------------------------------------------------------------------------------
+def test_argument_checker_rules():
+    from apo_kernels import _args
+    cases = [
+        (lambda: _args.check_number("lr", "0.1"), TypeError),
+        (lambda: _args.check_number("lr", True), TypeError),
+        (lambda: _args.check_number("lr", torch.tensor(0.1)), TypeError),
+        (lambda: _args.check_number("lr", float("nan")), ValueError),
+        (lambda: _args.check_number("lr", 0.0, low=0.0, low_ok=False), ValueError),
+        (lambda: _args.check_number("lr", 1.0, high=1.0, high_ok=False), ValueError),
+        (lambda: _args.check_int("lr", 2.0), TypeError),
+        (lambda: _args.check_int("lr", False), TypeError),
+        (lambda: _args.check_int("lr", 0, low=1), ValueError),
+        (lambda: _args.check_choice("lr", None, ("a", "b")), TypeError),
+        (lambda: _args.check_choice("lr", "c", ("a", "b")), ValueError),
+        (lambda: _args.check_bool("lr", 1), TypeError),
+        (lambda: _args.check_pair("lr", 0.5), TypeError),
+        (lambda: _args.check_pair("lr", (0.5,)), ValueError),
+        (lambda: _args.check_pair("lr", (0.5, "x")), TypeError),
+    ]
+    for call, exc in cases:
+        with pytest.raises(exc, match=r"^lr\b"):
+            call()
+    assert _args.check_number("lr", 3) == 3.0 and isinstance(_args.check_number("lr", 3), float)
+    assert _args.check_pair("betas", [0, 0.5], high=1.0) == (0.0, 0.5)
+
+
+def _kfac(**kw):
+    from apo_kernels.baselines import KFAC
+    return KFAC(mlp(), **{"lr": 0.1, "damping": 1e-3, **kw})
+
+
+@pytest.mark.parametrize("make,kwargs,exc,name", [
+    (_apolr, dict(meta_batch=None), TypeError, "meta_batch"),
+    (_precond, dict(meta_batch=None), TypeError, "meta_batch"),
+    (_precond, dict(s_param=2), TypeError, "s_param"),
+    (_precond, dict(momentum=True), TypeError, "momentum"),
+    (_kfac, dict(momentum=True), TypeError, "momentum"),
+    (_precond, dict(momentum=-0.5), ValueError, "momentum"),
+    (_kfac, dict(momentum=-0.5), ValueError, "momentum"),
+    (_precond, dict(meta_interval=2.0), TypeError, "meta_interval"),
+    (_kfac, dict(inverse_interval=2.0), TypeError, "inverse_interval"),
+    (_kfac, dict(fisher=None), TypeError, "fisher"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_the_same_mistake_raises_the_same_exception_in_every_optimizer(make, kwargs, exc, name):
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        make(**kwargs)
