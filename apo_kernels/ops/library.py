@@ -57,10 +57,8 @@ def grouped_backward_lists(fam: OpFamily, grad_outs, lists, needs) -> list:
     """Run ``fam.grouped_backward`` on saved ``lists`` (unsaved ones None) for the ``needs`` mask;
     returns four lists (identity slots None) or None where not needed."""
     grads, As, Ss, Bs = lists
-    grad_outs = [
-        torch.zeros_like(like) if dy is None else dy.contiguous()
-        for dy, like in zip(grad_outs, _shape_likes(grads, Ss, grad_outs))
-    ]
+    likes = grads if grads is not None else Ss  # saved_mask keeps one of the two (m, n) lists
+    grad_outs = [torch.zeros_like(like) if dy is None else dy.contiguous() for dy, like in zip(grad_outs, likes)]
     grads = grad_outs if grads is None else grads
     Ss = grad_outs if Ss is None else Ss
     mask = [bool(n) for n in needs]
@@ -73,12 +71,6 @@ def grouped_backward_lists(fam: OpFamily, grad_outs, lists, needs) -> list:
         factors = As if k == 1 else Bs if k == 3 else None
         result.append([None if factors is not None and factors[i] is None else o for i, o in enumerate(out)])
     return result
-
-
-def _shape_likes(grads, Ss, grad_outs):
-    """A tensor of each layer's (m, n) shape, to materialize an undefined upstream gradient."""
-    source = grads if grads is not None else Ss
-    return source if source is not None else grad_outs
 
 
 def library_family(prefix: str) -> OpFamily:
@@ -154,9 +146,8 @@ def library_family(prefix: str) -> OpFamily:
             all(t is not None for t in ts) and any(_requires_grad(t) for t in ts) for ts in inputs
         )
         ctx.opaque = tuple(any(t is None for t in ts) for ts in inputs)
-        keep = saved_mask(ctx.needs)
-        ctx.kept = keep
-        ctx.save_for_backward(*[t for ts, k in zip(inputs, keep) if k for t in ts])
+        ctx.kept = saved_mask(ctx.needs)
+        ctx.save_for_backward(*[t for ts, k in zip(inputs, ctx.kept) if k for t in ts])
 
     def backward_grouped(ctx, grad_outs):
         n = ctx.num_layers
