@@ -183,8 +183,13 @@ class APOLR(APOCore):
         grad_scaler: a torch.amp.GradScaler whose ``scale(loss).backward()`` the closure uses.
         min_lr, max_lr: optional clamps on the learnt lr (numbers > 0, min_lr <= max_lr).
 
+    APOLR is a torch.optim.Optimizer (the base it shares with APOPrecond) whose ``param_groups``
+    and ``state`` ARE the base optimizer's (the same objects): a scheduler, a step hook or a
+    hyperparameter change applies to either alike. Groups are fixed at construction (φ has one
+    entry per group): ``add_param_group`` raises.
+
     Learning-rate schedulers compose as a multiplier. A torch.optim.lr_scheduler on
-    ``base_optimizer`` owns ``param_groups[k]["lr"]``; APO-LR learns its own lr per group
+    ``base_optimizer`` (or on APOLR) owns ``param_groups[k]["lr"]``; APO-LR learns its own lr per group
     (initialised to the group's initial lr: its "initial_lr" if a scheduler recorded one, else its
     lr at construction). The base optimizer steps with
 
