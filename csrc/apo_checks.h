@@ -1,10 +1,12 @@
-// apo-kernels: the input rules of the registered ops, shared by the CPU (ops.cpp) and CUDA
-// (cuda/precondition.cu) kernels.
+// apo-kernels: what the CPU (ops.cpp) and CUDA (cuda/precondition.cu) kernels share: the input
+// rules of the registered ops, and the op's maths on ATen GEMMs (identity factors included).
 //
-// The same rules as apo_kernels/ops/_validate.py, with the same messages, so that a direct call of
-// torch.ops.apo.* fails like the public API does: TypeError (TORCH_CHECK_TYPE) for a wrong dtype,
-// ValueError (TORCH_CHECK_VALUE) for layout, ndim, shape, device or size, each naming the argument.
+// Input rules: the same as apo_kernels/ops/_validate.py, with the same messages, so that a direct
+// call of torch.ops.apo.* fails like the public API does: TypeError (TORCH_CHECK_TYPE) for a wrong
+// dtype, ValueError (TORCH_CHECK_VALUE) for layout, ndim, shape, device or size, each naming the
+// argument.
 //   - every input is a dense (strided) tensor of float32, float64, float16 or bfloat16;
+//   - A and B may be None (an identity factor; never materialized);
 //   - grad is 2-D (m, n) or 3-D (L, m, n); A, S, B (and grad_out) have its ndim, dtype and device;
 //   - A is (…, m, m), S and grad_out are grad's shape, B is (…, n, n), one batch size L;
 //   - grouped: lists of one length, 2-D layers, one dtype and device for all layers;
@@ -18,6 +20,7 @@
 #include <array>
 #include <cstdint>
 #include <iomanip>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -76,15 +79,20 @@ inline void check_tensor(const Tensor& t, const std::string& name) {
                    "; supported dtypes are float32, float64, float16, bfloat16");
 }
 
+// A or B undefined: an identity factor (None from Python), which has nothing to check.
 inline void check_layer(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B,
                         const std::string& prefix = "") {
   const std::array<const char*, 4> names = {"grad", "A", "S", "B"};
   const std::array<const Tensor*, 4> tensors = {&G, &A, &S, &B};
-  for (size_t k = 0; k < 4; ++k) check_tensor(*tensors[k], prefix + names[k]);
+  auto identity = [&](size_t k) { return (k == 1 || k == 3) && !tensors[k]->defined(); };
+  for (size_t k = 0; k < 4; ++k) {
+    if (!identity(k)) check_tensor(*tensors[k], prefix + names[k]);
+  }
   const int64_t d = G.dim();
   TORCH_CHECK_VALUE(d == 2 || d == 3, prefix, "grad must be 2-D (m, n) or 3-D (L, m, n), got shape ",
                     shape_str(G.sizes()));
   for (size_t k = 1; k < 4; ++k) {
+    if (identity(k)) continue;
     const Tensor& t = *tensors[k];
     TORCH_CHECK_VALUE(t.dim() == d, prefix, names[k], " must have ", d, " dims like grad, got shape ",
                       shape_str(t.sizes()));
@@ -104,6 +112,7 @@ inline void check_layer(const Tensor& G, const Tensor& A, const Tensor& S, const
   const std::array<std::vector<int64_t>, 4> expected = {with_lead(m, n), with_lead(m, m), with_lead(m, n),
                                                         with_lead(n, n)};
   for (size_t k = 1; k < 4; ++k) {
+    if (identity(k)) continue;
     const Tensor& t = *tensors[k];
     const bool batch_differs = d == 3 && t.size(0) != G.size(0);
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected[k]), prefix, names[k], " must have shape ",
@@ -156,22 +165,28 @@ inline void check_group(TensorList Gs, TensorList As, TensorList Ss, TensorList 
 // Size: the result must fit in the device's memory (checked after the rules above)
 
 // Elements of one layer's result: the forward's (mask == nullptr) or the backward's outputs that
-// `mask` asks for. In double: sizes of expanded tensors can overflow int64 when multiplied.
-inline double result_elems(const Tensor& G, const Mask* mask) {
+// `mask` asks for; an identity factor's gradient is an empty tensor. In double: sizes of expanded
+// tensors can overflow int64 when multiplied.
+inline double result_elems(const Tensor& G, const Mask* mask, bool has_a, bool has_b) {
   const double lead = G.dim() == 3 ? static_cast<double>(G.size(0)) : 1.0;
   const double m = static_cast<double>(G.size(-2)), n = static_cast<double>(G.size(-1));
   if (mask == nullptr) return lead * m * n;
-  const std::array<double, 4> per_output = {m * n, m * m, m * n, n * n};
+  const std::array<double, 4> per_output = {m * n, has_a ? m * m : 0.0, m * n, has_b ? n * n : 0.0};
   double sum = 0;
   for (size_t k = 0; k < 4; ++k) sum += (*mask)[k] ? per_output[k] : 0.0;
   return lead * sum;
 }
 
-// `memory_bytes` <= 0: unknown, nothing is refused.
-inline void check_result_fits(TensorList grads, const Mask* mask, double memory_bytes) {
+// `memory_bytes` <= 0: unknown, nothing is refused. `As`, `Bs`: the layers' factors (undefined =
+// identity), read for the backward only (mask != nullptr).
+inline void check_result_fits(TensorList grads, TensorList As, TensorList Bs, const Mask* mask,
+                              double memory_bytes) {
   if (grads.empty() || memory_bytes <= 0) return;
   double total = 0;
-  for (const Tensor& g : grads) total += result_elems(g, mask) * static_cast<double>(g.element_size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const bool has_a = mask == nullptr || As[i].defined(), has_b = mask == nullptr || Bs[i].defined();
+    total += result_elems(grads[i], mask, has_a, has_b) * static_cast<double>(grads[i].element_size());
+  }
   if (total <= memory_bytes) return;
   std::ostringstream who, what;
   if (grads.size() == 1) {
@@ -208,4 +223,129 @@ inline double host_memory_bytes() {
 }
 
 }  // namespace checks
+
+// ==============================================================================================
+// The op's maths on ATen GEMMs, shared by the CPU kernels and the CUDA large-layer path
+//
+//     Y = A · (S ⊙ (Aᵀ G B)) · Bᵀ          G (m×n), A (m×m), S (m×n), B (n×n); 2-D or batched 3-D
+//
+// Backward with upstream dY, H = AᵀGB, M = S⊙H:
+//     D = Aᵀ dY B,  E = S ⊙ D,  dS = D ⊙ H,  dG = A E Bᵀ,
+//     dA = dY B Mᵀ + G B Eᵀ,    dB = dYᵀ A M + Gᵀ A E
+//
+// An undefined A or B is an identity factor: every product with it is skipped (H = G B, Aᵀ G or G),
+// and its gradient is an empty (0,) tensor. Inputs must already be in the compute type (fp32 for
+// fp16/bf16: intermediates stay fp32; the caller rounds each output once). Each backend supplies the
+// elementwise ⊙S pass. Transposed views go to BLAS as transposes, not copies.
+// ==============================================================================================
+
+namespace layer {
+
+using at::Tensor;
+using checks::Mask;
+
+// A factor from the schema's `Tensor?`: undefined = identity.
+inline Tensor factor(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+inline std::vector<Tensor> factors(const c10::List<std::optional<Tensor>>& ts) {
+  std::vector<Tensor> out;
+  out.reserve(ts.size());
+  for (const std::optional<Tensor>& t : ts) out.push_back(factor(t));
+  return out;
+}
+
+// fp16/bf16 are computed in fp32 and rounded once when a result is stored.
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return at::isReducedFloatingType(t) ? at::kFloat : t;
+}
+inline Tensor up(const Tensor& x) { return x.defined() ? x.to(compute_type(x.scalar_type())) : x; }
+
+// A result in the caller's dtype, contiguous (no-ops when it already is).
+inline Tensor finish(const Tensor& x, at::ScalarType dtype) { return x.to(dtype).contiguous(); }
+
+// The gradient slot of a masked-off output or of an identity factor: a fresh empty (0,) tensor
+// (outputs must not alias each other).
+inline Tensor empty_slot(const Tensor& like) { return at::empty({0}, like.options()); }
+
+inline Tensor mT(const Tensor& x) { return x.transpose(-2, -1); }
+
+inline Tensor gemm(const Tensor& a, const Tensor& b) {
+  return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
+}
+
+// c + a @ b in one GEMM call (beta = 1)
+inline Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b) {
+  return a.dim() == 2 ? at::addmm(c, a, b) : at::baddbmm(c, a, b);
+}
+
+// x·B, x·Bᵀ, A·x, Aᵀ·x; x itself when the factor is the identity. `into`, when defined, is a dead
+// product of ours of the result's shape, reused instead of allocating a new one.
+inline Tensor times_b(const Tensor& x, const Tensor& B) { return B.defined() ? gemm(x, B) : x; }
+inline Tensor times_bt(const Tensor& x, const Tensor& B) { return B.defined() ? gemm(x, mT(B)) : x; }
+inline Tensor at_times(const Tensor& A, const Tensor& x) { return A.defined() ? gemm(mT(A), x) : x; }
+inline Tensor a_times(const Tensor& A, const Tensor& x, const Tensor& into = Tensor()) {
+  if (!A.defined()) return x;
+  if (!into.defined()) return gemm(A, x);
+  Tensor out = into;
+  if (x.dim() == 2) {
+    at::mm_out(out, A, x);
+  } else {
+    at::bmm_out(out, A, x);
+  }
+  return out;
+}
+
+// Forward in the compute type. `scale(H, S, own_h)` returns M = S⊙H; it may overwrite H when
+// `own_h` (H is then a product of ours, not the input grad itself).
+template <typename Scale>
+Tensor forward(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B, const Scale& scale) {
+  const bool own_h = A.defined() || B.defined();
+  Tensor GB = times_b(G, B);
+  Tensor M = scale(at_times(A, GB), S, own_h);
+  // GB is dead: its buffer takes A·M when it is a product of ours (A, B both present).
+  return times_bt(a_times(A, M, A.defined() && B.defined() ? GB : Tensor()), B);
+}
+
+// What the backward's elementwise pass computes from D, H, S (each only if asked for):
+// dS = D⊙H, M = S⊙H, E = S⊙D.
+struct ElementwiseOut {
+  Tensor M, E, dS;
+};
+
+// Backward in the compute type; outputs undefined where not computed (masked off or an identity
+// factor's gradient). `elementwise(S, H, D, need_m, need_e, need_s, own)` returns M, E, dS, and may
+// overwrite H with M and D with E when `own` (products of ours, not grad / grad_out themselves).
+// H is undefined when no output needs it (d_grad alone).
+template <typename Elementwise>
+std::array<Tensor, 4> backward(const Tensor& dY, const Tensor& G, const Tensor& A, const Tensor& S,
+                               const Tensor& B, Mask mask, const Elementwise& elementwise) {
+  const bool need_g = mask[0], need_a = mask[1] && A.defined(), need_s = mask[2],
+             need_b = mask[3] && B.defined();
+  std::array<Tensor, 4> out;
+  if (!(need_g || need_a || need_s || need_b)) return out;
+  const bool need_h = need_a || need_s || need_b;  // H (and so GB) feeds dS, and M for dA/dB
+  const bool need_m = need_a || need_b;
+  const bool need_e = need_g || need_a || need_b;
+  const bool own = A.defined() || B.defined();
+
+  // Without A, D is dYB and H is GB (the same tensors): M and E then overwrite them, which only dA
+  // (which needs A) would read again.
+  const Tensor dYB = times_b(dY, B);
+  const Tensor D = at_times(A, dYB);
+  const Tensor GB = need_h ? times_b(G, B) : Tensor();
+  const Tensor H = need_h ? at_times(A, GB) : Tensor();
+  const ElementwiseOut e = elementwise(S, H, D, need_m, need_e, need_s, own);
+  out[2] = e.dS;
+  if (need_a) out[1] = gemm_add(gemm(dYB, mT(e.M)), GB, mT(e.E));  // dY B Mᵀ + G B Eᵀ
+  if (need_g || need_b) {
+    // dYB and GB are dead once dA is done: with both factors present they take A·E and A·M.
+    const bool reuse = A.defined() && B.defined();
+    const Tensor AE = a_times(A, e.E, reuse ? dYB : Tensor());
+    if (need_g) out[0] = times_bt(AE, B);                                            // A E Bᵀ
+    if (need_b) out[3] = gemm_add(gemm(mT(dY), a_times(A, e.M, reuse ? GB : Tensor())), mT(G), AE);
+  }
+  return out;
+}
+
+}  // namespace layer
 }  // namespace apo

@@ -1,10 +1,10 @@
 // apo-kernels: op schemas (TORCH_LIBRARY) and the CPU implementation of the structured preconditioner
 //
-//     Y = A · (S ⊙ (Aᵀ G B)) · Bᵀ          G (m×n), A (m×m), S (m×n), B (n×n)
+//     Y = A · (S ⊙ (Aᵀ G B)) · Bᵀ          G (m×n), A (m×m), S (m×n), B (n×n); A or B None = identity
 //
-// Backward with upstream dY, H = AᵀGB, M = S⊙H:
-//     D = Aᵀ dY B,  E = S ⊙ D,  dS = D ⊙ H,  dG = A E Bᵀ,
-//     dA = dY B Mᵀ + G B Eᵀ,    dB = dYᵀ A M + Gᵀ A E
+// The maths (forward, backward, identity factors) and the input rules are in apo_checks.h, shared
+// with the CUDA large-layer path; this file adds the CPU's ⊙S pass, the grouped schedule and the
+// registration.
 //
 // Light headers only (no torch/extension.h, no pybind11): the module registers ops on load and
 // exposes no Python functions. The CUDA implementations live in csrc/cuda/*.cu.
@@ -46,108 +46,41 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;
-using Mask = std::array<bool, 4>;
+using layer::Mask;
+using OptionalTensorList = c10::List<std::optional<Tensor>>;
 using TensorVec = std::vector<Tensor>;
 
 // ---------------------------------------------------------------------------------------------
-// GEMM helpers over 2-D (mm) or 3-D batched (bmm) operands. Transposed views go to BLAS as
-// transposes, not copies.
-
-Tensor T(const Tensor& x) { return x.transpose(-2, -1); }
-
-Tensor gemm(const Tensor& a, const Tensor& b) {
-  return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
-}
-
-// out = a @ b into an existing buffer (reusing scratch instead of allocating a new product).
-void mm_into(Tensor& out, const Tensor& a, const Tensor& b) {
-  if (a.dim() == 2) {
-    at::mm_out(out, a, b);
-  } else {
-    at::bmm_out(out, a, b);
-  }
-}
-
-// out += a @ b
-void add_mm(Tensor& out, const Tensor& a, const Tensor& b) {
-  if (a.dim() == 2) {
-    out.addmm_(a, b);
-  } else {
-    out.baddbmm_(a, b);
-  }
-}
-
-// Half/bf16 are computed in fp32 and rounded once when the result is stored.
-at::ScalarType compute_type(at::ScalarType t) {
-  return at::isReducedFloatingType(t) ? at::kFloat : t;
-}
-Tensor up(const Tensor& x) { return x.to(compute_type(x.scalar_type())); }
-Tensor down(const Tensor& x, at::ScalarType t) { return x.scalar_type() == t ? x : x.to(t); }
-Tensor masked_off(const Tensor& like) { return at::empty({0}, like.options()); }
-
-// ---------------------------------------------------------------------------------------------
-// One layer (2-D, or 3-D with the batch handled by bmm)
+// One layer (2-D, or 3-D with the batch handled by bmm): the shared maths of apo_checks.h with
+// ⊙S as in-place ATen multiplies (while H or D is still hot in cache). Undefined A/B = identity.
 
 Tensor forward_layer(const Tensor& G_, const Tensor& A_, const Tensor& S_, const Tensor& B_) {
   // The op's autograd (registered from Python) wraps this kernel; its internal GEMMs must not
   // record a graph, in this thread or in a parallel_for worker.
   at::AutoDispatchBelowADInplaceOrView guard;
-  const auto dtype = G_.scalar_type();
-  const Tensor G = up(G_), A = up(A_), S = up(S_), B = up(B_);
-
-  Tensor GB = gemm(G, B);
-  Tensor M = gemm(T(A), GB);  // H = AᵀGB ...
-  M.mul_(S);                // ... and M = S⊙H in place while H is still hot in cache
-  Tensor& AM = GB;          // GB is dead: reuse its buffer for A·M
-  mm_into(AM, A, M);
-  return down(gemm(AM, T(B)), dtype);
+  auto scale = [](const Tensor& H, const Tensor& S, bool own_h) {
+    return own_h ? Tensor(H).mul_(S) : at::mul(H, S);
+  };
+  return layer::finish(layer::forward(layer::up(G_), layer::up(A_), layer::up(S_), layer::up(B_), scale),
+                       G_.scalar_type());
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_layer(const Tensor& dY_, const Tensor& G_,
                                                           const Tensor& A_, const Tensor& S_,
                                                           const Tensor& B_, Mask mask) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  const auto [need_g, need_a, need_s, need_b] = mask;
-  const auto dtype = G_.scalar_type();
-  Tensor dG = masked_off(G_), dA = masked_off(G_), dS = masked_off(G_), dB = masked_off(G_);
-  if (!(need_g || need_a || need_s || need_b)) return {dG, dA, dS, dB};
-
-  const Tensor dY = up(dY_), G = up(G_), A = up(A_), S = up(S_), B = up(B_);
-  const bool need_h = need_a || need_s || need_b;  // H (and so GB) feeds dS, and M for dA/dB
-  const bool need_e = need_g || need_a || need_b;
-
-  Tensor dYB = gemm(dY, B);
-  Tensor D = gemm(T(A), dYB);
-  Tensor GB, H;
-  if (need_h) {
-    GB = gemm(G, B);
-    H = gemm(T(A), GB);
-  }
-  if (need_s) dS = down(at::mul(D, H), dtype);
-  // From here on H holds M = S⊙H and D holds E = S⊙D (in place: no extra temporaries).
-  if (need_a || need_b) H.mul_(S);
-  if (need_e) D.mul_(S);
-  const Tensor& M = H;
-  const Tensor& E = D;
-
-  if (need_a) {
-    Tensor out = gemm(dYB, T(M));  // dY B Mᵀ
-    add_mm(out, GB, T(E));       // + G B Eᵀ
-    dA = down(out, dtype);
-  }
-  if (need_g || need_b) {
-    Tensor& AE = dYB;  // dYB is dead once dA is done: reuse it for A·E (shared by dG and dB)
-    mm_into(AE, A, E);
-    if (need_g) dG = down(gemm(AE, T(B)), dtype);
-    if (need_b) {
-      Tensor& AM = GB;  // likewise GB
-      mm_into(AM, A, M);
-      Tensor out = gemm(T(dY), AM);  // dYᵀ A M
-      add_mm(out, T(G), AE);       // + Gᵀ A E
-      dB = down(out, dtype);
-    }
-  }
-  return {dG, dA, dS, dB};
+  auto elementwise = [](const Tensor& S, const Tensor& H, const Tensor& D, bool need_m, bool need_e,
+                        bool need_s, bool own) {
+    layer::ElementwiseOut e;
+    if (need_s) e.dS = at::mul(D, H);  // before H and D are overwritten
+    if (need_m) e.M = own ? Tensor(H).mul_(S) : at::mul(H, S);
+    if (need_e) e.E = own ? Tensor(D).mul_(S) : at::mul(D, S);
+    return e;
+  };
+  std::array<Tensor, 4> out = layer::backward(layer::up(dY_), layer::up(G_), layer::up(A_), layer::up(S_),
+                                              layer::up(B_), mask, elementwise);
+  for (Tensor& t : out) t = t.defined() ? layer::finish(t, G_.scalar_type()) : layer::empty_slot(G_);
+  return {out[0], out[1], out[2], out[3]};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -199,33 +132,40 @@ void for_each_layer(const TensorList& grads, const Fn& fn) {
 // Every entry point applies the input rules of apo_checks.h first (a direct call of torch.ops.apo.*
 // fails like the public API), then refuses a result bigger than the machine's memory.
 
-Tensor precondition_cpu(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B) {
+Tensor precondition_cpu(const Tensor& G, const std::optional<Tensor>& A_, const Tensor& S,
+                        const std::optional<Tensor>& B_) {
+  const Tensor A = layer::factor(A_), B = layer::factor(B_);
   checks::check_layer(G, A, S, B);
-  checks::check_result_fits({G}, nullptr, checks::host_memory_bytes());
+  checks::check_result_fits({G}, {A}, {B}, nullptr, checks::host_memory_bytes());
   return forward_layer(G, A, S, B);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> precondition_backward_cpu(
-    const Tensor& dY, const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B,
-    Mask mask) {
+    const Tensor& dY, const Tensor& G, const std::optional<Tensor>& A_, const Tensor& S,
+    const std::optional<Tensor>& B_, Mask mask) {
+  const Tensor A = layer::factor(A_), B = layer::factor(B_);
   checks::check_layer(G, A, S, B);
   checks::check_grad_out(dY, G);
-  checks::check_result_fits({G}, &mask, checks::host_memory_bytes());
+  checks::check_result_fits({G}, {A}, {B}, &mask, checks::host_memory_bytes());
   return backward_layer(dY, G, A, S, B, mask);
 }
 
-TensorVec precondition_grouped_cpu(TensorList Gs, TensorList As, TensorList Ss, TensorList Bs) {
+TensorVec precondition_grouped_cpu(TensorList Gs, const OptionalTensorList& As_, TensorList Ss,
+                                   const OptionalTensorList& Bs_) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   checks::check_group(Gs, As, Ss, Bs);
-  checks::check_result_fits(Gs, nullptr, checks::host_memory_bytes());
+  checks::check_result_fits(Gs, As, Bs, nullptr, checks::host_memory_bytes());
   TensorVec out(Gs.size());
   for_each_layer(Gs, [&](int64_t i) { out[i] = forward_layer(Gs[i], As[i], Ss[i], Bs[i]); });
   return out;
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_backward_cpu(
-    TensorList dYs, TensorList Gs, TensorList As, TensorList Ss, TensorList Bs, Mask mask) {
+    TensorList dYs, TensorList Gs, const OptionalTensorList& As_, TensorList Ss,
+    const OptionalTensorList& Bs_, Mask mask) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   checks::check_group(Gs, As, Ss, Bs, &dYs);
-  checks::check_result_fits(Gs, &mask, checks::host_memory_bytes());
+  checks::check_result_fits(Gs, As, Bs, &mask, checks::host_memory_bytes());
   const size_t n = Gs.size();
   std::array<TensorVec, 4> out;
   for (int k = 0; k < 4; ++k) out[k].resize(mask[k] ? n : 0);  // masked off: empty list
@@ -242,17 +182,17 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_back
 }  // namespace
 }  // namespace apo
 
-// Schemas: the single definition (docs/CONTRACT.md). Fake kernels and autograd are registered
-// from Python (apo_kernels/ops/dispatch.py).
+// Schemas: the single definition (docs/ARCHITECTURE.md). A or B None: an identity factor. Fake
+// kernels and autograd are registered from Python (apo_kernels/ops/dispatch.py).
 TORCH_LIBRARY(apo, m) {
-  m.def("precondition(Tensor grad, Tensor A, Tensor S, Tensor B) -> Tensor");
+  m.def("precondition(Tensor grad, Tensor? A, Tensor S, Tensor? B) -> Tensor");
   m.def(
-      "precondition_backward(Tensor grad_out, Tensor grad, Tensor A, Tensor S, Tensor B, "
+      "precondition_backward(Tensor grad_out, Tensor grad, Tensor? A, Tensor S, Tensor? B, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("precondition_grouped(Tensor[] grads, Tensor[] As, Tensor[] Ss, Tensor[] Bs) -> Tensor[]");
+  m.def("precondition_grouped(Tensor[] grads, Tensor?[] As, Tensor[] Ss, Tensor?[] Bs) -> Tensor[]");
   m.def(
-      "precondition_grouped_backward(Tensor[] grad_outs, Tensor[] grads, Tensor[] As, "
-      "Tensor[] Ss, Tensor[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+      "precondition_grouped_backward(Tensor[] grad_outs, Tensor[] grads, Tensor?[] As, "
+      "Tensor[] Ss, Tensor?[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {

@@ -2,48 +2,37 @@
 //
 //     Y = A · (S ⊙ (Aᵀ G B)) · Bᵀ            G, S (m×n), A (m×m), B (n×n); 2-D or batched 3-D
 //
-// Backward with upstream dY, H = AᵀGB, M = S⊙H:
-//     D = Aᵀ dY B,  E = S⊙D,  dS = D⊙H,  dG = A E Bᵀ,
-//     dA = dY B Mᵀ + G B Eᵀ,  dB = dYᵀ A M + Gᵀ A E
-// Schemas, masks and output conventions: docs/CONTRACT.md. Every entry point first applies the input
-// rules of ../apo_checks.h (shared with the CPU kernels, the same as the Python API's). The kernels
-// themselves are in precondition_kernels.cuh (host-compilable, so host_emulation.cpp can run them on
-// a CPU in tests).
+// A or B None is an identity factor: its GEMMs are skipped and its gradient is an empty (0,)
+// tensor. Schemas, masks and output conventions: docs/ARCHITECTURE.md. Every entry point first
+// applies the input rules of ../apo_checks.h (shared with the CPU kernels, the same as the Python
+// API's). The kernels themselves are in precondition_kernels.cuh (host-compilable, so
+// host_emulation.cpp can run them on a CPU in tests).
 //
 // Two paths, chosen per layer (a 3-D batch counts as L layers of one shape):
 //
 // 1. Small layers (m, n <= kSmallMaxDim = 64, and the layer's fp32 working set fits in shared memory):
 //    ONE fused kernel per call and stage (forward, or backward). One thread block per layer walks a
 //    device-side table of layer descriptors (pointers, strides, m, n), so a whole grouped call of
-//    small layers — or a 3-D batch — is a single launch (plus the one H2D copy of the table). The block
-//    loads A, B, S, G (and dY) into shared memory as fp32 (fp64 for double), reading arbitrary
-//    strides (no .contiguous() copies; odd leading dimensions in shared memory against bank
-//    conflicts), and does every product there; ⊙S is fused into the epilogue
-//    of the product that yields H, and dS, E, M come from one pass over D and H. Results are rounded
-//    once, on the store to global memory. The products are plain fp32 CUDA-core dot products (no
-//    tensor cores): at these sizes the work is launch- and latency-bound, not FLOP-bound.
+//    small layers — or a 3-D batch — is a single launch (plus the one H2D copy of the table). The
+//    block computes in fp32 (fp64 for double) in shared memory, fuses ⊙S into the epilogue of the
+//    product that yields H, and rounds each result once, on the store to global memory.
+//    An identity factor is a null pointer in the descriptor: the kernels skip its products.
 //
-// 2. Large layers: the GEMMs go through cuBLAS via ATen (at::matmul / addmm / baddbmm; tensor cores
-//    for fp16/bf16, and for fp32 only if the user enabled TF32 with torch.backends.cuda.matmul —
-//    this op follows that global setting like torch.matmul does). Transposes are cuBLAS flags, not
-//    copies; the "+" of dA and dB is the beta=1 of a second GEMM. The elementwise parts are ONE
-//    custom kernel per stage: M = S⊙H in place (forward), and dS = D⊙H, E = S⊙D, M = S⊙H from a
-//    single read of D, H, S (backward, only what the mask needs). What is NOT fused: ⊙S is not in a
-//    GEMM epilogue on this path (that would need a custom CUTLASS GEMM); it costs one extra pass over
-//    the m×n intermediates, small next to the 4 (forward) to 10 (backward) GEMMs of O(mn(m+n)).
-//    Large layers of a grouped call are processed one after another on this path (each is GEMM-bound,
-//    so the per-layer launches are not the bottleneck).
+// 2. Large layers: the maths of ../apo_checks.h (the same code as the CPU kernels) on cuBLAS GEMMs
+//    via ATen, plus ONE elementwise kernel per stage for ⊙S: M = S⊙H in place (forward), and
+//    dS = D⊙H, E = S⊙D, M = S⊙H from a single read of D, H, S (backward, only what the mask needs).
+//    Transposes are cuBLAS flags, not copies; the "+" of dA and dB is the beta=1 of a second GEMM.
+//    In a grouped call, two or more large-path layers of one shape (and the same identity factors)
+//    with max(m, n) <= kBatchMaxDim run as one 3-D batch: one strided-batched cuBLAS GEMM per
+//    product instead of one per layer.
 //
-// Precision on the large path (fp16/bf16 inputs):
-//  - max(m, n) <= kUpcastMaxDim (256): inputs are upcast to fp32 and everything runs in fp32, rounding
-//    once on store (the contract's "compute in fp32, round once"). Cheap at these sizes.
-//  - larger: GEMMs run in the input dtype on tensor cores with fp32 accumulation (cuBLAS
-//    CUBLAS_COMPUTE_32F; torch's allow_{fp16,bf16}_reduced_precision_reduction flags apply), and each
-//    GEMM's output — the intermediates GB, H, dYB, D, AM, AE — is rounded to the input dtype; the
-//    elementwise kernel computes in fp32 and rounds once. Simulated on CPU this gives ~3e-3 (bf16) and
-//    ~4e-4 (fp16) relative error vs float64, the same as the plain torch chain in that dtype. Keeping
-//    fp32 intermediates would force fp32 GEMMs (no bf16/fp16 tensor cores), ~10x slower on H100.
-//    fp16 intermediates can overflow where the torch chain would too.
+// Precision (one contract for every path and size): fp16/bf16 inputs are computed in fp32: the
+// GEMMs are fp32 GEMMs, every intermediate (GB, H, M, dYB, D, E, A·E, A·M) is an fp32 tensor, the
+// ⊙S pass reads and writes fp32, and each output is rounded once to the input dtype. The fp32 GEMMs
+// follow torch.backends.cuda.matmul like torch.matmul: TF32 only if the user allowed it (then fp16
+// keeps no more mantissa bits than TF32's, and "rounded once" holds for bf16 only). The price: the
+// GEMMs of a half-precision layer run at fp32 speed, not on fp16/bf16 tensor cores (the Triton
+// backend feeds half operands to tensor cores instead).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -62,6 +51,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <set>
 #include <tuple>
@@ -73,10 +63,13 @@ namespace {
 
 using at::Tensor;
 using at::TensorList;
-using Mask = std::array<bool, 4>;  // (d_grad, dA, dS, dB)
+using layer::Mask;
+using OptionalTensorList = c10::List<std::optional<Tensor>>;
 using TensorVec = std::vector<Tensor>;
 
-constexpr int64_t kUpcastMaxDim = 256;  // large path: fp16/bf16 computed in fp32 up to this size
+// Grouped calls: large-path layers up to this size are batched per shape (a 1024×1024 layer's
+// GEMMs alone leave SMs idle on an H100-class GPU; above, one layer's GEMMs fill it).
+constexpr int64_t kBatchMaxDim = 1024;
 constexpr int kElementwiseThreads = 256;
 
 using kernels::elementwise_kernel;
@@ -96,14 +89,19 @@ size_t compute_elem_size(at::ScalarType dtype) {
   return c10::elementSize(at::toOpMathType(dtype));
 }
 
-// Whether a layer of this shape takes the fused small-layer kernel on the current device.
-bool use_small_path(int64_t m, int64_t n, bool backward, at::ScalarType dtype) {
+// Whether a layer takes the fused small-layer kernel on the current device. An identity factor
+// (A or B undefined) is a null pointer in the descriptor; the kernels skip its products.
+bool use_small_path(const Tensor& G, bool backward) {
+  const int64_t m = G.size(-2), n = G.size(-1);
+  const at::ScalarType dtype = G.scalar_type();
   if (m > kSmallMaxDim || n > kSmallMaxDim) return false;
   const size_t bytes = small_smem_elems(m, n, backward) * compute_elem_size(dtype);
   return bytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
 }
 
+// An undefined tensor (an identity factor, or no dY in the forward) is {nullptr, 0, 0}.
 StridedIn strided_in(const Tensor& t, int64_t batch) {
+  if (!t.defined()) return {nullptr, 0, 0};
   const auto* base = static_cast<const char*>(t.data_ptr());
   if (t.dim() == 3) base += batch * t.stride(0) * static_cast<int64_t>(t.element_size());
   return {base, t.stride(-2), t.stride(-1)};
@@ -125,7 +123,7 @@ void append_layer(std::vector<LayerDesc>& table, const Tensor& g, const Tensor& 
   for (int64_t l = 0; l < batch; ++l) {
     LayerDesc d{};
     d.g = strided_in(g, l);
-    d.dy = dy.defined() ? strided_in(dy, l) : StridedIn{nullptr, 0, 0};
+    d.dy = strided_in(dy, l);
     d.a = strided_in(a, l);
     d.s = strided_in(s, l);
     d.b = strided_in(b, l);
@@ -257,7 +255,8 @@ void launch_small(const std::vector<LayerDesc>& layers_in, bool backward, at::Sc
 // Large-layer path: cuBLAS GEMMs via ATen + one fused elementwise kernel
 // ------------------------------------------------------------------------------------------------
 
-// Launches elementwise_kernel; every defined tensor must be contiguous, of S's dtype and numel.
+// Launches elementwise_kernel; every defined tensor must be contiguous, of S's dtype and numel. The
+// large path runs it in the compute type only (fp32, or fp64 for double).
 void launch_elementwise(const Tensor& S, const Tensor& H, const Tensor& D, const Tensor& M,
                         const Tensor& E, const Tensor& dS) {
   const int64_t numel = S.numel();
@@ -271,7 +270,7 @@ void launch_elementwise(const Tensor& S, const Tensor& H, const Tensor& D, const
   const int64_t blocks = std::min<int64_t>((numel + kElementwiseThreads - 1) / kElementwiseThreads,
                                            int64_t{1} << 16);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, S.scalar_type(), "apo_elementwise", [&] {
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "apo_elementwise", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     elementwise_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kElementwiseThreads, 0, stream>>>(
         numel, ptr(S), ptr(H), ptr(D), ptr(M), ptr(E), ptr(dS));
@@ -279,66 +278,93 @@ void launch_elementwise(const Tensor& S, const Tensor& H, const Tensor& D, const
   });
 }
 
-Tensor mT(const Tensor& t) { return t.transpose(-2, -1); }
-
-// c + x @ y in one cuBLAS call (beta = 1); 2-D or batched 3-D.
-Tensor matmul_add(const Tensor& c, const Tensor& x, const Tensor& y) {
-  return c.dim() == 2 ? at::addmm(c, x, y) : at::baddbmm(c, x, y);
+// `x` contiguous, and whether the result may be overwritten: it may when `own` (a product of ours)
+// or when making it contiguous copied it.
+std::pair<Tensor, bool> contiguous_owned(const Tensor& x, bool own) {
+  Tensor c = x.contiguous();
+  const bool copied = !c.is_same(x);
+  return {c, own || copied};
 }
 
-// dtype in which the large path runs its GEMMs (see the precision notes at the top).
-at::ScalarType large_compute_dtype(at::ScalarType dtype, int64_t m, int64_t n) {
-  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  return half && std::max(m, n) <= kUpcastMaxDim ? at::kFloat : dtype;
-}
-
-// Result in the caller's dtype, contiguous (a no-op for GEMM outputs already in that dtype).
-Tensor finish(const Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
-
+// Inputs of ours may be fp16/bf16: everything below runs in layer::compute_type (fp32), see the
+// precision notes at the top.
 Tensor large_forward(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B) {
-  const auto ct = large_compute_dtype(G.scalar_type(), G.size(-2), G.size(-1));
-  const Tensor g = G.to(ct), a = A.to(ct), b = B.to(ct);  // strided views are fine for cuBLAS
-  const Tensor s = S.to(ct).contiguous();
-  Tensor H = at::matmul(mT(a), at::matmul(g, b)).contiguous();
-  launch_elementwise(s, H, Tensor(), /*M=*/H, Tensor(), Tensor());  // H becomes M = S⊙H, in place
-  const Tensor& M = H;
-  return finish(at::matmul(at::matmul(a, M), mT(b)), G.scalar_type());
+  auto scale = [](const Tensor& H, const Tensor& s, bool own_h) {
+    const auto [h, writable] = contiguous_owned(H, own_h);
+    Tensor M = writable ? h : at::empty_like(h, at::MemoryFormat::Contiguous);
+    launch_elementwise(s, h, Tensor(), M, Tensor(), Tensor());  // M = S⊙H (in place when writable)
+    return M;
+  };
+  const Tensor s = layer::up(S).contiguous();
+  return layer::finish(layer::forward(layer::up(G), layer::up(A), s, layer::up(B), scale), G.scalar_type());
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> large_backward(const Tensor& dY, const Tensor& G,
-                                                          const Tensor& A, const Tensor& S,
-                                                          const Tensor& B, Mask mask) {
-  const auto [need_g, need_a, need_s, need_b] = mask;
-  // Masked-off outputs are distinct empty (0,) tensors (outputs must not alias each other).
-  auto empty = [&] { return at::empty({0}, G.options()); };
-  if (!(need_g || need_a || need_s || need_b)) return {empty(), empty(), empty(), empty()};
-  const auto dtype = G.scalar_type();
-  const auto ct = large_compute_dtype(dtype, G.size(-2), G.size(-1));
-  const Tensor g = G.to(ct), dy = dY.to(ct), a = A.to(ct), b = B.to(ct);
-  const Tensor s = S.to(ct).contiguous();
+// Outputs in G's dtype; an empty (0,) tensor where masked off or for an identity factor's gradient.
+std::array<Tensor, 4> large_backward(const Tensor& dY, const Tensor& G, const Tensor& A, const Tensor& S,
+                                     const Tensor& B, Mask mask) {
+  // One pass over D, H, S. M overwrites H and E overwrites D when ours (read first, same element,
+  // same thread).
+  auto elementwise = [](const Tensor& s, const Tensor& H, const Tensor& D, bool need_m, bool need_e,
+                        bool need_s, bool own) {
+    const auto [d, d_writable] = contiguous_owned(D, own);
+    Tensor h;
+    bool h_writable = false;
+    if (H.defined()) std::tie(h, h_writable) = contiguous_owned(H, own);
+    auto fresh = [](const Tensor& like) { return at::empty_like(like, at::MemoryFormat::Contiguous); };
+    layer::ElementwiseOut e;
+    if (need_s) e.dS = fresh(d);
+    if (need_m) e.M = h_writable ? h : fresh(h);
+    if (need_e) e.E = d_writable ? d : fresh(d);
+    launch_elementwise(s, h, d, e.M, e.E, e.dS);
+    return e;
+  };
+  const Tensor s = layer::up(S).contiguous();
+  std::array<Tensor, 4> out = layer::backward(layer::up(dY), layer::up(G), layer::up(A), s, layer::up(B),
+                                              mask, elementwise);
+  for (Tensor& t : out) t = t.defined() ? layer::finish(t, G.scalar_type()) : layer::empty_slot(G);
+  return out;
+}
 
-  // GB and H = Aᵀ G B only feed dA, dS and dB: d_grad alone (mask 1,0,0,0) skips those 2 GEMMs.
-  const bool need_h = need_a || need_s || need_b;
-  const Tensor GB = need_h ? at::matmul(g, b) : Tensor();
-  const Tensor dYB = at::matmul(dy, b);
-  Tensor H = need_h ? at::matmul(mT(a), GB).contiguous() : Tensor();
-  Tensor D = at::matmul(mT(a), dYB).contiguous();
+// ------------------------------------------------------------------------------------------------
+// Grouped large-path layers: one 3-D batch per shape
+// ------------------------------------------------------------------------------------------------
 
-  // One pass over D, H, S. M overwrites H and E overwrites D (read first, same element, same thread).
-  const bool need_e = need_g || need_a || need_b;
-  const bool need_m = need_a || need_b;
-  const Tensor dS = need_s ? at::empty_like(H, at::MemoryFormat::Contiguous) : Tensor();
-  launch_elementwise(s, H, D, need_m ? H : Tensor(), need_e ? D : Tensor(), dS);
-  const Tensor& M = H;
-  const Tensor& E = D;
+// Layers that can share one batched call: same (m, n) and the same identity factors.
+using BatchKey = std::tuple<int64_t, int64_t, bool, bool>;
 
-  const Tensor AE = (need_g || need_b) ? at::matmul(a, E) : Tensor();
-  Tensor d_grad = need_g ? finish(at::matmul(AE, mT(b)), dtype) : empty();
-  Tensor dA = need_a ? finish(matmul_add(at::matmul(dYB, mT(M)), GB, mT(E)), dtype) : empty();
-  Tensor dS_out = need_s ? finish(dS, dtype) : empty();
-  Tensor dB = need_b ? finish(matmul_add(at::matmul(mT(dy), at::matmul(a, M)), mT(g), AE), dtype)
-                     : empty();
-  return {d_grad, dA, dS_out, dB};
+// The large-path layers of a grouped call (indices into the lists), bucketed by BatchKey when
+// max(m, n) <= kBatchMaxDim; every other layer is a bucket of its own.
+std::vector<std::vector<size_t>> large_buckets(TensorList Gs, const TensorVec& As, const TensorVec& Bs,
+                                               const std::vector<size_t>& large) {
+  std::map<BatchKey, std::vector<size_t>> by_shape;
+  std::vector<std::vector<size_t>> buckets;
+  for (size_t i : large) {
+    const int64_t m = Gs[i].size(-2), n = Gs[i].size(-1);
+    if (std::max(m, n) <= kBatchMaxDim) {
+      by_shape[{m, n, As[i].defined(), Bs[i].defined()}].push_back(i);
+    } else {
+      buckets.push_back({i});
+    }
+  }
+  for (auto& [key, idx] : by_shape) buckets.push_back(std::move(idx));
+  return buckets;
+}
+
+// The bucket's layers of `ts` as one (L, ·, ·) tensor, or as the layer itself for a bucket of one;
+// undefined for identity factors (a bucket shares them).
+Tensor batch_of(const std::vector<Tensor>& ts, const std::vector<size_t>& bucket) {
+  if (!ts[bucket[0]].defined()) return Tensor();
+  if (bucket.size() == 1) return ts[bucket[0]];
+  std::vector<Tensor> parts;
+  parts.reserve(bucket.size());
+  for (size_t i : bucket) parts.push_back(ts[i]);
+  return at::stack(parts);
+}
+
+// Layer j of a bucket's result (a (0,) slot stays a fresh (0,) slot per layer).
+Tensor layer_of(const Tensor& result, size_t j, size_t bucket_size, const Tensor& like) {
+  if (result.numel() == 0 && result.dim() == 1) return layer::empty_slot(like);
+  return bucket_size == 1 ? result : result.select(0, static_cast<int64_t>(j));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -362,16 +388,16 @@ void check_layer(const Tensor& g, const Tensor& a, const Tensor& s, const Tensor
                  const Mask* mask) {
   checks::check_layer(g, a, s, b);
   if (dy != nullptr) checks::check_grad_out(*dy, g);
-  checks::check_result_fits({g}, mask, device_memory_bytes(g.device()));
+  checks::check_result_fits({g}, {a}, {b}, mask, device_memory_bytes(g.device()));
   check_kernel_limits(g);
 }
 
-Tensor precondition_cuda(const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B) {
+Tensor precondition_cuda(const Tensor& G, const std::optional<Tensor>& A_, const Tensor& S,
+                         const std::optional<Tensor>& B_) {
+  const Tensor A = layer::factor(A_), B = layer::factor(B_);
   check_layer(G, A, S, B, nullptr, nullptr);
   const c10::cuda::CUDAGuard guard(G.device());
-  if (!use_small_path(G.size(-2), G.size(-1), /*backward=*/false, G.scalar_type())) {
-    return large_forward(G, A, S, B);
-  }
+  if (!use_small_path(G, /*backward=*/false)) return large_forward(G, A, S, B);
   Tensor Y = at::empty(G.sizes(), G.options());
   std::vector<LayerDesc> table;
   append_layer(table, G, Tensor(), A, S, B, Y, Tensor(), Tensor(), Tensor());
@@ -379,8 +405,11 @@ Tensor precondition_cuda(const Tensor& G, const Tensor& A, const Tensor& S, cons
   return Y;
 }
 
-// Outputs of the small path for one layer, allocated per the mask (undefined where masked off).
-std::array<Tensor, 4> alloc_small_grads(const Tensor& G, Mask mask) {
+// Outputs of the small path for one layer, allocated per the mask (undefined where masked off, and
+// for the gradient of an identity factor: the kernel does not compute it).
+std::array<Tensor, 4> alloc_small_grads(const Tensor& G, const Tensor& A, const Tensor& B, Mask mask) {
+  mask[1] = mask[1] && A.defined();
+  mask[3] = mask[3] && B.defined();
   const bool batched = G.dim() == 3;
   const int64_t L = batched ? G.size(0) : 1, m = G.size(-2), n = G.size(-1);
   auto shape = [&](int64_t r, int64_t c) {
@@ -395,54 +424,68 @@ std::array<Tensor, 4> alloc_small_grads(const Tensor& G, Mask mask) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> precondition_backward_cuda(
-    const Tensor& dY, const Tensor& G, const Tensor& A, const Tensor& S, const Tensor& B, Mask mask) {
+    const Tensor& dY, const Tensor& G, const std::optional<Tensor>& A_, const Tensor& S,
+    const std::optional<Tensor>& B_, Mask mask) {
+  const Tensor A = layer::factor(A_), B = layer::factor(B_);
   check_layer(G, A, S, B, &dY, &mask);
   const c10::cuda::CUDAGuard guard(G.device());
-  if (!use_small_path(G.size(-2), G.size(-1), /*backward=*/true, G.scalar_type())) {
-    return large_backward(dY, G, A, S, B, mask);
-  }
-  std::array<Tensor, 4> out = alloc_small_grads(G, mask);
-  std::vector<LayerDesc> table;
-  append_layer(table, G, dY, A, S, B, out[0], out[1], out[2], out[3]);
-  if (mask[0] || mask[1] || mask[2] || mask[3]) {
-    launch_small(table, /*backward=*/true, G.scalar_type(), G.device());
-  }
-  for (Tensor& t : out) {
-    if (!t.defined()) t = at::empty({0}, G.options());
+  std::array<Tensor, 4> out;
+  if (!use_small_path(G, /*backward=*/true)) {
+    out = large_backward(dY, G, A, S, B, mask);
+  } else {
+    out = alloc_small_grads(G, A, B, mask);
+    std::vector<LayerDesc> table;
+    append_layer(table, G, dY, A, S, B, out[0], out[1], out[2], out[3]);
+    if (mask[0] || mask[1] || mask[2] || mask[3]) {
+      launch_small(table, /*backward=*/true, G.scalar_type(), G.device());
+    }
+    for (Tensor& t : out) {
+      if (!t.defined()) t = layer::empty_slot(G);
+    }
   }
   return {out[0], out[1], out[2], out[3]};
 }
 
 // The grouped rules (apo_checks.h), then the per-layer limits of this file's kernels.
-void check_group(TensorList Gs, TensorList As, TensorList Ss, TensorList Bs, const TensorList* dYs,
-                 const Mask* mask) {
+void check_group(TensorList Gs, const TensorVec& As, TensorList Ss, const TensorVec& Bs,
+                 const TensorList* dYs, const Mask* mask) {
   checks::check_group(Gs, As, Ss, Bs, dYs);
   if (Gs.empty()) return;
-  checks::check_result_fits(Gs, mask, device_memory_bytes(Gs[0].device()));
+  checks::check_result_fits(Gs, As, Bs, mask, device_memory_bytes(Gs[0].device()));
   for (const Tensor& g : Gs) check_kernel_limits(g);
 }
 
-TensorVec precondition_grouped_cuda(TensorList Gs, TensorList As, TensorList Ss, TensorList Bs) {
+TensorVec precondition_grouped_cuda(TensorList Gs, const OptionalTensorList& As_, TensorList Ss,
+                                    const OptionalTensorList& Bs_) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   check_group(Gs, As, Ss, Bs, nullptr, nullptr);
   TensorVec Ys(Gs.size());
   if (Gs.empty()) return Ys;
   const c10::cuda::CUDAGuard guard(Gs[0].device());
+  const TensorVec Gv(Gs.begin(), Gs.end()), Sv(Ss.begin(), Ss.end());
   std::vector<LayerDesc> table;
+  std::vector<size_t> large;
   for (size_t i = 0; i < Gs.size(); ++i) {
-    const Tensor& G = Gs[i];
-    if (use_small_path(G.size(-2), G.size(-1), /*backward=*/false, G.scalar_type())) {
-      Ys[i] = at::empty(G.sizes(), G.options());
-      append_layer(table, G, Tensor(), As[i], Ss[i], Bs[i], Ys[i], Tensor(), Tensor(), Tensor());
+    if (use_small_path(Gs[i], /*backward=*/false)) {
+      Ys[i] = at::empty(Gs[i].sizes(), Gs[i].options());
+      append_layer(table, Gs[i], Tensor(), As[i], Ss[i], Bs[i], Ys[i], Tensor(), Tensor(), Tensor());
     } else {
-      Ys[i] = large_forward(G, As[i], Ss[i], Bs[i]);
+      large.push_back(i);
     }
   }
   launch_small(table, /*backward=*/false, Gs[0].scalar_type(), Gs[0].device());
+  for (const std::vector<size_t>& bucket : large_buckets(Gs, As, Bs, large)) {
+    const Tensor Y = large_forward(batch_of(Gv, bucket), batch_of(As, bucket), batch_of(Sv, bucket),
+                                   batch_of(Bs, bucket));
+    for (size_t j = 0; j < bucket.size(); ++j) Ys[bucket[j]] = layer_of(Y, j, bucket.size(), Gs[0]);
+  }
   return Ys;
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_backward_cuda(
-    TensorList dYs, TensorList Gs, TensorList As, TensorList Ss, TensorList Bs, Mask mask) {
+    TensorList dYs, TensorList Gs, const OptionalTensorList& As_, TensorList Ss,
+    const OptionalTensorList& Bs_, Mask mask) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   check_group(Gs, As, Ss, Bs, &dYs, &mask);
   const size_t count = Gs.size();
   std::array<TensorVec, 4> out;
@@ -450,22 +493,30 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_back
   const bool any = mask[0] || mask[1] || mask[2] || mask[3];
   if (count == 0 || !any) return {out[0], out[1], out[2], out[3]};
   const c10::cuda::CUDAGuard guard(Gs[0].device());
+  const TensorVec dYv(dYs.begin(), dYs.end()), Gv(Gs.begin(), Gs.end()), Sv(Ss.begin(), Ss.end());
   std::vector<LayerDesc> table;
+  std::vector<size_t> large;
   for (size_t i = 0; i < count; ++i) {
-    const Tensor& G = Gs[i];
-    std::array<Tensor, 4> grads;
-    if (use_small_path(G.size(-2), G.size(-1), /*backward=*/true, G.scalar_type())) {
-      grads = alloc_small_grads(G, mask);
-      append_layer(table, G, dYs[i], As[i], Ss[i], Bs[i], grads[0], grads[1], grads[2], grads[3]);
-    } else {
-      std::tie(grads[0], grads[1], grads[2], grads[3]) =
-          large_backward(dYs[i], G, As[i], Ss[i], Bs[i], mask);
+    if (!use_small_path(Gs[i], /*backward=*/true)) {
+      large.push_back(i);
+      continue;
     }
+    std::array<Tensor, 4> grads = alloc_small_grads(Gs[i], As[i], Bs[i], mask);
+    append_layer(table, Gs[i], dYs[i], As[i], Ss[i], Bs[i], grads[0], grads[1], grads[2], grads[3]);
     for (int k = 0; k < 4; ++k) {
-      if (mask[k]) out[k][i] = grads[k];
+      if (mask[k]) out[k][i] = grads[k].defined() ? grads[k] : layer::empty_slot(Gs[i]);
     }
   }
   launch_small(table, /*backward=*/true, Gs[0].scalar_type(), Gs[0].device());
+  for (const std::vector<size_t>& bucket : large_buckets(Gs, As, Bs, large)) {
+    const std::array<Tensor, 4> grads =
+        large_backward(batch_of(dYv, bucket), batch_of(Gv, bucket), batch_of(As, bucket),
+                       batch_of(Sv, bucket), batch_of(Bs, bucket), mask);
+    for (int k = 0; k < 4; ++k) {
+      if (!mask[k]) continue;
+      for (size_t j = 0; j < bucket.size(); ++j) out[k][bucket[j]] = layer_of(grads[k], j, bucket.size(), Gs[0]);
+    }
+  }
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -1,6 +1,7 @@
 // C++ test of the CPU kernels, called through the dispatcher exactly as torch.ops.apo.* would be.
-// Checks forward and backward against inline ATen formulas (docs/CONTRACT.md) in float64, fp32 and
-// bf16, 2-D, batched and grouped, non-contiguous inputs, masked outputs; and that bad input is
+// Checks forward and backward against inline ATen formulas (docs/ARCHITECTURE.md) in float64, fp32
+// and bf16, 2-D, batched and grouped, non-contiguous inputs, masked outputs, identity factors
+// (undefined A/B against explicit eye, their gradient an empty (0,) tensor); and that bad input is
 // refused by the rules of csrc/apo_checks.h (c10::TypeError / c10::ValueError naming the argument).
 // Exit code 0 = pass.
 //
@@ -12,6 +13,7 @@
 #include <array>
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -19,6 +21,8 @@
 using at::Tensor;
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Mask = std::array<bool, 4>;
+using Factor = std::optional<Tensor>;  // std::nullopt: identity
+using FactorList = c10::List<std::optional<Tensor>>;
 
 namespace {
 
@@ -101,17 +105,29 @@ int main() {
   at::manual_seed(0);
   auto& dispatcher = c10::Dispatcher::singleton();
   auto fwd = dispatcher.findSchemaOrThrow("apo::precondition", "")
-                 .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+                 .typed<Tensor(const Tensor&, const Factor&, const Tensor&, const Factor&)>();
   auto bwd = dispatcher.findSchemaOrThrow("apo::precondition_backward", "")
-                 .typed<Grads(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                              const Tensor&, Mask)>();
+                 .typed<Grads(const Tensor&, const Tensor&, const Factor&, const Tensor&,
+                              const Factor&, Mask)>();
   using List = std::vector<Tensor>;
-  auto gfwd = dispatcher.findSchemaOrThrow("apo::precondition_grouped", "")
-                  .typed<List(at::TensorList, at::TensorList, at::TensorList, at::TensorList)>();
-  auto gbwd = dispatcher.findSchemaOrThrow("apo::precondition_grouped_backward", "")
-                  .typed<std::tuple<List, List, List, List>(at::TensorList, at::TensorList,
-                                                            at::TensorList, at::TensorList,
-                                                            at::TensorList, Mask)>();
+  auto factors = [](const List& ts) {
+    FactorList out;
+    for (const Tensor& t : ts) out.push_back(t.defined() ? Factor(t) : Factor());
+    return out;
+  };
+  auto gfwd_op = dispatcher.findSchemaOrThrow("apo::precondition_grouped", "")
+                     .typed<List(at::TensorList, const FactorList&, at::TensorList, const FactorList&)>();
+  auto gbwd_op = dispatcher.findSchemaOrThrow("apo::precondition_grouped_backward", "")
+                     .typed<std::tuple<List, List, List, List>(at::TensorList, at::TensorList,
+                                                               const FactorList&, at::TensorList,
+                                                               const FactorList&, Mask)>();
+  // The grouped ops with factor lists given as tensors (an undefined tensor: identity).
+  auto gfwd = [&](const List& Gs, const List& As, const List& Ss, const List& Bs) {
+    return gfwd_op.call(Gs, factors(As), Ss, factors(Bs));
+  };
+  auto gbwd = [&](const List& dYs, const List& Gs, const List& As, const List& Ss, const List& Bs, Mask mk) {
+    return gbwd_op.call(dYs, Gs, factors(As), Ss, factors(Bs), mk);
+  };
 
   const std::vector<std::tuple<at::ScalarType, double>> dtypes = {
       {at::kDouble, 1e-12}, {at::kFloat, 1e-5}, {at::kBFloat16, 1e-2}};
@@ -155,8 +171,8 @@ int main() {
   for (const auto& l : layers) {
     dYs.push_back(l.dY), Gs.push_back(l.G), As.push_back(l.A), Ss.push_back(l.S), Bs.push_back(l.B);
   }
-  const List ys = gfwd.call(Gs, As, Ss, Bs);
-  const auto [dGs, dAs, dSs, dBs] = gbwd.call(dYs, Gs, As, Ss, Bs, Mask{false, true, true, true});
+  const List ys = gfwd(Gs, As, Ss, Bs);
+  const auto [dGs, dAs, dSs, dBs] = gbwd(dYs, Gs, As, Ss, Bs, Mask{false, true, true, true});
   expect(ys.size() == layers.size() && dGs.empty() && dAs.size() == layers.size(),
          "grouped list lengths (masked dG list is empty)");
   for (size_t i = 0; i < layers.size() && i < ys.size() && i < dAs.size(); ++i) {
@@ -167,6 +183,80 @@ int main() {
     expect_close(dAs[i], std::get<1>(want), 1e-5, tag + " dA");
     expect_close(dSs[i], std::get<2>(want), 1e-5, tag + " dS");
     expect_close(dBs[i], std::get<3>(want), 1e-5, tag + " dB");
+  }
+
+  // Identity factors: an undefined A and/or B gives the result of an explicit eye, and an empty
+  // (0,) tensor as its gradient; in the grouped op per layer, mixed with matrices.
+  for (const auto& [dtype, tol] : dtypes) {
+    for (int which = 1; which <= 3; ++which) {
+      const bool no_a = which & 1, no_b = which & 2;
+      const Layer x = cast(make_layer({2}, 6, 4, true), dtype);
+      const Layer x64 = cast(x, at::kDouble);
+      Layer eye64 = x64;
+      if (no_a) eye64.A = at::eye(6, at::kDouble).expand({2, 6, 6});
+      if (no_b) eye64.B = at::eye(4, at::kDouble).expand({2, 4, 4});
+      const Factor A = no_a ? Factor() : Factor(x.A), B = no_b ? Factor() : Factor(x.B);
+      const std::string tag = std::string(c10::toString(dtype)) + (no_a ? " A=None" : "") +
+                              (no_b ? " B=None" : "");
+      expect_close(fwd.call(x.G, A, x.S, B), ref_forward(eye64), tol, "identity forward " + tag);
+      const auto want = ref_backward(eye64);
+      const auto got = bwd.call(x.dY, x.G, A, x.S, B, Mask{true, true, true, true});
+      expect_close(std::get<0>(got), std::get<0>(want), tol, "identity dG " + tag);
+      expect_close(std::get<2>(got), std::get<2>(want), tol, "identity dS " + tag);
+      const Tensor& dA = std::get<1>(got);
+      const Tensor& dB = std::get<3>(got);
+      if (no_a) {
+        expect(dA.dim() == 1 && dA.size(0) == 0, "identity dA is empty (0,) " + tag);
+      } else {
+        expect_close(dA, std::get<1>(want), tol, "identity dA " + tag);
+      }
+      if (no_b) {
+        expect(dB.dim() == 1 && dB.size(0) == 0, "identity dB is empty (0,) " + tag);
+      } else {
+        expect_close(dB, std::get<3>(want), tol, "identity dB " + tag);
+      }
+    }
+  }
+  {
+    // A tall identity side is never materialized: an m×m identity of 2^20 rows would need 4 TiB.
+    const int64_t tall = int64_t{1} << 20;
+    const Tensor G = at::randn({tall, 2}), S = at::rand({tall, 2}), B = at::randn({2, 2});
+    const Tensor Y = fwd.call(G, Factor(), S, Factor(B));
+    const Tensor want = at::matmul(S.to(at::kDouble) * at::matmul(G.to(at::kDouble), B.to(at::kDouble)),
+                                   T(B.to(at::kDouble)));
+    expect_close(Y, want, 1e-5, "tall identity A forward");
+    const auto got = bwd.call(G, G, Factor(), S, Factor(B), Mask{false, true, true, true});
+    expect(std::get<1>(got).numel() == 0 && std::get<2>(got).sizes() == G.sizes() &&
+               std::get<3>(got).sizes() == B.sizes(),
+           "tall identity A backward: empty dA, dS and dB of their shapes");
+  }
+  {
+    const Layer x = cast(make_layer({}, 5, 3, false), at::kFloat), y = cast(make_layer({}, 4, 4, true), at::kFloat);
+    const List Gs = {x.G, y.G, x.G}, As = {Tensor(), y.A, x.A}, Ss = {x.S, y.S, x.S}, Bs = {x.B, Tensor(), Tensor()};
+    const List dYs = {x.dY, y.dY, x.dY};
+    const List ys = gfwd(Gs, As, Ss, Bs);
+    const auto [gG, gA, gS, gB] = gbwd(dYs, Gs, As, Ss, Bs, Mask{true, true, true, true});
+    for (size_t i = 0; i < Gs.size(); ++i) {
+      Layer e{dYs[i], Gs[i], As[i], Ss[i], Bs[i]};
+      if (!e.A.defined()) e.A = at::eye(Gs[i].size(0));
+      if (!e.B.defined()) e.B = at::eye(Gs[i].size(1));
+      const Layer e64 = cast(e, at::kDouble);
+      const auto want = ref_backward(e64);
+      const std::string tag = "grouped identity layer " + std::to_string(i);
+      expect_close(ys[i], ref_forward(e64), 1e-5, tag + " forward");
+      expect_close(gG[i], std::get<0>(want), 1e-5, tag + " dG");
+      expect_close(gS[i], std::get<2>(want), 1e-5, tag + " dS");
+      if (As[i].defined()) {
+        expect_close(gA[i], std::get<1>(want), 1e-5, tag + " dA");
+      } else {
+        expect(gA[i].dim() == 1 && gA[i].numel() == 0, tag + " dA slot is empty (0,)");
+      }
+      if (Bs[i].defined()) {
+        expect_close(gB[i], std::get<3>(want), 1e-5, tag + " dB");
+      } else {
+        expect(gB[i].dim() == 1 && gB[i].numel() == 0, tag + " dB slot is empty (0,)");
+      }
+    }
   }
 
   // Input rules: every op refuses bad input before computing, naming the argument.
@@ -184,8 +274,6 @@ int main() {
                    "grad must be 2-D (m, n) or 3-D (L, m, n)", "4-D grad");
     expect_refused([&] { fwd.call(x.G, x.A.unsqueeze(0), x.S, x.B); }, kValue, "A must have 2 dims",
                    "3-D A");
-    expect_refused([&] { fwd.call(x.G, x.A, x.S, Tensor()); }, kType,
-                   "B must be a torch.Tensor, got an undefined tensor", "undefined B (None from Python)");
     expect_refused([&] { bwd.call(x.dY.t(), x.G, x.A, x.S, x.B, all); }, kValue,
                    "grad_out must have the shape of grad (4, 3)", "transposed grad_out");
     const Tensor B3 = x.B.expand({2, 3, 3}), G3 = x.G.expand({3, 4, 3}), A3 = x.A.expand({3, 4, 4});
@@ -202,15 +290,15 @@ int main() {
         },
         kValue, "needs 70368744177664 bytes", "dB too big for memory");
     const Layer y = cast(make_layer({}, 2, 5, false), at::kFloat);
-    expect_refused([&] { gfwd.call({x.G, y.G}, {x.A}, {x.S, y.S}, {x.B, y.B}); }, kValue,
+    expect_refused([&] { gfwd({x.G, y.G}, {x.A}, {x.S, y.S}, {x.B, y.B}); }, kValue,
                    "grads, As, Ss, Bs must have the same length, got {'grads': 2, 'As': 1", "list lengths");
     const Layer y64 = cast(y, at::kDouble);
-    expect_refused([&] { gfwd.call({x.G, y64.G}, {x.A, y64.A}, {x.S, y64.S}, {x.B, y64.B}); }, kType,
+    expect_refused([&] { gfwd({x.G, y64.G}, {x.A, y64.A}, {x.S, y64.S}, {x.B, y64.B}); }, kType,
                    "layer 1: dtype torch.float64 differs from layer 0's torch.float32", "mixed layer dtypes");
-    expect_refused([&] { gfwd.call({G3}, {A3}, {S3}, {x.B.expand({3, 3, 3})}); }, kValue,
+    expect_refused([&] { gfwd({G3}, {A3}, {S3}, {x.B.expand({3, 3, 3})}); }, kValue,
                    "layer 0: grouped layers must be 2-D", "3-D grouped layer");
     expect_refused(
-        [&] { gbwd.call({x.dY, y.dY.t()}, {x.G, y.G}, {x.A, y.A}, {x.S, y.S}, {x.B, y.B}, all); }, kValue,
+        [&] { gbwd({x.dY, y.dY.t()}, {x.G, y.G}, {x.A, y.A}, {x.S, y.S}, {x.B, y.B}, all); }, kValue,
         "layer 1: grad_out must have the shape of grad (2, 5)", "grouped grad_out");
   }
 
