@@ -704,7 +704,8 @@ def build_host_extension(name, source, build_dir):
 @pytest.fixture(scope="module")
 def emulated_kernels():
     """Builds csrc/cuda/host_emulation.cpp: the kernels of precondition_kernels.cuh compiled as C++,
-    run one thread per block (see that file). Registers torch.ops.apo_cuda_emu.*."""
+    every thread of a block a fiber, in lockstep between barriers (see that file). Registers
+    torch.ops.apo_cuda_emu.*."""
     build_host_extension("apo_cuda_emu", ROOT / "csrc" / "cuda" / "host_emulation.cpp", ROOT / "build" / "cuda_emu")
     return torch.ops.apo_cuda_emu
 
