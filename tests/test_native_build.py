@@ -53,15 +53,16 @@ def make_layer(m, n, batch=(), dtype=torch.float64, transposed=False, gen=None):
 def test_schemas_match_contract():
     schemas = {name: str(getattr(op, name).default._schema) for name in (
         "precondition", "precondition_backward", "precondition_grouped", "precondition_grouped_backward")}
-    assert schemas["precondition"] == "apo::precondition(Tensor grad, Tensor A, Tensor S, Tensor B) -> Tensor"
+    # A or B None: an identity factor
+    assert schemas["precondition"] == "apo::precondition(Tensor grad, Tensor? A, Tensor S, Tensor? B) -> Tensor"
     assert schemas["precondition_backward"] == (
-        "apo::precondition_backward(Tensor grad_out, Tensor grad, Tensor A, Tensor S, Tensor B, "
+        "apo::precondition_backward(Tensor grad_out, Tensor grad, Tensor? A, Tensor S, Tensor? B, "
         "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
     assert schemas["precondition_grouped"] == (
-        "apo::precondition_grouped(Tensor[] grads, Tensor[] As, Tensor[] Ss, Tensor[] Bs) -> Tensor[]")
+        "apo::precondition_grouped(Tensor[] grads, Tensor?[] As, Tensor[] Ss, Tensor?[] Bs) -> Tensor[]")
     assert schemas["precondition_grouped_backward"] == (
-        "apo::precondition_grouped_backward(Tensor[] grad_outs, Tensor[] grads, Tensor[] As, "
-        "Tensor[] Ss, Tensor[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])")
+        "apo::precondition_grouped_backward(Tensor[] grad_outs, Tensor[] grads, Tensor?[] As, "
+        "Tensor[] Ss, Tensor?[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("apo::precondition", "CPU")
 
 
