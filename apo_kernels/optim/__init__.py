@@ -11,10 +11,10 @@ Both use torch.optim's closure convention: ``opt.step(closure, fsd_inputs=(x,))`
 Both are torch.optim.Optimizer subclasses (param_groups, state, lr schedulers, step hooks).
 
 The lower layer, for writing your own APO optimizer: ``snapshot`` (the lookahead θ + Δ written
-in place and θ, buffers, gradients restored exactly), ``objective`` (the proximal meta-objective and its gradient at the lookahead),
-``preconditioners`` (structured and diagonal preconditioners, many in one grouped op call) and
-``discrepancy`` (the function-space discrepancies). How layers become matrices is
-``apo_kernels.layers``.
+in place; θ, buffers and gradients restored exactly), ``objective`` (the proximal meta-objective
+and its gradient at the lookahead), ``preconditioners`` (structured and diagonal preconditioners,
+many in one grouped op call) and ``discrepancy`` (the function-space discrepancies). How layers
+become matrices is ``apo_kernels.layers``.
 """
 from . import discrepancy, objective, preconditioners, snapshot
 from .lr import APOLR, lr_directions
