@@ -716,3 +716,17 @@ def test_deepcopy_steps_like_the_original_and_groups_are_fixed():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"^param_group\b"):  # φ is built for the parameters given at construction
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(m=0, n=3), ValueError, "m"),
+    (dict(m=2.0, n=3), TypeError, "m"),
+    (dict(m=2, n=-1), ValueError, "n"),
+    (dict(m=2, n=3, max_dim=0), ValueError, "max_dim"),
+    (dict(m=2, n=3, init_s=0.0), ValueError, "init_s"),
+    (dict(m=2, n=3, init_s="1"), TypeError, "init_s"),
+    (dict(m=2, n=3, s_param=None), TypeError, "s_param"),
+])
+def test_structured_preconditioner_arguments_are_checked(kwargs, exc, name):
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        StructuredPreconditioner(**kwargs)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 import apo_kernels
 
-from .._args import check_choice, check_number
+from .._args import check_choice, check_int, check_number
 
 __all__ = [
     "S_PARAMS",
@@ -110,8 +110,10 @@ class StructuredPreconditioner:
         device: Union[str, torch.device, None] = None,
     ):
         check_choice("s_param", s_param, S_PARAMS)
+        if max_dim is not None:
+            check_int("max_dim", max_dim, low=1)
         self.s_param = s_param
-        self.shape = (int(m), int(n))
+        self.shape = (check_int("m", m, low=1), check_int("n", n, low=1))
         self.learn_left, self.learn_right = bool(learn_left), bool(learn_right)
         self.row_blocks = _offsets(split_sizes(m, max_dim))
         self.col_blocks = _offsets(split_sizes(n, max_dim))
