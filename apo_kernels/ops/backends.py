@@ -71,10 +71,16 @@ class Backend:
         return f"available ({self.note})" if self.note else "available"
 
     def is_available(self) -> bool:
-        return self.status().startswith("available")
+        return self.family is not None and self.why_unavailable() is None
 
 
 _REGISTRY: dict[str, Backend] = {}
+_ORDER: tuple[Backend, ...] = ()  # the registry by priority, kept sorted (read on every op call)
+
+
+def _reorder() -> None:
+    global _ORDER
+    _ORDER = tuple(sorted(_REGISTRY.values(), key=lambda b: -b.priority))
 
 
 def register(backend: Backend) -> Backend:
@@ -84,17 +90,20 @@ def register(backend: Backend) -> Backend:
     if backend.name in _REGISTRY:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
+    _reorder()
     return backend
 
 
 def unregister(name: str) -> Backend:
     """Remove and return the backend called ``name``."""
-    return _REGISTRY.pop(check_name(name, allow_auto=False))
+    backend = _REGISTRY.pop(check_name(name, allow_auto=False))
+    _reorder()
+    return backend
 
 
 def registered() -> tuple[Backend, ...]:
     """Every backend, highest priority first (ties in registration order)."""
-    return tuple(sorted(_REGISTRY.values(), key=lambda b: -b.priority))
+    return _ORDER
 
 
 def get(name: str) -> Backend:
@@ -118,8 +127,8 @@ def usable(device_type: str) -> list[str]:
 def check_name(backend, *, allow_auto: bool = True) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    choices = (("auto",) if allow_auto else ()) + names()
-    if backend not in choices:
+    if backend not in _REGISTRY and not (allow_auto and backend == "auto"):
+        choices = (("auto",) if allow_auto else ()) + names()
         raise ValueError(f"backend must be one of {choices}, got {backend!r}")
     return backend
 
@@ -135,14 +144,13 @@ def resolve(backend: str, device: torch.device) -> Backend:
                 raise ValueError(f"{BACKEND_ENV} must be one of {('auto',) + names()}, got {forced!r}")
             backend = forced
     if backend == "auto":
-        for b in registered():
+        for b in _ORDER:
             if device.type in b.devices and b.is_available():
                 return b
         raise ValueError(f"no backend runs on {device.type} tensors here: {backends()}")
     chosen = _REGISTRY[backend]
-    status = chosen.status()
-    if not status.startswith("available"):
-        raise ValueError(f"backend={backend!r} is {status}")
+    if not chosen.is_available():
+        raise ValueError(f"backend={backend!r} is {chosen.status()}")
     if device.type not in chosen.devices:
         raise ValueError(
             f"backend={backend!r} runs on {'/'.join(chosen.devices)} tensors here, but the inputs are on {device}"
