@@ -2,7 +2,10 @@
 
     import apo_kernels
     Y = apo_kernels.precondition(G, A, S, B)        # A·(S⊙(AᵀGB))·Bᵀ, differentiable
+    Y = apo_kernels.precondition(G, None, S, B)     # A = I: an identity factor, never formed
     apo_kernels.backends()                            # which backends run here, or why not
+
+The backends are one registry (``apo_kernels.ops.backends``; docs/ARCHITECTURE.md).
 
 Optimizers live in ``apo_kernels.optim`` (APOLR, APOPrecond), baselines in
 ``apo_kernels.baselines`` (KFAC, EKFAC), the benchmark in ``apo_kernels.bench`` (``apo-bench``).
