@@ -52,13 +52,11 @@ if not INTERPRETED and torch.backends.cuda.matmul.allow_tf32:
 
 
 def half_policy(dtype):
-    """float16/bfloat16 contract (tests/_contract.py). Interpreted, the kernels compute in fp32 and
-    round once (bf16 toward zero: the interpreter's cast truncates); on a GPU they feed fp16/bf16
-    dot operands to tensor cores (the kernel module's docstring), so they are held to
-    flash-attention's rule against the torch chain instead."""
-    if not INTERPRETED:
-        return _contract.HALF_OPERANDS
-    return _contract.TRUNCATED_ONCE if dtype == torch.bfloat16 else _contract.ROUNDED_ONCE
+    """float16/bfloat16 contract (tests/_contract.py): fp32 intermediates, rounded once on store. The
+    interpreter's bf16 cast truncates (rounded once toward zero); on a GPU it rounds to nearest."""
+    return _contract.TRUNCATED_ONCE if INTERPRETED and dtype == torch.bfloat16 else _contract.ROUNDED_ONCE
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (1, 7), (7, 1), (17, 129), (64, 64), (257, 63)]
 ALL = (True, True, True, True)
@@ -298,6 +296,25 @@ def test_grouped_one_launch_per_block_shape(monkeypatch):
     assert sorted(launches) == [("_grouped_fwd_kernel", (1,)), ("_grouped_fwd_kernel", (3,))]
 
 
+def test_grouped_copies_one_table_per_call(monkeypatch):
+    """Layers of several launches (block shapes, identity patterns) share one table copy per call."""
+    tables = []
+    real = tk._table
+    monkeypatch.setattr(tk, "_table", lambda rows, *a: (tables.append(len(rows)), real(rows, *a))[1])
+    shapes = [(3, 5), (20, 3), (9, 2)]  # blocks 16×16, 32×16, 16×16
+    layers = [make(m, n, seed=i) for i, (m, n) in enumerate(shapes)]
+    dY, G, A, S, B = (list(c) for c in zip(*layers))
+    A[2] = None  # a third launch: the identity pattern of layer 2
+    ys = tk.triton_precondition_grouped(G, A, S, B)
+    outs = tk.triton_precondition_grouped_backward(dY, G, A, S, B, ALL)
+    assert tables == [3, 3]
+    for i, (dy, g, a, s, b) in enumerate(zip(dY, G, A, S, B)):  # each launch read its own rows
+        a64 = torch.eye(g.shape[0], dtype=torch.float64) if a is None else a.double()
+        check(ys[i], ref.precondition(g.double(), a64, s.double(), b.double()), torch.float32, f"Y[{i}]")
+        refs = ref.precondition_backward(*d64(dy, g), a64, *d64(s, b))
+        _check_backward([o[i] for o in outs], refs, None, ALL, a, b, torch.float32, f"layer {i}: ")
+
+
 def test_grouped_empty_and_zero_layers():
     assert tk.triton_precondition_grouped([], [], [], []) == []
     assert tk.triton_precondition_grouped_backward([], [], [], [], [], ALL) == ([], [], [], [])
@@ -309,6 +326,35 @@ def test_grouped_empty_and_zero_layers():
     dG, dA, dS, dB = tk.triton_precondition_grouped_backward([dY, z[0]], [G, z[0]], [A, z[1]], [S, z[2]],
                                                              [B, z[3]], ALL)
     assert dB[1].shape == (3, 3) and torch.equal(dB[1], torch.zeros_like(dB[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_compiled_half_layers_never_round_an_intermediate(dtype, monkeypatch):
+    """Compiled for a GPU (the launches are recorded, not run), a product gets fp16/bf16 dot operands
+    only when both are the layer's own half inputs, which half holds exactly: every fp32
+    intermediate enters its products in fp32, so the result is rounded once, on store (the
+    interpreted tests check the values against tests/_contract.py; the interpreter computes every
+    dot in fp32, so only the compiled launch configuration shows this)."""
+    monkeypatch.setattr(tk, "is_interpreter", lambda: False)
+    half_gemms = 0
+    for m, n in [(13, 7), (129, 200)]:
+        for a_id, b_id in [(False, False), (True, False), (False, True)]:
+            dY, G, A, S, B = [torch.empty(*sh, dtype=dtype, device="meta")
+                              for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
+            A, B = (None if a_id else A), (None if b_id else B)
+            with triton_aot.recording() as rec:
+                tk.triton_precondition(G, A, S, B)
+                tk.triton_precondition_backward(dY, G, A, S, B, ALL)
+                tk.triton_precondition_grouped_backward([dY], [G], [A], [S], [B], ALL)
+            for kernel, args, consts, _ in rec:
+                if consts["DOT_DT"] == 0:
+                    continue
+                assert kernel is tk._gemm_kernel, f"{kernel.__name__} {m}x{n}: half dot operands"
+                operands = ("x", "y", "x2", "y2") if consts["DUAL"] else ("x", "y")
+                got = {k: args[k].dtype for k in operands}
+                assert all(d == dtype for d in got.values()), f"{m}x{n}, identity {a_id, b_id}: {got}"
+                half_gemms += 1
+    assert half_gemms > 0  # products of two half inputs (G B, dY B, Aᵀ G, ...) still use tensor cores
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,11 +20,19 @@ Two paths, chosen per layer:
   producing D, and the two-product sums of dA and dB as one "dual" GEMM. Autotuned on GPU over a
   small config set pruned by problem size (:func:`_prune_gemm_configs`).
 
+Identity factors: A = None or B = None (either or both, per layer in the grouped op) is the
+identity, and no product with it is formed: the fused programs are compiled per identity pattern
+(constexprs ``A_ID``, ``B_ID``), the tiled path skips those GEMMs (with both factors the identity
+only the elementwise products S ⊙ G, S ⊙ dY, dY ⊙ G remain), and the grouped op launches per
+block shape and pattern. An identity factor has no gradient: its slot holds an empty (0,) tensor.
+
 Precision: every load is cast to fp32 at once (the interpreter holds bf16 as raw 16-bit integers,
 so arithmetic on un-cast bf16 is silently wrong), elementwise maths is fp32, ``tl.dot`` accumulates
 in fp32, intermediates between GEMMs are fp32 buffers, and each output is rounded once on store.
-On a GPU, fp16/bf16 layers feed their dot operands to ``tl.dot`` in that dtype (tensor cores;
-constexpr ``DOT_DT``); fp32 dots use ``input_precision="tf32"`` when
+An fp32 intermediate is never rounded to half on its way into a product, so fp16/bf16 layers are
+rounded once, on store. On a GPU only the tiled GEMMs whose two operands are the layer's own
+fp16/bf16 inputs (G B, dY B, Aᵀ G, ...) feed tensor cores in that dtype (constexpr ``DOT_DT``);
+every other dot is fp32: ``input_precision="tf32"`` for fp32 layers when
 ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch does, else "tf32x3" in the tiled GEMMs
 (three tf32 MMAs: fp32-level accuracy on tensor cores) and "ieee" (fp32 FMAs) in the fused
 programs (:func:`_dot_config`). Under the interpreter every dot is computed in fp32, whatever the
@@ -132,15 +140,6 @@ def _cvt(x, DOT_DT: tl.constexpr):
         return x.to(tl.bfloat16)
     else:
         return x.to(tl.float32)
-
-
-@triton.jit
-def _dot(a, b, DOT_DT: tl.constexpr, PREC: tl.constexpr):
-    """fp32 a @ b of fp32 tiles (operands rounded to DOT_DT first when DOT_DT != 0)."""
-    if DOT_DT == 0:
-        return tl.dot(a, b, input_precision=PREC)
-    else:
-        return tl.dot(_cvt(a, DOT_DT), _cvt(b, DOT_DT))
 
 
 @triton.jit
@@ -385,8 +384,8 @@ def _fused_bwd_kernel(
 # Layer-table layouts (int64 rows, one per layer, padded to 8 or 16 entries: 64-byte aligned rows).
 # Layers in a table are contiguous (the launchers copy any other first), so rows hold only
 # addresses and dimensions: no runtime strides in the kernel's index arithmetic, which keeps the
-# grouped programs as lean in registers as the batched ones. Addresses of masked-off outputs are 0;
-# "t" is the layer's scratch.
+# grouped programs as lean in registers as the batched ones. Addresses of masked-off outputs and
+# of identity factors (never read: A_ID / B_ID) are 0; "t" is the layer's scratch.
 _FWD_FIELDS = ("g", "a", "s", "b", "y", "t", "m", "n")
 _BWD_FIELDS = ("dy", "g", "a", "s", "b", "dg", "da", "ds", "db", "t", "m", "n")
 FWD_ROW = tl.constexpr(8)
@@ -530,11 +529,13 @@ def _gemm_kernel(
 # spills for sm_80 and sm_90 on every epilogue and operand type (triton_aot checks). The usual
 # Triton set spilled up to 1.9 KB per thread with fp32 operands (tf32x3 splits each operand in two)
 # and up to 0.8 KB with bf16: 128×128 tiles spill with either, 64×64×16 with 4 warps spilled the
-# bf16 epilogue. (Unlike the fused programs, the GEMMs spill more with maxnreg=255, not less.)
+# bf16 epilogue, and 32×64×32 with 4 warps spilled 16 B on sm_90 in the dual GEMM of a bf16 operand
+# and an fp32 one under tf32x3 (32×64×16: 180 registers). (Unlike the fused programs, the GEMMs
+# spill more with maxnreg=255, not less.)
 GEMM_CONFIGS = (
     (128, 64, 16, 8, 8, 3),
     (64, 128, 16, 8, 8, 3),
-    (32, 64, 32, 8, 4, 4),
+    (32, 64, 16, 8, 4, 4),
 )
 # Under the interpreter: one config, large enough to keep the Python loop short and small
 # enough that odd shapes still take several K steps and masked tails.
@@ -637,18 +638,22 @@ def _fused_warps(bm: int, bn: int) -> int:
     return 4 if max(bm, bn) <= 32 else 8
 
 
-def _dot_config(dtype: torch.dtype, fused: bool = False) -> tuple[int, str]:
-    """(DOT_DT, PREC): dot operand type and fp32 input precision for this dtype here.
+def _dot_config(dtype: torch.dtype, fused: bool = False, half_operands: bool = False) -> tuple[int, str]:
+    """(DOT_DT, PREC): dot operand type and fp32 input precision for one product of a ``dtype`` layer.
 
-    fp32: "tf32" when torch allows TF32 matmuls; otherwise "tf32x3" in the tiled GEMMs (three
-    tensor-core MMAs, fp32-level accuracy) and "ieee" in the fused programs, whose BK-wide chunks
-    keep the FMA code small: there tf32x3's split operands cost ~250 registers per thread and
-    spilled. Half precision ignores PREC (one fixed value, so no duplicate compiles)."""
+    Half operands (fp16/bf16 tensor-core MMAs) only where ``half_operands``: both operands are the
+    layer's own fp16/bf16 inputs, which a half operand holds exactly. An fp32 intermediate is never
+    rounded to half on its way into a product: those dots are fp32, so a half layer is rounded once,
+    on store. fp32 dots: "tf32" for fp32 layers when torch allows TF32 matmuls, as torch does;
+    otherwise "tf32x3" in the tiled GEMMs (three tf32 MMAs, fp32-level accuracy) and "ieee" in the
+    fused programs, whose BK-wide chunks keep the FMA code small: there tf32x3's split operands cost
+    ~250 registers per thread and spilled. Half operands ignore PREC (one fixed value, so no
+    duplicate compiles)."""
     if is_interpreter():
         return 0, "ieee"  # the interpreter computes dots in fp32 (and cannot do bf16 arithmetic)
-    if dtype != torch.float32:
+    if dtype != torch.float32 and half_operands:
         return _DT_CODE[dtype], "ieee"
-    if torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return 0, "tf32"
     return 0, "ieee" if fused else "tf32x3"
 
@@ -679,7 +684,8 @@ def _gemm(L: int, M: int, N: int, K: int, x: _Op, y: _Op, c: Tensor, *, x2: Opti
 
     c and c2 are contiguous (L, M, N) or (M, N); unused pointers get ``c`` as a placeholder.
     """
-    dot_dt, prec = _dot_config(dtype)
+    operands = (x, y) if x2 is None else (x, y, x2, y2)
+    dot_dt, prec = _dot_config(dtype, half_operands=all(o.t.dtype == dtype for o in operands))
     scb, scm, scn = _s3(c)
     dummy = _Op(c, (0, 0, 0))
     x2 = x2 or dummy
@@ -1083,18 +1089,23 @@ def _grouped(kernel, row_len: int, slots: int, ins: list, outs: list, run_layer,
     dtype = grads[0].dtype
     dot_dt, prec = _dot_config(dtype, fused=True)
     scratch, scratch_addr = _scratch(small, grads, slots)
-    for (bm, bn, a_id, b_id), idx in _buckets(small, ins).items():
-        consts = dict(DT=_DT_CODE[dtype], A_ID=a_id, B_ID=b_id, BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
-        if mask is not None:
-            consts.update(zip(("NEED_G", "NEED_A", "NEED_S", "NEED_B"), _needed(mask, a_id, b_id)))
-        rows = []
-        keep = []  # contiguous copies of strided inputs, alive until the launch is queued
+    buckets = _buckets(small, ins)
+    rows = []
+    keep = []  # contiguous copies of strided inputs, alive until the launches are queued
+    for idx in buckets.values():
         for i in idx:
             xs = [None if t is None else t.contiguous() for t in ins[i]]
             keep += xs
             rows.append([*map(_addr, xs), *map(_addr, outs[i]), scratch_addr[i], *grads[i].shape])
-        _launch(kernel, (len(idx),), dict(table=_table(rows, row_len, scratch)), consts,
+    table = _table(rows, row_len, scratch)  # one copy for the whole call; each launch reads its rows
+    start = 0
+    for (bm, bn, a_id, b_id), idx in buckets.items():
+        consts = dict(DT=_DT_CODE[dtype], A_ID=a_id, B_ID=b_id, BM=bm, BN=bn, BK=FUSED_BK, DOT_DT=dot_dt, PREC=prec)
+        if mask is not None:
+            consts.update(zip(("NEED_G", "NEED_A", "NEED_S", "NEED_B"), _needed(mask, a_id, b_id)))
+        _launch(kernel, (len(idx),), dict(table=table[start:start + len(idx)]), consts,
                 num_warps=_fused_warps(bm, bn), maxnreg=MAXNREG)
+        start += len(idx)
 
 
 @_on_inputs_device
