@@ -76,6 +76,8 @@ def recording():
 
 
 LEVELS = ("smoke", "default", "full")
+# (A is the identity, B is the identity): every combination the op accepts
+IDENTITY_PATTERNS = tuple(itertools.product((False, True), repeat=2))
 
 
 def collect_variants(level: str = "default") -> list:
@@ -87,6 +89,12 @@ def collect_variants(level: str = "default") -> list:
              dimensions that are and are not multiples of 16: the runtime specializes on that) and
              the smallest; four masks; every autotune config — what CI runs.
     full:    default + every output mask.
+
+    Identity factors (A, B or both None): the fused programs are compiled per pattern, and the
+    tiled path launches other GEMM operand and epilogue combinations. Each pattern runs with the
+    first two masks on the tiled layer and on the fused blocks: at default level the two largest
+    only (an identity pattern runs a subset of the full program's products, with fewer values live
+    at once; the smaller blocks and other masks run with both factors given), at full every one.
     """
     import torch
 
@@ -100,16 +108,19 @@ def collect_variants(level: str = "default") -> list:
     main_masks = [(True,) * 4, (False, True, True, True)]
     if level == "smoke":
         dtypes, precs, fused_shapes = (torch.float32, torch.bfloat16), (False,), [(1, 1)]
+        identity_shapes = fused_shapes + tiled_shapes
     else:
         dtypes, precs = (torch.float32, torch.float16, torch.bfloat16), (False, True)
         top = tk.FUSED_MAX_DIM
         fused_shapes = [(1, 1), (top, top), (top - 1, top - 31), (top // 4 + 1, top)]
         main_masks += [(False, False, True, False), (True, False, False, False)]
+        identity_shapes = (fused_shapes[1:3] if level == "default" else fused_shapes) + tiled_shapes
     extra_masks = [m for m in itertools.product((False, True), repeat=4) if any(m) and m not in main_masks]
 
-    def layer(m, n, dtype, L=None):
+    def layer(m, n, dtype, L=None, identity=(False, False)):
         b = () if L is None else (L,)
-        return [torch.empty(*b, *sh, dtype=dtype, **meta) for sh in ((m, n), (m, n), (m, m), (m, n), (n, n))]
+        dy, g, a, s, b = (torch.empty(*b, *sh, dtype=dtype, **meta) for sh in ((m, n), (m, n), (m, m), (m, n), (n, n)))
+        return [dy, g, None if identity[0] else a, s, None if identity[1] else b]
 
     seen, out = set(), []
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -118,18 +129,23 @@ def collect_variants(level: str = "default") -> list:
             for tf32 in (precs if dtype == torch.float32 else (False,)):
                 torch.backends.cuda.matmul.allow_tf32 = tf32
                 with recording() as rec:
-                    for m, n in fused_shapes + tiled_shapes:
-                        dy, g, a, s, b = layer(m, n, dtype)
+                    for (m, n), identity in itertools.product(fused_shapes + tiled_shapes, IDENTITY_PATTERNS):
+                        if identity != (False, False) and (m, n) not in identity_shapes:
+                            continue
+                        dy, g, a, s, b = layer(m, n, dtype, identity=identity)
                         tk.triton_precondition(g, a, s, b)
-                        tk.triton_precondition(*layer(m, n, dtype, L=2)[1:])
-                        masks = main_masks + (extra_masks if level == "full" and (m, n) == (1, 1) else [])
+                        tk.triton_precondition(*layer(m, n, dtype, L=2, identity=identity)[1:])
+                        masks = main_masks if identity == (False, False) else main_masks[:2]
+                        masks = masks + (extra_masks if level == "full" and (m, n) == (1, 1) else [])
                         for mask in masks:
                             tk.triton_precondition_backward(dy, g, a, s, b, mask)
-                    layers = [layer(m, n, dtype) for m, n in fused_shapes + tiled_shapes]
-                    cols = list(zip(*layers))
-                    tk.triton_precondition_grouped(*cols[1:])
-                    for mask in main_masks:
-                        tk.triton_precondition_grouped_backward(*cols, mask)
+                    for identity in IDENTITY_PATTERNS:
+                        shapes = fused_shapes + tiled_shapes if identity == (False, False) else identity_shapes
+                        layers = [layer(m, n, dtype, identity=identity) for m, n in shapes]
+                        cols = list(zip(*layers))
+                        tk.triton_precondition_grouped(*cols[1:])
+                        for mask in main_masks if identity == (False, False) else main_masks[:2]:
+                            tk.triton_precondition_grouped_backward(*cols, mask)
                 for kernel, args, consts, opts in rec:
                     if level == "smoke" and kernel is tk._gemm_kernel:
                         # one autotune config, the smallest, for a fast smoke run
