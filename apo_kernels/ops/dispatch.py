@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import _validate, reference
 from .backends import BACKEND_ENV, backends, check_name, resolve  # noqa: F401  (re-exported)
-from .library import OpFamily, grouped_backward_lists, saved_mask
+from .library import OpFamily, grouped_backward_lists, public_slots, saved_mask
 
 META_GRADIENT_MASK = (False, True, True, True)
 
@@ -25,20 +25,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def _single_family(backend: str, grad: Tensor) -> OpFamily:
     """The family for a single-op call; an empty input runs on the reference (nothing to launch)."""
     return reference.FAMILY if grad.numel() == 0 else resolve(backend, grad.device).family
-
-
-def _identity_none(outs, mask, As, Bs) -> list:
-    """Grouped backward outputs in public form: [] where masked off, None in an identity slot."""
-    result = []
-    for k, (out, need) in enumerate(zip(outs, mask)):
-        factors = As if k == 1 else Bs if k == 3 else None
-        if not need:
-            result.append([])
-        elif factors is None:
-            result.append(list(out))
-        else:
-            result.append([None if f is None else o for f, o in zip(factors, out)])
-    return result
 
 
 def precondition(
@@ -170,4 +156,4 @@ def precondition_grouped_backward(
         return ([], [], [], [])
     family = resolve(backend, grads[0].device).family
     outs = family.grouped_backward(list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask))
-    return tuple(_identity_none(outs, mask, As, Bs))
+    return tuple(public_slots(out, k, As, Bs) if need else [] for k, (out, need) in enumerate(zip(outs, mask)))

@@ -63,14 +63,16 @@ def grouped_backward_lists(fam: OpFamily, grad_outs, lists, needs) -> list:
     Ss = grad_outs if Ss is None else Ss
     mask = [bool(n) for n in needs]
     outs = fam.grouped_backward(grad_outs, grads, As, Ss, Bs, mask)
-    result = []
-    for k, (out, need) in enumerate(zip(outs, mask)):
-        if not need:
-            result.append(None)
-            continue
-        factors = As if k == 1 else Bs if k == 3 else None
-        result.append([None if factors is not None and factors[i] is None else o for i, o in enumerate(out)])
-    return result
+    return [public_slots(out, k, As, Bs) if need else None for k, (out, need) in enumerate(zip(outs, mask))]
+
+
+def public_slots(out: Sequence, k: int, As: Sequence, Bs: Sequence) -> list:
+    """Output ``k`` (0 d_grads, 1 dAs, 2 dSs, 3 dBs) of a grouped backward as a list with None in
+    the slot of each identity factor (the registered ops put an empty tensor there)."""
+    factors = As if k == 1 else Bs if k == 3 else None
+    if factors is None:
+        return list(out)
+    return [None if f is None else o for f, o in zip(factors, out)]
 
 
 def library_family(prefix: str) -> OpFamily:
