@@ -41,6 +41,7 @@ from .._numerics import all_finite
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
 from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
+from .kron import KronPreconditioner
 from .preconditioners import (
     S_PARAMS,
     DiagonalPreconditioner,
@@ -48,6 +49,9 @@ from .preconditioners import (
     meta_backward_many,
     precondition_many,
 )
+
+# structure= → the per-layer preconditioner class
+STRUCTURES = {"full": StructuredPreconditioner, "kron": KronPreconditioner}
 
 
 class _FlatView(LayerView):
@@ -62,14 +66,14 @@ class _FlatView(LayerView):
 
 class _Layer:
     """A layer (``apo_kernels.layers.Layer``: weight + bias as one (m, n) matrix) with its
-    StructuredPreconditioner; ``kind`` is its view's name ("linear", "conv", "embedding", …,
-    "full" for a small parameter no layer owns)."""
+    preconditioner (a ``STRUCTURES`` class); ``kind`` is its view's name ("linear", "conv",
+    "embedding", …, "full" for a small parameter no layer owns)."""
 
-    def __init__(self, layer: Layer, precond_kwargs: dict):
+    def __init__(self, layer: Layer, precond_kwargs: dict, structure: str = "full"):
         self.layer, self.name, self.kind = layer, layer.name, layer.view.name
         self.weight, self.bias, self.params = layer.weight, layer.bias, layer.params
         self.m, self.n = layer.shape
-        self.precond = StructuredPreconditioner(self.m, self.n, learn_left=layer.view.learn_left, **precond_kwargs)
+        self.precond = STRUCTURES[structure](self.m, self.n, learn_left=layer.view.learn_left, **precond_kwargs)
 
     def matrix(self, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return self.layer.matrix(w, b)
@@ -115,6 +119,11 @@ class APOPrecond(APOCore):
             independent of lr's magnitude; default) or "linear" (S² = S·S).
         meta_batch: "same" (Algorithm 1) or "fresh" (ablation; needs ``step(meta_closure=...)``).
         grad_scaler: the torch.amp.GradScaler the closure scales its loss with.
+        structure: "full" (default; the rule above, S (m, n) free) or "kron" (S² = u vᵀ of rank
+            one, u, v > 0, so P = (A diag(u) Aᵀ) ⊗ (B diag(v) Bᵀ) = L ⊗ R: a step is 2 GEMMs L·G·R
+            with L and R rebuilt only after a meta-step; the meta-gradient is the op's backward
+            at S² = u vᵀ and the chain rule; ``kron.KronPreconditioner``). Parameters without a
+            layer keep their diagonal preconditioner either way.
         shard_preconditioners: under torch.distributed (DDP), keep each preconditioner's φ and
             meta-optimizer state on one owner rank only (assigned by cost), which computes that
             layer's update and meta-gradient and broadcasts the update: φ's memory per rank is
@@ -157,6 +166,7 @@ class APOPrecond(APOCore):
         meta_batch: str = "same",
         grad_scaler=None,
         shard_preconditioners: bool = False,
+        structure: str = "full",
     ):
         check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
         lr = check_number("lr", lr, low=0.0, low_ok=False)
@@ -168,6 +178,7 @@ class APOPrecond(APOCore):
             if v is not None:
                 check_int(name, v, low=1)
         check_choice("s_param", s_param, S_PARAMS)
+        check_choice("structure", structure, tuple(STRUCTURES))
         meta_betas = check_pair("meta_betas", meta_betas, high=1.0, high_ok=False)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -185,7 +196,8 @@ class APOPrecond(APOCore):
                       s_param=s_param, dtype=self.phi_dtype, device=device)
 
         # Layers first (in module order); a tied weight is preconditioned by the first layer that holds it
-        self.layers = [_Layer(layer, kwargs) for layer in find_layers(model, shared="first_owner")]
+        self.structure = structure
+        self.layers = [_Layer(layer, kwargs, structure) for layer in find_layers(model, shared="first_owner")]
         claimed = {id(p) for layer in self.layers for p in layer.params}
         self.diagonals: list[tuple[str, Tensor, DiagonalPreconditioner]] = []
         for name, p in model.named_parameters():
@@ -193,7 +205,7 @@ class APOPrecond(APOCore):
                 continue
             claimed.add(id(p))
             if small_full_max is not None and p.numel() <= small_full_max:
-                self.layers.append(_Layer(Layer(name, None, _FlatView(), p), kwargs))
+                self.layers.append(_Layer(Layer(name, None, _FlatView(), p), kwargs, structure))
             else:
                 self.diagonals.append((name, p, DiagonalPreconditioner(
                     p.shape, init_s=kwargs["init_s"], s_param=s_param, dtype=self.phi_dtype, device=device)))
@@ -296,7 +308,10 @@ class APOPrecond(APOCore):
 
     def _directions(self, plan) -> dict[int, Tensor]:
         """Y(φ) per parameter id: the preconditioned step at the current φ (lr folded into S)."""
-        Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend)
+        if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
+            Ys = [l.precond.apply(G) for l, G in zip(plan.layers, plan.Gs)]
+        else:
+            Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend)
         out = {}
         for layer, Y in zip(plan.layers, Ys):
             for p, y in zip(layer.params, layer.split(Y)):
@@ -372,11 +387,16 @@ class APOPrecond(APOCore):
             "meta_optimizer": self.meta_optimizer.state_dict(),
             **self._core_state(),
             "initial_lr": self._initial_lr,
+            "structure": self.structure,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }, self._phi, self.meta_optimizer)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; tensors are mapped to this optimizer's device and dtypes."""
+        saved = state.get("structure", "full")
+        if saved != self.structure:
+            raise ValueError(f"state_dict: saved with structure={saved!r}, this optimizer has "
+                             f"structure={self.structure!r}")
         if len(state["phi"]) != len(self._phi):
             raise ValueError("state_dict: φ has a different number of tensors (a different model?)")
         with torch.no_grad():
