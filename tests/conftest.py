@@ -21,21 +21,23 @@ from apo_kernels.ops.backends import get, registered  # noqa: E402
 def backend_skip_reason(backend: str, device_type: str = "cpu"):
     """Why ``backend`` cannot run on ``device_type`` tensors here (None: it can)."""
     entry = get(backend)
+    if device_type not in entry.devices:
+        return f"runs on {'/'.join(entry.devices)} tensors here, not {device_type}"
     status = entry.status()
     if not status.startswith("available"):
         return status
-    if device_type not in entry.devices:
-        return f"runs on {'/'.join(entry.devices)} tensors here, not {device_type}"
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device here"
     return None
 
 
 def device_backends(device_type: str):
-    """Every registered backend as a pytest param for tensors of ``device_type``, each skipped with
-    its reason when it cannot run on them here."""
+    """The registered backends for tensors of ``device_type`` (those whose entry lists it) as pytest
+    params, each skipped with its reason when it cannot run here."""
     params = []
     for entry in registered():
+        if device_type not in entry.devices:
+            continue
         reason = backend_skip_reason(entry.name, device_type)
         marks = [pytest.mark.skip(reason=f"{entry.name}: {reason}")] if reason else []
         params.append(pytest.param(entry.name, marks=marks, id=entry.name))
