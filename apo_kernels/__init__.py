@@ -11,12 +11,12 @@ Optimizers live in ``apo_kernels.optim`` (APOLR, APOPrecond), baselines in
 ``apo_kernels.baselines`` (KFAC, EKFAC), the benchmark in ``apo_kernels.bench`` (``apo-bench``).
 """
 from .ops import (
-    backends,
     precondition,
     precondition_backward,
     precondition_grouped,
     precondition_grouped_backward,
 )
+from .ops.backends import backends
 
 __version__ = "0.1.0"
 

@@ -1,12 +1,11 @@
 """The structured preconditioner op Y = A·(S⊙(AᵀGB))·Bᵀ: validation, reference, backends, dispatch.
 
-The backend registry is ``apo_kernels.ops.backends`` (note: ``apo_kernels.ops.backends`` the
-attribute is the status function ``backends()``; import the registry's names from the module path
-``apo_kernels.ops.backends`` or from here).
+``apo_kernels.ops.backends`` is the backend registry (a module; its status function ``backends()``
+is ``apo_kernels.backends()``).
 """
+from . import backends
 from .backends import Backend, register, registered, unregister, usable
 from .dispatch import (
-    backends,
     precondition,
     precondition_backward,
     precondition_grouped,
@@ -18,7 +17,6 @@ from .library import OpFamily, library_family
 __all__ = [
     "Backend",
     "OpFamily",
-    "backends",
     "library_family",
     "precondition",
     "precondition_backward",

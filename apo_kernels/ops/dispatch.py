@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _validate, reference
-from .backends import BACKEND_ENV, backends, check_name, resolve  # noqa: F401  (re-exported)
+from .backends import check_name, resolve
 from .library import OpFamily, grouped_backward_lists, public_slots, saved_mask
 
 META_GRADIENT_MASK = (False, True, True, True)
