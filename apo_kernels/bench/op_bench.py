@@ -83,8 +83,11 @@ def run(cfg: Config) -> dict:
             layers = [_inputs(m, n, dt, dev, gen) for m, n in shapes]
             Gs, As, Ss, Bs, dYs = (list(x) for x in zip(*layers))
             size = f"{len(shapes)} layers"
-            extra = dict(layers=len(shapes), max_dim=max(max(s) for s in shapes))
-            cfg.tick(f"grouped {label} {dname}: loop of torch chain")
+            extra = dict(layers=len(shapes), max_dim=max(max(s) for s in shapes), layer_set=set_name)
+
+            def add(direction, impl, timing, **kw):
+                grouped.append(make_row("grouped", f"{label} {direction}", impl, dname, size, timing,
+                                        direction=direction, **extra, **kw))
 
             def loop_chain():
                 return [chain(g, a, s, b) for g, a, s, b in zip(Gs, As, Ss, Bs)]
@@ -92,9 +95,10 @@ def run(cfg: Config) -> dict:
             def loop_chain_bwd():
                 return [_chain_backward(g, a, s, b, dy) for g, a, s, b, dy in zip(Gs, As, Ss, Bs, dYs)]
 
+            cfg.tick(f"grouped {label} {dname}: loop of torch chain")
             with torch.no_grad():
-                grouped.append(make_row("grouped", f"{label} forward", "loop: torch chain", dname, size, timer(loop_chain), **extra))
-            grouped.append(make_row("grouped", f"{label} backward", "loop: torch chain", dname, size, timer(loop_chain_bwd), **extra))
+                add("forward", "loop: torch chain", timer(loop_chain))
+            add("backward", "loop: torch chain", timer(loop_chain_bwd))
             for be in cfg.backends:
                 cfg.tick(f"grouped {label} {dname}: {be}")
                 try:
@@ -104,10 +108,10 @@ def run(cfg: Config) -> dict:
                         lambda: apo_kernels.precondition_grouped_backward(dYs, Gs, As, Ss, Bs, output_mask=MASK, backend=be)
                     )
                 except Exception as exc:
-                    grouped.append(make_row("grouped", f"{label} forward", f"grouped: {be}", dname, size, {}, error=repr(exc)[:300], **extra))
+                    add("forward", f"grouped: {be}", {}, error=repr(exc)[:300])
                     continue
-                grouped.append(make_row("grouped", f"{label} forward", f"loop: op[{be}]", dname, size, t_loop, **extra))
-                grouped.append(make_row("grouped", f"{label} forward", f"grouped: {be}", dname, size, t_grp, **extra))
-                grouped.append(make_row("grouped", f"{label} backward", f"grouped: {be}", dname, size, t_grp_b, **extra))
+                add("forward", f"loop: op[{be}]", t_loop)
+                add("forward", f"grouped: {be}", t_grp)
+                add("backward", f"grouped: {be}", t_grp_b)
     add_ratios(grouped, "loop: torch chain")
     return dict(single=single, grouped=grouped)

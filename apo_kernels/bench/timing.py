@@ -1,8 +1,16 @@
-"""Timers and the run's environment record.
+"""The bench's one timing call, its one summary of repeated times, and the run's environment record.
 
-GPU: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (CUDA events, L2 flushed), or plain
-CUDA events when Triton is missing. CPU: ``time.perf_counter`` around single calls after warm-up,
-repeated until a time budget is spent; median and 20/80 % quantiles of the repeats.
+``Timer(device, quick)(fn)`` times a zero-argument callable and returns
+``dict(median_ms, p20_ms, p80_ms, min_ms, reps)``:
+
+- every call is warmed up first (``warmup`` untimed calls, then torch's / Triton's own warm-up), so
+  no row pays for the first use of a kernel, an allocator pool or a code path;
+- GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs), all runs kept;
+- CPU (and a GPU without Triton): ``torch.utils.benchmark.Timer.blocked_autorange`` (blocks of
+  calls, sized so the timer's own cost is negligible, repeated for a time budget), with torch's
+  current thread count;
+- at least ``min_reps`` timed repeats whatever the budget; the median, the 20/80 % quantiles and
+  the minimum of the repeats (``summarize``).
 """
 from __future__ import annotations
 
@@ -12,98 +20,111 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["Timer", "env_info", "DTYPES"]
+__all__ = ["Timer", "TimerSettings", "summarize", "env_info", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _quantiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=10, method="inclusive")  # deciles
-    return statistics.median(xs), q[1], q[7]
+def summarize(times_s: Sequence[float]) -> dict:
+    """Median, 20/80 % quantiles (inclusive deciles) and minimum of repeated times, in ms."""
+    if not times_s:
+        raise ValueError("summarize: times_s is empty")
+    ms = sorted(t * 1e3 for t in times_s)
+    if len(ms) == 1:
+        p20 = p80 = ms[0]
+    else:
+        deciles = statistics.quantiles(ms, n=10, method="inclusive")
+        p20, p80 = deciles[1], deciles[7]
+    return dict(median_ms=statistics.median(ms), p20_ms=p20, p80_ms=p80, min_ms=ms[0], reps=len(ms))
+
+
+@dataclass(frozen=True)
+class TimerSettings:
+    """How long to measure one row: ``warmup`` untimed calls, at least ``min_reps`` timed repeats
+    for at least ``min_time_s`` (CPU: ``blocked_autorange``'s ``min_run_time``), or ``do_bench``'s
+    ``gpu_warmup_ms`` and at least ``gpu_rep_ms`` on the GPU."""
+
+    warmup: int
+    min_reps: int
+    min_time_s: float
+    gpu_warmup_ms: float
+    gpu_rep_ms: float
+
+
+QUICK = TimerSettings(warmup=1, min_reps=3, min_time_s=0.2, gpu_warmup_ms=5, gpu_rep_ms=20)
+FULL = TimerSettings(warmup=1, min_reps=5, min_time_s=1.0, gpu_warmup_ms=25, gpu_rep_ms=100)
+
+
+def _triton_testing():
+    try:
+        import triton.testing
+
+        return triton.testing
+    except Exception:  # not installed, or no driver for this machine
+        return None
 
 
 @dataclass
 class Timer:
-    """Measure a zero-argument callable; returns dict(median_ms, p20_ms, p80_ms, reps, method)."""
+    """The one timing call of the bench: ``Timer(device, quick)(fn) -> dict``."""
 
     device: torch.device
     quick: bool = False
 
     def __post_init__(self):
         self.device = torch.device(self.device)
-        # CPU: (warm-up calls, min repeats, target seconds, max repeats, hard cap seconds)
-        self.cpu_cfg = (1, 3, 0.05, 10, 0.4) if self.quick else (1, 5, 0.4, 30, 4.0)
+        self.settings = QUICK if self.quick else FULL
+
+    @property
+    def _do_bench(self):
+        return _triton_testing() if self.device.type == "cuda" else None
 
     @property
     def method(self) -> str:
-        if self.device.type == "cuda":
-            try:
-                import triton.testing  # noqa: F401
-
-                return "triton.testing.do_bench(quantiles=[0.5,0.2,0.8])"
-            except Exception:
-                return "cuda events"
-        return "time.perf_counter, median of repeats after warm-up"
-
-    def __call__(self, fn: Callable[[], object]) -> dict:
-        if self.device.type == "cuda":
-            return self._cuda(fn)
-        return self._cpu(fn)
-
-    def _cpu(self, fn) -> dict:
-        warm, min_reps, target, max_reps, cap = self.cpu_cfg
-        t_first = time.perf_counter()
-        for _ in range(warm):
-            fn()
-        first = time.perf_counter() - t_first
-        times: list[float] = []
-        start = time.perf_counter()
-        while True:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            spent = time.perf_counter() - start
-            if len(times) >= max_reps or spent + first > cap and len(times) >= 2:
-                break
-            if len(times) >= min_reps and spent >= target:
-                break
-        med, p20, p80 = _quantiles(times)
-        # min_ms too: on a shared machine the median can hold scheduler stalls, the min rarely does
-        return dict(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, min_ms=min(times) * 1e3, reps=len(times))
-
-    def _cuda(self, fn) -> dict:
-        warmup, rep = (5, 20) if self.quick else (25, 100)
-        try:
-            import triton.testing
-
-            med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-            return dict(median_ms=float(med), p20_ms=float(p20), p80_ms=float(p80), reps=None)
-        except ImportError:
-            pass
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(20 if self.quick else 100):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        med, p20, p80 = _quantiles(times)
-        return dict(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, reps=len(times))
+        s = self.settings
+        if self._do_bench is not None:
+            how = f"triton.testing.do_bench(warmup={s.gpu_warmup_ms:g} ms, rep≥{s.gpu_rep_ms:g} ms)"
+        else:
+            how = (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time≥{s.min_time_s:g} s), "
+                   f"{torch.get_num_threads()} threads")
+        return f"{how}; every row warmed up, ≥ {s.min_reps} repeats, median [p20–p80]"
 
     def sync(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], object]) -> dict:
+        """Warm ``fn`` up, then time it."""
+        s = self.settings
+        call_s = 0.0
+        for _ in range(s.warmup):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            call_s = time.perf_counter() - t0  # the last warm-up call sizes the budget below
+        # the time budget always leaves room for min_reps repeats of one call
+        budget_s = s.min_reps * call_s
+        do_bench = self._do_bench
+        if do_bench is not None:
+            rep_ms = max(s.gpu_rep_ms, 1e3 * budget_s)
+            times = [t / 1e3 for t in do_bench.do_bench(fn, warmup=s.gpu_warmup_ms, rep=rep_ms, return_mode="all")]
+        else:
+            times = self._autorange(fn, max(s.min_time_s, budget_s))
+        return summarize(times)
+
+    def _autorange(self, fn, min_run_time: float) -> list[float]:
+        import torch.utils.benchmark as tb
+
+        timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        m = timer.blocked_autorange(min_run_time=min_run_time)
+        times = list(m.times)
+        while len(times) < self.settings.min_reps:  # a call ran slower than its warm-up
+            times += timer.timeit(m.number_per_run).times
+        return times
 
 
 def _cpu_name() -> str:

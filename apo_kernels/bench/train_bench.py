@@ -3,22 +3,21 @@
     def closure(): opt.zero_grad(); loss = ce(model(x), y); loss.backward(); return loss
     opt.step(closure)                       # APO: opt.step(closure, fsd_inputs=(x_fsd,))
 
-Step time = median over blocks of 10 steps (one full K = T = 10 cycle, so the amortized meta-step /
-inversion is inside every block) / 10, after warm-up steps (10; 2 with --quick, one block). The final loss of the run is kept
-too (no tuning: a timing table, not a leaderboard). Optimizers whose package is missing, or which
-raise, give a row with the reason instead of a time.
+Step time = the bench's timing call (``Timer``) on one block of 10 steps (one full K = T = 10 cycle,
+so the amortized meta-step / inversion is inside every block), divided by 10: every optimizer is
+warmed up with one block of its own first, then timed over ≥ 3 blocks (median [p20–p80]). The final
+loss of the run is kept too (no tuning: a timing table, not a leaderboard). Optimizers whose package
+is missing, or which raise, give a row with the reason instead of a time.
 """
 from __future__ import annotations
 
 import importlib
-import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Config, make_row
+from .common import Config, add_ratios, make_row
 
 INTERVAL = 10
 
@@ -89,57 +88,47 @@ def _optimizers(include_peers: bool = True):
     return facs
 
 
-def _time_training(model, opt, fsd, batches, fsd_batch, sync, blocks: int, warmup: int):
-    """``warmup`` untimed steps, then ``blocks`` timed blocks of INTERVAL steps (each block holds
-    exactly one meta-step / inversion / eigh, whatever the phase)."""
-    it = 0
-    loss = None
+def _time_training(model, opt, fsd, batches, fsd_batch, timer):
+    """Time blocks of INTERVAL steps (each holds exactly one meta-step / inversion / eigh, whatever
+    the phase); returns (per-step timing, final loss, steps run)."""
+    state = dict(steps=0, loss=None)
 
-    def one_step():
-        nonlocal it
-        x, y = batches[it % len(batches)]
-        it += 1
-
+    def closure_for(x, y):
         def closure():
             opt.zero_grad()
             out = F.cross_entropy(model(x), y)
             out.backward()
             return out
 
-        return opt.step(closure, fsd_inputs=(fsd_batch,)) if fsd else opt.step(closure)
+        return closure
 
-    for _ in range(warmup):
-        loss = one_step()
-    block_times = []
-    for _ in range(blocks):
-        sync()
-        t0 = time.perf_counter()
+    def block():
         for _ in range(INTERVAL):
-            loss = one_step()
-        sync()
-        block_times.append(time.perf_counter() - t0)
-    per = sorted(t / INTERVAL * 1e3 for t in block_times)
-    n = len(per)
-    med = per[n // 2] if n % 2 else 0.5 * (per[n // 2 - 1] + per[n // 2])
+            x, y = batches[state["steps"] % len(batches)]
+            state["steps"] += 1
+            closure = closure_for(x, y)
+            state["loss"] = opt.step(closure, fsd_inputs=(fsd_batch,)) if fsd else opt.step(closure)
+
+    per_block = timer(block)
+    per_step = {k: v / INTERVAL if k.endswith("_ms") else v for k, v in per_block.items()}
+    loss = state["loss"]
     final = float(loss.detach()) if loss is not None else float("nan")
-    return dict(median_ms=med, p20_ms=per[int(0.2 * (n - 1))], p80_ms=per[int(math.ceil(0.8 * (n - 1)))], reps=n), final
+    return per_step, final, state["steps"]
 
 
 def run(cfg: Config) -> list[dict]:
     dev = cfg.device
-    sync = (lambda: torch.cuda.synchronize()) if cfg.is_cuda else (lambda: None)
     gen = torch.Generator().manual_seed(2)
-    blocks, warmup = (1, 2) if cfg.quick else (3, INTERVAL)
     problems = []
     mlp_batch = 4096 if cfg.is_cuda else (64 if cfg.quick else 256)
     for w in cfg.train_widths:
-        problems.append((f"MLP w={w} batch={mlp_batch}", lambda w=w: mlp(w), (mlp_batch, 256)))
+        problems.append((f"MLP w={w} batch={mlp_batch}", "mlp", lambda w=w: mlp(w), (mlp_batch, 256)))
     cnn_c, cnn_batch = (8, 32) if cfg.quick else (32, 128 if not cfg.is_cuda else 512)
-    problems.append((f"CNN c={cnn_c} 32×32 batch={cnn_batch}", lambda: small_cnn(cnn_c), (cnn_batch, 3, 32, 32)))
+    problems.append((f"CNN c={cnn_c} 32×32 batch={cnn_batch}", "cnn", lambda: small_cnn(cnn_c), (cnn_batch, 3, 32, 32)))
 
     rows: list[dict] = []
     facs = _optimizers(include_peers=not cfg.quick)  # peers only in the full run (--quick: ≤ 60 s)
-    for label, make_model, xshape in problems:
+    for label, problem, make_model, xshape in problems:
         n_batches = 4
         batches = [
             (torch.randn(*xshape, generator=gen).to(dev), torch.randint(0, 10, (xshape[0],), generator=gen).to(dev))
@@ -152,13 +141,12 @@ def run(cfg: Config) -> list[dict]:
             model = make_model().to(dev)
             try:
                 opt, fsd = fac(model)
-                timing, final_loss = _time_training(model, opt, fsd, batches, fsd_batch, sync, blocks, warmup)
+                timing, final_loss, steps = _time_training(model, opt, fsd, batches, fsd_batch, cfg.timer)
             except Exception as exc:
-                rows.append(make_row("train", label, name, "fp32", None, {}, error=f"{type(exc).__name__}: {exc}"[:300]))
+                rows.append(make_row("train", label, name, "fp32", None, {}, problem=problem, batch=xshape[0],
+                                     error=f"{type(exc).__name__}: {exc}"[:300]))
                 continue
-            rows.append(make_row("train", label, name, "fp32", None, timing, final_loss=final_loss, steps=warmup + INTERVAL * blocks))
-    for r in rows:
-        base = next((b for b in rows if b["case"] == r["case"] and b["impl"] == "SGD" and "median_ms" in b), None)
-        if base and "median_ms" in r:
-            r["baseline"], r["ratio"] = "SGD", r["median_ms"] / base["median_ms"]
+            rows.append(make_row("train", label, name, "fp32", None, timing, problem=problem, batch=xshape[0],
+                                 final_loss=final_loss, steps=steps))
+    add_ratios(rows, "SGD")
     return rows
