@@ -4,21 +4,18 @@ import os
 import pytest
 import torch
 
-import apo_kernels
+from apo_kernels.bench.common import timed_backends as _timed_backends
 
 DEVICE = torch.device(os.environ.get("APO_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def timed_backends():
-    status = apo_kernels.backends()
-    names = ["cuda", "triton"] if DEVICE.type == "cuda" else ["cpu"]
-    out = []
-    for b in names:
-        reason = None if status[b].startswith("available") else status[b]
-        if b == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-            reason = "TRITON_INTERPRET=1: interpreted kernels are not timed"
-        out.append(pytest.param(b, marks=[pytest.mark.skip(reason=f"{b}: {reason}")] if reason else [], id=b))
-    return out
+    """The registry's backends for DEVICE, as apo-bench picks them: the timed ones, then the others
+    that run on this device type, skipped with the reason."""
+    timed, skipped = _timed_backends(DEVICE.type)
+    return [pytest.param(b, id=b) for b in timed] + [
+        pytest.param(b, marks=[pytest.mark.skip(reason=f"{b}: {why}")], id=b) for b, why in skipped.items()
+    ]
 
 
 def sync():

@@ -2,7 +2,8 @@
 
 The device is CUDA when torch sees one, else the CPU (override: APO_BENCH_DEVICE=cpu|cuda).
 On the GPU every timed function synchronizes before returning, so the launch is not all that is timed.
-Triton is timed only compiled on a GPU (its CPU interpreter is a correctness tool, not a backend to time).
+Backends come from the registry, as apo-bench picks them (a backend ranked below the reference
+fallback, such as Triton's CPU interpreter, is a correctness tool: skipped with the reason).
 """
 import pytest
 

@@ -1,17 +1,24 @@
-"""apo-bench smoke test: the --quick mode end to end (JSON sections, finite positive timings, PNGs).
+"""apo-bench smoke test: the --quick mode end to end (JSON sections, finite positive timings, PNGs),
+and the bench's plumbing: the timing call, the summary of repeats, the targets table, the backends.
 
-This is the CI run of the benchmark: `python -m apo_kernels.bench --quick` in a subprocess, as a user
-runs it (≤ 60 s on an idle 2-core machine). Targets are only reported by the bench, never asserted.
+The CI run of the benchmark is `python -m apo_kernels.bench --quick` in a subprocess, as a user runs
+it (≤ 60 s on an idle 2-core machine). Targets are only reported by the bench, never asserted; no
+test here asserts a time.
 """
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from apo_kernels.bench.__main__ import build_parser
+from apo_kernels.bench import report, timing
+from apo_kernels.bench.__main__ import _pick_backends, build_parser
+from apo_kernels.bench.common import timed_backends
+from apo_kernels.ops import Backend, reference, register, unregister, usable
 
 
 def _timings(rows):
@@ -60,10 +67,25 @@ def test_quick_timings_finite_positive_with_ratios(quick_run):
         assert "median_ms" in r or r.get("error"), r
 
 
+def test_quick_every_row_warmed_up_and_repeated(quick_run):
+    # every timed row (the end-to-end blocks too) is a median of at least 3 repeats with its spread
+    _, res, _ = quick_run
+    for name, rows in [("op", res["op"]["single"]), ("grouped", res["op"]["grouped"]), ("train", res["train"])]:
+        timed = [r for r in rows if "median_ms" in r]
+        assert timed, name
+        for r in timed:
+            assert r["reps"] >= 3 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], (name, r)
+    assert "warmed up" in res["meta"]["timing"]
+
+
 def test_quick_targets_and_lowprec_reported(quick_run):
-    _, res, stdout = quick_run
-    assert res["targets"] and all(t["status"] in {"PASS", "MISS", "N/A"} and t["reason"] for t in res["targets"])
+    out, res, stdout = quick_run
+    assert res["targets"] and all(t["status"] in {"PASS", "MISS", "N/A"} and t["reason"] and t["why"]
+                                  for t in res["targets"])
+    assert {t["key"] for t in res["targets"]} == {t.key for t in report.TARGETS if t.device in (None, "cpu")}
     assert "Targets" in stdout
+    text = json.dumps(res["targets"], ensure_ascii=False) + (out / "summary.md").read_text()
+    assert not re.search(r"issue|#\d", text, re.IGNORECASE)
     half = [r for r in res["lowprec"] if r["dtype"] in ("bf16", "fp16")]
     assert half and all(r["outcome"] for r in half)
 
@@ -86,3 +108,148 @@ def test_bad_flags_exit_with_usage(argv, flag, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and f"argument {flag}" in err
+
+
+# --------------------------------------------------------------------------------------------
+# The timing call and the summary of repeats
+# --------------------------------------------------------------------------------------------
+def test_summarize_median_quantiles_min():
+    got = timing.summarize([0.005, 0.001, 0.003, 0.002, 0.004])  # seconds, any order
+    assert got["reps"] == 5 and got["min_ms"] == pytest.approx(1.0) and got["median_ms"] == pytest.approx(3.0)
+    assert got["p20_ms"] == pytest.approx(1.8) and got["p80_ms"] == pytest.approx(4.2)  # inclusive deciles
+    one = timing.summarize([0.002])
+    assert one["median_ms"] == one["p20_ms"] == one["p80_ms"] == pytest.approx(2.0) and one["reps"] == 1
+    with pytest.raises(ValueError, match="times_s"):
+        timing.summarize([])
+
+
+class _FakeMeasurement:
+    def __init__(self, times, number_per_run=1):
+        self.times, self.number_per_run = times, number_per_run
+
+
+def test_timer_warms_up_then_tops_up_to_min_reps(monkeypatch):
+    """The CPU path: warm-up calls before torch's Timer sees ``fn``, torch's current thread count, and
+    at least min_reps repeats even when blocked_autorange returns fewer (a call slower than its warm-up)."""
+    calls, seen = [], {}
+
+    class FakeTimer:
+        def __init__(self, stmt, globals, num_threads):
+            seen.update(calls_before=len(calls), num_threads=num_threads)
+            self.fn = globals["fn"]
+
+        def blocked_autorange(self, min_run_time):
+            seen["min_run_time"] = min_run_time
+            self.fn()
+            return _FakeMeasurement([0.002])
+
+        def timeit(self, number):
+            self.fn()
+            return _FakeMeasurement([0.004])
+
+    monkeypatch.setattr("torch.utils.benchmark.Timer", FakeTimer)
+    t = timing.Timer("cpu", quick=True)
+    got = t(lambda: calls.append(1))
+    s = timing.QUICK
+    assert seen["calls_before"] == s.warmup >= 1
+    assert seen["num_threads"] == torch.get_num_threads()
+    assert seen["min_run_time"] >= s.min_time_s
+    assert got["reps"] == s.min_reps >= 3 and got["median_ms"] == pytest.approx(4.0) and got["min_ms"] == pytest.approx(2.0)
+
+
+def test_timer_on_cpu_returns_a_summary():
+    got = timing.Timer("cpu", quick=True)(lambda: torch.ones(16).sum())
+    assert set(got) == {"median_ms", "p20_ms", "p80_ms", "min_ms", "reps"}
+    assert got["reps"] >= timing.QUICK.min_reps and all(math.isfinite(got[k]) and got[k] > 0 for k in got)
+    assert "blocked_autorange" in timing.Timer("cpu").method
+
+
+# --------------------------------------------------------------------------------------------
+# Targets: a table of data, checked on the rows of one run
+# --------------------------------------------------------------------------------------------
+def _row(section, case, impl, ms, dtype="fp32", size=256, **extra):
+    return dict(section=section, case=case, impl=impl, dtype=dtype, size=size, median_ms=ms, **extra)
+
+
+def _result(single=(), grouped=(), precond=(), train=(), backends=("cpu",)):
+    return dict(config=dict(backends=list(backends)), op=dict(single=list(single), grouped=list(grouped)),
+                precond=list(precond), train=list(train))
+
+
+def test_targets_compare_rows_of_the_same_cell():
+    res = _result(
+        single=[_row("op", "forward", "torch chain", 2.0, size=256), _row("op", "forward", "cpu", 1.0, size=256),
+                _row("op", "forward", "torch chain", 4.0, size=512), _row("op", "forward", "cpu", 5.0, size=512)],
+        grouped=[_row("grouped", "64 small forward", "loop: torch chain", 10.0, size="64 layers", layer_set="small64", direction="forward"),
+                 _row("grouped", "64 small forward", "grouped: cpu", 4.0, size="64 layers", layer_set="small64", direction="forward")],
+        train=[_row("train", "MLP", "SGD", 1.0, size=None, problem="mlp"), _row("train", "MLP", "APO-LR(SGD)", 2.0, size=None, problem="mlp"),
+               _row("train", "CNN", "SGD", 1.0, size=None, problem="cnn"), _row("train", "CNN", "APO-LR(SGD)", 1.1, size=None, problem="cnn")],
+    )
+    got = {(t["key"], t["target"]): t for t in report.evaluate_targets(res, is_cuda=False)}
+    by_key = {}
+    for (key, _), t in got.items():
+        by_key.setdefault(key, []).append(t)
+    assert not any(t.device == "cuda" for t in report.TARGETS if t.key in by_key)  # CPU targets only
+    (grouped,) = by_key["cpu-grouped-small-layers"]
+    assert grouped["measured"] == pytest.approx(0.4) and grouped["status"] == "PASS" and grouped["threshold"] == "≤ 0.5"
+    (large,) = by_key["cpu-single-large-forward"]  # the largest size only
+    assert "512" in large["target"] and large["measured"] == pytest.approx(1.25) and large["status"] == "MISS"
+    throughput = {t["target"]: t for t in by_key["apo-lr-throughput"]}  # SGD / APO-LR, one per problem
+    assert throughput["APO-LR throughput vs SGD [MLP]"]["measured"] == pytest.approx(0.5)
+    assert throughput["APO-LR throughput vs SGD [MLP]"]["status"] == "MISS"
+    assert throughput["APO-LR throughput vs SGD [CNN]"]["measured"] == pytest.approx(1 / 1.1)
+    assert throughput["APO-LR throughput vs SGD [CNN]"]["status"] == "PASS"
+    for t in by_key["cpu-precond-vs-ekfac-w1024"] + by_key["cpu-precond-vs-kfac-w2048"]:  # no precond rows
+        assert t["status"] == "N/A" and t["measured"] is None and "not measured" in t["reason"]
+
+
+def test_targets_worst_row_and_a_new_entry():
+    rows = [_row("op", "forward", "torch chain", 1.0, size=s) for s in (256, 512, 1024)]
+    rows += [_row("op", "forward", "cuda", ms, size=s) for s, ms in ((256, 0.5), (512, 0.9), (1024, 0.7))]
+    got = report.evaluate_targets(_result(single=rows, backends=("cuda",)), is_cuda=True)
+    (worst,) = [t for t in got if t["key"] == "gpu-fused-forward-fp32"]
+    assert worst["measured"] == pytest.approx(0.9) and "512" in worst["target"] and worst["status"] == "PASS"
+    # a new target is one entry of data
+    new = report.Target("toy", None, "op at {size} vs chain", "op", dict(impl="cuda", size=1024),
+                        dict(impl="torch chain"), ">=", 2.0, "a speed-up the toy asks for", inverse=True)
+    (toy,) = report.evaluate_targets(_result(single=rows, backends=("cuda",)), is_cuda=True, targets=(new,))
+    assert toy == dict(key="toy", target="op at 1024 vs chain", threshold="≥ 2", why="a speed-up the toy asks for",
+                       measured=pytest.approx(1 / 0.7), status="MISS", reason="cuda 0.7 ms vs torch chain 1 ms")
+
+
+def test_targets_name_no_issue_numbers():
+    for t in report.TARGETS:
+        assert not re.search(r"issue|#\d", f"{t.key} {t.label} {t.why}", re.IGNORECASE), t.key
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: the registry's, as the bench picks them
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def toy_backends():
+    added = []
+
+    def add(name, priority, why=None):
+        register(Backend(name=name, devices=("cpu",), priority=priority, family=reference.FAMILY,
+                         why_unavailable=lambda: why))
+        added.append(name)
+
+    yield add
+    for name in added:
+        unregister(name)
+
+
+def test_bench_times_the_registry_backends_above_the_reference(toy_backends):
+    names = usable("cpu")
+    assert timed_backends("cpu")[0] == (names[: names.index("reference")] or ["reference"])
+    toy_backends("toy_fast", 1000)
+    toy_backends("toy_interpreted", -100)
+    toy_backends("toy_missing", 500, why="toy library not installed")
+    timed, skipped = timed_backends("cpu")
+    assert timed[0] == "toy_fast" and "reference" not in timed[1:] and "toy_interpreted" not in timed
+    assert "ranked below the reference" in skipped["toy_interpreted"]
+    assert skipped["toy_missing"] == "unavailable: toy library not installed"
+    assert _pick_backends("toy_fast,toy_missing", torch.device("cpu")) == (
+        ["toy_fast"], {"toy_missing": "unavailable: toy library not installed"})
+    with pytest.raises(SystemExit, match="--backend.*unknown backend"):
+        _pick_backends("no_such_backend", torch.device("cpu"))

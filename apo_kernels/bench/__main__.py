@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-widths", type=_ints, help="MLP widths of the end-to-end section")
     p.add_argument("--dtype", type=_names({"fp32", "bf16", "fp16"}), help="comma list of fp32,bf16,fp16 (default all)")
     p.add_argument("--backend", default="auto",
-                   help="comma list of op backends to time (cuda,triton,cpu,reference); auto = every compiled one usable here")
+                   help="comma list of registered op backends to time (see apo_kernels.backends()); "
+                        "auto = every one usable on the device, ranked above the reference fallback")
     p.add_argument("--sections", type=_names(set(SECTIONS)), default=list(SECTIONS), help="comma list of " + ",".join(SECTIONS))
     p.add_argument("--layer-sets", type=_names({"small64", "resnet18", "transformer12"}),
                    default=["small64", "resnet18", "transformer12"], help="layer sets of the grouped benchmark")
@@ -61,31 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pick_backends(arg: str, device) -> tuple[list[str], dict[str, str]]:
-    import apo_kernels
+    from .common import timed_backends
 
-    status = apo_kernels.backends()
-    skipped = {}
-    if arg != "auto":
-        wanted = [x.strip() for x in arg.split(",") if x.strip()]
-        for b in wanted:
-            if b not in status:
-                raise SystemExit(f"apo-bench: unknown backend {b!r}; known: {sorted(status)}")
-        ok = [b for b in wanted if status[b].startswith("available")]
-        skipped = {b: status[b] for b in wanted if b not in ok}
-        return ok, skipped
-    if device.type == "cuda":
-        order = ["cuda", "triton"]
-    else:
-        order = ["cpu"]
-        if status.get("triton", "").startswith("available"):
-            skipped["triton"] = "Triton interpreter on CPU: correctness only, timings meaningless"
-    ok = [b for b in order if status.get(b, "").startswith("available")]
-    for b in order:
-        if b not in ok:
-            skipped[b] = status.get(b, "unknown")
-    if not ok:
-        ok = ["reference"]
-    return ok, skipped
+    wanted = None if arg == "auto" else [x.strip() for x in arg.split(",") if x.strip()]
+    try:
+        return timed_backends(device.type, wanted)
+    except ValueError as exc:
+        raise SystemExit(f"apo-bench: --backend: {exc}") from None
 
 
 def make_config(args, tick=lambda d: None):
@@ -125,50 +108,21 @@ def _estimate_ticks(cfg) -> int:
     if "precond" in cfg.sections:
         n += 3 * sum(1 for d in ("fp32", "half") for w in cfg.widths if cfg.size_ok(w, "fp32" if d == "fp32" else "bf16"))
     if "train" in cfg.sections:
-        import importlib.util
+        from .train_bench import _optimizers
 
-        peers = 3 if not cfg.quick and importlib.util.find_spec("pytorch_optimizer") else 0
-        n += (len(cfg.train_widths) + 1) * (6 + peers)
+        n += (len(cfg.train_widths) + 1) * len(_optimizers(include_peers=not cfg.quick))
     if "lowprec" in cfg.sections:
         n += 3 if cfg.quick else 9
     return n
 
 
-class _PlainProgress:
-    """Stand-in for rich.progress when rich is not installed: one line per step on stderr."""
-
-    def __init__(self, quiet: bool):
-        self.quiet, self.n, self.total = quiet, 0, 0
-        self.tasks = [self]
-
-    def add_task(self, desc, total):
-        self.total = total
-        return 0
-
-    def update(self, task, advance=0, description="", total=None, completed=None):
-        if total is not None:
-            self.total = total
-        self.n = completed if completed is not None else self.n + advance
-        if not self.quiet and advance:
-            print(f"[apo-bench {self.n}/{self.total}] {description}", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress(quiet: bool):
-    try:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    except ImportError:
-        return None, _PlainProgress(quiet)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     console = Console(width=200)
-    progress = Progress(TextColumn("[bold]apo-bench"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
-                        disable=quiet, transient=False)
+    progress = Progress(TextColumn("[bold]apo-bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=console, disable=quiet)
     return console, progress
 
 
@@ -177,6 +131,10 @@ def run(args) -> dict:
     from . import lowprec, op_bench, precond_bench, report, train_bench
     from .timing import env_info
 
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        raise SystemExit("apo-bench needs rich (the bench extra): pip install 'apo-kernels[bench]'") from None
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,36 @@ import torch
 
 from .timing import DTYPES, Timer
 
-__all__ = ["Config", "make_row", "CPU_HALF_CAP"]
+__all__ = ["Config", "make_row", "add_ratios", "timed_backends", "CPU_HALF_CAP"]
 
 # This CPU (no AVX512-BF16/FP16) runs bf16/fp16 GEMMs at ~0.7 GFLOP/s vs ~60-300 for fp32: torch
 # chains in half precision are capped at this size on CPU so the run stays minutes, not hours.
 CPU_HALF_CAP = {"quick": 128, "full": 256}
+
+
+def timed_backends(device_type: str, wanted: Optional[list[str]] = None) -> tuple[list[str], dict[str, str]]:
+    """The backends the bench times on ``device_type``, in priority order, and why it does not time
+    the others that were asked for or that run there.
+
+    ``wanted`` None: from the registry, the usable backends ranked above the ``reference`` fallback
+    (a backend below it runs for tests, as Triton's interpreter does, and is not timed), or the
+    ``reference`` itself when nothing else is usable. Otherwise: the ``wanted`` names usable here
+    (ValueError for a name that is not registered)."""
+    from ..ops.backends import backends, registered, usable
+
+    status, names = backends(), usable(device_type)
+    if wanted is not None:
+        unknown = [b for b in wanted if b not in status]
+        if unknown:
+            raise ValueError(f"unknown backend {unknown}; registered: {sorted(status)}")
+        not_here = f"does not run on {device_type} tensors"
+        return [b for b in wanted if b in names], {
+            b: status[b] if not status[b].startswith("available") else not_here for b in wanted if b not in names}
+    fallback = names.index("reference") if "reference" in names else len(names)
+    timed = names[:fallback] or names[fallback:fallback + 1]
+    skipped = {b: f"ranked below the reference fallback on {device_type} ({status[b]})" for b in names[fallback + 1:]}
+    skipped.update({b.name: status[b.name] for b in registered() if device_type in b.devices and b.name not in names})
+    return timed, skipped
 
 
 @dataclass
