@@ -4,6 +4,8 @@ Every piece is the code that really runs in the optimizers (apo_kernels.baseline
 and the public op), timed separately and amortized with K = T = 10:
 
     APO    = op forward                         + (op backward + op forward) / K   (meta-step)
+    APO-kron = L·G·R (2 GEMMs)                  + (op backward at S² = u vᵀ + L·G·R + rebuilding
+                                                   L = A diag(u) Aᵀ, R = B diag(v) Bᵀ) / K
     KFAC   = factor update + apply (2 GEMMs)    + (π-damping + 2 Cholesky inverses, fp32) / T
     EKFAC  = factor update + eigenbasis scaling + apply (4 GEMMs) + (2 eigh, fp32) / T
 
@@ -17,6 +19,7 @@ import torch
 
 from ..baselines.ekfac import eigenbasis, ekfac_apply, projected_second_moment
 from ..baselines.kfac import damped_inverse, factored_damping, kfac_apply, kronecker_factors
+from ..optim.kron import KronPreconditioner
 from .common import Config, make_row
 
 K = T = 10
@@ -58,6 +61,21 @@ def run(cfg: Config, batch: int = 256) -> list[dict]:
                 )
             )
 
+            cfg.tick(f"precond {dname} w={w}: APO-kron")
+            kron = KronPreconditioner(w, w, dtype=dt, device=dev)
+            with torch.no_grad():  # the op rows' A, B; u, v = exp(2·N(0, 0.1²))
+                for dst, src in ((kron.A[0], A), (kron.B[0], B), (kron.su, rnd(w, sc=0.1)), (kron.sv, rnd(w, sc=0.1))):
+                    dst.copy_(src)
+            t_kron_apply = timer(lambda: kron.apply(G))
+
+            def kron_meta():
+                kron.meta_backward(dY, G, backend=backend)  # the lookahead's L·G·R is the apply above
+                kron.su.grad = kron.sv.grad = kron.A[0].grad = kron.B[0].grad = None
+                kron.su.add_(0.0)  # the meta-optimizer's write: L and R are rebuilt
+                return kron.factors()
+
+            t_kron_meta = timer(kron_meta)
+
             cfg.tick(f"precond {dname} w={w}: KFAC")
             Af, Gf = kronecker_factors(a, g, batch)
             t_factor = timer(lambda: (_ema_(Af, kronecker_factors(a, g, batch)[0]), _ema_(Gf, kronecker_factors(a, g, batch)[1])))
@@ -80,15 +98,18 @@ def run(cfg: Config, batch: int = 256) -> list[dict]:
 
             m = lambda t: t["median_ms"]
             apo = m(t_fwd) + m(t_meta) / K
+            kron_ms = m(t_kron_apply) + (m(t_kron_meta) + m(t_kron_apply)) / K
             kfac = m(t_factor) + m(t_kapply) + m(t_inv) / T
             ekfac = m(t_factor) + m(t_scale) + m(t_eapply) + m(t_eigh) / T
             parts = dict(
                 apo_forward_ms=m(t_fwd), apo_meta_ms=m(t_meta),
                 factor_update_ms=m(t_factor), kfac_inverse_ms=m(t_inv), kfac_apply_ms=m(t_kapply),
                 ekfac_eigh_ms=m(t_eigh), ekfac_scale_ms=m(t_scale), ekfac_apply_ms=m(t_eapply),
+                kron_apply_ms=m(t_kron_apply), kron_meta_ms=m(t_kron_meta),
             )
             common = dict(extra, **parts)
             rows.append(make_row("precond", case, "APO", dname, w, dict(median_ms=apo), ratio_vs_kfac=apo / kfac, ratio_vs_ekfac=apo / ekfac, **common))
+            rows.append(make_row("precond", case, "APO-kron", dname, w, dict(median_ms=kron_ms), ratio_vs_kfac=kron_ms / kfac, ratio_vs_ekfac=kron_ms / ekfac, **common))
             rows.append(make_row("precond", case, "KFAC", dname, w, dict(median_ms=kfac), ratio_vs_kfac=1.0, ratio_vs_ekfac=kfac / ekfac, **common))
             rows.append(make_row("precond", case, "EKFAC", dname, w, dict(median_ms=ekfac), ratio_vs_kfac=ekfac / kfac, ratio_vs_ekfac=1.0, **common))
     for r in rows:  # the section's baseline is KFAC (the cheapest classical method)
