@@ -1,88 +1,205 @@
-"""Measure what a meta-step costs: time of a step with and without the meta-update.
+"""What a meta-step costs: APO-LR's throughput next to its base optimizer, and the bound on it.
 
-4-layer MLP of width 1024 (batch 128, 10 classes), CPU, float32, closure-driven steps:
+    python python/measure_meta_overhead.py [--rows mlp1024,mlp2048,cnn] [--repeats 7] [--threads N] [--clock cpu]
+    python python/measure_meta_overhead.py --meta-cost [--repeats 10]
 
-    python python/measure_meta_overhead.py [--threads N] [--backend auto] [--repeats 10]
+Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
+``apo_kernels.bench.train_bench`` on CPU). Every variant trains its own copy of the model in blocks
+of K = 10 steps (one meta-step per block); the blocks of all variants run in turn, repeat after
+repeat, so a change in machine load hits them alike. Reported per variant: the median over repeats of
+SGD's block time / the variant's block time (the bench's ratio, inverted: throughput), and its
+20–80 % range. ``--clock cpu`` times the process's CPU time instead of wall time: on a machine
+shared with other jobs, with ``--threads 1``, it does not count the time the process waits for a
+core. Variants:
 
-Prints the median wall time of a plain step (no meta-update) and of a meta-step for APOPrecond
-and APOLR(SGD+momentum), plus plain torch.optim.SGD for reference. A meta-step does: the
-closure at θ, the lookahead (one grouped op call), the closure again at θ', two FSD forwards
-and one FSD backward, the op's grouped backward, an Adam step on φ, and the real update.
+- ``SGD``: torch.optim.SGD(lr=0.01, momentum=0.9), the base optimizer;
+- ``APO-LR λ_FSD=…``: APOLR over that SGD, K = 10, λ_WSD = 0, FSD on a second batch (as the bench);
+- ``passes only λ_FSD=…``: the same SGD plus, on every 10th step, only the passes a meta-step must
+  make: the closure once more (forward + backward on the step's batch), and with the FSD term a
+  forward at θ without a graph and a forward + backward at θ' on the FSD batch. No lookahead, no
+  restore, no meta-gradient: the throughput APO-LR would have with zero overhead, its bound.
+
+``--meta-cost``: the wall time of a plain step and of a meta-step (4-layer MLP of width 1024,
+batch 128) for APOPrecond and APOLR(SGD+momentum), with torch SGD for reference.
 """
 import argparse
 import statistics
 import time
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
+from apo_kernels.bench.train_bench import INTERVAL, mlp, small_cnn
 from apo_kernels.optim import APOLR, APOPrecond
+from apo_kernels.optim.discrepancy import kl
+
+# apo-bench's CPU training rows: (name, model factory, input shape)
+ROWS = {
+    "mlp1024": ("MLP w=1024 batch=256", lambda: mlp(1024), (256, 256)),
+    "mlp2048": ("MLP w=2048 batch=256", lambda: mlp(2048), (256, 256)),
+    "cnn": ("CNN c=32 32×32 batch=128", lambda: small_cnn(32), (128, 3, 32, 32)),
+}
 
 
-def model(width=1024, depth=4, d_in=1024, classes=10):
-    layers, d = [], d_in
-    for _ in range(depth - 1):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    layers.append(nn.Linear(d, classes))
-    return nn.Sequential(*layers)
+class PassesOnly:
+    """SGD plus the forward/backward passes of a meta-step every INTERVAL steps, nothing else."""
 
+    def __init__(self, model, base, lambda_fsd):
+        self.model, self.base, self.lambda_fsd, self.steps = model, base, lambda_fsd, 0
 
-def time_steps(opt, net, x, y, meta: bool, repeats: int):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
+    def zero_grad(self):
+        self.base.zero_grad()
+
+    def step(self, closure, fsd_inputs=None):
+        loss = closure()
+        if self.steps % INTERVAL == 0:
+            grads = [p.grad for p in self.model.parameters()]
+            for p in self.model.parameters():
+                p.grad = None
+            closure()  # the loss term at the lookahead
+            if self.lambda_fsd != 0.0:
+                with torch.no_grad():
+                    old = self.model(*fsd_inputs)  # FSD at θ
+                new = self.model(*fsd_inputs)  # FSD at θ', and its backward
+                torch.autograd.grad(kl(new, old), list(self.model.parameters()))
+            for p, g in zip(self.model.parameters(), grads):
+                p.grad = g
+        self.base.step()
+        self.steps += 1
         return loss
 
-    times = []
-    for _ in range(repeats + 2):
-        if hasattr(opt, "meta_due"):
-            # choose the kind of step: a meta-step exactly when asked for
-            opt.meta_interval = 1 if meta else 0
-        t0 = time.perf_counter()
-        opt.step(closure, fsd_inputs=(x,)) if hasattr(opt, "meta_due") else opt.step(closure)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])  # first two: warm-up
+
+def variants():
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+    def apo_lr(lam):
+        return lambda m: APOLR(m, sgd(m), lambda_fsd=lam, lambda_wsd=0.0, meta_interval=INTERVAL)
+
+    return {
+        "SGD": sgd,
+        "APO-LR λ_FSD=0.1": apo_lr(0.1),
+        "passes only λ_FSD=0.1": lambda m: PassesOnly(m, sgd(m), 0.1),
+        "APO-LR λ_FSD=0": apo_lr(0.0),
+        "passes only λ_FSD=0": lambda m: PassesOnly(m, sgd(m), 0.0),
+    }
+
+
+def throughput(row: str, repeats: int, clock) -> dict:
+    label, make_model, shape = ROWS[row]
+    gen = torch.Generator().manual_seed(2)  # the bench's data
+    batches = [(torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)) for _ in range(4)]
+    fsd_batch = torch.randn(*shape, generator=gen)
+    runs = {}
+    for name, make_opt in variants().items():
+        torch.manual_seed(0)
+        model = make_model()
+        opt = make_opt(model)
+        state = {"step": 0}
+
+        def block(model=model, opt=opt, state=state):
+            for _ in range(INTERVAL):
+                x, y = batches[state["step"] % len(batches)]
+                state["step"] += 1
+
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure) if isinstance(opt, torch.optim.SGD) else opt.step(closure, fsd_inputs=(fsd_batch,))
+
+        block()  # warm-up
+        runs[name] = block
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, block in runs.items():
+            t0 = clock()
+            block()
+            times[name].append(clock() - t0)
+    out = {}
+    for name, ts in times.items():
+        ratios = sorted(s / t for s, t in zip(times["SGD"], ts))
+        deciles = statistics.quantiles(ratios, n=10, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 9
+        out[name] = dict(ms_per_step=statistics.median(ts) / INTERVAL * 1e3, throughput=statistics.median(ratios),
+                         p20=deciles[1], p80=deciles[7])
+    return out
+
+
+def print_throughput(rows, repeats, clock_name):
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    for row in rows:
+        res = throughput(row, repeats, clock)
+        print(f"\n{ROWS[row][0]}: throughput vs SGD (median of {repeats} interleaved 10-step blocks, {clock_name} time)")
+        for name, r in res.items():
+            print(f"  {name:24s} {r['ms_per_step']:8.1f} ms/step   {r['throughput']:.3f}  [{r['p20']:.3f}–{r['p80']:.3f}]")
+
+
+def meta_cost(repeats: int, batch: int, backend: str):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1024)
+    y = torch.randint(0, 10, (batch,))
+
+    def make():
+        torch.manual_seed(0)
+        return mlp(1024, d_in=1024)
+
+    def time_steps(opt, net, meta: bool):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        times = []
+        for _ in range(repeats + 2):
+            if hasattr(opt, "meta_due"):
+                opt.meta_interval = 1 if meta else 0  # a meta-step exactly when asked for
+            t0 = time.perf_counter()
+            opt.step(closure, fsd_inputs=(x,)) if hasattr(opt, "meta_due") else opt.step(closure)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[2:])  # first two: warm-up
+
+    print(f"MLP 4x1024, batch {batch}, backend {backend}")
+    net = make()
+    print(f"torch SGD+momentum step          {time_steps(torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), net, False) * 1e3:8.1f} ms")
+    for name, fac in (
+        ("APOPrecond", lambda n: APOPrecond(n, lr=0.01, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, backend=backend)),
+        ("APOLR", lambda n: APOLR(n, torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9), lambda_fsd=0.1, lambda_wsd=0.0)),
+    ):
+        net = make()
+        opt = fac(net)
+        plain = time_steps(opt, net, False)
+        meta = time_steps(opt, net, True)
+        print(f"{name + ' step (no meta-update)':32s} {plain * 1e3:8.1f} ms")
+        print(f"{name + ' meta-step':32s} {meta * 1e3:8.1f} ms   (x{meta / plain:.2f}; amortized over K=10: "
+              f"+{(meta - plain) / 10 / plain * 100:.0f}% per step)  [meta-steps {opt.meta_steps}, skipped {opt.skipped_steps}]")
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="mlp1024,mlp2048,cnn", help=f"comma-separated, of {sorted(ROWS)}")
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or the process's CPU time")
+    ap.add_argument("--meta-cost", action="store_true", help="plain step vs meta-step times instead")
+    ap.add_argument("--batch", type=int, default=128, help="--meta-cost: batch size")
+    ap.add_argument("--backend", default="auto", help="--meta-cost: APOPrecond's backend")
     args = ap.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {unknown}; choose from {sorted(ROWS)}")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 1024)
-    y = torch.randint(0, 10, (args.batch,))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, backend {args.backend}, "
-          f"MLP 4x1024, batch {args.batch}")
-
-    net = model()
-    sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    t_sgd = time_steps(sgd, net, x, y, False, args.repeats)
-    print(f"torch SGD+momentum step          {t_sgd * 1e3:8.1f} ms")
-
-    net = model()
-    apo = APOPrecond(net, lr=0.01, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, backend=args.backend)
-    plain = time_steps(apo, net, x, y, False, args.repeats)
-    meta = time_steps(apo, net, x, y, True, args.repeats)
-    print(f"APOPrecond step (no meta-update) {plain * 1e3:8.1f} ms")
-    print(f"APOPrecond meta-step             {meta * 1e3:8.1f} ms   (x{meta / plain:.2f}; "
-          f"amortized over K=10: +{(meta - plain) / 10 / plain * 100:.0f}% per step)"
-          f"  [meta-steps {apo.meta_steps}, skipped {apo.skipped_steps}]")
-
-    net = model()
-    lr = APOLR(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), lambda_fsd=0.1, lambda_wsd=0.0)
-    plain = time_steps(lr, net, x, y, False, args.repeats)
-    meta = time_steps(lr, net, x, y, True, args.repeats)
-    print(f"APOLR step (no meta-update)      {plain * 1e3:8.1f} ms")
-    print(f"APOLR meta-step                  {meta * 1e3:8.1f} ms   (x{meta / plain:.2f}; "
-          f"amortized over K=10: +{(meta - plain) / 10 / plain * 100:.0f}% per step)"
-          f"  [meta-steps {lr.meta_steps}, skipped {lr.skipped_steps}]")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.meta_cost:
+        meta_cost(args.repeats, args.batch, args.backend)
+    else:
+        print_throughput(rows, args.repeats, args.clock)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from .._args import check_choice, check_int, check_number, check_type
 from .. import distributed
 from .._numerics import all_finite, no_autocast
 from . import discrepancy
-from .snapshot import RNGState, cuda_devices_of
+from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
 from .objective import proximal_objective_grad
 
 
@@ -138,6 +138,7 @@ class APOCore(torch.optim.Optimizer):
         self.last_meta: Optional[dict] = None  # Q and its terms at the latest meta-step
         self._replicas = distributed.replicas_of(self.model)  # the ranks every decision is agreed with
         self._groups_fixed = True   # φ is built for the groups given at construction
+        self._lookahead_buffers = LookaheadBuffers()  # θ' of every meta-step is written here
 
     def add_param_group(self, param_group: dict) -> None:
         """Only during construction: φ (and the parameter plan) is built for the groups given then."""
@@ -320,7 +321,7 @@ class APOCore(torch.optim.Optimizer):
         obj = proximal_objective_grad(  # FSD forwards outside DDP: their gradient is averaged below
             distributed.local_module(self.model), plan.params, deltas, closure, fsd_inputs=fsd_inputs,
             lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
-            grad_scale=scale, rng=rng,
+            grad_scale=scale, rng=rng, buffers=self._lookahead_buffers,
         )
         self._replicas.average_objective(obj, with_grads=self.lambda_fsd != 0.0)
         if obj.value != obj.value or abs(obj.value) == float("inf") or not all_finite(obj.grads):

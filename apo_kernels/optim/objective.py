@@ -20,13 +20,23 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from . import discrepancy
-from .snapshot import ModelSnapshot, RNGState, cuda_devices_of, write_lookahead
+from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, cuda_devices_of
 
 __all__ = ["MetaObjective", "proximal_objective_grad"]
 
 
 def _detach_tree(x):
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
+
+
+def _own_gradient(g: Optional[Tensor], delta: Tensor) -> Tensor:
+    """The closure's gradient at θ' as a tensor of Δ's dtype that nothing else writes: the
+    closure's own tensor when it is one (the snapshot set the old one aside, so the backward made
+    a new one), else a copy (another dtype, or a view into memory DDP's next backward rewrites)."""
+    if g is None:
+        return torch.zeros_like(delta)
+    g = g.detach()
+    return g if g.dtype == delta.dtype and g._base is None else g.to(delta.dtype, copy=True)
 
 
 @dataclass
@@ -56,6 +66,7 @@ def proximal_objective_grad(
     fsd: Union[str, Callable] = "kl",
     grad_scale: Optional[float] = None,
     rng: Optional[RNGState] = None,
+    buffers: Optional[LookaheadBuffers] = None,
 ) -> MetaObjective:
     """Q(φ) and ∇θ'Q at θ' = θ + Δ, using the real model; θ is restored exactly afterwards.
 
@@ -68,6 +79,12 @@ def proximal_objective_grad(
         grad_scale: the GradScaler's current scale if the closure scales its loss (grads are
             divided by it).
         rng: RNG state to replay before the closure (the step's dropout masks).
+        buffers: where θ' is written (``LookaheadBuffers``); pass the same one on every call to
+            reuse its memory.
+
+    Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
+    at θ without a graph and a forward + backward at θ' on ``fsd_inputs``. ∇θ'Q is the gradient
+    the closure's backward wrote (taken, not copied) plus λ_FSD times FSD's.
 
     The FSD forwards at θ and θ' run from the same RNG state (equal dropout masks) and under the
     caller's autocast state; FSD's backward goes through ``torch.autograd.grad`` so it does not
@@ -83,7 +100,7 @@ def proximal_objective_grad(
     params = list(params)
     rng_outer = RNGState(cuda_devices_of(params))
     # snapshot before the first forward: the FSD forward at θ moves BatchNorm statistics too
-    snap = ModelSnapshot(model, params)
+    snap = ModelSnapshot(model, params, buffers)
     fsd_value = 0.0
     try:
         old_out = None
@@ -91,20 +108,16 @@ def proximal_objective_grad(
             rng_fsd = RNGState(rng_outer.cuda_devices)
             with torch.no_grad():
                 old_out = _detach_tree(model(*fsd_inputs))
-        write_lookahead(params, snap.values, deltas)
+        snap.write(deltas)
         if rng is not None:
             rng.restore()
         with torch.enable_grad():
             loss = closure()
         if loss is None:
             raise ValueError("the closure must return the loss for a meta-step")
-        grads = []
-        for p, d in zip(params, deltas):
-            # copy: restoring the snapshot writes the old gradient into p.grad in place
-            g = torch.zeros_like(d) if p.grad is None else p.grad.detach().to(d.dtype, copy=True)
-            if grad_scale is not None and grad_scale != 1.0:
-                g = g * (1.0 / grad_scale)
-            grads.append(g)
+        grads = [_own_gradient(p.grad, d) for p, d in zip(params, deltas)]
+        if grad_scale is not None and grad_scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / grad_scale)
         if need_fsd:
             rng_fsd.restore()
             with torch.enable_grad():

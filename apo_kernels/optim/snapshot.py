@@ -1,19 +1,24 @@
-"""Snapshots of a model's state: the lookahead θ' = θ + Δ written in place, and the exact restore.
+"""Snapshots of a model's state: the lookahead θ' = θ + Δ in the model's parameters, and the exact restore.
 
 - ``lookahead``: a context manager; inside it the model's parameters hold θ + Δ, on exit θ,
   buffers (BatchNorm statistics), ``.grad`` are as before, bit for bit.
-- ``ModelSnapshot``: the copies that make the restore exact; ``RNGState``: the RNG state that
+- ``ModelSnapshot``: what makes the restore exact; ``LookaheadBuffers``: the parameter-sized
+  buffers θ' is written to, kept from one meta-step to the next; ``RNGState``: the RNG state that
   lets the lookahead replay the step's dropout masks.
+
+Nothing is copied to be restored: θ' is formed in a buffer of its own and the parameters are
+pointed at it (``p.data``), then back at θ, which was never written; the gradients at θ are set
+aside (``p.grad = None``) and put back. One pass over the parameters writes θ', none restores them.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RNGState", "cuda_devices_of", "ModelSnapshot", "write_lookahead", "lookahead"]
+__all__ = ["RNGState", "cuda_devices_of", "LookaheadBuffers", "ModelSnapshot", "lookahead"]
 
 
 class RNGState:
@@ -34,22 +39,47 @@ def cuda_devices_of(params: Iterable[Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
 
-class ModelSnapshot:
-    """Copies of the given parameters' values, of ``.grad`` of every parameter of ``model`` (and of
-    the given ones), and of every buffer of ``model``.
+class LookaheadBuffers:
+    """One buffer per parameter for θ', allocated at the first lookahead and reused by every later
+    one (no allocation, no page faults). Costs one parameter-sized copy of memory for the
+    parameters that have had a lookahead."""
 
-    ``restore()`` writes them back in place, bit for bit: θ, BatchNorm running statistics,
-    ``num_batches_tracked`` and the gradients are exactly as when the snapshot was taken — also the
-    gradients of parameters the lookahead does not move (the closure's backward rewrites them too).
+    def __init__(self):
+        self._by_param: dict[int, Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        return {"_by_param": {}}  # keyed by parameter identity: a copy allocates its own
+
+    def for_param(self, p: Tensor) -> Tensor:
+        buf = self._by_param.get(id(p))
+        if buf is None or (buf.shape, buf.stride(), buf.dtype, buf.device) != (p.shape, p.stride(), p.dtype, p.device):
+            buf = torch.empty_like(p, memory_format=torch.preserve_format, requires_grad=False)
+            self._by_param[id(p)] = buf
+        return buf
+
+    def __len__(self) -> int:
+        return len(self._by_param)
+
+
+class ModelSnapshot:
+    """The state of ``model`` a lookahead must give back: θ of the given parameters, ``.grad`` of
+    every parameter of ``model`` (and of the given ones), and every buffer of ``model``.
+
+    ``write(deltas)`` points the parameters at θ' = θ + Δ and sets the gradients aside (``.grad``
+    is None until a backward writes it); ``restore()`` puts θ, the gradients and the buffers back,
+    bit for bit — also the gradients of parameters the lookahead does not move. A gradient that is
+    a view into memory someone else owns (DDP's gradient buckets, which a backward rewrites in
+    place) is copied instead, and copied back into that memory.
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor]):
+    def __init__(self, model: nn.Module, params: Sequence[Tensor], buffers: Optional[LookaheadBuffers] = None):
         self.params = list(params)
-        self.values = [p.detach().clone() for p in self.params]
+        self.buffers = LookaheadBuffers() if buffers is None else buffers
+        self.values: list[Tensor] = []  # θ, never written; filled by write()
         self.grad_params = list({id(p): p for p in (*self.params, *model.parameters())}.values())
-        self.grads = [None if p.grad is None else p.grad.detach().clone() for p in self.grad_params]
+        self.grads: list[tuple[Optional[Tensor], bool]] = []  # (gradient at θ, copied); filled by write()
         # (module, name) rather than the tensor: a forward may rebind a buffer instead of writing it
-        self.buffers = [
+        self.model_buffers = [
             (mod, name, buf.detach().clone())
             for mod in model.modules()
             for name, buf in mod._buffers.items()
@@ -57,43 +87,53 @@ class ModelSnapshot:
         ]
 
     @torch.no_grad()
+    def write(self, deltas: Sequence[Tensor]) -> None:
+        """θ' = θ + Δ into the parameters (formed in Δ's dtype, rounded once to the parameter's);
+        the gradients at θ are set aside."""
+        for p in self.grad_params:
+            g = p.grad
+            if g is not None and g._base is not None:
+                self.grads.append((g.detach().clone(), True))
+            else:
+                self.grads.append((g, False))
+                p.grad = None
+        for p, d in zip(self.params, deltas):
+            v, buf = p.data, self.buffers.for_param(p)
+            if d.dtype == p.dtype:
+                torch.add(v, d, out=buf)
+            else:
+                buf.copy_(v.to(d.dtype) + d)
+            self.values.append(v)
+            p.data = buf
+
+    @torch.no_grad()
     def restore(self) -> None:
         for p, v in zip(self.params, self.values):
-            p.copy_(v)
-        for p, g in zip(self.grad_params, self.grads):
-            if g is None:
-                p.grad = None
-            elif p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype:
+            p.data = v
+        for p, (g, copied) in zip(self.grad_params, self.grads):
+            if copied and p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype:
                 p.grad.copy_(g)
             else:
-                p.grad = g.clone()
-        for mod, name, saved in self.buffers:
+                p.grad = g
+        for mod, name, saved in self.model_buffers:
             cur = mod._buffers.get(name)
             if cur is not None and cur.shape == saved.shape and cur.dtype == saved.dtype:
                 cur.copy_(saved)
             else:
-                mod._buffers[name] = saved.clone()
-
-
-@torch.no_grad()
-def write_lookahead(params: Sequence[Tensor], values: Sequence[Tensor], deltas: Sequence[Tensor]) -> None:
-    """θ' = θ + Δ in place: formed in Δ's dtype, rounded once to the parameter's."""
-    for p, v, d in zip(params, values, deltas):
-        if d.dtype == p.dtype:
-            p.add_(d)  # p still holds v: same rounding, no temporary
-        else:
-            p.copy_((v.to(d.dtype) + d).to(p.dtype))
+                mod._buffers[name] = saved
+        self.values, self.grads = [], []
 
 
 @contextlib.contextmanager
-def lookahead(model: nn.Module, params: Sequence[Tensor], deltas: Sequence[Tensor]) -> Iterator[ModelSnapshot]:
-    """Within the block the model's ``params`` hold θ' = θ + Δ (in place); on exit θ, buffers,
-    gradients are restored exactly. ``deltas[i]`` has ``params[i]``'s shape (any float dtype: the
-    sum is formed in the delta's dtype and rounded once to the parameter's)."""
-    snap = ModelSnapshot(model, params)
+def lookahead(model: nn.Module, params: Sequence[Tensor], deltas: Sequence[Tensor],
+              buffers: Optional[LookaheadBuffers] = None) -> Iterator[ModelSnapshot]:
+    """Within the block the model's ``params`` hold θ' = θ + Δ and ``.grad`` starts empty (the
+    gradients at θ are set aside, not copied); on exit θ, buffers and gradients are back exactly.
+    ``deltas[i]`` has ``params[i]``'s shape (any float dtype: the sum is formed in the delta's dtype
+    and rounded once to the parameter's). ``buffers``: where θ' is written, to reuse across calls."""
+    snap = ModelSnapshot(model, params, buffers)
     try:
-        write_lookahead(params, snap.values, deltas)
+        snap.write(deltas)
         yield snap
     finally:
         snap.restore()
-

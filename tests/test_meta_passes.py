@@ -1,0 +1,121 @@
+"""What a meta-step does to the model: how many forward and backward passes it makes, and that the
+lookahead writes θ' into buffers of its own, reused from one meta-step to the next, while θ and the
+gradients at θ are never copied (no timings here: apo-bench and python/measure_meta_overhead.py
+measure them)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apo_kernels.optim import APOLR, APOPrecond
+from apo_kernels.optim.snapshot import lookahead
+from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
+
+
+def _apo_lr(model, lambda_fsd):
+    return APOLR(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                 lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_interval=3)
+
+
+def _apo_precond(model, lambda_fsd):
+    return APOPrecond(model, lr=0.01, lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_lr=0.01, meta_interval=3)
+
+
+OPTIMIZERS = {"APOLR": _apo_lr, "APOPrecond": _apo_precond}
+
+
+class PassCounter:
+    """Forwards of the whole model (a forward hook) and backward passes through it (a hook on the
+    first layer's weight gradient, which every backward and autograd.grad computes)."""
+
+    def __init__(self, model):
+        self.forwards = self.backwards = 0
+        model.register_forward_hook(lambda *_: self._count("forwards"))
+        model[0].weight.register_hook(lambda g: self._count("backwards"))
+
+    def _count(self, what):
+        setattr(self, what, getattr(self, what) + 1)
+
+    def take(self):
+        out = (self.forwards, self.backwards)
+        self.forwards = self.backwards = 0
+        return out
+
+
+def _closure(opt, model, x, y, on_call=None):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if on_call is not None:
+            on_call()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("lambda_fsd", [0.1, 0.0], ids=["fsd", "no-fsd"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_meta_step_makes_only_the_passes_it_needs(name, lambda_fsd):
+    # plain step: the closure (1 forward, 1 backward). Meta-step: the closure at θ and at θ'
+    # (2 + 2), and with the FSD term a forward at θ without a graph and a forward + backward at θ'
+    m = mlp()
+    x, y = data()
+    x_fsd, _ = data(seed=5)
+    opt = OPTIMIZERS[name](m, lambda_fsd)
+    count = PassCounter(m)
+    closure = _closure(opt, m, x, y)
+    per_step = []
+    for _ in range(6):
+        opt.step(closure, fsd_inputs=(x_fsd,))
+        per_step.append(count.take())
+    assert opt.meta_steps == 2 and opt.recoveries == 0 and opt.skipped_steps == 0
+    meta = (4, 3) if lambda_fsd else (2, 2)
+    assert per_step == [meta, (1, 1), (1, 1)] * 2
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_lookahead_buffers_are_reused_and_theta_and_grads_are_not_copied(name):
+    m = mlp()
+    x, y = data()
+    opt = OPTIMIZERS[name](m, 0.1)
+    params = list(m.parameters())
+    theta_ptrs = [p.data_ptr() for p in params]
+    seen = {"calls": 0, "lookahead": [], "grad_at_theta": None}
+
+    def on_call():
+        seen["calls"] += 1
+        if seen["calls"] % 2 == 1:  # the step's closure at θ: the gradients the update must use
+            seen["grad_at_theta"] = [p.grad for p in params]
+        else:  # the meta-step's closure at θ'
+            seen["lookahead"].append([p.data_ptr() for p in params])
+
+    closure = _closure(opt, m, x, y, on_call)
+    opt.meta_interval = 1
+    graded = []
+    for _ in range(3):
+        opt.step(closure, fsd_inputs=(x,))
+        graded.append(all(p.grad is g for p, g in zip(params, seen["grad_at_theta"])))
+    assert opt.meta_steps == 3 and opt.recoveries == 0
+    first, *later = seen["lookahead"]
+    assert all(ptrs == first for ptrs in later)  # the same buffers at every meta-step
+    assert all(a != b for a, b in zip(first, theta_ptrs))  # θ' is not written over θ ...
+    assert [p.data_ptr() for p in params] == theta_ptrs  # ... and θ stays where it was
+    assert graded == [True] * 3  # .grad is the closure's own gradient at θ again, not a copy of it
+
+
+def test_lookahead_context_restores_theta_grads_and_buffers_bit_for_bit():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    x, y = data()
+    F.cross_entropy(m(x), y).backward()
+    params = [m[0].weight, m[2].bias]  # some parameters move, the others' gradients must survive too
+    before = [t.detach().clone() for t in (*m.parameters(), *m.buffers())]
+    grads = [p.grad.clone() for p in m.parameters()]
+    deltas = [torch.full_like(p, 0.5, dtype=torch.float64) for p in params]
+    with lookahead(m, params, deltas):
+        assert all(p.grad is None for p in m.parameters())
+        for p, v, d in zip(params, (before[0], before[5]), deltas):
+            assert torch.equal(p, (v.double() + d).float())  # formed in Δ's dtype, rounded once
+        F.cross_entropy(m(x), y).backward()  # moves BatchNorm statistics and writes .grad
+    after = [t.detach() for t in (*m.parameters(), *m.buffers())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads))
