@@ -55,6 +55,7 @@ __all__ = [
     "gather_state",
     "owns",
     "check_replicas",
+    "traffic",
     "phi_memory",
 ]
 
@@ -373,6 +374,17 @@ def check_replicas(opt, group=None) -> dict[str, Optional[bool]]:
         digests = [None] * dist.get_world_size(group)
         dist.all_gather_object(digests, h.hexdigest(), group=group)
         out[name] = len(set(digests)) == 1
+    return out
+
+
+def traffic(opt) -> dict[str, int]:
+    """Payload bytes of the optimizer's own collectives so far, by agreement (sharded mode
+    included); empty with one process."""
+    out: dict[str, int] = {}
+    for rep in {id(r): r for r in (getattr(opt, "_replicas", None),
+                                   getattr(getattr(opt, "_shards", None), "replicas", None)) if r is not None}.values():
+        for k, v in getattr(rep, "traffic", {}).items():
+            out[k] = out.get(k, 0) + v
     return out
 
 

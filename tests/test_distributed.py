@@ -12,6 +12,7 @@ import datetime
 import math
 import multiprocessing
 import os
+import re
 import signal
 import time
 import traceback
@@ -391,3 +392,18 @@ def test_shard_preconditioners_is_checked():
 def test_owners_balance_cost_greedily():
     assert apo_dist._assign([10, 1, 7, 3, 3], 2) == [0, 1, 1, 1, 0]
     assert apo_dist._assign([5, 5, 5, 5], 4) == [0, 1, 2, 3]
+
+
+def test_train_ddp_example_runs_in_one_process(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "python" / "train_ddp.py"
+    spec = importlib.util.spec_from_file_location("train_ddp", path)
+    train_ddp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_ddp)
+    assert train_ddp.main(["--steps", "3", "--meta-interval", "2", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"rank 0: φ [0-9.]+ MiB, meta-optimizer state [0-9.]+ MiB", out)
+    assert "{'phi': True, 'theta': True}" in out
+    with pytest.raises(SystemExit):
+        train_ddp.parse_args(["--sharded", "--optimizer", "kfac"])
