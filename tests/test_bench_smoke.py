@@ -217,7 +217,7 @@ def test_targets_worst_row_and_a_new_entry():
                        measured=pytest.approx(1 / 0.7), status="MISS", reason="cuda 0.7 ms vs torch chain 1 ms")
 
 
-def test_targets_name_no_issue_numbers():
+def test_target_texts_cite_no_tracker_numbers():
     for t in report.TARGETS:
         assert not re.search(r"issue|#\d", f"{t.key} {t.label} {t.why}", re.IGNORECASE), t.key
 
