@@ -2,11 +2,13 @@
 lookahead writes θ' into buffers of its own, reused from one meta-step to the next, while θ and the
 gradients at θ are never copied (no timings here: apo-bench and python/measure_meta_overhead.py
 measure them)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from apo_kernels.optim import APOLR, APOPrecond
+from apo_kernels.optim import APOLR, APOPrecond, lr_directions
 from apo_kernels.optim.snapshot import lookahead
 from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
 
@@ -119,3 +121,35 @@ def test_lookahead_context_restores_theta_grads_and_buffers_bit_for_bit():
     after = [t.detach() for t in (*m.parameters(), *m.buffers())]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads))
+
+
+SGD_CONFIGS = {
+    "momentum": dict(momentum=0.9),
+    "nesterov-wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    "dampening-maximize-wd": dict(momentum=0.5, dampening=0.3, maximize=True, weight_decay=0.1),
+    "plain-wd": dict(weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("steps_before", [0, 2], ids=["no-buffer-yet", "buffer"])
+@pytest.mark.parametrize("config", list(SGD_CONFIGS))
+def test_scaled_sgd_direction_equals_a_copy_of_sgd_stepping(config, steps_before):
+    # the lookahead forms scale·d in one pass per term; it must still be SGD's step with lr = scale
+    m = mlp(torch.float64)
+    x, y = data(dtype=torch.float64)
+    sgd = torch.optim.SGD(m.parameters(), lr=0.3, **SGD_CONFIGS[config])
+    for k in range(steps_before + 1):
+        sgd.zero_grad()
+        F.cross_entropy(m(x + 0.1 * k), y).backward()
+        if k < steps_before:
+            sgd.step()
+    params = list(m.parameters())
+    (deltas,) = lr_directions(sgd, [params], scales=[0.3])
+    copied = copy.deepcopy(m)
+    real = torch.optim.SGD(copied.parameters(), lr=0.3, **SGD_CONFIGS[config])
+    real.load_state_dict(copy.deepcopy(sgd.state_dict()))
+    for p, q in zip(params, copied.parameters()):
+        q.grad = p.grad.clone()
+    real.step()
+    for p, d, q in zip(params, deltas, copied.parameters()):
+        assert torch.allclose(p.detach() + d, q.detach(), rtol=1e-12, atol=1e-14)

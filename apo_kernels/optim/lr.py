@@ -32,16 +32,29 @@ def _grad(p: Tensor, group: dict) -> Tensor:
     return -g if group.get("maximize", False) else g
 
 
-def _sgd_direction(p: Tensor, group: dict, state: dict) -> Tensor:
-    g = _grad(p, group)
-    wd, mom = group["weight_decay"], group["momentum"]
+def _sgd_direction(p: Tensor, group: dict, state: dict, scale: float) -> Tensor:
+    """scale · d for torch.optim.SGD, in one pass per term: SGD's update for lr = 1 is linear in
+    (momentum buffer, ±g, θ), u = c_buf·buf + c_g·(±g) + c_θ·θ, so d = −u needs no intermediate."""
+    wd, mom, damp = group["weight_decay"], group["momentum"], group["dampening"]
+    buf = state.get("momentum_buffer") if mom != 0 else None
+    # with g' = ±g + wd·θ: no momentum u = g'; new buffer b = μ·buf + (1−τ)·g' (b = g' when there is
+    # no buffer yet); u = b, or g' + μ·b with Nesterov
+    if mom == 0:
+        c_buf, c_g = 0.0, 1.0
+    elif buf is None:
+        c_buf, c_g = 0.0, (1.0 + mom if group["nesterov"] else 1.0)
+    elif group["nesterov"]:
+        c_buf, c_g = mom * mom, 1.0 + mom * (1.0 - damp)
+    else:
+        c_buf, c_g = mom, 1.0 - damp
+    sign = -1.0 if group.get("maximize", False) else 1.0
+    g = p.grad
+    d = g.to(_cdtype(g)) * (-scale * sign * c_g)
+    if c_buf != 0.0:
+        d.add_(buf, alpha=-scale * c_buf)
     if wd != 0:
-        g = g.add(p, alpha=wd)
-    if mom != 0:
-        buf = state.get("momentum_buffer")
-        buf = g.clone() if buf is None else buf.mul(mom).add_(g, alpha=1 - group["dampening"])
-        g = g.add(buf, alpha=mom) if group["nesterov"] else buf
-    return -g
+        d.add_(p.detach(), alpha=-scale * c_g * wd)
+    return d
 
 
 def _rmsprop_direction(p: Tensor, group: dict, state: dict) -> Tensor:
@@ -105,28 +118,37 @@ def _kind(optimizer: torch.optim.Optimizer) -> Optional[str]:
             torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}.get(type(optimizer))
 
 
-@torch.no_grad()
-def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[Tensor]]) -> list[list[Tensor]]:
-    """d per parameter (per group): the base optimizer's step for lr = 1, its state untouched.
+def _scaled(d: Tensor, scale: float) -> Tensor:
+    d = d.to(_cdtype(d))  # d is fresh: scaled in place
+    return d if scale == 1.0 else d.mul_(scale)
 
-    ``params_by_group[k]`` lists group k's parameters that have a ``.grad``. Returns tensors in each
-    parameter's dtype and shape, freshly allocated (the caller may modify them). Exact formulas
-    for SGD/RMSprop/Adam/AdamW, else a generic probe.
+
+@torch.no_grad()
+def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[Tensor]],
+                  scales: Optional[list[float]] = None) -> list[list[Tensor]]:
+    """d per parameter (per group): the base optimizer's step for lr = 1, its state untouched;
+    times ``scales[k]`` for group k when given (formed with d, no extra pass for SGD).
+
+    ``params_by_group[k]`` lists group k's parameters that have a ``.grad``. Returns tensors of
+    each parameter's shape in float32 (float64 for float64 parameters), freshly allocated (the
+    caller may modify them). Exact formulas for SGD/RMSprop/Adam/AdamW, else a generic probe.
     """
     kind = _kind(optimizer)
+    scales = [1.0] * len(params_by_group) if scales is None else [float(s) for s in scales]
     if kind is None:
-        return _generic_directions(optimizer, params_by_group)
+        return [[_scaled(d, s) for d in dirs]
+                for dirs, s in zip(_generic_directions(optimizer, params_by_group), scales)]
     out = []
-    for group, params in zip(optimizer.param_groups, params_by_group):
+    for group, params, scale in zip(optimizer.param_groups, params_by_group, scales):
         dirs = []
         for p in params:
             st = optimizer.state.get(p, {})
             if kind == "sgd":
-                dirs.append(_sgd_direction(p, group, st))
+                dirs.append(_sgd_direction(p, group, st, scale))
             elif kind == "rmsprop":
-                dirs.append(_rmsprop_direction(p, group, st))
+                dirs.append(_scaled(_rmsprop_direction(p, group, st), scale))
             else:
-                dirs.append(_adam_direction(p, group, st, _is_decoupled(optimizer, group)))
+                dirs.append(_scaled(_adam_direction(p, group, st, _is_decoupled(optimizer, group)), scale))
         out.append(dirs)
     return out
 
@@ -327,14 +349,10 @@ class APOLR(APOCore):
         return _LRPlan([[p for p in g["params"] if p.grad is not None] for g in self.base_optimizer.param_groups])
 
     def _lookahead_deltas(self, plan):
-        # Δ = learnt lr·c·d, c the momentum catch-up factor; the directions are fresh tensors, so
-        # scale them in place. ⟨∇θ'Q, Δ⟩ stays ∂Q/∂log lr (Δ is linear in lr).
-        plan.deltas = [
-            [d.to(_cdtype(d)).mul_(lr * self._catch_up(group, params)) for d in dirs]
-            for lr, group, params, dirs in zip(self.learnt_lrs, self.base_optimizer.param_groups,
-                                               plan.params_by_group,
-                                               lr_directions(self.base_optimizer, plan.params_by_group))
-        ]
+        # Δ = learnt lr·c·d, c the momentum catch-up factor. ⟨∇θ'Q, Δ⟩ stays ∂Q/∂log lr (Δ is linear in lr).
+        scales = [lr * self._catch_up(group, params) for lr, group, params in
+                  zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
+        plan.deltas = lr_directions(self.base_optimizer, plan.params_by_group, scales)
         return [d for ds in plan.deltas for d in ds]
 
     def _catch_up(self, group: dict, params: list) -> float:
