@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from . import discrepancy
-from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, cuda_devices_of
+from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, borrowed, cuda_devices_of
 
 __all__ = ["MetaObjective", "proximal_objective_grad"]
 
@@ -36,7 +36,7 @@ def _own_gradient(g: Optional[Tensor], delta: Tensor) -> Tensor:
     if g is None:
         return torch.zeros_like(delta)
     g = g.detach()
-    return g if g.dtype == delta.dtype and g._base is None else g.to(delta.dtype, copy=True)
+    return g if g.dtype == delta.dtype and not borrowed(g) else g.to(delta.dtype, copy=True)
 
 
 @dataclass

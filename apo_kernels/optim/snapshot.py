@@ -39,6 +39,13 @@ def cuda_devices_of(params: Iterable[Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
 
 
+def borrowed(g: Tensor) -> bool:
+    """Whether a gradient lives in memory it shares with others, which a backward rewrites in
+    place: a view, or a tensor over part of a larger storage — DDP's gradient bucket views
+    (gradient_as_bucket_view=True) do not all record a base, so the storage size decides too."""
+    return g._base is not None or g.untyped_storage().nbytes() != g.numel() * g.element_size()
+
+
 class LookaheadBuffers:
     """One buffer per parameter for θ', allocated at the first lookahead and reused by every later
     one (no allocation, no page faults). Costs one parameter-sized copy of memory for the
@@ -92,7 +99,7 @@ class ModelSnapshot:
         the gradients at θ are set aside."""
         for p in self.grad_params:
             g = p.grad
-            if g is not None and g._base is not None:
+            if g is not None and borrowed(g):
                 self.grads.append((g.detach().clone(), True))
             else:
                 self.grads.append((g, False))
