@@ -278,20 +278,8 @@ class APOPrecond(APOCore):
         mom, wd = group["momentum"], group["weight_decay"]
         plan = _PrecondPlan()
         plan.v = {}
-        for p in self._params:
-            if p.grad is None:
-                continue
-            g = p.grad.to(self.phi_dtype)
-            if wd != 0:
-                g = g.add(p.to(self.phi_dtype), alpha=wd)
-            buf = self.state[p].get("momentum_buffer") if mom != 0 else None
-            if buf is not None:
-                plan.v[id(p)] = buf.mul(mom).add_(g)
-            else:
-                # v becomes the momentum buffer and is read after the lookahead's closure: it must
-                # never alias .grad, which zero_grad(set_to_none=False), gradient accumulation or
-                # DDP bucket views write in place (.to() returns .grad itself when dtypes match)
-                plan.v[id(p)] = g.clone() if g is p.grad else g
+        if not self._prepare_all(plan, mom, wd):
+            self._prepare_some(plan, mom, wd)
         plan.params = [p for p in self._params if id(p) in plan.v]
         plan.layers, plan.Gs = [], []
         for layer in self.layers:
@@ -306,12 +294,50 @@ class APOPrecond(APOCore):
         distributed.keep_owned(self._shards, plan)  # sharded: this rank's preconditioners only
         return plan
 
+    def _prepare_all(self, plan, mom: float, wd: float) -> bool:
+        """The common case in a few foreach ops: every parameter has a gradient in φ's dtype and
+        either all or none have a momentum buffer. False (nothing done) otherwise."""
+        params = self._params
+        grads = [p.grad for p in params]
+        if any(g is None or g.dtype != self.phi_dtype for g in grads):
+            return False
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if mom != 0 else [None]
+        if bufs[0] is not None and all(b is not None for b in bufs):
+            vs = torch._foreach_mul(bufs, mom)  # v = μ·buf + (g + wd·θ), as torch.optim.SGD
+            torch._foreach_add_(vs, torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads)
+        elif all(b is None for b in bufs):
+            # fresh tensors: v never aliases .grad (zero_grad(set_to_none=False), accumulation and
+            # DDP bucket views write .grad in place, and v is read after the lookahead's closure)
+            vs = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else [g.clone() for g in grads]
+        else:
+            return False
+        plan.v = {id(p): v for p, v in zip(params, vs)}
+        return True
+
+    def _prepare_some(self, plan, mom: float, wd: float) -> None:
+        """Any mix of missing gradients, buffers and dtypes, one parameter at a time."""
+        for p in self._params:
+            if p.grad is None:
+                continue
+            g = p.grad.to(self.phi_dtype)
+            if wd != 0:
+                g = g.add(p.to(self.phi_dtype), alpha=wd)
+            buf = self.state[p].get("momentum_buffer") if mom != 0 else None
+            if buf is not None:
+                plan.v[id(p)] = buf.mul(mom).add_(g)
+            else:
+                # v becomes the momentum buffer and is read after the lookahead's closure: it must
+                # never alias .grad, which zero_grad(set_to_none=False), gradient accumulation or
+                # DDP bucket views write in place (.to() returns .grad itself when dtypes match)
+                plan.v[id(p)] = g.clone() if g is p.grad else g
+
     def _directions(self, plan) -> dict[int, Tensor]:
         """Y(φ) per parameter id: the preconditioned step at the current φ (lr folded into S)."""
         if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
             Ys = [l.precond.apply(G) for l, G in zip(plan.layers, plan.Gs)]
         else:
-            Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend)
+            # G is built here in φ's dtype and device with each layer's shape: the op directly
+            Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend, checked=True)
         out = {}
         for layer, Y in zip(plan.layers, Ys):
             for p, y in zip(layer.params, layer.split(Y)):
@@ -326,20 +352,21 @@ class APOPrecond(APOCore):
         group = self.param_groups[0]
         young = not any("momentum_buffer" in self.state.get(p, {}) for p in plan.params)
         plan.catch_up = momentum_catch_up(group["momentum"], 1 if young else self._apo_step + 1)
-        Y = self._directions(plan)
-        return [Y[id(p)].mul(-plan.catch_up) for p in plan.params]
+        Y = self._directions(plan)  # fresh tensors (the op's results): scaled in place
+        return [Y[id(p)].mul_(-plan.catch_up) for p in plan.params]
 
     def _meta_backward(self, plan, dQ):
         # θ' = θ − c·Y(φ)  ⇒  ∂Q/∂φ = (∂Y/∂φ)ᵀ(−c·∇θ'Q): the op's backward with grad_out = −c·∇θ'Q
-        dq = {id(p): g.mul(plan.catch_up) if plan.catch_up != 1.0 else g for p, g in zip(plan.params, dQ)}
+        # one fresh tensor per parameter: −c·∇θ'Q (exact either way: c·g then the sign)
+        dy = {id(p): g.mul(-plan.catch_up).to(self.phi_dtype) for p, g in zip(plan.params, dQ)}
         dYs = []
         for layer in plan.layers:
-            parts = [-dq[id(p)] if id(p) in dq else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
+            parts = [dy[id(p)] if id(p) in dy else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
                      for p in layer.params]
             dYs.append(layer.matrix(*parts) if len(parts) == 2 else layer.matrix(parts[0], None))
-        meta_backward_many([l.precond for l in plan.layers], dYs, plan.Gs, backend=self.backend)
+        meta_backward_many([l.precond for l in plan.layers], dYs, plan.Gs, backend=self.backend, checked=True)
         for p, d in plan.diags:
-            d.meta_backward(-dq[id(p)], plan.v[id(p)])
+            d.meta_backward(dy[id(p)], plan.v[id(p)])
 
     def schedule_factor(self) -> float:
         """param_groups[0]["lr"] / the lr given at construction: what an lr scheduler has made of it."""
@@ -362,11 +389,12 @@ class APOPrecond(APOCore):
                 new_values[id(p)] = (p.to(y.dtype) - y * scale).to(p.dtype)
         if not all_finite(new_values.values()):  # e.g. beyond fp16's range
             return False
+        same = [p for p in plan.params if id(p) not in new_values]
+        if same:  # torch.optim.SGD's own operation, p.add_(y, alpha=-scale), over the list
+            torch._foreach_add_(same, [steps[id(p)] for p in same], alpha=-scale)
         for p in plan.params:
             if id(p) in new_values:
                 p.copy_(new_values[id(p)])
-            else:
-                p.add_(steps[id(p)], alpha=-scale)  # torch.optim.SGD's own operation
         if group["momentum"] != 0:
             for p in plan.params:
                 self.state[p]["momentum_buffer"] = plan.v[id(p)]

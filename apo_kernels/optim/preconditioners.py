@@ -17,6 +17,7 @@ from torch import Tensor
 import apo_kernels
 
 from .._args import check_choice, check_int, check_number
+from ..ops.backends import resolve
 
 __all__ = [
     "S_PARAMS",
@@ -74,8 +75,12 @@ def _scale_s2(S: Tensor, factor: float, s_param: str) -> None:
         S.mul_(math.sqrt(factor))
 
 
-def _add_grad(t: Tensor, g: Tensor) -> None:
-    t.grad = g.clone() if t.grad is None else t.grad + g
+def _add_grad(t: Tensor, g: Tensor, *, owned: bool = False) -> None:
+    """t.grad += g; ``owned``: g is a fresh tensor no one else holds, so it can become t.grad."""
+    if t.grad is None:
+        t.grad = g if owned else g.clone()
+    else:
+        t.grad.add_(g)
 
 
 class StructuredPreconditioner:
@@ -90,10 +95,11 @@ class StructuredPreconditioner:
     meta-gradients are summed over tiles. Memory per side of size d: d·⌈d/⌈d/max_dim⌉⌉ ≤ d·max_dim.
 
     ``learn_left=False`` (``learn_right=False``) fixes that side's factor to the identity (used on
-    the vocabulary side of embeddings): it is not meta-learned and costs one shared identity block.
+    the vocabulary side of embeddings): it is not meta-learned, has no matrix (the op receives
+    A=None / B=None and skips its GEMMs) and is never split into blocks.
 
     Attributes:
-        A, B: lists of square blocks (dtype ``dtype``); S: (m, n).
+        A, B: lists of square blocks (dtype ``dtype``; empty for a fixed side); S: (m, n).
     """
 
     def __init__(
@@ -115,24 +121,26 @@ class StructuredPreconditioner:
         self.s_param = s_param
         self.shape = (check_int("m", m, low=1), check_int("n", n, low=1))
         self.learn_left, self.learn_right = bool(learn_left), bool(learn_right)
-        self.row_blocks = _offsets(split_sizes(m, max_dim))
-        self.col_blocks = _offsets(split_sizes(n, max_dim))
-        eye_cache: dict[int, Tensor] = {}
-
-        def factor(size: int, learn: bool) -> Tensor:
-            if learn:
-                return torch.eye(size, dtype=dtype, device=device)
-            if size not in eye_cache:  # fixed identity blocks are shared, never written
-                eye_cache[size] = torch.eye(size, dtype=dtype, device=device)
-            return eye_cache[size]
-
-        self.A = [factor(r1 - r0, learn_left) for r0, r1 in self.row_blocks]
-        self.B = [factor(c1 - c0, learn_right) for c0, c1 in self.col_blocks]
+        # a fixed (identity) side has no matrix, so nothing to bound: one block, whatever max_dim
+        self.row_blocks = _offsets(split_sizes(m, max_dim if learn_left else None))
+        self.col_blocks = _offsets(split_sizes(n, max_dim if learn_right else None))
+        self.A = [torch.eye(r1 - r0, dtype=dtype, device=device) for r0, r1 in self.row_blocks] if learn_left else []
+        self.B = [torch.eye(c1 - c0, dtype=dtype, device=device) for c0, c1 in self.col_blocks] if learn_right else []
         self.S = _init_s(self.shape, init_s, s_param, dtype, device)
+        self._s2_cache: tuple[int, Optional[Tensor]] = (-1, None)
 
     def S2(self) -> Tensor:
         """S² (m, n), the op's diagonal: S·S for s_param="linear", exp(2S) for "log"."""
         return _s2(self.S, self.s_param)
+
+    def _op_S2(self) -> Tensor:
+        """S² for the op, recomputed only when S was written (its version counter moved: a
+        meta-optimizer step, scale_s2, load_state_dict); the op never writes it."""
+        version, S2 = self._s2_cache
+        if S2 is None or version != self.S._version:
+            S2 = self.S2()
+            self._s2_cache = (self.S._version, S2)
+        return S2
 
     def scale_s2(self, factor: float) -> None:
         """S² ← factor·S² (the whole step scales by ``factor``; A and B unchanged)."""
@@ -150,12 +158,12 @@ class StructuredPreconditioner:
         return [X[r0:r1, c0:c1] for r0, r1 in self.row_blocks for c0, c1 in self.col_blocks]
 
     def op_inputs(self, G: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """(grads, As, S²s, Bs) tile lists for the grouped op, for the (m, n) matrix G."""
-        S2 = self.S2()
-        nc = len(self.col_blocks)
-        As = [self.A[k // nc] for k in range(len(self.row_blocks) * nc)]
-        Bs = [self.B[k % nc] for k in range(len(self.row_blocks) * nc)]
-        return self.tiles(G), As, self.tiles(S2), Bs
+        """(grads, As, S²s, Bs) tile lists for the grouped op, for the (m, n) matrix G; None for a
+        fixed side (identity)."""
+        nr, nc = len(self.row_blocks), len(self.col_blocks)
+        As = [self.A[k // nc] if self.learn_left else None for k in range(nr * nc)]
+        Bs = [self.B[k % nc] if self.learn_right else None for k in range(nr * nc)]
+        return self.tiles(G), As, self.tiles(self._op_S2()), Bs
 
     def assemble(self, tiles: Sequence[Tensor]) -> Tensor:
         """Inverse of ``tiles``: the (m, n) matrix from its tiles."""
@@ -174,7 +182,11 @@ class StructuredPreconditioner:
         if self.learn_right and dBs:
             for j, b in enumerate(self.B):
                 _add_grad(b, sum(dBs[i * nc + j] for i in range(len(self.row_blocks))))
-        _add_grad(self.S, _ds(self.S, self.assemble(dS2s), self.s_param))
+        if self.s_param == "log":  # ∂S = 2·S²⊙∂S², in place on the op's fresh result
+            dS = self.assemble(dS2s).mul_(self._op_S2()).mul_(2.0)
+        else:
+            dS = _ds(self.S, self.assemble(dS2s), self.s_param)
+        _add_grad(self.S, dS, owned=True)
 
     @torch.no_grad()
     def apply(self, G: Tensor, *, backend: str = "auto") -> Tensor:
@@ -208,9 +220,12 @@ class DiagonalPreconditioner:
         check_choice("s_param", s_param, S_PARAMS)
         self.shape, self.s_param = tuple(shape), s_param
         self.S = _init_s(self.shape, init_s, s_param, dtype, device)
+        self._s2_cache: tuple[int, Optional[Tensor]] = (-1, None)
 
     def S2(self) -> Tensor:
         return _s2(self.S, self.s_param)
+
+    _op_S2 = StructuredPreconditioner._op_S2
 
     def scale_s2(self, factor: float) -> None:
         """S² ← factor·S²."""
@@ -221,7 +236,7 @@ class DiagonalPreconditioner:
 
     @torch.no_grad()
     def apply(self, G: Tensor) -> Tensor:
-        return self.S2() * G
+        return self._op_S2() * G
 
     @torch.no_grad()
     def meta_backward(self, dY: Tensor, G: Tensor) -> None:
@@ -232,11 +247,35 @@ class DiagonalPreconditioner:
         return {"s2_mean": float(self.S2().mean()), "a_dist": 0.0, "b_dist": 0.0}
 
 
+def _grouped(grads, As, Ss, Bs, backend: str, checked: bool) -> list[Tensor]:
+    """The grouped op: the public function, or (``checked``: inputs known valid) the registered op
+    of the backend's family, below the autograd layer (the kernels still check their inputs)."""
+    if not checked:
+        return apo_kernels.precondition_grouped(grads, As, Ss, Bs, backend=backend)
+    with torch._C._AutoDispatchBelowAutograd():
+        return resolve(backend, grads[0].device).family.grouped(grads, As, Ss, Bs)
+
+
+def _grouped_backward(grad_outs, grads, As, Ss, Bs, mask, backend: str, checked: bool):
+    """The grouped backward, as ``_grouped``; an identity factor's slot may hold an empty tensor
+    (the registered op's form) instead of None: accumulate_meta_grad never reads it."""
+    if not checked:
+        return apo_kernels.precondition_grouped_backward(grad_outs, grads, As, Ss, Bs, output_mask=mask,
+                                                         backend=backend)
+    return resolve(backend, grads[0].device).family.grouped_backward(grad_outs, grads, As, Ss, Bs, list(mask))
+
+
 @torch.no_grad()
 def precondition_many(
-    preconds: Sequence[StructuredPreconditioner], Gs: Sequence[Tensor], *, backend: str = "auto"
+    preconds: Sequence[StructuredPreconditioner], Gs: Sequence[Tensor], *, backend: str = "auto",
+    checked: bool = False,
 ) -> list[Tensor]:
-    """Y_i = preconds[i] applied to Gs[i] (m_i, n_i), all tiles of all layers in ONE grouped call."""
+    """Y_i = preconds[i] applied to Gs[i] (m_i, n_i), all tiles of all layers in ONE grouped call.
+
+    ``checked=True``: the caller guarantees each G has its preconditioner's shape, φ's dtype and
+    device (an optimizer building G itself): the registered op is called directly, without the
+    public function's Python checks and autograd layer (the kernels still check their inputs).
+    """
     grads, As, Ss, Bs, counts = [], [], [], [], []
     for pc, G in zip(preconds, Gs):
         g, a, s, b = pc.op_inputs(G)
@@ -247,7 +286,7 @@ def precondition_many(
         counts.append(len(g))
     if not grads:
         return []
-    Ys = apo_kernels.precondition_grouped(grads, As, Ss, Bs, backend=backend)
+    Ys = _grouped(grads, As, Ss, Bs, backend, checked)
     out, k = [], 0
     for pc, c in zip(preconds, counts):
         out.append(pc.assemble(Ys[k:k + c]))
@@ -262,9 +301,11 @@ def meta_backward_many(
     Gs: Sequence[Tensor],
     *,
     backend: str = "auto",
+    checked: bool = False,
 ) -> None:
     """For each layer add ∂⟨dY_i, Y_i⟩/∂(A_i, S_i, B_i) into their ``.grad``: ONE grouped backward
-    call with output_mask (False, learn A?, True, learn B?) — the op's d_grad is never computed."""
+    call with output_mask (False, learn A?, True, learn B?) — the op's d_grad is never computed.
+    ``checked``: as in ``precondition_many`` (dY too has its preconditioner's shape, dtype, device)."""
     grad_outs, grads, As, Ss, Bs, counts = [], [], [], [], [], []
     for pc, dY, G in zip(preconds, dYs, Gs):
         g, a, s, b = pc.op_inputs(G)
@@ -277,9 +318,7 @@ def meta_backward_many(
     if not grads:
         return
     mask = (False, any(pc.learn_left for pc in preconds), True, any(pc.learn_right for pc in preconds))
-    _, dAs, dS2s, dBs = apo_kernels.precondition_grouped_backward(
-        grad_outs, grads, As, Ss, Bs, output_mask=mask, backend=backend
-    )
+    _, dAs, dS2s, dBs = _grouped_backward(grad_outs, grads, As, Ss, Bs, mask, backend, checked)
     k = 0
     for pc, c in zip(preconds, counts):
         pc.accumulate_meta_grad(dAs[k:k + c] if dAs else [], dS2s[k:k + c], dBs[k:k + c] if dBs else [])
