@@ -273,9 +273,14 @@ inline Tensor gemm(const Tensor& a, const Tensor& b) {
   return a.dim() == 2 ? at::mm(a, b) : at::bmm(a, b);
 }
 
-// c + a @ b in one GEMM call (beta = 1)
-inline Tensor gemm_add(const Tensor& c, const Tensor& a, const Tensor& b) {
-  return a.dim() == 2 ? at::addmm(c, a, b) : at::baddbmm(c, a, b);
+// c += a @ b in place: the beta = 1 of one GEMM call (c is a product of ours, not an input)
+inline Tensor add_product(Tensor c, const Tensor& a, const Tensor& b) {
+  if (a.dim() == 2) {
+    c.addmm_(a, b);
+  } else {
+    c.baddbmm_(a, b);
+  }
+  return c;
 }
 
 // x·B, x·Bᵀ, A·x, Aᵀ·x; x itself when the factor is the identity. `into`, when defined, is a dead
@@ -336,13 +341,13 @@ std::array<Tensor, 4> backward(const Tensor& dY, const Tensor& G, const Tensor& 
   const Tensor H = need_h ? at_times(A, GB) : Tensor();
   const ElementwiseOut e = elementwise(S, H, D, need_m, need_e, need_s, own);
   out[2] = e.dS;
-  if (need_a) out[1] = gemm_add(gemm(dYB, mT(e.M)), GB, mT(e.E));  // dY B Mᵀ + G B Eᵀ
+  if (need_a) out[1] = add_product(gemm(dYB, mT(e.M)), GB, mT(e.E));  // dY B Mᵀ + G B Eᵀ
   if (need_g || need_b) {
     // dYB and GB are dead once dA is done: with both factors present they take A·E and A·M.
     const bool reuse = A.defined() && B.defined();
     const Tensor AE = a_times(A, e.E, reuse ? dYB : Tensor());
     if (need_g) out[0] = times_bt(AE, B);                                            // A E Bᵀ
-    if (need_b) out[3] = gemm_add(gemm(mT(dY), a_times(A, e.M, reuse ? GB : Tensor())), mT(G), AE);
+    if (need_b) out[3] = add_product(gemm(mT(dY), a_times(A, e.M, reuse ? GB : Tensor())), mT(G), AE);
   }
   return out;
 }

@@ -437,7 +437,7 @@ def test_d_grad_alone_skips_the_h_products():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             outs = torch.ops.apo.precondition_backward(dY, G, A, S, B, list(mask))
             torch.cuda.synchronize()
-        names = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+        names = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_")
         return outs, sum(e.count for e in prof.key_averages() if e.key in names)
 
     outs, count = gemms((True, False, False, False))
@@ -574,7 +574,7 @@ def _gemm_calls(fn):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = fn()
         torch.cuda.synchronize()
-    names = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+    names = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_")
     return out, sum(e.count for e in prof.key_averages() if e.key in names)
 
 
