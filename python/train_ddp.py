@@ -75,6 +75,10 @@ def batch(args, model, step, rank, world, device):
     return x[rank * n:(rank + 1) * n].to(device), y[rank * n:(rank + 1) * n].to(device)
 
 
+def size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes} B"
+
+
 def make_optimizer(args, net, fsd):
     if args.optimizer == "lr":
         return APOLR(net, torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9), lambda_fsd=args.lambda_fsd,
@@ -173,8 +177,7 @@ def main(argv=None) -> int:
         print(f"loss (rank 0's shard): {losses[0]:.4f} -> {losses[-1]:.4f}")
         for r in reports:
             m = r["memory"]
-            print(f"  rank {r['rank']}: φ {m['phi'] / 2**20:.2f} MiB, meta-optimizer state "
-                  f"{m['meta_state'] / 2**20:.2f} MiB")
+            print(f"  rank {r['rank']}: φ {size(m['phi'])}, meta-optimizer state {size(m['meta_state'])}")
         for name, rows in (("step", per_step), ("meta-step", per_meta)):
             if rows:
                 ddp, ours = rows[-1]  # the latest of its kind (the first steps may include recoveries)

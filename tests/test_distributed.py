@@ -403,7 +403,7 @@ def test_train_ddp_example_runs_in_one_process(capsys):
     spec.loader.exec_module(train_ddp)
     assert train_ddp.main(["--steps", "3", "--meta-interval", "2", "--check"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"rank 0: φ [0-9.]+ MiB, meta-optimizer state [0-9.]+ MiB", out)
+    assert re.search(r"rank 0: φ [0-9.]+ (MiB|B), meta-optimizer state [0-9.]+ (MiB|B)", out)
     assert "{'phi': True, 'theta': True}" in out
     with pytest.raises(SystemExit):
         train_ddp.parse_args(["--sharded", "--optimizer", "kfac"])
