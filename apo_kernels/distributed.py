@@ -26,8 +26,13 @@ unblocked layer; largest first, to the least loaded rank). The owner computes it
 preconditioned update with the grouped op and their meta-gradient (∇θ'Q is already on every rank);
 the updates reach the other ranks by one broadcast per owner. Other ranks keep a placeholder of each
 foreign φ tensor on the ``meta`` device (shape only, no memory), so φ's memory per rank is about
-1/world_size of the total. ``state_dict()`` gathers the full, replicated-layout state (a collective:
-call it on every rank); it loads in either mode and at any world size.
+1/world_size of the total once constructed (the constructor builds every φ, then releases the
+others'). ``state_dict()`` gathers the full, replicated-layout state (a collective: call it on every
+rank); it loads in either mode and at any world size.
+
+Failures: every agreement waits at most the process group's timeout. Under gloo a rank that
+raises, exits or stalls makes the others raise a RuntimeError naming the agreement they waited for;
+under nccl torch's watchdog ends the waiting ranks after the timeout.
 
 Single process (torch.distributed not initialized, or world size 1): every function here returns
 at once; the optimizers pay one attribute lookup per decision point.
