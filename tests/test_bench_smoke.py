@@ -30,8 +30,11 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("apo_bench")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the bench decides for itself; interpreted Triton is never timed
+    # One thread: on a shared machine two OpenMP threads stall each other under load (a 10-step
+    # block took 3 s with two threads, 0.15 s with one, at load 13 on 2 cores); this checks the plumbing.
     proc = subprocess.run(
-        [sys.executable, "-m", "apo_kernels.bench", "--quick", "--device", "cpu", "--no-progress", "--out", str(out)],
+        [sys.executable, "-m", "apo_kernels.bench", "--quick", "--device", "cpu", "--threads", "1", "--no-progress",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
