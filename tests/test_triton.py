@@ -443,10 +443,11 @@ def test_identity_factors_batched(shape, identity):
 
 
 def _gemm_launches(fn, *layer):
-    """How many tiled GEMMs ``fn(*layer)`` launches (recorded: one entry per autotune config)."""
+    """How many tiled GEMMs ``fn(*layer)`` launches (recorded: one entry per autotune candidate;
+    the first config is a candidate of every GEMM)."""
     with triton_aot.recording() as rec:
         fn(*layer)
-    return sum(k is tk._gemm_kernel for k, *_ in rec) // len(tk.GEMM_CONFIGS)
+    return sum(k is tk._gemm_kernel and c["BLOCK_M"] == tk.GEMM_CONFIGS[0][0] for k, _, c, _ in rec)
 
 
 @pytest.mark.parametrize("identity,forward,backward", [
@@ -567,6 +568,25 @@ def test_aot_compile_sm80_sm90():
 # --------------------------------------------------------------------------------------------
 
 requires_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="GPU-only: needs a CUDA device (compiled Triton kernels)")
+
+
+def test_gemm_candidates_are_the_compiled_ones():
+    """The autotuner's candidates come from the same rule as the variants triton_aot compiles: the
+    dual GEMM of a half input and an fp32 intermediate never takes the config that spilled for it,
+    whatever the problem size (the size pruning keeps one candidate)."""
+    import triton
+
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm), num_warps=w, num_stages=st)
+               for bm, bn, bk, gm, w, st in tk.GEMM_CONFIGS]
+    half, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    mixed = dict(x=half, y=f32, x2=half, y2=f32, DUAL=True)
+    plain = dict(x=f32, y=f32, x2=f32, y2=f32, DUAL=True)
+    for size in (8, 40, 1000):
+        for args in (mixed, plain):
+            kept = tk._prune_gemm_configs(configs, {}, M=size, N=size, **args)
+            assert kept and {tk._config_tuple(c) for c in kept} <= set(tk.gemm_configs(args, args))
+    assert tk._MIXED_DUAL_EXCLUDED not in tk.gemm_configs(mixed, mixed)
+    assert tk.gemm_configs(plain, plain) == tk.GEMM_CONFIGS
 
 
 def test_gemm_index_width_follows_the_offsets(monkeypatch):

@@ -52,7 +52,7 @@ class _Recorder(tk.Launcher):
         self.launches.append((kernel, dict(args), dict(constexprs), dict(options)))
 
     def run_gemm(self, grid, args, constexprs):
-        for bm, bn, bk, gm, w, st in tk.GEMM_CONFIGS:  # every autotune config
+        for bm, bn, bk, gm, w, st in tk.gemm_configs(args, constexprs):  # every autotune candidate
             self.run(tk._gemm_kernel, None, args, dict(constexprs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm),
                      dict(num_warps=w, num_stages=st))
 

@@ -526,29 +526,48 @@ def _gemm_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Each config is free of register
-# spills for sm_80 and sm_90 on every epilogue and operand type (triton_aot checks). The usual
-# Triton set spilled up to 1.9 KB per thread with fp32 operands (tf32x3 splits each operand in two)
-# and up to 0.8 KB with bf16: 128×128 tiles spill with either, 64×64×16 with 4 warps spilled the
-# bf16 epilogue, and 32×64×32 with 4 warps spilled 16 B on sm_90 in the dual GEMM of a bf16 operand
-# and an fp32 one under tf32x3 (32×64×16: 180 registers). (Unlike the fused programs, the GEMMs
-# spill more with maxnreg=255, not less.)
+# spills for sm_80 and sm_90 on every epilogue and operand type it is used for (triton_aot checks).
+# The usual Triton set spilled up to 1.9 KB per thread with fp32 operands (tf32x3 splits each
+# operand in two) and up to 0.8 KB with bf16: 128×128 tiles spill with either, 64×64×16 with 4 warps
+# spilled the bf16 epilogue. (Unlike the fused programs, the GEMMs spill more with maxnreg=255, not
+# less.)
 GEMM_CONFIGS = (
     (128, 64, 16, 8, 8, 3),
     (64, 128, 16, 8, 8, 3),
-    (32, 64, 16, 8, 4, 4),
+    (32, 64, 32, 8, 4, 4),
 )
+# The dual GEMM of a half input and an fp32 intermediate (dA = dY Mᵀ + G Eᵀ when B = I) under
+# tf32x3 spilled 16 B on sm_90 with the last config (32×64×16 with 4 warps and 32×64×32 with 8
+# left 8 B stack frames in other variants): it takes the other two.
+_MIXED_DUAL_EXCLUDED = GEMM_CONFIGS[2]
+
+
+def gemm_configs(args: dict, constexprs: dict) -> tuple:
+    """The configs one GEMM launch may take (autotuned on a GPU, every one compiled by triton_aot)."""
+    if constexprs["DUAL"] and len({args[k].dtype for k in ("x", "y", "x2", "y2")}) > 1:
+        return tuple(c for c in GEMM_CONFIGS if c != _MIXED_DUAL_EXCLUDED)
+    return GEMM_CONFIGS
+
+
 # Under the interpreter: one config, large enough to keep the Python loop short and small
 # enough that odd shapes still take several K steps and masked tails.
 INTERPRETER_GEMM_CONFIG = (64, 64, 32, 8, 4, 1)
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Autotune candidates for one GEMM: no tiles far larger than the problem (a 40×40 product gains
-    nothing from trying 128×64 tiles). Always one left."""
+    """Autotune candidates for one GEMM: those of :func:`gemm_configs`, and no tiles far larger than
+    the problem (a 40×40 product gains nothing from trying 128×64 tiles). Always one left."""
     a = {**named_args, **kwargs}
+    allowed = gemm_configs(a, a)
+    configs = [c for c in configs if _config_tuple(c) in allowed]
     fits = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(a["M"]))
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(a["N"]))]
     return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _config_tuple(c) -> tuple:
+    k = c.kwargs
+    return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], k["GROUP_M"], c.num_warps, c.num_stages)
 
 
 def _quick_bench(fn, quantiles=None, **_):
