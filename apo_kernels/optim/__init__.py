@@ -10,8 +10,8 @@
 Both use torch.optim's closure convention: ``opt.step(closure, fsd_inputs=(x,))`` returns the loss.
 Both are torch.optim.Optimizer subclasses (param_groups, state, lr schedulers, step hooks).
 
-The lower layer, for writing your own APO optimizer: ``snapshot`` (the lookahead θ + Δ written
-in place; θ, buffers and gradients restored exactly), ``objective`` (the proximal meta-objective
+The lower layer, for writing your own APO optimizer: ``snapshot`` (the lookahead θ + Δ in the
+parameters; θ, buffers and gradients restored exactly, nothing copied), ``objective`` (the proximal meta-objective
 and its gradient at the lookahead), ``preconditioners`` (structured and diagonal preconditioners,
 many in one grouped op call) and ``discrepancy`` (the function-space discrepancies). How layers
 become matrices is ``apo_kernels.layers``.
