@@ -6,9 +6,10 @@
 Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
 ``apo_kernels.bench.train_bench`` on CPU). Every variant trains its own copy of the model in blocks
 of K = 10 steps (one meta-step per block); the blocks of all variants run in turn, repeat after
-repeat, so a change in machine load hits them alike. Reported per variant: the median over repeats of
-SGD's block time / the variant's block time (the bench's ratio, inverted: throughput), and its
-20–80 % range. ``--clock cpu`` times the process's CPU time instead of wall time: on a machine
+repeat, so a change in machine load hits them alike. A block's time is estimated as the median time
+of its first step (the meta-step) plus 9 × the median time of its other steps, over all repeats (a
+burst of load on a few steps does not move it); reported per variant: SGD's block time / the
+variant's (the bench's ratio, inverted: throughput). ``--clock cpu`` times the process's CPU time instead of wall time: on a machine
 shared with other jobs, with ``--threads 1``, it does not count the time the process waits for a
 core. Variants:
 
@@ -99,6 +100,8 @@ def throughput(row: str, repeats: int, clock) -> dict:
         state = {"step": 0}
 
         def block(model=model, opt=opt, state=state):
+            """INTERVAL steps (the first one a meta-step); the time of each."""
+            times = []
             for _ in range(INTERVAL):
                 x, y = batches[state["step"] % len(batches)]
                 state["step"] += 1
@@ -109,32 +112,36 @@ def throughput(row: str, repeats: int, clock) -> dict:
                     loss.backward()
                     return loss
 
+                t0 = clock()
                 opt.step(closure) if isinstance(opt, torch.optim.SGD) else opt.step(closure, fsd_inputs=(fsd_batch,))
+                times.append(clock() - t0)
+            return times
 
         block()  # warm-up
         runs[name] = block
-    times = {name: [] for name in runs}
+    first, rest = {name: [] for name in runs}, {name: [] for name in runs}
     for _ in range(repeats):
         for name, block in runs.items():
-            t0 = clock()
-            block()
-            times[name].append(clock() - t0)
-    out = {}
-    for name, ts in times.items():
-        ratios = sorted(s / t for s, t in zip(times["SGD"], ts))
-        deciles = statistics.quantiles(ratios, n=10, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 9
-        out[name] = dict(ms_per_step=statistics.median(ts) / INTERVAL * 1e3, throughput=statistics.median(ratios),
-                         p20=deciles[1], p80=deciles[7])
-    return out
+            times = block()
+            first[name].append(times[0])
+            rest[name] += times[1:]
+    # a block's time from the median meta-step and the median plain step: robust to a burst of
+    # load that would land on a few steps of one block
+    block_s = {name: statistics.median(first[name]) + (INTERVAL - 1) * statistics.median(rest[name]) for name in runs}
+    return {name: dict(ms_per_step=t / INTERVAL * 1e3, throughput=block_s["SGD"] / t,
+                       meta_ms=statistics.median(first[name]) * 1e3, plain_ms=statistics.median(rest[name]) * 1e3)
+            for name, t in block_s.items()}
 
 
 def print_throughput(rows, repeats, clock_name):
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     for row in rows:
         res = throughput(row, repeats, clock)
-        print(f"\n{ROWS[row][0]}: throughput vs SGD (median of {repeats} interleaved 10-step blocks, {clock_name} time)")
+        print(f"\n{ROWS[row][0]}: {repeats} interleaved 10-step blocks, {clock_name} time; a block = median "
+              "first (meta-)step + 9 × median other step")
+        print(f"  {'':24s} {'1st step':>9s} {'other':>9s} {'per step':>9s}  throughput vs SGD")
         for name, r in res.items():
-            print(f"  {name:24s} {r['ms_per_step']:8.1f} ms/step   {r['throughput']:.3f}  [{r['p20']:.3f}–{r['p80']:.3f}]")
+            print(f"  {name:24s} {r['meta_ms']:6.1f} ms {r['plain_ms']:6.1f} ms {r['ms_per_step']:6.1f} ms  {r['throughput']:.3f}")
 
 
 def meta_cost(repeats: int, batch: int, backend: str):
