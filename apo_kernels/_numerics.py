@@ -7,7 +7,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "no_autocast"]
+__all__ = ["all_finite", "all_finite_scratch", "no_autocast"]
 
 
 def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
@@ -22,6 +22,23 @@ def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
         if t is not None and t.numel() > 0:
             extremes.setdefault(t.device, []).extend(torch.aminmax(t.detach()))
     return all(bool(torch.isfinite(torch.stack(v)).all()) for v in extremes.values())
+
+
+def all_finite_scratch(tensors: Iterable[Optional[Tensor]]) -> bool:
+    """``all_finite`` for tensors the caller owns and may write (its own results): one fused op per
+    device, torch's AMP non-finite check with an unscale factor of 1, which leaves every value as it
+    is (x·1 = x, inf and NaN stay). Several times cheaper than ``all_finite`` on a list of small
+    tensors, where the per-tensor calls dominate."""
+    groups: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            groups.setdefault(t.device, []).append(t)
+    for device, ts in groups.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, device=device))
+        if bool(found):
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -133,3 +133,19 @@ def test_cached_s2_follows_every_write_to_s():
     Y = pc.apply(G, backend="cpu")
     torch.testing.assert_close(Y[1:], G[1:])
     torch.testing.assert_close(Y[0, 0], 9.0 * G[0, 0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_scratch_finiteness_check_sees_every_non_finite_and_keeps_values(bad):
+    """The update's fused finiteness check: NaN and ±inf anywhere (any dtype, strided views) are
+    found, and no value changes."""
+    from apo_kernels._numerics import all_finite, all_finite_scratch
+
+    Y = torch.randn(6, 5)
+    ts = [Y[:, :-1], Y[:, -1], torch.randn(7, dtype=torch.float64), torch.randn(3).half(), torch.randn(2).bfloat16()]
+    if bad is not None:
+        ts[1][4] = bad
+    before = [t.clone() for t in ts]
+    assert all_finite_scratch(ts) is (bad is None) is all_finite(ts)
+    for t, b in zip(ts, before):
+        assert torch.equal(t.isnan(), b.isnan()) and torch.equal(t.nan_to_num(), b.nan_to_num())

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .._args import check_choice, check_int, check_number, check_pair
 from .. import distributed
-from .._numerics import all_finite
+from .._numerics import all_finite_scratch
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
 from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
@@ -380,14 +380,14 @@ class APOPrecond(APOCore):
             # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
             # base step, else the meta-step would learn S back up and undo the decay.
             steps, scale = self._directions(plan), self.update_scale * self.schedule_factor()
-        if not all_finite(steps.values()):
+        if not all_finite_scratch(steps.values()):  # this step's own tensors
             return False
         new_values = {}
         for p in plan.params:
             y = steps[id(p)]
             if y.dtype != p.dtype:  # formed in φ's dtype, rounded once (as the lookahead)
                 new_values[id(p)] = (p.to(y.dtype) - y * scale).to(p.dtype)
-        if not all_finite(new_values.values()):  # e.g. beyond fp16's range
+        if not all_finite_scratch(new_values.values()):  # e.g. beyond fp16's range
             return False
         same = [p for p in plan.params if id(p) not in new_values]
         if same:  # torch.optim.SGD's own operation, p.add_(y, alpha=-scale), over the list
