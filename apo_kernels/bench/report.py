@@ -85,6 +85,9 @@ TARGETS: tuple[Target, ...] = (
     # end to end
     Target("apo-lr-throughput", None, "APO-LR throughput vs SGD [{case}]", "train",
            dict(impl="APO-LR(SGD)"), dict(impl="SGD"), ">=", 0.85, _THROUGHPUT_WHY, inverse=True),
+    Target("small-model-overhead", "cpu", "CPU APO-Precond plain step vs SGD [{case}]", "train",
+           dict(impl="APO-Precond, no meta-steps", problem="small-mlp"), dict(impl="SGD"), "<=", 2.0,
+           "on a small model the op's arithmetic is a fraction of a step: the rest is per-step Python"),
     Target("gpu-apo-precond-vs-adam", "cuda", "GPU APO-Precond step vs Adam [{case}]", "train",
            dict(impl="APO-Precond", problem="mlp"), dict(impl="Adam"), "<=", 1.5,
            "a preconditioned step should cost little more than an Adam step at a large batch"),
