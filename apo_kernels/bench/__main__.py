@@ -6,7 +6,8 @@
 
 Sections: op (forward/backward per backend vs the torch chain; grouped vs per-layer loop over
 ResNet-18 / 12-block transformer / 64 small layers), precond (APO vs KFAC vs EKFAC cost per step vs
-width), train (end-to-end step time of SGD, Adam, KFAC, EKFAC, APO-LR, APO-Precond), lowprec
+width), train (end-to-end step time of SGD, Adam, KFAC, EKFAC, APO-LR, APO-Precond, timed round-robin;
+MLPs, the MNIST-1D-sized MLP 40-256-256-10 on 2 threads, a CNN), lowprec
 (half-precision inv/cholesky/eigh tried for real). Prints tables, writes results.json,
 summary.md and op.png / precond.png / train.png into --out (default apo_bench_out/).
 """
@@ -27,6 +28,16 @@ def _ints(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _positive_int(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return n
 
 
 def _names(choices):
@@ -55,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", type=_names(set(SECTIONS)), default=list(SECTIONS), help="comma list of " + ",".join(SECTIONS))
     p.add_argument("--layer-sets", type=_names({"small64", "resnet18", "transformer12"}),
                    default=["small64", "resnet18", "transformer12"], help="layer sets of the grouped benchmark")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads (default: torch's choice; the small-model training problem: 2)")
     p.add_argument("--out", default="apo_bench_out", help="output folder (JSON, Markdown, PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -96,7 +108,7 @@ def make_config(args, tick=lambda d: None):
     return Config(
         device=device, quick=quick, sizes=args.sizes or sizes, dtypes=dtypes, backends=backends,
         skipped_backends=skipped, widths=args.widths or widths, layer_sets=args.layer_sets,
-        train_widths=args.train_widths or train_w, sections=args.sections, tick=tick,
+        train_widths=args.train_widths or train_w, sections=args.sections, threads=args.threads, tick=tick,
     )
 
 
@@ -105,12 +117,12 @@ def _estimate_ticks(cfg) -> int:
     if "op" in cfg.sections:
         n += sum(1 + len(cfg.backends) for d in cfg.dtypes for s in cfg.sizes if cfg.size_ok(s, d))
         n += len(cfg.layer_sets) * (1 + len(cfg.backends)) * (2 if cfg.is_cuda else 1)
-    if "precond" in cfg.sections:
-        n += 3 * sum(1 for d in ("fp32", "half") for w in cfg.widths if cfg.size_ok(w, "fp32" if d == "fp32" else "bf16"))
+    if "precond" in cfg.sections:  # APO, APO-kron, KFAC, EKFAC per width and dtype
+        n += 4 * sum(1 for d in ("fp32", "half") for w in cfg.widths if cfg.size_ok(w, "fp32" if d == "fp32" else "bf16"))
     if "train" in cfg.sections:
-        from .train_bench import _optimizers
+        from .train_bench import n_ticks
 
-        n += (len(cfg.train_widths) + 1) * len(_optimizers(include_peers=not cfg.quick))
+        n += n_ticks(cfg)
     if "lowprec" in cfg.sections:
         n += 3 if cfg.quick else 9
     return n

@@ -52,6 +52,7 @@ class Config:
     layer_sets: list[str]
     train_widths: list[int]
     sections: list[str]
+    threads: Optional[int] = None  # --threads: torch's CPU threads, None = torch's choice
     tick: Callable[[str], None] = lambda desc: None
     timer: Optional[Timer] = None
     notes: list[str] = field(default_factory=list)

@@ -11,6 +11,13 @@
   current thread count;
 - at least ``min_reps`` timed repeats whatever the budget; the median, the 20/80 % quantiles and
   the minimum of the repeats (``summarize``).
+
+``Timer.interleaved({name: fn, ...})`` times callables that are compared with each other (the
+optimizers of one training problem) round-robin: fn 1, fn 2, …, then again, ``rounds`` times, each
+call timed alone with torch.utils.benchmark's clock (which synchronizes the accelerator). A burst of
+load from other processes then hits every callable alike instead of one row, and the ratio of their
+medians stays meaningful on a busy machine. The calls are long (a block of training steps), so a
+fixed count replaces blocked_autorange's block-size estimate, which would run each block many times.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -46,17 +53,19 @@ def summarize(times_s: Sequence[float]) -> dict:
 class TimerSettings:
     """How long to measure one row: ``warmup`` untimed calls, at least ``min_reps`` timed repeats
     for at least ``min_time_s`` (CPU: ``blocked_autorange``'s ``min_run_time``), or ``do_bench``'s
-    ``gpu_warmup_ms`` and at least ``gpu_rep_ms`` on the GPU."""
+    ``gpu_warmup_ms`` and at least ``gpu_rep_ms`` on the GPU; ``rounds`` timed rounds of an
+    interleaved comparison."""
 
     warmup: int
     min_reps: int
     min_time_s: float
     gpu_warmup_ms: float
     gpu_rep_ms: float
+    rounds: int
 
 
-QUICK = TimerSettings(warmup=1, min_reps=3, min_time_s=0.2, gpu_warmup_ms=5, gpu_rep_ms=20)
-FULL = TimerSettings(warmup=1, min_reps=5, min_time_s=1.0, gpu_warmup_ms=25, gpu_rep_ms=100)
+QUICK = TimerSettings(warmup=1, min_reps=3, min_time_s=0.2, gpu_warmup_ms=5, gpu_rep_ms=20, rounds=5)
+FULL = TimerSettings(warmup=1, min_reps=5, min_time_s=1.0, gpu_warmup_ms=25, gpu_rep_ms=100, rounds=7)
 
 
 def _triton_testing():
@@ -91,7 +100,8 @@ class Timer:
         else:
             how = (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time≥{s.min_time_s:g} s), "
                    f"{torch.get_num_threads()} threads")
-        return f"{how}; every row warmed up, ≥ {s.min_reps} repeats, median [p20–p80]"
+        return (f"{how}; every row warmed up, ≥ {s.min_reps} repeats, median [p20–p80]; training steps: "
+                f"the optimizers of a problem timed round-robin, {s.rounds} rounds of one block each")
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -115,6 +125,36 @@ class Timer:
         else:
             times = self._autorange(fn, max(s.min_time_s, budget_s))
         return summarize(times)
+
+    def interleaved(self, fns: Mapping[str, Callable[[], object]], rounds: int | None = None,
+                    on_round: Callable[[str], None] = lambda desc: None) -> dict[str, dict]:
+        """Time ``fns`` round-robin: ``warmup`` untimed rounds, then ``rounds`` (default the settings')
+        timed rounds of one call of each, in turn; ``on_round(description)`` before each round.
+        Returns name -> ``summarize`` of its calls, or ``dict(error=...)`` for a callable that raised
+        (it is dropped from the later rounds)."""
+        from torch.utils.benchmark.utils.timer import timer as clock  # syncs the accelerator
+
+        rounds = self.settings.rounds if rounds is None else rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"interleaved: rounds must be a positive int, got {rounds!r}")
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        errors: dict[str, str] = {}
+        total = self.settings.warmup + rounds
+        for r in range(total):
+            on_round("warm-up round" if r < self.settings.warmup else f"round {r - self.settings.warmup + 1}/{rounds}")
+            for name, fn in fns.items():
+                if name in errors:
+                    continue
+                try:
+                    t0 = clock()
+                    fn()
+                    elapsed = clock() - t0
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                if r >= self.settings.warmup:
+                    times[name].append(elapsed)
+        return {name: dict(error=errors[name]) if name in errors else summarize(times[name]) for name in fns}
 
     def _autorange(self, fn, min_run_time: float) -> list[float]:
         import torch.utils.benchmark as tb

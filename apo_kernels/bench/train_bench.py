@@ -3,15 +3,24 @@
     def closure(): opt.zero_grad(); loss = ce(model(x), y); loss.backward(); return loss
     opt.step(closure)                       # APO: opt.step(closure, fsd_inputs=(x_fsd,))
 
-Step time = the bench's timing call (``Timer``) on one block of 10 steps (one full K = T = 10 cycle,
-so the amortized meta-step / inversion is inside every block), divided by 10: every optimizer is
-warmed up with one block of its own first, then timed over ≥ 3 blocks (median [p20–p80]). The final
-loss of the run is kept too (no tuning: a timing table, not a leaderboard). Optimizers whose package
-is missing, or which raise, give a row with the reason instead of a time.
+Step time = one block of 10 steps (one full K = T = 10 cycle, so the amortized meta-step /
+inversion is inside every block), divided by 10. The optimizers of one problem are timed
+round-robin (``Timer.interleaved``): a warm-up block of each, then ≥ 3 rounds of one block of each
+in turn, so load from other processes hits them alike; a row is the median [p20–p80] of its blocks
+and its ratio the ratio of medians. The final loss of the run is kept too (no tuning: a timing
+table, not a leaderboard). Optimizers whose package is missing, or which raise, give a row with the
+reason instead of a time.
+
+The small problem (MLP 40-256-256-10, batch 100, the size of the paper's MNIST-1D experiments) runs
+on 2 threads unless ``--threads`` says otherwise. There the optimizer's own per-step cost, not its
+arithmetic, decides the ratio to SGD; its extra row times APO-Precond's plain step alone, with a
+``meta_interval`` longer than the run (its one meta-step, at step 0, falls in the warm-up block).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +29,8 @@ from torch import nn
 from .common import Config, add_ratios, make_row
 
 INTERVAL = 10
-NO_META = "APO-Precond, no meta-steps"
+NO_META = "APO-Precond, plain steps (meta_interval > run)"
+SMALL_THREADS = 2  # the small problem's threads unless --threads is given
 
 
 def mlp(width: int, d_in: int = 256, classes: int = 10) -> nn.Module:
@@ -50,8 +60,9 @@ def small_cnn(channels: int = 32, classes: int = 10) -> nn.Module:
     )
 
 
-def _optimizers(include_peers: bool = True):
-    """name -> factory(model) returning (optimizer, takes_fsd_inputs)."""
+def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
+    """name -> factory(model) returning (optimizer, takes_fsd_inputs); ``run_steps`` bounds the
+    steps one optimizer takes (the plain-step row's meta_interval is longer)."""
     from ..baselines import EKFAC, KFAC
 
     facs = {
@@ -77,7 +88,7 @@ def _optimizers(include_peers: bool = True):
     facs["APO-LR(SGD) λ_FSD=0"] = lambda m: apo_lr(m, lambda_fsd=0.0)
     facs["APO-Precond"] = apo_precond
     # the plain step alone (timed on the small MLP only): APO-Precond's per-step overhead
-    facs[NO_META] = lambda m: apo_precond(m, meta_interval=0)
+    facs[NO_META] = lambda m: apo_precond(m, meta_interval=run_steps + 1)
     # Modern peers from a maintained package, when installed (time + final loss only, default
     # hyper-parameters, preconditioner refresh every 10 steps where the optimizer has one).
     po = None
@@ -98,9 +109,9 @@ def _optimizers(include_peers: bool = True):
     return facs
 
 
-def _time_training(model, opt, fsd, batches, fsd_batch, timer):
-    """Time blocks of INTERVAL steps (each holds exactly one meta-step / inversion / eigh, whatever
-    the phase); returns (per-step timing, final loss, steps run)."""
+def _training_block(model, opt, fsd, batches, fsd_batch):
+    """A block of INTERVAL steps (it holds exactly one meta-step / inversion / eigh, whatever the
+    phase) and the state it updates: steps run, last loss."""
     state = dict(steps=0, loss=None)
 
     def closure_for(x, y):
@@ -119,47 +130,82 @@ def _time_training(model, opt, fsd, batches, fsd_batch, timer):
             closure = closure_for(x, y)
             state["loss"] = opt.step(closure, fsd_inputs=(fsd_batch,)) if fsd else opt.step(closure)
 
-    per_block = timer(block)
-    per_step = {k: v / INTERVAL if k.endswith("_ms") else v for k, v in per_block.items()}
-    loss = state["loss"]
-    final = float(loss.detach()) if loss is not None else float("nan")
-    return per_step, final, state["steps"]
+    return block, state
+
+
+@contextlib.contextmanager
+def _num_threads(n: Optional[int]):
+    """torch's CPU threads set to ``n`` (None: unchanged) for the block, restored after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def problems(cfg: Config) -> list[tuple]:
+    """(case label, problem key, model factory, input shape, threads) of every training problem."""
+    out = []
+    mlp_batch = 4096 if cfg.is_cuda else (64 if cfg.quick else 256)
+    for w in cfg.train_widths:
+        out.append((f"MLP w={w} batch={mlp_batch}", "mlp", lambda w=w: mlp(w), (mlp_batch, 256), cfg.threads))
+    small_threads = cfg.threads or SMALL_THREADS
+    threads_label = f"{small_threads} thread" + ("s" if small_threads > 1 else "")
+    out.append((f"MLP 40-256-256-10 batch=100, {threads_label}", "small-mlp", small_mlp, (100, 40), small_threads))
+    cnn_c, cnn_batch = (8, 32) if cfg.quick else (32, 128 if not cfg.is_cuda else 512)
+    out.append((f"CNN c={cnn_c} 32×32 batch={cnn_batch}", "cnn", lambda: small_cnn(cnn_c), (cnn_batch, 3, 32, 32), cfg.threads))
+    return out
+
+
+def _runs_on(name: str, problem: str) -> bool:
+    return name != NO_META or problem == "small-mlp"
+
+
+def n_ticks(cfg: Config) -> int:
+    """The section's progress ticks: one per round of every problem."""
+    return len(problems(cfg)) * (cfg.timer.settings.warmup + cfg.timer.settings.rounds)
 
 
 def run(cfg: Config) -> list[dict]:
     dev = cfg.device
     gen = torch.Generator().manual_seed(2)
-    problems = []
-    mlp_batch = 4096 if cfg.is_cuda else (64 if cfg.quick else 256)
-    for w in cfg.train_widths:
-        problems.append((f"MLP w={w} batch={mlp_batch}", "mlp", lambda w=w: mlp(w), (mlp_batch, 256)))
-    problems.append(("MLP 40-256-256-10 batch=100", "small-mlp", small_mlp, (100, 40)))
-    cnn_c, cnn_batch = (8, 32) if cfg.quick else (32, 128 if not cfg.is_cuda else 512)
-    problems.append((f"CNN c={cnn_c} 32×32 batch={cnn_batch}", "cnn", lambda: small_cnn(cnn_c), (cnn_batch, 3, 32, 32)))
-
+    settings = cfg.timer.settings
+    run_steps = INTERVAL * (settings.warmup + settings.rounds)
     rows: list[dict] = []
-    facs = _optimizers(include_peers=not cfg.quick)  # peers only in the full run (--quick: ≤ 60 s)
-    for label, problem, make_model, xshape in problems:
+    facs = _optimizers(include_peers=not cfg.quick, run_steps=run_steps)  # peers only in the full run
+    for label, problem, make_model, xshape, threads in problems(cfg):
         n_batches = 4
         batches = [
             (torch.randn(*xshape, generator=gen).to(dev), torch.randint(0, 10, (xshape[0],), generator=gen).to(dev))
             for _ in range(n_batches)
         ]
         fsd_batch = torch.randn(*xshape, generator=gen).to(dev)
-        for name, fac in facs.items():
-            if name == NO_META and problem != "small-mlp":
-                continue
-            cfg.tick(f"train {label}: {name}")
-            torch.manual_seed(0)
-            model = make_model().to(dev)
-            try:
-                opt, fsd = fac(model)
-                timing, final_loss, steps = _time_training(model, opt, fsd, batches, fsd_batch, cfg.timer)
-            except Exception as exc:
-                rows.append(make_row("train", label, name, "fp32", None, {}, problem=problem, batch=xshape[0],
-                                     error=f"{type(exc).__name__}: {exc}"[:300]))
-                continue
-            rows.append(make_row("train", label, name, "fp32", None, timing, problem=problem, batch=xshape[0],
-                                 final_loss=final_loss, steps=steps))
+        row = lambda name, timing, **kw: make_row("train", label, name, "fp32", None, timing, problem=problem,
+                                                   batch=xshape[0], **kw)
+        with _num_threads(threads if dev.type == "cpu" else None) as n_threads:
+            blocks, states, done = {}, {}, {}
+            for name, fac in facs.items():
+                if not _runs_on(name, problem):
+                    continue
+                torch.manual_seed(0)
+                try:
+                    model = make_model().to(dev)
+                    opt, fsd = fac(model)
+                except Exception as exc:
+                    done[name] = row(name, {}, error=f"{type(exc).__name__}: {exc}"[:300])
+                    continue
+                blocks[name], states[name] = _training_block(model, opt, fsd, batches, fsd_batch)
+            tick = lambda desc: cfg.tick(f"train {label}: {len(blocks)} optimizers interleaved, {desc}")
+            for name, per_block in cfg.timer.interleaved(blocks, on_round=tick).items():
+                if "error" in per_block:
+                    done[name] = row(name, {}, error=per_block["error"])
+                    continue
+                per_step = {k: v / INTERVAL if k.endswith("_ms") else v for k, v in per_block.items()}
+                loss = states[name]["loss"]
+                done[name] = row(name, per_step, final_loss=float(loss.detach()) if loss is not None else float("nan"),
+                                 steps=states[name]["steps"], threads=n_threads)
+        rows += [done[name] for name in facs if name in done]
     add_ratios(rows, "SGD")
     return rows
