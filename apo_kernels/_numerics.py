@@ -20,7 +20,7 @@ def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
     extremes: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         if t is not None and t.numel() > 0:
-            extremes.setdefault(t.device, []).extend(torch.aminmax(t.detach()))
+            extremes.setdefault(t.device, []).extend(torch.aminmax(t.detach() if t.requires_grad else t))
     return all(bool(torch.isfinite(torch.stack(v)).all()) for v in extremes.values())
 
 

@@ -67,10 +67,10 @@ class LayerView:
         return getattr(module, "weight", None), getattr(module, "bias", None)
 
     def matrix(self, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        W = weight.reshape(weight.shape[0], -1)
+        W = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)  # 2-D: no call (hot path)
         if bias is None:
             return W
-        return torch.cat([W, bias.reshape(W.shape[0], 1)], dim=1)
+        return torch.cat([W, bias.unsqueeze(1) if bias.dim() == 1 else bias.reshape(W.shape[0], 1)], dim=1)
 
     def shape(self, weight_shape: Sequence[int], bias_shape: Optional[Sequence[int]] = None) -> tuple[int, int]:
         """(m, n) of ``matrix`` for these parameter shapes, without parameter memory."""
@@ -86,8 +86,8 @@ class LayerView:
     def split(self, Y: Tensor, weight_shape: Sequence[int],
               bias_shape: Optional[Sequence[int]] = None) -> tuple[Tensor, Optional[Tensor]]:
         if bias_shape is None:
-            return Y.reshape(weight_shape), None
-        return Y[:, :-1].reshape(weight_shape), Y[:, -1].reshape(bias_shape)
+            return _as_shape(Y, weight_shape), None
+        return _as_shape(Y[:, :-1], weight_shape), _as_shape(Y[:, -1], bias_shape)
 
     # ---- Kronecker factors (KFAC, EKFAC) --------------------------------------------------
     def has_kronecker_factors(self, module: nn.Module) -> bool:
@@ -100,6 +100,12 @@ class LayerView:
 
     def output_rows(self, module: nn.Module, gy: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} defines no Kronecker factors")
+
+
+def _as_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """``t.reshape(shape)``, without the call when ``t`` has that shape already (the usual case of
+    a Linear layer, on every optimizer step)."""
+    return t if t.shape == tuple(shape) else t.reshape(shape)
 
 
 class LinearView(LayerView):
