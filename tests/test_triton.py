@@ -572,7 +572,7 @@ requires_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="GPU-only: needs a CU
 
 def test_gemm_candidates_are_the_compiled_ones():
     """The autotuner's candidates come from the same rule as the variants triton_aot compiles: the
-    dual GEMM of a half input and an fp32 intermediate never takes the config that spilled for it,
+    GEMMs of a half input and an fp32 intermediate never take the config that spilled for them,
     whatever the problem size (the size pruning keeps one candidate)."""
     import triton
 
@@ -585,7 +585,7 @@ def test_gemm_candidates_are_the_compiled_ones():
         for args in (mixed, plain):
             kept = tk._prune_gemm_configs(configs, {}, M=size, N=size, **args)
             assert kept and {tk._config_tuple(c) for c in kept} <= set(tk.gemm_configs(args, args))
-    assert tk._MIXED_DUAL_EXCLUDED not in tk.gemm_configs(mixed, mixed)
+    assert tk._MIXED_EXCLUDED not in tk.gemm_configs(mixed, mixed)
     assert tk.gemm_configs(plain, plain) == tk.GEMM_CONFIGS
 
 

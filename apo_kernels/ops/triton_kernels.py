@@ -536,16 +536,17 @@ GEMM_CONFIGS = (
     (64, 128, 16, 8, 8, 3),
     (32, 64, 32, 8, 4, 4),
 )
-# The dual GEMM of a half input and an fp32 intermediate (dA = dY Mᵀ + G Eᵀ when B = I) under
-# tf32x3 spilled 16 B on sm_90 with the last config (32×64×16 with 4 warps and 32×64×32 with 8
-# left 8 B stack frames in other variants): it takes the other two.
-_MIXED_DUAL_EXCLUDED = GEMM_CONFIGS[2]
+# GEMMs of a half input and an fp32 intermediate under tf32x3 spilled 8-16 B with the last config
+# (bf16 dual on sm_90, an fp16 product on sm_80; 32×64×16 with 4 warps and 32×64×32 with 8 left
+# 8 B stack frames in other variants): they take the other two.
+_MIXED_EXCLUDED = GEMM_CONFIGS[2]
 
 
 def gemm_configs(args: dict, constexprs: dict) -> tuple:
     """The configs one GEMM launch may take (autotuned on a GPU, every one compiled by triton_aot)."""
-    if constexprs["DUAL"] and len({args[k].dtype for k in ("x", "y", "x2", "y2")}) > 1:
-        return tuple(c for c in GEMM_CONFIGS if c != _MIXED_DUAL_EXCLUDED)
+    operands = ("x", "y", "x2", "y2") if constexprs["DUAL"] else ("x", "y")
+    if len({args[k].dtype for k in operands}) > 1:
+        return tuple(c for c in GEMM_CONFIGS if c != _MIXED_EXCLUDED)
     return GEMM_CONFIGS
 
 
