@@ -9,6 +9,8 @@
 Nothing is copied to be restored: θ' is formed in a buffer of its own and the parameters are
 pointed at it (``p.data``), then back at θ, which was never written; the gradients at θ are set
 aside (``p.grad = None``) and put back. One pass over the parameters writes θ', none restores them.
+The parameters' storage changes during the lookahead: whatever read a parameter through an address
+captured before it (a CUDA graph captured over the model) would see θ there, not θ'.
 """
 from __future__ import annotations
 
