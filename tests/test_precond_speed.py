@@ -147,5 +147,7 @@ def test_scratch_finiteness_check_sees_every_non_finite_and_keeps_values(bad):
         ts[1][4] = bad
     before = [t.clone() for t in ts]
     assert all_finite_scratch(ts) is (bad is None) is all_finite(ts)
+    big = torch.zeros(2**20 + 1)  # above FUSED_CHECK_MAX: the read-only check
+    assert all_finite_scratch(ts + [big]) is (bad is None)
     for t, b in zip(ts, before):
         assert torch.equal(t.isnan(), b.isnan()) and torch.equal(t.nan_to_num(), b.nan_to_num())
