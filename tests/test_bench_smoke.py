@@ -209,8 +209,8 @@ def test_interleaved_times_round_robin():
     assert got["a"]["reps"] == got["b"]["reps"] == 3 and all(got[k]["median_ms"] >= 0 for k in "ab")
     assert got["c"] == dict(error="RuntimeError: c failed")
     assert t.interleaved(dict(a=fn("a")))["a"]["reps"] == timing.QUICK.rounds >= 3
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="rounds"):
+    for bad, exc in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="rounds"):
             t.interleaved(dict(a=fn("a")), rounds=bad)
 
 

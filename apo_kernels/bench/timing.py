@@ -134,9 +134,9 @@ class Timer:
         (it is dropped from the later rounds)."""
         from torch.utils.benchmark.utils.timer import timer as clock  # syncs the accelerator
 
-        rounds = self.settings.rounds if rounds is None else rounds
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ValueError(f"interleaved: rounds must be a positive int, got {rounds!r}")
+        from .._args import check_int
+
+        rounds = self.settings.rounds if rounds is None else check_int("rounds", rounds, low=1)
         times: dict[str, list[float]] = {name: [] for name in fns}
         errors: dict[str, str] = {}
         total = self.settings.warmup + rounds
