@@ -227,6 +227,30 @@ def test_small_model_problem_threads_and_plain_step_interval():
     assert takes_fsd and opt.meta_interval > 60 and "meta_interval > run" in train_bench.NO_META
 
 
+def test_progress_total_counts_every_tick(monkeypatch):
+    # the bar's total is the ticks the sections make (precond: 4 rows per width, train: one per round)
+    from apo_kernels.bench import precond_bench
+    from apo_kernels.bench.__main__ import _estimate_ticks
+
+    class CountingTimer(timing.Timer):  # no timing: the sections' own ticks are what is counted
+        def __call__(self, fn):
+            return timing.summarize([1e-3] * 3)
+
+        def interleaved(self, fns, rounds=None, on_round=lambda desc: None):
+            for r in range(self.settings.warmup + self.settings.rounds):
+                on_round(f"round {r}")
+            return {name: timing.summarize([1e-3] * 3) for name in fns}
+
+    ticks = []
+    args = build_parser().parse_args(["--quick", "--device", "cpu", "--sections", "precond,train", "--widths", "16,32",
+                                      "--train-widths", "8", "--dtype", "fp32,bf16"])
+    cfg = make_config(args, tick=ticks.append)
+    cfg.timer = CountingTimer("cpu", quick=True)
+    precond_bench.run(cfg)
+    train_bench.run(cfg)
+    assert len(ticks) == _estimate_ticks(cfg) == 4 * 4 + 3 * (timing.QUICK.warmup + timing.QUICK.rounds)
+
+
 def test_timer_on_cpu_returns_a_summary():
     got = timing.Timer("cpu", quick=True)(lambda: torch.ones(16).sum())
     assert set(got) == {"median_ms", "p20_ms", "p80_ms", "min_ms", "reps"}

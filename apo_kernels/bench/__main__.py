@@ -118,7 +118,8 @@ def _estimate_ticks(cfg) -> int:
         n += sum(1 + len(cfg.backends) for d in cfg.dtypes for s in cfg.sizes if cfg.size_ok(s, d))
         n += len(cfg.layer_sets) * (1 + len(cfg.backends)) * (2 if cfg.is_cuda else 1)
     if "precond" in cfg.sections:  # APO, APO-kron, KFAC, EKFAC per width and dtype
-        n += 4 * sum(1 for d in ("fp32", "half") for w in cfg.widths if cfg.size_ok(w, "fp32" if d == "fp32" else "bf16"))
+        half = [d for d in ("bf16", "fp16") if d in cfg.dtypes][:1]  # as precond_bench picks it
+        n += 4 * sum(1 for d in ["fp32"] + half for w in cfg.widths if cfg.size_ok(w, d))
     if "train" in cfg.sections:
         from .train_bench import n_ticks
 
