@@ -7,11 +7,19 @@ structure. Writes kron_vs_full.json (every run, with its preconditioner statisti
 kron_vs_full.md (the table) under --out.
 
     python python/paper/kron_vs_full.py [--quick] [--steps N] [--seeds S] [--out DIR]
+    python python/paper/kron_vs_full.py --s2-fit N [--out DIR]
+
+``--s2-fit N`` measures how much of what "full" learns kron cannot hold: it trains "full" for N
+steps (seed 0, the point chosen in --out's kron_vs_full.json, no lr schedule) and, per layer,
+fits the learnt log S² with the kron family log S² = a_i + b_j (row + column means), reporting
+the spread of log S², the fraction the fit explains and the residual as a factor (exp of its std).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paper import autoencoder, classification  # noqa: E402
@@ -69,10 +77,59 @@ def run(args, progress=None) -> dict:
     return result
 
 
+def s2_fit(args, steps: int) -> str:
+    """The ``--s2-fit`` table (see the module docstring)."""
+    from apo_kernels.optim import APOPrecond
+
+    lines = [f"log S² learnt by structure=\"full\" after {steps} steps (seed 0, chosen point, fixed lr), "
+             "fitted by the kron family a_i + b_j:", "",
+             "| task | layer | shape | std of log S² | explained by u vᵀ | residual factor |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for item in plan(args):
+        task = item.task
+        hp = C.chosen_point(args.out, NAME, task.name, "APO-Precond full")
+        if hp is None:
+            raise FileNotFoundError(f"--s2-fit needs {Path(args.out) / (NAME + '.json')} from a full run")
+        hp = {k: v for k, v in hp.items() if k not in ("schedule", "structure")}
+        torch.manual_seed(0)
+        data = C.load_data(task.data, task.data_kwargs, "cpu", "fp32")
+        model = task.model()
+        opt = APOPrecond(model, fsd=task.fsd if task.fsd != "bernoulli" else C.bernoulli_kl, **hp)
+        x, y = data.x_train, data.y_train
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (task.batch_size,), generator=gen)
+            xb, yb = x[idx], y[idx]
+
+            def closure():
+                opt.zero_grad()
+                loss = C.loss_value(task.loss, model(xb), yb, xb)
+                if task.l2:
+                    loss = loss + 0.5 * task.l2 * sum((p * p).sum() for p in model.parameters())
+                loss.backward()
+                return loss
+
+            opt.step(closure, fsd_inputs=(xb,))
+        for layer in opt.layers:
+            log_s2 = 2.0 * layer.precond.S.double()  # s_param="log": S² = exp(2S)
+            fit = log_s2.mean(1, keepdim=True) + log_s2.mean(0, keepdim=True) - log_s2.mean()
+            resid = log_s2 - fit
+            lines.append(f"| {task.name} | {layer.name} | {tuple(log_s2.shape)} | {float(log_s2.std()):.2f} "
+                         f"| {float(1 - resid.var() / log_s2.var()):.2f} | ×{float(torch.exp(resid.std())):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     parser = C.parser(__doc__)
+    parser.add_argument("--s2-fit", type=int, default=None, metavar="N",
+                        help="instead of the comparison: fit full's learnt S² after N steps by u vᵀ")
     parser.set_defaults(out=str(DEFAULT_OUT))
     args = C.finish_args(parser.parse_args())
+    if args.s2_fit is not None:
+        text = s2_fit(args, args.s2_fit)
+        (Path(args.out) / f"{NAME}_s2_fit.md").write_text(text)
+        print(text)
+        sys.exit(0)
     try:
         with C.Progress(enabled=not args.no_progress) as prog:
             args.progress = prog
