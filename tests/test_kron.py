@@ -26,6 +26,7 @@ CASES = [
     (5, 3, None, True, True),
     (7, 5, 3, True, True),       # both sides split (blocks 3+2+2 / 3+2)
     (9, 4, 4, True, False),      # rows split, right side fixed identity
+    (5, 9, 4, True, False),      # rows split, a fixed right side longer than max_dim: never split
     (7, 5, None, False, True),   # left fixed identity (an embedding's vocabulary side)
     (6, 7, 4, False, True),      # left identity, columns split
     (4, 3, None, False, False),  # both sides identity: Y = (u vᵀ)⊙G

@@ -74,8 +74,9 @@ class KronPreconditioner(StructuredPreconditioner):
         self.s_param = s_param
         self.shape = (check_int("m", m, low=1), check_int("n", n, low=1))
         self.learn_left, self.learn_right = bool(learn_left), bool(learn_right)
-        self.row_blocks = _offsets(split_sizes(m, max_dim))
-        self.col_blocks = _offsets(split_sizes(n, max_dim))
+        # as StructuredPreconditioner: a fixed (identity) side has no matrix, so it is never split
+        self.row_blocks = _offsets(split_sizes(m, max_dim if learn_left else None))
+        self.col_blocks = _offsets(split_sizes(n, max_dim if learn_right else None))
 
         def factor(blocks, learn: bool) -> list[Tensor]:
             return [torch.eye(b1 - b0, dtype=dtype, device=device) for b0, b1 in blocks] if learn else []
