@@ -21,3 +21,13 @@ def mlp(dtype=torch.float32, seed=0):
 def data(n=16, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def closure_for(opt, model, x, y):
+    """The usual training closure: zero the gradients, cross-entropy of model(x) against y, backward."""
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure

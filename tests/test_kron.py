@@ -16,7 +16,7 @@ from apo_kernels.ops.backends import usable
 from apo_kernels.optim import APOPrecond, StructuredPreconditioner
 from apo_kernels.optim.kron import KronPreconditioner
 from apo_kernels.optim.preconditioners import meta_backward_many
-from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
 FLOAT64_BACKENDS = [b for b in ("cpu", "reference") if b in usable("cpu")]
 F64 = dict(rtol=1e-10, atol=1e-12)  # float64 against float64 autograd: only summation order differs
@@ -150,15 +150,6 @@ def test_bad_init_s_names_the_argument(bad, exc):
 # --------------------------------------------------------------------------------------------
 # APOPrecond(structure="kron")
 # --------------------------------------------------------------------------------------------
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 def kw(**extra):
     base = dict(lr=0.1, lambda_fsd=0.1, lambda_wsd=0.1, meta_lr=0.05, meta_interval=3)
     base.update(extra)

@@ -19,7 +19,7 @@ from apo_kernels.layers import (
     view_of,
 )
 from apo_kernels.optim import APOPrecond
-from _tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import one_thread, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,15 +70,6 @@ def toy_data(n=32, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
     return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-
-
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 # --------------------------------------------------------------------------------------------

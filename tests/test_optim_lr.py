@@ -10,7 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from apo_kernels.optim import APOLR, lr_directions
-from _tiny import one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import one_thread, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
 
 
@@ -70,15 +70,6 @@ def test_lookahead_equals_a_copy_of_the_base_optimizer_stepping(name):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def q_closure(opt, m, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(m(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 @pytest.mark.parametrize("name,per_group", [("sgd-nesterov-wd", False), ("adamw-amsgrad", False),
                                             ("rmsprop-centered-momentum-wd", True)])
 def test_meta_gradient_matches_central_finite_differences_float64(name, per_group):
@@ -87,7 +78,7 @@ def test_meta_gradient_matches_central_finite_differences_float64(name, per_grou
     groups = [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 0.05}]
     base = BASES[name](groups)
     opt = APOLR(m, base, lambda_fsd=0.3, lambda_wsd=0.5, per_group=per_group, meta_interval=0)
-    closure = q_closure(opt, m, x, y)
+    closure = closure_for(opt, m, x, y)
     for _ in range(3):
         opt.step(closure)
     _, (grad,) = opt.meta_gradient(closure, fsd_inputs=(x,))
@@ -111,8 +102,8 @@ def test_meta_steps_off_is_the_base_optimizer_exactly():
     o1 = APOLR(m1, torch.optim.Adam(m1.parameters(), lr=0.01), lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=0)
     o2 = torch.optim.Adam(m2.parameters(), lr=0.01)
     for _ in range(5):
-        o1.step(q_closure(o1, m1, x, y))
-        o2.step(q_closure(o2, m2, x, y))
+        o1.step(closure_for(o1, m1, x, y))
+        o2.step(closure_for(o2, m2, x, y))
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
     assert o1.lr == 0.01
@@ -230,15 +221,15 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
     m1, o1 = make()
     for _ in range(5):
-        o1.step(q_closure(o1, m1, x, y), fsd_inputs=(x,))
+        o1.step(closure_for(o1, m1, x, y), fsd_inputs=(x,))
     sd_m, sd_o = copy.deepcopy(m1.state_dict()), copy.deepcopy(o1.state_dict())
     for _ in range(5):
-        o1.step(q_closure(o1, m1, x, y), fsd_inputs=(x,))
+        o1.step(closure_for(o1, m1, x, y), fsd_inputs=(x,))
     m2, o2 = make()
     m2.load_state_dict(sd_m)
     o2.load_state_dict(sd_o)
     for _ in range(5):
-        o2.step(q_closure(o2, m2, x, y), fsd_inputs=(x,))
+        o2.step(closure_for(o2, m2, x, y), fsd_inputs=(x,))
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
     assert o1.lr == o2.lr and o1.lr_history == o2.lr_history
@@ -248,11 +239,11 @@ def test_non_finite_step_is_skipped_with_lr_and_params_unchanged():
     m = mlp()
     x, y = batch()
     opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=1)
-    opt.step(q_closure(opt, m, x, y))
+    opt.step(closure_for(opt, m, x, y))
     before = [p.clone() for p in m.parameters()], opt.lr
     bad = x.clone()
     bad[0, 0] = float("inf")
-    opt.step(q_closure(opt, m, bad, y))
+    opt.step(closure_for(opt, m, bad, y))
     assert opt.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before[0], m.parameters())) and opt.lr == before[1]
 
@@ -317,7 +308,7 @@ def test_bad_arguments_raise_naming_the_argument():
     opt = APOLR(m, sgd, lambda_fsd=1.0, lambda_wsd=0.0)
     x, y = batch()
     with pytest.raises(ValueError, match=r"\bfsd_inputs\b"):
-        opt.step(q_closure(opt, m, x, y))
+        opt.step(closure_for(opt, m, x, y))
     with pytest.raises(ValueError, match=r"\bclosure\b"):
         opt.step()
 
@@ -335,21 +326,23 @@ SCHEDULERS = {
 }
 
 
+@pytest.mark.parametrize("attach_to", ["base optimizer", "APOLR"])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_scheduler_without_meta_steps_is_the_scheduled_base_optimizer_exactly(name):
+def test_scheduler_without_meta_steps_is_the_scheduled_base_optimizer_exactly(name, attach_to):
+    # a scheduler on APOLR itself schedules the base optimizer: they share param_groups
     m1 = mlp()
     m2 = copy.deepcopy(m1)
     x, y = batch()
     apo = APOLR(m1, torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
                 meta_interval=0)
     sgd = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
-    s1, s2 = SCHEDULERS[name](apo.base_optimizer), SCHEDULERS[name](sgd)
+    s1, s2 = SCHEDULERS[name](apo if attach_to == "APOLR" else apo.base_optimizer), SCHEDULERS[name](sgd)
     for _ in range(10):
-        apo.step(q_closure(apo, m1, x, y))
-        sgd.step(q_closure(sgd, m2, x, y))
+        apo.step(closure_for(apo, m1, x, y))
+        sgd.step(closure_for(sgd, m2, x, y))
         s1.step()
         s2.step()
-        assert apo.lr == sgd.param_groups[0]["lr"]
+        assert apo.lr == sgd.param_groups[0]["lr"] == apo.base_optimizer.param_groups[0]["lr"]
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
 
@@ -363,7 +356,7 @@ def test_scheduler_multiplies_the_learnt_lr_and_keeps_its_own_schedule(name):
     sched = SCHEDULERS[name](base)
     reference = SCHEDULERS[name](torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
     initial = 0.1  # the lr at APOLR's construction is the schedule's reference (OneCycleLR's own start differs)
-    closure = q_closure(opt, m, x, y)
+    closure = closure_for(opt, m, x, y)
     for _ in range(20):
         # the group holds the schedule alone, the learnt lr lives in φ
         assert base.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]
@@ -398,8 +391,8 @@ def test_lookahead_ignores_the_schedule():
         warnings.simplefilter("ignore")
         sched.step()
     assert o2.lr == pytest.approx(1e-4) and o2.learnt_lrs == o1.learnt_lrs == [0.1]
-    q1, g1 = o1.meta_gradient(q_closure(o1, m1, x, y))
-    q2, g2 = o2.meta_gradient(q_closure(o2, m2, x, y))
+    q1, g1 = o1.meta_gradient(closure_for(o1, m1, x, y))
+    q2, g2 = o2.meta_gradient(closure_for(o2, m2, x, y))
     assert q1 == q2 and torch.equal(g1[0], g2[0])
 
 
@@ -413,31 +406,12 @@ def test_apolr_is_a_torch_optimizer_over_the_base_optimizers_groups_and_state():
     assert isinstance(opt, torch.optim.Optimizer)
     assert opt.param_groups is base.param_groups and opt.state is base.state
     x, y = batch()
-    opt.step(q_closure(opt, m, x, y))
+    opt.step(closure_for(opt, m, x, y))
     assert all("momentum_buffer" in opt.state[p] for p in m.parameters())
     calls = []
     opt.register_step_post_hook(lambda o, args, kwargs: calls.append(o))  # torch.optim's step hooks
-    opt.step(q_closure(opt, m, x, y))
+    opt.step(closure_for(opt, m, x, y))
     assert calls == [opt]
-
-
-@pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_scheduler_on_apolr_itself_schedules_the_base_optimizer(name):
-    m1 = mlp()
-    m2 = copy.deepcopy(m1)
-    x, y = batch()
-    apo = APOLR(m1, torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
-                meta_interval=0)
-    sgd = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
-    s1, s2 = SCHEDULERS[name](apo), SCHEDULERS[name](sgd)
-    for _ in range(10):
-        apo.step(q_closure(apo, m1, x, y))
-        sgd.step(q_closure(sgd, m2, x, y))
-        s1.step()
-        s2.step()
-        assert apo.lr == sgd.param_groups[0]["lr"] == apo.base_optimizer.param_groups[0]["lr"]
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_apolr_deepcopy_steps_like_the_original_and_groups_are_fixed():
@@ -445,11 +419,11 @@ def test_apolr_deepcopy_steps_like_the_original_and_groups_are_fixed():
     x, y = batch(torch.float64)
     opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.1,
                 meta_interval=2)
-    opt.step(q_closure(opt, m, x, y))
+    opt.step(closure_for(opt, m, x, y))
     twin = copy.deepcopy(opt)  # copies the model and the base optimizer with it
     for _ in range(3):
-        opt.step(q_closure(opt, opt.model, x, y))
-        twin.step(q_closure(twin, twin.model, x, y))
+        opt.step(closure_for(opt, opt.model, x, y))
+        twin.step(closure_for(twin, twin.model, x, y))
     assert twin.learnt_lrs == opt.learnt_lrs and twin.meta_steps == opt.meta_steps == 2
     for a, b in zip(opt.model.parameters(), twin.model.parameters()):
         assert torch.equal(a, b)

@@ -18,19 +18,10 @@ from apo_kernels.optim.objective import proximal_objective_grad
 from apo_kernels.optim import preconditioners
 from apo_kernels.optim.preconditioners import split_sizes
 from apo_kernels.ops import reference
-from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
 
 
-
-
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def opt_kwargs(**kw):

@@ -21,17 +21,14 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .._args import check_choice, check_int, check_number
+from .._args import check_number
 from .preconditioners import (
-    S_PARAMS,
     StructuredPreconditioner,
     _add_grad,
     _ds,
     _init_s,
-    _offsets,
     _s2,
     _scale_s2,
-    split_sizes,
 )
 
 __all__ = ["KronPreconditioner"]
@@ -68,21 +65,7 @@ class KronPreconditioner(StructuredPreconditioner):
         dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device, None] = None,
     ):
-        check_choice("s_param", s_param, S_PARAMS)
-        if max_dim is not None:
-            check_int("max_dim", max_dim, low=1)
-        self.s_param = s_param
-        self.shape = (check_int("m", m, low=1), check_int("n", n, low=1))
-        self.learn_left, self.learn_right = bool(learn_left), bool(learn_right)
-        # as StructuredPreconditioner: a fixed (identity) side has no matrix, so it is never split
-        self.row_blocks = _offsets(split_sizes(m, max_dim if learn_left else None))
-        self.col_blocks = _offsets(split_sizes(n, max_dim if learn_right else None))
-
-        def factor(blocks, learn: bool) -> list[Tensor]:
-            return [torch.eye(b1 - b0, dtype=dtype, device=device) for b0, b1 in blocks] if learn else []
-
-        self.A = factor(self.row_blocks, learn_left)
-        self.B = factor(self.col_blocks, learn_right)
+        self._init_factors(m, n, max_dim, learn_left, learn_right, s_param, dtype, device)
         # u·v = init_s² (the S² of the full structure): each side's "S" starts at √init_s
         root = math.sqrt(check_number("init_s", init_s, low=0.0, low_ok=False))
         self.su = _init_s((m,), root, s_param, dtype, device)

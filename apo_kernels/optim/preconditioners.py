@@ -115,6 +115,12 @@ class StructuredPreconditioner:
         dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device, None] = None,
     ):
+        self._init_factors(m, n, max_dim, learn_left, learn_right, s_param, dtype, device)
+        self.S = _init_s(self.shape, init_s, s_param, dtype, device)
+        self._s2_cache: tuple[int, Optional[Tensor]] = (-1, None)
+
+    def _init_factors(self, m, n, max_dim, learn_left, learn_right, s_param, dtype, device) -> None:
+        """Shape, blocks and identity-initialized A/B blocks (shared with the kron structure)."""
         check_choice("s_param", s_param, S_PARAMS)
         if max_dim is not None:
             check_int("max_dim", max_dim, low=1)
@@ -126,8 +132,6 @@ class StructuredPreconditioner:
         self.col_blocks = _offsets(split_sizes(n, max_dim if learn_right else None))
         self.A = [torch.eye(r1 - r0, dtype=dtype, device=device) for r0, r1 in self.row_blocks] if learn_left else []
         self.B = [torch.eye(c1 - c0, dtype=dtype, device=device) for c0, c1 in self.col_blocks] if learn_right else []
-        self.S = _init_s(self.shape, init_s, s_param, dtype, device)
-        self._s2_cache: tuple[int, Optional[Tensor]] = (-1, None)
 
     def S2(self) -> Tensor:
         """S² (m, n), the op's diagonal: S·S for s_param="linear", exp(2S) for "log"."""
