@@ -280,14 +280,7 @@ def precondition_many(
     device (an optimizer building G itself): the registered op is called directly, without the
     public function's Python checks and autograd layer (the kernels still check their inputs).
     """
-    grads, As, Ss, Bs, counts = [], [], [], [], []
-    for pc, G in zip(preconds, Gs):
-        g, a, s, b = pc.op_inputs(G)
-        grads += g
-        As += a
-        Ss += s
-        Bs += b
-        counts.append(len(g))
+    grads, As, Ss, Bs, counts = _op_inputs_many(preconds, Gs)
     if not grads:
         return []
     Ys = _grouped(grads, As, Ss, Bs, backend, checked)
@@ -296,6 +289,19 @@ def precondition_many(
         out.append(pc.assemble(Ys[k:k + c]))
         k += c
     return out
+
+
+def _op_inputs_many(preconds, Gs) -> tuple[list, list, list, list, list[int]]:
+    """The op's tiles of every layer, concatenated for one grouped call, and each layer's tile count."""
+    grads, As, Ss, Bs, counts = [], [], [], [], []
+    for pc, G in zip(preconds, Gs):
+        g, a, s, b = pc.op_inputs(G)
+        grads += g
+        As += a
+        Ss += s
+        Bs += b
+        counts.append(len(g))
+    return grads, As, Ss, Bs, counts
 
 
 @torch.no_grad()
@@ -310,15 +316,8 @@ def meta_backward_many(
     """For each layer add ∂⟨dY_i, Y_i⟩/∂(A_i, S_i, B_i) into their ``.grad``: ONE grouped backward
     call with output_mask (False, learn A?, True, learn B?) — the op's d_grad is never computed.
     ``checked``: as in ``precondition_many`` (dY too has its preconditioner's shape, dtype, device)."""
-    grad_outs, grads, As, Ss, Bs, counts = [], [], [], [], [], []
-    for pc, dY, G in zip(preconds, dYs, Gs):
-        g, a, s, b = pc.op_inputs(G)
-        grad_outs += pc.tiles(dY)
-        grads += g
-        As += a
-        Ss += s
-        Bs += b
-        counts.append(len(g))
+    grads, As, Ss, Bs, counts = _op_inputs_many(preconds, Gs)
+    grad_outs = [t for pc, dY in zip(preconds, dYs) for t in pc.tiles(dY)]
     if not grads:
         return
     mask = (False, any(pc.learn_left for pc in preconds), True, any(pc.learn_right for pc in preconds))
