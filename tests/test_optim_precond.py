@@ -473,7 +473,9 @@ def test_memory_is_flat_no_graph_survives_a_meta_step():
     n100 = _live_tensor_count()
     for _ in range(1900):
         opt.step(closure, fsd_inputs=(x,))
-    assert _live_tensor_count() == n100
+    # ≤, not ==: in the full suite, caches of earlier tests may release tensors meanwhile; a leak
+    # of even one tensor per meta-step would add 190
+    assert _live_tensor_count() <= n100
     assert opt.meta_steps == 200
     assert all(not t.requires_grad and t.grad is None for t in opt.phi)
     assert all(p.grad_fn is None for p in m.parameters())
