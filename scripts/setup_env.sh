@@ -25,5 +25,7 @@ python -m pip install -q --upgrade pip setuptools wheel
 python -m pip install -q "$TORCH_SPEC" numpy ninja pybind11
 # torch's CUDA build brings its pinned Triton; the CPU build brings none.
 python -c 'import triton' 2>/dev/null || python -m pip install -q "triton>=3.6"
-python -m pip install -q --no-build-isolation -e ".[test,bench,paper]"
+# "$TORCH_SPEC" again: the extras' dependencies (torchvision via backpack) must not move torch to
+# another version after the extension was built against this one
+python -m pip install -q --no-build-isolation -e ".[test,bench,paper]" "$TORCH_SPEC"
 python -c 'import apo_kernels, json; print(json.dumps(apo_kernels.backends(), indent=1))'
