@@ -11,17 +11,26 @@ __all__ = ["all_finite", "all_finite_scratch", "no_autocast"]
 
 
 def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
-    """True when every given tensor (None entries ignored) holds only finite values (one sync per device).
+    """True when every given tensor (None entries ignored) holds only finite values (one sync per
+    device when they are).
 
-    A tensor is finite iff its min and max are: NaN propagates through both and ±inf shows up in
-    one. ``aminmax`` is a single vectorized read, several times cheaper than ``isfinite(t).all()``,
-    which materializes a full boolean tensor on every step.
+    A sum is finite only if every value summed is (NaN propagates, ±inf + finite = ±inf,
+    inf − inf = NaN), so finite per-tensor sums prove the tensors finite in one vectorized read,
+    about twice as fast as ``aminmax`` on a cold parameter-sized gradient. A sum that is not finite
+    may have overflowed from finite values: only then the exact check runs, min and max per tensor
+    (a tensor is finite iff both are). Both beat ``isfinite(t).all()``, which materializes a full
+    boolean tensor.
     """
-    extremes: dict[torch.device, list[Tensor]] = {}
+    by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         if t is not None and t.numel() > 0:
-            extremes.setdefault(t.device, []).extend(torch.aminmax(t.detach() if t.requires_grad else t))
-    return all(bool(torch.isfinite(torch.stack(v)).all()) for v in extremes.values())
+            by_device.setdefault(t.device, []).append(t.detach() if t.requires_grad else t)
+    for ts in by_device.values():
+        if bool(torch.isfinite(torch.stack([t.sum() for t in ts]).sum())):
+            continue
+        if not bool(torch.isfinite(torch.stack([m for t in ts for m in torch.aminmax(t)])).all()):
+            return False
+    return True
 
 
 FUSED_CHECK_MAX = 1 << 20

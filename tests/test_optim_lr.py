@@ -248,6 +248,23 @@ def test_non_finite_step_is_skipped_with_lr_and_params_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(before[0], m.parameters())) and opt.lr == before[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_step_finiteness_check_is_exact_when_sums_overflow_or_cancel(dtype):
+    # the step's check sums each gradient first: a sum that overflows from finite values must not
+    # skip a step, and inf − inf (a NaN sum) or a lone NaN/±inf anywhere must
+    from apo_kernels._numerics import all_finite
+    big = torch.finfo(dtype).max
+    finite = [torch.full((3, 5), big, dtype=dtype)[:, ::2], torch.tensor([-big, -big], dtype=dtype)]
+    assert all_finite(finite)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for k in range(2):
+            ts = [t.clone() for t in finite]
+            ts[k].view(-1)[-1] = bad
+            assert not all_finite([None, *ts])
+    assert not all_finite([torch.tensor([float("inf"), -float("inf")], dtype=dtype)])
+    assert all_finite([torch.zeros(0, dtype=dtype), None])
+
+
 def test_grad_scaler_and_autocast():
     x, y = batch()
 

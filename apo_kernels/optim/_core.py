@@ -33,6 +33,7 @@ the step counter not advanced. Non-finite values never reach θ, momentum, φ or
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional, Sequence
 
@@ -177,6 +178,12 @@ class APOCore(torch.optim.Optimizer):
     def _device_type(self) -> str:
         return next(iter(self.model.parameters())).device.type
 
+    def _no_autocast(self):
+        """Our arithmetic runs outside any autocast region the user opened around step(); with none
+        open on the model's device there is nothing to leave (and no context to pay for each step)."""
+        device_type = self._device_type()
+        return no_autocast(device_type) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
     # ---- the step ------------------------------------------------------------------------
     @property
     def step_count(self) -> int:
@@ -232,7 +239,7 @@ class APOCore(torch.optim.Optimizer):
             return loss
         # our arithmetic runs outside any autocast region the user opened around step(); the
         # model forwards of the meta-step (closure, FSD) run under it, as the user intended
-        with no_autocast(self._device_type()):
+        with self._no_autocast():
             plan = self._prepare()
         loss_at_theta = None
         if meta and self.meta_batch == "same" and isinstance(loss, (Tensor, float, int)):
@@ -263,7 +270,7 @@ class APOCore(torch.optim.Optimizer):
         return False
 
     def _apply_outside_autocast(self, plan) -> Optional[float]:
-        with no_autocast(self._device_type()):
+        with self._no_autocast():
             return None if self._apply(plan) else self.SHRINK
 
     def _recover(self, factor: float) -> None:
@@ -284,7 +291,7 @@ class APOCore(torch.optim.Optimizer):
             if factor is not None:
                 return factor
         self._zero_meta_grads()
-        with no_autocast(self._device_type()):
+        with self._no_autocast():
             self._meta_backward(plan, obj.grads)
         if not self._replicas.all_true(all_finite(self._meta_grads()), "the meta-gradient's finiteness"):
             self._zero_meta_grads()
@@ -304,7 +311,7 @@ class APOCore(torch.optim.Optimizer):
         Q(Δ) has its minimum at t* = −s0 / (2c) < 1/2, c = Q(Δ) − Q(0) − s0 > 0: the step is 1/t*
         times too long. Returns t* (at least OVERSHOOT_MIN_FACTOR), or None off a descent direction
         (no step length helps there; the meta-gradient handles it)."""
-        with no_autocast(self._device_type()):  # float64: a huge step's slope must not overflow
+        with self._no_autocast():  # float64: a huge step's slope must not overflow
             s0 = sum(float(torch.dot(p.grad.reshape(-1).double(), d.reshape(-1).double()))
                      for p, d in zip(plan.params, deltas) if p.grad is not None)
         if not s0 < 0.0:
@@ -314,7 +321,7 @@ class APOCore(torch.optim.Optimizer):
 
     def _objective(self, plan, closure, fsd_inputs, scale, rng):
         """(Q at the lookahead, the deltas), or None when either is not finite."""
-        with no_autocast(self._device_type()):
+        with self._no_autocast():
             deltas = self._lookahead_deltas(plan)
         if not all_finite(deltas):
             return None
@@ -337,7 +344,7 @@ class APOCore(torch.optim.Optimizer):
         twice (at θ and at θ'); ``.grad`` of the model is left holding the gradient at θ.
         """
         loss, scale = self._first_closure_probe(closure)
-        with no_autocast(self._device_type()):
+        with self._no_autocast():
             plan = self._prepare()
         found = self._objective(plan, closure, fsd_inputs, scale, None)
         if found is None:
@@ -346,7 +353,7 @@ class APOCore(torch.optim.Optimizer):
         phi = self.phi
         saved = [p.grad for p in phi]
         self._zero_meta_grads()
-        with no_autocast(self._device_type()):
+        with self._no_autocast():
             self._meta_backward(plan, obj.grads)
         out = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in phi]
         for p, g in zip(phi, saved):
@@ -357,7 +364,7 @@ class APOCore(torch.optim.Optimizer):
     def meta_objective(self, closure: Callable, fsd_inputs=None) -> float:
         """Q(φ) at the current θ, φ for this closure's batch (θ, φ and state unchanged)."""
         loss, scale = self._first_closure_probe(closure)
-        with no_autocast(self._device_type()):
+        with self._no_autocast():
             plan = self._prepare()
         found = self._objective(plan, closure, fsd_inputs, scale, None)
         return float("nan") if found is None else found[0].value

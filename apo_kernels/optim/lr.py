@@ -306,7 +306,7 @@ class APOLR(APOCore):
 
     def _learnt_factors(self) -> list[float]:
         """learnt lr / its initial value per group: exp(φ − φ₀), exactly 1 until φ moves."""
-        f = [math.exp(v) for v in (self.log_lr - self._log_lr0).tolist()]
+        f = [math.exp(v - v0) for v, v0 in zip(self.log_lr.tolist(), self._log_lr0.tolist())]  # float64 either way
         return f if self.per_group else f * len(self._lr0)
 
     @property
@@ -344,6 +344,9 @@ class APOLR(APOCore):
 
     def _scaler_target(self):
         return self.base_optimizer
+
+    def _device_type(self) -> str:
+        return self.base_optimizer.param_groups[0]["params"][0].device.type
 
     def _prepare(self):
         return _LRPlan([[p for p in g["params"] if p.grad is not None] for g in self.base_optimizer.param_groups])
