@@ -1,5 +1,5 @@
-"""What a meta-step does to the model: how many forward and backward passes it makes, and that the
-lookahead writes θ' into buffers of its own, reused from one meta-step to the next, while θ and the
+"""What a meta-step does to the model: how many forward and backward passes it makes (the FSD term
+reuses the step's own forward when its batch is the step's), and that the lookahead writes θ' into buffers of its own, reused from one meta-step to the next, while θ and the
 gradients at θ are never copied (no timings here: apo-bench and python/measure_meta_overhead.py
 measure them)."""
 import copy
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from apo_kernels.optim import APOLR, APOPrecond, lr_directions
+from apo_kernels.optim.objective import StepForward, proximal_objective_grad
 from apo_kernels.optim.snapshot import lookahead
 from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
 
@@ -54,14 +55,16 @@ def _closure(opt, model, x, y, on_call=None):
     return closure
 
 
+@pytest.mark.parametrize("fsd_batch", ["other", "own"])
 @pytest.mark.parametrize("lambda_fsd", [0.1, 0.0], ids=["fsd", "no-fsd"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_a_meta_step_makes_only_the_passes_it_needs(name, lambda_fsd):
+def test_a_meta_step_makes_only_the_passes_it_needs(name, lambda_fsd, fsd_batch):
     # plain step: the closure (1 forward, 1 backward). Meta-step: the closure at θ and at θ'
-    # (2 + 2), and with the FSD term a forward at θ without a graph and a forward + backward at θ'
+    # (2 + 2), and with the FSD term a forward at θ without a graph and a forward + backward at θ';
+    # when the FSD batch is the step's own, the closure's forward at θ is that forward at θ
     m = mlp()
     x, y = data()
-    x_fsd, _ = data(seed=5)
+    x_fsd = data(seed=5)[0] if fsd_batch == "other" else x
     opt = OPTIMIZERS[name](m, lambda_fsd)
     count = PassCounter(m)
     closure = _closure(opt, m, x, y)
@@ -70,8 +73,79 @@ def test_a_meta_step_makes_only_the_passes_it_needs(name, lambda_fsd):
         opt.step(closure, fsd_inputs=(x_fsd,))
         per_step.append(count.take())
     assert opt.meta_steps == 2 and opt.recoveries == 0 and opt.skipped_steps == 0
-    meta = (4, 3) if lambda_fsd else (2, 2)
+    meta = ((3 if fsd_batch == "own" else 4), 3) if lambda_fsd else (2, 2)
     assert per_step == [meta, (1, 1), (1, 1)] * 2
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fsd_on_the_steps_own_batch_reuses_its_forward_bit_identically(name):
+    # the same training run with the FSD batch passed as the closure's own tensor (its forward at θ
+    # reused) and as an equal copy (a forward of its own): θ, φ and Q bit for bit the same
+    runs = []
+    for own in (True, False):
+        m = mlp()
+        x, y = data()
+        opt = OPTIMIZERS[name](m, 0.1)
+        closure = _closure(opt, m, x, y)
+        for _ in range(7):
+            opt.step(closure, fsd_inputs=(x if own else x.clone(),))
+        assert opt.meta_steps == 3
+        runs.append(([p.detach().clone() for p in m.parameters()], [t.detach().clone() for t in opt.phi],
+                     opt.last_meta))
+    (theta_a, phi_a, meta_a), (theta_b, phi_b, meta_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(theta_a + phi_a, theta_b + phi_b))
+    assert meta_a == meta_b and meta_a["fsd"] > 0.0
+
+
+def test_reused_forward_replays_its_dropout_masks_at_the_lookahead():
+    # with Δ = 0 the FSD term is exactly 0 only if the forward at θ' draws the masks of the
+    # reused forward at θ
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3))
+    x, y = data()
+    params = list(m.parameters())
+
+    def closure():
+        for p in params:
+            p.grad = None
+        torch.rand(7)  # the closure draws before the model: the masks are the model call's own
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    watch = StepForward(m, (x,))
+    with watch:
+        closure()
+    assert watch.reusable() is not None
+    obj = proximal_objective_grad(m, params, [torch.zeros_like(p) for p in params], closure, fsd_inputs=(x,),
+                                  lambda_fsd=1.0, step_forward=watch)
+    assert obj.fsd == 0.0
+
+
+def test_step_forward_is_reused_only_when_it_computed_what_a_forward_at_theta_would():
+    m = mlp()
+    x, _ = data()
+
+    def watched(call):
+        watch = StepForward(m, (x,))
+        with watch:
+            call()
+        assert not m._forward_hooks and not m._forward_pre_hooks  # the hooks live for the closure only
+        return watch
+
+    assert watched(lambda: m(x)).reusable() is not None
+    assert watched(lambda: m(x.clone())).reusable() is None  # other tensors: no reuse
+    assert watched(lambda: (m(x), m(x))).reusable() is None  # two calls: which one is ambiguous
+    assert watched(lambda: m(x).mul_(2.0)).reusable() is None  # its output written in place
+    watch = watched(lambda: m(x))
+    with torch.no_grad():
+        x.add_(1.0)  # the inputs written in place after the forward
+    assert watch.reusable() is None
+    watch = watched(lambda: m(x))
+    m.eval()  # a forward at θ now would run in another mode
+    assert watch.reusable() is None
+    m.train()
+    assert watch.reusable() is not None
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

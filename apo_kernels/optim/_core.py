@@ -45,7 +45,7 @@ from .. import distributed
 from .._numerics import all_finite, no_autocast
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
-from .objective import proximal_objective_grad
+from .objective import StepForward, proximal_objective_grad
 
 
 META_BATCHES = ("same", "fresh")
@@ -200,10 +200,10 @@ class APOCore(torch.optim.Optimizer):
     def _zero_meta_grads(self) -> None:
         self.meta_optimizer.zero_grad(set_to_none=True)
 
-    def _first_closure(self, closure):
+    def _first_closure(self, closure, watch=None):
         loss = None
         if closure is not None:
-            with torch.enable_grad():
+            with torch.enable_grad(), (watch or contextlib.nullcontext()):
                 loss = closure()
         scale = None
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
@@ -233,7 +233,10 @@ class APOCore(torch.optim.Optimizer):
             if self.meta_batch == "fresh" and meta_closure is None:
                 raise ValueError("meta_closure (a closure on a fresh batch) is required with meta_batch='fresh'")
         rng0 = RNGState(cuda_devices_of(self._all_params())) if meta else None
-        loss, scale = self._first_closure(closure)
+        # on a meta-step the closure's own forward at θ may be the FSD term's f(x̃; θ) (StepForward)
+        step_forward = (StepForward(distributed.local_module(self.model), fsd_inputs, rng0.cuda_devices)
+                        if meta and self.lambda_fsd != 0.0 and fsd_inputs is not None else None)
+        loss, scale = self._first_closure(closure, step_forward)
         if not self._grads_finite(loss):
             self.skipped_steps += 1
             return loss
@@ -248,7 +251,7 @@ class APOCore(torch.optim.Optimizer):
         meta_ok = True
         if meta:
             args = (closure if self.meta_batch == "same" else meta_closure, fsd_inputs, scale,
-                    rng0 if self.meta_batch == "same" else None, loss_at_theta)
+                    rng0 if self.meta_batch == "same" else None, loss_at_theta, step_forward)
             meta_ok = self._with_recoveries(lambda: self._meta_update(plan, *args))
         updated = meta_ok and self._with_recoveries(lambda: self._apply_outside_autocast(plan))
         if not updated:
@@ -280,9 +283,9 @@ class APOCore(torch.optim.Optimizer):
         self.recoveries += 1
         self._searching = True
 
-    def _meta_update(self, plan, closure, fsd_inputs, scale, rng, loss_at_theta) -> Optional[float]:
+    def _meta_update(self, plan, closure, fsd_inputs, scale, rng, loss_at_theta, step_forward) -> Optional[float]:
         """One meta-step; None when done, else the factor by which φ's step must shrink first."""
-        found = self._objective(plan, closure, fsd_inputs, scale, rng)
+        found = self._objective(plan, closure, fsd_inputs, scale, rng, step_forward)
         if found is None:
             return self.SHRINK
         obj, deltas = found
@@ -319,7 +322,7 @@ class APOCore(torch.optim.Optimizer):
         t = -s0 / (2.0 * (q1 - q0 - s0))
         return max(t, self.OVERSHOOT_MIN_FACTOR) if math.isfinite(t) else self.SHRINK
 
-    def _objective(self, plan, closure, fsd_inputs, scale, rng):
+    def _objective(self, plan, closure, fsd_inputs, scale, rng, step_forward=None):
         """(Q at the lookahead, the deltas), or None when either is not finite."""
         with self._no_autocast():
             deltas = self._lookahead_deltas(plan)
@@ -328,7 +331,7 @@ class APOCore(torch.optim.Optimizer):
         obj = proximal_objective_grad(  # FSD forwards outside DDP: their gradient is averaged below
             distributed.local_module(self.model), plan.params, deltas, closure, fsd_inputs=fsd_inputs,
             lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
-            grad_scale=scale, rng=rng, buffers=self._lookahead_buffers,
+            grad_scale=scale, rng=rng, buffers=self._lookahead_buffers, step_forward=step_forward,
         )
         self._replicas.average_objective(obj, with_grads=self.lambda_fsd != 0.0)
         if obj.value != obj.value or abs(obj.value) == float("inf") or not all_finite(obj.grads):

@@ -17,12 +17,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import discrepancy
 from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, borrowed, cuda_devices_of
 
-__all__ = ["MetaObjective", "proximal_objective_grad"]
+__all__ = ["MetaObjective", "StepForward", "proximal_objective_grad"]
 
 
 def _detach_tree(x):
@@ -37,6 +37,71 @@ def _own_gradient(g: Optional[Tensor], delta: Tensor) -> Tensor:
         return torch.zeros_like(delta)
     g = g.detach()
     return g if g.dtype == delta.dtype and not borrowed(g) else g.to(delta.dtype, copy=True)
+
+
+def _tensors(tree) -> list[Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
+
+
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
+class StepForward:
+    """f(x̃; θ) for the FSD term from the step's own forward, when the FSD batch is the step's batch.
+
+    A context manager around the step's closure at θ: for that call only, hooks on ``module`` (the
+    module the FSD forwards call) record a call whose positional inputs are the very tensors of
+    ``fsd_inputs`` (``is``; no keyword arguments): its output, detached, and the RNG state its
+    forward started from. ``reusable()`` hands them to the FSD term instead of a forward at θ
+    without a graph, only when that forward would compute the same thing: exactly one such call,
+    neither the inputs nor the output written in place since (version counters), and the model's
+    train/eval flags and the autocast state as they were then. The FSD forward at θ' then starts
+    from the recorded RNG state, so it replays that call's dropout masks: D_F compares θ and θ' under
+    equal masks, as when both FSD forwards run (there from a fresh draw, here from the step's own).
+    """
+
+    def __init__(self, module: nn.Module, fsd_inputs, cuda_devices: Sequence[int] = ()):
+        self.module = module
+        self.inputs = tuple(fsd_inputs) if isinstance(fsd_inputs, (tuple, list)) else (fsd_inputs,)
+        self.cuda_devices = list(cuda_devices)
+        self.calls = 0  # calls on exactly the FSD inputs
+        self._rng_at_call: Optional[RNGState] = None
+        self._found: Optional[tuple] = None
+
+    def __enter__(self) -> "StepForward":
+        self._handles = [self.module.register_forward_pre_hook(self._before, with_kwargs=True),
+                         self.module.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _matches(self, args, kwargs) -> bool:
+        return not kwargs and len(args) == len(self.inputs) and all(a is b for a, b in zip(args, self.inputs))
+
+    def _before(self, module, args, kwargs):
+        self._rng_at_call = RNGState(self.cuda_devices) if self._matches(args, kwargs) else None
+
+    def _after(self, module, args, kwargs, output):
+        if self._rng_at_call is None:
+            return
+        self.calls += 1
+        out = _detach_tree(output)
+        self._found = (out, self._rng_at_call, self._state(out))
+        self._rng_at_call = None
+
+    def _state(self, out) -> tuple:
+        return ([t._version for t in _tensors(self.inputs)], [t._version for t in _tensors(out)],
+                [m.training for m in self.module.modules()], _autocast_state())
+
+    def reusable(self) -> Optional[tuple]:
+        """(f(x̃; θ) detached, the RNG state its forward started from), or None."""
+        if self.calls != 1:
+            return None
+        out, rng, state = self._found
+        return (out, rng) if self._state(out) == state else None
 
 
 @dataclass
@@ -67,6 +132,7 @@ def proximal_objective_grad(
     grad_scale: Optional[float] = None,
     rng: Optional[RNGState] = None,
     buffers: Optional[LookaheadBuffers] = None,
+    step_forward: Optional[StepForward] = None,
 ) -> MetaObjective:
     """Q(φ) and ∇θ'Q at θ' = θ + Δ, using the real model; θ is restored exactly afterwards.
 
@@ -81,12 +147,16 @@ def proximal_objective_grad(
         rng: RNG state to replay before the closure (the step's dropout masks).
         buffers: where θ' is written (``LookaheadBuffers``); pass the same one on every call to
             reuse its memory.
+        step_forward: a ``StepForward`` that watched the step's closure at θ: when it saw the model
+            called on ``fsd_inputs`` themselves, that output is f(x̃; θ) (no FSD forward at θ).
 
     Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
-    at θ without a graph and a forward + backward at θ' on ``fsd_inputs``. ∇θ'Q is the gradient
+    at θ without a graph (none when ``step_forward`` has it) and a forward + backward at θ' on
+    ``fsd_inputs``. ∇θ'Q is the gradient
     the closure's backward wrote (taken, not copied) plus λ_FSD times FSD's.
 
-    The FSD forwards at θ and θ' run from the same RNG state (equal dropout masks) and under the
+    The FSD forwards at θ and θ' run from the same RNG state (equal dropout masks; with
+    ``step_forward``, the state the step's own forward started from) and under the
     caller's autocast state; FSD's backward goes through ``torch.autograd.grad`` so it does not
     touch ``.grad``. Global RNG state is restored on exit, so meta-steps do not shift the user's
     random stream.
@@ -105,9 +175,13 @@ def proximal_objective_grad(
     try:
         old_out = None
         if need_fsd:
-            rng_fsd = RNGState(rng_outer.cuda_devices)
-            with torch.no_grad():
-                old_out = _detach_tree(model(*fsd_inputs))
+            found = None if step_forward is None else step_forward.reusable()
+            if found is not None:
+                old_out, rng_fsd = found
+            else:
+                rng_fsd = RNGState(rng_outer.cuda_devices)
+                with torch.no_grad():
+                    old_out = _detach_tree(model(*fsd_inputs))
         snap.write(deltas)
         if rng is not None:
             rng.restore()
