@@ -1,10 +1,11 @@
 """What a meta-step costs: APO-LR's throughput next to its base optimizer, and the bound on it.
 
-    python python/measure_meta_overhead.py [--rows mlp1024,mlp2048,cnn] [--repeats 7] [--threads N] [--clock cpu]
+    python python/measure_meta_overhead.py [--rows mlp1024,mlp2048,cnn,...] [--fsd-batch other,own] [--repeats 7] [--threads N] [--clock cpu]
     python python/measure_meta_overhead.py --meta-cost [--repeats 10]
 
 Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
-``apo_kernels.bench.train_bench`` on CPU). Every variant trains its own copy of the model in blocks
+``apo_kernels.bench.train_bench`` on CPU; ``small``, ``mlp256``, ``cnn8``: the small MLP row and
+the ``--quick`` run's MLP and CNN rows). Every variant trains its own copy of the model in blocks
 of K = 10 steps (one meta-step per block); the blocks of all variants run in turn, repeat after
 repeat, so a change in machine load hits them alike. A block's time is estimated as the median time
 of its first step (the meta-step) plus 9 × the median time of its other steps, over all repeats (a
@@ -18,7 +19,10 @@ core. Variants:
 - ``passes only λ_FSD=…``: the same SGD plus, on every 10th step, only the passes a meta-step must
   make: the closure once more (forward + backward on the step's batch), and with the FSD term a
   forward at θ without a graph and a forward + backward at θ' on the FSD batch. No lookahead, no
-  restore, no meta-gradient: the throughput APO-LR would have with zero overhead, its bound.
+  restore, no meta-gradient: the throughput APO-LR would have with zero overhead, its bound;
+- ``… own batch`` (``--fsd-batch own``): the FSD term on the step's own batch, ``fsd_inputs=(x,)``
+  with the closure's tensor ``x``. APO-LR then takes f(x; θ) from the closure's forward, and its
+  bound has no forward at θ either (it takes the closure's output through a forward hook).
 
 ``--meta-cost``: the wall time of a plain step and of a meta-step (4-layer MLP of width 1024,
 batch 128) for APOPrecond and APOLR(SGD+momentum), with torch SGD for reference.
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apo_kernels.bench.train_bench import INTERVAL, mlp, small_cnn
+from apo_kernels.bench.train_bench import INTERVAL, mlp, small_cnn, small_mlp
 from apo_kernels.optim import APOLR, APOPrecond
 from apo_kernels.optim.discrepancy import kl
 
@@ -40,28 +44,41 @@ ROWS = {
     "mlp1024": ("MLP w=1024 batch=256", lambda: mlp(1024), (256, 256)),
     "mlp2048": ("MLP w=2048 batch=256", lambda: mlp(2048), (256, 256)),
     "cnn": ("CNN c=32 32×32 batch=128", lambda: small_cnn(32), (128, 3, 32, 32)),
+    "small": ("MLP 40-256-256-10 batch=100", small_mlp, (100, 40)),
+    "mlp256": ("MLP w=256 batch=64 (--quick)", lambda: mlp(256), (64, 256)),
+    "cnn8": ("CNN c=8 32×32 batch=32 (--quick)", lambda: small_cnn(8), (32, 3, 32, 32)),
 }
 
 
 class PassesOnly:
     """SGD plus the forward/backward passes of a meta-step every INTERVAL steps, nothing else."""
 
-    def __init__(self, model, base, lambda_fsd):
+    def __init__(self, model, base, lambda_fsd, own_batch=False):
         self.model, self.base, self.lambda_fsd, self.steps = model, base, lambda_fsd, 0
+        self.own_batch = own_batch  # the FSD batch is the step's: f(x; θ) is the closure's output
 
     def zero_grad(self):
         self.base.zero_grad()
 
     def step(self, closure, fsd_inputs=None):
+        meta = self.steps % INTERVAL == 0
+        outputs = []
+        hook = (self.model.register_forward_hook(lambda m, i, out: outputs.append(out.detach()))
+                if meta and self.own_batch and self.lambda_fsd != 0.0 else None)
         loss = closure()
-        if self.steps % INTERVAL == 0:
+        if hook is not None:
+            hook.remove()
+        if meta:
             grads = [p.grad for p in self.model.parameters()]
             for p in self.model.parameters():
                 p.grad = None
             closure()  # the loss term at the lookahead
             if self.lambda_fsd != 0.0:
-                with torch.no_grad():
-                    old = self.model(*fsd_inputs)  # FSD at θ
+                if self.own_batch:
+                    (old,) = outputs
+                else:
+                    with torch.no_grad():
+                        old = self.model(*fsd_inputs)  # FSD at θ
                 new = self.model(*fsd_inputs)  # FSD at θ', and its backward
                 torch.autograd.grad(kl(new, old), list(self.model.parameters()))
             for p, g in zip(self.model.parameters(), grads):
@@ -71,35 +88,39 @@ class PassesOnly:
         return loss
 
 
-def variants():
+def variants(fsd_batches):
+    """name -> (optimizer factory, whether its FSD batch is the step's own)."""
     def sgd(m):
         return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
     def apo_lr(lam):
         return lambda m: APOLR(m, sgd(m), lambda_fsd=lam, lambda_wsd=0.0, meta_interval=INTERVAL)
 
-    return {
-        "SGD": sgd,
-        "APO-LR λ_FSD=0.1": apo_lr(0.1),
-        "passes only λ_FSD=0.1": lambda m: PassesOnly(m, sgd(m), 0.1),
-        "APO-LR λ_FSD=0": apo_lr(0.0),
-        "passes only λ_FSD=0": lambda m: PassesOnly(m, sgd(m), 0.0),
-    }
+    out = {"SGD": (sgd, False)}
+    if "other" in fsd_batches:
+        out["APO-LR λ_FSD=0.1"] = (apo_lr(0.1), False)
+        out["passes only λ_FSD=0.1"] = (lambda m: PassesOnly(m, sgd(m), 0.1), False)
+    if "own" in fsd_batches:
+        out["APO-LR λ_FSD=0.1 own batch"] = (apo_lr(0.1), True)
+        out["passes only λ_FSD=0.1 own batch"] = (lambda m: PassesOnly(m, sgd(m), 0.1, own_batch=True), True)
+    out["APO-LR λ_FSD=0"] = (apo_lr(0.0), False)
+    out["passes only λ_FSD=0"] = (lambda m: PassesOnly(m, sgd(m), 0.0), False)
+    return out
 
 
-def throughput(row: str, repeats: int, clock) -> dict:
+def throughput(row: str, repeats: int, clock, fsd_batches=("other",)) -> dict:
     label, make_model, shape = ROWS[row]
     gen = torch.Generator().manual_seed(2)  # the bench's data
     batches = [(torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)) for _ in range(4)]
     fsd_batch = torch.randn(*shape, generator=gen)
     runs = {}
-    for name, make_opt in variants().items():
+    for name, (make_opt, own_batch) in variants(fsd_batches).items():
         torch.manual_seed(0)
         model = make_model()
         opt = make_opt(model)
         state = {"step": 0}
 
-        def block(model=model, opt=opt, state=state):
+        def block(model=model, opt=opt, state=state, own_batch=own_batch):
             """INTERVAL steps (the first one a meta-step); the time of each."""
             times = []
             for _ in range(INTERVAL):
@@ -113,7 +134,10 @@ def throughput(row: str, repeats: int, clock) -> dict:
                     return loss
 
                 t0 = clock()
-                opt.step(closure) if isinstance(opt, torch.optim.SGD) else opt.step(closure, fsd_inputs=(fsd_batch,))
+                if isinstance(opt, torch.optim.SGD):
+                    opt.step(closure)
+                else:
+                    opt.step(closure, fsd_inputs=(x if own_batch else fsd_batch,))
                 times.append(clock() - t0)
             return times
 
@@ -133,15 +157,20 @@ def throughput(row: str, repeats: int, clock) -> dict:
             for name, t in block_s.items()}
 
 
-def print_throughput(rows, repeats, clock_name):
+def print_throughput(rows, repeats, clock_name, fsd_batches):
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     for row in rows:
-        res = throughput(row, repeats, clock)
+        res = throughput(row, repeats, clock, fsd_batches)
         print(f"\n{ROWS[row][0]}: {repeats} interleaved 10-step blocks, {clock_name} time; a block = median "
               "first (meta-)step + 9 × median other step")
-        print(f"  {'':24s} {'1st step':>9s} {'other':>9s} {'per step':>9s}  throughput vs SGD")
+        print(f"  {'':32s} {'1st step':>9s} {'other':>9s} {'per step':>9s}  throughput vs SGD")
         for name, r in res.items():
-            print(f"  {name:24s} {r['meta_ms']:6.1f} ms {r['plain_ms']:6.1f} ms {r['ms_per_step']:6.1f} ms  {r['throughput']:.3f}")
+            print(f"  {name:32s} {r['meta_ms']:6.1f} ms {r['plain_ms']:6.1f} ms {r['ms_per_step']:6.1f} ms  {r['throughput']:.3f}")
+        for suffix in (" own batch", ""):
+            apo, bound = f"APO-LR λ_FSD=0.1{suffix}", f"passes only λ_FSD=0.1{suffix}"
+            if apo in res:
+                a, b = res[apo]["throughput"], res[bound]["throughput"]
+                print(f"  λ_FSD=0.1{suffix or ' other batch'}: measured {a:.3f}, bound {b:.3f}, gap {b - a:.3f}")
 
 
 def meta_cost(repeats: int, batch: int, backend: str):
@@ -188,6 +217,8 @@ def meta_cost(repeats: int, batch: int, backend: str):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="mlp1024,mlp2048,cnn", help=f"comma-separated, of {sorted(ROWS)}")
+    ap.add_argument("--fsd-batch", default="other", help="comma-separated: other (a second batch, as the bench), "
+                    "own (the step's batch)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or the process's CPU time")
@@ -199,6 +230,9 @@ def main():
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"--rows: unknown {unknown}; choose from {sorted(ROWS)}")
+    fsd_batches = [b for b in args.fsd_batch.split(",") if b]
+    if not fsd_batches or set(fsd_batches) - {"other", "own"}:
+        ap.error("--fsd-batch: a comma-separated list of other, own")
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
@@ -206,7 +240,7 @@ def main():
     if args.meta_cost:
         meta_cost(args.repeats, args.batch, args.backend)
     else:
-        print_throughput(rows, args.repeats, args.clock)
+        print_throughput(rows, args.repeats, args.clock, fsd_batches)
 
 
 if __name__ == "__main__":
