@@ -379,14 +379,16 @@ class APOLR(APOCore):
 
     def _meta_backward(self, plan, dQ):
         # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩
+        # (float64 sums in order, as Python floats: no tensor op per parameter)
         dQ = iter(dQ)
-        grads = [
-            sum((torch.dot(next(dQ).reshape(-1), d.reshape(-1)).double().cpu() for d in deltas),
-                torch.zeros((), dtype=torch.float64))
-            for deltas in plan.deltas
-        ]
-        g = torch.stack(grads) if self.per_group else torch.stack(grads).sum().reshape(1)
-        self.log_lr.grad = g
+        grads = []
+        for deltas in plan.deltas:
+            total = 0.0
+            for d in deltas:
+                total += float(torch.dot(next(dQ).reshape(-1), d.reshape(-1)))
+            grads.append(total)
+        g = torch.tensor(grads, dtype=torch.float64)
+        self.log_lr.grad = g if self.per_group else g.sum().reshape(1)
 
     def _clamp_and_record(self):
         lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
