@@ -724,3 +724,165 @@ def test_deepcopy_steps_like_the_original_and_groups_are_fixed():
 def test_structured_preconditioner_arguments_are_checked(kwargs, exc, name):
     with pytest.raises(exc, match=rf"^{name}\b"):
         StructuredPreconditioner(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The plain step's buffers: v is written where the op reads it, never over .grad or the momentum
+# --------------------------------------------------------------------------------------------
+class _Mixed(nn.Module):
+    """A layer of every built-in layout (conv 4-D weight + bias, linear, embedding without bias)
+    and a diagonal parameter (LayerNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(7, 3)
+        self.conv = nn.Conv2d(3, 2, 2)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tok):
+        e = self.emb(tok).transpose(1, 2).reshape(-1, 3, 3, 3)  # (N, 3, 3, 3) from 9 tokens each
+        return self.out(self.norm(self.conv(e).flatten(1)))
+
+
+def _mixed_data():
+    g = torch.Generator().manual_seed(4)
+    return torch.randint(0, 7, (5, 9), generator=g), torch.randint(0, 3, (5,), generator=g)
+
+
+def _randomize_phi(opt, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in opt.phi:
+            t.add_(0.2 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+
+
+def test_plain_step_is_a_direct_implementation_bit_for_bit():
+    """Updates and momentum over steps that take every path of the step's preparation (buffers
+    fresh, held, restored by load_state_dict, a parameter without a gradient) equal a direct
+    implementation: v = μ·buf + (g + wd·θ) per tensor, G concatenated per layer, one public grouped
+    op call, θ −= update_scale·Y."""
+    m, (tok, y) = _Mixed(), _mixed_data()
+    kw = dict(lr=0.05, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0, momentum=0.9,
+              weight_decay=0.01, update_scale=0.9)
+    opt = APOPrecond(m, **kw)
+    _randomize_phi(opt)
+    assert [layer.kind for layer in opt.layers] == ["embedding", "conv", "linear"] and len(opt.diagonals) == 2
+
+    ref_theta = {n: p.detach().clone() for n, p in m.named_parameters()}
+    ref_buf = {}
+    for step in range(5):
+        if step == 3:  # the state as a checkpoint restores it: fresh tensors, not the optimizer's own
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        opt.zero_grad()
+        F.cross_entropy(m(tok), y).backward()
+        if step == 2:
+            m.norm.bias.grad = None  # no gradient: no update, its momentum kept
+        params = dict(m.named_parameters())
+        v = {}
+        for n, p in params.items():
+            if p.grad is None:
+                continue
+            g = torch.add(p.grad, ref_theta[n], alpha=0.01)
+            v[n] = g.clone() if n not in ref_buf else torch.mul(ref_buf[n], 0.9).add_(g)
+        Gs, As, S2s, Bs = [], [], [], []
+        for layer in opt.layers:
+            w = v[layer.name + ".weight"].reshape(layer.m, -1)
+            Gs.append(w if layer.bias is None else torch.cat([w, v[layer.name + ".bias"][:, None]], dim=1))
+            pc = layer.precond
+            As.append(pc.A[0] if pc.A else None)
+            S2s.append(torch.exp(2.0 * pc.S))
+            Bs.append(pc.B[0])
+        Ys = apo_kernels.precondition_grouped(Gs, As, S2s, Bs, backend="cpu")
+        Y = {}
+        for layer, G in zip(opt.layers, Ys):
+            Y[layer.name + ".weight"] = G[:, :layer.n - (layer.bias is not None)].reshape(layer.weight.shape)
+            if layer.bias is not None:
+                Y[layer.name + ".bias"] = G[:, -1]
+        for name, _, d in opt.diagonals:
+            if name in v:
+                Y[name] = torch.exp(2.0 * d.S) * v[name]
+        for n in v:
+            ref_theta[n].add_(Y[n], alpha=-0.9)
+            ref_buf[n] = v[n]
+
+        opt.step()
+        assert opt.skipped_steps == 0
+        for n, p in params.items():
+            assert torch.equal(p, ref_theta[n]), (step, n)
+            assert torch.equal(opt.state[p]["momentum_buffer"], ref_buf[n]), (step, n)
+
+
+@pytest.mark.parametrize("structure", ["full", "kron"])
+def test_plain_step_concatenates_nothing_and_momentum_never_aliases_grad(monkeypatch, structure):
+    """Plain steps with zero_grad(set_to_none=False) (.grad written in place every step): no layer
+    matrix is built by concatenation, no momentum buffer shares memory with a gradient, and with
+    identity φ the parameters follow torch.optim.SGD bit for bit."""
+    from apo_kernels.layers import LayerView
+
+    built = {"n": 0}
+    matrix = LayerView.matrix
+
+    def counting(self, *a, **k):
+        built["n"] += 1
+        return matrix(self, *a, **k)
+
+    m1, (tok, y) = _Mixed(), _mixed_data()
+    m2 = copy.deepcopy(m1)
+    # lr = 1/16, S = 1/4 ("linear") and update_scale 1: S² = lr exactly, A = B = I exactly
+    apo = APOPrecond(m1, lr=0.0625, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0,
+                     momentum=0.9, weight_decay=0.01, update_scale=1.0, s_param="linear", structure=structure)
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.0625, momentum=0.9, weight_decay=0.01)
+    monkeypatch.setattr(LayerView, "matrix", counting)
+    for _ in range(4):
+        for opt, m in ((apo, m1), (sgd, m2)):
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(m(tok), y).backward()
+            opt.step()
+        grads = [p.grad for p in m1.parameters()]
+        for p in m1.parameters():
+            buf = apo.state[p]["momentum_buffer"]
+            assert all(buf.untyped_storage().data_ptr() != g.untyped_storage().data_ptr() for g in grads)
+    assert built["n"] == 0
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(apo.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+
+
+def test_skipped_update_leaves_momentum_and_parameters_untouched():
+    """A step whose update is not finite (S² overflows float32) is skipped after its retries: θ and
+    every momentum buffer keep their values, and the next step builds on the old momentum."""
+    m, (tok, y) = _Mixed(), _mixed_data()
+    opt = APOPrecond(m, lr=0.05, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0, momentum=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(tok), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    params = list(m.parameters())
+    theta = [p.detach().clone() for p in params]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    S = [t.detach().clone() for t in opt.phi]
+    with torch.no_grad():
+        for layer in opt.layers:
+            layer.precond.S.fill_(60.0)  # S² = e^120: inf in float32 even after 4 shrinks by 10
+    opt.step(closure)
+    assert opt.skipped_steps == 1 and opt.recoveries == 1 + APOPrecond.MAX_RECOVERIES_PER_STEP
+    for p, t, b in zip(params, theta, momentum):
+        assert torch.equal(p, t) and torch.equal(opt.state[p]["momentum_buffer"], b)
+
+    with torch.no_grad():
+        for t, s in zip(opt.phi, S):
+            t.copy_(s)
+    closure()
+    expected = [torch.mul(b, 0.5).add_(p.grad) for p, b in zip(params, momentum)]
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, e in zip(params, expected):
+        assert torch.equal(opt.state[p]["momentum_buffer"], e)

@@ -82,6 +82,73 @@ class _Layer:
         return self.layer.split(Y)
 
 
+def _matrix(layer: _Layer, parts: list[Tensor]) -> Tensor:
+    """The layer's (m, n) matrix of tensors shaped like its parameters (a copy)."""
+    return layer.matrix(*parts) if len(parts) == 2 else layer.matrix(parts[0], None)
+
+
+def _splits_into_views(layer: Layer) -> bool:
+    """Whether the layer's ``split`` returns views of its matrix (every built-in layout), probed on a
+    meta tensor (no memory)."""
+    probe = torch.empty(layer.shape, device="meta")
+    return all(t is probe or t._base is probe for t in layer.split(probe))
+
+
+class _MomentumBuffers:
+    """Two flat buffers in φ's dtype, each holding one value of every parameter: the momentum in one
+    (``current``), the next step's v = μ·buf + g in the other (``spare``). They swap when a step's
+    update is taken, so a skipped step leaves the momentum as it was, and a step allocates nothing.
+
+    A layer whose ``split`` returns views (every built-in layout) has its (m, n) matrix as one
+    contiguous block of a buffer, its parameters' values being views of that block: v written per
+    parameter IS the op's input G, no concatenation (``mats``; None for a layout that is not a view,
+    whose matrix is then built per step). Blocks start 64 bytes apart, the CPU allocator's
+    alignment, so the op's kernels see G as they see a fresh tensor. Neither buffer ever aliases
+    ``.grad`` (which zero_grad(set_to_none=False), accumulation and DDP bucket views write in place).
+    """
+
+    ALIGN_BYTES = 64
+
+    def __init__(self, layers: list[Layer], others: list[Tensor], dtype: torch.dtype, device: torch.device):
+        per = max(1, self.ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        blocks, size = [], 0  # (start, shape): a layer's matrix, or one parameter
+        for shapes in [[layer.shape] if _splits_into_views(layer) else [tuple(p.shape) for p in layer.params]
+                       for layer in layers] + [[tuple(p.shape)] for p in others]:
+            for shape in shapes:
+                blocks.append((size, shape))
+                size += -(-math.prod(shape) // per) * per
+        self.flat = [torch.zeros(max(size, 1), dtype=dtype, device=device) for _ in range(2)]
+        self.views: list[list[Tensor]] = [[], []]  # per parameter: the layers' in order, then ``others``
+        self.mats: list[list[Optional[Tensor]]] = [[], []]  # per layer: its matrix, or None
+        self.counts = [len(layer.params) for layer in layers]
+        for k, flat in enumerate(self.flat):
+            chunks = iter([flat[start:start + math.prod(shape)].view(shape) for start, shape in blocks])
+            for layer in layers:
+                if _splits_into_views(layer):
+                    self.mats[k].append(next(chunks))
+                    self.views[k] += layer.split(self.mats[k][-1])
+                else:
+                    self.mats[k].append(None)
+                    self.views[k] += [next(chunks) for _ in layer.params]
+            self.views[k] += list(chunks)
+        self.current = 0
+
+    @property
+    def spare(self) -> int:
+        return 1 - self.current
+
+    def swap(self) -> None:
+        self.current = 1 - self.current
+
+    def layer_views(self, k: int) -> list[list[Tensor]]:
+        """Buffer k's views grouped per layer (``layers`` order)."""
+        out, start = [], 0
+        for c in self.counts:
+            out.append(self.views[k][start:start + c])
+            start += c
+        return out
+
+
 class _PrecondPlan(_Plan):
     pass
 
@@ -141,7 +208,10 @@ class APOPrecond(APOCore):
     ``apo_kernels.optim._core``). No state aliases ``.grad``.
 
     Per-layer statistics: ``preconditioner_stats()``. φ is float32 (float64 for a float64 model)
-    whatever the model's dtype; the momentum buffer has φ's dtype.
+    whatever the model's dtype; the momentum buffer has φ's dtype. The momentum buffers are views of
+    one of two flat buffers the optimizer keeps (the other receives the next step's v), so a step
+    allocates no momentum-sized tensor; a buffer read from ``state`` is overwritten two steps later
+    (``state_dict()`` returns copies).
     """
 
     def __init__(
@@ -241,6 +311,7 @@ class APOPrecond(APOCore):
         groups.append({"params": [t for t in self._phi if id(t) not in factor_ids], "lr": meta_lr})
         self.meta_optimizer = torch.optim.Adam(groups, lr=meta_lr, betas=meta_betas)
         self._init_core()
+        self._buffers: Optional[_MomentumBuffers] = None  # made at the first step that can use them
 
     # ---- public ------------------------------------------------------------------------
     @torch.no_grad()
@@ -277,45 +348,54 @@ class APOPrecond(APOCore):
         group = self.param_groups[0]
         mom, wd = group["momentum"], group["weight_decay"]
         plan = _PrecondPlan()
-        plan.v = {}
-        if not self._prepare_all(plan, mom, wd):
-            self._prepare_some(plan, mom, wd)
-        plan.params = [p for p in self._params if id(p) in plan.v]
-        plan.layers, plan.Gs = [], []
-        for layer in self.layers:
-            if not any(id(p) in plan.v for p in layer.params):
-                continue
-            vs = [plan.v.get(id(p)) for p in layer.params]
-            vs = [torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device) if v is None else v
-                  for p, v in zip(layer.params, vs)]
-            plan.layers.append(layer)
-            plan.Gs.append(layer.matrix(*vs) if len(vs) == 2 else layer.matrix(vs[0], None))
-        plan.diags = [(p, d) for _, p, d in self.diagonals if id(p) in plan.v]
+        if not self._prepare_in_buffers(plan, mom, wd):
+            self._prepare_fresh(plan, mom, wd)
+        plan.v_of = {id(p): v for p, v in zip(plan.params, plan.vs)}
+        plan.diags = [(p, d) for _, p, d in self.diagonals if id(p) in plan.v_of]
+        # the update list is built in plan.params order straight from the layers unless a layer
+        # is left out (a parameter without a gradient) or sharding moves updates between ranks
+        plan.in_order = plan.complete and self._shards is None
         distributed.keep_owned(self._shards, plan)  # sharded: this rank's preconditioners only
         return plan
 
-    def _prepare_all(self, plan, mom: float, wd: float) -> bool:
-        """The common case in a few foreach ops: every parameter has a gradient in φ's dtype and
-        either all or none have a momentum buffer. False (nothing done) otherwise."""
+    def _prepare_in_buffers(self, plan, mom: float, wd: float) -> bool:
+        """The common case: every parameter has a gradient in φ's dtype and either all or none have
+        a momentum buffer. v = μ·buf + (g + wd·θ) (torch.optim.SGD's arithmetic) is written into the
+        spare half of ``_MomentumBuffers``, where each layer's matrix G is already laid out: no
+        concatenation and no allocation per step. False (nothing done) otherwise."""
         params = self._params
         grads = [p.grad for p in params]
         if any(g is None or g.dtype != self.phi_dtype for g in grads):
             return False
         bufs = [self.state[p].get("momentum_buffer") for p in params] if mom != 0 else [None]
-        if bufs[0] is not None and all(b is not None for b in bufs):
-            vs = torch._foreach_mul(bufs, mom)  # v = μ·buf + (g + wd·θ), as torch.optim.SGD
-            torch._foreach_add_(vs, torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads)
-        elif all(b is None for b in bufs):
-            # fresh tensors: v never aliases .grad (zero_grad(set_to_none=False), accumulation and
-            # DDP bucket views write .grad in place, and v is read after the lookahead's closure)
-            vs = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else [g.clone() for g in grads]
-        else:
+        with_momentum = bufs[0] is not None
+        if any((b is not None) != with_momentum for b in bufs):
             return False
-        plan.v = {id(p): v for p, v in zip(params, vs)}
+        if self._buffers is None:
+            self._buffers = _MomentumBuffers([layer.layer for layer in self.layers],
+                                             [p for _, p, _ in self.diagonals], self.phi_dtype, params[0].device)
+        mb = self._buffers
+        vs = mb.views[mb.spare]
+        if wd != 0:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if with_momentum:
+            held = mb.views[mb.current]
+            if any(b is not h for b, h in zip(bufs, held)):  # restored by load_state_dict, or set by hand
+                torch._foreach_copy_(held, bufs)
+            torch.mul(mb.flat[mb.current], mom, out=mb.flat[mb.spare])
+            torch._foreach_add_(vs, grads)
+        else:
+            torch._foreach_copy_(vs, grads)
+        plan.params, plan.vs, plan.buffers, plan.complete = params, vs, mb, True
+        plan.layers = self.layers
+        plan.Gs = [G if G is not None else _matrix(layer, layer_vs)
+                   for layer, G, layer_vs in zip(self.layers, mb.mats[mb.spare], mb.layer_views(mb.spare))]
         return True
 
-    def _prepare_some(self, plan, mom: float, wd: float) -> None:
-        """Any mix of missing gradients, buffers and dtypes, one parameter at a time."""
+    def _prepare_fresh(self, plan, mom: float, wd: float) -> None:
+        """Any mix of missing gradients, buffers and dtypes, one parameter at a time, in fresh
+        tensors; a layer with a gradient for only some of its parameters gets zeros for the others."""
+        v = {}
         for p in self._params:
             if p.grad is None:
                 continue
@@ -324,49 +404,59 @@ class APOPrecond(APOCore):
                 g = g.add(p.to(self.phi_dtype), alpha=wd)
             buf = self.state[p].get("momentum_buffer") if mom != 0 else None
             if buf is not None:
-                plan.v[id(p)] = buf.mul(mom).add_(g)
+                v[id(p)] = buf.mul(mom).add_(g)
             else:
                 # v becomes the momentum buffer and is read after the lookahead's closure: it must
                 # never alias .grad, which zero_grad(set_to_none=False), gradient accumulation or
                 # DDP bucket views write in place (.to() returns .grad itself when dtypes match)
-                plan.v[id(p)] = g.clone() if g is p.grad else g
+                v[id(p)] = g.clone() if g is p.grad else g
+        plan.params = [p for p in self._params if id(p) in v]
+        plan.vs = [v[id(p)] for p in plan.params]
+        plan.buffers, plan.complete = None, len(plan.params) == len(self._params)
+        plan.layers, plan.Gs = [], []
+        for layer in self.layers:
+            if any(id(p) in v for p in layer.params):
+                plan.layers.append(layer)
+                plan.Gs.append(_matrix(layer, [v[id(p)] if id(p) in v else
+                                               torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
+                                               for p in layer.params]))
 
-    def _directions(self, plan) -> dict[int, Tensor]:
-        """Y(φ) per parameter id: the preconditioned step at the current φ (lr folded into S)."""
+    def _directions(self, plan) -> list[Tensor]:
+        """Y(φ) per parameter of ``plan.params``: the preconditioned step at the current φ (lr folded
+        into S); the op's (or the GEMMs') fresh results and views of them."""
         if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
             Ys = [l.precond.apply(G) for l, G in zip(plan.layers, plan.Gs)]
         else:
             # G is built here in φ's dtype and device with each layer's shape: the op directly
             Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend, checked=True)
-        out = {}
-        for layer, Y in zip(plan.layers, Ys):
-            for p, y in zip(layer.params, layer.split(Y)):
-                out[id(p)] = y
-        for p, d in plan.diags:
-            out[id(p)] = d.apply(plan.v[id(p)])
+        parts = [y for layer, Y in zip(plan.layers, Ys) for y in layer.split(Y)]
+        diags = [d.apply(plan.v_of[id(p)]) for p, d in plan.diags]
+        if plan.in_order:  # every layer's parameters, then the diagonal ones: plan.params' order
+            return parts + diags
+        out = dict(zip([id(p) for layer in plan.layers for p in layer.params], parts))
+        out.update((id(p), y) for (p, _), y in zip(plan.diags, diags))
         # sharded: the other owners' updates arrive by broadcast
-        return distributed.gather_directions(self._shards, out, plan.params, self.phi_dtype)
+        out = distributed.gather_directions(self._shards, out, plan.params, self.phi_dtype)
+        return [out[id(p)] for p in plan.params]
 
     def _lookahead_deltas(self, plan):
         # the lookahead judges the step a warmed-up momentum buffer will take (momentum_catch_up)
         group = self.param_groups[0]
         young = not any("momentum_buffer" in self.state.get(p, {}) for p in plan.params)
         plan.catch_up = momentum_catch_up(group["momentum"], 1 if young else self._apo_step + 1)
-        Y = self._directions(plan)  # fresh tensors (the op's results): scaled in place
-        return [Y[id(p)].mul_(-plan.catch_up) for p in plan.params]
+        # fresh tensors (the op's results) or views of them, one per parameter: scaled in place
+        return [y.mul_(-plan.catch_up) for y in self._directions(plan)]
 
     def _meta_backward(self, plan, dQ):
         # θ' = θ − c·Y(φ)  ⇒  ∂Q/∂φ = (∂Y/∂φ)ᵀ(−c·∇θ'Q): the op's backward with grad_out = −c·∇θ'Q
         # one fresh tensor per parameter: −c·∇θ'Q (exact either way: c·g then the sign)
         dy = {id(p): g.mul(-plan.catch_up).to(self.phi_dtype) for p, g in zip(plan.params, dQ)}
-        dYs = []
-        for layer in plan.layers:
-            parts = [dy[id(p)] if id(p) in dy else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
-                     for p in layer.params]
-            dYs.append(layer.matrix(*parts) if len(parts) == 2 else layer.matrix(parts[0], None))
+        dYs = [_matrix(layer, [dy[id(p)] if id(p) in dy else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
+                               for p in layer.params])
+               for layer in plan.layers]
         meta_backward_many([l.precond for l in plan.layers], dYs, plan.Gs, backend=self.backend, checked=True)
         for p, d in plan.diags:
-            d.meta_backward(dy[id(p)], plan.v[id(p)])
+            d.meta_backward(dy[id(p)], plan.v_of[id(p)])
 
     def schedule_factor(self) -> float:
         """param_groups[0]["lr"] / the lr given at construction: what an lr scheduler has made of it."""
@@ -375,29 +465,31 @@ class APOPrecond(APOCore):
     def _apply(self, plan) -> bool:
         group = self.param_groups[0]
         if self._apo_step < self.warmup_steps:  # SGD+momentum with the (scheduled) lr
-            steps, scale = {id(p): plan.v[id(p)] for p in plan.params}, float(group["lr"])
+            steps, scale = plan.vs, float(group["lr"])
         else:
             # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
             # base step, else the meta-step would learn S back up and undo the decay.
             steps, scale = self._directions(plan), self.update_scale * self.schedule_factor()
-        if not all_finite_scratch(steps.values()):  # this step's own tensors
+        if not all_finite_scratch(steps):  # this step's own tensors (v: the spare buffer)
             return False
-        new_values = {}
-        for p in plan.params:
-            y = steps[id(p)]
-            if y.dtype != p.dtype:  # formed in φ's dtype, rounded once (as the lookahead)
-                new_values[id(p)] = (p.to(y.dtype) - y * scale).to(p.dtype)
-        if not all_finite_scratch(new_values.values()):  # e.g. beyond fp16's range
-            return False
-        same = [p for p in plan.params if id(p) not in new_values]
-        if same:  # torch.optim.SGD's own operation, p.add_(y, alpha=-scale), over the list
-            torch._foreach_add_(same, [steps[id(p)] for p in same], alpha=-scale)
-        for p in plan.params:
-            if id(p) in new_values:
-                p.copy_(new_values[id(p)])
+        params = plan.params
+        if any(y.dtype != p.dtype for p, y in zip(params, steps)):
+            # formed in φ's dtype, rounded once (as the lookahead); checked before anything is written
+            rounded = {i: (p.to(y.dtype) - y * scale).to(p.dtype)
+                       for i, (p, y) in enumerate(zip(params, steps)) if y.dtype != p.dtype}
+            if not all_finite_scratch(rounded.values()):  # e.g. beyond fp16's range
+                return False
+            for i, new in rounded.items():
+                params[i].copy_(new)
+            same = [i for i in range(len(params)) if i not in rounded]
+            params, steps = [params[i] for i in same], [steps[i] for i in same]
+        if params:  # torch.optim.SGD's own operation, p.add_(y, alpha=-scale), over the list
+            torch._foreach_add_(params, steps, alpha=-scale)
         if group["momentum"] != 0:
-            for p in plan.params:
-                self.state[p]["momentum_buffer"] = plan.v[id(p)]
+            for p, v in zip(plan.params, plan.vs):
+                self.state[p]["momentum_buffer"] = v
+        if plan.buffers is not None:  # v (the spare half) is the momentum now; the old one is spare
+            plan.buffers.swap()
         return True
 
     def _shrink_phi(self, factor: float):
