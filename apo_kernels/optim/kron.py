@@ -116,20 +116,27 @@ class KronPreconditioner(StructuredPreconditioner):
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, G: Tensor, *, backend: str = "auto") -> Tensor:
+    def apply(self, G: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
+              work: Optional[Tensor] = None) -> Tensor:
         """Y = L·G·R, shape (m, n): 2 GEMMs (per block) with the cached L and R; a fixed side is
-        a row (column) scaling by u (v). ``backend`` is unused (no op call: plain GEMMs)."""
+        a row (column) scaling by u (v). ``backend`` is unused (no op call: plain GEMMs).
+
+        ``out``, ``work``: (m, n) tensors in G's dtype for Y and for the intermediate L·G, instead
+        of fresh ones (the same kernels, so the same values); Y is then ``out``. Used with one block
+        per side; a blocked layout assembles fresh tensors whatever is passed."""
         Ls, Rs = self.factors()
+        if len(Ls) > 1 or len(Rs) > 1:
+            out = work = None
         if Ls[0] is None:
-            left = G * self.u()[:, None]
+            left = torch.mul(G, self.u()[:, None], out=work)
         elif len(Ls) == 1:
-            left = Ls[0] @ G
+            left = torch.mm(Ls[0], G, out=work)
         else:
             left = torch.cat([L @ G[r0:r1] for L, (r0, r1) in zip(Ls, self.row_blocks)], dim=0)
         if Rs[0] is None:
-            return left * self.v()
+            return torch.mul(left, self.v(), out=out)
         if len(Rs) == 1:
-            return left @ Rs[0]
+            return torch.mm(left, Rs[0], out=out)
         return torch.cat([left[:, c0:c1] @ R for R, (c0, c1) in zip(Rs, self.col_blocks)], dim=1)
 
     def op_inputs(self, G: Tensor) -> tuple[list[Tensor], list[Optional[Tensor]], list[Tensor], list[Optional[Tensor]]]:

@@ -94,44 +94,53 @@ def _splits_into_views(layer: Layer) -> bool:
     return all(t is probe or t._base is probe for t in layer.split(probe))
 
 
-class _MomentumBuffers:
-    """Two flat buffers in φ's dtype, each holding one value of every parameter: the momentum in one
-    (``current``), the next step's v = μ·buf + g in the other (``spare``). They swap when a step's
-    update is taken, so a skipped step leaves the momentum as it was, and a step allocates nothing.
+class _StepBuffers:
+    """Flat buffers in φ's dtype, each holding one value of every parameter, kept between steps
+    (a fresh tensor above glibc's mmap threshold, 32 MiB, is page-faulted in on every step).
+
+    Copies 0 and 1 are the momentum (``current``) and the next step's v = μ·buf + g (``spare``).
+    They swap when a step's update is taken, so a skipped step leaves the momentum as it was. With
+    ``directions`` a third copy holds the step's Y where the caller can write it (the kron
+    structure's GEMMs, the diagonal preconditioners), and ``work`` (as long as the largest layer's
+    matrix) an intermediate of one layer at a time.
 
     A layer whose ``split`` returns views (every built-in layout) has its (m, n) matrix as one
-    contiguous block of a buffer, its parameters' values being views of that block: v written per
+    contiguous block of each copy, its parameters' values being views of that block: v written per
     parameter IS the op's input G, no concatenation (``mats``; None for a layout that is not a view,
     whose matrix is then built per step). Blocks start 64 bytes apart, the CPU allocator's
-    alignment, so the op's kernels see G as they see a fresh tensor. Neither buffer ever aliases
-    ``.grad`` (which zero_grad(set_to_none=False), accumulation and DDP bucket views write in place).
+    alignment, so the kernels see them as they see fresh tensors. No copy ever aliases ``.grad``
+    (which zero_grad(set_to_none=False), accumulation and DDP bucket views write in place).
     """
 
     ALIGN_BYTES = 64
 
-    def __init__(self, layers: list[Layer], others: list[Tensor], dtype: torch.dtype, device: torch.device):
+    def __init__(self, layers: list[Layer], others: list[Tensor], dtype: torch.dtype, device: torch.device,
+                 directions: bool = False):
         per = max(1, self.ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        in_place = [_splits_into_views(layer) for layer in layers]
         blocks, size = [], 0  # (start, shape): a layer's matrix, or one parameter
-        for shapes in [[layer.shape] if _splits_into_views(layer) else [tuple(p.shape) for p in layer.params]
-                       for layer in layers] + [[tuple(p.shape)] for p in others]:
+        for shapes in [[layer.shape] if ok else [tuple(p.shape) for p in layer.params]
+                       for layer, ok in zip(layers, in_place)] + [[tuple(p.shape)] for p in others]:
             for shape in shapes:
                 blocks.append((size, shape))
                 size += -(-math.prod(shape) // per) * per
-        self.flat = [torch.zeros(max(size, 1), dtype=dtype, device=device) for _ in range(2)]
-        self.views: list[list[Tensor]] = [[], []]  # per parameter: the layers' in order, then ``others``
-        self.mats: list[list[Optional[Tensor]]] = [[], []]  # per layer: its matrix, or None
-        self.counts = [len(layer.params) for layer in layers]
-        for k, flat in enumerate(self.flat):
+        self.flat = [torch.zeros(max(size, 1), dtype=dtype, device=device) for _ in range(3 if directions else 2)]
+        self.views: list[list[Tensor]] = []  # per copy, per parameter: the layers' in order, then ``others``
+        self.mats: list[list[Optional[Tensor]]] = []  # per copy, per layer: its matrix, or None
+        for flat in self.flat:
             chunks = iter([flat[start:start + math.prod(shape)].view(shape) for start, shape in blocks])
-            for layer in layers:
-                if _splits_into_views(layer):
-                    self.mats[k].append(next(chunks))
-                    self.views[k] += layer.split(self.mats[k][-1])
-                else:
-                    self.mats[k].append(None)
-                    self.views[k] += [next(chunks) for _ in layer.params]
-            self.views[k] += list(chunks)
+            views, mats = [], []
+            for layer, ok in zip(layers, in_place):
+                mats.append(next(chunks) if ok else None)
+                views += layer.split(mats[-1]) if ok else [next(chunks) for _ in layer.params]
+            self.views.append(views + list(chunks))
+            self.mats.append(mats)
+        self.counts = [len(layer.params) for layer in layers]
+        largest = max([math.prod(layer.shape) for layer in layers], default=0)
+        self.work = torch.empty(largest, dtype=dtype, device=device) if directions and largest else None
         self.current = 0
+
+    DIRECTIONS = 2  # the copy holding Y
 
     @property
     def spare(self) -> int:
@@ -141,12 +150,16 @@ class _MomentumBuffers:
         self.current = 1 - self.current
 
     def layer_views(self, k: int) -> list[list[Tensor]]:
-        """Buffer k's views grouped per layer (``layers`` order)."""
+        """Copy k's views grouped per layer (``layers`` order)."""
         out, start = [], 0
         for c in self.counts:
             out.append(self.views[k][start:start + c])
             start += c
         return out
+
+    def work_for(self, shape: tuple[int, int]) -> Optional[Tensor]:
+        """The work buffer as an (m, n) matrix (None without one)."""
+        return None if self.work is None else self.work[:shape[0] * shape[1]].view(shape)
 
 
 class _PrecondPlan(_Plan):
@@ -280,6 +293,8 @@ class APOPrecond(APOCore):
                 self.diagonals.append((name, p, DiagonalPreconditioner(
                     p.shape, init_s=kwargs["init_s"], s_param=s_param, dtype=self.phi_dtype, device=device)))
 
+        for i, layer in enumerate(self.layers):
+            layer.index = i  # its block in the step buffers
         params = [p for layer in self.layers for p in layer.params] + [p for _, p, _ in self.diagonals]
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         torch.optim.Optimizer.__init__(self, params, defaults)
@@ -291,6 +306,7 @@ class APOPrecond(APOCore):
         self.warmup_steps, self.update_scale = warmup_steps, update_scale
         self.max_precond_dim, self.small_full_max, self.backend = max_precond_dim, small_full_max, backend
         self._params = params
+        self._index = {id(p): i for i, p in enumerate(params)}
         # sharded mode: φ only for this rank's preconditioners (the others' are placeholders)
         self._shards = distributed.shard_preconditioners(model, self.layers, self.diagonals, shard_preconditioners)
         self._phi = [t for layer in self.layers for t in layer.precond.parameters()] + \
@@ -311,7 +327,7 @@ class APOPrecond(APOCore):
         groups.append({"params": [t for t in self._phi if id(t) not in factor_ids], "lr": meta_lr})
         self.meta_optimizer = torch.optim.Adam(groups, lr=meta_lr, betas=meta_betas)
         self._init_core()
-        self._buffers: Optional[_MomentumBuffers] = None  # made at the first step that can use them
+        self._buffers: Optional[_StepBuffers] = None  # made at the first step that can use them
 
     # ---- public ------------------------------------------------------------------------
     @torch.no_grad()
@@ -361,7 +377,7 @@ class APOPrecond(APOCore):
     def _prepare_in_buffers(self, plan, mom: float, wd: float) -> bool:
         """The common case: every parameter has a gradient in φ's dtype and either all or none have
         a momentum buffer. v = μ·buf + (g + wd·θ) (torch.optim.SGD's arithmetic) is written into the
-        spare half of ``_MomentumBuffers``, where each layer's matrix G is already laid out: no
+        spare copy of ``_StepBuffers``, where each layer's matrix G is already laid out: no
         concatenation and no allocation per step. False (nothing done) otherwise."""
         params = self._params
         grads = [p.grad for p in params]
@@ -372,8 +388,8 @@ class APOPrecond(APOCore):
         if any((b is not None) != with_momentum for b in bufs):
             return False
         if self._buffers is None:
-            self._buffers = _MomentumBuffers([layer.layer for layer in self.layers],
-                                             [p for _, p, _ in self.diagonals], self.phi_dtype, params[0].device)
+            self._buffers = _StepBuffers([layer.layer for layer in self.layers], [p for _, p, _ in self.diagonals],
+                                         self.phi_dtype, params[0].device, directions=self.structure == "kron")
         mb = self._buffers
         vs = mb.views[mb.spare]
         if wd != 0:
@@ -423,14 +439,19 @@ class APOPrecond(APOCore):
 
     def _directions(self, plan) -> list[Tensor]:
         """Y(φ) per parameter of ``plan.params``: the preconditioned step at the current φ (lr folded
-        into S); the op's (or the GEMMs') fresh results and views of them."""
+        into S). Fresh tensors (the op's results) or views of them, except where this step's
+        buffers hold a directions copy (the kron structure): there Y overwrites the previous step's."""
+        mb = plan.buffers if plan.buffers is not None and plan.buffers.work is not None else None
         if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
-            Ys = [l.precond.apply(G) for l, G in zip(plan.layers, plan.Gs)]
+            Ys = [l.precond.apply(G) if mb is None else
+                  l.precond.apply(G, out=mb.mats[mb.DIRECTIONS][l.index], work=mb.work_for(G.shape))
+                  for l, G in zip(plan.layers, plan.Gs)]
         else:
             # G is built here in φ's dtype and device with each layer's shape: the op directly
             Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend, checked=True)
         parts = [y for layer, Y in zip(plan.layers, Ys) for y in layer.split(Y)]
-        diags = [d.apply(plan.v_of[id(p)]) for p, d in plan.diags]
+        diags = [d.apply(plan.v_of[id(p)], out=None if mb is None else mb.views[mb.DIRECTIONS][self._index[id(p)]])
+                 for p, d in plan.diags]
         if plan.in_order:  # every layer's parameters, then the diagonal ones: plan.params' order
             return parts + diags
         out = dict(zip([id(p) for layer in plan.layers for p in layer.params], parts))
@@ -488,7 +509,7 @@ class APOPrecond(APOCore):
         if group["momentum"] != 0:
             for p, v in zip(plan.params, plan.vs):
                 self.state[p]["momentum_buffer"] = v
-        if plan.buffers is not None:  # v (the spare half) is the momentum now; the old one is spare
+        if plan.buffers is not None:  # v (the spare copy) is the momentum now; the old one is spare
             plan.buffers.swap()
         return True
 

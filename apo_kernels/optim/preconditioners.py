@@ -239,8 +239,9 @@ class DiagonalPreconditioner:
         return [self.S]
 
     @torch.no_grad()
-    def apply(self, G: Tensor) -> Tensor:
-        return self._op_S2() * G
+    def apply(self, G: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
+        """Y = S²⊙G (into ``out`` when given, a tensor of G's shape and dtype)."""
+        return torch.mul(self._op_S2(), G, out=out)
 
     @torch.no_grad()
     def meta_backward(self, dY: Tensor, G: Tensor) -> None:
