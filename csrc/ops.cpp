@@ -20,13 +20,37 @@
 #endif
 
 #include "apo_checks.h"
+#include "cpu_schedule.h"
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <climits>
+#include <cstring>
 #include <numeric>
+#include <optional>
 #include <tuple>
 #include <vector>
+
+// The Fortran BLAS that torch's own CPU GEMMs call (MKL or OpenBLAS, linked into libtorch_cpu),
+// declared weak: where torch exports none, they resolve to null and every layer takes the ATen path.
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#if defined(__linux__) && defined(__GNUC__)
+#define APO_DIRECT_BLAS 1
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+#else
+#define APO_DIRECT_BLAS 0
+#endif
 
 #ifdef APO_KERNELS_PYTHON_MODULE
 #include <Python.h>
@@ -51,6 +75,278 @@ using OptionalTensorList = c10::List<std::optional<Tensor>>;
 using TensorVec = std::vector<Tensor>;
 
 // ---------------------------------------------------------------------------------------------
+// Direct path: 2-D float32/float64 layers that are small (in the grouped loop, ATen's per-op
+// dispatch, allocations and dtype/layout round trips cost as much as the GEMMs themselves) or have an
+// identity A and at most kRowBlockMaxWidth columns (a tall layer such as an embedding's: processed in
+// blocks of rows in parallel, so G and S are read once and Y written once, with no m×n temporary).
+// GEMMs go straight to torch's BLAS; intermediates live in a per-thread workspace; ⊙S is a plain loop.
+namespace direct {
+
+// Widest layer (columns) that the row-blocked path takes, and the elements of one block's buffer.
+constexpr int64_t kRowBlockMaxWidth = 512;
+constexpr int64_t kBlockElems = 32768;
+
+// A row-major matrix view: (i, j) at p[i·ld + j]; when `t`, the transpose of one: (i, j) at p[j·ld + i].
+// Invariant: ld ≥ cols (≥ rows when t), as BLAS requires.
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t rows, cols, ld;
+  bool t;
+  Mat transposed() const { return {p, cols, rows, ld, !t}; }
+  Mat row_block(int64_t r0, int64_t r) const { return {p + r0 * ld, r, cols, ld, false}; }  // !t only
+};
+
+template <typename T>
+Mat<T> buffer(T* p, int64_t rows, int64_t cols) { return {p, rows, cols, cols, false}; }
+
+// The view of a 2-D tensor, if BLAS can read it as it is (a unit stride in one dimension).
+template <typename T>
+std::optional<Mat<T>> view(const Tensor& x) {
+  const int64_t r = x.size(0), c = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  T* p = x.data_ptr<T>();
+  if (s1 == 1 && (r == 1 || s0 >= c)) return Mat<T>{p, r, c, r == 1 ? c : s0, false};
+  if (s0 == 1 && (c == 1 || s1 >= r)) return Mat<T>{p, r, c, c == 1 ? r : s1, true};
+  return std::nullopt;
+}
+
+// Inputs as views: G, S, grad_out row-major (the ⊙ loops and row blocks read them by rows), A and B
+// either way round; anything else is copied once.
+inline Tensor row_major(const Tensor& x) {
+  return x.stride(1) == 1 && (x.size(0) == 1 || x.stride(0) >= x.size(1)) ? x : x.contiguous();
+}
+template <typename T>
+Mat<T> row_major_view(const Tensor& x) { return *view<T>(x); }  // x from row_major()
+template <typename T>
+std::optional<Mat<T>> factor_view(Tensor& x) {
+  if (!x.defined()) return std::nullopt;
+  if (!view<T>(x)) x = x.contiguous();
+  return view<T>(x);
+}
+
+inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                      const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                      const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// C = X·Y + beta·C on row-major views (C not transposed). BLAS is column-major: it computes
+// Cᵀ = Yᵀ·Xᵀ, and a row-major view is its transpose in column-major.
+template <typename T>
+void gemm(const Mat<T>& C, const Mat<T>& X, const Mat<T>& Y, T beta = T(0)) {
+  blas_gemm(Y.t ? 'T' : 'N', X.t ? 'T' : 'N', static_cast<int>(C.cols), static_cast<int>(C.rows),
+            static_cast<int>(X.cols), T(1), Y.p, static_cast<int>(Y.ld), X.p, static_cast<int>(X.ld), beta,
+            C.p, static_cast<int>(C.ld));
+}
+
+// out = x ⊙ y (row-major views; out may be x or y)
+template <typename T>
+void mul(const Mat<T>& out, const Mat<T>& x, const Mat<T>& y) {
+  for (int64_t i = 0; i < out.rows; ++i) {
+    T* o = out.p + i * out.ld;
+    const T* a = x.p + i * x.ld;
+    const T* b = y.p + i * y.ld;
+    for (int64_t j = 0; j < out.cols; ++j) o[j] = a[j] * b[j];
+  }
+}
+
+template <typename T>
+void copy(const Mat<T>& out, const Mat<T>& x) {
+  for (int64_t i = 0; i < out.rows; ++i) std::memcpy(out.p + i * out.ld, x.p + i * x.ld, out.cols * sizeof(T));
+}
+
+// A fresh result. A big one is fresh memory from the OS (glibc maps it anew each time), which costs a
+// page fault per 4 KiB on first touch (≈ 2 µs each, as long as computing the rows of a tall
+// layer): asking for transparent huge pages on it (where the kernel grants them on request) cuts
+// the faults 512-fold.
+inline Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t end = begin + out.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (out.nbytes() >= 4 * kHuge && last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: failure is harmless
+  }
+#endif
+  return out;
+}
+
+// This thread's scratch memory, grown on demand and kept (one block's or one small layer's worth).
+template <typename T>
+T* workspace(size_t elems) {
+  thread_local std::vector<T> ws;
+  if (ws.size() < elems) ws.resize(elems);
+  return ws.data();
+}
+
+template <typename T>
+bool have_blas() {
+#if APO_DIRECT_BLAS
+  return std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+#else
+  return false;
+#endif
+}
+
+// Whether a layer takes this path (decided by the grad's shape and which factors are identity).
+inline bool applies(const Tensor& G, const Tensor& A) {
+  if (G.dim() != 2 || G.numel() == 0) return false;
+  const at::ScalarType t = G.scalar_type();
+  if (!(t == at::kFloat ? have_blas<float>() : t == at::kDouble && have_blas<double>())) return false;
+  const int64_t m = G.size(0), n = G.size(1);
+  if (m > INT_MAX || n > INT_MAX) return false;
+  const bool small = schedule::layer_cost(double(m) * double(n), double(m), double(n)) < schedule::kBigLayerCost;
+  return small || (!A.defined() && n <= kRowBlockMaxWidth);
+}
+
+// Rows per block when A is the identity (rows are then independent); the whole layer otherwise.
+inline int64_t block_rows(int64_t m, int64_t n, bool has_a) {
+  return has_a ? m : std::clamp<int64_t>(kBlockElems / std::max<int64_t>(n, 1), 1, m);
+}
+
+// ---- forward: Y = A (S ⊙ (Aᵀ G B)) Bᵀ on views (A, B null: identity); w holds 2·rows·cols
+
+template <typename T>
+void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<T>* B, const Mat<T>& Y, T* w) {
+  if (!A && !B) return mul(Y, S, G);
+  const Mat<T> w1 = buffer(w, G.rows, G.cols), w2 = buffer(w + G.rows * G.cols, G.rows, G.cols);
+  Mat<T> H = G;
+  if (B) gemm(w1, G, *B), H = w1;
+  if (A) gemm(w2, A->transposed(), H), H = w2;
+  mul(H, S, H);  // M = S ⊙ H in place: H is ours
+  if (A) {
+    const Mat<T> AM = B ? w1 : Y;
+    gemm(AM, *A, H), H = AM;
+  }
+  if (B) gemm(Y, H, B->transposed());
+}
+
+template <typename T>
+Tensor forward(const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_) {
+  const Tensor G = row_major(G_), S = row_major(S_);
+  const std::optional<Mat<T>> A = factor_view<T>(A_), B = factor_view<T>(B_);
+  const int64_t m = G.size(0), n = G.size(1), rows = block_rows(m, n, A.has_value());
+  Tensor Y = fresh_output({m, n}, G.options());
+  const Mat<T> g = row_major_view<T>(G), s = row_major_view<T>(S), y = row_major_view<T>(Y);
+  const Mat<T>* a = A ? &*A : nullptr;
+  const Mat<T>* b = B ? &*B : nullptr;
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    T* w = workspace<T>(2 * rows * n);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = k * rows, r = std::min(rows, m - r0);
+      forward_block(g.row_block(r0, r), a, s.row_block(r0, r), b, y.row_block(r0, r), w);
+    }
+  });
+  return Y;
+}
+
+// ---- backward (apo_checks.h's formulas) on views. Outputs that are null are not asked for; dG, dS
+// are the block's rows, dA (A only) the whole m×m, dB gets dYᵀ·A·M + Gᵀ·A·E added (beta = 1).
+// w holds 6·rows·cols.
+
+template <typename T>
+struct Grads {
+  const Mat<T>*dG, *dA, *dS, *dB;
+};
+
+template <typename T>
+void backward_block(const Mat<T>& dY, const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<T>* B,
+                    const Grads<T>& out, T* w) {
+  const bool need_a = out.dA != nullptr, need_b = out.dB != nullptr;
+  const bool need_h = need_a || out.dS != nullptr || need_b, need_m = need_a || need_b;
+  const bool need_e = out.dG != nullptr || need_a || need_b;
+  const int64_t r = G.rows, c = G.cols;
+  Mat<T> ws[6];
+  for (int k = 0; k < 6; ++k) ws[k] = buffer(w + k * r * c, r, c);
+  Mat<T> dYB = dY, D = dY, GB = G, H = G;
+  if (B) gemm(ws[0], dY, *B), dYB = D = ws[0];
+  if (A) gemm(ws[1], A->transposed(), dYB), D = ws[1];
+  if (need_h) {
+    if (B) gemm(ws[2], G, *B), GB = H = ws[2];
+    if (A) gemm(ws[3], A->transposed(), GB), H = ws[3];
+  }
+  const Mat<T> M = ws[4], E = ws[5];
+  if (out.dS) mul(*out.dS, D, H);
+  if (need_m) mul(M, S, H);
+  if (need_e) mul(E, S, D);
+  if (need_a) gemm(*out.dA, dYB, M.transposed()), gemm(*out.dA, GB, E.transposed(), T(1));
+  if (!(out.dG || need_b)) return;
+  Mat<T> AE = E;
+  if (A) gemm(ws[1], *A, E), AE = ws[1];  // D is dead
+  if (out.dG) {
+    if (B) {
+      gemm(*out.dG, AE, B->transposed());
+    } else {
+      copy(*out.dG, AE);
+    }
+  }
+  if (need_b) {
+    Mat<T> AM = M;
+    if (A) gemm(ws[3], *A, M), AM = ws[3];  // H is dead
+    gemm(*out.dB, dY.transposed(), AM, T(1));
+    gemm(*out.dB, G.transposed(), AE, T(1));
+  }
+}
+
+// Outputs (dG, dA, dS, dB), undefined where not computed (masked off or an identity's gradient).
+template <typename T>
+std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_,
+                               Mask mask) {
+  const Tensor dY = row_major(dY_), G = row_major(G_), S = row_major(S_);
+  const std::optional<Mat<T>> A = factor_view<T>(A_), B = factor_view<T>(B_);
+  const int64_t m = G.size(0), n = G.size(1), rows = block_rows(m, n, A.has_value());
+  const int64_t blocks = (m + rows - 1) / rows;
+  std::array<Tensor, 4> out;
+  if (mask[0]) out[0] = fresh_output({m, n}, G.options());
+  if (mask[1] && A) out[1] = at::empty({m, m}, G.options());
+  if (mask[2]) out[2] = fresh_output({m, n}, G.options());
+  if (mask[3] && B) out[3] = at::zeros({n, n}, G.options());
+  if (!(out[0].defined() || out[1].defined() || out[2].defined() || out[3].defined())) return out;
+  const Mat<T> dy = row_major_view<T>(dY), g = row_major_view<T>(G), s = row_major_view<T>(S);
+  const Mat<T>* a = A ? &*A : nullptr;
+  const Mat<T>* b = B ? &*B : nullptr;
+  std::optional<Mat<T>> dG, dA, dS, dB;
+  if (out[0].defined()) dG = row_major_view<T>(out[0]);
+  if (out[1].defined()) dA = row_major_view<T>(out[1]);
+  if (out[2].defined()) dS = row_major_view<T>(out[2]);
+  if (out[3].defined()) dB = row_major_view<T>(out[3]);
+
+  // dB sums over all rows: a fixed split of the blocks into chunks (one per thread), each summing
+  // into its own n×n, added in chunk order afterwards (the same result on every run).
+  const int64_t chunks = std::clamp<int64_t>(at::get_num_threads(), 1, blocks);
+  std::vector<T> partial(dB && chunks > 1 ? (chunks - 1) * n * n : 0, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    T* w = workspace<T>(6 * rows * n);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      std::optional<Mat<T>> acc;
+      if (dB) acc = chunk == 0 ? *dB : buffer(partial.data() + (chunk - 1) * n * n, n, n);
+      for (int64_t k = blocks * chunk / chunks; k < blocks * (chunk + 1) / chunks; ++k) {
+        const int64_t r0 = k * rows, r = std::min(rows, m - r0);
+        std::optional<Mat<T>> bG, bS;
+        if (dG) bG = dG->row_block(r0, r);
+        if (dS) bS = dS->row_block(r0, r);
+        const Grads<T> blk{bG ? &*bG : nullptr, dA ? &*dA : nullptr, bS ? &*bS : nullptr, acc ? &*acc : nullptr};
+        backward_block(dy.row_block(r0, r), g.row_block(r0, r), a, s.row_block(r0, r), b, blk, w);
+      }
+    }
+  });
+  if (dB) {
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      const T* p = partial.data() + (chunk - 1) * n * n;
+      for (int64_t i = 0; i < n * n; ++i) dB->p[i] += p[i];
+    }
+  }
+  return out;
+}
+
+}  // namespace direct
+
+// ---------------------------------------------------------------------------------------------
 // One layer (2-D, or 3-D with the batch handled by bmm): the shared maths of apo_checks.h with
 // ⊙S as in-place ATen multiplies (while H or D is still hot in cache). Undefined A/B = identity.
 
@@ -58,6 +354,10 @@ Tensor forward_layer(const Tensor& G_, const Tensor& A_, const Tensor& S_, const
   // The op's autograd (registered from Python) wraps this kernel; its internal GEMMs must not
   // record a graph, in this thread or in a parallel_for worker.
   at::AutoDispatchBelowADInplaceOrView guard;
+  if (direct::applies(G_, A_)) {
+    return G_.scalar_type() == at::kFloat ? direct::forward<float>(G_, A_, S_, B_)
+                                          : direct::forward<double>(G_, A_, S_, B_);
+  }
   auto scale = [](const Tensor& H, const Tensor& S, bool own_h) {
     return own_h ? Tensor(H).mul_(S) : at::mul(H, S);
   };
@@ -69,6 +369,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_layer(const Tensor& dY_, con
                                                           const Tensor& A_, const Tensor& S_,
                                                           const Tensor& B_, Mask mask) {
   at::AutoDispatchBelowADInplaceOrView guard;
+  std::array<Tensor, 4> out;
+  if (direct::applies(G_, A_)) {
+    out = G_.scalar_type() == at::kFloat ? direct::backward<float>(dY_, G_, A_, S_, B_, mask)
+                                         : direct::backward<double>(dY_, G_, A_, S_, B_, mask);
+    for (Tensor& t : out) t = t.defined() ? t : layer::empty_slot(G_);
+    return {out[0], out[1], out[2], out[3]};
+  }
   auto elementwise = [](const Tensor& S, const Tensor& H, const Tensor& D, bool need_m, bool need_e,
                         bool need_s, bool own) {
     layer::ElementwiseOut e;
@@ -77,7 +384,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_layer(const Tensor& dY_, con
     if (need_e) e.E = own ? Tensor(D).mul_(S) : at::mul(D, S);
     return e;
   };
-  std::array<Tensor, 4> out = layer::backward(layer::up(dY_), layer::up(G_), layer::up(A_), layer::up(S_),
+  out = layer::backward(layer::up(dY_), layer::up(G_), layer::up(A_), layer::up(S_),
                                               layer::up(B_), mask, elementwise);
   for (Tensor& t : out) t = t.defined() ? layer::finish(t, G_.scalar_type()) : layer::empty_slot(G_);
   return {out[0], out[1], out[2], out[3]};
@@ -86,35 +393,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_layer(const Tensor& dY_, con
 // ---------------------------------------------------------------------------------------------
 // Grouped: many layers of different shapes in one parallel loop
 
-// Rough GEMM work of a layer, ∝ numel·(m+n); used only for scheduling.
-double layer_cost(const Tensor& G) {
-  return static_cast<double>(G.numel()) * static_cast<double>(G.size(-2) + G.size(-1));
-}
-
-// Above this cost (two 256×256 layers' worth) a layer's own GEMMs use the intra-op threads better
-// than a one-thread-per-layer schedule would.
-constexpr double kBigLayerCost = 2.0 * 256.0 * 256.0 * 512.0;
-
-// Runs fn(i) for every layer i. Big layers run one after another with multithreaded GEMMs; the
-// small ones run inside one at::parallel_for, where nested ATen parallelism is off, so each layer's
-// GEMMs are single-threaded and the threads work on different layers. Layers are taken largest
-// first from a shared counter (a dynamic longest-job-first schedule), so uneven widths still
-// balance across threads.
+// Runs fn(i) for every layer i in the order of schedule::plan (cpu_schedule.h): first the layers
+// that run alone, one after another with multithreaded GEMMs; then the rest inside one
+// at::parallel_for, where nested ATen parallelism is off, so each layer's GEMMs are single-threaded
+// and the threads work on different layers, taken largest first from a shared counter (a dynamic
+// longest-job-first schedule, so uneven widths still balance across threads).
 template <typename Fn>
 void for_each_layer(const TensorList& grads, const Fn& fn) {
   const auto n = static_cast<int64_t>(grads.size());
   std::vector<double> cost(n);
-  for (int64_t i = 0; i < n; ++i) cost[i] = layer_cost(grads[i]);
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& G = grads[i];
+    cost[i] = schedule::layer_cost(static_cast<double>(G.numel()), static_cast<double>(G.size(-2)),
+                                   static_cast<double>(G.size(-1)));
+  }
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const schedule::Plan plan = schedule::plan(cost, threads);
+  const std::vector<int64_t>& order = plan.order;
 
   int64_t k = 0;
-  for (; k < n && cost[order[k]] >= kBigLayerCost; ++k) fn(order[k]);
+  for (; k < plan.alone; ++k) fn(order[k]);
 
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n - k);
-  if (workers <= 1 || at::in_parallel_region()) {
+  const int64_t workers = std::min<int64_t>(threads, n - k);
+  if (workers <= 1) {
     for (; k < n; ++k) fn(order[k]);
     return;
   }

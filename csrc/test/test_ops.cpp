@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "cpu_schedule.h"
+
 #include <array>
 #include <cstdio>
 #include <functional>
@@ -99,10 +101,53 @@ void expect_refused(const std::function<void()>& call, bool type_error, const st
   }
 }
 
+// The grouped CPU op's schedule (cpu_schedule.h): which layers run alone on all threads.
+void check_schedule() {
+  using apo::schedule::layer_cost;
+  auto costs = [](const std::vector<std::pair<int64_t, int64_t>>& shapes) {
+    std::vector<double> c;
+    for (const auto& [m, n] : shapes) c.push_back(layer_cost(double(m) * double(n), double(m), double(n)));
+    return c;
+  };
+  auto plan = [](const std::vector<double>& c, int64_t threads) { return apo::schedule::plan(c, threads); };
+
+  // The 40-256-256-10 MLP's layers (G: out × in+1): the 256×257 layer holds 90 % of the work; in a
+  // shared loop it would run on one thread while the other finishes early, so it runs alone (and
+  // first). Of the two left, 256×41 is more than half of their work: alone as well.
+  const auto mlp = costs({{256, 41}, {256, 257}, {10, 257}});
+  const auto p2 = plan(mlp, 2);
+  expect(p2.order == std::vector<int64_t>({1, 0, 2}), "schedule: MLP layers largest first");
+  expect(p2.alone >= 2, "schedule: MLP at 2 threads: the 256x257 and 256x41 layers run alone, got " +
+                            std::to_string(p2.alone));
+  // One thread: no layer gains from running alone (the loop runs inline, one layer after another).
+  expect(plan(mlp, 1).alone == 0, "schedule: one thread: nothing alone");
+
+  // Many similar small layers share the loop; a single layer or a big one runs alone.
+  std::vector<std::pair<int64_t, int64_t>> small;
+  for (int i = 0; i < 64; ++i) small.push_back({32 + (37 * i) % 97, 32 + (53 * i) % 97});
+  expect(plan(costs(small), 2).alone == 0, "schedule: 64 small layers share the loop (2 threads)");
+  expect(plan(costs(small), 16).alone == 0, "schedule: 64 small layers share the loop (16 threads)");
+  expect(plan(costs({{64, 64}, {64, 64}}), 2).alone == 0, "schedule: two equal layers, two threads: one each");
+  expect(plan(costs({{64, 64}, {64, 64}, {64, 64}}), 4).alone == 3,
+         "schedule: three equal layers, four threads: each alone");
+  expect(plan(costs({{100, 30}}), 2).alone == 1, "schedule: a single layer runs alone");
+  auto mixed = small;
+  mixed.push_back({600, 300});  // cost above kBigLayerCost
+  const auto pm = plan(costs(mixed), 1);
+  expect(pm.alone == 1 && pm.order[0] == 64, "schedule: a big layer runs alone even on one thread");
+  // Critical path among small layers: one 200×200 layer (cost 16 M) and 8 of 32×32 (0.5 M in all).
+  std::vector<std::pair<int64_t, int64_t>> skew(8, {32, 32});
+  skew.insert(skew.begin() + 3, {200, 200});
+  const auto ps = plan(costs(skew), 2);
+  expect(ps.alone == 1 && ps.order[0] == 3, "schedule: the critical-path layer runs alone, the rest share");
+  expect(plan({}, 2).alone == 0 && plan({}, 2).order.empty(), "schedule: no layers");
+}
+
 }  // namespace
 
 int main() {
   at::manual_seed(0);
+  check_schedule();
   auto& dispatcher = c10::Dispatcher::singleton();
   auto fwd = dispatcher.findSchemaOrThrow("apo::precondition", "")
                  .typed<Tensor(const Tensor&, const Factor&, const Tensor&, const Factor&)>();
