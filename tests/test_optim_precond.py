@@ -886,3 +886,23 @@ def test_skipped_update_leaves_momentum_and_parameters_untouched():
     assert opt.skipped_steps == 1
     for p, e in zip(params, expected):
         assert torch.equal(opt.state[p]["momentum_buffer"], e)
+
+
+def test_momentum_switched_off_and_on_keeps_its_buffers_as_sgd_does():
+    """Steps with param_groups' momentum set to 0 neither use nor overwrite the momentum buffers
+    (their v goes through the spare buffer); switched back on, the old buffers continue — as in
+    torch.optim.SGD, bit for bit with identity φ."""
+    m1, (tok, y) = _Mixed(), _mixed_data()
+    m2 = copy.deepcopy(m1)
+    apo = APOPrecond(m1, lr=0.0625, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0,
+                     momentum=0.9, update_scale=1.0, s_param="linear")
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.0625, momentum=0.9)
+    for mom in (0.9, 0.9, 0.0, 0.0, 0.0, 0.9, 0.9):
+        for opt, m in ((apo, m1), (sgd, m2)):
+            opt.param_groups[0]["momentum"] = mom
+            opt.zero_grad()
+            F.cross_entropy(m(tok), y).backward()
+            opt.step()
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(a, b)
+            assert torch.equal(apo.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])

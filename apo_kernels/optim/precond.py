@@ -135,7 +135,10 @@ class _StepBuffers:
                 views += layer.split(mats[-1]) if ok else [next(chunks) for _ in layer.params]
             self.views.append(views + list(chunks))
             self.mats.append(mats)
-        self.counts = [len(layer.params) for layer in layers]
+        counts = [len(layer.params) for layer in layers]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        # per copy, per layer: its parameters' views
+        self.layer_views = [[views[s:s + c] for s, c in zip(starts, counts)] for views in self.views]
         largest = max([math.prod(layer.shape) for layer in layers], default=0)
         self.work = torch.empty(largest, dtype=dtype, device=device) if directions and largest else None
         self.current = 0
@@ -148,14 +151,6 @@ class _StepBuffers:
 
     def swap(self) -> None:
         self.current = 1 - self.current
-
-    def layer_views(self, k: int) -> list[list[Tensor]]:
-        """Copy k's views grouped per layer (``layers`` order)."""
-        out, start = [], 0
-        for c in self.counts:
-            out.append(self.views[k][start:start + c])
-            start += c
-        return out
 
     def work_for(self, shape: tuple[int, int]) -> Optional[Tensor]:
         """The work buffer as an (m, n) matrix (None without one)."""
@@ -366,7 +361,7 @@ class APOPrecond(APOCore):
         plan = _PrecondPlan()
         if not self._prepare_in_buffers(plan, mom, wd):
             self._prepare_fresh(plan, mom, wd)
-        plan.v_of = {id(p): v for p, v in zip(plan.params, plan.vs)}
+        plan.v_of = dict(zip(map(id, plan.params), plan.vs)) if self.diagonals else {}
         plan.diags = [(p, d) for _, p, d in self.diagonals if id(p) in plan.v_of]
         # the update list is built in plan.params order straight from the layers unless a layer
         # is left out (a parameter without a gradient) or sharding moves updates between ranks
@@ -405,7 +400,7 @@ class APOPrecond(APOCore):
         plan.params, plan.vs, plan.buffers, plan.complete = params, vs, mb, True
         plan.layers = self.layers
         plan.Gs = [G if G is not None else _matrix(layer, layer_vs)
-                   for layer, G, layer_vs in zip(self.layers, mb.mats[mb.spare], mb.layer_views(mb.spare))]
+                   for layer, G, layer_vs in zip(self.layers, mb.mats[mb.spare], mb.layer_views[mb.spare])]
         return True
 
     def _prepare_fresh(self, plan, mom: float, wd: float) -> None:
@@ -509,8 +504,8 @@ class APOPrecond(APOCore):
         if group["momentum"] != 0:
             for p, v in zip(plan.params, plan.vs):
                 self.state[p]["momentum_buffer"] = v
-        if plan.buffers is not None:  # v (the spare copy) is the momentum now; the old one is spare
-            plan.buffers.swap()
+            if plan.buffers is not None:  # v (the spare copy) is the momentum now; the old one is spare
+                plan.buffers.swap()
         return True
 
     def _shrink_phi(self, factor: float):
