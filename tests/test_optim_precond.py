@@ -17,6 +17,7 @@ from apo_kernels.optim import APOPrecond, StructuredPreconditioner
 from apo_kernels.optim.objective import proximal_objective_grad
 from apo_kernels.optim import preconditioners
 from apo_kernels.optim.preconditioners import split_sizes
+from apo_kernels.layers import LinearView, register_layer
 from apo_kernels.ops import reference
 from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
@@ -906,3 +907,36 @@ def test_momentum_switched_off_and_on_keeps_its_buffers_as_sgd_does():
         for a, b in zip(m1.parameters(), m2.parameters()):
             assert torch.equal(a, b)
             assert torch.equal(apo.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+
+
+class _CopyingView(LinearView):
+    """A registered layout whose split returns copies: its matrix cannot live in the step buffers."""
+
+    name = "copying"
+
+    def split(self, Y, weight_shape, bias_shape=None):
+        return Y[:, :-1].reshape(weight_shape).clone(), Y[:, -1].reshape(bias_shape).clone()
+
+
+class _CopyingLinear(nn.Linear):
+    pass
+
+
+register_layer(_CopyingLinear, _CopyingView())
+
+
+def test_a_layout_whose_split_copies_still_steps_like_sgd():
+    """A layer whose split copies gets one buffer block per parameter and its matrix built per step;
+    with identity φ the updates and momentum are torch.optim.SGD's, bit for bit."""
+    torch.manual_seed(0)
+    m1 = nn.Sequential(_CopyingLinear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    m2 = copy.deepcopy(m1)
+    x, y = data()
+    apo = APOPrecond(m1, **opt_kwargs(lr=0.0625, meta_interval=0, momentum=0.9, update_scale=1.0, s_param="linear"))
+    assert [layer.kind for layer in apo.layers] == ["copying", "linear"]
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.0625, momentum=0.9)
+    for _ in range(3):
+        apo.step(closure_for(apo, m1, x, y))
+        sgd.step(closure_for(sgd, m2, x, y))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b) and torch.equal(apo.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
