@@ -142,15 +142,19 @@ void gemm(const Mat<T>& C, const Mat<T>& X, const Mat<T>& Y, T beta = T(0)) {
             C.p, static_cast<int>(C.ld));
 }
 
-// out = x ⊙ y (row-major views; out may be x or y)
+// out = x ⊙ y (row-major views; out may be x or y). Split over rows on the intra-op threads when big
+// enough, and outside a parallel region (a layer that runs alone); inline otherwise.
 template <typename T>
 void mul(const Mat<T>& out, const Mat<T>& x, const Mat<T>& y) {
-  for (int64_t i = 0; i < out.rows; ++i) {
-    T* o = out.p + i * out.ld;
-    const T* a = x.p + i * x.ld;
-    const T* b = y.p + i * y.ld;
-    for (int64_t j = 0; j < out.cols; ++j) o[j] = a[j] * b[j];
-  }
+  const int64_t grain = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(out.cols, 1));
+  at::parallel_for(0, out.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* o = out.p + i * out.ld;
+      const T* a = x.p + i * x.ld;
+      const T* b = y.p + i * y.ld;
+      for (int64_t j = 0; j < out.cols; ++j) o[j] = a[j] * b[j];
+    }
+  });
 }
 
 template <typename T>
