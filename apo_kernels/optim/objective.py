@@ -152,12 +152,12 @@ def proximal_objective_grad(
 
     Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
     at θ without a graph (none when ``step_forward`` has it) and a forward + backward at θ' on
-    ``fsd_inputs``. ∇θ'Q is the gradient
-    the closure's backward wrote (taken, not copied) plus λ_FSD times FSD's.
+    ``fsd_inputs``. ∇θ'Q is the gradient the closure's backward wrote (taken, not copied) plus
+    λ_FSD times FSD's.
 
     The FSD forwards at θ and θ' run from the same RNG state (equal dropout masks; with
-    ``step_forward``, the state the step's own forward started from) and under the
-    caller's autocast state; FSD's backward goes through ``torch.autograd.grad`` so it does not
+    ``step_forward``, the state the step's own forward started from) and under the caller's
+    autocast state; FSD's backward goes through ``torch.autograd.grad`` so it does not
     touch ``.grad``. Global RNG state is restored on exit, so meta-steps do not shift the user's
     random stream.
     """
