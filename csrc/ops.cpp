@@ -26,10 +26,12 @@
 #include <array>
 #include <atomic>
 #include <climits>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // The Fortran BLAS that torch's own CPU GEMMs call (MKL or OpenBLAS, linked into libtorch_cpu),
@@ -100,10 +102,12 @@ struct Mat {
 template <typename T>
 Mat<T> buffer(T* p, int64_t rows, int64_t cols) { return {p, rows, cols, cols, false}; }
 
-// The view of a 2-D tensor, if BLAS can read it as it is (a unit stride in one dimension).
+// The view of a 2-D tensor, if BLAS can read it as it is (a unit stride in one dimension, the other
+// within BLAS's int).
 template <typename T>
 std::optional<Mat<T>> view(const Tensor& x) {
   const int64_t r = x.size(0), c = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  if (s0 > INT_MAX || s1 > INT_MAX) return std::nullopt;
   T* p = x.data_ptr<T>();
   if (s1 == 1 && (r == 1 || s0 >= c)) return Mat<T>{p, r, c, r == 1 ? c : s0, false};
   if (s0 == 1 && (c == 1 || s1 >= r)) return Mat<T>{p, r, c, c == 1 ? r : s1, true};
@@ -113,7 +117,8 @@ std::optional<Mat<T>> view(const Tensor& x) {
 // Inputs as views: G, S, grad_out row-major (the ⊙ loops and row blocks read them by rows), A and B
 // either way round; anything else is copied once.
 inline Tensor row_major(const Tensor& x) {
-  return x.stride(1) == 1 && (x.size(0) == 1 || x.stride(0) >= x.size(1)) ? x : x.contiguous();
+  const bool rows = x.stride(1) == 1 && (x.size(0) == 1 || (x.stride(0) >= x.size(1) && x.stride(0) <= INT_MAX));
+  return rows ? x : x.contiguous();
 }
 template <typename T>
 Mat<T> row_major_view(const Tensor& x) { return *view<T>(x); }  // x from row_major()

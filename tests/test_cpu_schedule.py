@@ -27,17 +27,20 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def make(m, n, dtype, a=True, b=True, transposed=False, seed=0):
-    """(dY, G, A or None, S, B or None); `transposed`: every matrix a transposed view."""
+def make(m, n, dtype, a=True, b=True, transposed=False, sliced=False, seed=0):
+    """(dY, G, A or None, S, B or None); `transposed`: every matrix a transposed view; `sliced`: a
+    column slice of a wider matrix (rows further apart than their length)."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(rows, cols):
+        if sliced:
+            return torch.randn(rows, cols + 5, generator=gen).to(dtype)[:, 2 : 2 + cols]
         x = torch.randn(cols, rows, generator=gen).t() if transposed else torch.randn(rows, cols, generator=gen)
         return x.to(dtype)
 
     dY, G = r(m, n), r(m, n)
     A = (torch.eye(m, dtype=dtype) + r(m, m) / m**0.5) if a else None
-    S = r(m, n).abs() + 0.5
+    S = r(m, n).abs_().add_(0.5)  # in place: a sliced S stays a strided view
     B = (torch.eye(n, dtype=dtype) + r(n, n) / n**0.5) if b else None
     return dY, G, A, S, B
 
@@ -84,6 +87,17 @@ def test_identity_side_single(threads, dtype, shape, factors, mask):
     check_layer(layer, y, grads, mask, dtype, f"{shape} {factors}")
 
 
+@pytest.mark.parametrize("shape,a", [((5003, 37), False), ((33, 9), True)], ids=["5003x37-A=None", "33x9"])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("GASB"[i] if b else "-" for i, b in enumerate(m)))
+def test_sliced_inputs(threads, shape, a, mask):
+    layer = make(*shape, torch.float64, a=a, sliced=True)
+    assert not layer[1].is_contiguous() and layer[1].stride(1) == 1
+    dY, G, A, S, B = layer
+    y = op.precondition(G, A, S, B)
+    grads = op.precondition_backward(dY, G, A, S, B, list(mask))
+    check_layer(layer, y, grads, mask, torch.float64, f"sliced {shape}")
+
+
 def test_row_blocked_db_is_deterministic(threads):
     """dB sums over row blocks in a fixed order: two runs give the same bits."""
     dY, G, _, S, B = make(5003, 37, torch.float32)
@@ -94,12 +108,14 @@ def test_row_blocked_db_is_deterministic(threads):
 
 def mixed_set(dtype):
     """Layers that take every route of the grouped op: the 40-256-256-10 MLP's (its 256×257 runs
-    alone), small ones of odd sizes with every identity combination and strided (transposed)
-    inputs, a tall identity-A layer (row-blocked), a big layer (ATen path)."""
+    alone), small ones of odd sizes with every identity combination and strided (transposed,
+    sliced) inputs, a tall identity-A layer (row-blocked), a big layer (ATen path)."""
     layers = [make(256, 41, dtype, seed=1), make(256, 257, dtype, seed=2), make(10, 257, dtype, seed=3)]
     for i in range(12):
         m, n = 3 + 11 * i, 130 - 9 * i
-        layers.append(make(m, n, dtype, a=i % 4 != 1, b=i % 4 != 2, transposed=i % 3 == 0, seed=10 + i))
+        layers.append(
+            make(m, n, dtype, a=i % 4 != 1, b=i % 4 != 2, transposed=i % 3 == 0, sliced=i % 3 == 1, seed=10 + i)
+        )
     layers.append(make(3001, 29, dtype, a=False, seed=30))
     layers.append(make(600, 300, dtype, seed=31))
     return layers
