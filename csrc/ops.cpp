@@ -3,7 +3,9 @@
 //     Y = A · (S ⊙ (Aᵀ G B)) · Bᵀ          G (m×n), A (m×m), S (m×n), B (n×n); A or B None = identity
 //
 // The maths (forward, backward, identity factors) and the input rules are in apo_checks.h, shared
-// with the CUDA large-layer path; this file adds the CPU's ⊙S pass, the grouped schedule and the
+// with the CUDA large-layer path; which layers of a grouped call run alone is cpu_schedule.h. This
+// file adds the direct path (2-D fp32/fp64 layers that are small or row-blocked: the same maths on
+// BLAS calls and plain loops), the ATen path for the rest with its ⊙S pass, the grouped loop and the
 // registration.
 //
 // Light headers only (no torch/extension.h, no pybind11): the module registers ops on load and
