@@ -38,10 +38,6 @@
 
 // The Fortran BLAS that torch's own CPU GEMMs call (MKL or OpenBLAS, linked into libtorch_cpu),
 // declared weak: where torch exports none, they resolve to null and every layer takes the ATen path.
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #if defined(__linux__) && defined(__GNUC__)
 #define APO_DIRECT_BLAS 1
 extern "C" {
@@ -169,23 +165,6 @@ void copy(const Mat<T>& out, const Mat<T>& x) {
   for (int64_t i = 0; i < out.rows; ++i) std::memcpy(out.p + i * out.ld, x.p + i * x.ld, out.cols * sizeof(T));
 }
 
-// A fresh result. A big one is fresh memory from the OS (glibc maps it anew each time), which costs a
-// page fault per 4 KiB on first touch (≈ 2 µs each, as long as computing the rows of a tall
-// layer): asking for transparent huge pages on it (where the kernel grants them on request) cuts
-// the faults 512-fold.
-inline Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + out.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (out.nbytes() >= 4 * kHuge && last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: failure is harmless
-  }
-#endif
-  return out;
-}
 
 // This thread's scratch memory, grown on demand and kept (one block's or one small layer's worth).
 template <typename T>
@@ -242,7 +221,7 @@ Tensor forward(const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_) {
   const Tensor G = row_major(G_), S = row_major(S_);
   const std::optional<Mat<T>> A = factor_view<T>(A_), B = factor_view<T>(B_);
   const int64_t m = G.size(0), n = G.size(1), rows = block_rows(m, n, A.has_value());
-  Tensor Y = fresh_output({m, n}, G.options());
+  Tensor Y = at::empty({m, n}, G.options());
   const Mat<T> g = row_major_view<T>(G), s = row_major_view<T>(S), y = row_major_view<T>(Y);
   const Mat<T>* a = A ? &*A : nullptr;
   const Mat<T>* b = B ? &*B : nullptr;
@@ -313,9 +292,9 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
   const int64_t m = G.size(0), n = G.size(1), rows = block_rows(m, n, A.has_value());
   const int64_t blocks = (m + rows - 1) / rows;
   std::array<Tensor, 4> out;
-  if (mask[0]) out[0] = fresh_output({m, n}, G.options());
+  if (mask[0]) out[0] = at::empty({m, n}, G.options());
   if (mask[1] && A) out[1] = at::empty({m, m}, G.options());
-  if (mask[2]) out[2] = fresh_output({m, n}, G.options());
+  if (mask[2]) out[2] = at::empty({m, n}, G.options());
   if (mask[3] && B) out[3] = at::zeros({n, n}, G.options());
   if (!(out[0].defined() || out[1].defined() || out[2].defined() || out[3].defined())) return out;
   const Mat<T> dy = row_major_view<T>(dY), g = row_major_view<T>(G), s = row_major_view<T>(S);
