@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "all_finite_scratch", "no_autocast"]
+__all__ = ["all_finite", "all_finite_scratch", "loss_finite", "no_autocast"]
 
 
 def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
@@ -31,6 +32,14 @@ def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
         if not bool(torch.isfinite(torch.stack([m for t in ts for m in torch.aminmax(t)])).all()):
             return False
     return True
+
+
+def loss_finite(loss) -> bool:
+    """Whether a closure's loss is finite: a tensor's values (one read of a scalar), anything else
+    (None, a Python number the caller computed) is not checked."""
+    if not isinstance(loss, Tensor):
+        return True
+    return math.isfinite(loss.item()) if loss.numel() == 1 else all_finite([loss])
 
 
 FUSED_CHECK_MAX = 1 << 20

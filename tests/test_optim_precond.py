@@ -457,6 +457,63 @@ def test_non_finite_loss_is_skipped_and_non_finite_lookahead_shrinks_s():
     assert opt.step_count == 3 and opt.meta_steps == 2 and opt.skipped_steps == 2
 
 
+def _plain_stepper():
+    """An optimizer past its first steps (momentum and step buffers in use), with no meta-steps,
+    and a snapshot of θ and the momentum."""
+    m = mlp()
+    x, y = data()
+    opt = APOPrecond(m, **opt_kwargs(meta_interval=0, momentum=0.9))
+    for _ in range(2):
+        opt.step(closure_for(opt, m, x, y))
+    snapshot = lambda: [t.clone() for p in m.parameters() for t in (p, opt.state[p]["momentum_buffer"])]
+    return m, x, y, opt, snapshot
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_plain_step_skips_a_non_finite_gradient_without_counting_it(bad):
+    # the plain step reads the gradients' finiteness off v = μ·buf + g: one bad entry must show
+    m, x, y, opt, snapshot = _plain_stepper()
+    closure_for(opt, m, x, y)()
+    before = snapshot()
+    list(m.parameters())[2].grad[1, 3] = bad
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.step_count == 2 and opt.recoveries == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    opt.step(closure_for(opt, m, x, y))  # training goes on
+    assert opt.step_count == 3 and opt.skipped_steps == 1
+
+
+def test_plain_step_skips_a_non_finite_loss_with_finite_gradients():
+    m, x, y, opt, snapshot = _plain_stepper()
+    before = snapshot()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss.detach() * float("nan")  # the gradient is finite, the reported loss is not
+
+    opt.step(closure)
+    assert opt.skipped_steps == 1 and opt.step_count == 2 and opt.recoveries == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+
+
+def test_momentum_overflowing_from_finite_gradients_is_an_update_failure_not_a_bad_gradient():
+    """v = μ·buf + g overflows from finite values: the gradients are finite, so the step counts and
+    φ shrinks (a non-finite update), θ and the momentum are untouched."""
+    m, x, y, opt, snapshot = _plain_stepper()
+    big = torch.finfo(torch.float32).max
+    with torch.no_grad():
+        for p in m.parameters():
+            opt.state[p]["momentum_buffer"].fill_(big)
+            p.grad = torch.full_like(p, big)
+    before = snapshot()
+    opt.step()
+    assert opt.step_count == 3 and opt.skipped_steps == 1
+    assert opt.recoveries == 1 + APOPrecond.MAX_RECOVERIES_PER_STEP
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+
+
 def _live_tensor_count():
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on some torch.distributed objects warns

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .._args import check_choice, check_int, check_number, check_type
 from .. import distributed
-from .._numerics import all_finite, all_finite_scratch, no_autocast
+from .._numerics import all_finite, all_finite_scratch, loss_finite, no_autocast
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
 from .objective import StepForward, proximal_objective_grad
@@ -215,12 +215,15 @@ class APOCore(torch.optim.Optimizer):
             scale = float(self.grad_scaler.get_scale())
         return loss, scale
 
-    def _grads_finite(self, loss) -> bool:
-        tensors = [p.grad for p in self._all_params() if p.grad is not None]
-        if loss is not None and isinstance(loss, Tensor):
-            tensors.append(loss.detach())
+    def _grads_finite(self, loss, plan) -> bool:
         # a rank whose own loss is not finite makes every rank skip (grads are DDP's average)
-        return self._replicas.all_true(all_finite(tensors), "the finiteness of the loss and gradients at θ")
+        return self._replicas.all_true(self._local_grads_finite(loss, plan),
+                                       "the finiteness of the loss and gradients at θ")
+
+    def _local_grads_finite(self, loss, plan) -> bool:
+        """Whether this rank's loss and gradients at θ are finite (a subclass may read it off a
+        cheaper witness computed by ``_prepare``)."""
+        return loss_finite(loss) and all_finite(p.grad for p in self._all_params())
 
     def _run_step(self, closure: Optional[Callable], fsd_inputs, meta_closure: Optional[Callable]):
         check_step_args(closure, fsd_inputs, meta_closure)
@@ -240,13 +243,13 @@ class APOCore(torch.optim.Optimizer):
         step_forward = (StepForward(distributed.local_module(self.model), fsd_inputs, rng0.cuda_devices)
                         if meta and self.lambda_fsd != 0.0 and fsd_inputs is not None else None)
         loss, scale = self._first_closure(closure, step_forward)
-        if not self._grads_finite(loss):
-            self.skipped_steps += 1
-            return loss
         # our arithmetic runs outside any autocast region the user opened around step(); the
         # model forwards of the meta-step (closure, FSD) run under it, as the user intended
         with self._no_autocast():
-            plan = self._prepare()
+            plan = self._prepare()  # changes no state: a step skipped below leaves it as it was
+        if not self._grads_finite(loss, plan):
+            self.skipped_steps += 1
+            return loss
         loss_at_theta = None
         if meta and self.meta_batch == "same" and isinstance(loss, (Tensor, float, int)):
             # Q at Δ = 0 (both proximity terms vanish there), over every rank's batch

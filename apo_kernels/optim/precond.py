@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .._args import check_choice, check_int, check_number, check_pair
 from .. import distributed
-from .._numerics import all_finite_scratch
+from .._numerics import all_finite_scratch, loss_finite
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
 from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
@@ -375,6 +375,14 @@ class APOPrecond(APOCore):
         distributed.keep_owned(self._shards, plan)  # sharded: this rank's preconditioners only
         return plan
 
+    def _local_grads_finite(self, loss, plan) -> bool:
+        # v = μ·buf + (g + wd·θ) is finite only if g is (NaN and ±inf survive + and ·), so one fused
+        # check of the spare buffer, which holds every v and is ours to write, clears all gradients;
+        # the gradients themselves are read only when it fails (v may overflow from finite values)
+        if plan.buffers is not None and all_finite_scratch([plan.buffers.flat[plan.buffers.spare]]):
+            return loss_finite(loss)
+        return super()._local_grads_finite(loss, plan)
+
     def _prepare_in_buffers(self, plan, mom: float, wd: float) -> bool:
         """The common case: every parameter has a gradient in φ's dtype and either all or none have
         a momentum buffer. v = μ·buf + (g + wd·θ) (torch.optim.SGD's arithmetic) is written into the
@@ -438,10 +446,11 @@ class APOPrecond(APOCore):
                                                torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
                                                for p in layer.params]))
 
-    def _directions(self, plan) -> list[Tensor]:
-        """Y(φ) per parameter of ``plan.params``: the preconditioned step at the current φ (lr folded
-        into S). Fresh tensors (the op's results) or views of them, except where this step's
-        buffers hold a directions copy (the kron structure): there Y overwrites the previous step's."""
+    def _directions(self, plan) -> tuple[list[Tensor], list[Tensor]]:
+        """(Y(φ) per parameter of ``plan.params``: the preconditioned step at the current φ (lr folded
+        into S); the tensors that hold them, each layer's whole Y, to be checked at once). Fresh
+        tensors (the op's results) or views of them, except where this step's buffers hold a
+        directions copy (the kron structure): there Y overwrites the previous step's."""
         mb = plan.buffers if plan.buffers is not None and plan.buffers.work is not None else None
         if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
             Ys = [l.precond.apply(G) if mb is None else
@@ -454,12 +463,13 @@ class APOPrecond(APOCore):
         diags = [d.apply(plan.v_of[id(p)], out=None if mb is None else mb.views[mb.DIRECTIONS][self._index[id(p)]])
                  for p, d in plan.diags]
         if plan.in_order:  # every layer's parameters, then the diagonal ones: plan.params' order
-            return parts + diags
+            return parts + diags, Ys + diags
         out = dict(zip([id(p) for layer in plan.layers for p in layer.params], parts))
         out.update((id(p), y) for (p, _), y in zip(plan.diags, diags))
         # sharded: the other owners' updates arrive by broadcast
         out = distributed.gather_directions(self._shards, out, plan.params, self.phi_dtype)
-        return [out[id(p)] for p in plan.params]
+        steps = [out[id(p)] for p in plan.params]
+        return steps, steps
 
     def _lookahead_deltas(self, plan):
         # the lookahead judges the step a warmed-up momentum buffer will take (momentum_catch_up)
@@ -467,7 +477,7 @@ class APOPrecond(APOCore):
         young = not any("momentum_buffer" in self.state.get(p, {}) for p in plan.params)
         plan.catch_up = momentum_catch_up(group["momentum"], 1 if young else self._apo_step + 1)
         # fresh tensors (the op's results) or views of them, one per parameter: scaled in place
-        return [y.mul_(-plan.catch_up) for y in self._directions(plan)]
+        return [y.mul_(-plan.catch_up) for y in self._directions(plan)[0]]
 
     def _meta_backward(self, plan, dQ):
         # θ' = θ − c·Y(φ)  ⇒  ∂Q/∂φ = (∂Y/∂φ)ᵀ(−c·∇θ'Q): the op's backward with grad_out = −c·∇θ'Q
@@ -488,11 +498,12 @@ class APOPrecond(APOCore):
         group = self.param_groups[0]
         if self._apo_step < self.warmup_steps:  # SGD+momentum with the (scheduled) lr
             steps, scale = plan.vs, float(group["lr"])
+            whole = steps
         else:
             # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
             # base step, else the meta-step would learn S back up and undo the decay.
-            steps, scale = self._directions(plan), self.update_scale * self.schedule_factor()
-        if not all_finite_scratch(steps):  # this step's own tensors (v: the spare buffer)
+            (steps, whole), scale = self._directions(plan), self.update_scale * self.schedule_factor()
+        if not all_finite_scratch(whole):  # this step's own tensors (v: the spare buffer)
             return False
         params = plan.params
         if any(y.dtype != p.dtype for p, y in zip(params, steps)):
