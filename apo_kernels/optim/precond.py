@@ -74,12 +74,18 @@ class _Layer:
         self.weight, self.bias, self.params = layer.weight, layer.bias, layer.params
         self.m, self.n = layer.shape
         self.precond = STRUCTURES[structure](self.m, self.n, learn_left=layer.view.learn_left, **precond_kwargs)
+        self.view_geometry = _view_geometry(layer)
 
     def matrix(self, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return self.layer.matrix(w, b)
 
     def split(self, Y: Tensor) -> list[Tensor]:
-        return self.layer.split(Y)
+        """Y (m, n) as tensors shaped like ``params``: on every step, so the views ``split`` returns
+        are rebuilt from their recorded geometry (one call each) where it applies."""
+        if self.view_geometry is None or not Y.is_contiguous():
+            return self.layer.split(Y)
+        base = Y.storage_offset()
+        return [Y.as_strided(size, stride, base + offset) for size, stride, offset in self.view_geometry]
 
 
 def _matrix(layer: _Layer, parts: list[Tensor]) -> Tensor:
@@ -87,15 +93,23 @@ def _matrix(layer: _Layer, parts: list[Tensor]) -> Tensor:
     return layer.matrix(*parts) if len(parts) == 2 else layer.matrix(parts[0], None)
 
 
-def _splits_into_views(layer: Layer) -> bool:
-    """Whether the layer's ``split`` returns views of its matrix (every built-in layout), probed on a
-    meta tensor (no memory)."""
+def _view_geometry(layer: Layer) -> Optional[list[tuple[tuple[int, ...], tuple[int, ...], int]]]:
+    """(size, stride, offset) of each tensor the layer's ``split`` returns for a contiguous (m, n)
+    matrix when they are all views of it (every built-in layout), else None; probed on a meta tensor
+    (no memory)."""
     probe = torch.empty(layer.shape, device="meta")
     try:
         parts = layer.split(probe)
     except Exception:  # a registered layout that cannot run on meta tensors: treated as copying
-        return False
-    return all(t is probe or t._base is probe for t in parts)
+        return None
+    if not all(t is probe or t._base is probe for t in parts):
+        return None
+    return [(tuple(t.shape), t.stride(), t.storage_offset()) for t in parts]
+
+
+def _splits_into_views(layer: Layer) -> bool:
+    """Whether the layer's ``split`` returns views of its matrix."""
+    return _view_geometry(layer) is not None
 
 
 class _StepBuffers:
