@@ -134,3 +134,33 @@ def test_grouped_mixed_set(threads, dtype, mask):
         per_layer = [grads[k][i] if mask[k] else None for k in range(4)]
         check_layer(layer, ys[i], per_layer, mask, dtype, f"layer {i} {tuple(layer[1].shape)}")
 
+
+
+def _mkl_max_threads():
+    """MKL's thread count for the calling thread (its C interface in libtorch_cpu), or None without MKL."""
+    import ctypes
+    import os
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    return lib.MKL_Get_Max_Threads() if hasattr(lib, "MKL_Get_Max_Threads") else None
+
+
+def test_parallel_regions_leave_blas_threads_as_they_were():
+    """Inside its parallel regions the op makes each thread's BLAS calls single-threaded; afterwards
+    the calling thread's BLAS uses all intra-op threads again (else every later GEMM runs on one)."""
+    if _mkl_max_threads() is None:
+        pytest.skip("torch's BLAS is not MKL: the op leaves BLAS threading alone")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _mkl_max_threads() == 2
+        layers = mixed_set(torch.float32)
+        dYs, Gs, As, Ss, Bs = (list(x) for x in zip(*layers))
+        op.precondition_grouped(Gs, As, Ss, Bs)
+        op.precondition_grouped_backward(dYs, Gs, As, Ss, Bs, [True, True, True, True])
+        dY, G, _, S, B = make(5003, 37, torch.float32)  # row blocks in parallel, alone
+        op.precondition(G, None, S, B)
+        op.precondition_backward(dY, G, None, S, B, [True, False, True, True])
+        assert _mkl_max_threads() == 2
+    finally:
+        torch.set_num_threads(before)
