@@ -34,6 +34,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // The Fortran BLAS that torch's own CPU GEMMs call (MKL or OpenBLAS, linked into libtorch_cpu),
@@ -101,22 +102,32 @@ struct Mat {
 template <typename T>
 Mat<T> buffer(T* p, int64_t rows, int64_t cols) { return {p, rows, cols, cols, false}; }
 
+// A 2-D tensor's strides as BLAS may read them. A size-1 dimension's stride is meaningless (torch
+// calls a (7, 1) tensor with strides (1, 7) contiguous): it is replaced by the value that lets the
+// other dimension read as unit-stride rows, so such a tensor is never taken for a transposed one.
+inline std::pair<int64_t, int64_t> blas_strides(const Tensor& x) {
+  const int64_t r = x.size(0), c = x.size(1);
+  return {r <= 1 ? std::max<int64_t>(c, 1) : x.stride(0), c <= 1 ? 1 : x.stride(1)};
+}
+
 // The view of a 2-D tensor, if BLAS can read it as it is (a unit stride in one dimension, the other
 // within BLAS's int).
 template <typename T>
 std::optional<Mat<T>> view(const Tensor& x) {
-  const int64_t r = x.size(0), c = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  const int64_t r = x.size(0), c = x.size(1);
+  const auto [s0, s1] = blas_strides(x);
   if (s0 > INT_MAX || s1 > INT_MAX) return std::nullopt;
   T* p = x.data_ptr<T>();
-  if (s1 == 1 && (r == 1 || s0 >= c)) return Mat<T>{p, r, c, r == 1 ? c : s0, false};
-  if (s0 == 1 && (c == 1 || s1 >= r)) return Mat<T>{p, r, c, c == 1 ? r : s1, true};
+  if (s1 == 1 && s0 >= c) return Mat<T>{p, r, c, std::max<int64_t>(s0, 1), false};
+  if (s0 == 1 && s1 >= r) return Mat<T>{p, r, c, std::max<int64_t>(s1, 1), true};
   return std::nullopt;
 }
 
 // Inputs as views: G, S, grad_out row-major (the ⊙ loops and row blocks read them by rows), A and B
 // either way round; anything else is copied once.
 inline Tensor row_major(const Tensor& x) {
-  const bool rows = x.stride(1) == 1 && (x.size(0) == 1 || (x.stride(0) >= x.size(1) && x.stride(0) <= INT_MAX));
+  const auto [s0, s1] = blas_strides(x);
+  const bool rows = s1 == 1 && s0 >= x.size(1) && s0 <= INT_MAX;
   return rows ? x : x.contiguous();
 }
 template <typename T>

@@ -98,6 +98,22 @@ def test_sliced_inputs(threads, shape, a, mask):
     check_layer(layer, y, grads, mask, torch.float64, f"sliced {shape}")
 
 
+# A size-1 dimension's stride is arbitrary: a transposed (7, 1) view has strides (1, 7) and torch
+# calls it contiguous, so it reaches the direct path as it is and must be read as a column.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(7, 1), (1, 7), (1, 1), (300, 1), (1, 300)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("factors", FACTORS, ids=str)
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("GASB"[i] if b else "-" for i, b in enumerate(m)))
+def test_size_one_dimensions_with_any_stride(threads, dtype, shape, factors, mask):
+    layer = make(*shape, dtype, *FACTORS[factors], transposed=True)
+    dY, G, A, S, B = layer
+    y = op.precondition(G, A, S, B)
+    grads = op.precondition_backward(dY, G, A, S, B, list(mask))
+    check_layer(layer, y, grads, mask, dtype, f"transposed {shape} {factors}")
+    (y_grouped,) = op.precondition_grouped([G], [A], [S], [B])
+    check_layer(layer, y_grouped, grads, mask, dtype, f"grouped transposed {shape} {factors}")
+
+
 def test_row_blocked_db_is_deterministic(threads):
     """dB sums over row blocks in a fixed order: two runs give the same bits."""
     dY, G, _, S, B = make(5003, 37, torch.float32)
