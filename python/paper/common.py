@@ -1333,7 +1333,7 @@ def finish(args, name: str, title: str, result: dict, t0: float, plot: Callable[
     out = Path(args.out)
     result["plots"] = [str(Path(p).name) for p in plot(result, out)]
     path = out / f"{name}.json"
-    result["json"] = str(path)
+    result["json"] = path.name  # its own file name: the record stays valid wherever the folder goes
     write_json(path, result)
     return result
 
