@@ -933,13 +933,7 @@ def test_skipped_update_leaves_momentum_and_parameters_untouched():
     every momentum buffer keep their values, and the next step builds on the old momentum."""
     m, (tok, y) = _Mixed(), _mixed_data()
     opt = APOPrecond(m, lr=0.05, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0, momentum=0.5)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(m(tok), y)
-        loss.backward()
-        return loss
-
+    closure = closure_for(opt, m, tok, y)
     for _ in range(2):
         opt.step(closure)
     params = list(m.parameters())
