@@ -72,7 +72,7 @@ class _Layer:
     def __init__(self, layer: Layer, precond_kwargs: dict, structure: str = "full"):
         self.layer, self.name, self.kind = layer, layer.name, layer.view.name
         self.weight, self.bias, self.params = layer.weight, layer.bias, layer.params
-        self.m, self.n = layer.shape
+        self.shape = self.m, self.n = layer.shape
         self.precond = STRUCTURES[structure](self.m, self.n, learn_left=layer.view.learn_left, **precond_kwargs)
         self.view_geometry = _view_geometry(layer)
 
@@ -107,11 +107,6 @@ def _view_geometry(layer: Layer) -> Optional[list[tuple[tuple[int, ...], tuple[i
     return [(tuple(t.shape), t.stride(), t.storage_offset()) for t in parts]
 
 
-def _splits_into_views(layer: Layer) -> bool:
-    """Whether the layer's ``split`` returns views of its matrix."""
-    return _view_geometry(layer) is not None
-
-
 class _StepBuffers:
     """Flat buffers in φ's dtype, each holding one value of every parameter, kept between steps
     (a fresh tensor above glibc's mmap threshold, 32 MiB, is page-faulted in on every step).
@@ -132,10 +127,10 @@ class _StepBuffers:
 
     ALIGN_BYTES = 64
 
-    def __init__(self, layers: list[Layer], others: list[Tensor], dtype: torch.dtype, device: torch.device,
+    def __init__(self, layers: list[_Layer], others: list[Tensor], dtype: torch.dtype, device: torch.device,
                  directions: bool = False):
         per = max(1, self.ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-        in_place = [_splits_into_views(layer) for layer in layers]
+        in_place = [layer.view_geometry is not None for layer in layers]  # probed once, at construction
         blocks, size = [], 0  # (start, shape): a layer's matrix, or one parameter
         for shapes in [[layer.shape] if ok else [tuple(p.shape) for p in layer.params]
                        for layer, ok in zip(layers, in_place)] + [[tuple(p.shape)] for p in others]:
@@ -411,7 +406,7 @@ class APOPrecond(APOCore):
         if any((b is not None) != with_momentum for b in bufs):
             return False
         if self._buffers is None:
-            self._buffers = _StepBuffers([layer.layer for layer in self.layers], [p for _, p, _ in self.diagonals],
+            self._buffers = _StepBuffers(self.layers, [p for _, p, _ in self.diagonals],
                                          self.phi_dtype, params[0].device, directions=self.structure == "kron")
         mb = self._buffers
         vs = mb.views[mb.spare]
