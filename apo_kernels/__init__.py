@@ -15,6 +15,7 @@ from .ops import (
     precondition_backward,
     precondition_grouped,
     precondition_grouped_backward,
+    precondition_momentum_grouped,
 )
 from .ops.backends import backends
 
@@ -26,5 +27,6 @@ __all__ = [
     "precondition_backward",
     "precondition_grouped",
     "precondition_grouped_backward",
+    "precondition_momentum_grouped",
     "__version__",
 ]

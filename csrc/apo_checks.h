@@ -15,9 +15,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <iomanip>
 #include <optional>
@@ -121,14 +124,20 @@ inline void check_layer(const Tensor& G, const Tensor& A, const Tensor& S, const
   }
 }
 
+// A tensor that must be like grad: its shape, dtype and device (grad_out; the momentum step's
+// momenta, vs and out).
+inline void check_like_grad(const Tensor& t, const Tensor& G, const char* name, const std::string& prefix = "") {
+  check_tensor(t, prefix + name);
+  TORCH_CHECK_VALUE(t.sizes() == G.sizes(), prefix, name, " must have the shape of grad ",
+                    shape_str(G.sizes()), ", got ", shape_str(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == G.scalar_type(), prefix, name, " has dtype ",
+                   dtype_str(t.scalar_type()), " but grad has ", dtype_str(G.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == G.device(), prefix, name, " is on ", t.device(), " but grad is on ",
+                    G.device());
+}
+
 inline void check_grad_out(const Tensor& dY, const Tensor& G, const std::string& prefix = "") {
-  check_tensor(dY, prefix + "grad_out");
-  TORCH_CHECK_VALUE(dY.sizes() == G.sizes(), prefix, "grad_out must have the shape of grad ",
-                    shape_str(G.sizes()), ", got ", shape_str(dY.sizes()));
-  TORCH_CHECK_TYPE(dY.scalar_type() == G.scalar_type(), prefix, "grad_out has dtype ",
-                   dtype_str(dY.scalar_type()), " but grad has ", dtype_str(G.scalar_type()));
-  TORCH_CHECK_VALUE(dY.device() == G.device(), prefix, "grad_out is on ", dY.device(),
-                    " but grad is on ", G.device());
+  check_like_grad(dY, G, "grad_out", prefix);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -158,6 +167,86 @@ inline void check_group(TensorList Gs, TensorList As, TensorList Ss, TensorList 
     TORCH_CHECK_VALUE(Gs[i].device() == Gs[0].device(), prefix, "device ", Gs[i].device(),
                       " differs from layer 0's ", Gs[0].device());
     if (dYs != nullptr) check_grad_out((*dYs)[i], Gs[i], prefix);
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// The momentum step (precondition_momentum_grouped): per layer momenta, vs and out like grad, and
+// the written tensors (vs, out) sharing no element with any other argument.
+
+namespace overlap {
+
+// [first, last) byte addresses a tensor's elements span.
+inline std::pair<uintptr_t, uintptr_t> span(const Tensor& t) {
+  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  intptr_t lo = 0, hi = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const intptr_t reach = static_cast<intptr_t>(t.stride(d)) * (t.size(d) - 1);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const intptr_t size = static_cast<intptr_t>(t.element_size());
+  return {base + lo * size, base + (hi + 1) * size};
+}
+
+// A 2-D view with unit column stride: (row stride, first row, first column, rows, columns) of the
+// matrix its storage is, read with that row stride.
+inline std::optional<std::array<int64_t, 5>> grid(const Tensor& t) {
+  if (t.dim() != 2 || (t.stride(1) != 1 && t.size(1) > 1) || t.stride(0) < t.size(1)) return std::nullopt;
+  const int64_t ld = std::max<int64_t>(t.stride(0), 1), off = t.storage_offset();
+  if (off % ld + t.size(1) > ld) return std::nullopt;
+  return std::array<int64_t, 5>{ld, off / ld, off % ld, t.size(0), t.size(1)};
+}
+
+// Whether two non-empty tensors may share an element: disjoint byte spans never do, and two blocks of
+// one row-major matrix (tiles of a flat buffer, column blocks) only where their rows and columns both
+// intersect; anything else that spans the same bytes is taken to.
+inline bool may_share(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  if (a1 <= b0 || b1 <= a0) return false;
+  const auto ga = grid(a), gb = grid(b);
+  if (!ga || !gb || (*ga)[0] != (*gb)[0] || a.element_size() != b.element_size()) return true;
+  auto meet = [](int64_t s0, int64_t n0, int64_t s1, int64_t n1) { return s0 < s1 + n1 && s1 < s0 + n0; };
+  return meet((*ga)[1], (*ga)[3], (*gb)[1], (*gb)[3]) && meet((*ga)[2], (*ga)[4], (*gb)[2], (*gb)[4]);
+}
+
+}  // namespace overlap
+
+inline void check_momentum_group(TensorList Gs, TensorList Ms, TensorList As, TensorList Ss, TensorList Bs,
+                                 TensorList Vs, TensorList Outs, double momentum) {
+  check_group(Gs, As, Ss, Bs);
+  const std::array<std::pair<const char*, TensorList>, 3> likes = {
+      std::pair<const char*, TensorList>{"momenta", Ms}, {"vs", Vs}, {"out", Outs}};
+  for (const auto& [name, list] : likes) {
+    TORCH_CHECK_VALUE(list.size() == Gs.size(), name, " must have one tensor per layer (", Gs.size(),
+                      "), got ", list.size());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(momentum), "momentum must be a finite number, got ", momentum);
+  for (size_t i = 0; i < Gs.size(); ++i) {
+    const std::string prefix = "layer " + std::to_string(i) + ": ";
+    for (const auto& [name, list] : likes) check_like_grad(list[i], Gs[i], name, prefix);
+    for (const auto& [name, list] : {likes[1], likes[2]}) {
+      TORCH_CHECK_VALUE(at::has_internal_overlap(list[i]) != at::MemOverlap::Yes, prefix, name,
+                        " has elements that share memory (an expanded tensor); it is written");
+    }
+  }
+  // every written tensor against every argument
+  const std::array<std::pair<const char*, TensorList>, 7> all = {
+      std::pair<const char*, TensorList>{"grads", Gs}, {"momenta", Ms}, {"As", As}, {"Ss", Ss}, {"Bs", Bs},
+      {"vs", Vs}, {"out", Outs}};
+  for (size_t w = 5; w < 7; ++w) {
+    for (size_t i = 0; i < Gs.size(); ++i) {
+      const Tensor& t = all[w].second[i];
+      for (const auto& [name, list] : all) {
+        for (size_t j = 0; j < list.size(); ++j) {
+          const Tensor& u = list[j];
+          if (!u.defined() || &u == &t) continue;
+          TORCH_CHECK_VALUE(!overlap::may_share(t, u), all[w].first, "[", i, "] shares memory with ", name,
+                            "[", j, "]; the outputs must not overlap the inputs or each other");
+        }
+      }
+    }
   }
 }
 

@@ -5,8 +5,8 @@
 // The maths (forward, backward, identity factors) and the input rules are in apo_checks.h, shared
 // with the CUDA large-layer path; which layers of a grouped call run alone is cpu_schedule.h. This
 // file adds the direct path (2-D fp32/fp64 layers that are small or row-blocked: the same maths on
-// BLAS calls and plain loops), the ATen path for the rest with its ⊙S pass, the grouped loop and the
-// registration.
+// BLAS calls and plain loops), the ATen path for the rest with its ⊙S pass, the grouped loop, the
+// momentum step (v = μ·m + g and Y(v) in one pass, an optimizer's plain step) and the registration.
 //
 // Light headers only (no torch/extension.h, no pybind11): the module registers ops on load and
 // exposes no Python functions. The CUDA implementations live in csrc/cuda/*.cu.
@@ -371,6 +371,76 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
   return out;
 }
 
+// ---- momentum step: v = μ·m + g, then Y(v), one block of rows at a time (the block's v is still in
+// cache when the op reads it); the finiteness of v and of Y is read on the way.
+
+// torch.optim.SGD's rounding: the product, then the sum (the build keeps them two operations:
+// -ffp-contract=off), so v is bit for bit buf.mul_(μ).add_(g).
+template <typename T>
+void momentum_rows(const Mat<T>& V, const Mat<T>& M, const Mat<T>& G, T mu) {
+  for (int64_t i = 0; i < V.rows; ++i) {
+    T* v = V.p + i * V.ld;
+    const T* m = M.p + i * M.ld;
+    const T* g = G.p + i * G.ld;
+    for (int64_t j = 0; j < V.cols; ++j) {
+      const T scaled = mu * m[j];
+      v[j] = scaled + g[j];
+    }
+  }
+}
+
+// Whether every value is finite: an all-ones exponent is inf or NaN (an integer test, which
+// vectorizes where a floating-point reduction would not).
+template <typename T>
+bool finite_rows(const Mat<T>& X) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  Bits bad = 0;
+  for (int64_t i = 0; i < X.rows; ++i) {
+    const T* x = X.p + i * X.ld;
+    for (int64_t j = 0; j < X.cols; ++j) {
+      Bits b;
+      std::memcpy(&b, x + j, sizeof b);
+      bad |= Bits((b & kExponent) == kExponent);
+    }
+  }
+  return bad == 0;
+}
+
+// Whether the momentum step's outputs can be written in place: row-major views BLAS can address.
+inline bool writable_rows(const Tensor& t) {
+  const auto [s0, s1] = blas_strides(t);
+  return s1 == 1 && s0 >= t.size(1) && s0 <= INT_MAX;
+}
+
+// (v finite, Y finite) for one layer on this path; V and Y pass writable_rows.
+template <typename T>
+std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double momentum, Tensor A_,
+                                    const Tensor& S_, Tensor B_, const Tensor& V_, const Tensor& Y_) {
+  const Tensor G = row_major(G_), M = row_major(M_), S = row_major(S_);
+  const std::optional<Mat<T>> A = factor_view<T>(A_), B = factor_view<T>(B_);
+  const int64_t m = G.size(0), n = G.size(1), rows = block_rows(m, n, A.has_value());
+  const Mat<T> g = row_major_view<T>(G), mm = row_major_view<T>(M), s = row_major_view<T>(S);
+  const Mat<T> v = row_major_view<T>(V_), y = row_major_view<T>(Y_);
+  const Mat<T>* a = A ? &*A : nullptr;
+  const Mat<T>* b = B ? &*B : nullptr;
+  const T mu = static_cast<T>(momentum);
+  std::atomic<bool> v_finite{true}, y_finite{true};
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlasInRegion serial;
+    T* w = workspace<T>(2 * rows * n);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = k * rows, r = std::min(rows, m - r0);
+      const Mat<T> vb = v.row_block(r0, r), yb = y.row_block(r0, r);
+      momentum_rows(vb, mm.row_block(r0, r), g.row_block(r0, r), mu);
+      if (!finite_rows(vb)) v_finite.store(false, std::memory_order_relaxed);
+      forward_block(vb, a, s.row_block(r0, r), b, yb, w);
+      if (!finite_rows(yb)) y_finite.store(false, std::memory_order_relaxed);
+    }
+  });
+  return {v_finite.load(), y_finite.load()};
+}
+
 }  // namespace direct
 
 // ---------------------------------------------------------------------------------------------
@@ -508,6 +578,65 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_back
   return {std::move(out[0]), std::move(out[1]), std::move(out[2]), std::move(out[3])};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Momentum step: per layer v = μ·m + g into vs, Y(v) into out; (every v finite, every Y finite)
+
+// Any device: ATen's elementwise ops and the grouped op through the dispatcher (the CPU kernel below
+// takes this route for layers off the direct path).
+// v = μ·m + g into V (torch.optim.SGD's buf.mul_(μ).add_(g)); whether it is finite.
+bool momentum_generic(const Tensor& G, const Tensor& M, double momentum, const Tensor& V) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  V.copy_(M).mul_(momentum).add_(G);
+  return at::isfinite(V).all().item<bool>();
+}
+
+std::tuple<bool, bool> precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double momentum,
+                                                        const OptionalTensorList& As_, TensorList Ss,
+                                                        const OptionalTensorList& Bs_, TensorList Vs,
+                                                        TensorList Outs) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
+  checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
+  bool v_finite = true, y_finite = true;
+  for (size_t i = 0; i < Gs.size(); ++i) v_finite = momentum_generic(Gs[i], Ms[i], momentum, Vs[i]) && v_finite;
+  static const auto grouped =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("apo::precondition_grouped", "")
+          .typed<TensorVec(TensorList, const OptionalTensorList&, TensorList, const OptionalTensorList&)>();
+  const TensorVec Ys = grouped.call(Vs, As_, Ss, Bs_);
+  for (size_t i = 0; i < Ys.size(); ++i) {
+    Outs[i].copy_(Ys[i]);
+    y_finite = y_finite && at::isfinite(Ys[i]).all().item<bool>();
+  }
+  return {v_finite, y_finite};
+}
+
+std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double momentum, const Tensor& A,
+                                     const Tensor& S, const Tensor& B, const Tensor& V, const Tensor& Y) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (direct::applies(G, A) && direct::writable_rows(V) && direct::writable_rows(Y)) {
+    return G.scalar_type() == at::kFloat ? direct::momentum_step<float>(G, M, momentum, A, S, B, V, Y)
+                                         : direct::momentum_step<double>(G, M, momentum, A, S, B, V, Y);
+  }
+  const bool v_finite = momentum_generic(G, M, momentum, V);
+  Y.copy_(forward_layer(V, A, S, B));
+  return {v_finite, at::isfinite(Y).all().item<bool>()};
+}
+
+std::tuple<bool, bool> precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double momentum,
+                                                        const OptionalTensorList& As_, TensorList Ss,
+                                                        const OptionalTensorList& Bs_, TensorList Vs,
+                                                        TensorList Outs) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
+  checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
+  std::atomic<bool> v_finite{true}, y_finite{true};
+  for_each_layer(Gs, [&](int64_t i) {
+    const auto [v_ok, y_ok] = momentum_layer(Gs[i], Ms[i], momentum, As[i], Ss[i], Bs[i], Vs[i], Outs[i]);
+    if (!v_ok) v_finite.store(false, std::memory_order_relaxed);
+    if (!y_ok) y_finite.store(false, std::memory_order_relaxed);
+  });
+  return {v_finite.load(), y_finite.load()};
+}
+
 }  // namespace
 }  // namespace apo
 
@@ -522,6 +651,9 @@ TORCH_LIBRARY(apo, m) {
   m.def(
       "precondition_grouped_backward(Tensor[] grad_outs, Tensor[] grads, Tensor?[] As, "
       "Tensor[] Ss, Tensor?[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def(
+      "precondition_momentum_grouped(Tensor[] grads, Tensor[] momenta, float momentum, Tensor?[] As, "
+      "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out) -> (bool, bool)");
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {
@@ -529,4 +661,10 @@ TORCH_LIBRARY_IMPL(apo, CPU, m) {
   m.impl("precondition_backward", &apo::precondition_backward_cpu);
   m.impl("precondition_grouped", &apo::precondition_grouped_cpu);
   m.impl("precondition_grouped_backward", &apo::precondition_grouped_backward_cpu);
+  m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_cpu);
+}
+
+// Every other device: the composition of ATen ops and the device's grouped op.
+TORCH_LIBRARY_IMPL(apo, CompositeExplicitAutograd, m) {
+  m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_any);
 }

@@ -1010,3 +1010,64 @@ def test_a_layout_whose_split_copies_still_steps_like_sgd():
         sgd.step(closure_for(sgd, m2, x, y))
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b) and torch.equal(apo.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+
+
+class _WholeMatrices(nn.Module):
+    """Layers whose matrix is their one parameter (an embedding, a linear without bias), which the
+    CPU backend's plain steps give to the fused momentum op, next to layers it does not (a linear
+    with bias, a LayerNorm's diagonal)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = nn.Embedding(600, 6)  # tall: the kernel's row blocks
+        self.mix = nn.Linear(12, 12, bias=False)
+        self.norm = nn.LayerNorm(12)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, tok):
+        return self.out(self.norm(self.mix(self.emb(tok).flatten(1))))
+
+
+def test_fused_momentum_step_is_bit_for_bit_the_unfused_step():
+    """The fused momentum op (v and Y of whole-matrix layers in one pass) changes no value: θ, φ and
+    the momentum follow the unfused step exactly, over plain steps, meta-steps and a recovery."""
+    torch.manual_seed(0)
+    tok, y = torch.randint(0, 600, (16, 2)), torch.randint(0, 3, (16,))
+    m1 = _WholeMatrices()
+    m2 = copy.deepcopy(m1)
+    kw = opt_kwargs(lr=0.05, meta_interval=3, weight_decay=0.01, backend="cpu")
+    fused, plain = APOPrecond(m1, **kw), APOPrecond(m2, **kw)
+    assert [layer.name for layer in fused._fused_layers] == ["emb", "mix"]
+    plain._fused_layers = []
+    calls = []
+    real = preconditioners.momentum_precondition_many
+
+    def counting(*args, **kwargs):
+        calls.append(fused.step_count)
+        return real(*args, **kwargs)
+
+    precond_module = __import__("apo_kernels.optim.precond", fromlist=["momentum_precondition_many"])
+    original = precond_module.momentum_precondition_many
+    precond_module.momentum_precondition_many = counting
+    expected = []
+    try:
+        for step in range(8):
+            if step > 0 and not fused.meta_due():  # a plain step with momentum buffers
+                expected.append(step)
+            if step == 5:  # an update too large to take: both shrink S² and retry the same way
+                for opt in (fused, plain):
+                    with torch.no_grad():
+                        opt.layers[0].precond.S.fill_(60.0)
+            for opt, m in ((fused, m1), (plain, m2)):
+                opt.step(closure_for(opt, m, tok, y))
+            for a, b in zip(m1.parameters(), m2.parameters()):
+                assert torch.equal(a, b)
+                assert torch.equal(fused.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
+            assert all(torch.equal(a, b) for a, b in zip(fused.phi, plain.phi))
+    finally:
+        precond_module.momentum_precondition_many = original
+    # every plain step with momentum took the fused op (steps 0, 3 and 6 are meta-steps, and so is
+    # 7: the failed steps 5 and 6 ask for one at once)
+    assert calls == expected == [1, 2, 4, 5]
+    assert fused.recoveries == plain.recoveries > 0

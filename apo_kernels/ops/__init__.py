@@ -10,6 +10,7 @@ from .dispatch import (
     precondition_backward,
     precondition_grouped,
     precondition_grouped_backward,
+    precondition_momentum_grouped,
     resolve_backend,
 )
 from .library import OpFamily, library_family
@@ -22,6 +23,7 @@ __all__ = [
     "precondition_backward",
     "precondition_grouped",
     "precondition_grouped_backward",
+    "precondition_momentum_grouped",
     "register",
     "registered",
     "resolve_backend",

@@ -12,6 +12,7 @@ trace time, and a shape that is only known at run time becomes a runtime assert.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional, Sequence
 
@@ -89,18 +90,22 @@ def check_layer(grad, A, S, B, *, prefix: str = "", grad_name: str = "grad") -> 
             )
 
 
-def check_grad_out(grad_out, grad, *, prefix: str = "") -> None:
-    _check_tensor(prefix + "grad_out", grad_out)
-    message = lambda: (  # noqa: E731
-        f"{prefix}grad_out must have the shape of grad {_shape(grad)}, got {_shape(grad_out)}"
-    )
-    _require(grad_out.ndim == grad.ndim, ValueError, message)
-    for got_d, want_d in zip(grad_out.shape, grad.shape):
+def check_like_grad(t, grad, name: str, *, prefix: str = "") -> None:
+    """``t`` must be like grad: its shape, dtype and device (grad_out; the momentum step's momenta,
+    vs and out)."""
+    _check_tensor(prefix + name, t)
+    message = lambda: f"{prefix}{name} must have the shape of grad {_shape(grad)}, got {_shape(t)}"  # noqa: E731
+    _require(t.ndim == grad.ndim, ValueError, message)
+    for got_d, want_d in zip(t.shape, grad.shape):
         _require(got_d == want_d, ValueError, message)
-    if grad_out.dtype != grad.dtype:
-        raise TypeError(f"{prefix}grad_out has dtype {grad_out.dtype} but grad has {grad.dtype}")
-    if grad_out.device != grad.device:
-        raise ValueError(f"{prefix}grad_out is on {grad_out.device} but grad is on {grad.device}")
+    if t.dtype != grad.dtype:
+        raise TypeError(f"{prefix}{name} has dtype {t.dtype} but grad has {grad.dtype}")
+    if t.device != grad.device:
+        raise ValueError(f"{prefix}{name} is on {t.device} but grad is on {grad.device}")
+
+
+def check_grad_out(grad_out, grad, *, prefix: str = "") -> None:
+    check_like_grad(grad_out, grad, "grad_out", prefix=prefix)
 
 
 def check_output_mask(output_mask) -> tuple[bool, bool, bool, bool]:
@@ -141,6 +146,71 @@ def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True) -
             raise ValueError(f"{prefix}device {g.device} differs from layer 0's {grads[0].device}")
         if grad_outs is not _NOT_GIVEN:
             check_grad_out(grad_outs[i], g, prefix=prefix)
+
+
+def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out) -> None:
+    """The momentum step's arguments (apo_checks.h's check_momentum_group, same messages): the
+    grouped op's lists; momenta, vs, out one per layer, like grads[i]; a finite momentum; vs and out
+    written, so sharing no element with any argument or each other."""
+    check_group(grads, As, Ss, Bs)
+    likes = {"momenta": momenta, "vs": vs, "out": out}
+    for name, seq in likes.items():
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+        if len(seq) != len(grads):
+            raise ValueError(f"{name} must have one tensor per layer ({len(grads)}), got {len(seq)}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number, got {type(momentum).__name__}")
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be a finite number, got {momentum}")
+    for i, g in enumerate(grads):
+        for name, seq in likes.items():
+            check_like_grad(seq[i], g, name, prefix=f"layer {i}: ")
+        for name in ("vs", "out"):
+            if torch._debug_has_internal_overlap(likes[name][i]) == 1:
+                raise ValueError(f"layer {i}: {name} has elements that share memory (an expanded tensor); "
+                                 "it is written")
+    everything = {"grads": grads, "momenta": momenta, "As": As, "Ss": Ss, "Bs": Bs, "vs": vs, "out": out}
+    for wname in ("vs", "out"):
+        for i, t in enumerate(everything[wname]):
+            for name, seq in everything.items():
+                for j, u in enumerate(seq):
+                    if u is None or (name == wname and j == i):
+                        continue
+                    if _may_share(t, u):
+                        raise ValueError(f"{wname}[{i}] shares memory with {name}[{j}]; the outputs must not "
+                                         "overlap the inputs or each other")
+
+
+def _span(t) -> tuple[int, int]:
+    lo = sum(st * (n - 1) for st, n in zip(t.stride(), t.shape) if st < 0)
+    hi = sum(st * (n - 1) for st, n in zip(t.stride(), t.shape) if st > 0)
+    base, size = t.data_ptr(), t.element_size()
+    return base + lo * size, base + (hi + 1) * size
+
+
+def _grid(t):
+    """(row stride, first row, first column, rows, columns) of a 2-D unit-column-stride view in the
+    row-major matrix its storage is, or None."""
+    if t.ndim != 2 or (t.stride(1) != 1 and t.shape[1] > 1) or t.stride(0) < t.shape[1]:
+        return None
+    ld, off = max(t.stride(0), 1), t.storage_offset()
+    if off % ld + t.shape[1] > ld:
+        return None
+    return ld, off // ld, off % ld, t.shape[0], t.shape[1]
+
+
+def _may_share(a, b) -> bool:
+    """Whether two tensors may share an element (apo_checks.h's overlap::may_share)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    ga, gb = _grid(a), _grid(b)
+    if ga is None or gb is None or ga[0] != gb[0] or a.element_size() != b.element_size():
+        return True
+    return ga[1] < gb[1] + gb[3] and gb[1] < ga[1] + ga[3] and ga[2] < gb[2] + gb[4] and gb[2] < ga[2] + ga[4]
 
 
 def _group_ok(grads, As, Ss, Bs) -> bool:

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._numerics import all_finite
 from . import _validate, reference
 from .backends import check_name, resolve
 from .library import OpFamily, grouped_backward_lists, public_slots, saved_mask
@@ -157,3 +158,40 @@ def precondition_grouped_backward(
     family = resolve(backend, grads[0].device).family
     outs = family.grouped_backward(list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask))
     return tuple(public_slots(out, k, As, Bs) if need else [] for k, (out, need) in enumerate(zip(outs, mask)))
+
+
+def precondition_momentum_grouped(
+    grads: Sequence[Tensor], momenta: Sequence[Tensor], momentum: float, As: Sequence[Optional[Tensor]],
+    Ss: Sequence[Tensor], Bs: Sequence[Optional[Tensor]], *, vs: Sequence[Tensor], out: Sequence[Tensor],
+    backend: str = "auto",
+) -> tuple[bool, bool]:
+    """A momentum optimizer's preconditioned step direction, per layer, in one call (no autograd):
+
+        vs[i] = momentum · momenta[i] + grads[i]       (torch.optim.SGD's buf.mul_(μ).add_(g), bit for bit)
+        out[i] = precondition(vs[i], As[i], Ss[i], Bs[i])
+
+    Layers as in ``precondition_grouped``; momenta, vs and out have grads[i]'s shape, dtype and
+    device, and vs and out share no memory with any argument. Returns (every v finite, every Y
+    finite). The CPU kernel forms each block of rows' v and Y while they are in cache; other backends
+    compose the elementwise ops and their grouped op.
+    """
+    check_name(backend)
+    _validate.check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out)
+    if len(grads) == 0:
+        return True, True
+    family = resolve(backend, grads[0].device).family
+    lists = (list(grads), list(momenta), float(momentum), list(As), list(Ss), list(Bs), list(vs), list(out))
+    if family.momentum_grouped is not None:
+        return tuple(family.momentum_grouped(*lists))
+    return _momentum_grouped_composite(family, *lists)
+
+
+def _momentum_grouped_composite(family: OpFamily, grads, momenta, momentum, As, Ss, Bs, vs, out):
+    """The momentum step from a family's grouped op (a family without a fused one)."""
+    with torch.no_grad():
+        for v, m, g in zip(vs, momenta, grads):
+            torch.mul(m, momentum, out=v)
+            v.add_(g)
+        Ys = family.grouped(vs, As, Ss, Bs)
+        torch._foreach_copy_(out, Ys)
+        return all_finite(vs), all_finite(out)

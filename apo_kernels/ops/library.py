@@ -35,12 +35,16 @@ class OpFamily:
     ``A``/``B`` (entries of ``As``/``Bs``) may be None: an identity factor. ``output_mask`` is a
     list of 4 bools. A masked-off output, and the gradient of an identity factor, is an empty (0,)
     tensor (a masked-off list: an empty list); plain Python families may return None there.
+
+    Optional, a fused momentum step (None: the public function composes it from ``grouped``):
+    momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out) -> (bool, bool)
     """
 
     forward: Callable
     backward: Callable
     grouped: Callable
     grouped_backward: Callable
+    momentum_grouped: Optional[Callable] = None
 
 
 def saved_mask(needs: Sequence[bool]) -> tuple[bool, bool, bool, bool]:
@@ -87,6 +91,8 @@ def library_family(prefix: str) -> OpFamily:
         backward=getattr(packet, f"{stem}precondition_backward").default,
         grouped=getattr(packet, f"{stem}precondition_grouped").default,
         grouped_backward=getattr(packet, f"{stem}precondition_grouped_backward").default,
+        momentum_grouped=(getattr(packet, f"{stem}precondition_momentum_grouped").default
+                          if hasattr(packet, f"{stem}precondition_momentum_grouped") else None),
     )
 
     # The fake kernels check the inputs like every real kernel does: they also serve as the Meta

@@ -47,6 +47,7 @@ from .preconditioners import (
     DiagonalPreconditioner,
     StructuredPreconditioner,
     meta_backward_many,
+    momentum_precondition_many,
     precondition_many,
 )
 
@@ -93,6 +94,14 @@ def _matrix(layer: _Layer, parts: list[Tensor]) -> Tensor:
     return layer.matrix(*parts) if len(parts) == 2 else layer.matrix(parts[0], None)
 
 
+def _whole_matrix(layer: _Layer) -> bool:
+    """Whether the layer's matrix is its one parameter, reshaped (its gradient is then G)."""
+    if layer.view_geometry is None or len(layer.params) != 1:
+        return False
+    size, stride, offset = layer.view_geometry[0]
+    return offset == 0 and stride == torch.empty(size, device="meta").stride()
+
+
 def _view_geometry(layer: Layer) -> Optional[list[tuple[tuple[int, ...], tuple[int, ...], int]]]:
     """(size, stride, offset) of each tensor the layer's ``split`` returns for a contiguous (m, n)
     matrix when they are all views of it (every built-in layout), else None; probed on a meta tensor
@@ -114,8 +123,9 @@ class _StepBuffers:
     Copies 0 and 1 are the momentum (``current``) and the next step's v = μ·buf + g (``spare``).
     They swap when a step's update is taken, so a skipped step leaves the momentum as it was. With
     ``directions`` a third copy holds the step's Y where the caller can write it (the kron
-    structure's GEMMs, the diagonal preconditioners), and ``work`` (as long as the largest layer's
-    matrix) an intermediate of one layer at a time.
+    structure's GEMMs, the fused momentum step, the diagonal preconditioners), and with ``work``
+    (the kron structure) a buffer as long as the largest layer's matrix holds an intermediate of one
+    layer at a time.
 
     A layer whose ``split`` returns views (every built-in layout) has its (m, n) matrix as one
     contiguous block of each copy, its parameters' values being views of that block: v written per
@@ -128,7 +138,7 @@ class _StepBuffers:
     ALIGN_BYTES = 64
 
     def __init__(self, layers: list[_Layer], others: list[Tensor], dtype: torch.dtype, device: torch.device,
-                 directions: bool = False):
+                 directions: bool = False, work: bool = False):
         per = max(1, self.ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
         in_place = [layer.view_geometry is not None for layer in layers]  # probed once, at construction
         blocks, size = [], 0  # (start, shape): a layer's matrix, or one parameter
@@ -153,7 +163,7 @@ class _StepBuffers:
         # per copy, per layer: its parameters' views
         self.layer_views = [[views[s:s + c] for s, c in zip(starts, counts)] for views in self.views]
         largest = max([math.prod(layer.shape) for layer in layers], default=0)
-        self.work = torch.empty(largest, dtype=dtype, device=device) if directions and largest else None
+        self.work = torch.empty(largest, dtype=dtype, device=device) if work and largest else None
         self.current = 0
 
     DIRECTIONS = 2  # the copy holding Y
@@ -171,7 +181,13 @@ class _StepBuffers:
 
 
 class _PrecondPlan(_Plan):
-    pass
+    # The fused momentum step's results, when this step took it: layer index → its Y (a view of the
+    # directions copy), whether every such Y is finite, and the spare views of the parameters whose
+    # v was formed outside it (the gradient check reads those; the op checked the rest).
+    ready: Optional[dict] = None
+    ready_finite: bool = True
+    rest_vs: Optional[list] = None
+    fused_v_finite: bool = True
 
 
 class APOPrecond(APOCore):
@@ -279,7 +295,7 @@ class APOPrecond(APOCore):
         if len(devices) != 1:
             raise ValueError(f"model: all trainable parameters must be on one device, got {sorted(map(str, devices))}")
         device = trainable[0].device
-        resolve_backend(backend, device)  # an unavailable backend fails here, naming it, not at step
+        resolved = resolve_backend(backend, device)  # an unavailable backend fails here, naming it, not at step
         self.phi_dtype = torch.float64 if any(p.dtype == torch.float64 for p in trainable) else torch.float32
         finfo = torch.finfo(self.phi_dtype)
         if not finfo.tiny <= lr / update_scale <= finfo.max:
@@ -319,6 +335,11 @@ class APOPrecond(APOCore):
         self._index = {id(p): i for i, p in enumerate(params)}
         # sharded mode: φ only for this rank's preconditioners (the others' are placeholders)
         self._shards = distributed.shard_preconditioners(model, self.layers, self.diagonals, shard_preconditioners)
+        # Layers whose plain steps take the fused momentum op, whose CPU kernel forms v and Y one block
+        # of rows at a time: one parameter that is the layer's whole matrix (an embedding, a linear or
+        # conv without bias), with the full structure and momentum, unsharded
+        self._fused_layers = [layer for layer in self.layers if _whole_matrix(layer)] if (
+            structure == "full" and momentum != 0 and resolved == "cpu" and self._shards is None) else []
         self._phi = [t for layer in self.layers for t in layer.precond.parameters()] + \
                     [t for _, _, d in self.diagonals for t in d.parameters()]
         # Adam moves every entry by ≈ lr; the meta-gradient of a d×d factor is low-rank, so its
@@ -388,7 +409,10 @@ class APOPrecond(APOCore):
         # v = μ·buf + (g + wd·θ) is finite only if g is (NaN and ±inf survive + and ·), so one fused
         # check of the spare buffer, which holds every v and is ours to write, clears all gradients;
         # the gradients themselves are read only when it fails (v may overflow from finite values)
-        if plan.buffers is not None and all_finite_scratch([plan.buffers.flat[plan.buffers.spare]]):
+        if plan.rest_vs is not None:  # the fused op checked its layers' v
+            if plan.fused_v_finite and all_finite_scratch(plan.rest_vs):
+                return loss_finite(loss)
+        elif plan.buffers is not None and all_finite_scratch([plan.buffers.flat[plan.buffers.spare]]):
             return loss_finite(loss)
         return super()._local_grads_finite(loss, plan)
 
@@ -406,8 +430,9 @@ class APOPrecond(APOCore):
         if any((b is not None) != with_momentum for b in bufs):
             return False
         if self._buffers is None:
-            self._buffers = _StepBuffers(self.layers, [p for _, p, _ in self.diagonals],
-                                         self.phi_dtype, params[0].device, directions=self.structure == "kron")
+            kron = self.structure == "kron"
+            self._buffers = _StepBuffers(self.layers, [p for _, p, _ in self.diagonals], self.phi_dtype,
+                                         params[0].device, directions=kron or bool(self._fused_layers), work=kron)
         mb = self._buffers
         vs = mb.views[mb.spare]
         if wd != 0:
@@ -416,8 +441,12 @@ class APOPrecond(APOCore):
             held = mb.views[mb.current]
             if any(b is not h for b, h in zip(bufs, held)):  # restored by load_state_dict, or set by hand
                 torch._foreach_copy_(held, bufs)
-            torch.mul(mb.flat[mb.current], mom, out=mb.flat[mb.spare])
-            torch._foreach_add_(vs, grads)
+            fused = self._fused_this_step(grads)
+            if fused:
+                self._momentum_step_fused(plan, fused, grads, mom)
+            else:
+                torch.mul(mb.flat[mb.current], mom, out=mb.flat[mb.spare])
+                torch._foreach_add_(vs, grads)
         else:
             torch._foreach_copy_(vs, grads)
         plan.params, plan.vs, plan.buffers, plan.complete = params, vs, mb, True
@@ -425,6 +454,33 @@ class APOPrecond(APOCore):
         plan.Gs = [G if G is not None else _matrix(layer, layer_vs)
                    for layer, G, layer_vs in zip(self.layers, mb.mats[mb.spare], mb.layer_views[mb.spare])]
         return True
+
+    def _fused_this_step(self, grads: list[Tensor]) -> list[_Layer]:
+        """The fused layers whose v and Y this step forms in the fused op: a plain step past warm-up
+        (a meta-step changes φ before Y is taken; warm-up steps take v) with contiguous gradients."""
+        if not self._fused_layers or self.meta_due() or self._apo_step < self.warmup_steps:
+            return []
+        return [layer for layer in self._fused_layers if grads[self._index[id(layer.weight)]].is_contiguous()]
+
+    def _momentum_step_fused(self, plan, fused: list[_Layer], grads: list[Tensor], mom: float) -> None:
+        """v = μ·buf + g for every parameter into the spare copy and, for the ``fused`` layers, Y(v) into
+        the directions copy: those in one call of the fused op (bit for bit torch.optim.SGD's v), the
+        other parameters' v with foreach ops (the same rounding)."""
+        mb = plan.buffers = self._buffers
+        cur, spare, out = mb.mats[mb.current], mb.mats[mb.spare], mb.mats[mb.DIRECTIONS]
+        taken = {self._index[id(layer.weight)] for layer in fused}
+        rest = [i for i in range(len(grads)) if i not in taken]
+        held, vs = mb.views[mb.current], mb.views[mb.spare]
+        plan.rest_vs = [vs[i] for i in rest]
+        if rest:
+            torch._foreach_copy_(plan.rest_vs, [held[i] for i in rest])
+            torch._foreach_mul_(plan.rest_vs, mom)
+            torch._foreach_add_(plan.rest_vs, [grads[i] for i in rest])
+        plan.fused_v_finite, plan.ready_finite = momentum_precondition_many(
+            [layer.precond for layer in fused], [grads[self._index[id(layer.weight)]].view(layer.shape) for layer in fused],
+            [cur[layer.index] for layer in fused], mom, [spare[layer.index] for layer in fused],
+            [out[layer.index] for layer in fused], backend=self.backend)
+        plan.ready = {layer.index: out[layer.index] for layer in fused}
 
     def _prepare_fresh(self, plan, mom: float, wd: float) -> None:
         """Any mix of missing gradients, buffers and dtypes, one parameter at a time, in fresh
@@ -460,19 +516,23 @@ class APOPrecond(APOCore):
         into S); the tensors that hold them, each layer's whole Y, to be checked at once). Fresh
         tensors (the op's results) or views of them, except where this step's buffers hold a
         directions copy (the kron structure): there Y overwrites the previous step's."""
-        mb = plan.buffers if plan.buffers is not None and plan.buffers.work is not None else None
+        mb = plan.buffers if plan.buffers is not None and len(plan.buffers.flat) > plan.buffers.DIRECTIONS else None
+        ready = plan.ready or {}  # Ys the fused momentum step already formed (and checked)
         if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
             Ys = [l.precond.apply(G) if mb is None else
                   l.precond.apply(G, out=mb.mats[mb.DIRECTIONS][l.index], work=mb.work_for(G.shape))
                   for l, G in zip(plan.layers, plan.Gs)]
         else:
             # G is built here in φ's dtype and device with each layer's shape: the op directly
-            Ys = precondition_many([l.precond for l in plan.layers], plan.Gs, backend=self.backend, checked=True)
+            todo = [(l, G) for l, G in zip(plan.layers, plan.Gs) if l.index not in ready]
+            done = iter(precondition_many([l.precond for l, _ in todo], [G for _, G in todo], backend=self.backend,
+                                          checked=True))
+            Ys = [ready[l.index] if l.index in ready else next(done) for l in plan.layers]
         parts = [y for layer, Y in zip(plan.layers, Ys) for y in layer.split(Y)]
         diags = [d.apply(plan.v_of[id(p)], out=None if mb is None else mb.views[mb.DIRECTIONS][self._index[id(p)]])
                  for p, d in plan.diags]
         if plan.in_order:  # every layer's parameters, then the diagonal ones: plan.params' order
-            return parts + diags, Ys + diags
+            return parts + diags, [Y for l, Y in zip(plan.layers, Ys) if l.index not in ready] + diags
         out = dict(zip([id(p) for layer in plan.layers for p in layer.params], parts))
         out.update((id(p), y) for (p, _), y in zip(plan.diags, diags))
         # sharded: the other owners' updates arrive by broadcast
@@ -512,7 +572,9 @@ class APOPrecond(APOCore):
             # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
             # base step, else the meta-step would learn S back up and undo the decay.
             (steps, whole), scale = self._directions(plan), self.update_scale * self.schedule_factor()
-        if not all_finite_scratch(whole):  # this step's own tensors (v: the spare buffer)
+        # the fused step's Ys are used once: a retry after φ shrinks forms every Y again
+        fused_finite, plan.ready, plan.ready_finite = plan.ready_finite, None, True
+        if not (fused_finite and all_finite_scratch(whole)):  # this step's own tensors (v: the spare buffer)
             return False
         params = plan.params
         if any(y.dtype != p.dtype for p, y in zip(params, steps)):

@@ -4,7 +4,8 @@
   A/B for sides above ``max_dim`` (``split_sizes``); ``DiagonalPreconditioner``: Y = S²⊙G for
   any shape.
 - ``precondition_many`` / ``meta_backward_many``: many structured preconditioners in ONE grouped
-  op call (forward, and the op's registered backward for ∂Q/∂φ).
+  op call (forward, and the op's registered backward for ∂Q/∂φ); ``momentum_precondition_many``:
+  the momentum step v = μ·m + g and Y(v) of many in one call of the fused op.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ __all__ = [
     "StructuredPreconditioner",
     "DiagonalPreconditioner",
     "precondition_many",
+    "momentum_precondition_many",
     "meta_backward_many",
 ]
 
@@ -290,6 +292,26 @@ def precondition_many(
         out.append(pc.assemble(Ys[k:k + c]))
         k += c
     return out
+
+
+@torch.no_grad()
+def momentum_precondition_many(
+    preconds: Sequence[StructuredPreconditioner], grads: Sequence[Tensor], momenta: Sequence[Tensor],
+    momentum: float, vs: Sequence[Tensor], outs: Sequence[Tensor], *, backend: str = "auto",
+) -> tuple[bool, bool]:
+    """For each layer v_i = momentum·momenta[i] + grads[i] into vs[i] and Y_i = preconds[i] applied to
+    v_i into outs[i] (all (m_i, n_i), φ's dtype and device), every tile in ONE call of
+    ``apo_kernels.precondition_momentum_grouped``; returns (every v finite, every Y finite)."""
+    tiles = [[], [], [], [], [], [], []]  # grads, momenta, As, S²s, Bs, vs, outs
+    for pc, g, m, v, y in zip(preconds, grads, momenta, vs, outs):
+        g_tiles, As, Ss, Bs = pc.op_inputs(g)
+        for k, ts in enumerate((g_tiles, pc.tiles(m), As, Ss, Bs, pc.tiles(v), pc.tiles(y))):
+            tiles[k] += ts
+    if not tiles[0]:
+        return True, True
+    g_tiles, m_tiles, As, Ss, Bs, v_tiles, y_tiles = tiles
+    return apo_kernels.precondition_momentum_grouped(g_tiles, m_tiles, momentum, As, Ss, Bs, vs=v_tiles,
+                                                     out=y_tiles, backend=backend)
 
 
 def _op_inputs_many(preconds, Gs) -> tuple[list, list, list, list, list[int]]:
