@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ScalarOps.h>
 #include <torch/library.h>
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
@@ -157,18 +158,91 @@ void gemm(const Mat<T>& C, const Mat<T>& X, const Mat<T>& Y, T beta = T(0)) {
             C.p, static_cast<int>(C.ld));
 }
 
+// ---- elementwise loops over blocks of rows, compiled for AVX-512, AVX2 and the baseline x86-64 (the
+// loader picks one for the CPU it runs on); one call per block, not per row.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define APO_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define APO_SIMD_CLONES
+#endif
+#define APO_INLINE inline __attribute__((always_inline))
+
+namespace loops {
+
+template <typename T>
+APO_INLINE void mul(const Mat<T>& out, const Mat<T>& x, const Mat<T>& y) {
+  for (int64_t i = 0; i < out.rows; ++i) {
+    T* o = out.p + i * out.ld;
+    const T* a = x.p + i * x.ld;
+    const T* b = y.p + i * y.ld;
+    for (int64_t j = 0; j < out.cols; ++j) o[j] = a[j] * b[j];
+  }
+}
+
+// v = μ·m + g with torch.optim.SGD's rounding: the product, then the sum (kept two operations by
+// -ffp-contract=off), so v is bit for bit buf.mul_(μ).add_(g).
+template <typename T>
+APO_INLINE void momentum(const Mat<T>& V, const Mat<T>& M, const Mat<T>& G, T mu) {
+  for (int64_t i = 0; i < V.rows; ++i) {
+    T* v = V.p + i * V.ld;
+    const T* m = M.p + i * M.ld;
+    const T* g = G.p + i * G.ld;
+    for (int64_t j = 0; j < V.cols; ++j) {
+      const T scaled = mu * m[j];
+      v[j] = scaled + g[j];
+    }
+  }
+}
+
+// Whether every value is finite: an all-ones exponent is inf or NaN (an integer test, which
+// vectorizes where a floating-point reduction would not).
+template <typename T>
+APO_INLINE bool finite(const Mat<T>& X) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  Bits bad = 0;
+  for (int64_t i = 0; i < X.rows; ++i) {
+    const T* x = X.p + i * X.ld;
+    for (int64_t j = 0; j < X.cols; ++j) {
+      Bits b;
+      std::memcpy(&b, x + j, sizeof b);
+      bad |= Bits((b & kExponent) == kExponent);
+    }
+  }
+  return bad == 0;
+}
+
+APO_SIMD_CLONES void mul_f32(const Mat<float>& o, const Mat<float>& x, const Mat<float>& y) { mul(o, x, y); }
+APO_SIMD_CLONES void mul_f64(const Mat<double>& o, const Mat<double>& x, const Mat<double>& y) { mul(o, x, y); }
+APO_SIMD_CLONES void momentum_f32(const Mat<float>& v, const Mat<float>& m, const Mat<float>& g, float mu) {
+  momentum(v, m, g, mu);
+}
+APO_SIMD_CLONES void momentum_f64(const Mat<double>& v, const Mat<double>& m, const Mat<double>& g, double mu) {
+  momentum(v, m, g, mu);
+}
+APO_SIMD_CLONES bool finite_f32(const Mat<float>& x) { return finite(x); }
+APO_SIMD_CLONES bool finite_f64(const Mat<double>& x) { return finite(x); }
+
+}  // namespace loops
+
+inline void mul_rows(const Mat<float>& o, const Mat<float>& x, const Mat<float>& y) { loops::mul_f32(o, x, y); }
+inline void mul_rows(const Mat<double>& o, const Mat<double>& x, const Mat<double>& y) { loops::mul_f64(o, x, y); }
+inline void momentum_rows(const Mat<float>& v, const Mat<float>& m, const Mat<float>& g, float mu) {
+  loops::momentum_f32(v, m, g, mu);
+}
+inline void momentum_rows(const Mat<double>& v, const Mat<double>& m, const Mat<double>& g, double mu) {
+  loops::momentum_f64(v, m, g, mu);
+}
+inline bool finite_rows(const Mat<float>& x) { return loops::finite_f32(x); }
+inline bool finite_rows(const Mat<double>& x) { return loops::finite_f64(x); }
+
 // out = x ⊙ y (row-major views; out may be x or y). Split over rows on the intra-op threads when big
 // enough, and outside a parallel region (a layer that runs alone); inline otherwise.
 template <typename T>
 void mul(const Mat<T>& out, const Mat<T>& x, const Mat<T>& y) {
   const int64_t grain = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(out.cols, 1));
   at::parallel_for(0, out.rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* o = out.p + i * out.ld;
-      const T* a = x.p + i * x.ld;
-      const T* b = y.p + i * y.ld;
-      for (int64_t j = 0; j < out.cols; ++j) o[j] = a[j] * b[j];
-    }
+    mul_rows(out.row_block(begin, end - begin), x.row_block(begin, end - begin), y.row_block(begin, end - begin));
   });
 }
 
@@ -374,39 +448,6 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
 // ---- momentum step: v = μ·m + g, then Y(v), one block of rows at a time (the block's v is still in
 // cache when the op reads it); the finiteness of v and of Y is read on the way.
 
-// torch.optim.SGD's rounding: the product, then the sum (the build keeps them two operations:
-// -ffp-contract=off), so v is bit for bit buf.mul_(μ).add_(g).
-template <typename T>
-void momentum_rows(const Mat<T>& V, const Mat<T>& M, const Mat<T>& G, T mu) {
-  for (int64_t i = 0; i < V.rows; ++i) {
-    T* v = V.p + i * V.ld;
-    const T* m = M.p + i * M.ld;
-    const T* g = G.p + i * G.ld;
-    for (int64_t j = 0; j < V.cols; ++j) {
-      const T scaled = mu * m[j];
-      v[j] = scaled + g[j];
-    }
-  }
-}
-
-// Whether every value is finite: an all-ones exponent is inf or NaN (an integer test, which
-// vectorizes where a floating-point reduction would not).
-template <typename T>
-bool finite_rows(const Mat<T>& X) {
-  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
-  Bits bad = 0;
-  for (int64_t i = 0; i < X.rows; ++i) {
-    const T* x = X.p + i * X.ld;
-    for (int64_t j = 0; j < X.cols; ++j) {
-      Bits b;
-      std::memcpy(&b, x + j, sizeof b);
-      bad |= Bits((b & kExponent) == kExponent);
-    }
-  }
-  return bad == 0;
-}
-
 // Whether the momentum step's outputs can be written in place: row-major views BLAS can address.
 inline bool writable_rows(const Tensor& t) {
   const auto [s0, s1] = blas_strides(t);
@@ -586,7 +627,10 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_back
 // v = μ·m + g into V (torch.optim.SGD's buf.mul_(μ).add_(g)); whether it is finite.
 bool momentum_generic(const Tensor& G, const Tensor& M, double momentum, const Tensor& V) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  V.copy_(M).mul_(momentum).add_(G);
+  // μ as Python passes it, a wrapped number: a half-precision m is multiplied by μ in fp32, not by μ
+  // rounded to half (what the Scalar overload would do)
+  Tensor v = V;  // (a handle: the schema's output is written through it)
+  at::mul_out(v, M, at::native::wrapped_scalar_tensor(momentum)).add_(G);
   return at::isfinite(V).all().item<bool>();
 }
 
@@ -596,6 +640,7 @@ std::tuple<bool, bool> precondition_momentum_grouped_any(TensorList Gs, TensorLi
                                                         TensorList Outs) {
   const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
+  if (Gs.empty()) return {true, true};  // (no tensor to dispatch the grouped op on)
   bool v_finite = true, y_finite = true;
   for (size_t i = 0; i < Gs.size(); ++i) v_finite = momentum_generic(Gs[i], Ms[i], momentum, Vs[i]) && v_finite;
   static const auto grouped =

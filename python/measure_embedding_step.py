@@ -6,13 +6,14 @@ The variants run interleaved in one process (round-robin blocks), medians per st
 --threads 1 the clock is the process's CPU time (robust to other jobs on the machine), otherwise
 wall time.
 
-The bound is the same model's fwd+bwd plus the tensor operations a plain step cannot avoid, timed
-as bare torch calls on persistent tensors (no optimizer code, no fresh allocation):
+The bound is the same model's fwd+bwd plus the operations a plain step cannot avoid, timed as bare
+calls on persistent tensors (no optimizer code, no fresh allocation):
   SGD+momentum  buf·μ + g in place, θ −= lr·buf                                  (8 passes)
-  full          v = μ·buf + g into a spare buffer (6 passes with the write-allocate read),
-                the identity-side op as row blocks (G and S² read once, Y written once, the
-                two 64×64 GEMMs over all rows: ≈ 4.3 GFLOP), the check of Y and of the gradient
-                (one read each), θ −= Y (3 passes)
+  full          one call of the fused momentum op (apo_kernels.precondition_momentum_grouped:
+                per block of rows v = μ·buf + g, the two 64×64 GEMMs with S² between them,
+                ≈ 4.3 GFLOP over all rows, and the finiteness of v and Y), θ −= Y (3 passes)
+  unfused full  the same step from separate torch calls: v into a spare buffer, the op as row
+                blocks, a check of Y and of the gradient (one read each), θ −= Y
   kron          v as above, G·diag(u) into a work buffer, one GEMM with R into Y (≈ 2.1 GFLOP),
                 the two checks and θ −= Y
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import apo_kernels
 from apo_kernels.optim import APOPrecond
 
 VOCAB, DIM, TOKENS, BATCH = 262144, 64, 16, 32
@@ -89,6 +91,11 @@ def main() -> None:
         p.add_(Y, alpha=-0.1)
 
     def full(g):
+        apo_kernels.precondition_momentum_grouped([g], [cur], 0.9, [None], [S2], [B], vs=[spare], out=[Y],
+                                                  backend="cpu")
+        p.add_(Y, alpha=-0.1)
+
+    def unfused_full(g):
         v(g)
         for r0 in range(0, VOCAB, block.shape[0]):
             r1 = r0 + block.shape[0]
@@ -118,7 +125,8 @@ def main() -> None:
         return step
 
     variants = {"SGD+momentum": trainer("sgd"), "APO full": trainer("full"), "APO kron": trainer("kron"),
-                "bound SGD+momentum": bare(sgd_ops), "bound full": bare(full), "bound kron": bare(kron)}
+                "bound SGD+momentum": bare(sgd_ops), "bound full": bare(full), "bound unfused full": bare(unfused_full),
+                "bound kron": bare(kron)}
     times = {k: [] for k in variants}
     for r in range(args.rounds + 1):
         for k, step in variants.items():
@@ -128,7 +136,7 @@ def main() -> None:
                     times[k].append(t)
     med = {k: (statistics.median(a for a, _ in ts), statistics.median(b for _, b in ts)) for k, ts in times.items()}
     print(f"threads {args.threads}, {'CPU' if args.threads == 1 else 'wall'} time, medians of {3 * args.rounds} steps")
-    for group in (("SGD+momentum", "APO full", "APO kron"), ("bound SGD+momentum", "bound full", "bound kron")):
+    for group in (("SGD+momentum", "APO full", "APO kron"), ("bound SGD+momentum", "bound full", "bound unfused full", "bound kron")):
         base = sum(med[group[0]])
         for k in group:
             fb, st = med[k]

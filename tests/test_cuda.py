@@ -640,7 +640,28 @@ def test_grouped_noncontiguous_and_empty():
             assert_close(o, e, torch.float32, f"output {k}")
 
 
+@requires_cuda
+def test_momentum_step_composite_on_cuda():
+    """The fused momentum op on CUDA tensors (its composite kernel: ATen's elementwise ops and the
+    CUDA grouped op): v bit for bit torch.optim.SGD's buf.mul_(μ).add_(g), Y against the float64
+    reference, and the finiteness flags."""
+    shapes = [(7, 5), (130, 70), (3000, 64)]
+    _, Gs, As, Ss, Bs = make_group(shapes, torch.float32)
+    As[2] = None  # a tall identity-A layer, as an embedding's
+    Ms = [torch.randn_like(g) for g in Gs]
+    vs, outs = [torch.empty_like(g) for g in Gs], [torch.empty_like(g) for g in Gs]
+    flags = torch.ops.apo.precondition_momentum_grouped(Gs, Ms, 0.9, As, Ss, Bs, vs, outs)
+    assert tuple(flags) == (True, True)
+    for i in range(len(shapes)):
+        assert torch.equal(vs[i], Ms[i].mul(0.9).add_(Gs[i]))
+        A64, B64 = eye_for(As[i], Gs[i], "A"), eye_for(Bs[i], Gs[i], "B")
+        assert_close(outs[i], ref.precondition(vs[i].double(), A64, Ss[i].double(), B64), torch.float32, f"Y[{i}]")
+    Gs[1][3, 4] = float("nan")
+    assert tuple(torch.ops.apo.precondition_momentum_grouped(Gs, Ms, 0.9, As, Ss, Bs, vs, outs)) == (False, False)
+
+
 # ------------------------------------------------------------------------------------------------
+# compile check (runs on CPU)# ------------------------------------------------------------------------------------------------
 # compile check (runs on CPU)
 # ------------------------------------------------------------------------------------------------
 
