@@ -249,8 +249,14 @@ class APOPrecond(APOCore):
     one of two flat buffers the optimizer keeps (the other receives the next step's v), so a step
     allocates no momentum-sized tensor; a buffer read from ``state`` is overwritten two steps later
     (``state_dict()`` returns copies). Between steps that is one more φ-dtype copy of the parameters
-    than a single momentum buffer (two more plus the largest layer's matrix with structure="kron",
-    whose Y is kept too); the peak within a step is unchanged.
+    than a single momentum buffer (two more where Y is kept too: with structure="kron", plus the
+    largest layer's matrix, and on the CPU backend when a layer takes the fused momentum step); the
+    peak within a step is unchanged.
+
+    Fused momentum step (CPU backend, structure="full", momentum on, unsharded): on a plain step past
+    warm-up, every layer whose matrix is its one parameter (an embedding, a linear or conv without
+    bias) forms v = μ·buf + g and Y(v) in one call of ``apo_kernels.precondition_momentum_grouped``,
+    one block of rows at a time, bit for bit the unfused step.
     """
 
     def __init__(
