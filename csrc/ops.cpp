@@ -620,39 +620,50 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_back
 }
 
 // ---------------------------------------------------------------------------------------------
-// Momentum step: per layer v = μ·m + g into vs, Y(v) into out; (every v finite, every Y finite)
+// Momentum step: per layer v = μ·m + g into vs, Y(v) into out. Returns a bool tensor (2,) on the
+// inputs' device, (every v finite, every Y finite): a device tensor, so a GPU caller syncs only when
+// it reads the flags.
+
+Tensor cpu_flags(bool v_finite, bool y_finite) {
+  Tensor flags = at::empty({2}, at::kBool);
+  flags.data_ptr<bool>()[0] = v_finite;
+  flags.data_ptr<bool>()[1] = y_finite;
+  return flags;
+}
 
 // Any device: ATen's elementwise ops and the grouped op through the dispatcher (the CPU kernel below
 // takes this route for layers off the direct path).
-// v = μ·m + g into V (torch.optim.SGD's buf.mul_(μ).add_(g)); whether it is finite.
-bool momentum_generic(const Tensor& G, const Tensor& M, double momentum, const Tensor& V) {
+// v = μ·m + g into V (torch.optim.SGD's buf.mul_(μ).add_(g)).
+void momentum_generic(const Tensor& G, const Tensor& M, double momentum, const Tensor& V) {
   at::AutoDispatchBelowADInplaceOrView guard;
   // μ as Python passes it, a wrapped number: a half-precision m is multiplied by μ in fp32, not by μ
   // rounded to half (what the Scalar overload would do)
   Tensor v = V;  // (a handle: the schema's output is written through it)
   at::mul_out(v, M, at::native::wrapped_scalar_tensor(momentum)).add_(G);
-  return at::isfinite(V).all().item<bool>();
 }
 
-std::tuple<bool, bool> precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double momentum,
-                                                        const OptionalTensorList& As_, TensorList Ss,
-                                                        const OptionalTensorList& Bs_, TensorList Vs,
-                                                        TensorList Outs) {
+// Whether every value of every tensor is finite, as a 0-d bool tensor on their device (no sync).
+Tensor all_finite(TensorList ts) {
+  std::vector<Tensor> each;
+  each.reserve(ts.size());
+  for (const Tensor& t : ts) each.push_back(at::isfinite(t).all());
+  return at::stack(each).all();
+}
+
+Tensor precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double momentum,
+                                         const OptionalTensorList& As_, TensorList Ss,
+                                         const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs) {
   const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
-  if (Gs.empty()) return {true, true};  // (no tensor to dispatch the grouped op on)
-  bool v_finite = true, y_finite = true;
-  for (size_t i = 0; i < Gs.size(); ++i) v_finite = momentum_generic(Gs[i], Ms[i], momentum, Vs[i]) && v_finite;
+  if (Gs.empty()) return at::ones({2}, at::kBool);  // (no tensor to dispatch the grouped op on)
+  for (size_t i = 0; i < Gs.size(); ++i) momentum_generic(Gs[i], Ms[i], momentum, Vs[i]);
   static const auto grouped =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("apo::precondition_grouped", "")
           .typed<TensorVec(TensorList, const OptionalTensorList&, TensorList, const OptionalTensorList&)>();
   const TensorVec Ys = grouped.call(Vs, As_, Ss, Bs_);
-  for (size_t i = 0; i < Ys.size(); ++i) {
-    Outs[i].copy_(Ys[i]);
-    y_finite = y_finite && at::isfinite(Ys[i]).all().item<bool>();
-  }
-  return {v_finite, y_finite};
+  for (size_t i = 0; i < Ys.size(); ++i) Outs[i].copy_(Ys[i]);
+  return at::stack({all_finite(Vs), all_finite(Outs)});
 }
 
 std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double momentum, const Tensor& A,
@@ -662,24 +673,23 @@ std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double mo
     return G.scalar_type() == at::kFloat ? direct::momentum_step<float>(G, M, momentum, A, S, B, V, Y)
                                          : direct::momentum_step<double>(G, M, momentum, A, S, B, V, Y);
   }
-  const bool v_finite = momentum_generic(G, M, momentum, V);
+  momentum_generic(G, M, momentum, V);
   Y.copy_(forward_layer(V, A, S, B));
-  return {v_finite, at::isfinite(Y).all().item<bool>()};
+  return {at::isfinite(V).all().item<bool>(), at::isfinite(Y).all().item<bool>()};
 }
 
-std::tuple<bool, bool> precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double momentum,
-                                                        const OptionalTensorList& As_, TensorList Ss,
-                                                        const OptionalTensorList& Bs_, TensorList Vs,
-                                                        TensorList Outs) {
+Tensor precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double momentum,
+                                         const OptionalTensorList& As_, TensorList Ss,
+                                         const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs) {
   const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
-  std::atomic<bool> v_finite{true}, y_finite{true};
+  std::atomic<bool> v_finite{true}, y_finite{true};  // (an empty call: both true)
   for_each_layer(Gs, [&](int64_t i) {
     const auto [v_ok, y_ok] = momentum_layer(Gs[i], Ms[i], momentum, As[i], Ss[i], Bs[i], Vs[i], Outs[i]);
     if (!v_ok) v_finite.store(false, std::memory_order_relaxed);
     if (!y_ok) y_finite.store(false, std::memory_order_relaxed);
   });
-  return {v_finite.load(), y_finite.load()};
+  return cpu_flags(v_finite.load(), y_finite.load());
 }
 
 }  // namespace
@@ -698,7 +708,7 @@ TORCH_LIBRARY(apo, m) {
       "Tensor[] Ss, Tensor?[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
   m.def(
       "precondition_momentum_grouped(Tensor[] grads, Tensor[] momenta, float momentum, Tensor?[] As, "
-      "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out) -> (bool, bool)");
+      "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {

@@ -651,13 +651,14 @@ def test_momentum_step_composite_on_cuda():
     Ms = [torch.randn_like(g) for g in Gs]
     vs, outs = [torch.empty_like(g) for g in Gs], [torch.empty_like(g) for g in Gs]
     flags = torch.ops.apo.precondition_momentum_grouped(Gs, Ms, 0.9, As, Ss, Bs, vs, outs)
-    assert tuple(flags) == (True, True)
+    assert flags.device == Gs[0].device and flags.dtype == torch.bool  # read without a sync until here
+    assert flags.tolist() == [True, True]
     for i in range(len(shapes)):
         assert torch.equal(vs[i], Ms[i].mul(0.9).add_(Gs[i]))
         A64, B64 = eye_for(As[i], Gs[i], "A"), eye_for(Bs[i], Gs[i], "B")
         assert_close(outs[i], ref.precondition(vs[i].double(), A64, Ss[i].double(), B64), torch.float32, f"Y[{i}]")
     Gs[1][3, 4] = float("nan")
-    assert tuple(torch.ops.apo.precondition_momentum_grouped(Gs, Ms, 0.9, As, Ss, Bs, vs, outs)) == (False, False)
+    assert torch.ops.apo.precondition_momentum_grouped(Gs, Ms, 0.9, As, Ss, Bs, vs, outs).tolist() == [False, False]
 
 
 # ------------------------------------------------------------------------------------------------

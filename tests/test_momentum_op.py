@@ -97,7 +97,14 @@ def step(backend, grads, momenta, mu, As, Ss, Bs, vs=None, out=None):
     out = nan_like(grads) if out is None else out
     flags = apo_kernels.precondition_momentum_grouped(grads, momenta, mu, As, Ss, Bs, vs=vs, out=out,
                                                       backend=backend)
-    return flags, vs, out
+    return flag_pair(flags, grads), vs, out
+
+
+def flag_pair(flags, grads=()):
+    """The op's flags, a bool tensor (2,) on the inputs' device, as (v finite, Y finite)."""
+    assert flags.dtype == torch.bool and flags.shape == (2,)
+    assert flags.device == (grads[0].device if len(grads) else torch.device("cpu"))
+    return tuple(flags.tolist())
 
 
 def f64(t):
@@ -199,7 +206,7 @@ def test_registered_op_matches_public_function():
     grads, momenta, As, Ss, Bs = make_step(MIXED, torch.float32, momenta_transposed=(1,))
     vs, out = nan_like(grads), nan_like(grads)
     flags = torch.ops.apo.precondition_momentum_grouped(grads, momenta, MU, As, Ss, Bs, vs, out)
-    assert tuple(flags) == (True, True)
+    assert flag_pair(flags, grads) == (True, True)
     check_step("cpu", torch.float32, grads, momenta, MU, As, Ss, Bs, vs, out)
     _, vs2, out2 = step("cpu", grads, momenta, MU, As, Ss, Bs)
     for i in range(len(grads)):
@@ -418,7 +425,7 @@ def test_registered_op_accepts_disjoint_column_blocks():
         pytest.skip(f"cpu: {reason}")
     X, grads, momenta, As, Ss, Bs, vs, out = inputs_and_outputs_as_column_blocks(torch.float64)
     g0, m0 = grads[0].clone(), momenta[0].clone()
-    assert tuple(torch.ops.apo.precondition_momentum_grouped(grads, momenta, MU, As, Ss, Bs, vs, out)) == (True, True)
+    assert flag_pair(torch.ops.apo.precondition_momentum_grouped(grads, momenta, MU, As, Ss, Bs, vs, out)) == (True, True)
     check_step("cpu", torch.float64, [g0], [m0], MU, As, Ss, Bs, vs, out)
 
 
@@ -541,8 +548,8 @@ def test_bad_arguments_are_refused(where, case):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_empty_lists(backend):
-    assert apo_kernels.precondition_momentum_grouped([], [], MU, [], [], [], vs=[], out=[],
-                                                     backend=backend) == (True, True)
+    assert flag_pair(apo_kernels.precondition_momentum_grouped([], [], MU, [], [], [], vs=[], out=[],
+                                                               backend=backend)) == (True, True)
     with pytest.raises(ValueError, match=r"momentum must be a finite number"):
         apo_kernels.precondition_momentum_grouped([], [], math.nan, [], [], [], vs=[], out=[], backend=backend)
 
@@ -552,7 +559,7 @@ def test_registered_op_empty_lists():
     reason = backend_skip_reason("cpu")
     if reason:
         pytest.skip(f"cpu: {reason}")
-    assert tuple(torch.ops.apo.precondition_momentum_grouped([], [], MU, [], [], [], [], [])) == (True, True)
+    assert flag_pair(torch.ops.apo.precondition_momentum_grouped([], [], MU, [], [], [], [], [])) == (True, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,3 +573,34 @@ def test_v_bit_identical_to_torch_half(backend, dtype, mu):
     ``m.mul(μ)`` multiplies in float32 by the float μ, then rounds (μ itself is not rounded to the
     tensor's dtype), then ``add_(g)`` rounds again."""
     check_v_bits(backend, dtype, mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. torch.library: the registered op's fake kernel, opcheck and torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_registered_op_passes_opcheck_and_compiles():
+    """The fake kernel checks the inputs and gives the flags' shape, so opcheck passes (schema,
+    fake, mutations of vs and out) and torch.compile(fullgraph=True) traces a call."""
+    reason = backend_skip_reason("cpu")
+    if reason:
+        pytest.skip(f"cpu: {reason}")
+    grads, momenta, As, Ss, Bs = make_step(MIXED[:3], torch.float32)
+    vs, out = nan_like(grads), nan_like(grads)
+    args = (grads, momenta, MU, As, Ss, Bs, vs, out)
+    torch.library.opcheck(torch.ops.apo.precondition_momentum_grouped.default, args)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def fused_step(grads, momenta, As, Ss, Bs, vs, out):
+        return torch.ops.apo.precondition_momentum_grouped(grads, momenta, MU, As, Ss, Bs, vs, out)
+
+    torch.ops.apo.precondition_momentum_grouped(*args)  # eager (opcheck ran on copies)
+    vs2, out2 = nan_like(grads), nan_like(grads)
+    assert flag_pair(fused_step(grads, momenta, As, Ss, Bs, vs2, out2), grads) == (True, True)
+    for a, b, c, d in zip(vs, vs2, out, out2):
+        assert torch.equal(a, b) and torch.equal(c, d)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake = [torch.empty(5, 3) for _ in range(5)]
+        with pytest.raises(ValueError, match=r"layer 0: vs must have the shape of grad \(5, 3\), got \(3, 5\)"):
+            torch.ops.apo.precondition_momentum_grouped([fake[0]], [fake[1]], MU, [None], [fake[2]], [None],
+                                                        [torch.empty(3, 5)], [fake[4]])

@@ -148,11 +148,12 @@ def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True) -
             check_grad_out(grad_outs[i], g, prefix=prefix)
 
 
-def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out) -> None:
+def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, *, fake: bool = False) -> None:
     """The momentum step's arguments (apo_checks.h's check_momentum_group, same messages): the
     grouped op's lists; momenta, vs, out one per layer, like grads[i]; a finite momentum; vs and out
-    written, so sharing no element with any argument or each other."""
-    check_group(grads, As, Ss, Bs)
+    written, so sharing no element with any argument or each other. ``fake``: the fake kernel's
+    check (no fast path; fake tensors have no addresses to compare)."""
+    check_group(grads, As, Ss, Bs, fast=not fake)
     likes = {"momenta": momenta, "vs": vs, "out": out}
     for name, seq in likes.items():
         if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
@@ -170,6 +171,8 @@ def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out) -> None:
             if torch._debug_has_internal_overlap(likes[name][i]) == 1:
                 raise ValueError(f"layer {i}: {name} has elements that share memory (an expanded tensor); "
                                  "it is written")
+    if fake:
+        return
     everything = {"grads": grads, "momenta": momenta, "As": As, "Ss": Ss, "Bs": Bs, "vs": vs, "out": out}
     for wname in ("vs", "out"):
         for i, t in enumerate(everything[wname]):

@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._numerics import all_finite
 from . import _validate, reference
 from .backends import check_name, resolve
 from .library import OpFamily, grouped_backward_lists, public_slots, saved_mask
@@ -164,25 +163,26 @@ def precondition_momentum_grouped(
     grads: Sequence[Tensor], momenta: Sequence[Tensor], momentum: float, As: Sequence[Optional[Tensor]],
     Ss: Sequence[Tensor], Bs: Sequence[Optional[Tensor]], *, vs: Sequence[Tensor], out: Sequence[Tensor],
     backend: str = "auto",
-) -> tuple[bool, bool]:
+) -> Tensor:
     """A momentum optimizer's preconditioned step direction, per layer, in one call (no autograd):
 
         vs[i] = momentum · momenta[i] + grads[i]       (torch.optim.SGD's buf.mul_(μ).add_(g), bit for bit)
         out[i] = precondition(vs[i], As[i], Ss[i], Bs[i])
 
     Layers as in ``precondition_grouped``; momenta, vs and out have grads[i]'s shape, dtype and
-    device, and vs and out share no memory with any argument. Returns (every v finite, every Y
-    finite). The CPU kernel forms each block of rows' v and Y while they are in cache; other backends
-    compose the elementwise ops and their grouped op.
+    device, and vs and out share no memory with any argument. Returns a bool tensor of shape (2,) on
+    the inputs' device: (every v finite, every Y finite); on a GPU nothing waits until it is read.
+    The CPU kernel forms each block of rows' v and Y while they are in cache; other backends compose
+    the elementwise ops and their grouped op.
     """
     check_name(backend)
     _validate.check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out)
     if len(grads) == 0:
-        return True, True
+        return torch.ones(2, dtype=torch.bool)
     family = resolve(backend, grads[0].device).family
     lists = (list(grads), list(momenta), float(momentum), list(As), list(Ss), list(Bs), list(vs), list(out))
     if family.momentum_grouped is not None:
-        return tuple(family.momentum_grouped(*lists))
+        return family.momentum_grouped(*lists)
     return _momentum_grouped_composite(family, *lists)
 
 
@@ -194,4 +194,4 @@ def _momentum_grouped_composite(family: OpFamily, grads, momenta, momentum, As, 
             v.add_(g)
         Ys = family.grouped(vs, As, Ss, Bs)
         torch._foreach_copy_(out, Ys)
-        return all_finite(vs), all_finite(out)
+        return torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts in (vs, out)])

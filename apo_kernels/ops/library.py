@@ -37,7 +37,7 @@ class OpFamily:
     tensor (a masked-off list: an empty list); plain Python families may return None there.
 
     Optional, a fused momentum step (None: the public function composes it from ``grouped``):
-    momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out) -> (bool, bool)
+    momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out) -> bool Tensor (2,)
     """
 
     forward: Callable
@@ -127,6 +127,12 @@ def library_family(prefix: str) -> OpFamily:
             for ts, m in zip(lists, mask)
         )
 
+    def fake_momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out):
+        _validate.check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, fake=True)
+        return grads[0].new_empty((2,), dtype=torch.bool) if grads else torch.empty(2, dtype=torch.bool)
+
+    if fam.momentum_grouped is not None:
+        torch.library.register_fake(f"{name}_momentum_grouped")(fake_momentum_grouped)
     torch.library.register_fake(name)(fake_forward)
     torch.library.register_fake(f"{name}_backward")(fake_backward)
     torch.library.register_fake(f"{name}_grouped")(fake_grouped)

@@ -485,7 +485,7 @@ class APOPrecond(APOCore):
         plan.fused_v_finite, plan.ready_finite = momentum_precondition_many(
             [layer.precond for layer in fused], [grads[self._index[id(layer.weight)]].view(layer.shape) for layer in fused],
             [cur[layer.index] for layer in fused], mom, [spare[layer.index] for layer in fused],
-            [out[layer.index] for layer in fused], backend=self.backend)
+            [out[layer.index] for layer in fused], backend=self.backend).tolist()
         plan.ready = {layer.index: out[layer.index] for layer in fused}
 
     def _prepare_fresh(self, plan, mom: float, wd: float) -> None:

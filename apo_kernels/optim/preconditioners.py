@@ -298,17 +298,18 @@ def precondition_many(
 def momentum_precondition_many(
     preconds: Sequence[StructuredPreconditioner], grads: Sequence[Tensor], momenta: Sequence[Tensor],
     momentum: float, vs: Sequence[Tensor], outs: Sequence[Tensor], *, backend: str = "auto",
-) -> tuple[bool, bool]:
+) -> Tensor:
     """For each layer v_i = momentum·momenta[i] + grads[i] into vs[i] and Y_i = preconds[i] applied to
     v_i into outs[i] (all (m_i, n_i), φ's dtype and device), every tile in ONE call of
-    ``apo_kernels.precondition_momentum_grouped``; returns (every v finite, every Y finite)."""
+    ``apo_kernels.precondition_momentum_grouped``; returns its flags, a bool tensor (every v finite,
+    every Y finite)."""
     tiles = [[], [], [], [], [], [], []]  # grads, momenta, As, S²s, Bs, vs, outs
     for pc, g, m, v, y in zip(preconds, grads, momenta, vs, outs):
         g_tiles, As, Ss, Bs = pc.op_inputs(g)
         for k, ts in enumerate((g_tiles, pc.tiles(m), As, Ss, Bs, pc.tiles(v), pc.tiles(y))):
             tiles[k] += ts
     if not tiles[0]:
-        return True, True
+        return torch.ones(2, dtype=torch.bool)
     g_tiles, m_tiles, As, Ss, Bs, v_tiles, y_tiles = tiles
     return apo_kernels.precondition_momentum_grouped(g_tiles, m_tiles, momentum, As, Ss, Bs, vs=v_tiles,
                                                      out=y_tiles, backend=backend)
