@@ -1,7 +1,8 @@
 """Fuzz of the registered ops (torch.ops.apo.*, torch.ops.apo.triton_*) with malformed calls.
 
 Every call here is invalid (wrong ndim, shape, dtype, device, layout, a non-tensor, a result too big
-for memory, a bad mask, mismatched layers of a grouped call). Each must be refused with an error:
+for memory, a bad mask, mismatched layers of a grouped call; for the momentum step also a
+non-finite momentum and outputs that overlap the inputs). Each must be refused with an error:
 never return a result, never crash or hang the process. Each call runs in its own forked child of a
 "fork server": a fresh interpreter that imports torch and apo_kernels once (with
 TRITON_INTERPRET=1, so the Triton ops run on CPU tensors) and never calls an op itself, so a crash,
@@ -232,7 +233,68 @@ def build_cases() -> list[Case]:
                 whole(lambda ls, _: [ls[k].__setitem__(1, _huge_layer(torch, HUGE, HUGE)[k]) for k in ls]))
         add(f"{fam}/grouped-backward/grad_outs None", _names("grad_outs"),
             lambda op=grp_bwd: (op(), [None] + [[_layer(torch, M, N)[k]] for k in FORWARD] + [ALL]))
+    _momentum_cases(torch, add)
     return cases
+
+
+# The momentum step (native family only): per layer grad, momentum buffer, A, S, B and the two
+# outputs v and Y, with the momentum μ between the buffers and the factors.
+MOMENTUM_ARGS = ("grad", "momenta", "A", "S", "B", "vs", "out")
+MOMENTUM_LISTS = {"grad": "grads", "momenta": "momenta", "A": "As", "S": "Ss", "B": "Bs", "vs": "vs", "out": "out"}
+
+
+def _momentum_layers(torch):
+    layers = [_layer(torch, m, n, seed=i) for i, (m, n) in enumerate(GROUP_SHAPES)]
+    for ly in layers:
+        ly["momenta"], ly["vs"], ly["out"] = (torch.randn_like(ly["grad"]) for _ in range(3))
+    return layers
+
+
+def _momentum_call(torch, layers, mu=0.9):
+    lists = [[ly[k] for ly in layers] for k in MOMENTUM_ARGS]
+    return torch.ops.apo.precondition_momentum_grouped, lists[:2] + [mu] + lists[2:]
+
+
+def _momentum_cases(torch, add) -> None:
+    for layer_idx in (0, 2):
+        m_i, n_i = GROUP_SHAPES[layer_idx]
+        for arg in MOMENTUM_ARGS:
+            square = arg in ("A", "B") or m_i == n_i
+            muts = [mu for mu in _mutations(torch, 2, square)
+                    if mu[0] in ("1-D", "extra leading dim", "rows-1", "cols+1", "broadcastable row", "meta device",
+                                 "transposed")]
+            muts += [mu for mu in _value_mutations(torch, arg)
+                     if mu[0] in ("dtype int64", "dtype float64", "dtype bfloat16", "sparse", "None")]
+            for label, mut in muts:
+                def build(arg=arg, mut=mut, layer_idx=layer_idx):
+                    layers = _momentum_layers(torch)
+                    layers[layer_idx][arg] = mut(layers[layer_idx][arg])
+                    return _momentum_call(torch, layers)
+
+                expect = rf"layer {layer_idx}\b.*{_names(arg)}|{_names(MOMENTUM_LISTS[arg])}"
+                add(f"native/momentum/layer {layer_idx} {arg}/{label}", expect, build)
+
+    def whole(fn):
+        def build():
+            layers = _momentum_layers(torch)
+            mu = fn(layers)
+            return _momentum_call(torch, layers, 0.9 if mu is None else mu)
+        return build
+
+    def vs_shorter():
+        op, args = _momentum_call(torch, _momentum_layers(torch))
+        args[MOMENTUM_ARGS.index("vs") + 1].pop()
+        return op, args
+
+    for mu in (float("nan"), float("inf")):
+        add(f"native/momentum/momentum {mu}", _names("momentum"), whole(lambda ls, mu=mu: mu))
+    add("native/momentum/vs is momenta", _names("vs"), whole(lambda ls: ls[1].__setitem__("vs", ls[1]["momenta"])))
+    add("native/momentum/out is vs", _names("vs"), whole(lambda ls: ls[0].__setitem__("out", ls[0]["vs"])))
+    add("native/momentum/out overlaps a grad", _names("out"),
+        whole(lambda ls: ls[2].__setitem__("out", ls[0]["grad"][:GROUP_SHAPES[2][0], :GROUP_SHAPES[2][1]])))
+    add("native/momentum/out expanded", _names("out"),
+        whole(lambda ls: ls[1].__setitem__("out", torch.zeros(1).expand(*GROUP_SHAPES[1]))))
+    add("native/momentum/vs shorter", _names("vs"), vs_shorter)
 
 
 # --------------------------------------------------------------------------------------------
