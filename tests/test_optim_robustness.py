@@ -415,3 +415,42 @@ def _kfac(**kw):
 def test_the_same_mistake_raises_the_same_exception_in_every_optimizer(make, kwargs, exc, name):
     with pytest.raises(exc, match=rf"^{name}\b"):
         make(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse gradients: refused by name, not an error from deep inside a kernel
+# --------------------------------------------------------------------------------------------
+def _sparse_model(sparse: bool):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 4, sparse=sparse), nn.Flatten(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("which", ["APOLR", "APOPrecond"])
+def test_sparse_gradients_are_refused_by_name(which):
+    def build(model):
+        if which == "APOLR":
+            return APOLR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0,
+                         lambda_wsd=0.0, meta_interval=2)
+        return APOPrecond(model, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=2)
+
+    with pytest.raises(ValueError, match=r"'0' \(Embedding\) has sparse=True"):
+        build(_sparse_model(True))
+    # switched to sparse gradients after construction: refused at the step, before any state changes
+    model = _sparse_model(False)
+    opt = build(model)
+    model[0].sparse = True
+    tok, y = torch.randint(0, 50, (8, 3)), torch.randint(0, 3, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(tok), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match=r"parameter 0 of shape \(50, 4\) has a torch.sparse_coo gradient"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model[0].sparse = False
+    opt.step(closure)  # dense again: training goes on
+    assert opt.step_count == 1

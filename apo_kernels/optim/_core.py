@@ -57,6 +57,11 @@ def check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd
     distributed.refuse_fsdp(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (model.parameters() is empty or frozen)")
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+            raise ValueError(f"model: {name!r} ({type(module).__name__}) has sparse=True; APO needs dense "
+                             f"gradients (the lookahead and the preconditioners read every row): build it "
+                             f"with sparse=False")
     for name, v in (("lambda_fsd", lambda_fsd), ("lambda_wsd", lambda_wsd), ("meta_lr", meta_lr)):
         check_number(name, v)
     check_int("meta_interval", meta_interval, low=0)  # 0 turns meta-steps off
@@ -64,6 +69,16 @@ def check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd
     check_choice("meta_batch", meta_batch, META_BATCHES)
     if grad_scaler is not None and not hasattr(grad_scaler, "unscale_"):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+
+
+def check_dense_grads(params) -> None:
+    """A sparse ``.grad`` (a module switched to sparse gradients after construction) is refused by
+    name before any arithmetic: the optimizers' fused checks and buffers are dense-only."""
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is not None and g.layout != torch.strided:
+            raise TypeError(f"parameter {i} of shape {tuple(p.shape)} has a {g.layout} gradient; APO needs "
+                            f"dense gradients (for nn.Embedding / nn.EmbeddingBag: sparse=False)")
 
 
 def check_step_args(closure, fsd_inputs, meta_closure) -> None:
@@ -243,6 +258,7 @@ class APOCore(torch.optim.Optimizer):
         step_forward = (StepForward(distributed.local_module(self.model), fsd_inputs, rng0.cuda_devices)
                         if meta and self.lambda_fsd != 0.0 and fsd_inputs is not None else None)
         loss, scale = self._first_closure(closure, step_forward)
+        check_dense_grads(self._all_params())
         # our arithmetic runs outside any autocast region the user opened around step(); the
         # model forwards of the meta-step (closure, FSD) run under it, as the user intended
         with self._no_autocast():
@@ -384,6 +400,7 @@ class APOCore(torch.optim.Optimizer):
             raise ValueError("closure is required: the meta-objective is evaluated on the closure's batch")
         with torch.enable_grad():
             loss = closure()
+        check_dense_grads(self._all_params())
         scale = None
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             scale = float(self.grad_scaler.get_scale())
