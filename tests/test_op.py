@@ -569,3 +569,29 @@ def test_torch_compile_reports_shape_errors_at_trace_time(backend):
     for m, n in [(5, 3), (7, 2)]:
         args = make_layer(m, n, torch.float32)
         check_close(compiled(*args), reference.precondition(*(t.double() for t in args)), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public grouped call: the op checks every layer (no second pass in Python on the happy path),
+# and a call the dispatcher refuses is still reported by name, the same way on every backend
+# ---------------------------------------------------------------------------------------------
+_GROUPED_MISTAKES = {
+    "A a float": ("As", 1.0, TypeError, r"layer 0: A must be a torch\.Tensor, got float"),
+    "S a list": ("Ss", [1.0, 2.0], TypeError, r"layer 0: S must be a torch\.Tensor, got list"),
+    "A sparse": ("As", "sparse", ValueError, r"layer 0: A must be a dense \(strided\) tensor"),
+    "A of the wrong shape": ("As", "wrong shape", ValueError, r"layer 0: A must have shape \(4, 4\)"),
+    "S float64": ("Ss", "float64", TypeError, r"layer 0: S has dtype torch\.float64 but grad has torch\.float32"),
+}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mistake", list(_GROUPED_MISTAKES))
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+def test_public_grouped_call_names_a_bad_argument_on_every_backend(backend, mistake, grad_mode):
+    slot, value, exc, message = _GROUPED_MISTAKES[mistake]
+    G, S = torch.randn(4, 3, requires_grad=grad_mode), torch.rand(4, 3)
+    lists = {"grads": [G], "As": [torch.eye(4)], "Ss": [S], "Bs": [None]}
+    lists[slot] = [{"sparse": torch.eye(4).to_sparse(), "wrong shape": torch.eye(3),
+                    "float64": S.double()}.get(value, value) if isinstance(value, str) else value]
+    with torch.set_grad_enabled(grad_mode), pytest.raises(exc, match=message):
+        apo_kernels.precondition_grouped(lists["grads"], lists["As"], lists["Ss"], lists["Bs"], backend=backend)

@@ -118,11 +118,12 @@ def check_output_mask(output_mask) -> tuple[bool, bool, bool, bool]:
     return tuple(output_mask)
 
 
-def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True) -> None:
+def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True, layers: bool = True) -> None:
     """Check the grouped op's lists: equal lengths, 2-D layers, one dtype and device for all;
     an entry of ``As`` or ``Bs`` may be None (identity factor).
 
     ``fast=False`` skips the fast path (fake kernels: it would specialize symbolic shapes).
+    ``layers=False`` checks the lists only (a caller whose op checks every layer itself).
     """
     lists = {"grads": grads, "As": As, "Ss": Ss, "Bs": Bs}
     if grad_outs is not _NOT_GIVEN:
@@ -133,7 +134,7 @@ def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True) -
     lengths = {name: len(seq) for name, seq in lists.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"grads, As, Ss, Bs must have the same length, got {lengths}")
-    if fast and grad_outs is _NOT_GIVEN and _group_ok(grads, As, Ss, Bs):
+    if not layers or (fast and grad_outs is _NOT_GIVEN and _group_ok(grads, As, Ss, Bs)):
         return
     for i, (g, a, s, b) in enumerate(zip(grads, As, Ss, Bs)):
         prefix = f"layer {i}: "

@@ -123,17 +123,31 @@ def precondition_grouped(
     Bs[i] (n_i, n_i) or None (None: identity factor, per layer).
     """
     check_name(backend)
-    _validate.check_group(grads, As, Ss, Bs)
-    _validate.check_result_fits(grads)
+    _validate.check_group(grads, As, Ss, Bs, layers=False)
     if len(grads) == 0:
         return []
+    if not isinstance(grads[0], Tensor):
+        _validate.check_group(grads, As, Ss, Bs)  # names the argument
     family = resolve(backend, grads[0].device).family
+    if not family.checks_inputs:
+        _validate.check_group(grads, As, Ss, Bs)
+        _validate.check_result_fits(grads)
     lists = (list(grads), list(As), list(Ss), list(Bs))
-    identity = any(a is None for a in lists[1]) or any(b is None for b in lists[3])
-    if identity and torch.is_grad_enabled() and any(t is not None and t.requires_grad for ts in lists for t in ts):
-        layout, tensors = _flatten(lists)
-        return list(GroupedAutograd.apply(family, layout, *tensors))
-    return list(family.grouped(*lists))
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for ts in lists for t in ts)
+    try:
+        if not needs_grad:  # no graph to record: the op below its autograd layer
+            with torch._C._AutoDispatchBelowAutograd():
+                return list(family.grouped(*lists))
+        if any(a is None for a in lists[1]) or any(b is None for b in lists[3]):
+            layout, tensors = _flatten(lists)
+            return list(GroupedAutograd.apply(family, layout, *tensors))
+        return list(family.grouped(*lists))
+    except (RuntimeError, NotImplementedError):
+        # refused by the dispatcher (an argument of the wrong type for the schema, a sparse tensor):
+        # the Python rules name the argument
+        _validate.check_group(grads, As, Ss, Bs)
+        _validate.check_result_fits(grads)
+        raise
 
 
 def precondition_grouped_backward(

@@ -38,6 +38,10 @@ class OpFamily:
 
     Optional, a fused momentum step (None: the public function composes it from ``grouped``):
     momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out) -> bool Tensor (2,)
+
+    ``checks_inputs``: the grouped op applies the input rules itself, with _validate.py's messages
+    (the C++ checks of apo_checks.h, the Triton launchers), so the public grouped call does not
+    apply them a second time.
     """
 
     forward: Callable
@@ -45,6 +49,7 @@ class OpFamily:
     grouped: Callable
     grouped_backward: Callable
     momentum_grouped: Optional[Callable] = None
+    checks_inputs: bool = False
 
 
 def saved_mask(needs: Sequence[bool]) -> tuple[bool, bool, bool, bool]:
@@ -93,6 +98,7 @@ def library_family(prefix: str) -> OpFamily:
         grouped_backward=getattr(packet, f"{stem}precondition_grouped_backward").default,
         momentum_grouped=(getattr(packet, f"{stem}precondition_momentum_grouped").default
                           if hasattr(packet, f"{stem}precondition_momentum_grouped") else None),
+        checks_inputs=True,  # every registered op checks its inputs (C++ kernels, launchers, fakes)
     )
 
     # The fake kernels check the inputs like every real kernel does: they also serve as the Meta
