@@ -595,3 +595,17 @@ def test_public_grouped_call_names_a_bad_argument_on_every_backend(backend, mist
                     "float64": S.double()}.get(value, value) if isinstance(value, str) else value]
     with torch.set_grad_enabled(grad_mode), pytest.raises(exc, match=message):
         apo_kernels.precondition_grouped(lists["grads"], lists["As"], lists["Ss"], lists["Bs"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
+def test_torch_compile_fullgraph_grouped_without_grad(backend):
+    """The grouped call with nothing to differentiate (an optimizer's step) traces too."""
+    def step(G, A, S, B):
+        return sum(y.sum() for y in apo_kernels.precondition_grouped([G, G[:2]], [A, None], [S, S[:2]], [B, B],
+                                                                        backend=backend))
+
+    inputs = make_layer(9, 5, torch.float32)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        check_close(compiled(*inputs), step(*inputs), torch.float32)
+    check_close(compiled(*inputs), step(*inputs), torch.float32)

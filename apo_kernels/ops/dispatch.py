@@ -135,8 +135,10 @@ def precondition_grouped(
     lists = (list(grads), list(As), list(Ss), list(Bs))
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for ts in lists for t in ts)
     try:
-        if not needs_grad:  # no graph to record: the op below its autograd layer
-            with torch._C._AutoDispatchBelowAutograd():
+        if not needs_grad:
+            if torch.compiler.is_compiling():
+                return list(family.grouped(*lists))
+            with torch._C._AutoDispatchBelowAutograd():  # no graph to record: below the autograd layer
                 return list(family.grouped(*lists))
         if any(a is None for a in lists[1]) or any(b is None for b in lists[3]):
             layout, tensors = _flatten(lists)
