@@ -254,9 +254,10 @@ class APOPrecond(APOCore):
     peak within a step is unchanged.
 
     Fused momentum step (CPU backend, structure="full", momentum on, unsharded): on a plain step past
-    warm-up, every layer whose matrix is its one parameter (an embedding, a linear or conv without
-    bias) forms v = μ·buf + g and Y(v) in one call of ``apo_kernels.precondition_momentum_grouped``,
-    one block of rows at a time, bit for bit the unfused step.
+    warm-up and on a meta-step (its lookahead), every layer whose matrix is its one parameter (an
+    embedding, a linear or conv without bias) forms v = μ·buf + g and Y(v) in one call of
+    ``apo_kernels.precondition_momentum_grouped``, one block of rows at a time, bit for bit the
+    unfused step.
     """
 
     def __init__(
@@ -462,9 +463,10 @@ class APOPrecond(APOCore):
         return True
 
     def _fused_this_step(self, grads: list[Tensor]) -> list[_Layer]:
-        """The fused layers whose v and Y this step forms in the fused op: a plain step past warm-up
-        (a meta-step changes φ before Y is taken; warm-up steps take v) with contiguous gradients."""
-        if not self._fused_layers or self.meta_due() or self._apo_step < self.warmup_steps:
+        """The fused layers whose v and Y this step forms in the fused op, for those with contiguous
+        gradients: on every step that takes a Y at the φ of this moment (a plain step past warm-up
+        updates θ with it, a meta-step's lookahead starts from it; a plain warm-up step takes v)."""
+        if not self._fused_layers or (self._apo_step < self.warmup_steps and not self.meta_due()):
             return []
         return [layer for layer in self._fused_layers if grads[self._index[id(layer.weight)]].is_contiguous()]
 
@@ -523,7 +525,10 @@ class APOPrecond(APOCore):
         tensors (the op's results) or views of them, except where this step's buffers hold a
         directions copy (the kron structure): there Y overwrites the previous step's."""
         mb = plan.buffers if plan.buffers is not None and len(plan.buffers.flat) > plan.buffers.DIRECTIONS else None
-        ready = plan.ready or {}  # Ys the fused momentum step already formed (and checked)
+        # Ys the fused momentum step formed at the φ of ``_prepare`` (and checked): used once, by the
+        # first call (a meta-step's lookahead, or the update); any later one (a retry after φ
+        # shrank, the update after a meta-step) forms every Y again
+        ready, plan.ready, plan.ready_finite = plan.ready or {}, None, True
         if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
             Ys = [l.precond.apply(G) if mb is None else
                   l.precond.apply(G, out=mb.mats[mb.DIRECTIONS][l.index], work=mb.work_for(G.shape))
@@ -573,13 +578,12 @@ class APOPrecond(APOCore):
         group = self.param_groups[0]
         if self._apo_step < self.warmup_steps:  # SGD+momentum with the (scheduled) lr
             steps, scale = plan.vs, float(group["lr"])
-            whole = steps
+            whole, fused_finite = steps, True
         else:
             # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
             # base step, else the meta-step would learn S back up and undo the decay.
+            fused_finite = plan.ready_finite  # of the fused step's Ys, if _directions takes them
             (steps, whole), scale = self._directions(plan), self.update_scale * self.schedule_factor()
-        # the fused step's Ys are used once: a retry after φ shrinks forms every Y again
-        fused_finite, plan.ready, plan.ready_finite = plan.ready_finite, None, True
         if not (fused_finite and all_finite_scratch(whole)):  # this step's own tensors (v: the spare buffer)
             return False
         params = plan.params
