@@ -211,6 +211,47 @@ inline bool may_share(const Tensor& a, const Tensor& b) {
   return meet((*ga)[1], (*ga)[3], (*gb)[1], (*gb)[3]) && meet((*ga)[2], (*ga)[4], (*gb)[2], (*gb)[4]);
 }
 
+// Refuses any element shared by a written tensor (those of the lists from `first_written` on) and
+// another argument, naming the first such pair in argument order (written list, its index, the other
+// list, its index). Only tensors whose byte spans intersect are compared (a sweep over the spans
+// sorted by start), so an optimizer's disjoint tiles of a few flat buffers cost O(n log n), not n².
+template <size_t K>
+void check_written_apart(const std::array<std::pair<const char*, TensorList>, K>& lists, size_t first_written) {
+  struct Item {
+    uintptr_t lo, hi;
+    size_t k, j;
+  };
+  std::vector<Item> items;
+  for (size_t k = 0; k < K; ++k) {
+    for (size_t j = 0; j < lists[k].second.size(); ++j) {
+      const Tensor& t = lists[k].second[j];
+      if (!t.defined() || t.numel() == 0) continue;
+      const auto [lo, hi] = span(t);
+      items.push_back({lo, hi, k, j});
+    }
+  }
+  std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.lo < b.lo; });
+  std::optional<std::array<size_t, 4>> first;  // (written list, index, other list, index)
+  std::vector<const Item*> open;               // items whose span reaches past the current start
+  for (const Item& q : items) {
+    open.erase(std::remove_if(open.begin(), open.end(), [&](const Item* p) { return p->hi <= q.lo; }), open.end());
+    for (const Item* p : open) {
+      if (p->k < first_written && q.k < first_written) continue;
+      if (!may_share(lists[p->k].second[p->j], lists[q.k].second[q.j])) continue;
+      for (const auto& [w, o] : {std::pair<const Item*, const Item*>{p, &q}, {&q, p}}) {
+        const std::array<size_t, 4> key = {w->k, w->j, o->k, o->j};
+        if (w->k >= first_written && (!first || key < *first)) first = key;
+      }
+    }
+    open.push_back(&q);
+  }
+  if (first) {
+    const auto& [w, i, k, j] = *first;
+    TORCH_CHECK_VALUE(false, lists[w].first, "[", i, "] shares memory with ", lists[k].first, "[", j,
+                      "]; the outputs must not overlap the inputs or each other");
+  }
+}
+
 }  // namespace overlap
 
 inline void check_momentum_group(TensorList Gs, TensorList Ms, TensorList As, TensorList Ss, TensorList Bs,
@@ -231,23 +272,11 @@ inline void check_momentum_group(TensorList Gs, TensorList Ms, TensorList As, Te
                         " has elements that share memory (an expanded tensor); it is written");
     }
   }
-  // every written tensor against every argument
+  // every written tensor (vs, out) against every argument
   const std::array<std::pair<const char*, TensorList>, 7> all = {
       std::pair<const char*, TensorList>{"grads", Gs}, {"momenta", Ms}, {"As", As}, {"Ss", Ss}, {"Bs", Bs},
       {"vs", Vs}, {"out", Outs}};
-  for (size_t w = 5; w < 7; ++w) {
-    for (size_t i = 0; i < Gs.size(); ++i) {
-      const Tensor& t = all[w].second[i];
-      for (const auto& [name, list] : all) {
-        for (size_t j = 0; j < list.size(); ++j) {
-          const Tensor& u = list[j];
-          if (!u.defined() || &u == &t) continue;
-          TORCH_CHECK_VALUE(!overlap::may_share(t, u), all[w].first, "[", i, "] shares memory with ", name,
-                            "[", j, "]; the outputs must not overlap the inputs or each other");
-        }
-      }
-    }
-  }
+  overlap::check_written_apart(all, 5);
 }
 
 // --------------------------------------------------------------------------------------------

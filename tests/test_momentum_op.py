@@ -480,6 +480,11 @@ def _overlapping_flat(a):
     a["out"][0] = flat[6:18].view(3, 4)  # half of the grad's elements
 
 
+def _two_overlaps(a):
+    a["out"][1] = a["grads"][1]
+    a["vs"][1] = a["Ss"][1]  # vs comes before out: this pair is the one named, wherever it lies in memory
+
+
 def _set(key, i, make):
     def edit(a):
         a[key][i] = make(a)
@@ -507,6 +512,7 @@ ERRORS = {
     "out-overlaps-grad-columns": (_overlapping_grad, ValueError, r"out\[0\] shares memory with grads\[0\]"),
     "out-overlaps-grad-flat": (_overlapping_flat, ValueError, r"out\[0\] shares memory with grads\[0\]"),
     "out-overlaps-S": (_set("out", 0, lambda a: a["Ss"][0]), ValueError, r"out\[0\] shares memory with Ss\[0\]"),
+    "two-overlaps": (_two_overlaps, ValueError, r"vs\[1\] shares memory with Ss\[1\]"),
     "vs-twice": (_set("vs", 1, lambda a: a["vs"][0].view(2, 6)[:, :5]), ValueError,
                  r"vs\[0\] shares memory with vs\[1\]"),
     "momenta-too-short": (_drop("momenta"), ValueError, r"momenta must have one tensor per layer \(2\), got 1"),

@@ -161,10 +161,7 @@ def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, *, fake:
             raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
         if len(seq) != len(grads):
             raise ValueError(f"{name} must have one tensor per layer ({len(grads)}), got {len(seq)}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"momentum must be a number, got {type(momentum).__name__}")
-    if not math.isfinite(momentum):
-        raise ValueError(f"momentum must be a finite number, got {momentum}")
+    check_momentum(momentum)
     for i, g in enumerate(grads):
         for name, seq in likes.items():
             check_like_grad(seq[i], g, name, prefix=f"layer {i}: ")
@@ -172,18 +169,38 @@ def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, *, fake:
             if torch._debug_has_internal_overlap(likes[name][i]) == 1:
                 raise ValueError(f"layer {i}: {name} has elements that share memory (an expanded tensor); "
                                  "it is written")
-    if fake:
-        return
-    everything = {"grads": grads, "momenta": momenta, "As": As, "Ss": Ss, "Bs": Bs, "vs": vs, "out": out}
-    for wname in ("vs", "out"):
-        for i, t in enumerate(everything[wname]):
-            for name, seq in everything.items():
-                for j, u in enumerate(seq):
-                    if u is None or (name == wname and j == i):
-                        continue
-                    if _may_share(t, u):
-                        raise ValueError(f"{wname}[{i}] shares memory with {name}[{j}]; the outputs must not "
-                                         "overlap the inputs or each other")
+    if not fake:
+        _check_written_apart([("grads", grads), ("momenta", momenta), ("As", As), ("Ss", Ss), ("Bs", Bs),
+                              ("vs", vs), ("out", out)], first_written=5)
+
+
+def check_momentum(momentum) -> None:
+    """The momentum step's μ: a finite Python number (not a bool)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number, got {type(momentum).__name__}")
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be a finite number, got {momentum}")
+
+
+def _check_written_apart(lists, first_written: int) -> None:
+    """Refuse any element shared by a written tensor (the lists from ``first_written`` on) and another
+    argument, naming the first such pair in argument order (apo_checks.h's check_written_apart: only
+    tensors whose byte spans intersect are compared, in a sweep over the spans sorted by start)."""
+    items = sorted((*_span(t), k, j) for k, (_, seq) in enumerate(lists) for j, t in enumerate(seq)
+                   if t is not None and t.numel() > 0)
+    first, open_ = None, []
+    for lo, hi, k, j in items:
+        open_ = [p for p in open_ if p[1] > lo]
+        for _, _, pk, pj in open_:
+            if (pk < first_written and k < first_written) or not _may_share(lists[pk][1][pj], lists[k][1][j]):
+                continue
+            keys = [(pk, pj, k, j), (k, j, pk, pj)]
+            first = min([key for key in keys if key[0] >= first_written] + ([first] if first else []))
+        open_.append((lo, hi, k, j))
+    if first:
+        w, i, k, j = first
+        raise ValueError(f"{lists[w][0]}[{i}] shares memory with {lists[k][0]}[{j}]; the outputs must not "
+                         "overlap the inputs or each other")
 
 
 def _span(t) -> tuple[int, int]:

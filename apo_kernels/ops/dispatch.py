@@ -192,14 +192,24 @@ def precondition_momentum_grouped(
     the elementwise ops and their grouped op.
     """
     check_name(backend)
-    _validate.check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out)
-    if len(grads) == 0:
-        return torch.ones(2, dtype=torch.bool)
+    args = (grads, momenta, momentum, As, Ss, Bs, vs, out)
+    _validate.check_group(grads, As, Ss, Bs, layers=False)
+    _validate.check_momentum(momentum)  # the schema's float would take a bool
+    if len(grads) == 0 or not isinstance(grads[0], Tensor):
+        _validate.check_momentum_group(*args)
+        if len(grads) == 0:
+            return torch.ones(2, dtype=torch.bool)
     family = resolve(backend, grads[0].device).family
-    lists = (list(grads), list(momenta), float(momentum), list(As), list(Ss), list(Bs), list(vs), list(out))
-    if family.momentum_grouped is not None:
-        return family.momentum_grouped(*lists)
-    return _momentum_grouped_composite(family, *lists)
+    if family.momentum_grouped is None:  # composed here: the rules are checked here
+        _validate.check_momentum_group(*args)
+        lists = (list(grads), list(momenta), float(momentum), list(As), list(Ss), list(Bs), list(vs), list(out))
+        return _momentum_grouped_composite(family, *lists)
+    try:  # the registered op checks every argument itself, with the same messages
+        return family.momentum_grouped(list(grads), list(momenta), momentum, list(As), list(Ss), list(Bs),
+                                       list(vs), list(out))
+    except (RuntimeError, NotImplementedError):
+        _validate.check_momentum_group(*args)  # refused by the dispatcher: the Python rules name the argument
+        raise
 
 
 def _momentum_grouped_composite(family: OpFamily, grads, momenta, momentum, As, Ss, Bs, vs, out):
