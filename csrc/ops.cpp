@@ -126,11 +126,11 @@ std::optional<Mat<T>> view(const Tensor& x) {
 
 // Inputs as views: G, S, grad_out row-major (the ⊙ loops and row blocks read them by rows), A and B
 // either way round; anything else is copied once.
-inline Tensor row_major(const Tensor& x) {
+inline bool is_row_major(const Tensor& x) {
   const auto [s0, s1] = blas_strides(x);
-  const bool rows = s1 == 1 && s0 >= x.size(1) && s0 <= INT_MAX;
-  return rows ? x : x.contiguous();
+  return s1 == 1 && s0 >= x.size(1) && s0 <= INT_MAX;
 }
+inline Tensor row_major(const Tensor& x) { return is_row_major(x) ? x : x.contiguous(); }
 template <typename T>
 Mat<T> row_major_view(const Tensor& x) { return *view<T>(x); }  // x from row_major()
 template <typename T>
@@ -448,13 +448,8 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
 // ---- momentum step: v = μ·m + g, then Y(v), one block of rows at a time (the block's v is still in
 // cache when the op reads it); the finiteness of v and of Y is read on the way.
 
-// Whether the momentum step's outputs can be written in place: row-major views BLAS can address.
-inline bool writable_rows(const Tensor& t) {
-  const auto [s0, s1] = blas_strides(t);
-  return s1 == 1 && s0 >= t.size(1) && s0 <= INT_MAX;
-}
-
-// (v finite, Y finite) for one layer on this path; V and Y pass writable_rows.
+// (v finite, Y finite) for one layer on this path; V and Y are row-major (is_row_major: written in
+// place).
 template <typename T>
 std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double momentum, Tensor A_,
                                     const Tensor& S_, Tensor B_, const Tensor& V_, const Tensor& Y_) {
@@ -631,9 +626,8 @@ Tensor cpu_flags(bool v_finite, bool y_finite) {
   return flags;
 }
 
-// Any device: ATen's elementwise ops and the grouped op through the dispatcher (the CPU kernel below
-// takes this route for layers off the direct path).
-// v = μ·m + g into V (torch.optim.SGD's buf.mul_(μ).add_(g)).
+// v = μ·m + g into V (torch.optim.SGD's buf.mul_(μ).add_(g)), with ATen's elementwise ops: every
+// device, and the CPU kernel's layers off the direct path.
 void momentum_generic(const Tensor& G, const Tensor& M, double momentum, const Tensor& V) {
   at::AutoDispatchBelowADInplaceOrView guard;
   // μ as Python passes it, a wrapped number: a half-precision m is multiplied by μ in fp32, not by μ
@@ -650,6 +644,7 @@ Tensor all_finite(TensorList ts) {
   return at::stack(each).all();
 }
 
+// Any device: the elementwise ops above and the device's grouped op through the dispatcher.
 Tensor precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double momentum,
                                          const OptionalTensorList& As_, TensorList Ss,
                                          const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs) {
@@ -669,7 +664,7 @@ Tensor precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double mo
 std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double momentum, const Tensor& A,
                                      const Tensor& S, const Tensor& B, const Tensor& V, const Tensor& Y) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  if (direct::applies(G, A) && direct::writable_rows(V) && direct::writable_rows(Y)) {
+  if (direct::applies(G, A) && direct::is_row_major(V) && direct::is_row_major(Y)) {
     return G.scalar_type() == at::kFloat ? direct::momentum_step<float>(G, M, momentum, A, S, B, V, Y)
                                          : direct::momentum_step<double>(G, M, momentum, A, S, B, V, Y);
   }

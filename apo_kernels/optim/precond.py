@@ -474,7 +474,7 @@ class APOPrecond(APOCore):
         """v = μ·buf + g for every parameter into the spare copy and, for the ``fused`` layers, Y(v) into
         the directions copy: those in one call of the fused op (bit for bit torch.optim.SGD's v), the
         other parameters' v with foreach ops (the same rounding)."""
-        mb = plan.buffers = self._buffers
+        mb = self._buffers
         cur, spare, out = mb.mats[mb.current], mb.mats[mb.spare], mb.mats[mb.DIRECTIONS]
         taken = {self._index[id(layer.weight)] for layer in fused}
         rest = [i for i in range(len(grads)) if i not in taken]
@@ -523,7 +523,8 @@ class APOPrecond(APOCore):
         """(Y(φ) per parameter of ``plan.params``: the preconditioned step at the current φ (lr folded
         into S); the tensors that hold them, each layer's whole Y, to be checked at once). Fresh
         tensors (the op's results) or views of them, except where this step's buffers hold a
-        directions copy (the kron structure): there Y overwrites the previous step's."""
+        directions copy (the kron structure, the fused momentum step): there Y overwrites the
+        previous step's."""
         mb = plan.buffers if plan.buffers is not None and len(plan.buffers.flat) > plan.buffers.DIRECTIONS else None
         # Ys the fused momentum step formed at the φ of ``_prepare`` (and checked): used once, by the
         # first call (a meta-step's lookahead, or the update); any later one (a retry after φ
