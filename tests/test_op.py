@@ -167,6 +167,26 @@ def test_non_contiguous_and_transposed_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_widths_around_simd_multiples(backend, dtype):
+    """Widths just below, at and above multiples of 16, where the CPU kernel computes a layer with
+    both factors at a padded width: single and grouped, B row- or column-major, against float64."""
+    skip_unsupported(backend, dtype, 70, 129)
+    shapes = [(5, 15), (9, 16), (12, 17), (40, 31), (33, 33), (3, 47), (70, 129), (1, 2)]
+    layers = [make_layer(m, n, dtype) for m, n in shapes]
+    for k, (G, A, S, B) in enumerate(layers):
+        if k % 2:
+            layers[k][3] = B.T.contiguous().T  # same values, column-major
+    grouped = apo_kernels.precondition_grouped(*(list(t) for t in zip(*layers)), backend=backend)
+    for (G, A, S, B), out_grouped in zip(layers, grouped):
+        ref = reference.precondition(*(t.double() for t in (G, A, S, B)))
+        out = apo_kernels.precondition(G, A, S, B, backend=backend)
+        assert out.shape == G.shape and out.is_contiguous()
+        check_close(out, ref, dtype, backend=backend)
+        check_close(out_grouped, ref, dtype, backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)], ids=ids)
 def test_zero_size_dims(backend, shape):
     G, A, S, B = make_layer(*shape, torch.float32, requires_grad=True)
