@@ -80,12 +80,20 @@ def test_quick_small_model_rows(quick_run):
     plain = small[train_bench.NO_META]
     assert "median_ms" in plain and plain["ratio"] > 0 and plain["threads"] == 1
     assert [r for r in res["train"] if r["impl"] == train_bench.NO_META] == [plain]  # the small model only
+    # the op alone on the optimizer's layers, timed with them; the floor is SGD's row plus it
+    op, floor = small[train_bench.OP_ALONE], small[train_bench.FLOOR]
+    assert op["median_ms"] > 0 and op["threads"] == 1 and "steps" not in op
+    assert floor["median_ms"] == pytest.approx(small["SGD"]["median_ms"] + op["median_ms"])
+    assert floor["ratio"] == pytest.approx(floor["median_ms"] / small["SGD"]["median_ms"]) and floor["ratio"] > 1
     for r in res["train"]:
-        if "median_ms" in r:  # one warm-up block, then one block per round
-            assert r["reps"] == timing.QUICK.rounds and r["steps"] == 10 * (timing.QUICK.warmup + timing.QUICK.rounds)
+        if "median_ms" in r and "estimate" not in r:  # one warm-up block, then one block per round
+            assert r["reps"] == timing.QUICK.rounds
+            if r["impl"] != train_bench.OP_ALONE:
+                assert r["steps"] == 10 * (timing.QUICK.warmup + timing.QUICK.rounds)
     assert "round-robin" in res["meta"]["timing"]
     keys = {t["key"]: t for t in res["targets"]}
     assert keys["small-model-overhead"]["status"] in {"PASS", "MISS"}  # measured, not N/A
+    assert keys["small-model-floor"]["status"] in {"PASS", "MISS"}
     assert sum(t["key"] == "apo-lr-throughput" and t["measured"] is not None for t in res["targets"]) == 3
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .train_bench import NO_META
+from .train_bench import FLOOR, NO_META
 
 __all__ = ["Target", "TARGETS", "evaluate_targets", "print_tables", "markdown", "write_json", "plot"]
 
@@ -97,7 +97,11 @@ TARGETS: tuple[Target, ...] = (
            dict(impl="APO-LR(SGD)"), dict(impl="SGD"), ">=", 0.85, _THROUGHPUT_WHY, inverse=True),
     Target("small-model-overhead", "cpu", "CPU APO-Precond plain step vs SGD+momentum [{case}]", "train",
            dict(impl=NO_META, problem="small-mlp"), dict(impl="SGD"), "<=", 2.0,
-           "on a small model the op's arithmetic is a fraction of a step: the rest is per-step Python"),
+           "a plain step is SGD's work plus the op on every layer; what it costs beyond the floor row "
+           "(SGD + the op alone) is per-step Python and elementwise passes"),
+    Target("small-model-floor", "cpu", "CPU floor of that plain step (SGD + the op alone) vs SGD+momentum [{case}]",
+           "train", dict(impl=FLOOR, problem="small-mlp"), dict(impl="SGD"), "<=", 2.0,
+           "where the floor misses 2, the op's GEMMs alone rule the plain-step target out on this machine"),
     Target("gpu-apo-precond-vs-adam", "cuda", "GPU APO-Precond step vs Adam [{case}]", "train",
            dict(impl="APO-Precond", problem="mlp"), dict(impl="Adam"), "<=", 1.5,
            "a preconditioned step should cost little more than an Adam step at a large batch"),

@@ -15,6 +15,10 @@ The small problem (MLP 40-256-256-10, batch 100, the size of the paper's MNIST-1
 on 2 threads unless ``--threads`` says otherwise. There the optimizer's own per-step cost, not its
 arithmetic, decides the ratio to SGD; its extra row times APO-Precond's plain step alone, with a
 ``meta_interval`` longer than the run (its one meta-step, at step 0, falls in the warm-up block).
+Two more rows there measure what that step cannot go below: the preconditioning op alone on the
+optimizer's own layer matrices (one grouped call per step, interleaved with the optimizers), and the
+floor, SGD's step plus that op (the sum of the two medians, p20s and p80s): a plain step does SGD's
+forward, backward and update and the op's four GEMMs per layer.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from .common import Config, add_ratios, make_row
 
 INTERVAL = 10
 NO_META = "APO-Precond, plain steps (meta_interval > run)"
+OP_ALONE = "the plain step's op alone (APO-Precond's layer matrices)"
+FLOOR = "floor of a plain step: SGD + the op alone"
 SMALL_THREADS = 2  # the small problem's threads unless --threads is given
 
 
@@ -168,6 +174,32 @@ def n_ticks(cfg: Config) -> int:
     return len(problems(cfg)) * (cfg.timer.settings.warmup + cfg.timer.settings.rounds)
 
 
+def _op_alone_block(model: nn.Module):
+    """A block of INTERVAL calls of the grouped op that APO-Precond's plain step makes on ``model``
+    (its layers' tiles and factors, random matrices G), and the op's backend."""
+    from ..optim import APOPrecond
+    from ..optim.preconditioners import precondition_many
+
+    opt = APOPrecond(model, lr=0.01, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01)
+    preconds = [layer.precond for layer in opt.layers]
+    gen = torch.Generator().manual_seed(3)
+    Gs = [torch.randn(layer.shape, generator=gen).to(opt.phi_dtype).to(opt.layers[0].weight.device)
+          for layer in opt.layers]
+
+    def block():
+        for _ in range(INTERVAL):
+            precondition_many(preconds, Gs, backend=opt.backend, checked=True)
+
+    return block
+
+
+def _floor_row(sgd: dict, op: dict, make) -> dict:
+    """SGD's step plus the op alone: the quantiles summed (an estimate, not a timed row)."""
+    keys = ("median_ms", "p20_ms", "p80_ms", "min_ms")
+    return make(FLOOR, {k: sgd[k] + op[k] for k in keys}, reps=min(sgd["reps"], op["reps"]),
+                estimate="sum of the SGD row and the op-alone row")
+
+
 def run(cfg: Config) -> list[dict]:
     dev = cfg.device
     gen = torch.Generator().manual_seed(2)
@@ -197,15 +229,23 @@ def run(cfg: Config) -> list[dict]:
                     done[name] = row(name, {}, error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
                 blocks[name], states[name] = _training_block(model, opt, fsd, batches, fsd_batch)
+            if problem == "small-mlp":
+                torch.manual_seed(0)
+                blocks[OP_ALONE] = _op_alone_block(make_model().to(dev))
             tick = lambda desc: cfg.tick(f"train {label}: {len(blocks)} optimizers interleaved, {desc}")
             for name, per_block in cfg.timer.interleaved(blocks, on_round=tick).items():
                 if "error" in per_block:
                     done[name] = row(name, {}, error=per_block["error"])
                     continue
                 per_step = {k: v / INTERVAL if k.endswith("_ms") else v for k, v in per_block.items()}
+                if name == OP_ALONE:
+                    done[name] = row(name, per_step, threads=n_threads)
+                    continue
                 loss = states[name]["loss"]
                 done[name] = row(name, per_step, final_loss=float(loss.detach()) if loss is not None else float("nan"),
                                  steps=states[name]["steps"], threads=n_threads)
-        rows += [done[name] for name in facs if name in done]
+            if OP_ALONE in done and "median_ms" in done[OP_ALONE] and "median_ms" in done.get("SGD", {}):
+                done[FLOOR] = _floor_row(done["SGD"], done[OP_ALONE], lambda *a, **kw: row(*a, threads=n_threads, **kw))
+        rows += [done[name] for name in [*facs, OP_ALONE, FLOOR] if name in done]
     add_ratios(rows, "SGD")
     return rows
