@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from apo_kernels.bench import report, timing, train_bench
+from apo_kernels.bench import op_bench, report, timing, train_bench
 from apo_kernels.bench.__main__ import _pick_backends, build_parser, make_config
 from apo_kernels.bench.common import timed_backends
 from apo_kernels.ops import Backend, reference, register, unregister, usable
@@ -114,6 +114,13 @@ def test_quick_every_row_warmed_up_and_repeated(quick_run):
         for r in timed:
             assert r["reps"] >= 3 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], (name, r)
     assert "warmed up" in res["meta"]["timing"]
+    # the grouped comparison: blocks of calls timed round-robin, one loop and one grouped row per direction
+    grouped = [r for r in res["op"]["grouped"] if "median_ms" in r]
+    rounds = op_bench.GROUPED_ROUNDS_PER_SETTING * timing.QUICK.rounds
+    assert all(r["reps"] == rounds and r["calls"] >= 1 for r in grouped)
+    for direction in ("forward", "backward"):
+        impls = {r["impl"] for r in grouped if r["direction"] == direction}
+        assert "loop: torch chain" in impls and any(i.startswith("grouped: ") for i in impls), direction
 
 
 def test_quick_targets_and_lowprec_reported(quick_run):

@@ -116,7 +116,9 @@ def _estimate_ticks(cfg) -> int:
     n = 0
     if "op" in cfg.sections:
         n += sum(1 + len(cfg.backends) for d in cfg.dtypes for s in cfg.sizes if cfg.size_ok(s, d))
-        n += len(cfg.layer_sets) * (1 + len(cfg.backends)) * (2 if cfg.is_cuda else 1)
+        from .op_bench import n_grouped_ticks
+
+        n += n_grouped_ticks(cfg)
     if "precond" in cfg.sections:  # APO, APO-kron, KFAC, EKFAC per width and dtype
         half = [d for d in ("bf16", "fp16") if d in cfg.dtypes][:1]  # as precond_bench picks it
         n += 4 * sum(1 for d in ["fp32"] + half for w in cfg.widths if cfg.size_ok(w, d))

@@ -5,9 +5,13 @@ Baselines (what a user writes by hand):
 - forward:  ``A @ (S * (A.T @ G @ B)) @ B.T`` (4 matmuls + mul);
 - backward: ``torch.autograd.grad`` of that chain for (dA, dS, dB) given dY -- the meta-gradient's
   outputs -- vs ``apo_kernels.precondition_backward(..., output_mask=(False, True, True, True))``;
-- grouped:  a Python loop of the chain over the layers vs one ``precondition_grouped`` call.
+- grouped:  a Python loop of the chain over the layers vs one ``precondition_grouped`` call, the
+  two (and a loop of the op) timed in interleaved blocks, so their ratio survives a machine whose
+  speed drifts during the run.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -38,6 +42,49 @@ def _chain_backward(G, A, S, B, dY):
     with torch.enable_grad():
         Y = chain(G, A_, S_, B_)
         return torch.autograd.grad(Y, (A_, S_, B_), dY)
+
+
+def _grouped_dtypes(cfg: Config) -> list[str]:
+    """The grouped comparison's dtypes: fp32, and on a GPU the first half-precision one asked for."""
+    return [d for d in ["fp32"] + [d for d in cfg.dtypes if d != "fp32" and cfg.is_cuda][:1] if d in cfg.dtypes]
+
+
+GROUPED_ROUNDS_PER_SETTING = 3  # the grouped comparison's rounds: this many times the settings' rounds
+
+
+def n_grouped_ticks(cfg: Config) -> int:
+    """The grouped comparison's progress ticks: one per round, forward and backward, of every set."""
+    per = cfg.timer.settings.warmup + GROUPED_ROUNDS_PER_SETTING * cfg.timer.settings.rounds
+    return len(cfg.layer_sets) * len(_grouped_dtypes(cfg)) * 2 * per
+
+
+def _interleaved(cfg: Config, fns: dict, tick) -> dict[str, dict]:
+    """Each callable timed in blocks of calls, round-robin with the others (``Timer.interleaved``),
+    so that a change in the machine's speed during the run hits the loop and the grouped call alike
+    and their ratio stays meaningful; a block lasts ≈ 20 ms of the slowest callable, and 3 times the
+    settings' rounds (GROUPED_ROUNDS_PER_SETTING) are timed. Returns per-call timings (or ``dict(error=...)``)."""
+    slowest = 0.0
+    for fn in fns.values():
+        try:
+            fn()  # first use: kernels, allocator pools
+            t0 = time.perf_counter()
+            fn()
+            cfg.timer.sync()
+            slowest = max(slowest, time.perf_counter() - t0)
+        except Exception:  # reported by the timed rounds
+            pass
+    calls = max(1, round(0.02 / slowest)) if slowest > 0 else 1
+
+    def block(fn):
+        def run_block():
+            for _ in range(calls):
+                fn()
+        return run_block
+
+    rounds = GROUPED_ROUNDS_PER_SETTING * cfg.timer.settings.rounds
+    out = cfg.timer.interleaved({name: block(fn) for name, fn in fns.items()}, rounds=rounds, on_round=tick)
+    return {name: t if "error" in t else {k: v / calls if k.endswith("_ms") else v for k, v in t.items()} | {"calls": calls}
+            for name, t in out.items()}
 
 
 def run(cfg: Config) -> dict:
@@ -73,12 +120,9 @@ def run(cfg: Config) -> dict:
     add_ratios(single, "torch chain")
 
     grouped: list[dict] = []
-    gdtypes = ["fp32"] + [d for d in cfg.dtypes if d != "fp32" and cfg.is_cuda][:1]
     for set_name in cfg.layer_sets:
         label, shapes = layer_set(set_name, cfg.scale)
-        for dname in gdtypes:
-            if dname not in cfg.dtypes:
-                continue
+        for dname in _grouped_dtypes(cfg):
             dt = cfg.dtype(dname)
             layers = [_inputs(m, n, dt, dev, gen) for m, n in shapes]
             Gs, As, Ss, Bs, dYs = (list(x) for x in zip(*layers))
@@ -95,23 +139,21 @@ def run(cfg: Config) -> dict:
             def loop_chain_bwd():
                 return [_chain_backward(g, a, s, b, dy) for g, a, s, b, dy in zip(Gs, As, Ss, Bs, dYs)]
 
-            cfg.tick(f"grouped {label} {dname}: loop of torch chain")
-            with torch.no_grad():
-                add("forward", "loop: torch chain", timer(loop_chain))
-            add("backward", "loop: torch chain", timer(loop_chain_bwd))
+            forward = {"loop: torch chain": loop_chain}
+            backward = {"loop: torch chain": loop_chain_bwd}
             for be in cfg.backends:
-                cfg.tick(f"grouped {label} {dname}: {be}")
-                try:
-                    t_loop = timer(lambda: [apo_kernels.precondition(g, a, s, b, backend=be) for g, a, s, b in zip(Gs, As, Ss, Bs)])
-                    t_grp = timer(lambda: apo_kernels.precondition_grouped(Gs, As, Ss, Bs, backend=be))
-                    t_grp_b = timer(
-                        lambda: apo_kernels.precondition_grouped_backward(dYs, Gs, As, Ss, Bs, output_mask=MASK, backend=be)
-                    )
-                except Exception as exc:
-                    add("forward", f"grouped: {be}", {}, error=repr(exc)[:300])
-                    continue
-                add("forward", f"loop: op[{be}]", t_loop)
-                add("forward", f"grouped: {be}", t_grp)
-                add("backward", f"grouped: {be}", t_grp_b)
+                forward[f"loop: op[{be}]"] = lambda be=be: [apo_kernels.precondition(g, a, s, b, backend=be)
+                                                            for g, a, s, b in zip(Gs, As, Ss, Bs)]
+                forward[f"grouped: {be}"] = lambda be=be: apo_kernels.precondition_grouped(Gs, As, Ss, Bs, backend=be)
+                backward[f"grouped: {be}"] = lambda be=be: apo_kernels.precondition_grouped_backward(
+                    dYs, Gs, As, Ss, Bs, output_mask=MASK, backend=be)
+            for direction, fns, grad in (("forward", forward, False), ("backward", backward, True)):
+                tick = lambda desc: cfg.tick(f"grouped {label} {dname} {direction}: {len(fns)} interleaved, {desc}")
+                with torch.set_grad_enabled(grad):
+                    for impl, timing in _interleaved(cfg, fns, tick).items():
+                        if "error" in timing:
+                            add(direction, impl, {}, error=timing["error"])
+                        else:
+                            add(direction, impl, timing)
     add_ratios(grouped, "loop: torch chain")
     return dict(single=single, grouped=grouped)
