@@ -22,6 +22,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return resolve(backend, device).name
 
 
+def _needs_graph(tensors) -> bool:
+    """Whether autograd must record the call: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _below_autograd(fn, *args):
+    """fn(*args) below the autograd layer, for a call with no graph to record: the registered
+    autograd's wrapper costs as much as a small layer's GEMMs. Under torch.compile: as it is."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fn(*args)
+
+
 def _single_family(backend: str, grad: Tensor) -> OpFamily:
     """The family for a single-op call; an empty input runs on the reference (nothing to launch)."""
     return reference.FAMILY if grad.numel() == 0 else resolve(backend, grad.device).family
@@ -37,9 +51,22 @@ def precondition(
     dtypes float32/float64/float16/bfloat16 (one for all); half precision accumulates in fp32.
     """
     check_name(backend)
-    _validate.check_layer(grad, A, S, B)
-    _validate.check_result_fits([grad])
-    return _single_family(backend, grad).forward(grad, A, S, B)
+    if not isinstance(grad, Tensor):
+        _validate.check_layer(grad, A, S, B)  # names the argument
+    family = _single_family(backend, grad)
+    if not family.checks_inputs:
+        _validate.check_layer(grad, A, S, B)
+        _validate.check_result_fits([grad])
+    try:
+        if _needs_graph((grad, A, S, B)):
+            return family.forward(grad, A, S, B)
+        return _below_autograd(family.forward, grad, A, S, B)
+    except (RuntimeError, NotImplementedError):
+        # refused by the dispatcher (an argument of the wrong type for the schema, a sparse tensor):
+        # the Python rules name the argument
+        _validate.check_layer(grad, A, S, B)
+        _validate.check_result_fits([grad])
+        raise
 
 
 def precondition_backward(
@@ -58,11 +85,29 @@ def precondition_backward(
     The default mask is the meta-gradient's: dA, dS, dB, never d_grad.
     """
     check_name(backend)
-    _validate.check_layer(grad, A, S, B)
-    _validate.check_grad_out(grad_out, grad)
-    mask = _validate.check_output_mask(output_mask)
-    _validate.check_result_fits([grad], mask, As=[A], Bs=[B])
-    outs = _single_family(backend, grad).backward(grad_out, grad, A, S, B, list(mask))
+
+    def check():  # the input rules in their order
+        _validate.check_layer(grad, A, S, B)
+        _validate.check_grad_out(grad_out, grad)
+        checked = _validate.check_output_mask(output_mask)
+        _validate.check_result_fits([grad], checked, As=[A], Bs=[B])
+        return checked
+
+    try:
+        mask = _validate.check_output_mask(output_mask)
+    except (TypeError, ValueError):
+        check()  # a bad layer is named before the mask
+        raise
+    if not isinstance(grad, Tensor):
+        check()  # names the argument
+    family = _single_family(backend, grad)
+    if not family.checks_inputs:
+        check()
+    try:
+        outs = family.backward(grad_out, grad, A, S, B, list(mask))
+    except (RuntimeError, NotImplementedError):
+        check()  # refused by the dispatcher: the Python rules name the argument
+        raise
     present = (True, A is not None, True, B is not None)
     return tuple(o if m and p else None for o, m, p in zip(outs, mask, present))
 
@@ -133,13 +178,9 @@ def precondition_grouped(
         _validate.check_group(grads, As, Ss, Bs)
         _validate.check_result_fits(grads)
     lists = (list(grads), list(As), list(Ss), list(Bs))
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for ts in lists for t in ts)
     try:
-        if not needs_grad:
-            if torch.compiler.is_compiling():
-                return list(family.grouped(*lists))
-            with torch._C._AutoDispatchBelowAutograd():  # no graph to record: below the autograd layer
-                return list(family.grouped(*lists))
+        if not _needs_graph([t for ts in lists for t in ts]):
+            return list(_below_autograd(family.grouped, *lists))
         if any(a is None for a in lists[1]) or any(b is None for b in lists[3]):
             layout, tensors = _flatten(lists)
             return list(GroupedAutograd.apply(family, layout, *tensors))
