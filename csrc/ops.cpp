@@ -212,6 +212,28 @@ APO_INLINE bool finite(const Mat<T>& X) {
   return bad == 0;
 }
 
+// y = μ·y
+template <typename T>
+APO_INLINE void scale(const Mat<T>& Y, T mu) {
+  for (int64_t i = 0; i < Y.rows; ++i) {
+    T* y = Y.p + i * Y.ld;
+    for (int64_t j = 0; j < Y.cols; ++j) y[j] = mu * y[j];
+  }
+}
+
+// Whether every value of one row is ±0 (an integer test on the bits without the sign).
+template <typename T>
+APO_INLINE bool zero_row(const T* x, int64_t n) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  Bits any = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    Bits b;
+    std::memcpy(&b, x + j, sizeof b);
+    any |= b << 1;
+  }
+  return any == 0;
+}
+
 APO_SIMD_CLONES void mul_f32(const Mat<float>& o, const Mat<float>& x, const Mat<float>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void mul_f64(const Mat<double>& o, const Mat<double>& x, const Mat<double>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void momentum_f32(const Mat<float>& v, const Mat<float>& m, const Mat<float>& g, float mu) {
@@ -220,6 +242,10 @@ APO_SIMD_CLONES void momentum_f32(const Mat<float>& v, const Mat<float>& m, cons
 APO_SIMD_CLONES void momentum_f64(const Mat<double>& v, const Mat<double>& m, const Mat<double>& g, double mu) {
   momentum(v, m, g, mu);
 }
+APO_SIMD_CLONES void scale_f32(const Mat<float>& y, float mu) { scale(y, mu); }
+APO_SIMD_CLONES void scale_f64(const Mat<double>& y, double mu) { scale(y, mu); }
+APO_SIMD_CLONES bool zero_row_f32(const float* x, int64_t n) { return zero_row(x, n); }
+APO_SIMD_CLONES bool zero_row_f64(const double* x, int64_t n) { return zero_row(x, n); }
 APO_SIMD_CLONES bool finite_f32(const Mat<float>& x) { return finite(x); }
 APO_SIMD_CLONES bool finite_f64(const Mat<double>& x) { return finite(x); }
 
@@ -233,6 +259,10 @@ inline void momentum_rows(const Mat<float>& v, const Mat<float>& m, const Mat<fl
 inline void momentum_rows(const Mat<double>& v, const Mat<double>& m, const Mat<double>& g, double mu) {
   loops::momentum_f64(v, m, g, mu);
 }
+inline void scale_rows(const Mat<float>& y, float mu) { loops::scale_f32(y, mu); }
+inline void scale_rows(const Mat<double>& y, double mu) { loops::scale_f64(y, mu); }
+inline bool zero_row(const float* x, int64_t n) { return loops::zero_row_f32(x, n); }
+inline bool zero_row(const double* x, int64_t n) { return loops::zero_row_f64(x, n); }
 inline bool finite_rows(const Mat<float>& x) { return loops::finite_f32(x); }
 inline bool finite_rows(const Mat<double>& x) { return loops::finite_f64(x); }
 
@@ -526,6 +556,57 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double m
   return {v_finite.load(), y_finite.load()};
 }
 
+// The carried step of a layer with an identity A (rows independent): v = μ·m + g, then
+// out = μ·out + Y(g), where out held Y(m). Y(g) is formed only on g's nonzero rows (an embedding's
+// gradient is zero on every row the batch did not touch), gathered per block: the step then costs
+// elementwise passes plus GEMMs on the touched rows, where Y(v) would cost GEMMs on every row.
+// (v finite, out finite); V and Y row-major.
+template <typename T>
+std::pair<bool, bool> momentum_carry_step(const Tensor& G_, const Tensor& M_, double momentum, const Tensor& S_,
+                                          Tensor B_, const Tensor& V_, const Tensor& Y_) {
+  const Tensor G = row_major(G_), M = row_major(M_), S = row_major(S_);
+  const std::optional<Mat<T>> B = factor_view<T>(B_);
+  const int64_t m = G.size(0), n = G.size(1), rows = block_rows(m, n, false);
+  const Mat<T> g = row_major_view<T>(G), mm = row_major_view<T>(M), s = row_major_view<T>(S);
+  const Mat<T> v = row_major_view<T>(V_), y = row_major_view<T>(Y_);
+  const Mat<T>* b = B ? &*B : nullptr;
+  const T mu = static_cast<T>(momentum);
+  std::atomic<bool> v_finite{true}, y_finite{true};
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    const SerialBlasInRegion serial;
+    // gathered g, S and Y(g) rows, then forward_block's own workspace
+    T* w = workspace<T>(3 * rows * n + forward_workspace(rows, n, false, b != nullptr));
+    std::vector<int64_t> touched;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = k * rows, r = std::min(rows, m - r0);
+      const Mat<T> gb = g.row_block(r0, r), vb = v.row_block(r0, r), yb = y.row_block(r0, r);
+      momentum_rows(vb, mm.row_block(r0, r), gb, mu);
+      if (!finite_rows(vb)) v_finite.store(false, std::memory_order_relaxed);
+      touched.clear();
+      for (int64_t i = 0; i < r; ++i) {
+        if (!zero_row(gb.p + i * gb.ld, n)) touched.push_back(i);
+      }
+      scale_rows(yb, mu);
+      if (!touched.empty()) {
+        const int64_t t = static_cast<int64_t>(touched.size());
+        const Mat<T> gt = buffer(w, t, n), st = buffer(w + t * n, t, n), yt = buffer(w + 2 * t * n, t, n);
+        for (int64_t i = 0; i < t; ++i) {
+          std::memcpy(gt.p + i * n, gb.p + touched[i] * gb.ld, n * sizeof(T));
+          std::memcpy(st.p + i * n, s.p + (r0 + touched[i]) * s.ld, n * sizeof(T));
+        }
+        forward_block(gt, static_cast<const Mat<T>*>(nullptr), st, b, yt, w + 3 * rows * n);
+        for (int64_t i = 0; i < t; ++i) {  // out = μ·out + Y(g): the product rounded, then the sum
+          T* row = yb.p + touched[i] * yb.ld;
+          const T* add = yt.p + i * n;
+          for (int64_t j = 0; j < n; ++j) row[j] += add[j];
+        }
+      }
+      if (!finite_rows(yb)) y_finite.store(false, std::memory_order_relaxed);
+    }
+  });
+  return {v_finite.load(), y_finite.load()};
+}
+
 }  // namespace direct
 
 // ---------------------------------------------------------------------------------------------
@@ -664,9 +745,11 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> precondition_grouped_back
 }
 
 // ---------------------------------------------------------------------------------------------
-// Momentum step: per layer v = μ·m + g into vs, Y(v) into out. Returns a bool tensor (2,) on the
-// inputs' device, (every v finite, every Y finite): a device tensor, so a GPU caller syncs only when
-// it reads the flags.
+// Momentum step: per layer v = μ·m + g into vs, Y(v) into out. With `carry`, out holds on entry
+// the direction of m at these factors (the previous step's out) and becomes μ·out + Y(g): Y(v) in
+// exact arithmetic, for the price of Y(g), which is cheap where g is zero on most rows (an
+// embedding's). Returns a bool tensor (2,) on the inputs' device, (every v finite, every out finite):
+// a device tensor, so a GPU caller syncs only when it reads the flags.
 
 Tensor cpu_flags(bool v_finite, bool y_finite) {
   Tensor flags = at::empty({2}, at::kBool);
@@ -693,10 +776,18 @@ Tensor all_finite(TensorList ts) {
   return at::stack(each).all();
 }
 
+// out = μ·out + Y: the carried direction (out.mul_(μ).add_(Y), μ a wrapped number as above).
+void carry_generic(const Tensor& Y, double momentum, const Tensor& Out) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  Tensor out = Out;
+  out.mul_(at::native::wrapped_scalar_tensor(momentum)).add_(Y);
+}
+
 // Any device: the elementwise ops above and the device's grouped op through the dispatcher.
 Tensor precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double momentum,
                                          const OptionalTensorList& As_, TensorList Ss,
-                                         const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs) {
+                                         const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs,
+                                         bool carry) {
   const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
   if (Gs.empty()) return at::ones({2}, at::kBool);  // (no tensor to dispatch the grouped op on)
@@ -705,31 +796,50 @@ Tensor precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double mo
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("apo::precondition_grouped", "")
           .typed<TensorVec(TensorList, const OptionalTensorList&, TensorList, const OptionalTensorList&)>();
-  const TensorVec Ys = grouped.call(Vs, As_, Ss, Bs_);
-  for (size_t i = 0; i < Ys.size(); ++i) Outs[i].copy_(Ys[i]);
+  const TensorVec Ys = grouped.call(carry ? Gs : TensorList(Vs), As_, Ss, Bs_);
+  for (size_t i = 0; i < Ys.size(); ++i) {
+    if (carry) {
+      carry_generic(Ys[i], momentum, Outs[i]);
+    } else {
+      Outs[i].copy_(Ys[i]);
+    }
+  }
   return at::stack({all_finite(Vs), all_finite(Outs)});
 }
 
 std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double momentum, const Tensor& A,
-                                     const Tensor& S, const Tensor& B, const Tensor& V, const Tensor& Y) {
+                                     const Tensor& S, const Tensor& B, const Tensor& V, const Tensor& Y,
+                                     bool carry) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  if (direct::applies(G, A) && direct::is_row_major(V) && direct::is_row_major(Y)) {
-    return G.scalar_type() == at::kFloat ? direct::momentum_step<float>(G, M, momentum, A, S, B, V, Y)
-                                         : direct::momentum_step<double>(G, M, momentum, A, S, B, V, Y);
+  const bool direct = direct::applies(G, A) && direct::is_row_major(V) && direct::is_row_major(Y);
+  const bool f32 = G.scalar_type() == at::kFloat;
+  if (direct && carry && !A.defined()) {
+    return f32 ? direct::momentum_carry_step<float>(G, M, momentum, S, B, V, Y)
+               : direct::momentum_carry_step<double>(G, M, momentum, S, B, V, Y);
+  }
+  if (direct && !carry) {
+    return f32 ? direct::momentum_step<float>(G, M, momentum, A, S, B, V, Y)
+               : direct::momentum_step<double>(G, M, momentum, A, S, B, V, Y);
   }
   momentum_generic(G, M, momentum, V);
-  Y.copy_(forward_layer(V, A, S, B));
+  if (carry) {
+    carry_generic(forward_layer(G, A, S, B), momentum, Y);
+  } else {
+    Y.copy_(forward_layer(V, A, S, B));
+  }
   return {at::isfinite(V).all().item<bool>(), at::isfinite(Y).all().item<bool>()};
 }
 
 Tensor precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double momentum,
                                          const OptionalTensorList& As_, TensorList Ss,
-                                         const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs) {
+                                         const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs,
+                                         bool carry) {
   const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
   checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
   std::atomic<bool> v_finite{true}, y_finite{true};  // (an empty call: both true)
   for_each_layer(Gs, [&](int64_t i) {
-    const auto [v_ok, y_ok] = momentum_layer(Gs[i], Ms[i], momentum, As[i], Ss[i], Bs[i], Vs[i], Outs[i]);
+    const auto [v_ok, y_ok] =
+        momentum_layer(Gs[i], Ms[i], momentum, As[i], Ss[i], Bs[i], Vs[i], Outs[i], carry);
     if (!v_ok) v_finite.store(false, std::memory_order_relaxed);
     if (!y_ok) y_finite.store(false, std::memory_order_relaxed);
   });
@@ -752,7 +862,7 @@ TORCH_LIBRARY(apo, m) {
       "Tensor[] Ss, Tensor?[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
   m.def(
       "precondition_momentum_grouped(Tensor[] grads, Tensor[] momenta, float momentum, Tensor?[] As, "
-      "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out) -> Tensor");
+      "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {

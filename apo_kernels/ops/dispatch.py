@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._args import check_bool
 from . import _validate, reference
 from .backends import check_name, resolve
 from .library import OpFamily, grouped_backward_lists, public_slots, saved_mask
@@ -219,21 +220,31 @@ def precondition_grouped_backward(
 def precondition_momentum_grouped(
     grads: Sequence[Tensor], momenta: Sequence[Tensor], momentum: float, As: Sequence[Optional[Tensor]],
     Ss: Sequence[Tensor], Bs: Sequence[Optional[Tensor]], *, vs: Sequence[Tensor], out: Sequence[Tensor],
-    backend: str = "auto",
+    carry: bool = False, backend: str = "auto",
 ) -> Tensor:
     """A momentum optimizer's preconditioned step direction, per layer, in one call (no autograd):
 
         vs[i] = momentum · momenta[i] + grads[i]       (torch.optim.SGD's buf.mul_(μ).add_(g), bit for bit)
         out[i] = precondition(vs[i], As[i], Ss[i], Bs[i])
 
+    ``carry=True``: out[i] holds on entry the direction of momenta[i] at these factors (the previous
+    call's out), and becomes
+
+        out[i] = momentum · out[i] + precondition(grads[i], As[i], Ss[i], Bs[i])
+
+    the same direction in exact arithmetic (the op is linear in its first argument), rounded
+    differently. The CPU kernel then forms Y(grads[i]) only on the nonzero rows of a layer whose A is
+    None: an embedding's step costs elementwise passes plus GEMMs on the rows the batch touched.
+
     Layers as in ``precondition_grouped``; momenta, vs and out have grads[i]'s shape, dtype and
     device, and vs and out share no memory with any argument. Returns a bool tensor of shape (2,) on
-    the inputs' device: (every v finite, every Y finite); on a GPU nothing waits until it is read.
+    the inputs' device: (every v finite, every out finite); on a GPU nothing waits until it is read.
     The CPU kernel forms each block of rows' v and Y while they are in cache; other backends compose
     the elementwise ops and their grouped op.
     """
     check_name(backend)
     args = (grads, momenta, momentum, As, Ss, Bs, vs, out)
+    check_bool("carry", carry)
     _validate.check_group(grads, As, Ss, Bs, layers=False)
     _validate.check_momentum(momentum)  # the schema's float would take a bool
     if len(grads) == 0 or not isinstance(grads[0], Tensor):
@@ -244,21 +255,25 @@ def precondition_momentum_grouped(
     if family.momentum_grouped is None:  # composed here: the rules are checked here
         _validate.check_momentum_group(*args)
         lists = (list(grads), list(momenta), float(momentum), list(As), list(Ss), list(Bs), list(vs), list(out))
-        return _momentum_grouped_composite(family, *lists)
+        return _momentum_grouped_composite(family, *lists, carry=carry)
     try:  # the registered op checks every argument itself, with the same messages
         return family.momentum_grouped(list(grads), list(momenta), momentum, list(As), list(Ss), list(Bs),
-                                       list(vs), list(out))
+                                       list(vs), list(out), carry)
     except (RuntimeError, NotImplementedError):
         _validate.check_momentum_group(*args)  # refused by the dispatcher: the Python rules name the argument
         raise
 
 
-def _momentum_grouped_composite(family: OpFamily, grads, momenta, momentum, As, Ss, Bs, vs, out):
+def _momentum_grouped_composite(family: OpFamily, grads, momenta, momentum, As, Ss, Bs, vs, out, *, carry: bool):
     """The momentum step from a family's grouped op (a family without a fused one)."""
     with torch.no_grad():
         for v, m, g in zip(vs, momenta, grads):
             torch.mul(m, momentum, out=v)
             v.add_(g)
-        Ys = family.grouped(vs, As, Ss, Bs)
-        torch._foreach_copy_(out, Ys)
+        Ys = family.grouped(grads if carry else vs, As, Ss, Bs)
+        if carry:
+            for o, y in zip(out, Ys):
+                o.mul_(momentum).add_(y)
+        else:
+            torch._foreach_copy_(out, Ys)
         return torch.stack([torch.stack([torch.isfinite(t).all() for t in ts]).all() for ts in (vs, out)])
