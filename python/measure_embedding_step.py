@@ -9,9 +9,13 @@ wall time.
 The bound is the same model's fwd+bwd plus the operations a plain step cannot avoid, timed as bare
 calls on persistent tensors (no optimizer code, no fresh allocation):
   SGD+momentum  buf·μ + g in place, θ −= lr·buf                                  (8 passes)
-  full          one call of the fused momentum op (apo_kernels.precondition_momentum_grouped:
+  full carried  one call of the fused momentum op with carry=True (per block of rows
+                v = μ·buf + g and Y = μ·Y + Y(g), the GEMMs on the rows the batch touched only,
+                the finiteness of v and Y), θ −= Y: APO-Precond's default plain step
+  full Y(v)     one call of the fused momentum op (apo_kernels.precondition_momentum_grouped:
                 per block of rows v = μ·buf + g, the two 64×64 GEMMs with S² between them,
-                ≈ 4.3 GFLOP over all rows, and the finiteness of v and Y), θ −= Y (3 passes)
+                ≈ 4.3 GFLOP over all rows, and the finiteness of v and Y), θ −= Y (3 passes):
+                the step with carry_direction=False
   unfused full  the same step from separate torch calls: v into a spare buffer, the op as row
                 blocks, a check of Y and of the gradient (one read each), θ −= Y
   kron          v as above, G·diag(u) into a work buffer, one GEMM with R into Y (≈ 2.1 GFLOP),
@@ -51,13 +55,13 @@ def main() -> None:
     tok = torch.randint(0, VOCAB, (BATCH, TOKENS), generator=gen)
     y = torch.randint(0, 10, (BATCH,), generator=gen)
 
-    def trainer(kind):
+    def trainer(kind, carry=True):
         net = model()
         if kind == "sgd":
             opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         else:
             opt = APOPrecond(net, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0,
-                             structure=kind)
+                             structure=kind, carry_direction=carry)
 
         def step():  # (fwd+bwd, step) times
             t0 = clock()
@@ -90,9 +94,9 @@ def main() -> None:
         g.sum()
         p.add_(Y, alpha=-0.1)
 
-    def full(g):
+    def full(g, carry=False):
         apo_kernels.precondition_momentum_grouped([g], [cur], 0.9, [None], [S2], [B], vs=[spare], out=[Y],
-                                                  backend="cpu")
+                                                  carry=carry, backend="cpu")
         p.add_(Y, alpha=-0.1)
 
     def unfused_full(g):
@@ -124,9 +128,10 @@ def main() -> None:
             return t1 - t0, clock() - t1
         return step
 
-    variants = {"SGD+momentum": trainer("sgd"), "APO full": trainer("full"), "APO kron": trainer("kron"),
-                "bound SGD+momentum": bare(sgd_ops), "bound full": bare(full), "bound unfused full": bare(unfused_full),
-                "bound kron": bare(kron)}
+    variants = {"SGD+momentum": trainer("sgd"), "APO full": trainer("full"),
+                "APO full, Y(v)": trainer("full", carry=False), "APO kron": trainer("kron"),
+                "bound SGD+momentum": bare(sgd_ops), "bound full carried": bare(lambda g: full(g, carry=True)),
+                "bound full Y(v)": bare(full), "bound unfused full": bare(unfused_full), "bound kron": bare(kron)}
     times = {k: [] for k in variants}
     for r in range(args.rounds + 1):
         for k, step in variants.items():
@@ -136,7 +141,8 @@ def main() -> None:
                     times[k].append(t)
     med = {k: (statistics.median(a for a, _ in ts), statistics.median(b for _, b in ts)) for k, ts in times.items()}
     print(f"threads {args.threads}, {'CPU' if args.threads == 1 else 'wall'} time, medians of {3 * args.rounds} steps")
-    for group in (("SGD+momentum", "APO full", "APO kron"), ("bound SGD+momentum", "bound full", "bound unfused full", "bound kron")):
+    for group in (("SGD+momentum", "APO full", "APO full, Y(v)", "APO kron"),
+                  ("bound SGD+momentum", "bound full carried", "bound full Y(v)", "bound unfused full", "bound kron")):
         base = sum(med[group[0]])
         for k in group:
             fb, st = med[k]

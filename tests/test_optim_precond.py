@@ -842,7 +842,7 @@ def test_plain_step_is_a_direct_implementation_bit_for_bit():
     op call, θ −= update_scale·Y."""
     m, (tok, y) = _Mixed(), _mixed_data()
     kw = dict(lr=0.05, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=0, momentum=0.9,
-              weight_decay=0.01, update_scale=0.9)
+              weight_decay=0.01, update_scale=0.9, carry_direction=False)  # carried: its own test below
     opt = APOPrecond(m, **kw)
     _randomize_phi(opt)
     assert [layer.kind for layer in opt.layers] == ["embedding", "conv", "linear"] and len(opt.diagonals) == 2
@@ -1037,7 +1037,7 @@ def test_fused_momentum_step_is_bit_for_bit_the_unfused_step(monkeypatch):
     tok, y = torch.randint(0, 600, (16, 2)), torch.randint(0, 3, (16,))
     m1 = _WholeMatrices()
     m2 = copy.deepcopy(m1)
-    kw = opt_kwargs(lr=0.05, meta_interval=3, weight_decay=0.01, backend="cpu")
+    kw = opt_kwargs(lr=0.05, meta_interval=3, weight_decay=0.01, backend="cpu", carry_direction=False)
     fused, plain = APOPrecond(m1, **kw), APOPrecond(m2, **kw)
     assert [layer.name for layer in fused._fused_layers] == ["emb", "mix"]
     plain._fused_layers = []
@@ -1065,3 +1065,45 @@ def test_fused_momentum_step_is_bit_for_bit_the_unfused_step(monkeypatch):
     assert calls == list(range(1, 8))
     assert fused.meta_steps == plain.meta_steps > 0
     assert fused.recoveries == plain.recoveries > 0
+
+
+def test_carried_direction_follows_the_unfused_step(monkeypatch):
+    """With carry_direction (the default) the embedding's direction is carried, Y_t = μ·Y_{t−1} +
+    Y(g_t), on every fused step whose φ and momentum are those of the previous update: a plain step
+    after a plain step, a meta-step's lookahead; after a meta-step or a restored state Y(v) is formed
+    again. θ and the momentum stay within float32 rounding of the unfused step's."""
+    torch.manual_seed(0)
+    tok, y = torch.randint(0, 600, (16, 2)), torch.randint(0, 3, (16,))
+    m1 = _WholeMatrices()
+    m2 = copy.deepcopy(m1)
+    kw = opt_kwargs(lr=0.05, meta_interval=4, backend="cpu")
+    carried, plain = APOPrecond(m1, **kw), APOPrecond(m2, **kw)
+    assert [layer.name for layer in carried._carried_layers] == ["emb"]  # identity A; "mix" learns A
+    plain._fused_layers = []
+    calls = []
+    real = preconditioners.momentum_precondition_many
+
+    def recording(*args, carry=False, **kwargs):
+        calls.append((carried.step_count, carry))
+        return real(*args, carry=carry, **kwargs)
+
+    monkeypatch.setattr("apo_kernels.optim.precond.momentum_precondition_many", recording)
+    for step in range(12):
+        if step == 6:  # a checkpoint restored: the next step forms Y(v) from the loaded momentum
+            carried.load_state_dict(copy.deepcopy(carried.state_dict()))
+        for opt, m in ((carried, m1), (plain, m2)):
+            opt.step(closure_for(opt, m, tok, y))
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(carried.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"],
+                                       rtol=1e-5, atol=1e-6)
+    assert carried.meta_steps == plain.meta_steps == 3
+    carrying = sorted({step for step, carry in calls if carry})
+    # 0: no momentum yet; 1, 5, 6 (restored), 9: Y(v); 4 and 8: a meta-step's lookahead carries
+    assert carrying == [2, 3, 4, 7, 8, 10, 11]
+    assert sorted({step for step, _ in calls}) == list(range(1, 12))
+
+
+def test_carry_direction_must_be_a_bool():
+    with pytest.raises(TypeError, match="carry_direction"):
+        APOPrecond(_WholeMatrices(), **opt_kwargs(lr=0.05, carry_direction=1))

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._args import check_choice, check_int, check_number, check_pair
+from .._args import check_bool, check_choice, check_int, check_number, check_pair
 from .. import distributed
 from .._numerics import all_finite_scratch, loss_finite
 from ..layers import Layer, LayerView, find_layers
@@ -188,6 +188,8 @@ class _PrecondPlan(_Plan):
     ready_finite: bool = True
     rest_vs: Optional[list] = None
     fused_v_finite: bool = True
+    # whether the fused step formed the Y of every carried layer (in the directions copy)
+    carry_ready: bool = False
 
 
 class APOPrecond(APOCore):
@@ -257,7 +259,12 @@ class APOPrecond(APOCore):
     warm-up and on a meta-step (its lookahead), every layer whose matrix is its one parameter (an
     embedding, a linear or conv without bias) forms v = μ·buf + g and Y(v) in one call of
     ``apo_kernels.precondition_momentum_grouped``, one block of rows at a time, bit for bit the
-    unfused step.
+    unfused step. With ``carry_direction`` (default), such a layer with a fixed identity A (an
+    embedding) carries its direction from one plain step to the next while φ is unchanged:
+    Y_t = μ·Y_{t−1} + Y(g_t), which the op forms only on the gradient's nonzero rows (those the batch
+    touched), the same direction as Y(v_t) in exact arithmetic, rounded differently (the carried
+    rounding errors decay with μ). After a meta-step, a skipped step or a restored state, Y(v) is
+    formed again. ``carry_direction=False`` keeps every step bit for bit the unfused one.
     """
 
     def __init__(
@@ -283,6 +290,7 @@ class APOPrecond(APOCore):
         grad_scaler=None,
         shard_preconditioners: bool = False,
         structure: str = "full",
+        carry_direction: bool = True,
     ):
         check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
         lr = check_number("lr", lr, low=0.0, low_ok=False)
@@ -296,6 +304,7 @@ class APOPrecond(APOCore):
         check_choice("s_param", s_param, S_PARAMS)
         check_choice("structure", structure, tuple(STRUCTURES))
         meta_betas = check_pair("meta_betas", meta_betas, high=1.0, high_ok=False)
+        carry_direction = check_bool("carry_direction", carry_direction)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         devices = {p.device for p in trainable}
@@ -347,6 +356,13 @@ class APOPrecond(APOCore):
         # conv without bias), with the full structure and momentum, unsharded
         self._fused_layers = [layer for layer in self.layers if _whole_matrix(layer)] if (
             structure == "full" and momentum != 0 and resolved == "cpu" and self._shards is None) else []
+        # Those of them with a fixed identity A (an embedding: its gradient is zero on the rows the
+        # batch did not touch) carry their direction between meta-steps, Y_t = μ·Y_{t−1} + Y(g_t)
+        self._carried_layers = [layer for layer in self._fused_layers if not layer.precond.learn_left] \
+            if carry_direction else []
+        # φ's tensor versions at which the directions copy holds Y(momentum) of every carried layer
+        # (set by an update that took those Ys; None: the next fused step forms Y(v) again)
+        self._carry_versions: Optional[tuple[int, ...]] = None
         self._phi = [t for layer in self.layers for t in layer.precond.parameters()] + \
                     [t for _, _, d in self.diagonals for t in d.parameters()]
         # Adam moves every entry by ≈ lr; the meta-gradient of a d×d factor is low-rank, so its
@@ -448,6 +464,7 @@ class APOPrecond(APOCore):
             held = mb.views[mb.current]
             if any(b is not h for b, h in zip(bufs, held)):  # restored by load_state_dict, or set by hand
                 torch._foreach_copy_(held, bufs)
+                self._carry_versions = None  # the directions copy is not their Y
             fused = self._fused_this_step(grads)
             if fused:
                 self._momentum_step_fused(plan, fused, grads, mom)
@@ -484,11 +501,29 @@ class APOPrecond(APOCore):
             torch._foreach_copy_(plan.rest_vs, [held[i] for i in rest])
             torch._foreach_mul_(plan.rest_vs, mom)
             torch._foreach_add_(plan.rest_vs, [grads[i] for i in rest])
-        plan.fused_v_finite, plan.ready_finite = momentum_precondition_many(
-            [layer.precond for layer in fused], [grads[self._index[id(layer.weight)]].view(layer.shape) for layer in fused],
-            [cur[layer.index] for layer in fused], mom, [spare[layer.index] for layer in fused],
-            [out[layer.index] for layer in fused], backend=self.backend).tolist()
+        # the carried layers' directions copy holds Y(momentum) at this φ: carry it (once: a step
+        # that does not complete leaves the copy changed and the momentum not)
+        carry = self._carry_versions is not None and self._carry_versions == self._phi_versions()
+        self._carry_versions = None
+        carried = {layer.index for layer in self._carried_layers} if carry else set()
+        flags = [True, True]
+        for group, carrying in (([l for l in fused if l.index not in carried], False),
+                                ([l for l in fused if l.index in carried], True)):
+            if not group:
+                continue
+            v_ok, y_ok = momentum_precondition_many(
+                [layer.precond for layer in group], [grads[self._index[id(layer.weight)]].view(layer.shape) for layer in group],
+                [cur[layer.index] for layer in group], mom, [spare[layer.index] for layer in group],
+                [out[layer.index] for layer in group], carry=carrying, backend=self.backend).tolist()
+            flags = [flags[0] and v_ok, flags[1] and y_ok]
+        plan.fused_v_finite, plan.ready_finite = flags
         plan.ready = {layer.index: out[layer.index] for layer in fused}
+        plan.carry_ready = {layer.index for layer in self._carried_layers} <= plan.ready.keys()
+
+    def _phi_versions(self) -> tuple[int, ...]:
+        """The version counters of φ's tensors: any in-place change of φ (a meta-step, a shrink, a
+        loaded state, a user's edit) moves one."""
+        return tuple(t._version for t in self._phi)
 
     def _prepare_fresh(self, plan, mom: float, wd: float) -> None:
         """Any mix of missing gradients, buffers and dtypes, one parameter at a time, in fresh
@@ -579,11 +614,13 @@ class APOPrecond(APOCore):
         group = self.param_groups[0]
         if self._apo_step < self.warmup_steps:  # SGD+momentum with the (scheduled) lr
             steps, scale = plan.vs, float(group["lr"])
-            whole, fused_finite = steps, True
+            whole, fused_finite, carries = steps, True, False
         else:
             # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
             # base step, else the meta-step would learn S back up and undo the decay.
             fused_finite = plan.ready_finite  # of the fused step's Ys, if _directions takes them
+            # the update takes the carried layers' Ys from the directions copy (no meta-step before)
+            carries = bool(self._carried_layers) and plan.carry_ready and plan.ready is not None
             (steps, whole), scale = self._directions(plan), self.update_scale * self.schedule_factor()
         if not (fused_finite and all_finite_scratch(whole)):  # this step's own tensors (v: the spare buffer)
             return False
@@ -605,6 +642,8 @@ class APOPrecond(APOCore):
                 self.state[p]["momentum_buffer"] = v
             if plan.buffers is not None:  # v (the spare copy) is the momentum now; the old one is spare
                 plan.buffers.swap()
+        if carries:  # the directions copy holds Y(momentum) of every carried layer at this φ
+            self._carry_versions = self._phi_versions()
         return True
 
     def _shrink_phi(self, factor: float):
@@ -648,3 +687,4 @@ class APOPrecond(APOCore):
             g.update(saved)
         self._load_core_state(state)
         self._initial_lr = float(state["initial_lr"])
+        self._carry_versions = None  # the next fused step forms Y(v) from the loaded momentum

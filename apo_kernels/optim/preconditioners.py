@@ -297,12 +297,13 @@ def precondition_many(
 @torch.no_grad()
 def momentum_precondition_many(
     preconds: Sequence[StructuredPreconditioner], grads: Sequence[Tensor], momenta: Sequence[Tensor],
-    momentum: float, vs: Sequence[Tensor], outs: Sequence[Tensor], *, backend: str = "auto",
+    momentum: float, vs: Sequence[Tensor], outs: Sequence[Tensor], *, carry: bool = False, backend: str = "auto",
 ) -> Tensor:
     """For each layer v_i = momentum·momenta[i] + grads[i] into vs[i] and Y_i = preconds[i] applied to
     v_i into outs[i] (all (m_i, n_i), φ's dtype and device), every tile in ONE call of
     ``apo_kernels.precondition_momentum_grouped``; returns its flags, a bool tensor (every v finite,
-    every Y finite)."""
+    every Y finite). ``carry``: outs hold the directions of ``momenta`` at these φ, carried forward
+    (``precondition_momentum_grouped``'s ``carry``)."""
     tiles = [[], [], [], [], [], [], []]  # grads, momenta, As, S²s, Bs, vs, outs
     for pc, g, m, v, y in zip(preconds, grads, momenta, vs, outs):
         g_tiles, As, Ss, Bs = pc.op_inputs(g)
@@ -312,7 +313,7 @@ def momentum_precondition_many(
         return torch.ones(2, dtype=torch.bool)
     g_tiles, m_tiles, As, Ss, Bs, v_tiles, y_tiles = tiles
     return apo_kernels.precondition_momentum_grouped(g_tiles, m_tiles, momentum, As, Ss, Bs, vs=v_tiles,
-                                                     out=y_tiles, backend=backend)
+                                                     out=y_tiles, carry=carry, backend=backend)
 
 
 def _op_inputs_many(preconds, Gs) -> tuple[list, list, list, list, list[int]]:
