@@ -207,13 +207,31 @@ def precondition_grouped_backward(
     """Per-layer (d_grads, dAs, dSs, dBs) of the grouped op; an empty list where masked off, None
     in the slot of an identity factor."""
     check_name(backend)
-    _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs)
-    mask = _validate.check_output_mask(output_mask)
-    _validate.check_result_fits(grads, mask, As=As, Bs=Bs)
+
+    def check():  # the input rules in their order
+        _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs)
+        checked = _validate.check_output_mask(output_mask)
+        _validate.check_result_fits(grads, checked, As=As, Bs=Bs)
+        return checked
+
+    _validate.check_group(grads, As, Ss, Bs, grad_outs=grad_outs, layers=False)
+    try:
+        mask = _validate.check_output_mask(output_mask)
+    except (TypeError, ValueError):
+        check()  # a bad layer is named before the mask
+        raise
     if len(grads) == 0:
         return ([], [], [], [])
+    if not isinstance(grads[0], Tensor):
+        check()  # names the argument
     family = resolve(backend, grads[0].device).family
-    outs = family.grouped_backward(list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask))
+    if not family.checks_inputs:
+        check()
+    try:  # the registered op checks every layer itself, with the same messages
+        outs = family.grouped_backward(list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask))
+    except (RuntimeError, NotImplementedError):
+        check()  # refused by the dispatcher: the Python rules name the argument
+        raise
     return tuple(public_slots(out, k, As, Bs) if need else [] for k, (out, need) in enumerate(zip(outs, mask)))
 
 
