@@ -1070,8 +1070,8 @@ def test_fused_momentum_step_is_bit_for_bit_the_unfused_step(monkeypatch):
 def test_carried_direction_follows_the_unfused_step(monkeypatch):
     """With carry_direction (the default) the embedding's direction is carried, Y_t = μ·Y_{t−1} +
     Y(g_t), on every fused step whose φ and momentum are those of the previous update: a plain step
-    after a plain step, a meta-step's lookahead; after a meta-step or a restored state Y(v) is formed
-    again. θ and the momentum stay within float32 rounding of the unfused step's."""
+    after a plain step, a meta-step's lookahead; after a meta-step, a restored state or an update
+    whose Ys were formed apart (gradients the fused op does not take) Y(v) is formed again. θ and the momentum stay within float32 rounding of the unfused step's."""
     torch.manual_seed(0)
     tok, y = torch.randint(0, 600, (16, 2)), torch.randint(0, 3, (16,))
     m1 = _WholeMatrices()
@@ -1088,20 +1088,29 @@ def test_carried_direction_follows_the_unfused_step(monkeypatch):
         return real(*args, carry=carry, **kwargs)
 
     monkeypatch.setattr("apo_kernels.optim.precond.momentum_precondition_many", recording)
-    for step in range(12):
+    def strided_grads(opt, m):  # the fused layers' gradients column-major: a step without the fused op
+        def closure():
+            loss = closure_for(opt, m, tok, y)()
+            for layer in (m.emb, m.mix):
+                layer.weight.grad = layer.weight.grad.T.contiguous().T
+            return loss
+        return closure
+
+    for step in range(13):
         if step == 6:  # a checkpoint restored: the next step forms Y(v) from the loaded momentum
             carried.load_state_dict(copy.deepcopy(carried.state_dict()))
         for opt, m in ((carried, m1), (plain, m2)):
-            opt.step(closure_for(opt, m, tok, y))
+            opt.step(strided_grads(opt, m) if step == 10 else closure_for(opt, m, tok, y))
         for a, b in zip(m1.parameters(), m2.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(carried.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"],
                                        rtol=1e-5, atol=1e-6)
-    assert carried.meta_steps == plain.meta_steps == 3
+    assert carried.meta_steps == plain.meta_steps == 4
     carrying = sorted({step for step, carry in calls if carry})
-    # 0: no momentum yet; 1, 5, 6 (restored), 9: Y(v); 4 and 8: a meta-step's lookahead carries
-    assert carrying == [2, 3, 4, 7, 8, 10, 11]
-    assert sorted({step for step, _ in calls}) == list(range(1, 12))
+    # 0: no momentum yet; 1, 5, 6 (restored), 9, 11 (after step 10's update from Ys formed apart):
+    # Y(v); 4 and 8: a meta-step's lookahead carries
+    assert carrying == [2, 3, 4, 7, 8, 12]
+    assert sorted({step for step, _ in calls}) == [s for s in range(1, 13) if s != 10]
 
 
 def test_carry_direction_must_be_a_bool():

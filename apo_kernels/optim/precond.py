@@ -642,8 +642,9 @@ class APOPrecond(APOCore):
                 self.state[p]["momentum_buffer"] = v
             if plan.buffers is not None:  # v (the spare copy) is the momentum now; the old one is spare
                 plan.buffers.swap()
-        if carries:  # the directions copy holds Y(momentum) of every carried layer at this φ
-            self._carry_versions = self._phi_versions()
+        # the directions copy holds Y(momentum) of every carried layer at this φ only if this update
+        # took those Ys (an update from v, from fresh Ys or from a step without the fused op: not)
+        self._carry_versions = self._phi_versions() if carries else None
         return True
 
     def _shrink_phi(self, factor: float):
