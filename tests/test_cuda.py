@@ -661,6 +661,28 @@ def test_momentum_step_composite_on_cuda():
     assert torch.ops.apo.precondition_momentum_grouped(Gs, Ms, 0.9, As, Ss, Bs, vs, outs).tolist() == [False, False]
 
 
+@requires_cuda
+def test_momentum_carry_composite_on_cuda():
+    """carry=True on CUDA tensors (the composite kernel): out, holding Y(momenta) + 0.5, becomes
+    0.9·out + Y(grads), against Y(0.9·momenta + grads) + 0.45 in float64; v bit for bit SGD's."""
+    shapes = [(7, 5), (130, 70), (3000, 64)]
+    _, Gs, As, Ss, Bs = make_group(shapes, torch.float32)
+    As[2] = None  # a tall identity-A layer, as an embedding's
+    Gs[2][torch.rand(3000, device=Gs[2].device) < 0.9] = 0  # most rows untouched
+    Ms = [torch.randn_like(g) for g in Gs]
+    # out enters as Y(momenta) + 0.5: a kernel that formed Y(v) afresh would miss 0.9·0.5
+    outs = [y + 0.5 for y in torch.ops.apo.precondition_grouped(Ms, As, Ss, Bs)]
+    vs = [torch.empty_like(g) for g in Gs]
+    flags = torch.ops.apo.precondition_momentum_grouped(Gs, Ms, 0.9, As, Ss, Bs, vs, outs, carry=True)
+    assert flags.device == Gs[0].device and flags.tolist() == [True, True]
+    for i in range(len(shapes)):
+        assert torch.equal(vs[i], Ms[i].mul(0.9).add_(Gs[i]))
+        A64, B64 = eye_for(As[i], Gs[i], "A"), eye_for(Bs[i], Gs[i], "B")
+        exact = Ms[i].double() * 0.9 + Gs[i].double()
+        expected = ref.precondition(exact, A64, Ss[i].double(), B64) + 0.9 * 0.5
+        assert_close(outs[i], expected, torch.float32, f"carried Y[{i}]")
+
+
 # ------------------------------------------------------------------------------------------------
 # compile check (runs on CPU)# ------------------------------------------------------------------------------------------------
 # compile check (runs on CPU)

@@ -6,7 +6,8 @@ Per layer i, with out[i] holding on entry Y(momenta[i]) (the previous step's dir
 ``out[i] = μ·out[i] + Y(grads[i])``, Y(v) in exact arithmetic. The CPU kernel forms Y(grads) only on
 the nonzero rows of an identity-A layer (the embedding case); other layers and backends compose it.
 
-Oracle: Y(v) in float64 from the same inputs. Tolerances, relative Frobenius error: float64 1e-10,
+Oracle: Y(v) in float64 from the same inputs; out enters as Y(momenta) + 0.5, so the carried result
+is Y(v) + μ·0.5 (a call that formed Y(v) afresh would fail). Tolerances, relative Frobenius error: float64 1e-10,
 float32 1e-5 (tests/test_op.py's TOL): the carried direction adds two roundings per element
 (μ·out, then the sum) to the op's own error. Rows of grads that are zero: out's row is μ·out's row,
 bit for bit ``out.mul(μ)``.
@@ -45,11 +46,16 @@ def sparse_rows(grads, fractions, seed=0):
     return kept
 
 
-def carried(backend, dtype, layers=LAYERS, mu=MU):
-    """grads (sparse rows), momenta, factors, and out = Y(momenta) computed by the op itself."""
+# added to the carried direction on entry: a call that ignored it (forming Y(v) afresh) would miss
+# μ·OFFSET in every element
+OFFSET = 0.5
+
+
+def carried(backend, dtype, layers=LAYERS, mu=MU, offset=0.0):
+    """grads (sparse rows), momenta, factors, and out = Y(momenta) + offset, Y by the op itself."""
     grads, momenta, As, Ss, Bs = make_step([(shape, ident) for shape, ident, _ in layers], dtype)
     kept = sparse_rows(grads, [frac for *_, frac in layers])
-    out = apo_kernels.precondition_grouped(momenta, As, Ss, Bs, backend=backend)
+    out = [y + offset for y in apo_kernels.precondition_grouped(momenta, As, Ss, Bs, backend=backend)]
     return grads, momenta, As, Ss, Bs, out, kept
 
 
@@ -58,7 +64,7 @@ def carried(backend, dtype, layers=LAYERS, mu=MU):
 def test_carry_matches_float64(backend, dtype):
     skip_unsupported(backend, dtype)
     skip_tall(backend)
-    grads, momenta, As, Ss, Bs, out, kept = carried(backend, dtype)
+    grads, momenta, As, Ss, Bs, out, kept = carried(backend, dtype, offset=OFFSET)
     before = [o.clone() for o in out]
     vs = nan_like(grads)
     flags = apo_kernels.precondition_momentum_grouped(grads, momenta, MU, As, Ss, Bs, vs=vs, out=out, carry=True,
@@ -67,7 +73,7 @@ def test_carry_matches_float64(backend, dtype):
     _, y64 = oracle(grads, momenta, MU, As, Ss, Bs)
     for i, (g, m, v, o, y, prev, rows) in enumerate(zip(grads, momenta, vs, out, y64, before, kept)):
         assert torch.equal(v, torch_v(g, m, MU)), f"layer {i}: v is not bit for bit m.mul(μ).add_(g)"
-        _contract.check(o, y, dtype, TOL[dtype], what=f"layer {i}: carried Y")
+        _contract.check(o, y + MU * OFFSET, dtype, TOL[dtype], what=f"layer {i}: carried Y")
         if As[i] is None:  # an untouched row: μ·out exactly
             assert torch.equal(o[~rows], prev[~rows].mul(MU)), f"layer {i}: untouched rows are not μ·out"
 
@@ -138,3 +144,29 @@ def test_registered_op_with_carry_passes_opcheck_and_compiles():
     assert flag_pair(carried_step(grads, momenta, As, Ss, Bs, vs, out), grads) == (True, True)
     for a, b in zip(out, eager_out):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["Y(v)", "carried"])
+def test_composite_kernel_on_cpu_tensors(carry):
+    """The op's composite kernel (CompositeExplicitAutograd: what CUDA and every other device run),
+    reached on CPU tensors by redispatching to its key: v bit for bit SGD's, Y or the carried Y
+    against float64, the flags."""
+    reason = backend_skip_reason("cpu")
+    if reason:
+        pytest.skip(f"cpu: {reason}")
+    grads, momenta, As, Ss, Bs, out, _ = carried("cpu", torch.float32, LAYERS[1:], offset=OFFSET)
+    if not carry:
+        out = nan_like(grads)
+    vs = nan_like(grads)
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    flags = torch.ops.apo.precondition_momentum_grouped.default.redispatch(
+        composite, grads, momenta, MU, As, Ss, Bs, vs, out, carry)
+    assert flag_pair(flags, grads) == (True, True)
+    _, y64 = oracle(grads, momenta, MU, As, Ss, Bs)
+    for i, (g, m, v, o, y) in enumerate(zip(grads, momenta, vs, out, y64)):
+        assert torch.equal(v, torch_v(g, m, MU)), f"layer {i}: v"
+        _contract.check(o, y + MU * OFFSET if carry else y, torch.float32, TOL[torch.float32], what=f"layer {i}: Y")
+    grads[0][0, 0] = math.nan
+    flags = torch.ops.apo.precondition_momentum_grouped.default.redispatch(
+        composite, grads, momenta, MU, As, Ss, Bs, vs, out, carry)
+    assert flag_pair(flags, grads) == (False, False)
