@@ -276,9 +276,17 @@ void mul(const Mat<T>& out, const Mat<T>& x, const Mat<T>& y) {
   });
 }
 
+// dst = src (same shape; src either way round).
 template <typename T>
-void copy(const Mat<T>& out, const Mat<T>& x) {
-  for (int64_t i = 0; i < out.rows; ++i) std::memcpy(out.p + i * out.ld, x.p + i * x.ld, out.cols * sizeof(T));
+void copy_view(const Mat<T>& dst, const Mat<T>& src) {
+  for (int64_t i = 0; i < dst.rows; ++i) {
+    T* d = dst.p + i * dst.ld;
+    if (!src.t) {
+      std::memcpy(d, src.p + i * src.ld, dst.cols * sizeof(T));
+    } else {
+      for (int64_t j = 0; j < dst.cols; ++j) d[j] = src.p[j * src.ld + i];
+    }
+  }
 }
 
 
@@ -358,18 +366,6 @@ inline int64_t forward_workspace(int64_t rows, int64_t n, bool has_a, bool has_b
   return 2 * rows * np + (np == n ? 0 : np * np);
 }
 
-// dst = src (same shape; src either way round).
-template <typename T>
-void copy_view(const Mat<T>& dst, const Mat<T>& src) {
-  for (int64_t i = 0; i < dst.rows; ++i) {
-    T* d = dst.p + i * dst.ld;
-    if (!src.t) {
-      std::memcpy(d, src.p + i * src.ld, dst.cols * sizeof(T));
-    } else {
-      for (int64_t j = 0; j < dst.cols; ++j) d[j] = src.p[j * src.ld + i];
-    }
-  }
-}
 
 template <typename T>
 void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<T>* B, const Mat<T>& Y, T* w) {
@@ -461,7 +457,7 @@ void backward_block(const Mat<T>& dY, const Mat<T>& G, const Mat<T>* A, const Ma
     if (B) {
       gemm(*out.dG, AE, B->transposed());
     } else {
-      copy(*out.dG, AE);
+      copy_view(*out.dG, AE);
     }
   }
   if (need_b) {
