@@ -188,8 +188,6 @@ class _PrecondPlan(_Plan):
     ready_finite: bool = True
     rest_vs: Optional[list] = None
     fused_v_finite: bool = True
-    # whether the fused step formed the Y of every carried layer (in the directions copy)
-    carry_ready: bool = False
 
 
 class APOPrecond(APOCore):
@@ -518,7 +516,6 @@ class APOPrecond(APOCore):
             flags = [flags[0] and v_ok, flags[1] and y_ok]
         plan.fused_v_finite, plan.ready_finite = flags
         plan.ready = {layer.index: out[layer.index] for layer in fused}
-        plan.carry_ready = {layer.index for layer in self._carried_layers} <= plan.ready.keys()
 
     def _phi_versions(self) -> tuple[int, ...]:
         """The version counters of φ's tensors: any in-place change of φ (a meta-step, a shrink, a
@@ -619,8 +616,10 @@ class APOPrecond(APOCore):
             # The schedule multiplies the real update only: the lookahead (and so φ) stays at the
             # base step, else the meta-step would learn S back up and undo the decay.
             fused_finite = plan.ready_finite  # of the fused step's Ys, if _directions takes them
-            # the update takes the carried layers' Ys from the directions copy (no meta-step before)
-            carries = bool(self._carried_layers) and plan.carry_ready and plan.ready is not None
+            # the update takes every carried layer's Y from the directions copy (the fused step formed
+            # them and no meta-step's lookahead took them first)
+            carries = bool(self._carried_layers) and plan.ready is not None and all(
+                layer.index in plan.ready for layer in self._carried_layers)
             (steps, whole), scale = self._directions(plan), self.update_scale * self.schedule_factor()
         if not (fused_finite and all_finite_scratch(whole)):  # this step's own tensors (v: the spare buffer)
             return False
