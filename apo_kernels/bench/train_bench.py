@@ -176,7 +176,7 @@ def n_ticks(cfg: Config) -> int:
 
 def _op_alone_block(model: nn.Module):
     """A block of INTERVAL calls of the grouped op that APO-Precond's plain step makes on ``model``
-    (its layers' tiles and factors, random matrices G), and the op's backend."""
+    (its layers' tiles and factors, random matrices G), on the optimizer's backend."""
     from ..optim import APOPrecond
     from ..optim.preconditioners import precondition_many
 

@@ -37,6 +37,19 @@ def _below_autograd(fn, *args):
         return fn(*args)
 
 
+def _checked_call(family: OpFamily, check, call):
+    """``call()`` under the input rules. A family whose registered op applies them itself (with
+    ``check``'s messages) is not checked twice; ``check`` still runs when the dispatcher refuses a
+    call (an argument of the wrong type for the schema, a sparse tensor), to name the argument."""
+    if not family.checks_inputs:
+        check()
+    try:
+        return call()
+    except (RuntimeError, NotImplementedError):
+        check()
+        raise
+
+
 def _single_family(backend: str, grad: Tensor) -> OpFamily:
     """The family for a single-op call; an empty input runs on the reference (nothing to launch)."""
     return reference.FAMILY if grad.numel() == 0 else resolve(backend, grad.device).family
@@ -52,22 +65,21 @@ def precondition(
     dtypes float32/float64/float16/bfloat16 (one for all); half precision accumulates in fp32.
     """
     check_name(backend)
-    if not isinstance(grad, Tensor):
-        _validate.check_layer(grad, A, S, B)  # names the argument
-    family = _single_family(backend, grad)
-    if not family.checks_inputs:
+
+    def check():
         _validate.check_layer(grad, A, S, B)
         _validate.check_result_fits([grad])
-    try:
+
+    if not isinstance(grad, Tensor):
+        check()  # names the argument
+    family = _single_family(backend, grad)
+
+    def call():
         if _needs_graph((grad, A, S, B)):
             return family.forward(grad, A, S, B)
         return _below_autograd(family.forward, grad, A, S, B)
-    except (RuntimeError, NotImplementedError):
-        # refused by the dispatcher (an argument of the wrong type for the schema, a sparse tensor):
-        # the Python rules name the argument
-        _validate.check_layer(grad, A, S, B)
-        _validate.check_result_fits([grad])
-        raise
+
+    return _checked_call(family, check, call)
 
 
 def precondition_backward(
@@ -102,13 +114,7 @@ def precondition_backward(
     if not isinstance(grad, Tensor):
         check()  # names the argument
     family = _single_family(backend, grad)
-    if not family.checks_inputs:
-        check()
-    try:
-        outs = family.backward(grad_out, grad, A, S, B, list(mask))
-    except (RuntimeError, NotImplementedError):
-        check()  # refused by the dispatcher: the Python rules name the argument
-        raise
+    outs = _checked_call(family, check, lambda: family.backward(grad_out, grad, A, S, B, list(mask)))
     present = (True, A is not None, True, B is not None)
     return tuple(o if m and p else None for o, m, p in zip(outs, mask, present))
 
@@ -169,29 +175,28 @@ def precondition_grouped(
     Bs[i] (n_i, n_i) or None (None: identity factor, per layer).
     """
     check_name(backend)
+
+    def check():
+        _validate.check_group(grads, As, Ss, Bs)
+        _validate.check_result_fits(grads)
+
     _validate.check_group(grads, As, Ss, Bs, layers=False)
     if len(grads) == 0:
         return []
     if not isinstance(grads[0], Tensor):
-        _validate.check_group(grads, As, Ss, Bs)  # names the argument
+        check()  # names the argument
     family = resolve(backend, grads[0].device).family
-    if not family.checks_inputs:
-        _validate.check_group(grads, As, Ss, Bs)
-        _validate.check_result_fits(grads)
     lists = (list(grads), list(As), list(Ss), list(Bs))
-    try:
+
+    def call():
         if not _needs_graph([t for ts in lists for t in ts]):
             return list(_below_autograd(family.grouped, *lists))
         if any(a is None for a in lists[1]) or any(b is None for b in lists[3]):
             layout, tensors = _flatten(lists)
             return list(GroupedAutograd.apply(family, layout, *tensors))
         return list(family.grouped(*lists))
-    except (RuntimeError, NotImplementedError):
-        # refused by the dispatcher (an argument of the wrong type for the schema, a sparse tensor):
-        # the Python rules name the argument
-        _validate.check_group(grads, As, Ss, Bs)
-        _validate.check_result_fits(grads)
-        raise
+
+    return _checked_call(family, check, call)
 
 
 def precondition_grouped_backward(
@@ -225,13 +230,8 @@ def precondition_grouped_backward(
     if not isinstance(grads[0], Tensor):
         check()  # names the argument
     family = resolve(backend, grads[0].device).family
-    if not family.checks_inputs:
-        check()
-    try:  # the registered op checks every layer itself, with the same messages
-        outs = family.grouped_backward(list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask))
-    except (RuntimeError, NotImplementedError):
-        check()  # refused by the dispatcher: the Python rules name the argument
-        raise
+    outs = _checked_call(family, check, lambda: family.grouped_backward(
+        list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask)))
     return tuple(public_slots(out, k, As, Bs) if need else [] for k, (out, need) in enumerate(zip(outs, mask)))
 
 
