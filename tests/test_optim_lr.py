@@ -70,6 +70,36 @@ def test_lookahead_equals_a_copy_of_the_base_optimizer_stepping(name):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lookahead_of_a_group_where_only_some_parameters_have_momentum(nesterov):
+    """SGD's parameters that share coefficients are stepped together (one foreach op per term): a
+    group where one layer has no momentum buffer yet (it had no gradient before) mixes both kinds,
+    and every parameter's direction must still be the base optimizer's own step."""
+    m = mlp(torch.float64)
+    x, y = batch(torch.float64)
+    base = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    first = list(m[0].parameters())
+    for k in range(3):
+        base.zero_grad()
+        F.cross_entropy(m(x + 0.1 * k), y).backward()
+        for p in first:
+            p.grad = None  # the first layer: no gradient, so no momentum buffer
+        base.step()
+    base.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    assert {("momentum_buffer" in base.state.get(p, {})) for p in m.parameters()} == {True, False}
+    params = list(m.parameters())
+    (dirs,) = lr_directions(base, [params])
+    m_copy = copy.deepcopy(m)
+    real = torch.optim.SGD(m_copy.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    real.load_state_dict(copy.deepcopy(base.state_dict()))
+    for p, q in zip(params, m_copy.parameters()):
+        q.grad = p.grad.clone()
+    real.step()
+    for p, d, q in zip(params, dirs, m_copy.parameters()):
+        assert torch.allclose(p.detach() + 0.1 * d, q, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("name,per_group", [("sgd-nesterov-wd", False), ("adamw-amsgrad", False),
                                             ("rmsprop-centered-momentum-wd", True)])
 def test_meta_gradient_matches_central_finite_differences_float64(name, per_group):

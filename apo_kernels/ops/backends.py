@@ -172,6 +172,18 @@ if _native_error is None:
         _native_error = f"native extension apo_kernels._C not built ({exc}); reinstall with: {REINSTALL_HINT}"
 
 _native_family = library_family("apo::") if _native_error is None else None
+# apo::all_finite(tensors) -> 0-d bool tensor: the optimizers' one-call finiteness guard
+# (apo_kernels._numerics.all_finite); None without the native module
+native_all_finite: Optional[Callable] = None
+if _native_error is None:
+    native_all_finite = torch.ops.apo.all_finite.default
+
+    @torch.library.register_fake("apo::all_finite")
+    def _fake_all_finite(tensors):
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise ValueError(f"tensors: every tensor must be on one device, got {sorted(map(str, devices))}")
+        return (tensors[0].new_empty((), dtype=torch.bool) if tensors else torch.empty((), dtype=torch.bool))
 # Asked once at import: the dispatcher query is not traceable, and the status is read inside
 # torch.compile'd code (the public functions resolve their backend).
 _NATIVE_HAS_CUDA = _native_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -196,6 +196,8 @@ class APOCore(torch.optim.Optimizer):
     def _no_autocast(self):
         """Our arithmetic runs outside any autocast region the user opened around step(); with none
         open on the model's device there is nothing to leave (and no context to pay for each step)."""
+        if not torch._C._is_any_autocast_enabled():  # the common case: one call, no device lookup
+            return contextlib.nullcontext()
         device_type = self._device_type()
         return no_autocast(device_type) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
 

@@ -32,29 +32,53 @@ def _grad(p: Tensor, group: dict) -> Tensor:
     return -g if group.get("maximize", False) else g
 
 
-def _sgd_direction(p: Tensor, group: dict, state: dict, scale: float) -> Tensor:
-    """scale · d for torch.optim.SGD, in one pass per term: SGD's update for lr = 1 is linear in
-    (momentum buffer, ±g, θ), u = c_buf·buf + c_g·(±g) + c_θ·θ, so d = −u needs no intermediate."""
-    wd, mom, damp = group["weight_decay"], group["momentum"], group["dampening"]
-    buf = state.get("momentum_buffer") if mom != 0 else None
-    # with g' = ±g + wd·θ: no momentum u = g'; new buffer b = μ·buf + (1−τ)·g' (b = g' when there is
-    # no buffer yet); u = b, or g' + μ·b with Nesterov
+def _sgd_coefficients(group: dict, has_buf: bool) -> tuple[float, float]:
+    """(c_buf, c_g) of torch.optim.SGD's update for lr = 1, which is linear in (momentum buffer, ±g,
+    θ): u = c_buf·buf + c_g·(±g) + c_g·wd·θ, so d = −u needs no intermediate. With g' = ±g + wd·θ: no
+    momentum u = g'; new buffer b = μ·buf + (1−τ)·g' (b = g' when there is no buffer yet); u = b, or
+    g' + μ·b with Nesterov."""
+    mom, damp = group["momentum"], group["dampening"]
     if mom == 0:
-        c_buf, c_g = 0.0, 1.0
-    elif buf is None:
-        c_buf, c_g = 0.0, (1.0 + mom if group["nesterov"] else 1.0)
-    elif group["nesterov"]:
-        c_buf, c_g = mom * mom, 1.0 + mom * (1.0 - damp)
-    else:
-        c_buf, c_g = mom, 1.0 - damp
+        return 0.0, 1.0
+    if not has_buf:
+        return 0.0, (1.0 + mom if group["nesterov"] else 1.0)
+    if group["nesterov"]:
+        return mom * mom, 1.0 + mom * (1.0 - damp)
+    return mom, 1.0 - damp
+
+
+def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: float) -> list[Tensor]:
+    """scale · d per parameter of one group for torch.optim.SGD, one pass per term. The parameters
+    that share coefficients (all with a momentum buffer, or all without) and whose gradients are in
+    the compute dtype are done together, one foreach op per term: the same per-element arithmetic
+    as one op per parameter, for a few dispatches in all."""
+    wd, mom = group["weight_decay"], group["momentum"]
     sign = -1.0 if group.get("maximize", False) else 1.0
-    g = p.grad
-    d = g.to(_cdtype(g)) * (-scale * sign * c_g)
-    if c_buf != 0.0:
-        d.add_(buf, alpha=-scale * c_buf)
-    if wd != 0:
-        d.add_(p.detach(), alpha=-scale * c_g * wd)
-    return d
+    out: list[Optional[Tensor]] = [None] * len(params)
+    sets: dict[bool, list[tuple[int, Tensor, Optional[Tensor]]]] = {}
+    for i, p in enumerate(params):
+        buf = opt_state.get(p, {}).get("momentum_buffer") if mom != 0 else None
+        if p.grad.dtype == _cdtype(p.grad):
+            sets.setdefault(buf is not None, []).append((i, p, buf))
+            continue
+        c_buf, c_g = _sgd_coefficients(group, buf is not None)  # a half-precision gradient: upcast first
+        d = p.grad.to(_cdtype(p.grad)).mul_(-scale * sign * c_g)
+        if c_buf != 0.0:
+            d.add_(buf, alpha=-scale * c_buf)
+        if wd != 0:
+            d.add_(p.detach(), alpha=-scale * c_g * wd)
+        out[i] = d
+    for has_buf, members in sets.items():
+        c_buf, c_g = _sgd_coefficients(group, has_buf)
+        index, ps, bufs = zip(*members)
+        ds = torch._foreach_mul([p.grad for p in ps], -scale * sign * c_g)
+        if c_buf != 0.0:
+            torch._foreach_add_(ds, list(bufs), alpha=-scale * c_buf)
+        if wd != 0:
+            torch._foreach_add_(ds, [p.detach() for p in ps], alpha=-scale * c_g * wd)
+        for i, d in zip(index, ds):
+            out[i] = d
+    return out
 
 
 def _rmsprop_direction(p: Tensor, group: dict, state: dict) -> Tensor:
@@ -140,12 +164,13 @@ def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[T
                 for dirs, s in zip(_generic_directions(optimizer, params_by_group), scales)]
     out = []
     for group, params, scale in zip(optimizer.param_groups, params_by_group, scales):
+        if kind == "sgd":
+            out.append(_sgd_directions(params, group, optimizer.state, scale))
+            continue
         dirs = []
         for p in params:
             st = optimizer.state.get(p, {})
-            if kind == "sgd":
-                dirs.append(_sgd_direction(p, group, st, scale))
-            elif kind == "rmsprop":
+            if kind == "rmsprop":
                 dirs.append(_scaled(_rmsprop_direction(p, group, st), scale))
             else:
                 dirs.append(_scaled(_adam_direction(p, group, st, _is_decoupled(optimizer, group)), scale))
@@ -383,9 +408,11 @@ class APOLR(APOCore):
         dQ = iter(dQ)
         grads = []
         for deltas in plan.deltas:
+            dots = [torch.dot(next(dQ).reshape(-1), d.reshape(-1)) for d in deltas]
             total = 0.0
-            for d in deltas:
-                total += float(torch.dot(next(dQ).reshape(-1), d.reshape(-1)))
+            one_device = len({t.device for t in dots}) == 1
+            for v in (torch.stack(dots).tolist() if one_device else [float(t) for t in dots]):  # one read-back
+                total += v
             grads.append(total)
         g = torch.tensor(grads, dtype=torch.float64)
         self.log_lr.grad = g if self.per_group else g.sum().reshape(1)

@@ -39,6 +39,21 @@ def _own_gradient(g: Optional[Tensor], delta: Tensor) -> Tensor:
     return g if g.dtype == delta.dtype and not borrowed(g) else g.to(delta.dtype, copy=True)
 
 
+def _norms(tensors: Sequence[Tensor]) -> list[float]:
+    """‖t‖₂ of each tensor as Python floats: one foreach op and one read-back, not one of each per tensor."""
+    if not tensors:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out = [0.0] * len(tensors)
+    for index in by_device.values():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in index])).tolist()
+        for i, n in zip(index, norms):
+            out[i] = n
+    return out
+
+
 def _tensors(tree) -> list[Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
 
@@ -198,19 +213,23 @@ def proximal_objective_grad(
                 f = fsd_fn(model(*fsd_inputs), old_out)
                 fsd_grads = torch.autograd.grad(f, params, allow_unused=True)
             fsd_value = float(f.detach())
-            for g, fg in zip(grads, fsd_grads):  # g is our own copy: accumulate in place
-                if fg is not None:
-                    g.add_(fg.to(g.dtype), alpha=lambda_fsd)
+            # g is our own tensor: accumulate in place (one foreach op where every term is there)
+            if all(fg is not None and fg.dtype == g.dtype for g, fg in zip(grads, fsd_grads)):
+                torch._foreach_add_(grads, list(fsd_grads), alpha=lambda_fsd)
+            else:
+                for g, fg in zip(grads, fsd_grads):
+                    if fg is not None:
+                        g.add_(fg.to(g.dtype), alpha=lambda_fsd)
             del f, fsd_grads
         loss_value = float(loss.detach())
         del loss, old_out
     finally:
         snap.restore()
         rng_outer.restore()
-    wsd = 0.5 * sum(float(torch.linalg.vector_norm(d.detach())) ** 2 for d in deltas)
+    deltas = [d.detach() for d in deltas]
+    wsd = 0.5 * sum(n ** 2 for n in _norms(deltas))
     if lambda_wsd != 0.0:
-        for g, d in zip(grads, deltas):
-            g.add_(d.detach(), alpha=lambda_wsd)
+        torch._foreach_add_(grads, deltas, alpha=lambda_wsd)
     value = loss_value + lambda_fsd * fsd_value + lambda_wsd * wsd
     return MetaObjective(value=value, loss=loss_value, fsd=fsd_value, wsd=wsd, grads=grads)
 
