@@ -75,11 +75,15 @@ def test_quick_small_model_rows(quick_run):
     # timed in the same interleaved rounds as every problem, on the threads asked for
     _, res, _ = quick_run
     small = {r["impl"]: r for r in res["train"] if r["problem"] == "small-mlp"}
-    assert {"SGD", "Adam", "KFAC", "APO-LR(SGD)", "APO-Precond", train_bench.NO_META} <= small.keys()
+    assert {"SGD", "Adam", "KFAC", "APO-LR(SGD)", "APO-Precond", train_bench.NO_META,
+            train_bench.NO_META_KRON} <= small.keys()
     assert all(r["case"] == "MLP 40-256-256-10 batch=100, 1 thread" and r["batch"] == 100 for r in small.values())
     plain = small[train_bench.NO_META]
     assert "median_ms" in plain and plain["ratio"] > 0 and plain["threads"] == 1
     assert [r for r in res["train"] if r["impl"] == train_bench.NO_META] == [plain]  # the small model only
+    kron = small[train_bench.NO_META_KRON]
+    assert "median_ms" in kron and kron["ratio"] > 0 and kron["threads"] == 1 and math.isfinite(kron["final_loss"])
+    assert [r for r in res["train"] if r["impl"] == train_bench.NO_META_KRON] == [kron]
     # the op alone on the optimizer's layers, timed with them; the floor is SGD's row plus it
     op, floor = small[train_bench.OP_ALONE], small[train_bench.FLOOR]
     assert op["median_ms"] > 0 and op["threads"] == 1 and "steps" not in op
@@ -94,6 +98,7 @@ def test_quick_small_model_rows(quick_run):
     keys = {t["key"]: t for t in res["targets"]}
     assert keys["small-model-overhead"]["status"] in {"PASS", "MISS"}  # measured, not N/A
     assert keys["small-model-floor"]["status"] in {"PASS", "MISS"}
+    assert keys["small-model-overhead-kron"]["status"] in {"PASS", "MISS"}
     assert sum(t["key"] == "apo-lr-throughput" and t["measured"] is not None for t in res["targets"]) == 3
 
 
@@ -240,6 +245,8 @@ def test_small_model_problem_threads_and_plain_step_interval():
     assert [tuple(p.shape) for p in model.parameters() if p.dim() == 2] == [(256, 40), (256, 256), (10, 256)]
     opt, takes_fsd = train_bench._optimizers(include_peers=False, run_steps=60)[train_bench.NO_META](model)
     assert takes_fsd and opt.meta_interval > 60 and "meta_interval > run" in train_bench.NO_META
+    opt, _ = train_bench._optimizers(include_peers=False, run_steps=60)[train_bench.NO_META_KRON](train_bench.small_mlp())
+    assert opt.structure == "kron" and opt.meta_interval > 60
 
 
 def test_progress_total_counts_every_tick(monkeypatch):
@@ -322,7 +329,8 @@ def test_targets_kron_small_model_and_throughput_rows():
 
     small = "MLP 40-256-256-10 batch=100, 2 threads"
     train = [_row("train", small, impl, ms, size=None, problem="small-mlp") for impl, ms in
-             (("SGD", 1.0), ("APO-LR(SGD)", 1.1), ("APO-Precond", 3.0), (train_bench.NO_META, 1.9))]
+             (("SGD", 1.0), ("APO-LR(SGD)", 1.1), ("APO-Precond", 3.0), (train_bench.NO_META, 1.9),
+              (train_bench.NO_META_KRON, 2.1))]
     res = _result(precond=precond(1024, 5.0, 1.1, 1.0, 3.0) + precond(2048, 20.0, 13.0, 10.0, 25.0), train=train)
     got = {t["key"]: t for t in report.evaluate_targets(res, is_cuda=False)}
     assert got["cpu-kron-vs-kfac-w1024"]["measured"] == pytest.approx(1.1) and got["cpu-kron-vs-kfac-w1024"]["status"] == "PASS"
@@ -333,6 +341,8 @@ def test_targets_kron_small_model_and_throughput_rows():
     plain = got["small-model-overhead"]  # the plain step, not the row with its meta-steps
     assert plain["measured"] == pytest.approx(1.9) and plain["status"] == "PASS" and plain["threshold"] == "≤ 2"
     assert small in plain["target"]
+    kron = got["small-model-overhead-kron"]
+    assert kron["measured"] == pytest.approx(2.1) and kron["status"] == "MISS" and kron["threshold"] == "≤ 2"
     assert got["apo-lr-throughput"]["measured"] == pytest.approx(1 / 1.1) and got["apo-lr-throughput"]["status"] == "PASS"
     assert got["apo-lr-throughput"]["threshold"] == "≥ 0.85"
     # the table shows kron next to APO, KFAC and EKFAC
