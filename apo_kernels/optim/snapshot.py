@@ -106,18 +106,16 @@ class ModelSnapshot:
             else:
                 self.grads.append((g, False))
                 p.grad = None
-        values = [p.data for p in self.params]
-        bufs = [self.buffers.for_param(p) for p in self.params]
-        if all(d.dtype == v.dtype and d.device == v.device for v, d in zip(values, deltas)):
-            # two dispatches for all (the foreach out= variant would allocate and copy)
-            torch._foreach_copy_(bufs, values)
-            torch._foreach_add_(bufs, list(deltas))
-        else:
-            for v, d, buf in zip(values, deltas, bufs):
-                torch.add(v, d, out=buf) if d.dtype == v.dtype else buf.copy_(v.to(d.dtype) + d)
-        for p, buf in zip(self.params, bufs):
+        # one pass per parameter (θ and Δ read, θ' written): a foreach copy-then-add would save
+        # dispatches but cost two more parameter-sized passes, which is what a large model pays for
+        for p, d in zip(self.params, deltas):
+            v, buf = p.data, self.buffers.for_param(p)
+            if d.dtype == p.dtype:
+                torch.add(v, d, out=buf)
+            else:
+                buf.copy_(v.to(d.dtype) + d)
+            self.values.append(v)
             p.data = buf
-        self.values = values
 
     @torch.no_grad()
     def restore(self) -> None:
