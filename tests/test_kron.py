@@ -2,8 +2,10 @@
 
 The reference is autograd through the explicit Kronecker product (L ⊗ R)·vec(G) in float64, with
 L = blockdiag(A_i diag(u_i) A_iᵀ) and R = blockdiag(B_j diag(v_j) B_jᵀ) built from φ itself.
-The meta-gradient runs on the op backends that take float64 ("cpu" when the native module is
-built, "reference"); that every backend computes the same op is tests/test_op.py's business.
+The meta-gradient is kron's closed form (∂L = dY·(G·R)ᵀ, ∂R = (L·G)ᵀ·dY, then through
+L = A diag(u) Aᵀ), no op call; a second reference for it is the op's fused backward at S² = u vᵀ
+followed by the chain rule ∂u = ∂S²·v, ∂v = ∂S²ᵀ·u, on the op backends that take float64 ("cpu"
+when the native module is built, "reference").
 """
 import copy
 
@@ -133,8 +135,46 @@ def test_factors_are_cached_until_phi_changes():
     torch.testing.assert_close(pc.apply(G), 4 * 0.25 * before, **F64)
 
 
-def test_many_layers_share_one_grouped_backward():
-    """meta_backward_many over kron preconditioners (mixed identity sides) = one call per layer."""
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_closed_form_meta_gradient_is_the_ops_backward_at_rank_one_s2(case, monkeypatch):
+    """The closed form against the op's fused backward through the full structure with the same A,
+    B and S² = u vᵀ, then ∂u = ∂S²·v, ∂v = ∂S²ᵀ·u; and the closed form calls no op."""
+    m, n, max_dim, learn_left, learn_right = case
+    pc = random_kron(*case)
+    full = StructuredPreconditioner(m, n, max_dim=max_dim, learn_left=learn_left, learn_right=learn_right,
+                                    dtype=torch.float64)
+    with torch.no_grad():
+        for dst, src in zip(full.A + full.B, pc.A + pc.B):
+            dst.copy_(src)
+        full.S.copy_(0.5 * torch.log(pc.S2()))  # "log": S² = exp(2S)
+    g = torch.Generator().manual_seed(9)
+    G = torch.randn(m, n, generator=g, dtype=torch.float64)
+    dY = torch.randn(m, n, generator=g, dtype=torch.float64)
+    u, v = pc.u(), pc.v()
+    for backend in FLOAT64_BACKENDS:
+        for t in full.parameters():
+            t.grad = None
+        full.meta_backward(dY, G, backend=backend)
+        dS2 = full.S.grad / (2.0 * full.S2())  # undo ∂S = 2·S²⊙∂S²
+        expect_su, expect_sv = 2.0 * u * (dS2 @ v), 2.0 * v * (dS2.T @ u)  # then through u = exp(2·su)
+        for t in pc.parameters():
+            t.grad = None
+
+        def no_op(*args, **kwargs):
+            raise AssertionError("kron's meta-gradient called the op")
+
+        with monkeypatch.context() as mp:
+            mp.setattr("apo_kernels.optim.preconditioners._grouped_backward", no_op)
+            pc.meta_backward(dY, G, backend=backend)
+        torch.testing.assert_close(pc.su.grad, expect_su, **F64)
+        torch.testing.assert_close(pc.sv.grad, expect_sv, **F64)
+        for a, b in zip(pc.A + pc.B, full.A + full.B):
+            torch.testing.assert_close(a.grad, b.grad, **F64)
+
+
+def test_many_layers_take_their_own_meta_gradient():
+    """meta_backward_many over kron preconditioners (mixed identity sides) = each layer's own
+    closed form, the same values."""
     pcs = [random_kron(*c, seed=i) for i, c in enumerate(CASES[:5])]
     Gs = [torch.randn(pc.shape, dtype=torch.float64) for pc in pcs]
     dYs = [torch.randn(pc.shape, dtype=torch.float64) for pc in pcs]

@@ -4,8 +4,8 @@ Every piece is the code that really runs in the optimizers (apo_kernels.baseline
 and the public op), timed separately and amortized with K = T = 10:
 
     APO    = op forward                         + (op backward + op forward) / K   (meta-step)
-    APO-kron = L·G·R (2 GEMMs)                  + (op backward at S² = u vᵀ + L·G·R + rebuilding
-                                                   L = A diag(u) Aᵀ, R = B diag(v) Bᵀ) / K
+    APO-kron = L·G·R (2 GEMMs)                  + (its closed-form meta-gradient, 6 GEMMs + L·G·R
+                                                   + rebuilding L = A diag(u) Aᵀ, R = B diag(v) Bᵀ) / K
     KFAC   = factor update + apply (2 GEMMs)    + (π-damping + 2 Cholesky inverses, fp32) / T
     EKFAC  = factor update + eigenbasis scaling + apply (4 GEMMs) + (2 eigh, fp32) / T
 

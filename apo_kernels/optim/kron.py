@@ -6,17 +6,26 @@ With S² = u vᵀ the op's rule factorizes, since S²⊙X = diag(u)·X·diag(v):
 
 i.e. P = L ⊗ R, both factors PSD by construction (no inverse anywhere). A step is 2 GEMMs with
 L and R cached; they are rebuilt (one GEMM per block) only when φ = (A, u, v, B) has changed,
-which in the optimizer is after each meta-step. The meta-gradient is the op's fused backward at
-S² = u vᵀ followed by the chain rule ∂u = ∂S²·v, ∂v = ∂S²ᵀ·u, so all layers still share one
-grouped backward call (``preconditioners.meta_backward_many``).
+which in the optimizer is after each meta-step.
 
 Why 2 plain GEMMs and not the op: the op computes A·(S²⊙(AᵀGB))·Bᵀ, 4 GEMMs whatever S² is; L·G·R
 is the same product with the two inner GEMMs folded into L and R once per meta-step.
+
+The meta-gradient is the same function's gradient taken through L and R instead of through the
+op: for f = ⟨dY, L·G·R⟩, ∂L = dY·(G·R)ᵀ and ∂R = (L·G)ᵀ·dY (their diagonal blocks), and through
+L = A diag(u) Aᵀ (with Σ = ∂L + ∂Lᵀ)
+
+    ∂A = Σ·A·diag(u),      ∂u_k = ½·a_kᵀ·Σ·a_k  (a_k the k-th column of A),
+
+the same for R, B, v. That is 6 GEMMs per layer (G·R, dY·(G·R)ᵀ, Σ·A and their mirror images)
+where the op's fused backward at S² = u vᵀ takes 10 (its dS², then ∂u = ∂S²·v, ∂v = ∂S²ᵀ·u); the
+two are the gradient of one function (tests/test_kron.py checks both against autograd through an
+explicit L ⊗ R). A fixed side has L = diag(u): ∂u is then the row sums of dY ⊙ (G·R).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -51,6 +60,8 @@ class KronPreconditioner(StructuredPreconditioner):
     Attributes:
         A, B: lists of square blocks (empty for a fixed side); su (m,), sv (n,).
     """
+
+    uses_op = False  # L·G·R and the closed-form meta-gradient: plain GEMMs, no op call
 
     def __init__(
         self,
@@ -115,6 +126,22 @@ class KronPreconditioner(StructuredPreconditioner):
         return self._L, self._R
 
     # ---- the step ---------------------------------------------------------------------------
+    def _left(self, X: Tensor, Ls: list[Optional[Tensor]], out: Optional[Tensor] = None) -> Tensor:
+        """L·X (m, n): per row block, or a row scaling by u for a fixed left side."""
+        if Ls[0] is None:
+            return torch.mul(X, self.u()[:, None], out=out)
+        if len(Ls) == 1:
+            return torch.mm(Ls[0], X, out=out)
+        return torch.cat([L @ X[r0:r1] for L, (r0, r1) in zip(Ls, self.row_blocks)], dim=0)
+
+    def _right(self, X: Tensor, Rs: list[Optional[Tensor]], out: Optional[Tensor] = None) -> Tensor:
+        """X·R (m, n): per column block, or a column scaling by v for a fixed right side."""
+        if Rs[0] is None:
+            return torch.mul(X, self.v(), out=out)
+        if len(Rs) == 1:
+            return torch.mm(X, Rs[0], out=out)
+        return torch.cat([X[:, c0:c1] @ R for R, (c0, c1) in zip(Rs, self.col_blocks)], dim=1)
+
     @torch.no_grad()
     def apply(self, G: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
               work: Optional[Tensor] = None) -> Tensor:
@@ -127,35 +154,31 @@ class KronPreconditioner(StructuredPreconditioner):
         Ls, Rs = self.factors()
         if len(Ls) > 1 or len(Rs) > 1:
             out = work = None
-        if Ls[0] is None:
-            left = torch.mul(G, self.u()[:, None], out=work)
-        elif len(Ls) == 1:
-            left = torch.mm(Ls[0], G, out=work)
-        else:
-            left = torch.cat([L @ G[r0:r1] for L, (r0, r1) in zip(Ls, self.row_blocks)], dim=0)
-        if Rs[0] is None:
-            return torch.mul(left, self.v(), out=out)
-        if len(Rs) == 1:
-            return torch.mm(left, Rs[0], out=out)
-        return torch.cat([left[:, c0:c1] @ R for R, (c0, c1) in zip(Rs, self.col_blocks)], dim=1)
+        return self._right(self._left(G, Ls, out=work), Rs, out=out)
 
-    def op_inputs(self, G: Tensor) -> tuple[list[Tensor], list[Optional[Tensor]], list[Tensor], list[Optional[Tensor]]]:
-        """(grads, As, S²s, Bs) tile lists for the grouped op at S² = u vᵀ; None for a fixed side."""
-        nr, nc = len(self.row_blocks), len(self.col_blocks)
-        As = [self.A[k // nc] if self.learn_left else None for k in range(nr * nc)]
-        Bs = [self.B[k % nc] if self.learn_right else None for k in range(nr * nc)]
-        return self.tiles(G), As, self.tiles(self.S2()), Bs
+    @torch.no_grad()
+    def meta_backward(self, dY: Tensor, G: Tensor, *, backend: str = "auto") -> None:
+        """Accumulate ∂⟨dY, L·G·R⟩/∂(A, su, sv, B) into their ``.grad`` in closed form (module
+        docstring): 6 GEMMs per block pair, no op call (``backend`` is unused); dY, G (m, n)."""
+        Ls, Rs = self.factors()
+        du = self._side_grad(dY, self._right(G, Rs), self.A, self.u(), self.row_blocks, rows=True)
+        dv = self._side_grad(dY, self._left(G, Ls), self.B, self.v(), self.col_blocks, rows=False)
+        _add_grad(self.su, _ds(self.su, du, self.s_param), owned=True)
+        _add_grad(self.sv, _ds(self.sv, dv, self.s_param), owned=True)
 
-    def accumulate_meta_grad(self, dAs: Sequence[Tensor], dS2s: Sequence[Tensor], dBs: Sequence[Tensor]) -> None:
-        """Add the op's per-tile (dA, dS², dB) to ``.grad`` of A, su, sv, B: the chain rule through
-        S² = u vᵀ (∂u = ∂S²·v, ∂v = ∂S²ᵀ·u) and then through the parametrization."""
-        nc = len(self.col_blocks)
-        if self.learn_left and dAs:
-            for i, a in enumerate(self.A):
-                _add_grad(a, sum(dAs[i * nc + j] for j in range(nc)))
-        if self.learn_right and dBs:
-            for j, b in enumerate(self.B):
-                _add_grad(b, sum(dBs[i * nc + j] for i in range(len(self.row_blocks))))
-        dS2 = self.assemble(dS2s)
-        _add_grad(self.su, _ds(self.su, dS2 @ self.v(), self.s_param))
-        _add_grad(self.sv, _ds(self.sv, dS2.T @ self.u(), self.s_param))
+    @staticmethod
+    def _side_grad(dY: Tensor, other: Tensor, factors: list[Tensor], scales: Tensor, blocks, *, rows: bool) -> Tensor:
+        """One side's ∂scales (returned) and ∂factor blocks (added to their ``.grad``).
+
+        rows=True: the left side, other = G·R, ∂L = dY·otherᵀ per row block; rows=False: the right
+        side, other = L·G, ∂R = otherᵀ·dY per column block. Without factor matrices (a fixed side,
+        L = diag(u)) ∂u = the diagonal of ∂L: the row (column) sums of dY ⊙ other."""
+        if not factors:
+            return (dY * other).sum(1 if rows else 0)
+        d_scales = torch.empty_like(scales)
+        for F, (k0, k1) in zip(factors, blocks):
+            dF = dY[k0:k1] @ other[k0:k1].T if rows else other[:, k0:k1].T @ dY[:, k0:k1]
+            sym_f = (dF + dF.T) @ F  # Σ·A
+            d_scales[k0:k1] = 0.5 * (F * sym_f).sum(0)  # ½·a_kᵀ Σ a_k
+            _add_grad(F, sym_f.mul_(scales[k0:k1]), owned=True)  # Σ·A·diag(u)
+        return d_scales

@@ -104,6 +104,10 @@ class StructuredPreconditioner:
         A, B: lists of square blocks (dtype ``dtype``; empty for a fixed side); S: (m, n).
     """
 
+    # apply and meta_backward are the op's calls, which precondition_many / meta_backward_many batch
+    # over layers (a subclass with its own, KronPreconditioner, sets False)
+    uses_op = True
+
     def __init__(
         self,
         m: int,
@@ -279,18 +283,24 @@ def precondition_many(
 ) -> list[Tensor]:
     """Y_i = preconds[i] applied to Gs[i] (m_i, n_i), all tiles of all layers in ONE grouped call.
 
+    A preconditioner that does not use the op (``uses_op`` False: kron) is applied on its own.
     ``checked=True``: the caller guarantees each G has its preconditioner's shape, φ's dtype and
     device (an optimizer building G itself): the registered op is called directly, without the
     public function's Python checks and autograd layer (the kernels still check their inputs).
     """
-    grads, As, Ss, Bs, counts = _op_inputs_many(preconds, Gs)
-    if not grads:
-        return []
-    Ys = _grouped(grads, As, Ss, Bs, backend, checked)
-    out, k = [], 0
-    for pc, c in zip(preconds, counts):
-        out.append(pc.assemble(Ys[k:k + c]))
-        k += c
+    out: list[Optional[Tensor]] = [None] * len(preconds)
+    by_op = []
+    for i, (pc, G) in enumerate(zip(preconds, Gs)):
+        if pc.uses_op:
+            by_op.append(i)
+        else:
+            out[i] = pc.apply(G, backend=backend)
+    grads, As, Ss, Bs, counts = _op_inputs_many([preconds[i] for i in by_op], [Gs[i] for i in by_op])
+    if grads:
+        Ys, k = _grouped(grads, As, Ss, Bs, backend, checked), 0
+        for i, c in zip(by_op, counts):
+            out[i] = preconds[i].assemble(Ys[k:k + c])
+            k += c
     return out
 
 
@@ -340,7 +350,17 @@ def meta_backward_many(
 ) -> None:
     """For each layer add ∂⟨dY_i, Y_i⟩/∂(A_i, S_i, B_i) into their ``.grad``: ONE grouped backward
     call with output_mask (False, learn A?, True, learn B?) — the op's d_grad is never computed.
+    A preconditioner that does not use the op (``uses_op`` False: kron) takes its own meta_backward.
     ``checked``: as in ``precondition_many`` (dY too has its preconditioner's shape, dtype, device)."""
+    by_op = []
+    for pc, dY, G in zip(preconds, dYs, Gs):
+        if pc.uses_op:
+            by_op.append((pc, dY, G))
+        else:
+            pc.meta_backward(dY, G, backend=backend)
+    if not by_op:
+        return
+    preconds, dYs, Gs = zip(*by_op)
     grads, As, Ss, Bs, counts = _op_inputs_many(preconds, Gs)
     grad_outs = [t for pc, dY in zip(preconds, dYs) for t in pc.tiles(dY)]
     if not grads:
