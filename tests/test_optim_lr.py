@@ -70,14 +70,18 @@ def test_lookahead_equals_a_copy_of_the_base_optimizer_stepping(name):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_lookahead_of_a_group_where_only_some_parameters_have_momentum(nesterov):
-    """SGD's parameters that share coefficients are stepped together (one foreach op per term): a
-    group where one layer has no momentum buffer yet (it had no gradient before) mixes both kinds,
-    and every parameter's direction must still be the base optimizer's own step."""
-    m = mlp(torch.float64)
-    x, y = batch(torch.float64)
-    base = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+def test_lookahead_of_a_group_where_only_some_parameters_have_momentum(nesterov, dtype):
+    """SGD's parameters that share coefficients and gradient dtype are stepped together (one
+    foreach op per term): a group where one layer has no momentum buffer yet (it had no gradient
+    before) mixes both kinds, and every parameter's direction must still be the base optimizer's own
+    step, taken here in float64 on exact float64 copies of the state (a bfloat16 model's direction
+    is formed in float32: within float32 rounding of it)."""
+    m = mlp(dtype)
+    x, y = batch(dtype)
+    hyper = dict(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    base = torch.optim.SGD(m.parameters(), **hyper)
     first = list(m[0].parameters())
     for k in range(3):
         base.zero_grad()
@@ -90,14 +94,20 @@ def test_lookahead_of_a_group_where_only_some_parameters_have_momentum(nesterov)
     assert {("momentum_buffer" in base.state.get(p, {})) for p in m.parameters()} == {True, False}
     params = list(m.parameters())
     (dirs,) = lr_directions(base, [params])
-    m_copy = copy.deepcopy(m)
-    real = torch.optim.SGD(m_copy.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
-    real.load_state_dict(copy.deepcopy(base.state_dict()))
-    for p, q in zip(params, m_copy.parameters()):
-        q.grad = p.grad.clone()
+    m64 = copy.deepcopy(m).double()
+    real = torch.optim.SGD(m64.parameters(), **hyper)
+    state = copy.deepcopy(base.state_dict())
+    for st in state["state"].values():
+        st["momentum_buffer"] = st["momentum_buffer"].double()
+    real.load_state_dict(state)
+    for p, q in zip(params, m64.parameters()):
+        q.grad = p.grad.double()
+    before = [q.detach().clone() for q in m64.parameters()]
     real.step()
-    for p, d, q in zip(params, dirs, m_copy.parameters()):
-        assert torch.allclose(p.detach() + 0.1 * d, q, rtol=1e-12, atol=1e-14)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+    for d, q, q0 in zip(dirs, m64.parameters(), before):
+        assert d.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(d.double(), (q.detach() - q0) / 0.1, **tol)
 
 
 @pytest.mark.parametrize("name,per_group", [("sgd-nesterov-wd", False), ("adamw-amsgrad", False),

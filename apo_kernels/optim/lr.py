@@ -49,29 +49,24 @@ def _sgd_coefficients(group: dict, has_buf: bool) -> tuple[float, float]:
 
 def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: float) -> list[Tensor]:
     """scale · d per parameter of one group for torch.optim.SGD, one pass per term. The parameters
-    that share coefficients (all with a momentum buffer, or all without) and whose gradients are in
-    the compute dtype are done together, one foreach op per term: the same per-element arithmetic
-    as one op per parameter, for a few dispatches in all."""
+    that share coefficients (all with a momentum buffer, or all without) and gradient dtype are done
+    together, one foreach op per term: the same per-element arithmetic as one op per parameter, for
+    a few dispatches in all. d is in the compute dtype (a half-precision gradient is upcast first)."""
     wd, mom = group["weight_decay"], group["momentum"]
     sign = -1.0 if group.get("maximize", False) else 1.0
-    out: list[Optional[Tensor]] = [None] * len(params)
-    sets: dict[bool, list[tuple[int, Tensor, Optional[Tensor]]]] = {}
+    sets: dict[tuple[bool, bool], list[tuple[int, Tensor, Optional[Tensor]]]] = {}
     for i, p in enumerate(params):
         buf = opt_state.get(p, {}).get("momentum_buffer") if mom != 0 else None
-        if p.grad.dtype == _cdtype(p.grad):
-            sets.setdefault(buf is not None, []).append((i, p, buf))
-            continue
-        c_buf, c_g = _sgd_coefficients(group, buf is not None)  # a half-precision gradient: upcast first
-        d = p.grad.to(_cdtype(p.grad)).mul_(-scale * sign * c_g)
-        if c_buf != 0.0:
-            d.add_(buf, alpha=-scale * c_buf)
-        if wd != 0:
-            d.add_(p.detach(), alpha=-scale * c_g * wd)
-        out[i] = d
-    for has_buf, members in sets.items():
+        sets.setdefault((buf is not None, p.grad.dtype == _cdtype(p.grad)), []).append((i, p, buf))
+    out: list[Optional[Tensor]] = [None] * len(params)
+    for (has_buf, in_cdtype), members in sets.items():
         c_buf, c_g = _sgd_coefficients(group, has_buf)
         index, ps, bufs = zip(*members)
-        ds = torch._foreach_mul([p.grad for p in ps], -scale * sign * c_g)
+        if in_cdtype:
+            ds = torch._foreach_mul([p.grad for p in ps], -scale * sign * c_g)
+        else:  # upcast copies, scaled in place
+            ds = [p.grad.to(_cdtype(p.grad)) for p in ps]
+            torch._foreach_mul_(ds, -scale * sign * c_g)
         if c_buf != 0.0:
             torch._foreach_add_(ds, list(bufs), alpha=-scale * c_buf)
         if wd != 0:
