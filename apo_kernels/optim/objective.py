@@ -213,13 +213,10 @@ def proximal_objective_grad(
                 f = fsd_fn(model(*fsd_inputs), old_out)
                 fsd_grads = torch.autograd.grad(f, params, allow_unused=True)
             fsd_value = float(f.detach())
-            # g is our own tensor: accumulate in place (one foreach op where every term is there)
-            if all(fg is not None and fg.dtype == g.dtype for g, fg in zip(grads, fsd_grads)):
-                torch._foreach_add_(grads, list(fsd_grads), alpha=lambda_fsd)
-            else:
-                for g, fg in zip(grads, fsd_grads):
-                    if fg is not None:
-                        g.add_(fg.to(g.dtype), alpha=lambda_fsd)
+            # g is our own tensor: accumulate in place, one foreach op (.to: no copy in g's dtype)
+            pairs = [(g, fg) for g, fg in zip(grads, fsd_grads) if fg is not None]
+            if pairs:
+                torch._foreach_add_([g for g, _ in pairs], [fg.to(g.dtype) for g, fg in pairs], alpha=lambda_fsd)
             del f, fsd_grads
         loss_value = float(loss.detach())
         del loss, old_out
