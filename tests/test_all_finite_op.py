@@ -110,3 +110,10 @@ def test_optimizers_guard_uses_it_on_cpu(monkeypatch):
     ts[2][1] = float("nan")
     assert _numerics.all_finite(ts) is False
     assert _numerics.all_finite_scratch([torch.randn(2), torch.tensor([float("inf")])]) is False
+
+
+def test_traced_by_torch_compile_and_called_with_tensors_that_require_grad():
+    fn = torch.compile(lambda t: torch.ops.apo.all_finite([t, t * 2]), fullgraph=True, backend="aot_eager")
+    assert bool(fn(torch.randn(4))) is True
+    assert bool(fn(torch.tensor([1.0, float("nan")]))) is False
+    assert bool(op([torch.randn(3, requires_grad=True)])) is True
