@@ -351,9 +351,13 @@ inline int64_t block_rows(int64_t m, int64_t n, bool has_a) {
 // BLAS's small GEMMs slow down when the rows they write are not a whole number of SIMD vectors: MKL
 // wrote a 95-wide row-major result at 63 GFLOP/s and a 96-wide one at 96 (one thread, Zen 4). Every
 // GEMM of the forward writes rows of the layer's width n, so a layer with both factors (one block of
-// rows, so B is padded once) is computed at the width n' = ceil(n / kPadTo)·kPadTo: B is zero-padded
-// to n'×n', the intermediates are n' wide, and Y's first n columns are copied out. Output columns are
-// independent sums: the padding changes what BLAS computes only in columns that are never read.
+// rows, so B is padded once) computes its first three GEMMs at the width n' = ceil(n / kPadTo)·kPadTo:
+// B gets n' − n zero columns and the intermediates are n' wide. The last GEMM writes Y itself, n wide:
+// padding it too would mean copying Y's first n columns out of an n'-wide result, which cost more than
+// it gained on an Intel Xeon (the bare BLAS chains of 64 layers of 32–128, one thread, interleaved:
+// all four padded + the copy 2.56–2.72 ms, the first three 2.49–2.57, none 2.45–2.65). Output columns
+// are independent sums: the padding changes what BLAS computes only in columns that are never read
+// (the three give the same bits there).
 constexpr int64_t kPadTo = 16;
 
 inline int64_t padded_width(int64_t n, bool has_a, bool has_b) {
@@ -363,7 +367,7 @@ inline int64_t padded_width(int64_t n, bool has_a, bool has_b) {
 // The elements of forward_block's workspace for a block of `rows` rows.
 inline int64_t forward_workspace(int64_t rows, int64_t n, bool has_a, bool has_b) {
   const int64_t np = padded_width(n, has_a, has_b);
-  return 2 * rows * np + (np == n ? 0 : np * np);
+  return 2 * rows * np + (np == n ? 0 : n * np);
 }
 
 
@@ -372,18 +376,15 @@ void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<
   if (!A && !B) return mul(Y, S, G);
   const int64_t r = G.rows, n = G.cols, np = padded_width(n, A != nullptr, B != nullptr);
   const Mat<T> w1 = buffer(w, r, np), w2 = buffer(w + r * np, r, np);
-  // B as the first GEMM reads it (n×n') and Bᵀ as the last one does (n×n'): B itself, or the first n
-  // rows of the zero-padded n'×n' copy and of its transpose
-  Mat<T> b_in{}, bt_in{};
+  // B as the first GEMM reads it (n×n'): B itself, or B with n' − n zero columns appended
+  Mat<T> b_in{};
   if (B && np != n) {
     T* bp = w + 2 * r * np;
-    std::fill(bp, bp + np * np, T(0));
+    std::fill(bp, bp + n * np, T(0));
     copy_view(Mat<T>{bp, n, n, np, false}, *B);
     b_in = {bp, n, np, np, false};
-    bt_in = {bp, n, np, np, true};
   } else if (B) {
     b_in = *B;
-    bt_in = B->transposed();
   }
   const auto cols_n = [n](Mat<T> x) { return x.cols = n, x; };  // x's first n columns
   Mat<T> H = G;
@@ -395,9 +396,7 @@ void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<
     gemm(AM, *A, H), H = AM;
   }
   if (!B) return;
-  if (np == n) return gemm(Y, H, bt_in);
-  gemm(w2, cols_n(H), bt_in);  // M is dead
-  copy_view(Y, cols_n(w2));
+  gemm(Y, cols_n(H), B->transposed());
 }
 
 template <typename T>
