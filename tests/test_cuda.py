@@ -683,6 +683,23 @@ def test_momentum_carry_composite_on_cuda():
         assert_close(outs[i], expected, torch.float32, f"carried Y[{i}]")
 
 
+@requires_cuda
+def test_all_finite_on_cuda():
+    """apo::all_finite's composite kernel on CUDA tensors: a 0-d bool on the device (no sync needed
+    to get it), against torch.isfinite, every dtype the optimizers hold; CPU and CUDA mixed: refused."""
+    dev = torch.device("cuda")
+    ts = [torch.randn(33, 17, device=dev), torch.randn(5, device=dev, dtype=torch.float64),
+          torch.randn(40, device=dev).half(), torch.randn(3, 9, device=dev).bfloat16().t()]
+    out = torch.ops.apo.all_finite(ts)
+    assert out.device.type == "cuda" and out.dtype == torch.bool and out.dim() == 0 and bool(out)
+    for k, bad in enumerate((float("nan"), float("inf"), -float("inf"), float("nan"))):
+        us = [t.clone() for t in ts]
+        us[k][(-1,) * us[k].dim()] = bad  # the last element (a transposed view included)
+        assert bool(torch.ops.apo.all_finite(us)) is False
+    with pytest.raises(ValueError, match="tensors: every tensor must be on one device"):
+        torch.ops.apo.all_finite([torch.ones(2), torch.ones(2, device=dev)])
+
+
 # ------------------------------------------------------------------------------------------------
 # compile check (runs on CPU)# ------------------------------------------------------------------------------------------------
 # compile check (runs on CPU)
