@@ -13,6 +13,14 @@ from .ops import backends
 __all__ = ["all_finite", "all_finite_scratch", "loss_finite", "no_autocast"]
 
 
+def _native_answer(device: torch.device, tensors: list[Tensor]) -> Optional[bool]:
+    """Whether ``tensors`` (non-empty, all on ``device``) are finite, from one call of the native
+    ``apo::all_finite`` where it is the check used (CPU with the native module); None elsewhere."""
+    if device.type != "cpu" or backends.native_all_finite is None:
+        return None
+    return bool(backends.native_all_finite(tensors))
+
+
 def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
     """True when every given tensor (None entries ignored) holds only finite values (one sync per
     device when they are).
@@ -33,8 +41,9 @@ def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
         if t is not None and t.numel() > 0:
             by_device.setdefault(t.device, []).append(t.detach() if t.requires_grad else t)
     for device, ts in by_device.items():
-        if device.type == "cpu" and backends.native_all_finite is not None:
-            if not bool(backends.native_all_finite(ts)):
+        native = _native_answer(device, ts)
+        if native is not None:
+            if not native:
                 return False
             continue
         if bool(torch.isfinite(torch.stack([t.sum() for t in ts]).sum())):
@@ -71,8 +80,9 @@ def all_finite_scratch(tensors: Iterable[Optional[Tensor]]) -> bool:
     if total > FUSED_CHECK_MAX:
         return all_finite(t for ts in groups.values() for t in ts)
     for device, ts in groups.items():
-        if device.type == "cpu" and backends.native_all_finite is not None:
-            if not all_finite(ts):
+        native = _native_answer(device, ts)
+        if native is not None:
+            if not native:
                 return False
             continue
         found = torch.zeros(1, device=device)

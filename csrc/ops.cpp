@@ -873,7 +873,7 @@ std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double mo
   } else {
     Y.copy_(forward_layer(V, A, S, B));
   }
-  return {at::isfinite(V).all().item<bool>(), at::isfinite(Y).all().item<bool>()};
+  return {finite_cpu(V), finite_cpu(Y)};
 }
 
 Tensor precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double momentum,

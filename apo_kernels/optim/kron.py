@@ -95,7 +95,7 @@ class KronPreconditioner(StructuredPreconditioner):
         return _s2(self.sv, self.s_param)
 
     def S2(self) -> Tensor:
-        """S² = u vᵀ (m, n), materialized (the op's diagonal at a meta-step; statistics)."""
+        """S² = u vᵀ (m, n), materialized (statistics; neither the step nor the meta-gradient forms it)."""
         return torch.outer(self.u(), self.v())
 
     def scale_s2(self, factor: float) -> None:
