@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from .._args import check_choice, check_int, check_number, check_type
 from .. import distributed
 from .._numerics import all_finite
+from .._step_hooks import step_with_hooks
 from ..layers import Layer, find_layers
 
 __all__ = [
@@ -447,6 +448,7 @@ class KFAC(torch.optim.Optimizer):
         self._pending = []
 
     # ------------------------------------------------------------------------------- step
+    @step_with_hooks
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
         """One update; returns the closure's loss (None without a closure)."""

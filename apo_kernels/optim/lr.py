@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .._args import check_bool, check_number, check_type
+from .._step_hooks import step_with_hooks
 from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
 
 
@@ -348,6 +349,7 @@ class APOLR(APOCore):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    @step_with_hooks
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None, *, fsd_inputs=None, meta_closure=None):
         """One step of Algorithm 1; returns the closure's loss (None without a closure).

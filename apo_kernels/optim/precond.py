@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .._args import check_bool, check_choice, check_int, check_number, check_pair
 from .. import distributed
 from .._numerics import all_finite_scratch, loss_finite
+from .._step_hooks import step_with_hooks
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
 from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
@@ -382,6 +383,7 @@ class APOPrecond(APOCore):
         self._buffers: Optional[_StepBuffers] = None  # made at the first step that can use them
 
     # ---- public ------------------------------------------------------------------------
+    @step_with_hooks
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None, *, fsd_inputs=None, meta_closure=None):
         """One step of Algorithm 1; returns the closure's loss (None without a closure).

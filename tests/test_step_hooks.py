@@ -1,0 +1,111 @@
+"""The optimizers' step wrapper (apo_kernels._step_hooks): torch.optim's step hooks and profiler range
+exactly when someone listens, and no profiler range otherwise."""
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch.optim import optimizer as torch_optimizer
+
+from apo_kernels.baselines import EKFAC, KFAC
+from apo_kernels.optim import APOLR, APOPrecond
+from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
+
+OPTIMIZERS = {
+    "APOLR": lambda m: APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0,
+                             lambda_wsd=0.1, meta_interval=2),
+    "APOPrecond": lambda m: APOPrecond(m, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.1, meta_lr=0.01,
+                                     meta_interval=2),
+    "KFAC": lambda m: KFAC(m, lr=0.1, damping=0.1),
+    "EKFAC": lambda m: EKFAC(m, lr=0.1, damping=0.1),
+}
+
+
+def _setup(name):
+    model = mlp()
+    return model, OPTIMIZERS[name](model), *data()
+
+
+@contextlib.contextmanager
+def _record_function_raises(opt):
+    """torch.autograd.profiler.record_function raises for ``opt``'s step range while inside: shows
+    whether its step opens one (other ranges open as usual: zero_grad's, the base optimizer's step)."""
+    original = torch.autograd.profiler.record_function
+
+    def Refused(name, *args, **kwargs):
+        if name == f"Optimizer.step#{type(opt).__name__}.step":
+            raise AssertionError(f"record_function was opened: {name}")
+        return original(name, *args, **kwargs)
+
+    torch.autograd.profiler.record_function = Refused
+    try:
+        yield
+    finally:
+        torch.autograd.profiler.record_function = original
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_is_wrapped_once_and_opens_no_profiler_range_when_nobody_listens(name):
+    model, opt, x, y = _setup(name)
+    cls = type(opt)
+    assert cls.step.hooked is True  # torch.optim did not wrap it again
+    with _record_function_raises(opt):
+        for _ in range(3):  # a meta-step and plain steps
+            opt.step(closure_for(opt, model, x, y))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_instance_step_hooks_run_through_torchs_wrapper(name):
+    model, opt, x, y = _setup(name)
+    calls = []
+    closure = closure_for(opt, model, x, y)
+
+    def pre(o, args, kwargs):
+        calls.append(("pre", o, args))
+        return (o, closure), kwargs  # a pre-hook may replace the arguments, self first (torch.optim's contract)
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o, args)))
+    loss = opt.step(None if name.endswith("KFAC") else closure)  # KFAC needs the closure: from the hook
+    assert [c[0] for c in calls] == ["pre", "post"] and all(c[1] is opt for c in calls)
+    assert calls[1][2] == (opt, closure) and torch.isfinite(torch.as_tensor(loss))
+    with _record_function_raises(opt), pytest.raises(AssertionError, match="record_function"):
+        opt.step(closure)  # with a hook registered the step goes through torch's wrapper and its range
+
+
+@pytest.mark.parametrize("name", ["APOLR", "APOPrecond"])
+def test_global_step_hooks_run(name):
+    model, opt, x, y = _setup(name)
+    calls = []
+    handles = [torch_optimizer.register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("pre", o))),
+               torch_optimizer.register_optimizer_step_post_hook(lambda o, a, k: calls.append(("post", o)))]
+    try:
+        opt.step(closure_for(opt, model, x, y))
+    finally:
+        for h in handles:
+            h.remove()
+    ours = [when for when, o in calls if o is opt]  # the meta- and base optimizers' steps call them too
+    assert ours == ["pre", "post"] and calls[0] == ("pre", opt) and calls[-1] == ("post", opt)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_profiler_sees_the_step_range(name):
+    model, opt, x, y = _setup(name)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step(closure_for(opt, model, x, y))
+    names = {e.name for e in prof.events()}
+    assert f"Optimizer.step#{name}.step" in names
+
+
+def test_lr_scheduler_sees_the_step():
+    """A scheduler patches the optimizer instance's step to notice calls: stepping it in order warns
+    nothing, and the schedule advances."""
+    model, opt, x, y = _setup("APOPrecond")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    lr0 = opt.param_groups[0]["lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure_for(opt, model, x, y))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr0 / 2)
