@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch.optim import optimizer as _torch_optimizer
 
-__all__ = ["step_with_hooks"]
+__all__ = ["step_with_hooks", "step_quietly"]
 
 
 def _anyone_listening(opt: torch.optim.Optimizer) -> bool:
@@ -40,3 +40,16 @@ def step_with_hooks(step: Callable) -> Callable:
 
     wrapper.hooked = True  # torch.optim.Optimizer._patch_step_function: already wrapped
     return wrapper
+
+
+def step_quietly(opt: torch.optim.Optimizer):
+    """``opt.step()`` for a stock torch optimizer that an APO optimizer drives itself (its
+    meta-optimizer), with the same rule: torch's wrapper only when someone listens, or when the
+    instance's step was replaced (a scheduler wraps it to count calls)."""
+    step = type(opt).step
+    inner = getattr(step, "__wrapped__", None)
+    if inner is None or not getattr(step, "hooked", False) or "step" in vars(opt) or _anyone_listening(opt):
+        return opt.step()
+    out = inner(opt)
+    opt._optimizer_step_code()
+    return out

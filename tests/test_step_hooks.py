@@ -109,3 +109,23 @@ def test_lr_scheduler_sees_the_step():
         opt.step(closure_for(opt, model, x, y))
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(lr0 / 2)
+
+
+@pytest.mark.parametrize("name", ["APOLR", "APOPrecond"])
+def test_meta_optimizer_steps_quietly_unless_someone_listens(name):
+    """The meta-optimizer (a stock torch.optim.Adam the APO optimizer drives) follows the same rule:
+    no profiler range of its own; its hooks and a scheduler's wrapper on it still run."""
+    model, opt, x, y = _setup(name)
+    meta = opt.meta_optimizer
+    with _record_function_raises(meta):
+        opt.step(closure_for(opt, model, x, y))  # step 0 is a meta-step
+    assert opt.meta_steps == 1
+    calls = []
+    meta.register_step_post_hook(lambda o, args, kwargs: calls.append(o))
+    sched = torch.optim.lr_scheduler.StepLR(meta, step_size=1, gamma=0.5)  # wraps meta.step on the instance
+    for _ in range(2):
+        opt.step(closure_for(opt, model, x, y))  # step 2 is a meta-step (meta_interval=2)
+    assert calls == [meta] and meta._opt_called
+    lr0 = meta.param_groups[0]["lr"]
+    sched.step()
+    assert meta.param_groups[0]["lr"] == pytest.approx(lr0 / 2)

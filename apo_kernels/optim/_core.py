@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .._args import check_choice, check_int, check_number, check_type
 from .. import distributed
 from .._numerics import all_finite, all_finite_scratch, loss_finite, no_autocast
+from .._step_hooks import step_quietly
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
 from .objective import StepForward, proximal_objective_grad
@@ -323,7 +324,7 @@ class APOCore(torch.optim.Optimizer):
         if not self._replicas.all_true(all_finite_scratch(self._meta_grads()), "the meta-gradient's finiteness"):
             self._zero_meta_grads()
             return self.SHRINK
-        self.meta_optimizer.step()
+        step_quietly(self.meta_optimizer)
         self._zero_meta_grads()
         self.meta_steps += 1
         self._searching = False
