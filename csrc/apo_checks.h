@@ -188,27 +188,32 @@ inline std::pair<uintptr_t, uintptr_t> span(const Tensor& t) {
   return {base + lo * size, base + (hi + 1) * size};
 }
 
-// A 2-D view with unit column stride: (row stride, first row, first column, rows, columns) of the
-// matrix its storage is, read with that row stride.
-inline std::optional<std::array<int64_t, 5>> grid(const Tensor& t) {
+// A 2-D view whose rows are unit-stride runs no longer than the row stride: (row stride, storage
+// offset, rows, columns).
+inline std::optional<std::array<int64_t, 4>> rows(const Tensor& t) {
   if (t.dim() != 2 || (t.stride(1) != 1 && t.size(1) > 1) || t.stride(0) < t.size(1)) return std::nullopt;
-  const int64_t ld = std::max<int64_t>(t.stride(0), 1), off = t.storage_offset();
-  if (off % ld + t.size(1) > ld) return std::nullopt;
-  return std::array<int64_t, 5>{ld, off / ld, off % ld, t.size(0), t.size(1)};
+  return std::array<int64_t, 4>{std::max<int64_t>(t.stride(0), 1), t.storage_offset(), t.size(0), t.size(1)};
 }
 
-// Whether two non-empty tensors may share an element: disjoint byte spans never do, and two blocks of
-// one row-major matrix (tiles of a flat buffer, column blocks) only where their rows and columns both
-// intersect; anything else that spans the same bytes is taken to.
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }  // b > 0
+
+// Whether two non-empty tensors may share an element: disjoint byte spans never do, and two row views
+// with one row stride (blocks of one row-major matrix: tiles of a flat buffer, column blocks) exactly
+// when some element of each lies on the other; anything else that spans the same bytes is taken to.
 inline bool may_share(const Tensor& a, const Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
   const auto [a0, a1] = span(a);
   const auto [b0, b1] = span(b);
   if (a1 <= b0 || b1 <= a0) return false;
-  const auto ga = grid(a), gb = grid(b);
-  if (!ga || !gb || (*ga)[0] != (*gb)[0] || a.element_size() != b.element_size()) return true;
-  auto meet = [](int64_t s0, int64_t n0, int64_t s1, int64_t n1) { return s0 < s1 + n1 && s1 < s0 + n0; };
-  return meet((*ga)[1], (*ga)[3], (*gb)[1], (*gb)[3]) && meet((*ga)[2], (*ga)[4], (*gb)[2], (*gb)[4]);
+  const auto ra = rows(a), rb = rows(b);
+  if (!ra || !rb || (*ra)[0] != (*rb)[0] || a.element_size() != b.element_size()) return true;
+  // a's row r + k and b's row r meet where k·ld − d (d = b's offset − a's) is a column difference,
+  // −columns_a < k·ld − d < columns_b, for a row shift k both row ranges allow (exact wherever the
+  // views start, e.g. blocks of a matrix that does not start at a multiple of ld)
+  const int64_t ld = (*ra)[0], d = (*rb)[1] - (*ra)[1];
+  const int64_t k_lo = std::max(floor_div(d - (*ra)[3], ld) + 1, 1 - (*rb)[2]);
+  const int64_t k_hi = std::min(-floor_div(-(d + (*rb)[3]), ld) - 1, (*ra)[2] - 1);
+  return k_lo <= k_hi;
 }
 
 // Refuses any element shared by a written tensor (those of the lists from `first_written` on) and

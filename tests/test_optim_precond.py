@@ -1113,6 +1113,51 @@ def test_carried_direction_follows_the_unfused_step(monkeypatch):
     assert sorted({step for step, _ in calls}) == [s for s in range(1, 13) if s != 10]
 
 
+class _BiasFree(nn.Module):
+    """Linear layers without bias (the fused momentum step's layers); the second, 13 columns wide,
+    starts 16 values into the step buffers, so column blocks of width 4 do not start at a multiple of
+    its row stride there."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(4, 3, bias=False)
+        self.b = nn.Linear(3, 13, bias=False)
+        self.c = nn.Linear(13, 6, bias=False)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_fused_step_takes_column_blocks_anywhere_in_the_buffers():
+    """Column blocks of a layer's matrix are disjoint wherever the matrix starts in the step buffers:
+    the op's overlap rule is exact for row views, so the fused momentum step runs on them."""
+    model = _BiasFree()
+    x, y = torch.randn(8, 4), torch.randint(0, 6, (8,))
+    opt = APOPrecond(model, **opt_kwargs(meta_interval=2, max_precond_dim=4, backend="cpu"))
+    assert [layer.name for layer in opt._fused_layers] == ["a", "b", "c"]
+    assert len(opt.layers[2].precond.col_blocks) == 4
+    for _ in range(4):
+        opt.step(closure_for(opt, model, x, y))
+    assert opt.skipped_steps == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_deepcopy_of_a_fused_optimizer_steps_like_the_original():
+    """A copy's parameters are new objects: its parameter index is rebuilt, so its fused steps find
+    their gradients and follow the original's bit for bit."""
+    model = _BiasFree()
+    x, y = torch.randn(8, 4), torch.randint(0, 6, (8,))
+    opt = APOPrecond(model, **opt_kwargs(meta_interval=2, backend="cpu"))
+    opt.step(closure_for(opt, model, x, y))
+    twin = copy.deepcopy(opt)
+    for _ in range(3):
+        for o in (opt, twin):
+            o.step(closure_for(o, o.model, x, y))
+    assert opt._fused_layers and twin.meta_steps == opt.meta_steps == 2
+    for a, b in zip(list(opt.model.parameters()) + opt.phi, list(twin.model.parameters()) + twin.phi):
+        assert torch.equal(a, b)
+
+
 def test_carry_direction_must_be_a_bool():
     with pytest.raises(TypeError, match="carry_direction"):
         APOPrecond(_WholeMatrices(), **opt_kwargs(lr=0.05, carry_direction=1))

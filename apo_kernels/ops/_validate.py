@@ -210,15 +210,12 @@ def _span(t) -> tuple[int, int]:
     return base + lo * size, base + (hi + 1) * size
 
 
-def _grid(t):
-    """(row stride, first row, first column, rows, columns) of a 2-D unit-column-stride view in the
-    row-major matrix its storage is, or None."""
+def _rows(t):
+    """(row stride, storage offset, rows, columns) of a 2-D view whose rows are unit-stride runs no
+    longer than the row stride, or None."""
     if t.ndim != 2 or (t.stride(1) != 1 and t.shape[1] > 1) or t.stride(0) < t.shape[1]:
         return None
-    ld, off = max(t.stride(0), 1), t.storage_offset()
-    if off % ld + t.shape[1] > ld:
-        return None
-    return ld, off // ld, off % ld, t.shape[0], t.shape[1]
+    return max(t.stride(0), 1), t.storage_offset(), t.shape[0], t.shape[1]
 
 
 def _may_share(a, b) -> bool:
@@ -228,10 +225,16 @@ def _may_share(a, b) -> bool:
     (a0, a1), (b0, b1) = _span(a), _span(b)
     if a1 <= b0 or b1 <= a0:
         return False
-    ga, gb = _grid(a), _grid(b)
-    if ga is None or gb is None or ga[0] != gb[0] or a.element_size() != b.element_size():
+    ra, rb = _rows(a), _rows(b)
+    if ra is None or rb is None or ra[0] != rb[0] or a.element_size() != b.element_size():
         return True
-    return ga[1] < gb[1] + gb[3] and gb[1] < ga[1] + ga[3] and ga[2] < gb[2] + gb[4] and gb[2] < ga[2] + ga[4]
+    # Same row stride ld: a's row r_a + k and b's row r_a meet where k·ld − d (d = b's offset − a's) is
+    # a column difference, −columns_a < k·ld − d < columns_b, for a row shift k both row ranges allow
+    # (exact wherever the views start, e.g. blocks of a matrix that does not start at a multiple of ld)
+    ld, d = ra[0], rb[1] - ra[1]
+    k_lo = max((d - ra[3]) // ld + 1, 1 - rb[2])
+    k_hi = min(-(-(d + rb[3]) // ld) - 1, ra[2] - 1)
+    return k_lo <= k_hi
 
 
 def _group_ok(grads, As, Ss, Bs) -> bool:

@@ -382,6 +382,11 @@ class APOPrecond(APOCore):
         self._init_core()
         self._buffers: Optional[_StepBuffers] = None  # made at the first step that can use them
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # keyed by parameter identity: a copy's (copy.deepcopy, pickle) parameters are new objects
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+
     # ---- public ------------------------------------------------------------------------
     @step_with_hooks
     @torch.no_grad()
