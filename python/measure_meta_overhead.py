@@ -33,11 +33,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from apo_kernels.bench.train_bench import INTERVAL, mlp, small_cnn, small_mlp
+from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, mlp, small_cnn, small_mlp
 from apo_kernels.optim import APOLR, APOPrecond
-from apo_kernels.optim.discrepancy import kl
 
 # apo-bench's CPU training rows: (name, model factory, input shape)
 ROWS = {
@@ -48,44 +46,6 @@ ROWS = {
     "mlp256": ("MLP w=256 batch=64 (--quick)", lambda: mlp(256), (64, 256)),
     "cnn8": ("CNN c=8 32×32 batch=32 (--quick)", lambda: small_cnn(8), (32, 3, 32, 32)),
 }
-
-
-class PassesOnly:
-    """SGD plus the forward/backward passes of a meta-step every INTERVAL steps, nothing else."""
-
-    def __init__(self, model, base, lambda_fsd, own_batch=False):
-        self.model, self.base, self.lambda_fsd, self.steps = model, base, lambda_fsd, 0
-        self.own_batch = own_batch  # the FSD batch is the step's: f(x; θ) is the closure's output
-
-    def zero_grad(self):
-        self.base.zero_grad()
-
-    def step(self, closure, fsd_inputs=None):
-        meta = self.steps % INTERVAL == 0
-        outputs = []
-        hook = (self.model.register_forward_hook(lambda m, i, out: outputs.append(out.detach()))
-                if meta and self.own_batch and self.lambda_fsd != 0.0 else None)
-        loss = closure()
-        if hook is not None:
-            hook.remove()
-        if meta:
-            grads = [p.grad for p in self.model.parameters()]
-            for p in self.model.parameters():
-                p.grad = None
-            closure()  # the loss term at the lookahead
-            if self.lambda_fsd != 0.0:
-                if self.own_batch:
-                    (old,) = outputs
-                else:
-                    with torch.no_grad():
-                        old = self.model(*fsd_inputs)  # FSD at θ
-                new = self.model(*fsd_inputs)  # FSD at θ', and its backward
-                torch.autograd.grad(kl(new, old), list(self.model.parameters()))
-            for p, g in zip(self.model.parameters(), grads):
-                p.grad = g
-        self.base.step()
-        self.steps += 1
-        return loss
 
 
 def variants(fsd_batches):
@@ -99,12 +59,12 @@ def variants(fsd_batches):
     out = {"SGD": (sgd, False)}
     if "other" in fsd_batches:
         out["APO-LR λ_FSD=0.1"] = (apo_lr(0.1), False)
-        out["passes only λ_FSD=0.1"] = (lambda m: PassesOnly(m, sgd(m), 0.1), False)
+        out["passes only λ_FSD=0.1"] = (lambda m: MetaPassesOnly(m, sgd(m), 0.1), False)
     if "own" in fsd_batches:
         out["APO-LR λ_FSD=0.1 own batch"] = (apo_lr(0.1), True)
-        out["passes only λ_FSD=0.1 own batch"] = (lambda m: PassesOnly(m, sgd(m), 0.1, own_batch=True), True)
+        out["passes only λ_FSD=0.1 own batch"] = (lambda m: MetaPassesOnly(m, sgd(m), 0.1, own_batch=True), True)
     out["APO-LR λ_FSD=0"] = (apo_lr(0.0), False)
-    out["passes only λ_FSD=0"] = (lambda m: PassesOnly(m, sgd(m), 0.0), False)
+    out["passes only λ_FSD=0"] = (lambda m: MetaPassesOnly(m, sgd(m), 0.0), False)
     return out
 
 

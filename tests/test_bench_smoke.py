@@ -102,6 +102,20 @@ def test_quick_small_model_rows(quick_run):
     assert sum(t["key"] == "apo-lr-throughput" and t["measured"] is not None for t in res["targets"]) == 3
 
 
+def test_quick_apo_lr_bound_on_every_problem(quick_run):
+    """Every training problem times APO-LR's bound (SGD + a meta-step's passes only) with the rest,
+    and the report compares it with SGD on each: the row's measured bound on APO-LR's throughput."""
+    _, res, _ = quick_run
+    cases = {r["case"] for r in res["train"]}
+    bounds = {r["case"]: r for r in res["train"] if r["impl"] == train_bench.BOUND}
+    assert bounds.keys() == cases
+    for r in bounds.values():
+        assert r["median_ms"] > 0 and r["steps"] == 10 * (timing.QUICK.warmup + timing.QUICK.rounds)
+        assert math.isfinite(r["final_loss"])
+    checks = [t for t in res["targets"] if t["key"] == "apo-lr-throughput-bound"]
+    assert len(checks) == len(cases) and all(t["status"] in {"PASS", "MISS"} and t["measured"] > 0 for t in checks)
+
+
 def test_quick_precond_kron_rows_in_table(quick_run):
     out, res, _ = quick_run
     kron = [r for r in res["precond"] if r["impl"] == "APO-kron"]
@@ -401,3 +415,34 @@ def test_bench_times_the_registry_backends_above_the_reference(toy_backends):
         ["toy_fast"], {"toy_missing": "unavailable: toy library not installed"})
     with pytest.raises(SystemExit, match="--backend.*unknown backend"):
         _pick_backends("no_such_backend", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("own_batch", [False, True], ids=["other batch", "own batch"])
+def test_meta_passes_only_makes_a_meta_steps_passes_and_sgds_update(own_batch):
+    """APO-LR's bound row: every 10 steps one more closure and, for the FSD term, a forward at θ
+    (none when the FSD batch is the step's own) and a forward + backward at θ'; the update is plain
+    SGD's from the step's own gradient, bit for bit."""
+    torch.manual_seed(0)
+    model = train_bench.small_mlp(d_in=6, width=5, classes=3)
+    twin = train_bench.small_mlp(d_in=6, width=5, classes=3)
+    twin.load_state_dict(model.state_dict())
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    bound, plain = train_bench.MetaPassesOnly(model, sgd(model), 0.1, own_batch=own_batch), sgd(twin)
+    forwards, backwards = [], []
+    model.register_forward_hook(lambda m, i, o: forwards.append(torch.is_grad_enabled()))
+    model[0].weight.register_hook(lambda g: backwards.append(1))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(12):
+        x, y, x_fsd = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen), torch.randn(4, 6, generator=gen)
+        for opt, m in ((bound, model), (plain, twin)):
+            def closure(opt=opt, m=m):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure, fsd_inputs=(x,) if own_batch else (x_fsd,)) if opt is bound else opt.step(closure)
+    # steps 0 and 10 are meta-steps: 12 closures + 2 more; FSD: a forward at θ' each (+ one at θ, no graph)
+    assert forwards.count(True) == 12 + 2 + 2 and forwards.count(False) == (0 if own_batch else 2)
+    assert len(backwards) == 12 + 2 + 2
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

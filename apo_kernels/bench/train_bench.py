@@ -19,6 +19,9 @@ Two more rows there measure what that step cannot go below: the preconditioning 
 optimizer's own layer matrices (one grouped call per step, interleaved with the optimizers), and the
 floor, SGD's step plus that op (the sum of the two medians, p20s and p80s): a plain step does SGD's
 forward, backward and update and the op's four GEMMs per layer.
+
+Every problem also times APO-LR's bound (``MetaPassesOnly``): SGD plus only the forward and backward
+passes a meta-step must make. Its throughput against SGD is the most APO-LR can reach on that row.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optim.discrepancy import kl
 from .common import Config, add_ratios, make_row
 
 INTERVAL = 10
@@ -37,6 +41,7 @@ NO_META = "APO-Precond, plain steps (meta_interval > run)"
 NO_META_KRON = "APO-Precond kron, plain steps (meta_interval > run)"
 OP_ALONE = "the plain step's op alone (APO-Precond's layer matrices)"
 FLOOR = "floor of a plain step: SGD + the op alone"
+BOUND = "APO-LR's bound: SGD + a meta-step's passes only"
 SMALL_THREADS = 2  # the small problem's threads unless --threads is given
 
 
@@ -67,6 +72,50 @@ def small_cnn(channels: int = 32, classes: int = 10) -> nn.Module:
     )
 
 
+class MetaPassesOnly:
+    """SGD plus, every INTERVAL steps, only the forward and backward passes an APO-LR meta-step must
+    make: the closure once more (the loss at the lookahead) and, with the FSD term, a forward at θ
+    without a graph (none with ``own_batch``: f(x; θ) is the closure's own output) and a forward +
+    backward at θ' on the FSD batch. No lookahead, restore or meta-gradient: the throughput APO-LR
+    would have with no overhead of its own, its bound. Drives ``base``'s step; ``step`` and
+    ``zero_grad`` as an optimizer's."""
+
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, lambda_fsd: float, own_batch: bool = False):
+        self.model, self.base, self.lambda_fsd, self.steps = model, base, lambda_fsd, 0
+        self.own_batch = own_batch
+
+    def zero_grad(self):
+        self.base.zero_grad()
+
+    def step(self, closure, fsd_inputs=None):
+        meta = self.steps % INTERVAL == 0
+        outputs = []
+        hook = (self.model.register_forward_hook(lambda m, i, out: outputs.append(out.detach()))
+                if meta and self.own_batch and self.lambda_fsd != 0.0 else None)
+        loss = closure()
+        if hook is not None:
+            hook.remove()
+        if meta:
+            params = list(self.model.parameters())
+            grads = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            closure()  # the loss at the lookahead
+            if self.lambda_fsd != 0.0:
+                if self.own_batch:
+                    (old,) = outputs
+                else:
+                    with torch.no_grad():
+                        old = self.model(*fsd_inputs)  # f(x̃; θ)
+                new = self.model(*fsd_inputs)  # f(x̃; θ') and its backward
+                torch.autograd.grad(kl(new, old), params)
+            for p, g in zip(params, grads):
+                p.grad = g
+        self.base.step()
+        self.steps += 1
+        return loss
+
+
 def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     """name -> factory(model) returning (optimizer, takes_fsd_inputs); ``run_steps`` bounds the
     steps one optimizer takes (the plain-step row's meta_interval is longer)."""
@@ -92,6 +141,8 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
                           structure=structure), True
 
     facs["APO-LR(SGD)"] = apo_lr
+    # what APO-LR(SGD) would cost with no overhead of its own: the row's bound on its throughput
+    facs[BOUND] = lambda m: (MetaPassesOnly(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), 0.1), True)
     # without the FSD term a meta-step is one extra forward/backward instead of ~2.3 (see report)
     facs["APO-LR(SGD) λ_FSD=0"] = lambda m: apo_lr(m, lambda_fsd=0.0)
     facs["APO-Precond"] = apo_precond
