@@ -228,7 +228,7 @@ def _may_share(a, b) -> bool:
     ra, rb = _rows(a), _rows(b)
     if ra is None or rb is None or ra[0] != rb[0] or a.element_size() != b.element_size():
         return True
-    # Same row stride ld: a's row r_a + k and b's row r_a meet where k·ld − d (d = b's offset − a's) is
+    # Same row stride ld: a's row r + k and b's row r meet where k·ld − d (d = b's offset − a's) is
     # a column difference, −columns_a < k·ld − d < columns_b, for a row shift k both row ranges allow
     # (exact wherever the views start, e.g. blocks of a matrix that does not start at a multiple of ld)
     ld, d = ra[0], rb[1] - ra[1]
