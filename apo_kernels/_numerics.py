@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -13,12 +13,19 @@ from .ops import backends
 __all__ = ["all_finite", "all_finite_scratch", "loss_finite", "no_autocast"]
 
 
-def _native_answer(device: torch.device, tensors: list[Tensor]) -> Optional[bool]:
-    """Whether ``tensors`` (non-empty, all on ``device``) are finite, from one call of the native
-    ``apo::all_finite`` where it is the check used (CPU with the native module); None elsewhere."""
-    if device.type != "cpu" or backends.native_all_finite is None:
-        return None
-    return bool(backends.native_all_finite(tensors))
+def _every_device_finite(by_device: dict[torch.device, list[Tensor]],
+                         fallback: Callable[[torch.device, list[Tensor]], bool]) -> bool:
+    """Whether each device's (non-empty) tensors are finite, stopping at the first that is not: one
+    call of the native ``apo::all_finite`` where it is the check used (CPU with the native module),
+    ``fallback(device, tensors)`` elsewhere."""
+    for device, ts in by_device.items():
+        if device.type == "cpu" and backends.native_all_finite is not None:
+            finite = bool(backends.native_all_finite(ts))
+        else:
+            finite = fallback(device, ts)
+        if not finite:
+            return False
+    return True
 
 
 def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
@@ -40,17 +47,14 @@ def all_finite(tensors: Iterable[Optional[Tensor]]) -> bool:
     for t in tensors:
         if t is not None and t.numel() > 0:
             by_device.setdefault(t.device, []).append(t.detach() if t.requires_grad else t)
-    for device, ts in by_device.items():
-        native = _native_answer(device, ts)
-        if native is not None:
-            if not native:
-                return False
-            continue
-        if bool(torch.isfinite(torch.stack([t.sum() for t in ts]).sum())):
-            continue
-        if not bool(torch.isfinite(torch.stack([m for t in ts for m in torch.aminmax(t)])).all()):
-            return False
-    return True
+    return _every_device_finite(by_device, _sums_then_extremes)
+
+
+def _sums_then_extremes(device: torch.device, ts: list[Tensor]) -> bool:
+    """``all_finite``'s check off the native path (its docstring)."""
+    if bool(torch.isfinite(torch.stack([t.sum() for t in ts]).sum())):
+        return True
+    return bool(torch.isfinite(torch.stack([m for t in ts for m in torch.aminmax(t)])).all())
 
 
 def loss_finite(loss) -> bool:
@@ -79,17 +83,14 @@ def all_finite_scratch(tensors: Iterable[Optional[Tensor]]) -> bool:
             total += t.numel()
     if total > FUSED_CHECK_MAX:
         return all_finite(t for ts in groups.values() for t in ts)
-    for device, ts in groups.items():
-        native = _native_answer(device, ts)
-        if native is not None:
-            if not native:
-                return False
-            continue
-        found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, device=device))
-        if bool(found):
-            return False
-    return True
+    return _every_device_finite(groups, _amp_check)
+
+
+def _amp_check(device: torch.device, ts: list[Tensor]) -> bool:
+    """``all_finite_scratch``'s check off the native path: AMP's fused check, unscale factor 1."""
+    found = torch.zeros(1, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, device=device))
+    return not bool(found)
 
 
 @contextlib.contextmanager

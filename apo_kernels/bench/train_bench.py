@@ -121,8 +121,11 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     steps one optimizer takes (the plain-step row's meta_interval is longer)."""
     from ..baselines import EKFAC, KFAC
 
+    def sgd(m):  # the baseline, APO-LR's base optimizer and its bound's: one configuration
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
     facs = {
-        "SGD": lambda m: (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), False),
+        "SGD": lambda m: (sgd(m), False),
         "Adam": lambda m: (torch.optim.Adam(m.parameters(), lr=1e-3), False),
         "KFAC": lambda m: (KFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), False),
         "EKFAC": lambda m: (EKFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), False),
@@ -131,8 +134,7 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     def apo_lr(m, lambda_fsd=0.1):
         from ..optim import APOLR
 
-        base = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        return APOLR(m, base, lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_interval=INTERVAL), True
+        return APOLR(m, sgd(m), lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_interval=INTERVAL), True
 
     def apo_precond(m, meta_interval=INTERVAL, structure="full"):
         from ..optim import APOPrecond
@@ -142,7 +144,7 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
 
     facs["APO-LR(SGD)"] = apo_lr
     # what APO-LR(SGD) would cost with no overhead of its own: the row's bound on its throughput
-    facs[BOUND] = lambda m: (MetaPassesOnly(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), 0.1), True)
+    facs[BOUND] = lambda m: (MetaPassesOnly(m, sgd(m), 0.1), True)
     # without the FSD term a meta-step is one extra forward/backward instead of ~2.3 (see report)
     facs["APO-LR(SGD) λ_FSD=0"] = lambda m: apo_lr(m, lambda_fsd=0.0)
     facs["APO-Precond"] = apo_precond
