@@ -21,8 +21,9 @@ core. Variants:
   forward at θ without a graph and a forward + backward at θ' on the FSD batch. No lookahead, no
   restore, no meta-gradient: the throughput APO-LR would have with zero overhead, its bound;
 - ``… own batch`` (``--fsd-batch own``): the FSD term on the step's own batch, ``fsd_inputs=(x,)``
-  with the closure's tensor ``x``. APO-LR then takes f(x; θ) from the closure's forward, and its
-  bound has no forward at θ either (it takes the closure's output through a forward hook).
+  with the closure's tensor ``x``. APO-LR then takes f(x; θ) from the closure's forward at θ and
+  carries the FSD term on the closure's forward and backward at θ' (a meta-step makes the passes
+  it makes without the term); its bound does the same.
 
 ``--meta-cost``: the wall time of a plain step and of a meta-step (4-layer MLP of width 1024,
 batch 128) for APOPrecond and APOLR(SGD+momentum), with torch SGD for reference.

@@ -107,13 +107,16 @@ def test_quick_apo_lr_bound_on_every_problem(quick_run):
     and the report compares it with SGD on each: the row's measured bound on APO-LR's throughput."""
     _, res, _ = quick_run
     cases = {r["case"] for r in res["train"]}
-    bounds = {r["case"]: r for r in res["train"] if r["impl"] == train_bench.BOUND}
-    assert bounds.keys() == cases
-    for r in bounds.values():
-        assert r["median_ms"] > 0 and r["steps"] == 10 * (timing.QUICK.warmup + timing.QUICK.rounds)
-        assert math.isfinite(r["final_loss"])
-    checks = [t for t in res["targets"] if t["key"] == "apo-lr-throughput-bound"]
-    assert len(checks) == len(cases) and all(t["status"] in {"PASS", "MISS"} and t["measured"] > 0 for t in checks)
+    for impl, key in ((train_bench.BOUND, "apo-lr-throughput-bound"),
+                      (train_bench.OWN_BATCH, "apo-lr-throughput-own-batch"),
+                      (train_bench.BOUND_OWN, "apo-lr-throughput-bound-own-batch")):
+        rows = {r["case"]: r for r in res["train"] if r["impl"] == impl}
+        assert rows.keys() == cases
+        for r in rows.values():
+            assert r["median_ms"] > 0 and r["steps"] == 10 * (timing.QUICK.warmup + timing.QUICK.rounds)
+            assert math.isfinite(r["final_loss"])
+        checks = [t for t in res["targets"] if t["key"] == key]
+        assert len(checks) == len(cases) and all(t["status"] in {"PASS", "MISS"} and t["measured"] > 0 for t in checks)
 
 
 def test_quick_precond_kron_rows_in_table(quick_run):
@@ -257,8 +260,8 @@ def test_small_model_problem_threads_and_plain_step_interval():
     assert {p[4] for p in train_bench.problems(make_config(args))} == {1}
     model = train_bench.small_mlp()
     assert [tuple(p.shape) for p in model.parameters() if p.dim() == 2] == [(256, 40), (256, 256), (10, 256)]
-    opt, takes_fsd = train_bench._optimizers(include_peers=False, run_steps=60)[train_bench.NO_META](model)
-    assert takes_fsd and opt.meta_interval > 60 and "meta_interval > run" in train_bench.NO_META
+    opt, fsd_batch = train_bench._optimizers(include_peers=False, run_steps=60)[train_bench.NO_META](model)
+    assert fsd_batch == "other" and opt.meta_interval > 60 and "meta_interval > run" in train_bench.NO_META
     opt, _ = train_bench._optimizers(include_peers=False, run_steps=60)[train_bench.NO_META_KRON](train_bench.small_mlp())
     assert opt.structure == "kron" and opt.meta_interval > 60
 
@@ -419,9 +422,10 @@ def test_bench_times_the_registry_backends_above_the_reference(toy_backends):
 
 @pytest.mark.parametrize("own_batch", [False, True], ids=["other batch", "own batch"])
 def test_meta_passes_only_makes_a_meta_steps_passes_and_sgds_update(own_batch):
-    """APO-LR's bound row: every 10 steps one more closure and, for the FSD term, a forward at θ
-    (none when the FSD batch is the step's own) and a forward + backward at θ'; the update is plain
-    SGD's from the step's own gradient, bit for bit."""
+    """APO-LR's bound row: every 10 steps one more closure and, for the FSD term on another batch, a
+    forward at θ and a forward + backward at θ' (none when the FSD batch is the step's own: the term
+    rides on the closure's passes); the update is plain SGD's from the step's own gradient, bit for
+    bit."""
     torch.manual_seed(0)
     model = train_bench.small_mlp(d_in=6, width=5, classes=3)
     twin = train_bench.small_mlp(d_in=6, width=5, classes=3)
@@ -441,8 +445,10 @@ def test_meta_passes_only_makes_a_meta_steps_passes_and_sgds_update(own_batch):
                 loss.backward()
                 return loss
             opt.step(closure, fsd_inputs=(x,) if own_batch else (x_fsd,)) if opt is bound else opt.step(closure)
-    # steps 0 and 10 are meta-steps: 12 closures + 2 more; FSD: a forward at θ' each (+ one at θ, no graph)
-    assert forwards.count(True) == 12 + 2 + 2 and forwards.count(False) == (0 if own_batch else 2)
-    assert len(backwards) == 12 + 2 + 2
+    # steps 0 and 10 are meta-steps: 12 closures + 2 more; FSD on another batch: a forward at θ'
+    # each and one at θ without a graph
+    fsd_passes = 0 if own_batch else 2
+    assert forwards.count(True) == 12 + 2 + fsd_passes and forwards.count(False) == fsd_passes
+    assert len(backwards) == 12 + 2 + fsd_passes
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)

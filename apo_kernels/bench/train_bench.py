@@ -42,6 +42,8 @@ NO_META_KRON = "APO-Precond kron, plain steps (meta_interval > run)"
 OP_ALONE = "the plain step's op alone (APO-Precond's layer matrices)"
 FLOOR = "floor of a plain step: SGD + the op alone"
 BOUND = "APO-LR's bound: SGD + a meta-step's passes only"
+OWN_BATCH = "APO-LR(SGD), FSD on the step's batch"
+BOUND_OWN = "APO-LR's bound, FSD on the step's batch"
 SMALL_THREADS = 2  # the small problem's threads unless --threads is given
 
 
@@ -74,11 +76,12 @@ def small_cnn(channels: int = 32, classes: int = 10) -> nn.Module:
 
 class MetaPassesOnly:
     """SGD plus, every INTERVAL steps, only the forward and backward passes an APO-LR meta-step must
-    make: the closure once more (the loss at the lookahead) and, with the FSD term, a forward at θ
-    without a graph (none with ``own_batch``: f(x; θ) is the closure's own output) and a forward +
-    backward at θ' on the FSD batch. No lookahead, restore or meta-gradient: the throughput APO-LR
-    would have with no overhead of its own, its bound. Drives ``base``'s step; ``step`` and
-    ``zero_grad`` as an optimizer's."""
+    make: the closure once more (the loss at the lookahead) and, with the FSD term on another batch,
+    a forward at θ without a graph and a forward + backward at θ' on that batch. With ``own_batch``
+    (the FSD batch is the step's) f(x; θ) is the closure's own output and the FSD term rides on the
+    closure at θ' (its gradient at the output added to the closure's backward), as APO-LR does. No
+    lookahead, restore or meta-gradient: the throughput APO-LR would have with no overhead of its
+    own, its bound. Drives ``base``'s step; ``step`` and ``zero_grad`` as an optimizer's."""
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, lambda_fsd: float, own_batch: bool = False):
         self.model, self.base, self.lambda_fsd, self.steps = model, base, lambda_fsd, 0
@@ -87,11 +90,20 @@ class MetaPassesOnly:
     def zero_grad(self):
         self.base.zero_grad()
 
+    def _ride(self, old):
+        def hook(module, inputs, out):
+            with torch.enable_grad():
+                new = out.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(kl(new, old), new)
+            out.register_hook(lambda grad: grad + self.lambda_fsd * g)
+        return self.model.register_forward_hook(hook)
+
     def step(self, closure, fsd_inputs=None):
         meta = self.steps % INTERVAL == 0
+        fsd = meta and self.lambda_fsd != 0.0
         outputs = []
         hook = (self.model.register_forward_hook(lambda m, i, out: outputs.append(out.detach()))
-                if meta and self.own_batch and self.lambda_fsd != 0.0 else None)
+                if fsd and self.own_batch else None)
         loss = closure()
         if hook is not None:
             hook.remove()
@@ -100,13 +112,13 @@ class MetaPassesOnly:
             grads = [p.grad for p in params]
             for p in params:
                 p.grad = None
-            closure()  # the loss at the lookahead
-            if self.lambda_fsd != 0.0:
-                if self.own_batch:
-                    (old,) = outputs
-                else:
-                    with torch.no_grad():
-                        old = self.model(*fsd_inputs)  # f(x̃; θ)
+            ride = self._ride(outputs[0]) if fsd and self.own_batch else None
+            closure()  # the loss at the lookahead (and the FSD term, on the own batch)
+            if ride is not None:
+                ride.remove()
+            if fsd and not self.own_batch:
+                with torch.no_grad():
+                    old = self.model(*fsd_inputs)  # f(x̃; θ)
                 new = self.model(*fsd_inputs)  # f(x̃; θ') and its backward
                 torch.autograd.grad(kl(new, old), params)
             for p, g in zip(params, grads):
@@ -117,34 +129,39 @@ class MetaPassesOnly:
 
 
 def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
-    """name -> factory(model) returning (optimizer, takes_fsd_inputs); ``run_steps`` bounds the
-    steps one optimizer takes (the plain-step row's meta_interval is longer)."""
+    """name -> factory(model) returning (optimizer, FSD batch): the FSD batch is None (the optimizer
+    takes no ``fsd_inputs``), "other" (a batch of its own, as in the paper) or "own" (the step's
+    batch, ``fsd_inputs=(x,)``); ``run_steps`` bounds the steps one optimizer takes (the plain-step
+    row's meta_interval is longer)."""
     from ..baselines import EKFAC, KFAC
 
     def sgd(m):  # the baseline, APO-LR's base optimizer and its bound's: one configuration
         return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
 
     facs = {
-        "SGD": lambda m: (sgd(m), False),
-        "Adam": lambda m: (torch.optim.Adam(m.parameters(), lr=1e-3), False),
-        "KFAC": lambda m: (KFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), False),
-        "EKFAC": lambda m: (EKFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), False),
+        "SGD": lambda m: (sgd(m), None),
+        "Adam": lambda m: (torch.optim.Adam(m.parameters(), lr=1e-3), None),
+        "KFAC": lambda m: (KFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), None),
+        "EKFAC": lambda m: (EKFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), None),
     }
 
     def apo_lr(m, lambda_fsd=0.1):
         from ..optim import APOLR
 
-        return APOLR(m, sgd(m), lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_interval=INTERVAL), True
+        return APOLR(m, sgd(m), lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_interval=INTERVAL), "other"
 
     def apo_precond(m, meta_interval=INTERVAL, structure="full"):
         from ..optim import APOPrecond
 
         return APOPrecond(m, lr=0.01, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, meta_interval=meta_interval,
-                          structure=structure), True
+                          structure=structure), "other"
 
     facs["APO-LR(SGD)"] = apo_lr
     # what APO-LR(SGD) would cost with no overhead of its own: the row's bound on its throughput
-    facs[BOUND] = lambda m: (MetaPassesOnly(m, sgd(m), 0.1), True)
+    facs[BOUND] = lambda m: (MetaPassesOnly(m, sgd(m), 0.1), "other")
+    # the FSD term on the step's own batch (the paper's App. D): it rides on the closure's passes
+    facs[OWN_BATCH] = lambda m: (apo_lr(m)[0], "own")
+    facs[BOUND_OWN] = lambda m: (MetaPassesOnly(m, sgd(m), 0.1, own_batch=True), "own")
     # without the FSD term a meta-step is one extra forward/backward instead of ~2.3 (see report)
     facs["APO-LR(SGD) λ_FSD=0"] = lambda m: apo_lr(m, lambda_fsd=0.0)
     facs["APO-Precond"] = apo_precond
@@ -168,7 +185,7 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     for name, cls_name, kw in peers if po is not None else []:
         cls = getattr(po, cls_name, None)
         if cls is not None:
-            facs[f"{name} (pytorch_optimizer)"] = lambda m, cls=cls, kw=kw: (cls(m.parameters(), **kw), False)
+            facs[f"{name} (pytorch_optimizer)"] = lambda m, cls=cls, kw=kw: (cls(m.parameters(), **kw), None)
     return facs
 
 
@@ -191,7 +208,10 @@ def _training_block(model, opt, fsd, batches, fsd_batch):
             x, y = batches[state["steps"] % len(batches)]
             state["steps"] += 1
             closure = closure_for(x, y)
-            state["loss"] = opt.step(closure, fsd_inputs=(fsd_batch,)) if fsd else opt.step(closure)
+            if fsd is None:
+                state["loss"] = opt.step(closure)
+            else:
+                state["loss"] = opt.step(closure, fsd_inputs=(x if fsd == "own" else fsd_batch,))
 
     return block, state
 

@@ -12,6 +12,7 @@ the structured preconditioner that map is the op's registered backward, see
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -118,6 +119,83 @@ class StepForward:
         out, rng, state = self._found
         return (out, rng) if self._state(out) == state else None
 
+    def same_setting(self) -> bool:
+        """Whether a forward now on the FSD inputs runs as the recorded one did: the inputs unwritten,
+        the model's train/eval flags and the autocast state as then."""
+        _, _, (inputs, _, flags, autocast) = self._found
+        return ([t._version for t in _tensors(self.inputs)] == inputs
+                and [m.training for m in self.module.modules()] == flags and _autocast_state() == autocast)
+
+
+class FusedFSD:
+    """The FSD term at θ' carried by the closure's own forward and backward at θ', when the FSD
+    batch is the step's batch (the paper's App. D: f(x̃; θ') serves the loss and the FSD term).
+
+    A context manager around the closure at θ' (after ``StepForward`` supplied f(x̃; θ)). When the
+    model is called on the very FSD inputs, D_F(f(x̃; θ'), f(x̃; θ)) and its gradient with respect to
+    that output are formed from the output alone (output-sized work), and a hook on the output adds
+    ``coef`` (λ_FSD times the loss scale) times that gradient to the gradient the closure's backward
+    sends through it: the closure's own backward then yields ∇θ'(J + λ_FSD·D_F), one forward and
+    backward at θ' instead of two. The chain rule makes it the same gradient as a forward of its own.
+
+    It is used only where that forward would compute the same thing: one call on exactly those
+    inputs (``is``), started from the RNG state f(x̃; θ)'s forward started from (the same dropout
+    masks), with the setting of that forward (``StepForward.same_setting``), returning a Tensor that
+    needs a gradient. A second call before the backward withdraws the addition. ``outcome()`` says
+    afterwards what the closure's gradient holds: "fused" (the FSD term's gradient, once), "absent"
+    (none of it: the caller runs the FSD forward and backward of its own) or "spoilt" (added, but
+    the closure went on to call the model on those inputs again, or to backward twice: the caller
+    runs the closure again without this).
+    """
+
+    def __init__(self, watch: StepForward, old_out, rng: RNGState, fsd_fn, coef: float):
+        self.watch, self.old_out, self.rng, self.fsd_fn, self.coef = watch, old_out, rng, fsd_fn, coef
+        self.calls = self.added = self.fired = 0
+        self.value: Optional[float] = None
+        self._eligible = False
+        self._grad_out: Optional[Tensor] = None
+
+    def __enter__(self) -> "FusedFSD":
+        module = self.watch.module
+        self._handles = [module.register_forward_pre_hook(self._before, with_kwargs=True),
+                         module.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _before(self, module, args, kwargs):
+        matches = self.watch._matches(args, kwargs)
+        self._eligible = matches and self.calls == 0 and self.rng.is_current() and self.watch.same_setting()
+        self._matched = matches
+
+    def _after(self, module, args, kwargs, output):
+        if not self._matched:
+            return
+        self.calls += 1
+        if not (self._eligible and isinstance(output, Tensor) and output.requires_grad):
+            return
+        with torch.enable_grad():
+            new = output.detach().requires_grad_(True)
+            f = self.fsd_fn(new, self.old_out)
+            (grad,) = torch.autograd.grad(f, new, allow_unused=True)
+        self.value = float(f.detach())
+        self._grad_out = torch.zeros_like(new) if grad is None else grad.mul_(self.coef)
+        output.register_hook(self._add)
+
+    def _add(self, g: Tensor) -> Tensor:
+        self.fired += 1
+        if self.calls != 1:  # a second call on the FSD inputs: which output is f(x̃; θ') is ambiguous
+            return g
+        self.added += 1
+        return g + self._grad_out.to(g.dtype)
+
+    def outcome(self) -> str:
+        if self.added == 0:
+            return "absent"
+        return "fused" if (self.added, self.fired, self.calls) == (1, 1, 1) else "spoilt"
+
 
 @dataclass
 class MetaObjective:
@@ -166,9 +244,11 @@ def proximal_objective_grad(
             called on ``fsd_inputs`` themselves, that output is f(x̃; θ) (no FSD forward at θ).
 
     Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
-    at θ without a graph (none when ``step_forward`` has it) and a forward + backward at θ' on
-    ``fsd_inputs``. ∇θ'Q is the gradient the closure's backward wrote (taken, not copied) plus
-    λ_FSD times FSD's.
+    at θ without a graph and a forward + backward at θ' on ``fsd_inputs``. When ``step_forward``
+    has f(x̃; θ) (the FSD batch is the step's batch) neither is made: the closure's forward at θ'
+    is f(x̃; θ') too and its backward carries the FSD term (``FusedFSD``), so a meta-step costs the
+    passes it costs without the FSD term. ∇θ'Q is the gradient the closure's backward wrote (taken,
+    not copied), plus λ_FSD times FSD's where a backward of its own computed that.
 
     The FSD forwards at θ and θ' run from the same RNG state (equal dropout masks; with
     ``step_forward``, the state the step's own forward started from) and under the caller's
@@ -188,26 +268,36 @@ def proximal_objective_grad(
     snap = ModelSnapshot(model, params, buffers)
     fsd_value = 0.0
     try:
-        old_out = None
+        old_out, fused = None, None
         if need_fsd:
             found = None if step_forward is None else step_forward.reusable()
             if found is not None:
                 old_out, rng_fsd = found
+                fused = FusedFSD(step_forward, old_out, rng_fsd, fsd_fn,
+                                 lambda_fsd * (1.0 if grad_scale is None else grad_scale))
             else:
                 rng_fsd = RNGState(rng_outer.cuda_devices)
                 with torch.no_grad():
                     old_out = _detach_tree(model(*fsd_inputs))
         snap.write(deltas)
-        if rng is not None:
-            rng.restore()
-        with torch.enable_grad():
+        rng_closure = RNGState(rng_outer.cuda_devices) if rng is None else rng
+        rng_closure.restore()
+        with torch.enable_grad(), (fused or contextlib.nullcontext()):
             loss = closure()
+        if fused is not None and fused.outcome() == "spoilt":  # once more, without the FSD term
+            for p in snap.grad_params:
+                p.grad = None
+            rng_closure.restore()
+            with torch.enable_grad():
+                loss = closure()
         if loss is None:
             raise ValueError("the closure must return the loss for a meta-step")
         grads = [_own_gradient(p.grad, d) for p, d in zip(params, deltas)]
         if grad_scale is not None and grad_scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / grad_scale)
-        if need_fsd:
+        if fused is not None and fused.outcome() == "fused":
+            fsd_value = fused.value
+        elif need_fsd:
             rng_fsd.restore()
             with torch.enable_grad():
                 f = fsd_fn(model(*fsd_inputs), old_out)

@@ -36,6 +36,11 @@ class RNGState:
         for d, s in zip(self.cuda_devices, self.cuda):
             torch.cuda.set_rng_state(s, d)
 
+    def is_current(self) -> bool:
+        """Whether the generators are in this state now (the next draws would be the same)."""
+        return torch.equal(torch.get_rng_state(), self.cpu) and all(
+            torch.equal(torch.cuda.get_rng_state(d), s) for d, s in zip(self.cuda_devices, self.cuda))
+
 
 def cuda_devices_of(params: Iterable[Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
