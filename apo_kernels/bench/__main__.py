@@ -176,8 +176,8 @@ def run(args) -> dict:
                          cpu_half_cap=cfg.half_cap())
     notes = []
     if cfg.half_cap():
-        notes.append(f"CPU half precision capped at size {cfg.half_cap()}: this CPU has no bf16/fp16 GEMM units "
-                     "(torch's bf16 1024² matmul ran at ~0.7 GFLOP/s vs ~60–300 GFLOP/s fp32).")
+        notes.append(f"CPU half precision capped at size {cfg.half_cap()}: on a CPU without bf16/fp16 GEMM units "
+                     "torch's bf16 1024² matmul ran at ~0.7 GFLOP/s vs ~60–300 GFLOP/s fp32.")
     for b, why in cfg.skipped_backends.items():
         notes.append(f"backend {b} not timed: {why}")
     res["notes"] = notes
