@@ -191,6 +191,44 @@ def test_fsd_falls_back_to_passes_of_its_own_where_the_closure_cannot_carry_it()
     _same_objective(rerun, separate)
 
 
+def test_fsd_on_a_model_returning_a_dict_runs_passes_of_its_own():
+    # the term rides only on a Tensor output; a dict (a callable fsd reads it) keeps its own passes
+    class DictNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(torch.float64)
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    m = DictNet()
+    x, y = data(dtype=torch.float64)
+    params = list(m.parameters())
+
+    def closure():
+        for p in params:
+            p.grad = None
+        loss = F.cross_entropy(m(x)["logits"], y)
+        loss.backward()
+        return loss
+
+    fsd = lambda new, old: F.mse_loss(new["logits"], old["logits"])  # noqa: E731
+    results = []
+    for fsd_inputs in ((x,), (x.clone(),)):
+        watch = StepForward(m, fsd_inputs)
+        rng = RNGState()
+        with watch:
+            closure()
+        deltas = [0.05 * torch.ones_like(p) for p in params]
+        calls = []
+        handle = m.register_forward_hook(lambda *_: calls.append(1))
+        results.append(proximal_objective_grad(m, params, deltas, closure, fsd_inputs=fsd_inputs, lambda_fsd=0.5,
+                                               fsd=fsd, rng=rng, step_forward=watch))
+        handle.remove()
+        assert len(calls) == (2 if fsd_inputs[0] is x else 3)  # the closure and the term's forward at θ'
+    _same_objective(*results)
+
+
 def test_reused_forward_replays_its_dropout_masks_at_the_lookahead():
     # with Δ = 0 the FSD term is exactly 0 only if the forward at θ' draws the masks of the
     # reused forward at θ
