@@ -152,7 +152,7 @@ class FusedFSD:
         self.watch, self.old_out, self.rng, self.fsd_fn, self.coef = watch, old_out, rng, fsd_fn, coef
         self.calls = self.added = self.fired = 0
         self.value: Optional[float] = None
-        self._eligible = False
+        self._matched = self._eligible = False  # the current call is on the FSD inputs / may carry the term
         self._grad_out: Optional[Tensor] = None
 
     def __enter__(self) -> "FusedFSD":
