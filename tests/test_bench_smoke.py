@@ -452,3 +452,20 @@ def test_meta_passes_only_makes_a_meta_steps_passes_and_sgds_update(own_batch):
     assert len(backwards) == 12 + 2 + fsd_passes
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def test_cpu_half_precision_is_capped_only_where_it_measured_slow(monkeypatch):
+    """The cap on CPU half-precision sizes follows the measured GEMM rates: a dtype ten times slower
+    than fp32 is capped (and the run says so with the rates), one as fast is timed at every size."""
+    from apo_kernels.bench import common
+
+    rates = common.cpu_gemm_rates()
+    assert set(rates) == {"fp32", "bf16", "fp16"} and all(math.isfinite(r) and r > 0 for r in rates.values())
+    cfg = make_config(build_parser().parse_args(["--device", "cpu", "--dtype", "fp32,bf16,fp16"]))
+    monkeypatch.setattr(common, "cpu_gemm_rates", lambda: {"fp32": 100.0, "bf16": 200.0, "fp16": 0.7})
+    assert cfg.half_cap("fp32") is None and cfg.half_cap("bf16") is None
+    assert cfg.half_cap("fp16") == common.CPU_HALF_CAP["full"]
+    assert cfg.size_ok(2048, "bf16") and cfg.size_ok(2048, "fp32") and not cfg.size_ok(2048, "fp16")
+    assert cfg.size_ok(common.CPU_HALF_CAP["full"], "fp16")
+    quick = make_config(build_parser().parse_args(["--quick", "--device", "cpu"]))
+    assert quick.half_cap("fp16") == common.CPU_HALF_CAP["quick"]

@@ -144,6 +144,7 @@ def _progress(quiet: bool):
 def run(args) -> dict:
     """Run the selected sections; returns the result dict (also written to ``args.out``)."""
     from . import lowprec, op_bench, precond_bench, report, train_bench
+    from .common import cpu_gemm_rates
     from .timing import env_info
 
     try:
@@ -173,11 +174,13 @@ def run(args) -> dict:
     res["meta"] = meta
     res["config"] = dict(sizes=cfg.sizes, dtypes=cfg.dtypes, backends=cfg.backends, skipped_backends=cfg.skipped_backends,
                          widths=cfg.widths, train_widths=cfg.train_widths, layer_sets=cfg.layer_sets, sections=cfg.sections,
-                         cpu_half_cap=cfg.half_cap())
+                         cpu_half_cap={d: cfg.half_cap(d) for d in cfg.dtypes if d != "fp32"})
     notes = []
-    if cfg.half_cap():
-        notes.append(f"CPU half precision capped at size {cfg.half_cap()}: on a CPU without bf16/fp16 GEMM units "
-                     "torch's bf16 1024² matmul ran at ~0.7 GFLOP/s vs ~60–300 GFLOP/s fp32.")
+    for d in cfg.dtypes:
+        if cfg.half_cap(d):
+            rates = cpu_gemm_rates()
+            notes.append(f"CPU {d} capped at size {cfg.half_cap(d)}: this CPU's {d} 128² matmul ran at "
+                         f"{rates[d]:.2g} GFLOP/s against {rates['fp32']:.3g} in fp32 (no {d} GEMM units)")
     for b, why in cfg.skipped_backends.items():
         notes.append(f"backend {b} not timed: {why}")
     res["notes"] = notes

@@ -1,6 +1,7 @@
 """The benchmark's run configuration and result rows (shared by every section)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -10,9 +11,33 @@ from .timing import DTYPES, Timer
 
 __all__ = ["Config", "make_row", "add_ratios", "timed_backends", "CPU_HALF_CAP"]
 
-# This CPU (no AVX512-BF16/FP16) runs bf16/fp16 GEMMs at ~0.7 GFLOP/s vs ~60-300 for fp32: torch
-# chains in half precision are capped at this size on CPU so the run stays minutes, not hours.
+# A CPU without bf16/fp16 GEMM units (AVX512-BF16, AMX) runs those GEMMs at ~0.7 GFLOP/s against
+# ~60-300 for fp32: there half precision is capped at this size so the run stays minutes, not hours.
+# Whether a CPU is such a one is measured (``cpu_gemm_rates``), not assumed.
 CPU_HALF_CAP = {"quick": 128, "full": 256}
+SLOW_HALF = 10.0  # a half dtype whose GEMM rate is this many times below fp32's is capped
+_PROBE = 128      # the probe GEMM's size: 4 MFLOP, a few ms even at 0.7 GFLOP/s
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_gemm_rates() -> dict[str, float]:
+    """GFLOP/s of a 128² matmul on this CPU per dtype name (fp32, bf16, fp16): the best of a few
+    calls after one warm-up, measured once per process."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(_PROBE, _PROBE, generator=gen), torch.randn(_PROBE, _PROBE, generator=gen)
+    rates = {}
+    for name, dtype in DTYPES.items():
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ y
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = 2 * _PROBE ** 3 / max(best, 1e-9) / 1e9
+    return rates
 
 
 def timed_backends(device_type: str, wanted: Optional[list[str]] = None) -> tuple[list[str], dict[str, str]]:
@@ -72,14 +97,19 @@ class Config:
     def dtype(self, name: str) -> torch.dtype:
         return DTYPES[name]
 
-    def half_cap(self) -> Optional[int]:
-        if self.is_cuda:
+    def half_cap(self, dtype_name: str) -> Optional[int]:
+        """The largest size timed in ``dtype_name`` (None: no cap): capped only on a CPU whose GEMMs
+        in that dtype measured SLOW_HALF times slower than in fp32."""
+        if self.is_cuda or dtype_name == "fp32":
+            return None
+        rates = cpu_gemm_rates()
+        if rates[dtype_name] * SLOW_HALF >= rates["fp32"]:
             return None
         return CPU_HALF_CAP["quick" if self.quick else "full"]
 
     def size_ok(self, size: int, dtype_name: str) -> bool:
-        cap = self.half_cap()
-        return dtype_name == "fp32" or cap is None or size <= cap
+        cap = self.half_cap(dtype_name)
+        return cap is None or size <= cap
 
 
 def make_row(section: str, case: str, impl: str, dtype: str, size, timing: dict, **extra) -> dict:
