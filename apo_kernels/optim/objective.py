@@ -285,8 +285,9 @@ def proximal_objective_grad(
         with torch.enable_grad(), (fused or contextlib.nullcontext()):
             loss = closure()
         if fused is not None and fused.outcome() == "spoilt":  # once more, without the FSD term
-            for p in snap.grad_params:
-                p.grad = None
+            for p in snap.grad_params:  # as the snapshot left them: DDP's bucket views stay in place
+                if p.grad is not None and not borrowed(p.grad):
+                    p.grad = None
             rng_closure.restore()
             with torch.enable_grad():
                 loss = closure()
