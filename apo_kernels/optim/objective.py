@@ -241,7 +241,8 @@ def proximal_objective_grad(
         buffers: where θ' is written (``LookaheadBuffers``); pass the same one on every call to
             reuse its memory.
         step_forward: a ``StepForward`` that watched the step's closure at θ: when it saw the model
-            called on ``fsd_inputs`` themselves, that output is f(x̃; θ) (no FSD forward at θ).
+            called on ``fsd_inputs`` themselves, that output is f(x̃; θ) (no FSD forward at θ, and
+            the FSD term rides on the closure at θ').
 
     Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
     at θ without a graph and a forward + backward at θ' on ``fsd_inputs``. When ``step_forward``
@@ -280,8 +281,10 @@ def proximal_objective_grad(
                 with torch.no_grad():
                     old_out = _detach_tree(model(*fsd_inputs))
         snap.write(deltas)
-        rng_closure = RNGState(rng_outer.cuda_devices) if rng is None else rng
-        rng_closure.restore()
+        if rng is not None:
+            rng.restore()
+        # where the closure starts, for the rerun a spoilt ride needs (the state rng holds, when given)
+        rng_closure = rng if rng is not None or fused is None else RNGState(rng_outer.cuda_devices)
         with torch.enable_grad(), (fused or contextlib.nullcontext()):
             loss = closure()
         if fused is not None and fused.outcome() == "spoilt":  # once more, without the FSD term
