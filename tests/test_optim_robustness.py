@@ -454,3 +454,38 @@ def test_sparse_gradients_are_refused_by_name(which):
     model[0].sparse = False
     opt.step(closure)  # dense again: training goes on
     assert opt.step_count == 1
+
+
+# --------------------------------------------------------------------------------------------
+# discrepancy.value_and_grad: the built-ins' closed-form gradients
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["kl", "mse", "bernoulli"])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 9), (1, 1), (5,)])
+def test_value_and_grad_matches_autograd_in_float64_on_odd_shapes(name, shape):
+    from apo_kernels.optim import discrepancy
+    fsd = discrepancy.resolve(name)
+    g = torch.Generator().manual_seed(hash((name, shape)) % 2**31)
+    old = 3 * torch.randn(shape, generator=g, dtype=torch.float64)
+    new = (old + torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    want = fsd(new, old)
+    (want_grad,) = torch.autograd.grad(want, new)
+    value, grad = discrepancy.value_and_grad(fsd, new, old)
+    assert not value.requires_grad and not grad.requires_grad and new.grad is None
+    assert torch.allclose(value, want.detach(), rtol=1e-12, atol=1e-15)
+    assert grad.dtype == torch.float64 and torch.allclose(grad, want_grad, rtol=1e-10, atol=1e-14)
+    # float32 logits: computed in float32, returned in the output's dtype
+    value32, grad32 = discrepancy.value_and_grad(fsd, new.detach().float(), old.float())
+    assert grad32.dtype == torch.float32 and torch.allclose(grad32.double(), want_grad, rtol=1e-4, atol=1e-6)
+    assert abs(value32.double() - want.detach()) <= 1e-5 * max(1.0, abs(want.item()))
+
+
+def test_value_and_grad_of_a_callable_goes_through_autograd_and_bad_input_names_it():
+    from apo_kernels.optim import discrepancy
+    new = torch.randn(4, 3, dtype=torch.float64)
+    old = torch.randn(4, 3, dtype=torch.float64)
+    value, grad = discrepancy.value_and_grad(lambda a, b: ((a - b) ** 3).sum(), new, old)
+    assert torch.allclose(value, ((new - old) ** 3).sum()) and torch.allclose(grad, 3 * (new - old) ** 2)
+    # a callable that ignores the output: the gradient is zero, not None
+    assert discrepancy.value_and_grad(lambda a, b: b.sum(), new, old)[1].eq(0).all()
+    with pytest.raises(TypeError, match=r"\bnew\b"):
+        discrepancy.value_and_grad(discrepancy.kl, (new,), old)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim.discrepancy import kl
+from ..optim.discrepancy import kl, value_and_grad
 from .common import Config, add_ratios, make_row
 
 INTERVAL = 10
@@ -92,9 +92,7 @@ class MetaPassesOnly:
 
     def _ride(self, old):
         def hook(module, inputs, out):
-            with torch.enable_grad():
-                new = out.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(kl(new, old), new)
+            g = value_and_grad(kl, out, old)[1]
             out.register_hook(lambda grad: grad + self.lambda_fsd * g)
         return self.model.register_forward_hook(hook)
 
@@ -120,7 +118,7 @@ class MetaPassesOnly:
                 with torch.no_grad():
                     old = self.model(*fsd_inputs)  # f(x̃; θ)
                 new = self.model(*fsd_inputs)  # f(x̃; θ') and its backward
-                torch.autograd.grad(kl(new, old), params)
+                torch.autograd.grad(new, params, value_and_grad(kl, new, old)[1])
             for p, g in zip(params, grads):
                 p.grad = g
         self.base.step()

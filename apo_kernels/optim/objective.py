@@ -81,6 +81,7 @@ class StepForward:
         self.module = module
         self.inputs = tuple(fsd_inputs) if isinstance(fsd_inputs, (tuple, list)) else (fsd_inputs,)
         self.cuda_devices = list(cuda_devices)
+        self._submodules = list(module.modules())  # whose train/eval flags the setting compares
         self.calls = 0  # calls on exactly the FSD inputs
         self._rng_at_call: Optional[RNGState] = None
         self._found: Optional[tuple] = None
@@ -110,7 +111,7 @@ class StepForward:
 
     def _state(self, out) -> tuple:
         return ([t._version for t in _tensors(self.inputs)], [t._version for t in _tensors(out)],
-                [m.training for m in self.module.modules()], _autocast_state())
+                [m.training for m in self._submodules], _autocast_state())
 
     def reusable(self) -> Optional[tuple]:
         """(f(x̃; θ) detached, the RNG state its forward started from), or None."""
@@ -124,7 +125,7 @@ class StepForward:
         the model's train/eval flags and the autocast state as then."""
         _, _, (inputs, _, flags, autocast) = self._found
         return ([t._version for t in _tensors(self.inputs)] == inputs
-                and [m.training for m in self.module.modules()] == flags and _autocast_state() == autocast)
+                and [m.training for m in self._submodules] == flags and _autocast_state() == autocast)
 
 
 class FusedFSD:
@@ -176,12 +177,9 @@ class FusedFSD:
         self.calls += 1
         if not (self._eligible and isinstance(output, Tensor) and output.requires_grad):
             return
-        with torch.enable_grad():
-            new = output.detach().requires_grad_(True)
-            f = self.fsd_fn(new, self.old_out)
-            (grad,) = torch.autograd.grad(f, new, allow_unused=True)
-        self.value = float(f.detach())
-        self._grad_out = torch.zeros_like(new) if grad is None else grad.mul_(self.coef)
+        value, grad = discrepancy.value_and_grad(self.fsd_fn, output, self.old_out)
+        self.value = float(value)
+        self._grad_out = grad.mul_(self.coef)
         output.register_hook(self._add)
 
     def _add(self, g: Tensor) -> Tensor:
@@ -304,9 +302,15 @@ def proximal_objective_grad(
         elif need_fsd:
             rng_fsd.restore()
             with torch.enable_grad():
-                f = fsd_fn(model(*fsd_inputs), old_out)
-                fsd_grads = torch.autograd.grad(f, params, allow_unused=True)
+                out = model(*fsd_inputs)
+                if isinstance(out, Tensor):  # D_F's own gradient in closed form where it has one
+                    f, grad_out = discrepancy.value_and_grad(fsd_fn, out, old_out)
+                    fsd_grads = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+                else:
+                    f = fsd_fn(out, old_out)
+                    fsd_grads = torch.autograd.grad(f, params, allow_unused=True)
             fsd_value = float(f.detach())
+            del out
             # g is our own tensor: accumulate in place, one foreach op (.to: no copy in g's dtype)
             pairs = [(g, fg) for g, fg in zip(grads, fsd_grads) if fg is not None]
             if pairs:
