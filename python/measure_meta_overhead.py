@@ -2,6 +2,7 @@
 
     python python/measure_meta_overhead.py [--rows mlp1024,mlp2048,cnn,...] [--fsd-batch other,own] [--repeats 7] [--threads N] [--clock cpu]
     python python/measure_meta_overhead.py --meta-cost [--repeats 10]
+    python python/measure_meta_overhead.py --plain-step-parts [--rows small] [--repeats 60] [--threads 1 --clock cpu]
 
 Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
 ``apo_kernels.bench.train_bench`` on CPU; ``small``, ``mlp256``, ``cnn8``: the small MLP row and
@@ -27,10 +28,18 @@ core. Variants:
 
 ``--meta-cost``: the wall time of a plain step and of a meta-step (4-layer MLP of width 1024,
 batch 128) for APOPrecond and APOLR(SGD+momentum), with torch SGD for reference.
+
+``--plain-step-parts``: what APO-LR's plain step (no meta-step) costs beyond SGD's, with one piece
+removed at a time: the finiteness check of the loss and gradients at θ, the lr swap around the base
+optimizer's step, both. A diagnosis, not a configuration: the pieces are switched off on the
+instance, and a step without the check would let a non-finite gradient into the momentum. Every
+variant trains its own copy in 10-step blocks, the blocks in a shuffled order each round.
 """
 import argparse
+import random
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +143,53 @@ def print_throughput(rows, repeats, clock_name, fsd_batches):
                 print(f"  λ_FSD=0.1{suffix or ' other batch'}: measured {a:.3f}, bound {b:.3f}, gap {b - a:.3f}")
 
 
+def plain_step_parts(row: str, repeats: int, clock_name: str):
+    label, make_model, shape = ROWS[row]
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)) for _ in range(4)]
+
+    def base_step_only(self, plan):
+        self.base_optimizer.step()
+        return True
+
+    removed = {"APO-LR plain step": (), "  without the gradient check": ("check",),
+               "  without the lr swap": ("swap",), "  without both": ("check", "swap")}
+    blocks = {}
+    for name in ["SGD", *removed]:
+        torch.manual_seed(0)
+        model = make_model()
+        sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        # λ_FSD = 0 and a meta-step only at step 0, in the warm-up block
+        opt = sgd if name == "SGD" else APOLR(model, sgd, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=10**9)
+        if "check" in removed.get(name, ()):
+            opt._local_grads_finite = types.MethodType(lambda self, loss, plan: True, opt)
+        if "swap" in removed.get(name, ()):
+            opt._apply = types.MethodType(base_step_only, opt)
+
+        def block(model=model, opt=opt):
+            t0 = clock()
+            for x, y in batches * 3:  # 12 steps
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+            return (clock() - t0) / (3 * len(batches))
+
+        block()  # warm-up
+        blocks[name] = block
+    times = {name: [] for name in blocks}
+    for _ in range(repeats):
+        for name in random.sample(list(blocks), len(blocks)):
+            times[name].append(blocks[name]())
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"\n{label}: {repeats} rounds of 12-step blocks, shuffled, {clock_name} time; median per step")
+    for name, t in med.items():
+        print(f"  {name:32s} {t * 1e6:8.1f} µs  ({(t - med['SGD']) * 1e6:+7.1f} µs over SGD)")
+
+
 def meta_cost(repeats: int, batch: int, backend: str):
     torch.manual_seed(0)
     x = torch.randn(batch, 1024)
@@ -186,6 +242,8 @@ def main():
     ap.add_argument("--meta-cost", action="store_true", help="plain step vs meta-step times instead")
     ap.add_argument("--batch", type=int, default=128, help="--meta-cost: batch size")
     ap.add_argument("--backend", default="auto", help="--meta-cost: APOPrecond's backend")
+    ap.add_argument("--plain-step-parts", action="store_true",
+                    help="APO-LR's plain step beyond SGD's, with the gradient check / the lr swap removed (diagnosis)")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -200,6 +258,9 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.meta_cost:
         meta_cost(args.repeats, args.batch, args.backend)
+    elif args.plain_step_parts:
+        for row in rows:
+            plain_step_parts(row, args.repeats, args.clock)
     else:
         print_throughput(rows, args.repeats, args.clock, fsd_batches)
 

@@ -469,3 +469,15 @@ def test_cpu_half_precision_is_capped_only_where_it_measured_slow(monkeypatch):
     assert cfg.size_ok(common.CPU_HALF_CAP["full"], "fp16")
     quick = make_config(build_parser().parse_args(["--quick", "--device", "cpu"]))
     assert quick.half_cap("fp16") == common.CPU_HALF_CAP["quick"]
+
+
+def test_plain_step_parts_diagnosis_runs_and_reports_every_variant():
+    # python/measure_meta_overhead.py --plain-step-parts: the diagnosis the README's log quotes
+    script = os.path.join(os.path.dirname(__file__), "..", "python", "measure_meta_overhead.py")
+    proc = subprocess.run([sys.executable, script, "--plain-step-parts", "--rows", "small", "--repeats", "2",
+                           "--threads", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) µs\s+\(\s*([+-][0-9.]+) µs over SGD\)$", proc.stdout, re.M)
+    assert [name for name, _, _ in rows] == ["SGD", "APO-LR plain step", "without the gradient check",
+                                             "without the lr swap", "without both"], proc.stdout
+    assert all(float(t) > 0 for _, t, _ in rows) and float(rows[0][2]) == 0.0
