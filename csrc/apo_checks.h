@@ -12,6 +12,8 @@
 //   - grouped: lists of one length, 2-D layers, one dtype and device for all layers;
 //   - the result (the backward's: the outputs its mask asks for) fits in the device's memory; it is
 //     refused before anything is allocated.
+//   - lookahead_write: lists of one length, per parameter a delta and an out of its shape, out of its
+//     dtype, all on one device, out sharing no element with any argument.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -282,6 +284,38 @@ inline void check_momentum_group(TensorList Gs, TensorList Ms, TensorList As, Te
       std::pair<const char*, TensorList>{"grads", Gs}, {"momenta", Ms}, {"As", As}, {"Ss", Ss}, {"Bs", Bs},
       {"vs", Vs}, {"out", Outs}};
   overlap::check_written_apart(all, 5);
+}
+
+// --------------------------------------------------------------------------------------------
+// The lookahead write (lookahead_write): per parameter a delta of its shape (any float dtype) and an
+// out of its shape and dtype, all on one device; out shares no element with any argument.
+
+inline void check_lookahead(TensorList params, TensorList deltas, TensorList out) {
+  TORCH_CHECK_VALUE(deltas.size() == params.size() && out.size() == params.size(),
+                    "params, deltas, out must have the same length, got {'params': ", params.size(),
+                    ", 'deltas': ", deltas.size(), ", 'out': ", out.size(), "}");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    check_tensor(params[i], "params" + at_i);
+    check_tensor(deltas[i], "deltas" + at_i);
+    check_tensor(out[i], "out" + at_i);
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"deltas", &deltas[i]}, {"out", &out[i]}}) {
+      TORCH_CHECK_VALUE(t->sizes() == params[i].sizes(), name, at_i, " must have the shape of params", at_i, " ",
+                        shape_str(params[i].sizes()), ", got ", shape_str(t->sizes()));
+      TORCH_CHECK_VALUE(t->device() == params[0].device(), name, at_i, " is on ", t->device(),
+                        " but params[0] is on ", params[0].device());
+    }
+    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "params", at_i, " is on ", params[i].device(),
+                      " but params[0] is on ", params[0].device());
+    TORCH_CHECK_TYPE(out[i].scalar_type() == params[i].scalar_type(), "out", at_i, " has dtype ",
+                     dtype_str(out[i].scalar_type()), " but params", at_i, " has ",
+                     dtype_str(params[i].scalar_type()));
+    TORCH_CHECK_VALUE(at::has_internal_overlap(out[i]) != at::MemOverlap::Yes, "out", at_i,
+                      " has elements that share memory (an expanded tensor); it is written");
+  }
+  const std::array<std::pair<const char*, TensorList>, 3> all = {
+      std::pair<const char*, TensorList>{"params", params}, {"deltas", deltas}, {"out", out}};
+  overlap::check_written_apart(all, 2);
 }
 
 // --------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 // with the CUDA large-layer path; which layers of a grouped call run alone is cpu_schedule.h. This
 // file adds the direct path (2-D fp32/fp64 layers that are small or row-blocked: the same maths on
 // BLAS calls and plain loops), the ATen path for the rest with its ⊙S pass, the grouped loop, the
-// momentum step (v = μ·m + g and Y(v) in one pass, an optimizer's plain step) and the registration.
+// momentum step (v = μ·m + g and Y(v) in one pass, an optimizer's plain step), the finiteness check,
+// the lookahead write (θ' = θ + Δ with ‖Δ‖², a meta-step's) and the registration.
 //
 // Light headers only (no torch/extension.h, no pybind11): the module registers ops on load and
 // exposes no Python functions. The CUDA implementations live in csrc/cuda/*.cu.
@@ -31,6 +32,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -234,6 +236,19 @@ APO_INLINE bool zero_row(const T* x, int64_t n) {
   return any == 0;
 }
 
+// out = θ + Δ (torch.add's rounding), returning Σ Δ² in double (a norm: summed in SIMD lanes, in no fixed order).
+template <typename T>
+APO_INLINE double add_sumsq(T* out, const T* theta, const T* delta, int64_t n) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = theta[j] + delta[j];
+    const double d = static_cast<double>(delta[j]);
+    sum += d * d;
+  }
+  return sum;
+}
+
 APO_SIMD_CLONES void mul_f32(const Mat<float>& o, const Mat<float>& x, const Mat<float>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void mul_f64(const Mat<double>& o, const Mat<double>& x, const Mat<double>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void momentum_f32(const Mat<float>& v, const Mat<float>& m, const Mat<float>& g, float mu) {
@@ -246,6 +261,12 @@ APO_SIMD_CLONES void scale_f32(const Mat<float>& y, float mu) { scale(y, mu); }
 APO_SIMD_CLONES void scale_f64(const Mat<double>& y, double mu) { scale(y, mu); }
 APO_SIMD_CLONES bool zero_row_f32(const float* x, int64_t n) { return zero_row(x, n); }
 APO_SIMD_CLONES bool zero_row_f64(const double* x, int64_t n) { return zero_row(x, n); }
+APO_SIMD_CLONES double add_sumsq_f32(float* o, const float* t, const float* d, int64_t n) {
+  return add_sumsq(o, t, d, n);
+}
+APO_SIMD_CLONES double add_sumsq_f64(double* o, const double* t, const double* d, int64_t n) {
+  return add_sumsq(o, t, d, n);
+}
 APO_SIMD_CLONES bool finite_f32(const Mat<float>& x) { return finite(x); }
 APO_SIMD_CLONES bool finite_f64(const Mat<double>& x) { return finite(x); }
 
@@ -265,6 +286,10 @@ inline bool zero_row(const float* x, int64_t n) { return loops::zero_row_f32(x, 
 inline bool zero_row(const double* x, int64_t n) { return loops::zero_row_f64(x, n); }
 inline bool finite_rows(const Mat<float>& x) { return loops::finite_f32(x); }
 inline bool finite_rows(const Mat<double>& x) { return loops::finite_f64(x); }
+inline double add_sumsq(float* o, const float* t, const float* d, int64_t n) { return loops::add_sumsq_f32(o, t, d, n); }
+inline double add_sumsq(double* o, const double* t, const double* d, int64_t n) {
+  return loops::add_sumsq_f64(o, t, d, n);
+}
 
 // out = x ⊙ y (row-major views; out may be x or y). Split over rows on the intra-op threads when big
 // enough, and outside a parallel region (a layer that runs alone); inline otherwise.
@@ -822,6 +847,75 @@ Tensor all_finite_any(TensorList ts) {
   return all_finite(ts);
 }
 
+// ---------------------------------------------------------------------------------------------
+// apo::lookahead_write: out = params + deltas per parameter (formed in the delta's dtype and rounded
+// once to the parameter's; torch.add(θ, Δ) when the dtypes agree), returning Σ‖Δ‖² as a 0-d float64
+// tensor on their device. A meta-step's lookahead θ' = θ + Δ in one pass over θ and Δ, which also
+// yields the proximity term ½‖Δ‖² and, by that sum's finiteness, the check that Δ is finite: a NaN or
+// inf in Δ makes the sum NaN or inf (as do float64 deltas whose squares overflow). out's values are
+// then unspecified.
+
+// Elements one thread takes before the pass is split over threads (256 KiB of float32).
+constexpr int64_t kLookaheadGrain = int64_t(1) << 16;
+
+template <typename T>
+double lookahead_contiguous(const Tensor& out, const Tensor& theta, const Tensor& delta) {
+  T* o = out.data_ptr<T>();
+  const T* t = theta.const_data_ptr<T>();
+  const T* d = delta.const_data_ptr<T>();
+  return at::parallel_reduce(
+      0, out.numel(), kLookaheadGrain, 0.0,
+      [&](int64_t begin, int64_t end, double sum) {
+        return sum + direct::add_sumsq(o + begin, t + begin, d + begin, end - begin);
+      },
+      std::plus<double>());
+}
+
+// out = θ + Δ with ATen's ops (any device, dtype and layout).
+void lookahead_generic(const Tensor& Out, const Tensor& theta, const Tensor& delta) {
+  Tensor out = Out;  // (a handle: the schema's output is written through it)
+  if (theta.scalar_type() == delta.scalar_type()) {
+    at::add_out(out, theta, delta);
+  } else {
+    out.copy_(theta.to(delta.scalar_type()) + delta);
+  }
+}
+
+Tensor sum_of_squares(TensorList deltas) {
+  return at::stack(at::_foreach_norm(deltas, 2, at::kDouble)).square().sum();
+}
+
+Tensor lookahead_write_cpu(TensorList params, TensorList deltas, TensorList out) {
+  checks::check_lookahead(params, deltas, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  double sum = 0.0;
+  std::vector<Tensor> rest;  // deltas of the parameters written by ATen's ops
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto type = params[i].scalar_type();
+    const bool direct = (type == at::kFloat || type == at::kDouble) && deltas[i].scalar_type() == type &&
+                        params[i].is_contiguous() && deltas[i].is_contiguous() && out[i].is_contiguous();
+    if (direct && type == at::kFloat) {
+      sum += lookahead_contiguous<float>(out[i], params[i], deltas[i]);
+    } else if (direct) {
+      sum += lookahead_contiguous<double>(out[i], params[i], deltas[i]);
+    } else {
+      lookahead_generic(out[i], params[i], deltas[i]);
+      rest.push_back(deltas[i]);
+    }
+  }
+  if (!rest.empty()) sum += sum_of_squares(rest).item<double>();
+  return at::scalar_tensor(sum, at::kDouble);
+}
+
+// Any other device: ATen's ops, no sync.
+Tensor lookahead_write_any(TensorList params, TensorList deltas, TensorList out) {
+  checks::check_lookahead(params, deltas, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (params.empty()) return at::scalar_tensor(0.0, at::kDouble);
+  for (size_t i = 0; i < params.size(); ++i) lookahead_generic(out[i], params[i], deltas[i]);
+  return sum_of_squares(deltas);
+}
+
 // out = μ·out + Y: the carried direction (out.mul_(μ).add_(Y), μ a wrapped number as above).
 void carry_generic(const Tensor& Y, double momentum, const Tensor& Out) {
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -910,6 +1004,7 @@ TORCH_LIBRARY(apo, m) {
       "precondition_momentum_grouped(Tensor[] grads, Tensor[] momenta, float momentum, Tensor?[] As, "
       "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False) -> Tensor");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
+  m.def("lookahead_write(Tensor[] params, Tensor[] deltas, Tensor(a!)[] out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {
@@ -919,10 +1014,12 @@ TORCH_LIBRARY_IMPL(apo, CPU, m) {
   m.impl("precondition_grouped_backward", &apo::precondition_grouped_backward_cpu);
   m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_cpu);
   m.impl("all_finite", &apo::all_finite_cpu);
+  m.impl("lookahead_write", &apo::lookahead_write_cpu);
 }
 
 // Every other device: the composition of ATen ops and the device's grouped op.
 TORCH_LIBRARY_IMPL(apo, CompositeExplicitAutograd, m) {
   m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_any);
   m.impl("all_finite", &apo::all_finite_any);
+  m.impl("lookahead_write", &apo::lookahead_write_any);
 }

@@ -184,6 +184,18 @@ if _native_error is None:
         if len(devices) > 1:
             raise ValueError(f"tensors: every tensor must be on one device, got {sorted(map(str, devices))}")
         return (tensors[0].new_empty((), dtype=torch.bool) if tensors else torch.empty((), dtype=torch.bool))
+# apo::lookahead_write(params, deltas, out) -> 0-d float64 tensor: θ' = θ + Δ into out and Σ‖Δ‖² in
+# one pass (apo_kernels.optim.snapshot); None without the native module
+native_lookahead_write: Optional[Callable] = None
+if _native_error is None:
+    native_lookahead_write = torch.ops.apo.lookahead_write.default
+
+    @torch.library.register_fake("apo::lookahead_write")
+    def _fake_lookahead_write(params, deltas, out):
+        devices = {t.device for t in (*params, *deltas, *out)}
+        if len(devices) > 1:
+            raise ValueError(f"params, deltas, out: every tensor must be on one device, got {sorted(map(str, devices))}")
+        return (params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64))
 # Asked once at import: the dispatcher query is not traceable, and the status is read inside
 # torch.compile'd code (the public functions resolve their backend).
 _NATIVE_HAS_CUDA = _native_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(

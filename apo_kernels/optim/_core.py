@@ -142,6 +142,10 @@ class APOCore(torch.optim.Optimizer):
     meta_optimizer: torch.optim.Optimizer
 
     MAX_RECOVERIES_PER_STEP = 3  # each one costs a closure: bounded, so a step always ends
+    # Whether ∇θ'Q is checked for finiteness before the meta-backward. A subclass whose meta-gradient
+    # is a contraction of ∇θ'Q with the finite Δ may skip it: a NaN or inf there makes the
+    # contraction NaN or inf (x·inf, 0·inf, NaN·x), and the meta-gradient's own check catches it.
+    CHECK_LOOKAHEAD_GRADS = True
     SHRINK = 0.1                 # a recovery multiplies φ's step size (APO-LR's lr, APO-Precond's S²) by this
     OVERSHOOT_MIN_FACTOR = 0.01  # the most one overshoot recovery shrinks the step by
 
@@ -351,15 +355,17 @@ class APOCore(torch.optim.Optimizer):
         """(Q at the lookahead, the deltas), or None when either is not finite."""
         with self._no_autocast():
             deltas = self._lookahead_deltas(plan)
-        if not all_finite_scratch(deltas):  # our own tensors, as are obj.grads: one fused check
-            return None
         obj = proximal_objective_grad(  # FSD forwards outside DDP: their gradient is averaged below
             distributed.local_module(self.model), plan.params, deltas, closure, fsd_inputs=fsd_inputs,
             lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
             grad_scale=scale, rng=rng, buffers=self._lookahead_buffers, step_forward=step_forward,
         )
+        if not math.isfinite(obj.wsd):  # Δ is not finite (found by the pass that writes θ'; Δ is
+            return None                 # the same on every rank, so every rank returns here)
         self._replicas.average_objective(obj, with_grads=self.lambda_fsd != 0.0)
-        if obj.value != obj.value or abs(obj.value) == float("inf") or not all_finite_scratch(obj.grads):
+        if not math.isfinite(obj.value):
+            return None
+        if self.CHECK_LOOKAHEAD_GRADS and not all_finite_scratch(obj.grads):  # our own tensors
             return None
         return obj, deltas
 

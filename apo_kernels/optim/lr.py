@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .._args import check_bool, check_number, check_type
 from .._step_hooks import step_with_hooks
 from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
+from .snapshot import LookaheadBuffers
 
 
 def _cdtype(p: Tensor) -> torch.dtype:
@@ -48,11 +49,13 @@ def _sgd_coefficients(group: dict, has_buf: bool) -> tuple[float, float]:
     return mom, 1.0 - damp
 
 
-def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: float) -> list[Tensor]:
+def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: float,
+                    buffers: Optional[LookaheadBuffers] = None) -> list[Tensor]:
     """scale · d per parameter of one group for torch.optim.SGD, one pass per term. The parameters
     that share coefficients (all with a momentum buffer, or all without) and gradient dtype are done
     together, one foreach op per term: the same per-element arithmetic as one op per parameter, for
-    a few dispatches in all. d is in the compute dtype (a half-precision gradient is upcast first)."""
+    a few dispatches in all. d is in the compute dtype (a half-precision gradient is upcast first),
+    written into ``buffers`` when given (fresh tensors otherwise)."""
     wd, mom = group["weight_decay"], group["momentum"]
     sign = -1.0 if group.get("maximize", False) else 1.0
     sets: dict[tuple[bool, bool], list[tuple[int, Tensor, Optional[Tensor]]]] = {}
@@ -63,7 +66,14 @@ def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: f
     for (has_buf, in_cdtype), members in sets.items():
         c_buf, c_g = _sgd_coefficients(group, has_buf)
         index, ps, bufs = zip(*members)
-        if in_cdtype:
+        if buffers is not None:  # the same arithmetic into memory kept from one meta-step to the next
+            ds = [buffers.for_param(p, _cdtype(p.grad)) for p in ps]
+            for p, d in zip(ps, ds):
+                if in_cdtype:
+                    torch.mul(p.grad, -scale * sign * c_g, out=d)
+                else:
+                    d.copy_(p.grad).mul_(-scale * sign * c_g)
+        elif in_cdtype:
             ds = torch._foreach_mul([p.grad for p in ps], -scale * sign * c_g)
         else:  # upcast copies, scaled in place
             ds = [p.grad.to(_cdtype(p.grad)) for p in ps]
@@ -145,13 +155,16 @@ def _scaled(d: Tensor, scale: float) -> Tensor:
 
 @torch.no_grad()
 def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[Tensor]],
-                  scales: Optional[list[float]] = None) -> list[list[Tensor]]:
+                  scales: Optional[list[float]] = None,
+                  buffers: Optional[LookaheadBuffers] = None) -> list[list[Tensor]]:
     """d per parameter (per group): the base optimizer's step for lr = 1, its state untouched;
     times ``scales[k]`` for group k when given (formed with d, no extra pass for SGD).
 
     ``params_by_group[k]`` lists group k's parameters that have a ``.grad``. Returns tensors of
-    each parameter's shape in float32 (float64 for float64 parameters), freshly allocated (the
-    caller may modify them). Exact formulas for SGD/RMSprop/Adam/AdamW, else a generic probe.
+    each parameter's shape in float32 (float64 for float64 parameters) that the caller may modify:
+    freshly allocated, or for SGD, when ``buffers`` (a ``LookaheadBuffers``) is given, that
+    object's buffers, rewritten by the next call with it. Exact formulas for SGD/RMSprop/Adam/AdamW,
+    else a generic probe.
     """
     kind = _kind(optimizer)
     scales = [1.0] * len(params_by_group) if scales is None else [float(s) for s in scales]
@@ -161,7 +174,7 @@ def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[T
     out = []
     for group, params, scale in zip(optimizer.param_groups, params_by_group, scales):
         if kind == "sgd":
-            out.append(_sgd_directions(params, group, optimizer.state, scale))
+            out.append(_sgd_directions(params, group, optimizer.state, scale, buffers))
             continue
         dirs = []
         for p in params:
@@ -255,6 +268,10 @@ class APOLR(APOCore):
     φ is float64 (a scalar per group: exact enough that exp(log lr) never drifts, and free).
     """
 
+    # ∂Q/∂log lr = ⟨∇θ'Q, Δ⟩ with Δ finite: a NaN or inf in ∇θ'Q makes it NaN or inf, which the
+    # meta-gradient's check catches, so ∇θ'Q needs no pass of its own
+    CHECK_LOOKAHEAD_GRADS = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -314,6 +331,7 @@ class APOLR(APOCore):
         self.meta_lr = float(meta_lr)
         self.meta_optimizer = self._make_meta_optimizer()
         self._init_core()
+        self._direction_buffers = LookaheadBuffers()  # Δ of every meta-step (SGD) is written here
         self.lr_history: list[tuple[int, list[float]]] = [(0, self.learnt_lrs)]
 
     def _make_meta_optimizer(self) -> torch.optim.Optimizer:
@@ -377,7 +395,7 @@ class APOLR(APOCore):
         # Δ = learnt lr·c·d, c the momentum catch-up factor. ⟨∇θ'Q, Δ⟩ stays ∂Q/∂log lr (Δ is linear in lr).
         scales = [lr * self._catch_up(group, params) for lr, group, params in
                   zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
-        plan.deltas = lr_directions(self.base_optimizer, plan.params_by_group, scales)
+        plan.deltas = lr_directions(self.base_optimizer, plan.params_by_group, scales, self._direction_buffers)
         return [d for ds in plan.deltas for d in ds]
 
     def _catch_up(self, group: dict, params: list) -> float:

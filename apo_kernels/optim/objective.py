@@ -13,6 +13,7 @@ the structured preconditioner that map is the op's registered backward, see
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -38,21 +39,6 @@ def _own_gradient(g: Optional[Tensor], delta: Tensor) -> Tensor:
         return torch.zeros_like(delta)
     g = g.detach()
     return g if g.dtype == delta.dtype and not borrowed(g) else g.to(delta.dtype, copy=True)
-
-
-def _norms(tensors: Sequence[Tensor]) -> list[float]:
-    """‖t‖₂ of each tensor as Python floats: one foreach op and one read-back, not one of each per tensor."""
-    if not tensors:
-        return []
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    out = [0.0] * len(tensors)
-    for index in by_device.values():
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in index])).tolist()
-        for i, n in zip(index, norms):
-            out[i] = n
-    return out
 
 
 def _tensors(tree) -> list[Tensor]:
@@ -200,7 +186,8 @@ class MetaObjective:
     """Result of ``proximal_objective_grad``.
 
     value: Q(φ) as a float; loss / fsd / wsd: its three terms (fsd is D_F before λ_FSD, wsd is
-    ½‖Δ‖² before λ_WSD); grads: ∇θ'Q per parameter, in the dtype of the deltas.
+    ½‖Δ‖² before λ_WSD); grads: ∇θ'Q per parameter, in the dtype of the deltas. A Δ that is not
+    finite cannot be evaluated: then every term is NaN (wsd not finite) and grads is empty.
     """
 
     value: float
@@ -247,7 +234,9 @@ def proximal_objective_grad(
     has f(x̃; θ) (the FSD batch is the step's batch) neither is made: the closure's forward at θ'
     is f(x̃; θ') too and its backward carries the FSD term (``FusedFSD``), so a meta-step costs the
     passes it costs without the FSD term. ∇θ'Q is the gradient the closure's backward wrote (taken,
-    not copied), plus λ_FSD times FSD's where a backward of its own computed that.
+    not copied), plus λ_FSD times FSD's where a backward of its own computed that. Over the
+    parameters: one pass writes θ' and sums ‖Δ‖² (the WSD term, and the check that Δ is finite:
+    when it is not, nothing more is computed and Q is NaN).
 
     The FSD forwards at θ and θ' run from the same RNG state (equal dropout masks; with
     ``step_forward``, the state the step's own forward started from) and under the caller's
@@ -278,7 +267,10 @@ def proximal_objective_grad(
                 rng_fsd = RNGState(rng_outer.cuda_devices)
                 with torch.no_grad():
                     old_out = _detach_tree(model(*fsd_inputs))
-        snap.write(deltas)
+        sum_sq = snap.write(deltas)  # ‖Δ‖², from the pass that writes θ'
+        if not math.isfinite(sum_sq):  # Δ is not finite: there is no θ' to evaluate
+            nan = float("nan")
+            return MetaObjective(value=nan, loss=nan, fsd=nan, wsd=nan, grads=[])
         if rng is not None:
             rng.restore()
         # where the closure starts, for the rerun a spoilt ride needs (the state rng holds, when given)
@@ -321,10 +313,9 @@ def proximal_objective_grad(
     finally:
         snap.restore()
         rng_outer.restore()
-    deltas = [d.detach() for d in deltas]
-    wsd = 0.5 * sum(n ** 2 for n in _norms(deltas))
+    wsd = 0.5 * sum_sq
     if lambda_wsd != 0.0:
-        torch._foreach_add_(grads, deltas, alpha=lambda_wsd)
+        torch._foreach_add_(grads, [d.detach() for d in deltas], alpha=lambda_wsd)
     value = loss_value + lambda_fsd * fsd_value + lambda_wsd * wsd
     return MetaObjective(value=value, loss=loss_value, fsd=fsd_value, wsd=wsd, grads=grads)
 

@@ -8,7 +8,8 @@
 
 Nothing is copied to be restored: θ' is formed in a buffer of its own and the parameters are
 pointed at it (``p.data``), then back at θ, which was never written; the gradients at θ are set
-aside (``p.grad = None``) and put back. One pass over the parameters writes θ', none restores them.
+aside (``p.grad = None``) and put back. One pass over the parameters writes θ' (the native
+``apo::lookahead_write``, which sums ‖Δ‖² in the same pass), none restores them.
 The parameters' storage changes during the lookahead: whatever read a parameter through an address
 captured before it (a CUDA graph captured over the model) would see θ there, not θ'.
 """
@@ -20,7 +21,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RNGState", "cuda_devices_of", "LookaheadBuffers", "ModelSnapshot", "lookahead"]
+from ..ops import backends
+
+__all__ = ["RNGState", "cuda_devices_of", "LookaheadBuffers", "ModelSnapshot", "add_and_sum_squares", "lookahead"]
 
 
 class RNGState:
@@ -64,15 +67,40 @@ class LookaheadBuffers:
     def __getstate__(self) -> dict:
         return {"_by_param": {}}  # keyed by parameter identity: a copy allocates its own
 
-    def for_param(self, p: Tensor) -> Tensor:
+    def for_param(self, p: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """p's buffer: p's shape, strides and device, in ``dtype`` (default: p's)."""
+        dtype = p.dtype if dtype is None else dtype
         buf = self._by_param.get(id(p))
-        if buf is None or (buf.shape, buf.stride(), buf.dtype, buf.device) != (p.shape, p.stride(), p.dtype, p.device):
-            buf = torch.empty_like(p, memory_format=torch.preserve_format, requires_grad=False)
+        if buf is None or (buf.shape, buf.stride(), buf.dtype, buf.device) != (p.shape, p.stride(), dtype, p.device):
+            buf = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format, requires_grad=False)
             self._by_param[id(p)] = buf
         return buf
 
     def __len__(self) -> int:
         return len(self._by_param)
+
+
+def add_and_sum_squares(values: Sequence[Tensor], deltas: Sequence[Tensor], out: Sequence[Tensor]) -> float:
+    """out[i] = values[i] + deltas[i] (in the delta's dtype, rounded once to out's) and Σ‖Δ‖² in float64:
+    one pass over θ and Δ per device (``apo::lookahead_write``), where a separate sum of squares and
+    finiteness check would each read Δ again. Not finite exactly when some Δ is not (or float64 deltas
+    whose squares overflow)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    total = 0.0
+    for index in by_device.values():
+        vs, ds, os = ([ts[i] for i in index] for ts in (values, deltas, out))
+        if backends.native_lookahead_write is not None:
+            total += float(backends.native_lookahead_write(vs, ds, os))
+            continue
+        for v, d, o in zip(vs, ds, os):  # without the native module: the same arithmetic, two passes
+            if d.dtype == v.dtype:
+                torch.add(v, d, out=o)
+            else:
+                o.copy_(v.to(d.dtype) + d)
+        total += float(torch.stack(torch._foreach_norm(ds, 2, dtype=torch.float64)).square().sum())
+    return total
 
 
 class ModelSnapshot:
@@ -101,9 +129,10 @@ class ModelSnapshot:
         ]
 
     @torch.no_grad()
-    def write(self, deltas: Sequence[Tensor]) -> None:
+    def write(self, deltas: Sequence[Tensor]) -> float:
         """θ' = θ + Δ into the parameters (formed in Δ's dtype, rounded once to the parameter's);
-        the gradients at θ are set aside."""
+        the gradients at θ are set aside. Returns ‖Δ‖² (summed in float64): not finite exactly when
+        some Δ is not (or float64 deltas whose squares overflow), and θ' is then unspecified."""
         for p in self.grad_params:
             g = p.grad
             if g is not None and borrowed(g):
@@ -111,16 +140,12 @@ class ModelSnapshot:
             else:
                 self.grads.append((g, False))
                 p.grad = None
-        # one pass per parameter (θ and Δ read, θ' written): a foreach copy-then-add would save
-        # dispatches but cost two more parameter-sized passes, which is what a large model pays for
-        for p, d in zip(self.params, deltas):
-            v, buf = p.data, self.buffers.for_param(p)
-            if d.dtype == p.dtype:
-                torch.add(v, d, out=buf)
-            else:
-                buf.copy_(v.to(d.dtype) + d)
-            self.values.append(v)
+        self.values = [p.data for p in self.params]
+        bufs = [self.buffers.for_param(p) for p in self.params]
+        sum_sq = add_and_sum_squares(self.values, [d.detach() for d in deltas], bufs)
+        for p, buf in zip(self.params, bufs):
             p.data = buf
+        return sum_sq
 
     @torch.no_grad()
     def restore(self) -> None:
