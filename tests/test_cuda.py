@@ -700,8 +700,29 @@ def test_all_finite_on_cuda():
         torch.ops.apo.all_finite([torch.ones(2), torch.ones(2, device=dev)])
 
 
+@requires_cuda
+def test_lookahead_write_on_cuda():
+    """apo::lookahead_write's composite kernel on CUDA tensors: θ' bit for bit torch.add's (the
+    half-precision parameter: its float32 sum rounded once), Σ‖Δ‖² a 0-d float64 on the device against
+    the float64 sum, a NaN anywhere in Δ not finite; CPU and CUDA mixed: refused."""
+    dev = torch.device("cuda")
+    thetas = [torch.randn(33, 17, device=dev), torch.randn(5, device=dev, dtype=torch.float64),
+              torch.randn(40, device=dev).bfloat16(), torch.randn(9, 3, device=dev).t()]
+    deltas = [torch.randn(t.shape, device=dev, dtype=torch.float32 if t.dtype == torch.bfloat16 else t.dtype)
+              for t in thetas]
+    outs = [torch.empty_like(t) for t in thetas]
+    got = torch.ops.apo.lookahead_write(thetas, deltas, outs)
+    assert got.device.type == "cuda" and got.dtype == torch.float64 and got.dim() == 0
+    assert math.isclose(float(got), sum(float((d.double() ** 2).sum()) for d in deltas), rel_tol=1e-12)
+    for o, t, d in zip(outs, thetas, deltas):
+        assert torch.equal(o, torch.add(t, d) if t.dtype == d.dtype else (t.float() + d).to(t.dtype))
+    deltas[3][-1, -1] = float("nan")
+    assert not math.isfinite(float(torch.ops.apo.lookahead_write(thetas, deltas, outs)))
+    with pytest.raises(ValueError, match=r"deltas\[0\] is on cuda:0 but params\[0\] is on cpu"):
+        torch.ops.apo.lookahead_write([torch.ones(2)], [torch.ones(2, device=dev)], [torch.empty(2)])
+
+
 # ------------------------------------------------------------------------------------------------
-# compile check (runs on CPU)# ------------------------------------------------------------------------------------------------
 # compile check (runs on CPU)
 # ------------------------------------------------------------------------------------------------
 

@@ -171,3 +171,24 @@ def test_the_python_fallback_agrees(monkeypatch):
     fallback = add_and_sum_squares(values, deltas, python_out)
     assert math.isclose(native, fallback, rel_tol=1e-12)
     assert all(torch.equal(a, b) for a, b in zip(native_out, python_out))
+
+
+def test_composite_kernel_agrees_with_the_cpu_kernel():
+    """The composite kernel (CompositeExplicitAutograd: what CUDA and every other device run), reached
+    on CPU tensors by redispatching to its key: the same θ' bit for bit, the same sum to 1e-12."""
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    gen = torch.Generator().manual_seed(4)
+    thetas = [fresh((33, 5), torch.float32, gen), fresh((200003,), torch.float32, gen),
+              fresh((7,), torch.float64, gen), fresh((9,), torch.bfloat16, gen)]
+    deltas = [fresh(t.shape, torch.float32 if t.dtype == torch.bfloat16 else t.dtype, gen) for t in thetas]
+    cpu_out = [torch.empty_like(t) for t in thetas]
+    composite_out = [torch.empty_like(t) for t in thetas]
+    cpu = float(op(thetas, deltas, cpu_out))
+    other = float(torch.ops.apo.lookahead_write.default.redispatch(composite, thetas, deltas, composite_out))
+    assert math.isclose(cpu, other, rel_tol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(cpu_out, composite_out))
+    deltas[1][-1] = float("nan")
+    assert not math.isfinite(float(torch.ops.apo.lookahead_write.default.redispatch(composite, thetas, deltas, composite_out)))
+    assert float(torch.ops.apo.lookahead_write.default.redispatch(composite, [], [], [])) == 0.0
+    with pytest.raises(ValueError, match=r"out\[0\] shares memory with params\[0\]"):
+        torch.ops.apo.lookahead_write.default.redispatch(composite, thetas[:1], deltas[:1], thetas[:1])
