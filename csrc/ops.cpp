@@ -858,8 +858,9 @@ Tensor all_finite_any(TensorList ts) {
 // Elements one thread takes before the pass is split over threads (256 KiB of float32).
 constexpr int64_t kLookaheadGrain = int64_t(1) << 16;
 
+// out, theta and delta dense with one layout: element k of each is the k-th in memory.
 template <typename T>
-double lookahead_contiguous(const Tensor& out, const Tensor& theta, const Tensor& delta) {
+double lookahead_dense(const Tensor& out, const Tensor& theta, const Tensor& delta) {
   T* o = out.data_ptr<T>();
   const T* t = theta.const_data_ptr<T>();
   const T* d = delta.const_data_ptr<T>();
@@ -892,12 +893,15 @@ Tensor lookahead_write_cpu(TensorList params, TensorList deltas, TensorList out)
   std::vector<Tensor> rest;  // deltas of the parameters written by ATen's ops
   for (size_t i = 0; i < params.size(); ++i) {
     const auto type = params[i].scalar_type();
+    // one loop over memory wherever the three tensors lay their elements out alike and densely
+    // (contiguous, channels-last, any permutation of the dimensions)
     const bool direct = (type == at::kFloat || type == at::kDouble) && deltas[i].scalar_type() == type &&
-                        params[i].is_contiguous() && deltas[i].is_contiguous() && out[i].is_contiguous();
+                        params[i].is_non_overlapping_and_dense() && deltas[i].strides() == params[i].strides() &&
+                        out[i].strides() == params[i].strides();
     if (direct && type == at::kFloat) {
-      sum += lookahead_contiguous<float>(out[i], params[i], deltas[i]);
+      sum += lookahead_dense<float>(out[i], params[i], deltas[i]);
     } else if (direct) {
-      sum += lookahead_contiguous<double>(out[i], params[i], deltas[i]);
+      sum += lookahead_dense<double>(out[i], params[i], deltas[i]);
     } else {
       lookahead_generic(out[i], params[i], deltas[i]);
       rest.push_back(deltas[i]);

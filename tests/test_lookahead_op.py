@@ -4,8 +4,9 @@
 Oracles: out against ``torch.add(θ, Δ)`` (the same dtype) or ``(θ.to(Δ.dtype) + Δ).to(θ.dtype)``
 (a half-precision θ with a float32 Δ), bit for bit: both are one rounded addition. Σ‖Δ‖² against the
 float64 sum of Δ's squares, to 1e-12 relative (float64 accumulations in another order). The inputs
-cover what the CPU kernel treats differently: contiguous float32 / float64 (its own loop, split over
-threads above 2^16 elements) and everything else (ATen's ops): strided views, half-precision
+cover what the CPU kernel treats differently: float32 / float64 laid out densely and alike in all
+three tensors, row- or column-major (its own loop over memory, split over threads above 2^16
+elements), and everything else (ATen's ops): layouts that differ, strided views, half-precision
 parameters, mixed dtypes. A NaN or inf in Δ, anywhere (the last element included, past the last
 whole SIMD vector), makes the sum not finite.
 """
@@ -20,7 +21,7 @@ from apo_kernels.ops import backends
 pytestmark = pytest.mark.skipif(backends.native_lookahead_write is None,
                                 reason="the native module apo_kernels._C is not built")
 
-SHAPES = [(1,), (7,), (15,), (17,), (33, 5), (3, 129), (2, 3, 31), (1 << 16) * 2 + 3]
+SHAPES = [(1,), (7,), (15,), (17,), (33, 5), (3, 129), (2, 3, 31), (2, 3, 5, 7), (1 << 16) * 2 + 3]
 DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
           (torch.float16, torch.float32), (torch.float32, torch.float64), (torch.float16, torch.float16)]
 BAD = [float("nan"), float("inf"), -float("inf")]
