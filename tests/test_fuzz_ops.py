@@ -2,7 +2,8 @@
 
 Every call here is invalid (wrong ndim, shape, dtype, device, layout, a non-tensor, a result too big
 for memory, a bad mask, mismatched layers of a grouped call; for the momentum step also a
-non-finite momentum and outputs that overlap the inputs). Each must be refused with an error:
+non-finite momentum and outputs that overlap the inputs; for the lookahead write lists of unequal
+length and an out that overlaps an input). Each must be refused with an error:
 never return a result, never crash or hang the process. Each call runs in its own forked child of a
 "fork server": a fresh interpreter that imports torch and apo_kernels once (with
 TRITON_INTERPRET=1, so the Triton ops run on CPU tensors) and never calls an op itself, so a crash,
@@ -234,6 +235,7 @@ def build_cases() -> list[Case]:
         add(f"{fam}/grouped-backward/grad_outs None", _names("grad_outs"),
             lambda op=grp_bwd: (op(), [None] + [[_layer(torch, M, N)[k]] for k in FORWARD] + [ALL]))
     _momentum_cases(torch, add)
+    _lookahead_cases(torch, add)
     return cases
 
 
@@ -381,6 +383,52 @@ def serve(indices: list[int], timeout: float) -> None:
         result = _fork_one(cases[i], timeout)
         result.update(i=i, name=cases[i].name)
         print(json.dumps(result), flush=True)
+
+
+# The lookahead write: per parameter θ, Δ and out (θ' = θ + Δ), parameters of the group's shapes.
+LOOKAHEAD_LISTS = ("params", "deltas", "out")
+
+
+def _lookahead_call(torch, lists=None):
+    if lists is None:
+        params = [torch.randn(m, n, generator=torch.Generator().manual_seed(i)) for i, (m, n) in enumerate(GROUP_SHAPES)]
+        lists = [params, [torch.randn_like(p) for p in params], [torch.empty_like(p) for p in params]]
+    return torch.ops.apo.lookahead_write, lists
+
+
+def _lookahead_cases(torch, add) -> None:
+    for idx in (0, 2):
+        for k, name in enumerate(LOOKAHEAD_LISTS):
+            square = GROUP_SHAPES[idx][0] == GROUP_SHAPES[idx][1]  # a transposed square tensor is valid
+            muts = [mu for mu in _mutations(torch, 2, square)
+                    if mu[0] in ("1-D", "extra leading dim", "rows-1", "cols+1", "transposed", "meta device")]
+            # params and Δ may differ in dtype (a half-precision parameter, a float32 Δ): only a
+            # non-float dtype is wrong there; out must have the parameter's dtype
+            dtypes = ("dtype int64", "dtype bool", "dtype complex64", "sparse", "None", "python float")
+            muts += [mu for mu in _value_mutations(torch, name)
+                     if mu[0] in dtypes or (name == "out" and mu[0] in ("dtype float64", "dtype bfloat16"))]
+            for label, mut in muts:
+                def build(k=k, mut=mut, idx=idx):
+                    op, lists = _lookahead_call(torch)
+                    lists[k][idx] = mut(lists[k][idx])
+                    return op, lists
+
+                expect = rf"{_names(name)}\[{idx}\]|{_names(name)}|params, deltas, out"
+                add(f"native/lookahead/{name}[{idx}]/{label}", expect, build)
+
+    def whole(fn):
+        def build():
+            op, lists = _lookahead_call(torch)
+            fn(lists)
+            return op, lists
+        return build
+
+    add("native/lookahead/deltas shorter", _names("deltas"), whole(lambda ls: ls[1].pop()))
+    add("native/lookahead/out is params", _names("out"), whole(lambda ls: ls[2].__setitem__(0, ls[0][0])))
+    add("native/lookahead/out overlaps a delta", _names("out"),
+        whole(lambda ls: ls[2].__setitem__(2, ls[1][0][:GROUP_SHAPES[2][0], :GROUP_SHAPES[2][1]])))
+    add("native/lookahead/out expanded", _names("out"),
+        whole(lambda ls: ls[2].__setitem__(1, torch.zeros(1).expand(*GROUP_SHAPES[1]))))
 
 
 # --------------------------------------------------------------------------------------------
