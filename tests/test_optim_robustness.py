@@ -257,6 +257,72 @@ def test_non_finite_lookahead_never_reaches_apolr_state():
     assert opt.meta_steps == 4 and opt.skipped_steps == 1 and math.isfinite(opt.lr)
 
 
+def test_non_finite_lookahead_gradient_at_a_finite_loss_is_caught_by_the_meta_gradient():
+    """APO-LR leaves ∇θ'Q without a finiteness pass of its own: an inf in it (the loss at θ' finite)
+    makes ⟨∇θ'Q, Δ⟩ non-finite, and the meta-step recovers as from any non-finite meta-gradient,
+    with θ, the momentum and the meta-optimizer's state untouched."""
+    m = mlp()
+    x, y = data()
+    opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
+                meta_interval=1)
+    calls = {"n": 0, "poison": False}
+
+    def closure():
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        if calls["poison"] and calls["n"] > 1:  # every lookahead: one entry of ∇θ'Q is inf
+            next(m.parameters()).grad[0, 0] = float("inf")
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert not opt._searching  # the overshoot search is over: only the meta-gradient's check can catch it
+    params = [p.clone() for p in m.parameters()]
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in m.parameters()]
+    log_lr = opt.log_lr.clone()
+    calls.update(n=0, poison=True)
+    opt.step(closure)
+    tries = 1 + APOLR.MAX_RECOVERIES_PER_STEP
+    assert calls["n"] == 1 + tries and opt.recoveries == tries and opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
+    assert all(torch.equal(a, opt.base_optimizer.state[p]["momentum_buffer"])
+               for a, p in zip(momentum, m.parameters()))
+    assert opt.log_lr.item() == pytest.approx(log_lr.item() - tries * math.log(10.0), abs=1e-12)
+    assert len(opt.meta_optimizer.state) == 0 and torch.isfinite(opt.log_lr).all()
+
+
+def test_objective_of_a_non_finite_delta_is_nan_without_calling_the_closure():
+    """The pass that writes θ' finds Δ not finite: Q is NaN, no gradient, the closure is not called,
+    and θ and the gradients at θ are back as they were."""
+    from apo_kernels.optim.objective import proximal_objective_grad
+
+    m = mlp()
+    x, y = data()
+    F.cross_entropy(m(x), y).backward()
+    params = list(m.parameters())
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    deltas = [torch.full_like(p, 1e-3) for p in params]
+    deltas[-1][0] = float("nan")
+    called = []
+    obj = proximal_objective_grad(m, params, deltas, lambda: called.append(1), lambda_wsd=1.0)
+    assert called == [] and obj.grads == []
+    assert all(math.isnan(v) for v in (obj.value, obj.loss, obj.fsd, obj.wsd))
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(p.grad is g for p, g in zip(params, grads))
+    deltas[-1][0] = 1e-3  # finite: ½‖Δ‖² is the WSD term, from the same pass
+
+    def closure():
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    obj = proximal_objective_grad(m, params, deltas, closure, lambda_wsd=1.0)
+    assert obj.wsd == pytest.approx(0.5 * sum(float((d.double() ** 2).sum()) for d in deltas), rel=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # fsd="bernoulli"
 # --------------------------------------------------------------------------------------------
