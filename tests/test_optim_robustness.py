@@ -220,7 +220,17 @@ def test_absurd_initial_lr_does_not_stall(make, dtype, lr):
     assert end < 0.9 * start, (start, end)
 
 
-def test_non_finite_lookahead_never_reaches_apolr_state():
+def _backward(loss):
+    loss.backward()
+    return loss
+
+
+def _step_with_every_lookahead_poisoned(poison):
+    """APOLR over SGD+momentum with a meta-step on every step: three clean steps, then one whose
+    closure ends with ``poison(model, loss)`` (which calls backward and returns the loss) at every
+    lookahead, never at θ. That step must fail every retry and be skipped with θ and the momentum
+    untouched, the learnt lr divided by 10 per try and the meta-optimizer's moments reset. Returns
+    (opt, closure, calls) with the poison switched off, for what the caller checks next."""
     m = mlp()
     x, y = data()
     opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
@@ -231,13 +241,11 @@ def test_non_finite_lookahead_never_reaches_apolr_state():
         calls["n"] += 1
         opt.zero_grad()
         loss = F.cross_entropy(m(x), y)
-        if calls["poison"] and calls["n"] > 1:  # finite at θ, NaN at every lookahead
-            loss = loss * float("nan")
-        loss.backward()
-        return loss
+        return poison(m, loss) if calls["poison"] and calls["n"] > 1 else _backward(loss)
 
     for _ in range(3):
         opt.step(closure)
+    assert not opt._searching  # the overshoot search is over: the finiteness checks alone decide
     params = [p.clone() for p in m.parameters()]
     momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in m.parameters()]
     log_lr = opt.log_lr.clone()
@@ -248,11 +256,17 @@ def test_non_finite_lookahead_never_reaches_apolr_state():
     assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
     assert all(torch.equal(a, opt.base_optimizer.state[p]["momentum_buffer"])
                for a, p in zip(momentum, m.parameters()))
-    # each failure divided the lr by 10; the meta-optimizer's moments were reset; the next step
-    # is a meta-step again
+    # each failure divided the lr by 10; the meta-optimizer's moments were reset
     assert opt.log_lr.item() == pytest.approx(log_lr.item() - tries * math.log(10.0), abs=1e-12)
-    assert len(opt.meta_optimizer.state) == 0 and opt.meta_due()
+    assert len(opt.meta_optimizer.state) == 0
     calls.update(poison=False)
+    return opt, closure, calls
+
+
+def test_non_finite_lookahead_never_reaches_apolr_state():
+    # finite at θ, NaN at every lookahead
+    opt, closure, _ = _step_with_every_lookahead_poisoned(lambda m, loss: _backward(loss * float("nan")))
+    assert opt.meta_due()  # the next step is a meta-step again
     opt.step(closure)
     assert opt.meta_steps == 4 and opt.skipped_steps == 1 and math.isfinite(opt.lr)
 
@@ -261,36 +275,13 @@ def test_non_finite_lookahead_gradient_at_a_finite_loss_is_caught_by_the_meta_gr
     """APO-LR leaves ∇θ'Q without a finiteness pass of its own: an inf in it (the loss at θ' finite)
     makes ⟨∇θ'Q, Δ⟩ non-finite, and the meta-step recovers as from any non-finite meta-gradient,
     with θ, the momentum and the meta-optimizer's state untouched."""
-    m = mlp()
-    x, y = data()
-    opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
-                meta_interval=1)
-    calls = {"n": 0, "poison": False}
-
-    def closure():
-        calls["n"] += 1
-        opt.zero_grad()
-        loss = F.cross_entropy(m(x), y)
-        loss.backward()
-        if calls["poison"] and calls["n"] > 1:  # every lookahead: one entry of ∇θ'Q is inf
-            next(m.parameters()).grad[0, 0] = float("inf")
+    def inf_in_one_gradient(m, loss):
+        _backward(loss)
+        next(m.parameters()).grad[0, 0] = float("inf")
         return loss
 
-    for _ in range(3):
-        opt.step(closure)
-    assert not opt._searching  # the overshoot search is over: only the meta-gradient's check can catch it
-    params = [p.clone() for p in m.parameters()]
-    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in m.parameters()]
-    log_lr = opt.log_lr.clone()
-    calls.update(n=0, poison=True)
-    opt.step(closure)
-    tries = 1 + APOLR.MAX_RECOVERIES_PER_STEP
-    assert calls["n"] == 1 + tries and opt.recoveries == tries and opt.skipped_steps == 1
-    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
-    assert all(torch.equal(a, opt.base_optimizer.state[p]["momentum_buffer"])
-               for a, p in zip(momentum, m.parameters()))
-    assert opt.log_lr.item() == pytest.approx(log_lr.item() - tries * math.log(10.0), abs=1e-12)
-    assert len(opt.meta_optimizer.state) == 0 and torch.isfinite(opt.log_lr).all()
+    opt, _, _ = _step_with_every_lookahead_poisoned(inf_in_one_gradient)
+    assert torch.isfinite(opt.log_lr).all()
 
 
 def test_objective_of_a_non_finite_delta_is_nan_without_calling_the_closure():
