@@ -178,11 +178,15 @@ native_all_finite: Optional[Callable] = None
 if _native_error is None:
     native_all_finite = torch.ops.apo.all_finite.default
 
-    @torch.library.register_fake("apo::all_finite")
-    def _fake_all_finite(tensors):
+    def _on_one_device(what: str, tensors) -> None:
+        """The fake kernels' device rule: a ValueError naming ``what`` when the tensors span devices."""
         devices = {t.device for t in tensors}
         if len(devices) > 1:
-            raise ValueError(f"tensors: every tensor must be on one device, got {sorted(map(str, devices))}")
+            raise ValueError(f"{what}: every tensor must be on one device, got {sorted(map(str, devices))}")
+
+    @torch.library.register_fake("apo::all_finite")
+    def _fake_all_finite(tensors):
+        _on_one_device("tensors", tensors)
         return (tensors[0].new_empty((), dtype=torch.bool) if tensors else torch.empty((), dtype=torch.bool))
 # apo::lookahead_write(params, deltas, out) -> 0-d float64 tensor: θ' = θ + Δ into out and Σ‖Δ‖² in
 # one pass (apo_kernels.optim.snapshot); None without the native module
@@ -192,9 +196,7 @@ if _native_error is None:
 
     @torch.library.register_fake("apo::lookahead_write")
     def _fake_lookahead_write(params, deltas, out):
-        devices = {t.device for t in (*params, *deltas, *out)}
-        if len(devices) > 1:
-            raise ValueError(f"params, deltas, out: every tensor must be on one device, got {sorted(map(str, devices))}")
+        _on_one_device("params, deltas, out", (*params, *deltas, *out))
         return (params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64))
 # Asked once at import: the dispatcher query is not traceable, and the status is read inside
 # torch.compile'd code (the public functions resolve their backend).

@@ -142,12 +142,12 @@ class APOCore(torch.optim.Optimizer):
     meta_optimizer: torch.optim.Optimizer
 
     MAX_RECOVERIES_PER_STEP = 3  # each one costs a closure: bounded, so a step always ends
+    SHRINK = 0.1                 # a recovery multiplies φ's step size (APO-LR's lr, APO-Precond's S²) by this
+    OVERSHOOT_MIN_FACTOR = 0.01  # the most one overshoot recovery shrinks the step by
     # Whether ∇θ'Q is checked for finiteness before the meta-backward. A subclass whose meta-gradient
     # is a contraction of ∇θ'Q with the finite Δ may skip it: a NaN or inf there makes the
     # contraction NaN or inf (x·inf, 0·inf, NaN·x), and the meta-gradient's own check catches it.
     CHECK_LOOKAHEAD_GRADS = True
-    SHRINK = 0.1                 # a recovery multiplies φ's step size (APO-LR's lr, APO-Precond's S²) by this
-    OVERSHOOT_MIN_FACTOR = 0.01  # the most one overshoot recovery shrinks the step by
 
     def _init_core(self):
         self._apo_step = 0      # steps taken (a step skipped for a non-finite gradient does not count)
