@@ -530,6 +530,9 @@ def test_value_and_grad_matches_autograd_in_float64_on_odd_shapes(name, shape):
     assert not value.requires_grad and not grad.requires_grad and new.grad is None
     assert torch.allclose(value, want.detach(), rtol=1e-12, atol=1e-15)
     assert grad.dtype == torch.float64 and torch.allclose(grad, want_grad, rtol=1e-10, atol=1e-14)
+    # scale multiplies the gradient only (the fused FSD term passes λ_FSD times the loss scale)
+    scaled_value, scaled = discrepancy.value_and_grad(fsd, new, old, scale=-2.5)
+    assert torch.equal(scaled_value, value) and torch.allclose(scaled, -2.5 * want_grad, rtol=1e-10, atol=1e-14)
     # float32 logits: computed in float32, returned in the output's dtype
     value32, grad32 = discrepancy.value_and_grad(fsd, new.detach().float(), old.float())
     assert grad32.dtype == torch.float32 and torch.allclose(grad32.double(), want_grad, rtol=1e-4, atol=1e-6)
@@ -542,6 +545,8 @@ def test_value_and_grad_of_a_callable_goes_through_autograd_and_bad_input_names_
     old = torch.randn(4, 3, dtype=torch.float64)
     value, grad = discrepancy.value_and_grad(lambda a, b: ((a - b) ** 3).sum(), new, old)
     assert torch.allclose(value, ((new - old) ** 3).sum()) and torch.allclose(grad, 3 * (new - old) ** 2)
+    _, scaled = discrepancy.value_and_grad(lambda a, b: ((a - b) ** 3).sum(), new, old, scale=0.5)
+    assert torch.allclose(scaled, 1.5 * (new - old) ** 2)
     # a callable that ignores the output: the gradient is zero, not None
     assert discrepancy.value_and_grad(lambda a, b: b.sum(), new, old)[1].eq(0).all()
     with pytest.raises(TypeError, match=r"\bnew\b"):

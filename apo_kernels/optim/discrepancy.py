@@ -78,47 +78,51 @@ def _rows(x: Tensor, leading: str) -> int:
     return x.numel() // x.shape[-1] if leading == "all" else x.shape[0]
 
 
-def _kl_value_and_grad(new: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
-    # ∂/∂z KL(p_old ‖ softmax(z)) = softmax(z) − p_old per row (p_old sums to one), over the rows
+def _kl_value_and_grad(new: Tensor, old: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    # ∂/∂z KL(p_old ‖ softmax(z)) = softmax(z) − p_old per row (p_old sums to one), over the rows.
+    # Few ops, in place: on a small model each op's call, not its arithmetic, is the cost.
     log_new = F.log_softmax(_upcast(new), dim=-1)
     log_old = F.log_softmax(_upcast(old), dim=-1)
     p_old = log_old.exp()
     rows = _rows(new, "all")
-    value = (p_old * (log_old - log_new)).sum() / rows
-    return value, log_new.exp_().sub_(p_old).div_(rows)
+    value = torch.dot(p_old.reshape(-1), log_old.sub_(log_new).reshape(-1)).div_(rows)
+    return value, log_new.exp_().sub_(p_old).mul_(scale / rows)
 
 
-def _mse_value_and_grad(new: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
+def _mse_value_and_grad(new: Tensor, old: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     diff = _upcast(new) - _upcast(old)
     rows = _rows(new, "first")
-    return 0.5 * diff.pow(2).sum() / rows, diff.div_(rows)
+    return 0.5 * diff.pow(2).sum() / rows, diff.mul_(scale / rows)
 
 
-def _bernoulli_value_and_grad(new: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
+def _bernoulli_value_and_grad(new: Tensor, old: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     # ∂/∂b of the per-entry KL above is σ(b) − σ(a)
     value = bernoulli(new, old)
-    return value, torch.sigmoid(_upcast(new)).sub_(torch.sigmoid(_upcast(old))).div_(_rows(new, "first"))
+    return value, torch.sigmoid(_upcast(new)).sub_(torch.sigmoid(_upcast(old))).mul_(scale / _rows(new, "first"))
 
 
 _CLOSED_FORM = {kl: _kl_value_and_grad, mse: _mse_value_and_grad, bernoulli: _bernoulli_value_and_grad}
 
 
-def value_and_grad(fsd: Discrepancy, new, old) -> tuple[Tensor, Tensor]:
-    """(D_F(new, old) detached, ∂D_F/∂new in ``new``'s dtype) for a Tensor ``new`` (treated as a
-    leaf: nothing flows into the graph that produced it). ``fsd``: a ``resolve``d discrepancy."""
+def value_and_grad(fsd: Discrepancy, new, old, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(D_F(new, old) detached, ``scale`` · ∂D_F/∂new in ``new``'s dtype) for a Tensor ``new``
+    (treated as a leaf: nothing flows into the graph that produced it). ``fsd``: a ``resolve``d
+    discrepancy."""
     if not isinstance(new, Tensor):
         raise TypeError(f"new must be a Tensor, got {type(new).__name__}")
     closed = _CLOSED_FORM.get(fsd)
     if closed is not None and isinstance(old, Tensor) and new.numel() > 0:
         with torch.no_grad():
-            value, grad = closed(new.detach(), old.detach())
-        return value, grad.to(new.dtype)
+            value, grad = closed(new.detach(), old.detach(), float(scale))
+        return value, grad if grad.dtype == new.dtype else grad.to(new.dtype)
     with torch.enable_grad():
         leaf = new.detach().requires_grad_(True)
         value = fsd(leaf, old)
         # a discrepancy that does not read ``new`` has a zero gradient
         (grad,) = torch.autograd.grad(value, leaf, allow_unused=True) if value.requires_grad else (None,)
-    return value.detach(), torch.zeros_like(leaf) if grad is None else grad
+    if grad is None:
+        return value.detach(), torch.zeros_like(leaf)
+    return value.detach(), grad if scale == 1.0 else grad.mul_(scale)
 
 
 def resolve(fsd: Union[str, Discrepancy]) -> Discrepancy:

@@ -142,7 +142,7 @@ class ModelSnapshot:
                 p.grad = None
         self.values = [p.data for p in self.params]
         bufs = [self.buffers.for_param(p) for p in self.params]
-        sum_sq = add_and_sum_squares(self.values, [d.detach() for d in deltas], bufs)
+        sum_sq = add_and_sum_squares(self.values, [d.detach() if d.requires_grad else d for d in deltas], bufs)
         for p, buf in zip(self.params, bufs):
             p.data = buf
         return sum_sq
