@@ -5,7 +5,9 @@ A subclass supplies these hooks; only ``_apply`` and ``_shrink_phi`` mutate stat
     _prepare()              -> plan         everything derived from the current ``.grad`` (at θ);
                                             independent of φ, so it serves lookahead and update
     _lookahead_deltas(plan) -> list[Tensor] Δ(φ) per parameter of ``plan.params``: θ' = θ + Δ
-    _meta_backward(plan, dQ)                set ``.grad`` of φ from ∇θ'Q (list like the deltas)
+    _meta_backward(plan, dQ) -> bool|None  set ``.grad`` of φ from ∇θ'Q (list like the deltas);
+                                            whether it is finite where the subclass knows, else
+                                            None (then it is checked here)
     _apply(plan) -> bool                    the real update θ ← u(θ, φ, B) with the (new) φ, and
                                             its state update; False (nothing written) when the
                                             update it would write is not finite
@@ -180,7 +182,7 @@ class APOCore(torch.optim.Optimizer):
     def _lookahead_deltas(self, plan) -> list[Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def _meta_backward(self, plan, dQ: Sequence[Tensor]) -> None:  # pragma: no cover
+    def _meta_backward(self, plan, dQ: Sequence[Tensor]) -> Optional[bool]:  # pragma: no cover
         raise NotImplementedError
 
     def _apply(self, plan) -> bool:  # pragma: no cover
@@ -326,8 +328,10 @@ class APOCore(torch.optim.Optimizer):
                 return factor
         self._zero_meta_grads()
         with self._no_autocast():
-            self._meta_backward(plan, obj.grads)
-        if not self._replicas.all_true(all_finite_scratch(self._meta_grads()), "the meta-gradient's finiteness"):
+            finite = self._meta_backward(plan, obj.grads)
+        if finite is None:
+            finite = all_finite_scratch(self._meta_grads())
+        if not self._replicas.all_true(finite, "the meta-gradient's finiteness"):
             self._zero_meta_grads()
             return self.SHRINK
         step_quietly(self.meta_optimizer)

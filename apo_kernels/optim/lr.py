@@ -333,6 +333,11 @@ class APOLR(APOCore):
         self._direction_buffers = LookaheadBuffers()  # Δ of every meta-step (SGD) is written here
         self.lr_history: list[tuple[int, list[float]]] = [(0, self.learnt_lrs)]
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_factors_cache", None)  # keyed by tensor versions, which a copy does not keep
+        return state
+
     def _make_meta_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.log_lr], lr=self.meta_lr, betas=(0.0, 0.9))
 
@@ -343,9 +348,17 @@ class APOLR(APOCore):
         return [self.log_lr]
 
     def _learnt_factors(self) -> list[float]:
-        """learnt lr / its initial value per group: exp(φ − φ₀), exactly 1 until φ moves."""
+        """learnt lr / its initial value per group: exp(φ − φ₀), exactly 1 until φ moves. Kept until
+        φ or φ₀ changes (any in-place write moves a tensor's version): every step reads it, and two
+        reads of φ back to Python cost more there than the rest of the lr swap."""
+        key = (id(self.log_lr), self.log_lr._version, id(self._log_lr0), self._log_lr0._version)
+        cached = getattr(self, "_factors_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         f = [math.exp(v - v0) for v, v0 in zip(self.log_lr.tolist(), self._log_lr0.tolist())]  # float64 either way
-        return f if self.per_group else f * len(self._lr0)
+        f = f if self.per_group else f * len(self._lr0)
+        self._factors_cache = (key, f)
+        return f
 
     @property
     def learnt_lrs(self) -> list[float]:
@@ -416,7 +429,7 @@ class APOLR(APOCore):
             return momentum_catch_up(mom, k, starts_at_grad=False)
         return 1.0
 
-    def _meta_backward(self, plan, dQ):
+    def _meta_backward(self, plan, dQ) -> bool:
         # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩
         # (float64 sums in order, as Python floats: no tensor op per parameter)
         dQ = iter(dQ)
@@ -428,8 +441,9 @@ class APOLR(APOCore):
             for v in (torch.stack(dots).tolist() if one_device else [float(t) for t in dots]):  # one read-back
                 total += v
             grads.append(total)
-        g = torch.tensor(grads, dtype=torch.float64)
-        self.log_lr.grad = g if self.per_group else g.sum().reshape(1)
+        grads = grads if self.per_group else [sum(grads)]
+        self.log_lr.grad = torch.tensor(grads, dtype=torch.float64)
+        return all(map(math.isfinite, grads))  # read off the Python floats: no check of its own
 
     def _clamp_and_record(self):
         lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
