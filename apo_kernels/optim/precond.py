@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .._args import check_bool, check_choice, check_int, check_number, check_pair
 from .. import distributed
-from .._numerics import all_finite_scratch, loss_finite
+from .._numerics import all_finite, all_finite_scratch, loss_finite
 from .._step_hooks import step_with_hooks
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
@@ -434,14 +434,15 @@ class APOPrecond(APOCore):
         return plan
 
     def _local_grads_finite(self, loss, plan) -> bool:
-        # v = μ·buf + (g + wd·θ) is finite only if g is (NaN and ±inf survive + and ·), so one fused
-        # check of the spare buffer, which holds every v and is ours to write, clears all gradients;
+        # v = μ·buf + (g + wd·θ) is finite only if g is (NaN and ±inf survive + and ·), so one check
+        # of the spare buffer, which holds every v, clears all gradients (with the loss, in one call);
         # the gradients themselves are read only when it fails (v may overflow from finite values)
         if plan.rest_vs is not None:  # the fused op checked its layers' v
             if plan.fused_v_finite and all_finite_scratch(plan.rest_vs):
                 return loss_finite(loss)
-        elif plan.buffers is not None and all_finite_scratch([plan.buffers.flat[plan.buffers.spare]]):
-            return loss_finite(loss)
+        elif plan.buffers is not None:  # one read-only check of the spare buffer and the loss together
+            if all_finite([plan.buffers.flat[plan.buffers.spare], loss if isinstance(loss, Tensor) else None]):
+                return True
         return super()._local_grads_finite(loss, plan)
 
     def _prepare_in_buffers(self, plan, mom: float, wd: float) -> bool:
