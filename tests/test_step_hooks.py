@@ -129,3 +129,26 @@ def test_meta_optimizer_steps_quietly_unless_someone_listens(name):
     lr0 = meta.param_groups[0]["lr"]
     sched.step()
     assert meta.param_groups[0]["lr"] == pytest.approx(lr0 / 2)
+
+
+def test_apolr_base_optimizer_steps_quietly_unless_someone_listens():
+    """APO-LR's base optimizer (the user's torch.optim.SGD) follows the same rule: its step opens no
+    profiler range of its own in a quiet loop; its hooks, a scheduler's wrapper on it and a running
+    profiler still see every call."""
+    model, opt, x, y = _setup("APOLR")
+    base = opt.base_optimizer
+    with _record_function_raises(base):
+        for _ in range(3):  # a meta-step and plain steps
+            opt.step(closure_for(opt, model, x, y))
+    assert opt.step_count == 3 and opt.skipped_steps == 0
+    calls = []
+    base.register_step_post_hook(lambda o, args, kwargs: calls.append(o))
+    sched = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)  # wraps base.step on the instance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stepping the scheduler after the base optimizer warns nothing
+        opt.step(closure_for(opt, model, x, y))
+        sched.step()
+    assert calls == [base] and base._opt_called
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step(closure_for(opt, model, x, y))
+    assert "Optimizer.step#SGD.step" in {e.name for e in prof.events()}
