@@ -67,11 +67,12 @@ def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: f
         c_buf, c_g = _sgd_coefficients(group, has_buf)
         index, ps, bufs = zip(*members)
         if buffers is not None:  # the same arithmetic into memory kept from one meta-step to the next
-            # (a copy then an in-place product: two foreach calls, where an op per parameter cost more
-            # on a small model than the second pass costs on a large one)
             ds = [buffers.for_param(p, _cdtype(p.grad)) for p in ps]
-            torch._foreach_copy_(ds, [p.grad for p in ps])
-            torch._foreach_mul_(ds, -scale * sign * c_g)
+            for p, d in zip(ps, ds):
+                if in_cdtype:
+                    torch.mul(p.grad, -scale * sign * c_g, out=d)
+                else:
+                    d.copy_(p.grad).mul_(-scale * sign * c_g)
         elif in_cdtype:
             ds = torch._foreach_mul([p.grad for p in ps], -scale * sign * c_g)
         else:  # upcast copies, scaled in place
