@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .ops import backends
 
-__all__ = ["all_finite", "all_finite_scratch", "loss_finite", "no_autocast"]
+__all__ = ["all_finite", "all_finite_scratch", "checked_loss", "loss_finite", "no_autocast"]
 
 
 def _every_device_finite(by_device: dict[torch.device, list[Tensor]],
@@ -64,6 +64,12 @@ def _sums_then_extremes(device: torch.device, ts: list[Tensor]) -> bool:
     if bool(torch.isfinite(torch.stack([t.sum() for t in ts]).sum())):
         return True
     return bool(torch.isfinite(torch.stack([m for t in ts for m in torch.aminmax(t)])).all())
+
+
+def checked_loss(loss) -> Optional[Tensor]:
+    """The closure's loss as a tensor to check in the same ``all_finite`` call as other tensors:
+    the loss when it is a Tensor, else None (None, a Python number: not checked, as in ``loss_finite``)."""
+    return loss if isinstance(loss, Tensor) else None
 
 
 def loss_finite(loss) -> bool:

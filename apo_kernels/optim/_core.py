@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .._args import check_choice, check_int, check_number, check_type
 from .. import distributed
-from .._numerics import all_finite, all_finite_scratch, no_autocast
+from .._numerics import all_finite, all_finite_scratch, checked_loss, no_autocast
 from .._step_hooks import step_quietly
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
@@ -248,8 +248,7 @@ class APOCore(torch.optim.Optimizer):
         """Whether this rank's loss and gradients at θ are finite (a subclass may read it off a
         cheaper witness computed by ``_prepare``)."""
         # one check for both (on CPU one native call: after a backward every extra call costs tens of µs)
-        loss_values = loss if isinstance(loss, Tensor) else None  # a Python number is not checked
-        return all_finite([loss_values, *(p.grad for p in self._all_params())])
+        return all_finite([checked_loss(loss), *(p.grad for p in self._all_params())])
 
     def _run_step(self, closure: Optional[Callable], fsd_inputs, meta_closure: Optional[Callable]):
         check_step_args(closure, fsd_inputs, meta_closure)

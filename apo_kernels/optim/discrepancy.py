@@ -114,7 +114,7 @@ def value_and_grad(fsd: Discrepancy, new, old, scale: float = 1.0) -> tuple[Tens
     if closed is not None and isinstance(old, Tensor) and new.numel() > 0:
         with torch.no_grad():
             value, grad = closed(new.detach(), old.detach(), float(scale))
-        return value, grad if grad.dtype == new.dtype else grad.to(new.dtype)
+        return value, grad.to(new.dtype)
     with torch.enable_grad():
         leaf = new.detach().requires_grad_(True)
         value = fsd(leaf, old)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .._args import check_bool, check_choice, check_int, check_number, check_pair
 from .. import distributed
-from .._numerics import all_finite, all_finite_scratch, loss_finite
+from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_finite
 from .._step_hooks import step_with_hooks
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
@@ -441,7 +441,7 @@ class APOPrecond(APOCore):
             if plan.fused_v_finite and all_finite_scratch(plan.rest_vs):
                 return loss_finite(loss)
         elif plan.buffers is not None:  # one read-only check of the spare buffer and the loss together
-            if all_finite([plan.buffers.flat[plan.buffers.spare], loss if isinstance(loss, Tensor) else None]):
+            if all_finite([plan.buffers.flat[plan.buffers.spare], checked_loss(loss)]):
                 return True
         return super()._local_grads_finite(loss, plan)
 
