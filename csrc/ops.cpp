@@ -301,17 +301,10 @@ void mul(const Mat<T>& out, const Mat<T>& x, const Mat<T>& y) {
   });
 }
 
-// dst = src (same shape; src either way round).
+// dst = src, row by row (same shape, both row-major).
 template <typename T>
-void copy_view(const Mat<T>& dst, const Mat<T>& src) {
-  for (int64_t i = 0; i < dst.rows; ++i) {
-    T* d = dst.p + i * dst.ld;
-    if (!src.t) {
-      std::memcpy(d, src.p + i * src.ld, dst.cols * sizeof(T));
-    } else {
-      for (int64_t j = 0; j < dst.cols; ++j) d[j] = src.p[j * src.ld + i];
-    }
-  }
+void copy_rows(const Mat<T>& dst, const Mat<T>& src) {
+  for (int64_t i = 0; i < dst.rows; ++i) std::memcpy(dst.p + i * dst.ld, src.p + i * src.ld, dst.cols * sizeof(T));
 }
 
 
@@ -410,11 +403,20 @@ void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<
   const int64_t r = G.rows, n = G.cols, np = padded_width(n, A != nullptr, B != nullptr);
   const Mat<T> w1 = buffer(w, r, np), w2 = buffer(w + r * np, r, np);
   // B as the first GEMM reads it (n×n'): B itself, or B with n' − n zero columns appended
+  // (a column-major B, e.g. from torch.linalg.qr or eigh, is padded as it is stored: Bᵀ's rows copied
+  // whole and n' − n zero rows appended, read transposed; a transposing copy, element by element,
+  // made 64 layers of 32–128 with such factors 5 % slower on one and on two threads, paired in one
+  // process)
   Mat<T> b_in{};
-  if (B && np != n) {
+  if (B && np != n && B->t) {
+    T* bp = w + 2 * r * np;
+    copy_rows(Mat<T>{bp, n, n, n, false}, B->transposed());
+    std::fill(bp + n * n, bp + np * n, T(0));
+    b_in = Mat<T>{bp, np, n, n, false}.transposed();
+  } else if (B && np != n) {
     T* bp = w + 2 * r * np;
     std::fill(bp, bp + n * np, T(0));
-    copy_view(Mat<T>{bp, n, n, np, false}, *B);
+    copy_rows(Mat<T>{bp, n, n, np, false}, *B);
     b_in = {bp, n, np, np, false};
   } else if (B) {
     b_in = *B;
@@ -489,7 +491,7 @@ void backward_block(const Mat<T>& dY, const Mat<T>& G, const Mat<T>* A, const Ma
     if (B) {
       gemm(*out.dG, AE, B->transposed());
     } else {
-      copy_view(*out.dG, AE);
+      copy_rows(*out.dG, AE);
     }
   }
   if (need_b) {
