@@ -383,7 +383,11 @@ inline int64_t block_rows(int64_t m, int64_t n, bool has_a) {
 // the shared loop: unpadded 1.03×.
 constexpr int64_t kPadTo = 16;
 
-inline bool blas_on_one_thread() { return at::in_parallel_region() || at::get_num_threads() == 1; }
+// The threads that work started here gets: one inside a parallel region (nested regions run
+// serially), else the intra-op thread count.
+inline int64_t threads_here() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+inline bool blas_on_one_thread() { return threads_here() == 1; }
 
 inline int64_t padded_width(int64_t n, bool has_a, bool has_b) {
   if (!blas_on_one_thread()) return n;
@@ -408,16 +412,17 @@ void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<
   // made 64 layers of 32–128 with such factors 5 % slower on one and on two threads, paired in one
   // process)
   Mat<T> b_in{};
-  if (B && np != n && B->t) {
+  if (B && np != n) {
     T* bp = w + 2 * r * np;
-    copy_rows(Mat<T>{bp, n, n, n, false}, B->transposed());
-    std::fill(bp + n * n, bp + np * n, T(0));
-    b_in = Mat<T>{bp, np, n, n, false}.transposed();
-  } else if (B && np != n) {
-    T* bp = w + 2 * r * np;
-    std::fill(bp, bp + n * np, T(0));
-    copy_rows(Mat<T>{bp, n, n, np, false}, *B);
-    b_in = {bp, n, np, np, false};
+    if (B->t) {
+      copy_rows(Mat<T>{bp, n, n, n, false}, B->transposed());
+      std::fill(bp + n * n, bp + np * n, T(0));
+      b_in = Mat<T>{bp, np, n, n, false}.transposed();
+    } else {
+      std::fill(bp, bp + n * np, T(0));
+      copy_rows(Mat<T>{bp, n, n, np, false}, *B);
+      b_in = {bp, n, np, np, false};
+    }
   } else if (B) {
     b_in = *B;
   }
@@ -700,7 +705,7 @@ void for_each_layer(const TensorList& grads, const Fn& fn) {
     cost[i] = schedule::layer_cost(static_cast<double>(G.numel()), static_cast<double>(G.size(-2)),
                                    static_cast<double>(G.size(-1)));
   }
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = direct::threads_here();
   const schedule::Plan plan = schedule::plan(cost, threads);
   const std::vector<int64_t>& order = plan.order;
 
