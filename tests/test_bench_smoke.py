@@ -143,6 +143,16 @@ def test_quick_every_row_warmed_up_and_repeated(quick_run):
     for direction in ("forward", "backward"):
         impls = {r["impl"] for r in grouped if r["direction"] == direction}
         assert "loop: torch chain" in impls and any(i.startswith("grouped: ") for i in impls), direction
+    # on the CPU the grouped forward also on one thread, and its floor: that time over the thread count
+    be = res["config"]["backends"][0]
+    forward = {r["impl"]: r for r in grouped if r["direction"] == "forward" and r["layer_set"] == "small64"}
+    one, floor = forward[op_bench.ONE_THREAD.format(backend=be)], forward[op_bench.GROUPED_FLOOR.format(backend=be)]
+    assert floor["threads"] == 1  # the run's --threads
+    assert floor["median_ms"] == pytest.approx(one["median_ms"] / floor["threads"])
+    assert floor["ratio"] == pytest.approx(floor["median_ms"] / forward["loop: torch chain"]["median_ms"])
+    assert not any(op_bench.GROUPED_FLOOR.format(backend=be) == r["impl"] for r in grouped if r["direction"] == "backward")
+    keys = {t["key"]: t for t in res["targets"]}
+    assert keys["cpu-grouped-small-layers-floor"]["status"] in {"PASS", "MISS"}  # measured, not N/A
 
 
 def test_quick_targets_and_lowprec_reported(quick_run):
@@ -314,7 +324,9 @@ def test_targets_compare_rows_of_the_same_cell():
         single=[_row("op", "forward", "torch chain", 2.0, size=256), _row("op", "forward", "cpu", 1.0, size=256),
                 _row("op", "forward", "torch chain", 4.0, size=512), _row("op", "forward", "cpu", 5.0, size=512)],
         grouped=[_row("grouped", "64 small forward", "loop: torch chain", 10.0, size="64 layers", layer_set="small64", direction="forward"),
-                 _row("grouped", "64 small forward", "grouped: cpu", 4.5, size="64 layers", layer_set="small64", direction="forward")],
+                 _row("grouped", "64 small forward", "grouped: cpu", 4.5, size="64 layers", layer_set="small64", direction="forward"),
+                 _row("grouped", "64 small forward", "floor: grouped cpu on one thread ÷ threads", 3.8, size="64 layers",
+                      layer_set="small64", direction="forward")],
         train=[_row("train", "MLP", "SGD", 1.0, size=None, problem="mlp"), _row("train", "MLP", "APO-LR(SGD)", 2.0, size=None, problem="mlp"),
                _row("train", "CNN", "SGD", 1.0, size=None, problem="cnn"), _row("train", "CNN", "APO-LR(SGD)", 1.1, size=None, problem="cnn")],
     )
@@ -325,6 +337,8 @@ def test_targets_compare_rows_of_the_same_cell():
     assert not any(t.device == "cuda" for t in report.TARGETS if t.key in by_key)  # CPU targets only
     (grouped,) = by_key["cpu-grouped-small-layers"]
     assert grouped["measured"] == pytest.approx(0.45) and grouped["status"] == "MISS" and grouped["threshold"] == "≤ 0.4"
+    (floor,) = by_key["cpu-grouped-small-layers-floor"]
+    assert floor["measured"] == pytest.approx(0.38) and floor["status"] == "PASS"
     (large,) = by_key["cpu-single-large-forward"]  # the largest size only
     assert "512" in large["target"] and large["measured"] == pytest.approx(1.25) and large["status"] == "MISS"
     throughput = {t["target"]: t for t in by_key["apo-lr-throughput"]}  # SGD / APO-LR, one per problem
@@ -481,3 +495,21 @@ def test_plain_step_parts_diagnosis_runs_and_reports_every_variant():
     assert [name for name, _, _ in rows] == ["SGD", "APO-LR plain step", "without the gradient check",
                                              "without the lr swap", "without both"], proc.stdout
     assert all(float(t) > 0 for _, t, _ in rows) and float(rows[0][2]) == 0.0
+
+
+def test_grouped_floor_is_the_one_thread_time_over_the_threads():
+    # the one-thread variant runs on one thread and gives the caller's threads back, error or not
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert op_bench._on_one_thread(torch.get_num_threads)() == 1 and torch.get_num_threads() == 2
+
+        def fails():
+            raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"):
+            op_bench._on_one_thread(fails)()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    one = dict(median_ms=4.0, p20_ms=3.0, p80_ms=5.0, reps=9, calls=3)
+    assert op_bench._floor_timing(one, 2) == dict(median_ms=2.0, p20_ms=1.5, p80_ms=2.5, reps=9, calls=3)

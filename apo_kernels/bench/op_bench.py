@@ -7,7 +7,8 @@ Baselines (what a user writes by hand):
   outputs -- vs ``apo_kernels.precondition_backward(..., output_mask=(False, True, True, True))``;
 - grouped:  a Python loop of the chain over the layers vs one ``precondition_grouped`` call, the
   two (and a loop of the op) timed in interleaved blocks, so their ratio survives a machine whose
-  speed drifts during the run.
+  speed drifts during the run; on a CPU the grouped forward also on one thread, and its floor (that
+  time over the thread count: a perfect split of the op's one-thread work).
 """
 from __future__ import annotations
 
@@ -19,6 +20,29 @@ from .common import Config, add_ratios, make_row
 from .shapes import layer_set
 
 MASK = (False, True, True, True)
+
+# The grouped forward on the CPU also runs on one thread (the same interleaved rounds), and its floor
+# row is that time over the run's thread count: the op at its one-thread rate with a perfect split.
+# Where the floor misses the grouped target, scheduling cannot reach it on that machine; only a
+# faster one-thread op can.
+ONE_THREAD = "grouped: {backend}, one thread"
+GROUPED_FLOOR = "floor: grouped {backend} on one thread ÷ threads"
+
+
+def _on_one_thread(fn):
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
+def _floor_timing(one_thread: dict, threads: int) -> dict:
+    """The floor row's timing: the one-thread row's times over ``threads``."""
+    return {k: v / threads if k.endswith("_ms") else v for k, v in one_thread.items()}
 
 
 def chain(G, A, S, B):
@@ -147,13 +171,21 @@ def run(cfg: Config) -> dict:
                 forward[f"grouped: {be}"] = lambda be=be: apo_kernels.precondition_grouped(Gs, As, Ss, Bs, backend=be)
                 backward[f"grouped: {be}"] = lambda be=be: apo_kernels.precondition_grouped_backward(
                     dYs, Gs, As, Ss, Bs, output_mask=MASK, backend=be)
+                if not cfg.is_cuda:
+                    forward[ONE_THREAD.format(backend=be)] = _on_one_thread(forward[f"grouped: {be}"])
             for direction, fns, grad in (("forward", forward, False), ("backward", backward, True)):
                 tick = lambda desc: cfg.tick(f"grouped {label} {dname} {direction}: {len(fns)} interleaved, {desc}")
                 with torch.set_grad_enabled(grad):
-                    for impl, timing in _interleaved(cfg, fns, tick).items():
+                    timings = _interleaved(cfg, fns, tick)
+                    for impl, timing in timings.items():
                         if "error" in timing:
                             add(direction, impl, {}, error=timing["error"])
                         else:
                             add(direction, impl, timing)
+                    threads = torch.get_num_threads()
+                    for be in cfg.backends:
+                        one = timings.get(ONE_THREAD.format(backend=be), {})
+                        if "median_ms" in one:
+                            add(direction, GROUPED_FLOOR.format(backend=be), _floor_timing(one, threads), threads=threads)
     add_ratios(grouped, "loop: torch chain")
     return dict(single=single, grouped=grouped)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .op_bench import GROUPED_FLOOR
 from .train_bench import BOUND, BOUND_OWN, FLOOR, NO_META, NO_META_KRON, OWN_BATCH
 
 __all__ = ["Target", "TARGETS", "evaluate_targets", "print_tables", "markdown", "write_json", "plot"]
@@ -58,6 +59,11 @@ TARGETS: tuple[Target, ...] = (
            dict(impl="loop: torch chain"), "<=", 0.4,
            "64 small layers are overhead-bound: one call with one validation and one dispatch for the whole "
            "set should cost well under half the loop of 64 chains (stretch: a third)"),
+    Target("cpu-grouped-small-layers-floor", "cpu",
+           "CPU floor of that grouped op (its one-thread time over the thread count) vs the same loop",
+           "grouped", dict(layer_set="small64", direction="forward", impl=GROUPED_FLOOR), dict(impl="loop: torch chain"),
+           "<=", 0.4, "the op's one-thread work split perfectly over the threads: where the floor misses 0.4, "
+           "the grouped target is out of reach on that machine at the op's one-thread rate"),
     Target("cpu-single-large-forward", "cpu", "CPU single large layer forward vs torch chain ({dtype}, {size}²)",
            "op", dict(case="forward", impl="{backend}", dtype="fp32"), dict(impl="torch chain"), "<=", 1.0,
            "the op runs the chain's four GEMMs with ⊙S fused: it must not be slower", pick="largest"),
