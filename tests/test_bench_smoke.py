@@ -17,6 +17,7 @@ import torch
 
 from apo_kernels.bench import op_bench, report, timing, train_bench
 from apo_kernels.bench.__main__ import _pick_backends, build_parser, make_config
+from apo_kernels.bench.common import divide_times
 from apo_kernels.bench.common import timed_backends
 from apo_kernels.ops import Backend, reference, register, unregister, usable
 
@@ -512,4 +513,4 @@ def test_grouped_floor_is_the_one_thread_time_over_the_threads():
     finally:
         torch.set_num_threads(threads)
     one = dict(median_ms=4.0, p20_ms=3.0, p80_ms=5.0, reps=9, calls=3)
-    assert op_bench._floor_timing(one, 2) == dict(median_ms=2.0, p20_ms=1.5, p80_ms=2.5, reps=9, calls=3)
+    assert divide_times(one, 2) == dict(median_ms=2.0, p20_ms=1.5, p80_ms=2.5, reps=9, calls=3)

@@ -1,6 +1,7 @@
 """The benchmark's run configuration and result rows (shared by every section)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -9,7 +10,7 @@ import torch
 
 from .timing import DTYPES, Timer
 
-__all__ = ["Config", "make_row", "add_ratios", "timed_backends", "CPU_HALF_CAP"]
+__all__ = ["Config", "make_row", "add_ratios", "divide_times", "num_threads", "timed_backends", "CPU_HALF_CAP"]
 
 # A CPU without bf16/fp16 GEMM units (AVX512-BF16, AMX) runs those GEMMs at ~0.7 GFLOP/s against
 # ~60-300 for fp32: there half precision is capped at this size so the run stays minutes, not hours.
@@ -110,6 +111,24 @@ class Config:
     def size_ok(self, size: int, dtype_name: str) -> bool:
         cap = self.half_cap(dtype_name)
         return cap is None or size <= cap
+
+
+@contextlib.contextmanager
+def num_threads(n: Optional[int]):
+    """torch's CPU threads set to ``n`` (None: unchanged) for the block, restored after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def divide_times(timing: dict, by: float) -> dict:
+    """A timing with its times (the ``*_ms`` fields) divided by ``by``, the other fields as they are:
+    per call from a block of calls, per step from a block of steps."""
+    return {k: v / by if k.endswith("_ms") else v for k, v in timing.items()}
 
 
 def make_row(section: str, case: str, impl: str, dtype: str, size, timing: dict, **extra) -> dict:

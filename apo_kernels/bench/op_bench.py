@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .common import Config, add_ratios, make_row
+from .common import Config, add_ratios, divide_times, make_row, num_threads
 from .shapes import layer_set
 
 MASK = (False, True, True, True)
@@ -31,18 +31,9 @@ GROUPED_FLOOR = "floor: grouped {backend} on one thread ÷ threads"
 
 def _on_one_thread(fn):
     def run():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with num_threads(1):
             return fn()
-        finally:
-            torch.set_num_threads(threads)
     return run
-
-
-def _floor_timing(one_thread: dict, threads: int) -> dict:
-    """The floor row's timing: the one-thread row's times over ``threads``."""
-    return {k: v / threads if k.endswith("_ms") else v for k, v in one_thread.items()}
 
 
 def chain(G, A, S, B):
@@ -107,7 +98,7 @@ def _interleaved(cfg: Config, fns: dict, tick) -> dict[str, dict]:
 
     rounds = GROUPED_ROUNDS_PER_SETTING * cfg.timer.settings.rounds
     out = cfg.timer.interleaved({name: block(fn) for name, fn in fns.items()}, rounds=rounds, on_round=tick)
-    return {name: t if "error" in t else {k: v / calls if k.endswith("_ms") else v for k, v in t.items()} | {"calls": calls}
+    return {name: t if "error" in t else divide_times(t, calls) | {"calls": calls}
             for name, t in out.items()}
 
 
@@ -186,6 +177,6 @@ def run(cfg: Config) -> dict:
                     for be in cfg.backends:
                         one = timings.get(ONE_THREAD.format(backend=be), {})
                         if "median_ms" in one:
-                            add(direction, GROUPED_FLOOR.format(backend=be), _floor_timing(one, threads), threads=threads)
+                            add(direction, GROUPED_FLOOR.format(backend=be), divide_times(one, threads), threads=threads)
     add_ratios(grouped, "loop: torch chain")
     return dict(single=single, grouped=grouped)

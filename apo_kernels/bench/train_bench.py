@@ -25,16 +25,14 @@ passes a meta-step must make. Its throughput against SGD is the most APO-LR can 
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..optim.discrepancy import kl, value_and_grad
-from .common import Config, add_ratios, make_row
+from .common import Config, add_ratios, divide_times, make_row, num_threads
 
 INTERVAL = 10
 NO_META = "APO-Precond, plain steps (meta_interval > run)"
@@ -214,18 +212,6 @@ def _training_block(model, opt, fsd, batches, fsd_batch):
     return block, state
 
 
-@contextlib.contextmanager
-def _num_threads(n: Optional[int]):
-    """torch's CPU threads set to ``n`` (None: unchanged) for the block, restored after."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
 def problems(cfg: Config) -> list[tuple]:
     """(case label, problem key, model factory, input shape, threads) of every training problem."""
     out = []
@@ -291,7 +277,7 @@ def run(cfg: Config) -> list[dict]:
         fsd_batch = torch.randn(*xshape, generator=gen).to(dev)
         row = lambda name, timing, **kw: make_row("train", label, name, "fp32", None, timing, problem=problem,
                                                    batch=xshape[0], **kw)
-        with _num_threads(threads if dev.type == "cpu" else None) as n_threads:
+        with num_threads(threads if dev.type == "cpu" else None) as n_threads:
             blocks, states, done = {}, {}, {}
             for name, fac in facs.items():
                 if not _runs_on(name, problem):
@@ -312,7 +298,7 @@ def run(cfg: Config) -> list[dict]:
                 if "error" in per_block:
                     done[name] = row(name, {}, error=per_block["error"])
                     continue
-                per_step = {k: v / INTERVAL if k.endswith("_ms") else v for k, v in per_block.items()}
+                per_step = divide_times(per_block, INTERVAL)
                 if name == OP_ALONE:
                     done[name] = row(name, per_step, threads=n_threads)
                     continue
