@@ -1,0 +1,65 @@
+// The CPU's fp32 FMA peak, on one thread and on every thread at once (a measurement, not a test).
+//
+//     g++ -O3 -march=native -std=c++17 -pthread csrc/test/fma_peak.cpp -o build/fma_peak && build/fma_peak
+//
+// Twelve independent accumulator chains per thread hide the FMA latency, so the loop runs at the
+// FMA ports' throughput: the ceiling against which a GEMM's GFLOP/s is read. When the all-thread
+// figure is less than (threads × the one-thread figure), the hardware threads share FMA units
+// (SMT siblings), and no split of work over them can scale linearly.
+#include <immintrin.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int kChains = 12;
+constexpr long kIters = 100000000;
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec splat(float x) { return _mm512_set1_ps(x); }
+inline Vec fma(Vec acc, Vec x, Vec y) { return _mm512_fmadd_ps(x, y, acc); }
+inline float first(Vec v) { return _mm512_cvtss_f32(v); }
+#else
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec splat(float x) { return _mm256_set1_ps(x); }
+inline Vec fma(Vec acc, Vec x, Vec y) { return _mm256_fmadd_ps(x, y, acc); }
+inline float first(Vec v) { return _mm256_cvtss_f32(v); }
+#endif
+
+// GFLOP this thread ran; writes a value the compiler cannot drop.
+double chains(float* sink) {
+  Vec acc[kChains];
+  for (auto& a : acc) a = splat(1.0f);
+  const Vec x = splat(1e-7f), y = splat(1.0f);
+  for (long i = 0; i < kIters; ++i)
+    for (auto& a : acc) a = fma(a, x, y);
+  float s = 0;
+  for (auto& a : acc) s += first(a);
+  *sink = s;
+  return 2.0 * kLanes * kChains * kIters / 1e9;
+}
+
+double gflops(int threads) {
+  std::vector<float> sinks(threads);
+  std::vector<std::thread> pool;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int t = 0; t < threads; ++t) pool.emplace_back([&sinks, t] { chains(&sinks[t]); });
+  for (auto& th : pool) th.join();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return threads * 2.0 * kLanes * kChains * kIters / 1e9 / s;
+}
+
+}  // namespace
+
+int main() {
+  const int threads = static_cast<int>(std::thread::hardware_concurrency());
+  const double one = gflops(1), all = gflops(threads);
+  std::printf("fp32 FMA peak (%d-lane vectors): one thread %.1f GFLOP/s; %d threads %.1f GFLOP/s (%.2fx one)\n",
+              kLanes, one, threads, all, all / one);
+}
