@@ -162,13 +162,18 @@ def test_mc_factors_converge_to_the_exact_fisher(likelihood):
         assert err < 0.06, (likelihood, names[id(layer.module)], err)
 
 
-def test_kfac_direction_is_damped_kronecker_solve():
-    """One step of lr 1 without momentum is exactly ((A+λ_A I) ⊗ (G+λ_G I))⁻¹ vec(∇W)."""
+def _one_plain_step(optimizer_cls):
+    """One step of lr 1, no momentum, on a 4→3 linear layer: (the layer's optimizer state, ∇W with the
+    bias as a last column and W before minus W after, both float64)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    opt = KFAC(model, lr=1.0, damping=0.1, momentum=0.0, stat_decay=0.0, kl_clip=None)
-    w0 = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1).clone()
+    opt = optimizer_cls(model, lr=1.0, damping=0.1, momentum=0.0, stat_decay=0.0, kl_clip=None)
+
+    def weight(w, b):
+        return torch.cat([w, b[:, None]], 1)
+
+    w0 = weight(model[0].weight.detach(), model[0].bias.detach()).clone()
 
     def closure():
         opt.zero_grad()
@@ -177,38 +182,29 @@ def test_kfac_direction_is_damped_kronecker_solve():
         return loss
 
     opt.step(closure)
-    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).double()
-    w1 = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1)
-    st = opt.state[model[0].weight]
+    grad = weight(model[0].weight.grad, model[0].bias.grad).double()
+    step = (w0 - weight(model[0].weight.detach(), model[0].bias.detach())).double()
+    return opt.state[model[0].weight], grad, step
+
+
+def _vec(M):
+    return M.T.reshape(-1)  # column stacking
+
+
+def test_kfac_direction_is_damped_kronecker_solve():
+    """One step of lr 1 without momentum is exactly ((A+λ_A I) ⊗ (G+λ_G I))⁻¹ vec(∇W)."""
+    st, grad, step = _one_plain_step(KFAC)
     A, G = st["A"].double(), st["G"].double()
     la, lg = factored_damping(st["A"], st["G"], 0.1)
     Fish = torch.kron(A + la * torch.eye(5, dtype=A.dtype), G + lg * torch.eye(3, dtype=A.dtype))
-    vec = lambda M: M.T.reshape(-1)  # column stacking
-    expected = torch.linalg.solve(Fish, vec(grad))
-    torch.testing.assert_close(vec((w0 - w1).double()), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_vec(step), torch.linalg.solve(Fish, _vec(grad)), rtol=1e-4, atol=1e-6)
 
 
 def test_ekfac_right_after_eigh_equals_eigen_kfac():
     """With the scale just reset to λ_G λ_Aᵀ, EKFAC's direction is (A⊗G + λI)⁻¹ vec(∇W)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3))
-    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    opt = EKFAC(model, lr=1.0, damping=0.1, momentum=0.0, stat_decay=0.0, kl_clip=None)
-    w0 = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1).clone()
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).double()
-    w1 = torch.cat([model[0].weight.detach(), model[0].bias.detach()[:, None]], 1)
-    st = opt.state[model[0].weight]
+    st, grad, step = _one_plain_step(EKFAC)
     Fish = torch.kron(st["A"].double(), st["G"].double()) + 0.1 * torch.eye(15, dtype=torch.float64)
-    vec = lambda M: M.T.reshape(-1)
-    torch.testing.assert_close(vec((w0 - w1).double()), torch.linalg.solve(Fish, vec(grad)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_vec(step), torch.linalg.solve(Fish, _vec(grad)), rtol=1e-4, atol=1e-6)
 
 
 def test_ekfac_scale_is_per_example_second_moment():
