@@ -10,6 +10,7 @@ backends, on the same seeds. It reports each experiment's own score (test accura
 training loss where the paper scores that).
 
     python python/measure_bf16_gemm_quality.py [--experiments classification,ill_conditioned,autoencoder] [--seeds 8]
+                                               [--steps N]   # N steps instead of each task's own (a smoke run)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from paper import common as C  # noqa: E402
 
-from apo_kernels.ops import backends, reference  # noqa: E402
+from apo_kernels.ops import Backend, reference, register  # noqa: E402
 
 EMULATED = "reference-bf16-gemm"
 
@@ -53,8 +54,7 @@ def register_emulation() -> None:
         grouped=lambda grads, As, Ss, Bs: [precondition_bf16_operands(*layer) for layer in zip(grads, As, Ss, Bs)],
     )
     # below every real backend, so "auto" never picks it
-    backends.register(backends.Backend(name=EMULATED, devices=("cpu",), priority=-20, family=family,
-                                       why_unavailable=lambda: None))
+    register(Backend(name=EMULATED, devices=("cpu",), priority=-20, family=family, why_unavailable=lambda: None))
 
 
 def first_task(experiment: str):
@@ -70,19 +70,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiments", default="classification,ill_conditioned,autoencoder")
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the task's own)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     register_emulation()
     variants = {"cpu": "cpu", "reference": "reference", "reference, bf16 GEMM operands": EMULATED}
     for experiment in args.experiments.split(","):
         task, chosen = first_task(experiment)
-        print(f"\n{experiment}: {task.name}, APO-Precond at {json.dumps(chosen)}, {task.steps} steps, "
+        steps = args.steps or task.steps
+        print(f"\n{experiment}: {task.name}, APO-Precond at {json.dumps(chosen)}, {steps} steps, "
               f"score: {'test ' + task.metric if task.metric == 'accuracy' else 'final training loss'}")
         scores = {v: [] for v in variants}
         for seed in range(args.seeds):
             for label, backend in variants.items():
                 run = C.train(C.RunSpec(task=task, method="APO-Precond", hp=dict(chosen, backend=backend),
-                                        seed=seed, steps=task.steps))
+                                        seed=seed, steps=steps))
                 scores[label].append(run["report"])
         for label, values in scores.items():
             print(f"  {label:32s} median {statistics.median(values):.4g}, mean {statistics.mean(values):.4g} "

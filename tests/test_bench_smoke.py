@@ -5,6 +5,7 @@ The CI run of the benchmark is `python -m apo_kernels.bench --quick` in a subpro
 it (≤ 60 s on an idle 2-core machine). Targets are only reported by the bench, never asserted; no
 test here asserts a time.
 """
+import importlib.util
 import json
 import math
 import os
@@ -514,3 +515,51 @@ def test_grouped_floor_is_the_one_thread_time_over_the_threads():
         torch.set_num_threads(threads)
     one = dict(median_ms=4.0, p20_ms=3.0, p80_ms=5.0, reps=9, calls=3)
     assert divide_times(one, 2) == dict(median_ms=2.0, p20_ms=1.5, p80_ms=2.5, reps=9, calls=3)
+
+
+def _load_script(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "python", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bf16_operand_emulation_rounds_every_gemm_operand():
+    # python/measure_bf16_gemm_quality.py: the op it emulates is the exact op up to bf16 operand rounding
+    quality = _load_script("measure_bf16_gemm_quality")
+    g = torch.Generator().manual_seed(0)
+    m, n = 37, 23
+    grad = torch.randn(m, n, generator=g)
+    A, B = torch.randn(m, m, generator=g) / m ** 0.5, torch.randn(n, n, generator=g) / n ** 0.5
+    S = torch.rand(m, n, generator=g) + 0.5
+    exact = reference.precondition(grad.double(), A.double(), S.double(), B.double())
+    def bf16(t):  # an operand as a bf16 GEMM reads it, in float64
+        return t.float().bfloat16().double()
+
+    gb = bf16(grad) @ bf16(B)
+    m_ = S * (bf16(A).T @ bf16(gb)).float()  # ⊙S² in fp32, as the emulation
+    expected = bf16(bf16(A) @ bf16(m_)) @ bf16(B).T
+    got = quality.precondition_bf16_operands(grad, A, S, B).double()
+    # fp32 against float64 products may flip a rare bf16 rounding (6e-8 here); a missing rounding
+    # of any operand costs ≈ 2⁻⁹ (1.7e-3 without the rounding of S ⊙ H)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 3e-4
+    err = float((got - exact).abs().max() / exact.abs().max())
+    assert 1e-4 < err < 3e-2, err  # bf16's rounding (2^-9 relative per operand), not fp32's
+    # identity factors skip their GEMMs, as in the op
+    torch.testing.assert_close(quality.precondition_bf16_operands(grad, None, S, None), S * grad)
+
+
+def test_bf16_quality_script_runs_every_variant():
+    script = os.path.join(os.path.dirname(__file__), "..", "python", "measure_bf16_gemm_quality.py")
+    proc = subprocess.run([sys.executable, script, "--experiments", "ill_conditioned", "--seeds", "2", "--steps", "20"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\s+(\S.*?)\s+median (\S+), mean (\S+) ± (\S+)\s+\[(.*)\]$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["cpu", "reference", "reference, bf16 GEMM operands"], proc.stdout
+    for _, median, mean, _, values in rows:
+        vals = [float(v) for v in values.split(",")]
+        assert len(vals) == 2 and all(math.isfinite(v) and v > 0 for v in vals)
+    # the emulation changes the run (its values differ from the exact backends') but not by much
+    cpu, emulated = ([float(v) for v in rows[k][4].split(",")] for k in (0, 2))
+    assert cpu != emulated and all(abs(a - b) < 0.1 * a for a, b in zip(cpu, emulated))
