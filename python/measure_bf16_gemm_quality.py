@@ -20,7 +20,6 @@ import importlib
 import json
 import statistics
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -58,12 +57,10 @@ def register_emulation() -> None:
 
 
 def first_task(experiment: str):
-    args = types.SimpleNamespace(quick=False, data_dir=None, dataset_list=[], seed_list=[0], steps=None,
-                                 dtype="fp32", device="cpu")
     module = importlib.import_module(f"paper.{experiment}")
-    task = module.plan(args)[0].task
-    chosen = C.read_json(ROOT / "results" / f"{experiment}.json")["tasks"][task.name]["methods"]["APO-Precond"]["chosen"]
-    return task, chosen
+    task = module.plan(C.default_args())[0].task  # the full-size task, as the experiment's command line
+    result = C.read_json(ROOT / "results" / f"{experiment}.json")
+    return task, result["tasks"][task.name]["methods"]["APO-Precond"]["chosen"]
 
 
 def main() -> None:

@@ -487,10 +487,14 @@ def test_cpu_half_precision_is_capped_only_where_it_measured_slow(monkeypatch):
     assert quick.half_cap("fp16") == common.CPU_HALF_CAP["quick"]
 
 
+def _script_path(name):
+    return os.path.join(os.path.dirname(__file__), "..", "python", f"{name}.py")
+
+
 def test_plain_step_parts_diagnosis_runs_and_reports_every_variant():
     # python/measure_meta_overhead.py --plain-step-parts: the diagnosis the README's log quotes
-    script = os.path.join(os.path.dirname(__file__), "..", "python", "measure_meta_overhead.py")
-    proc = subprocess.run([sys.executable, script, "--plain-step-parts", "--rows", "small", "--repeats", "2",
+    proc = subprocess.run([sys.executable, _script_path("measure_meta_overhead"), "--plain-step-parts",
+                           "--rows", "small", "--repeats", "2",
                            "--threads", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) µs\s+\(\s*([+-][0-9.]+) µs over SGD\)$", proc.stdout, re.M)
@@ -518,8 +522,7 @@ def test_grouped_floor_is_the_one_thread_time_over_the_threads():
 
 
 def _load_script(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "python", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, _script_path(name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -534,6 +537,7 @@ def test_bf16_operand_emulation_rounds_every_gemm_operand():
     A, B = torch.randn(m, m, generator=g) / m ** 0.5, torch.randn(n, n, generator=g) / n ** 0.5
     S = torch.rand(m, n, generator=g) + 0.5
     exact = reference.precondition(grad.double(), A.double(), S.double(), B.double())
+
     def bf16(t):  # an operand as a bf16 GEMM reads it, in float64
         return t.float().bfloat16().double()
 
@@ -551,13 +555,13 @@ def test_bf16_operand_emulation_rounds_every_gemm_operand():
 
 
 def test_bf16_quality_script_runs_every_variant():
-    script = os.path.join(os.path.dirname(__file__), "..", "python", "measure_bf16_gemm_quality.py")
-    proc = subprocess.run([sys.executable, script, "--experiments", "ill_conditioned", "--seeds", "2", "--steps", "20"],
+    proc = subprocess.run([sys.executable, _script_path("measure_bf16_gemm_quality"),
+                           "--experiments", "ill_conditioned", "--seeds", "2", "--steps", "20"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^\s+(\S.*?)\s+median (\S+), mean (\S+) ± (\S+)\s+\[(.*)\]$", proc.stdout, re.M)
     assert [r[0] for r in rows] == ["cpu", "reference", "reference, bf16 GEMM operands"], proc.stdout
-    for _, median, mean, _, values in rows:
+    for *_, values in rows:
         vals = [float(v) for v in values.split(",")]
         assert len(vals) == 2 and all(math.isfinite(v) and v > 0 for v in vals)
     # the emulation changes the run (its values differ from the exact backends') but not by much
