@@ -184,6 +184,31 @@ def test_train_records_a_raising_method_as_diverged(monkeypatch):
     assert not ok["diverged"] and ok["report"] < C.rosenbrock_value(torch.tensor([-1.5, 2.5])).item()
 
 
+def test_train_counts_a_run_that_ends_above_its_start_as_diverged(monkeypatch):
+    """A finite run that ends with a higher training loss than it started with (a spike it never
+    recovered from) is diverged, so the protocol takes the next-best point; one that ends lower is not."""
+    task = C.Task("Rosenbrock", "point", lambda: C.VectorParameter((-1.5, 2.5)), loss="rosenbrock",
+                  metric="loss", batch_size=1, steps=5, select_on="train", report_on="train")
+    start = C.rosenbrock_value(torch.tensor([-1.5, 2.5])).item()
+
+    def uphill(self, closure=None):  # a finite step away from the minimum
+        loss = closure()
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.add_(p.grad, alpha=1e-3)
+        return loss
+
+    monkeypatch.setattr(torch.optim.SGD, "step", uphill)
+    r = C.train(C.RunSpec(task, "SGD", {"lr": 1e-3}, seed=0, steps=5))
+    monkeypatch.undo()
+    assert math.isfinite(r["report"]) and r["report"] > start
+    assert r["diverged"] and r["initial_train_loss"] == pytest.approx(start)
+    assert any("ended above its initial training loss" in n for n in r["notes"])
+    ok = C.train(C.RunSpec(task, "SGD", {"lr": 1e-4}, seed=0, steps=5))
+    assert not ok["diverged"] and ok["report"] < ok["initial_train_loss"]
+
+
 def test_bernoulli_kl_matches_definition():
     new, old = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
     p, q = torch.sigmoid(old), torch.sigmoid(new)

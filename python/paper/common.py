@@ -780,6 +780,8 @@ def train(spec: RunSpec) -> dict:
         return data.x_train[idx], data.y_train[idx]
 
     params = [p for p in model.parameters() if p.requires_grad]
+    # where the run starts: a run that ends above it has diverged, even with every value finite
+    initial_train_loss = evaluate(model, task, data, "train", amp)["loss"]
 
     def make_closure(xb, yb):
         def closure():
@@ -840,12 +842,16 @@ def train(spec: RunSpec) -> dict:
     select = final[f"{task.select_on}_{task.metric}"]
     report = final[f"{task.report_on}_{task.metric}"]
     diverged = diverged or not (math.isfinite(select) and math.isfinite(report))
+    notes = list(method.notes) + ([f"raised {error}"] if error else [])
+    if not final["train_loss"] <= initial_train_loss:  # NaN too
+        diverged = True
+        notes.append(f"ended above its initial training loss ({initial_train_loss:.4g} → {final['train_loss']:.4g})")
     out = {
         "task": task.name, "method": spec.method, "label": spec.label or spec.method, "hp": spec.hp,
         "seed": spec.seed, "steps": spec.steps, "dtype": spec.dtype, "diverged": diverged,
         "select": select, "report": report, "final": final, "curve": curve,
-        "nonfinite_loss_steps": nonfinite, "time_s": train_time,
-        "notes": method.notes + ([f"raised {error}"] if error else []),
+        "nonfinite_loss_steps": nonfinite, "time_s": train_time, "initial_train_loss": initial_train_loss,
+        "notes": notes,
     }
     out.update(method.info())
     return _jsonable(out)
@@ -1056,7 +1062,9 @@ def run_protocol(item: PlanItem, runner: Runner, device: str = "cpu") -> dict:
     other seed. When the chosen point diverges on another seed, the next-best grid point that
     trained on the first seed is taken instead (and recorded in "rejected"): a point at the edge
     of stability on one seed is not the method's best setting. A one-point grid is simply run
-    with every seed."""
+    with every seed. A run has diverged when it raised, its loss stayed non-finite, θ or the final
+    metrics are not finite, or it ended with a higher training loss than it started with (a loss
+    spike it never recovered from: finite, and no better than not training)."""
     task, entries, seeds, steps, dtype = item.task, item.entries, item.seeds, item.steps, item.dtype
     spec = functools.partial(RunSpec, task=task, steps=steps, device=device, dtype=dtype)
     grid_specs = [spec(method=e.method, hp=hp, seed=seeds[0], label=e.label)
@@ -1114,7 +1122,7 @@ def run_protocol(item: PlanItem, runner: Runner, device: str = "cpu") -> dict:
 
 
 def _strip(run: dict) -> dict:
-    keep = ("seed", "diverged", "select", "report", "final", "curve", "time_s", "skipped_steps",
+    keep = ("seed", "diverged", "select", "report", "final", "initial_train_loss", "curve", "time_s", "skipped_steps",
             "nonfinite_loss_steps", "meta_steps", "lr_history", "precond_stats", "hp")
     return {k: run[k] for k in keep if k in run}
 
