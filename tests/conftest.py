@@ -5,7 +5,9 @@ at collection start, by torch's own query: without a usable CUDA device the Trit
 interpreted on CPU tensors (that is how CI tests them); with one they run compiled. (Importing
 torch does not import triton.)
 """
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,22 @@ import pytest  # noqa: E402
 
 import apo_kernels  # noqa: E402
 from apo_kernels.ops.backends import get, registered  # noqa: E402
+
+
+PYTHON_SCRIPTS = Path(__file__).resolve().parents[1] / "python"
+
+
+def python_script(name: str) -> str:
+    """The path of ``python/<name>.py`` (the runnable examples and measurement scripts)."""
+    return str(PYTHON_SCRIPTS / f"{name}.py")
+
+
+def load_python_script(name: str):
+    """``python/<name>.py`` imported as a module, without running its ``main``."""
+    spec = importlib.util.spec_from_file_location(name, python_script(name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def backend_skip_reason(backend: str, device_type: str = "cpu"):

@@ -5,7 +5,6 @@ The CI run of the benchmark is `python -m apo_kernels.bench --quick` in a subpro
 it (≤ 60 s on an idle 2-core machine). Targets are only reported by the bench, never asserted; no
 test here asserts a time.
 """
-import importlib.util
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from apo_kernels.bench.__main__ import _pick_backends, build_parser, make_config
 from apo_kernels.bench.common import divide_times
 from apo_kernels.bench.common import timed_backends
 from apo_kernels.ops import Backend, reference, register, unregister, usable
+from conftest import load_python_script, python_script
 
 
 def _timings(rows):
@@ -487,13 +487,9 @@ def test_cpu_half_precision_is_capped_only_where_it_measured_slow(monkeypatch):
     assert quick.half_cap("fp16") == common.CPU_HALF_CAP["quick"]
 
 
-def _script_path(name):
-    return os.path.join(os.path.dirname(__file__), "..", "python", f"{name}.py")
-
-
 def test_plain_step_parts_diagnosis_runs_and_reports_every_variant():
     # python/measure_meta_overhead.py --plain-step-parts: the diagnosis the README's log quotes
-    proc = subprocess.run([sys.executable, _script_path("measure_meta_overhead"), "--plain-step-parts",
+    proc = subprocess.run([sys.executable, python_script("measure_meta_overhead"), "--plain-step-parts",
                            "--rows", "small", "--repeats", "2",
                            "--threads", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -521,16 +517,9 @@ def test_grouped_floor_is_the_one_thread_time_over_the_threads():
     assert divide_times(one, 2) == dict(median_ms=2.0, p20_ms=1.5, p80_ms=2.5, reps=9, calls=3)
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, _script_path(name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bf16_operand_emulation_rounds_every_gemm_operand():
     # python/measure_bf16_gemm_quality.py: the op it emulates is the exact op up to bf16 operand rounding
-    quality = _load_script("measure_bf16_gemm_quality")
+    quality = load_python_script("measure_bf16_gemm_quality")
     g = torch.Generator().manual_seed(0)
     m, n = 37, 23
     grad = torch.randn(m, n, generator=g)
@@ -555,7 +544,7 @@ def test_bf16_operand_emulation_rounds_every_gemm_operand():
 
 
 def test_bf16_quality_script_runs_every_variant():
-    proc = subprocess.run([sys.executable, _script_path("measure_bf16_gemm_quality"),
+    proc = subprocess.run([sys.executable, python_script("measure_bf16_gemm_quality"),
                            "--experiments", "ill_conditioned", "--seeds", "2", "--steps", "20"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

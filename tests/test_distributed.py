@@ -29,6 +29,7 @@ from apo_kernels.baselines import EKFAC, KFAC
 from apo_kernels.optim import APOLR, APOPrecond
 
 from _tiny import mlp, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from conftest import load_python_script
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -395,12 +396,7 @@ def test_owners_balance_cost_greedily():
 
 
 def test_train_ddp_example_runs_in_one_process(capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "python" / "train_ddp.py"
-    spec = importlib.util.spec_from_file_location("train_ddp", path)
-    train_ddp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_ddp)
+    train_ddp = load_python_script("train_ddp")
     assert train_ddp.main(["--steps", "3", "--meta-interval", "2", "--check"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"rank 0: φ [0-9.]+ (MiB|B), meta-optimizer state [0-9.]+ (MiB|B)", out)
