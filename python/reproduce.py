@@ -78,6 +78,13 @@ def _hp(hp: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items()) or "-"
 
 
+def _grid_score(score, diverged: bool) -> str:
+    """A grid point's score; a diverged run's finite score (it ended above its start) is kept beside it."""
+    if score is None:
+        return "diverged"
+    return f"{C.fmt(score)} (diverged)" if diverged else C.fmt(score)
+
+
 def results_table(tres: dict) -> list[str]:
     """One row per method: chosen point, reported metric mean ± std, stability, cost."""
     unit = " (%)" if tres["metric"] == "accuracy" else ""
@@ -86,8 +93,8 @@ def results_table(tres: dict) -> list[str]:
              f"| s/run | grid ({tres['select_on']} {tres['metric']}) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, m in tres["methods"].items():
-        grid = "; ".join(f"{_hp(hp)} → {C.fmt(s) if s is not None else 'diverged'}"
-                         for hp, s in zip(m["grid"], m["grid_scores"])) if len(m["grid"]) > 1 else "-"
+        grid = "; ".join(f"{_hp(hp)} → {_grid_score(s, bad)}" for hp, s, bad in zip(
+            m["grid"], m["grid_scores"], m.get("grid_diverged", [False] * len(m["grid"])))) if len(m["grid"]) > 1 else "-"
         mean = C.fmt_ms(m["mean"], m["std"]) if m["mean"] is not None else f"diverged ({m['diverged']}/{m['n']})"
         t = sum(m["time_s"]) / len(m["time_s"]) if m["time_s"] else None
         lines.append("| " + " | ".join(_cell(x) for x in (

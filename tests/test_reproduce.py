@@ -209,6 +209,17 @@ def test_train_counts_a_run_that_ends_above_its_start_as_diverged(monkeypatch):
     assert not ok["diverged"] and ok["report"] < ok["initial_train_loss"]
 
 
+def test_results_table_marks_every_diverged_grid_point():
+    # a finite score of a diverged run (it ended above its start) is shown, marked; a missing one reads "diverged"
+    method = {"grid": [{"lr": 0.1}, {"lr": 1.0}, {"lr": 10.0}], "grid_scores": [0.5, 2.0e12, None],
+              "grid_diverged": [False, True, True], "chosen": {"lr": 0.1}, "mean": 0.5, "std": 0.0, "n": 1,
+              "diverged": 0, "skipped_steps": [0], "time_s": [1.0]}
+    rows = reproduce.results_table({"metric": "loss", "report_on": "train", "select_on": "train",
+                                    "methods": {"SGDm": method}})
+    grid = rows[-1].split(" | ")[-1]
+    assert "lr=0.1 → 0.5;" in grid and "lr=1 → 2.000e+12 (diverged)" in grid and grid.endswith("lr=10 → diverged |")
+
+
 def test_bernoulli_kl_matches_definition():
     new, old = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
     p, q = torch.sigmoid(old), torch.sigmoid(new)
