@@ -79,7 +79,8 @@ def _hp(hp: dict) -> str:
 
 
 def _grid_score(score, diverged: bool) -> str:
-    """A grid point's score; a diverged run's finite score (it ended above its start) is kept beside it."""
+    """A grid point's score, marked when its run diverged with a finite score (it ended above its
+    start, or raised); "diverged" alone when the score itself is not finite."""
     if score is None:
         return "diverged"
     return f"{C.fmt(score)} (diverged)" if diverged else C.fmt(score)

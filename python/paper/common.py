@@ -1122,8 +1122,8 @@ def run_protocol(item: PlanItem, runner: Runner, device: str = "cpu") -> dict:
 
 
 def _strip(run: dict) -> dict:
-    keep = ("seed", "diverged", "select", "report", "final", "initial_train_loss", "curve", "time_s", "skipped_steps",
-            "nonfinite_loss_steps", "meta_steps", "lr_history", "precond_stats", "hp")
+    keep = ("seed", "diverged", "select", "report", "final", "initial_train_loss", "curve", "time_s",
+            "skipped_steps", "nonfinite_loss_steps", "meta_steps", "lr_history", "precond_stats", "hp")
     return {k: run[k] for k in keep if k in run}
 
 
