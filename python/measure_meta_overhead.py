@@ -3,6 +3,7 @@
     python python/measure_meta_overhead.py [--rows mlp1024,mlp2048,cnn,...] [--fsd-batch other,own] [--repeats 7] [--threads N] [--clock cpu]
     python python/measure_meta_overhead.py --meta-cost [--repeats 10]
     python python/measure_meta_overhead.py --plain-step-parts [--rows small] [--repeats 60] [--threads 1 --clock cpu]
+    python python/measure_meta_overhead.py --meta-step-parts [--rows small] [--repeats 200] [--threads 2]
 
 Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
 ``apo_kernels.bench.train_bench`` on CPU; ``small``, ``mlp256``, ``cnn8``: the small MLP row and
@@ -34,6 +35,13 @@ removed at a time: the finiteness check of the loss and gradients at θ, the lr 
 optimizer's step, both. A diagnosis, not a configuration: the pieces are switched off on the
 instance, and a step without the check would let a non-finite gradient into the momentum. Every
 variant trains its own copy in 10-step blocks, the blocks in a shuffled order each round.
+
+``--meta-step-parts``: APO-LR(SGD+momentum)'s meta-step (λ_FSD = 0.1 on the step's batch, K = 10)
+timed in pieces, each the median over meta-steps of its time within one: the closures at θ and θ'
+(with the FSD term's value and gradient, which run inside the closure at θ'), each piece of APO's
+own work (the gradient check, the lookahead direction, writing and restoring θ', the
+meta-gradient, the Adam step on φ, the base optimizer's step) and what none of them covers; then
+the plain step and its closure. A diagnosis: the pieces are timed by wrapping them.
 """
 import argparse
 import random
@@ -46,7 +54,7 @@ import torch.nn.functional as F
 
 from apo_kernels._step_hooks import step_quietly
 from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, mlp, small_cnn, small_mlp
-from apo_kernels.optim import APOLR, APOPrecond
+from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, snapshot
 
 # apo-bench's CPU training rows: (name, model factory, input shape)
 ROWS = {
@@ -191,6 +199,108 @@ def plain_step_parts(row: str, repeats: int, clock_name: str):
         print(f"  {name:32s} {t * 1e6:8.1f} µs  ({(t - med['SGD']) * 1e6:+7.1f} µs over SGD)")
 
 
+class _PartTimers:
+    """Time spent per labelled piece of code, summed within one step: each piece is a callable
+    swapped for a timing wrapper (``wrap``) and put back by ``restore``."""
+
+    def __init__(self, clock):
+        self.clock, self.step, self._undo = clock, {}, []
+
+    def wrap(self, owner, attr: str, label: str):
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t0 = self.clock()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.step[label] = self.step.get(label, 0.0) + self.clock() - t0
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, inner))
+
+    def restore(self):
+        for owner, attr, inner in reversed(self._undo):
+            setattr(owner, attr, inner)
+        self._undo.clear()
+
+
+# APO-LR's meta-step in pieces: (owner, attribute, label); "inside" pieces run within a closure
+META_STEP_PARTS = (
+    (_core.APOCore, "_grads_finite", "gradient check at θ"),
+    (APOLR, "_lookahead_deltas", "lookahead direction Δ"),
+    (snapshot.ModelSnapshot, "__init__", "snapshot of θ"),
+    (snapshot.ModelSnapshot, "write", "θ' = θ + Δ and ‖Δ‖²"),
+    (snapshot.ModelSnapshot, "restore", "θ restored"),
+    (APOLR, "_meta_backward", "meta-gradient ⟨∇θ'Q, Δ⟩"),
+    (_core, "step_quietly", "Adam step on φ"),
+    (APOLR, "_after_meta_step", "clamp and record φ"),
+    (APOLR, "_apply", "base step with the lr swap"),
+)
+INSIDE_CLOSURE = ((discrepancy, "value_and_grad", "of which the FSD value and gradient"),)
+
+
+def meta_step_parts(row: str, repeats: int, clock_name: str):
+    """APO-LR(SGD+momentum)'s meta-step on ``row``, λ_FSD = 0.1 on the step's batch, K = 10, timed in
+    pieces: the closures, each piece of APO's own work (the median over meta-steps of its time in
+    one meta-step) and what none of them covers. A diagnosis: the pieces are timed by wrapping them."""
+    label, make_model, shape = ROWS[row]
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)
+    torch.manual_seed(0)
+    model = make_model()
+    opt = APOLR(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
+    timers = _PartTimers(clock)
+
+    def closure():
+        t0 = clock()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        timers.step["closures"] = timers.step.get("closures", 0.0) + clock() - t0
+        return loss
+
+    def step():
+        timers.step = {}
+        t0 = clock()
+        opt.step(closure, fsd_inputs=(x,))
+        return clock() - t0, timers.step
+
+    for owner, attr, part in META_STEP_PARTS + INSIDE_CLOSURE:
+        timers.wrap(owner, attr, part)
+    meta, plain = [], []
+    try:
+        for k in range(INTERVAL * (repeats + 2)):
+            t, parts = step()
+            if k >= 2 * INTERVAL:  # two blocks of warm-up
+                (meta if k % INTERVAL == 0 else plain).append((t, parts))
+    finally:
+        timers.restore()
+    if opt.meta_steps != repeats + 2:
+        raise RuntimeError(f"expected {repeats + 2} meta-steps, got {opt.meta_steps} (skipped {opt.skipped_steps})")
+
+    def med(steps, key):
+        return statistics.median(parts.get(key, 0.0) for _, parts in steps)
+
+    total = statistics.median(t for t, _ in meta)
+    print(f"\n{label}, APO-LR(SGD+momentum), λ_FSD=0.1 on the step's batch, K={INTERVAL}: "
+          f"{len(meta)} meta-steps, {clock_name} time; medians")
+    print(f"  {'meta-step':44s} {total * 1e6:8.1f} µs")
+    closures = med(meta, "closures")
+    inside = {part: med(meta, part) for _, _, part in INSIDE_CLOSURE}
+    print(f"    {'closures at θ and θ' + chr(39):42s} {closures * 1e6:8.1f} µs")
+    for part, t in inside.items():
+        print(f"      {part:40s} {t * 1e6:8.1f} µs")  # inside the closure at θ', counted there
+    own = {part: med(meta, part) for _, _, part in META_STEP_PARTS}
+    for part, t in own.items():
+        print(f"    {part:42s} {t * 1e6:8.1f} µs")
+    print(f"    {'the rest':42s} {(total - closures - sum(own.values())) * 1e6:8.1f} µs")
+    print(f"  {'plain step':44s} {statistics.median(t for t, _ in plain) * 1e6:8.1f} µs")
+    print(f"    {'its closure':42s} {med(plain, 'closures') * 1e6:8.1f} µs")
+
+
 def meta_cost(repeats: int, batch: int, backend: str):
     torch.manual_seed(0)
     x = torch.randn(batch, 1024)
@@ -245,6 +355,8 @@ def main():
     ap.add_argument("--backend", default="auto", help="--meta-cost: APOPrecond's backend")
     ap.add_argument("--plain-step-parts", action="store_true",
                     help="APO-LR's plain step beyond SGD's, with the gradient check / the lr swap removed (diagnosis)")
+    ap.add_argument("--meta-step-parts", action="store_true",
+                    help="APO-LR's meta-step timed in pieces: the closures and each piece of its own work (diagnosis)")
     args = ap.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -262,6 +374,9 @@ def main():
     elif args.plain_step_parts:
         for row in rows:
             plain_step_parts(row, args.repeats, args.clock)
+    elif args.meta_step_parts:
+        for row in rows:
+            meta_step_parts(row, args.repeats, args.clock)
     else:
         print_throughput(rows, args.repeats, args.clock, fsd_batches)
 

@@ -499,6 +499,26 @@ def test_plain_step_parts_diagnosis_runs_and_reports_every_variant():
     assert all(float(t) > 0 for _, t, _ in rows) and float(rows[0][2]) == 0.0
 
 
+def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
+    # python/measure_meta_overhead.py --meta-step-parts: every piece is reported, and with "the rest"
+    # the closures and APO's own pieces add up to the meta-step (the FSD term is inside a closure)
+    proc = subprocess.run([sys.executable, python_script("measure_meta_overhead"), "--meta-step-parts",
+                           "--rows", "small", "--repeats", "3", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = dict((name.strip(), float(t)) for name, t in
+                re.findall(r"^\s+(\S.*?)\s+(-?[0-9.]+) µs$", proc.stdout, re.M))
+    own = ["gradient check at θ", "lookahead direction Δ", "snapshot of θ", "θ' = θ + Δ and ‖Δ‖²", "θ restored",
+           "meta-gradient ⟨∇θ'Q, Δ⟩", "Adam step on φ", "clamp and record φ", "base step with the lr swap"]
+    assert set(own) | {"meta-step", "closures at θ and θ'", "of which the FSD value and gradient", "the rest",
+                       "plain step", "its closure"} == set(rows), proc.stdout
+    assert all(rows[name] > 0 for name in own + ["closures at θ and θ'", "of which the FSD value and gradient"])
+    assert rows["of which the FSD value and gradient"] < rows["closures at θ and θ'"] < rows["meta-step"]
+    parts = rows["closures at θ and θ'"] + sum(rows[name] for name in own) + rows["the rest"]
+    assert parts == pytest.approx(rows["meta-step"], abs=1.0)  # each row rounded to 0.1 µs
+    assert rows["its closure"] < rows["plain step"] < rows["meta-step"]
+
+
 def test_grouped_floor_is_the_one_thread_time_over_the_threads():
     # the one-thread variant runs on one thread and gives the caller's threads back, error or not
     threads = torch.get_num_threads()
