@@ -288,9 +288,9 @@ def meta_step_parts(row: str, repeats: int, clock_name: str):
     print(f"\n{label}, APO-LR(SGD+momentum), λ_FSD=0.1 on the step's batch, K={INTERVAL}: "
           f"{len(meta)} meta-steps, {clock_name} time; medians")
     print(f"  {'meta-step':44s} {total * 1e6:8.1f} µs")
-    closures = med(meta, "closures")
+    closures, closures_label = med(meta, "closures"), "closures at θ and θ'"
     inside = {part: med(meta, part) for _, _, part in INSIDE_CLOSURE}
-    print(f"    {'closures at θ and θ' + chr(39):42s} {closures * 1e6:8.1f} µs")
+    print(f"    {closures_label:42s} {closures * 1e6:8.1f} µs")
     for part, t in inside.items():
         print(f"      {part:40s} {t * 1e6:8.1f} µs")  # inside the closure at θ', counted there
     own = {part: med(meta, part) for _, _, part in META_STEP_PARTS}
