@@ -206,17 +206,20 @@ class _PartTimers:
     def __init__(self, clock):
         self.clock, self.step, self._undo = clock, {}, []
 
-    def wrap(self, owner, attr: str, label: str):
-        inner = getattr(owner, attr)
-
-        def timed(*args, **kwargs):
+    def timed(self, fn, label: str):
+        """``fn`` with its time added to ``label``'s in the current step."""
+        def run(*args, **kwargs):
             t0 = self.clock()
             try:
-                return inner(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
                 self.step[label] = self.step.get(label, 0.0) + self.clock() - t0
 
-        setattr(owner, attr, timed)
+        return run
+
+    def wrap(self, owner, attr: str, label: str):
+        inner = getattr(owner, attr)
+        setattr(owner, attr, self.timed(inner, label))
         self._undo.append((owner, attr, inner))
 
     def restore(self):
@@ -254,13 +257,13 @@ def meta_step_parts(row: str, repeats: int, clock_name: str):
                 lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
     timers = _PartTimers(clock)
 
-    def closure():
-        t0 = clock()
+    def train_closure():
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        timers.step["closures"] = timers.step.get("closures", 0.0) + clock() - t0
         return loss
+
+    closure = timers.timed(train_closure, "closures")
 
     def step():
         timers.step = {}

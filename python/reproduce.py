@@ -94,8 +94,8 @@ def results_table(tres: dict) -> list[str]:
              f"| s/run | grid ({tres['select_on']} {tres['metric']}) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, m in tres["methods"].items():
-        grid = "; ".join(f"{_hp(hp)} → {_grid_score(s, bad)}" for hp, s, bad in zip(
-            m["grid"], m["grid_scores"], m.get("grid_diverged", [False] * len(m["grid"])))) if len(m["grid"]) > 1 else "-"
+        grid = "; ".join(f"{_hp(hp)} → {_grid_score(s, bad)}" for hp, s, bad in
+                         zip(m["grid"], m["grid_scores"], m["grid_diverged"])) if len(m["grid"]) > 1 else "-"
         mean = C.fmt_ms(m["mean"], m["std"]) if m["mean"] is not None else f"diverged ({m['diverged']}/{m['n']})"
         t = sum(m["time_s"]) / len(m["time_s"]) if m["time_s"] else None
         lines.append("| " + " | ".join(_cell(x) for x in (
