@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -517,6 +518,36 @@ def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
     parts = rows["closures at θ and θ'"] + sum(rows[name] for name in own) + rows["the rest"]
     assert parts == pytest.approx(rows["meta-step"], abs=1.0)  # each row rounded to 0.1 µs
     assert rows["its closure"] < rows["plain step"] < rows["meta-step"]
+
+
+def _blas_swap_skip_reason():
+    import glob
+    import shutil
+
+    try:
+        import numpy
+    except ImportError:
+        return "numpy is not installed (its wheel's OpenBLAS is the other BLAS)"
+    if not glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "libscipy_openblas64_*.so")):
+        return "this numpy does not bundle scipy-openblas64 (numpy.libs/libscipy_openblas64_*.so)"
+    if shutil.which("cc") is None:
+        return "no C compiler (cc) to build the sgemm_ shim"
+    return None
+
+
+@pytest.mark.skipif(_blas_swap_skip_reason() is not None, reason=str(_blas_swap_skip_reason()))
+def test_blas_swap_measurement_runs_both_blas_through_the_shim():
+    # csrc/test/measure_blas_swap.py: the measurement the log quotes; it stops with an error when
+    # either BLAS got no call of the op through its shim (so a run cannot time MKL twice)
+    script = Path(__file__).resolve().parents[1] / "csrc" / "test" / "measure_blas_swap.py"
+    proc = subprocess.run([sys.executable, str(script), "--rounds", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    diff = float(re.search(r"max relative difference (\S+)", proc.stdout).group(1))
+    assert diff < 1e-5, proc.stdout
+    rows = re.findall(r"^\s+(grouped (?:forward|backward), (?:MKL|OpenBLAS))\s+([0-9.]+) \[", proc.stdout, re.M)
+    assert len(rows) == 4 and all(float(t) > 0 for _, t in rows), proc.stdout
+    assert re.search(r"^\s+OpenBLAS\s+[0-9.]+ ms", proc.stdout, re.M), proc.stdout
 
 
 def test_grouped_floor_is_the_one_thread_time_over_the_threads():

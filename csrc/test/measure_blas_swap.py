@@ -80,6 +80,7 @@ def measure(args) -> None:
     from apo_kernels.bench.timing import Timer
 
     torch.set_num_threads(args.threads)
+    threads = f"{args.threads} thread{'s' if args.threads != 1 else ''}"
     shim = ctypes.CDLL(os.environ[MARK])
     torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))  # loaded: its handle
     shim.blas_swap_set_mkl(ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p))
@@ -116,7 +117,7 @@ def measure(args) -> None:
         "grouped backward, OpenBLAS": with_blas(True, backward),
     }, rounds=args.rounds)
     med = {name: r["median_ms"] for name, r in res.items()}
-    print(f"\n64 small layers (32–128), {args.threads} threads, {args.rounds} rounds round-robin: median ms [p20–p80]")
+    print(f"\n64 small layers (32–128), {threads}, {args.rounds} rounds round-robin: median ms [p20–p80]")
     for name, r in res.items():
         print(f"  {name:28s} {r['median_ms']:7.3f} [{r['p20_ms']:.3f}–{r['p80_ms']:.3f}]")
     loop_ms = med["loop of torch chains, MKL"]
@@ -129,7 +130,7 @@ def measure(args) -> None:
     Gs, As, Ss, Bs, _ = (list(t) for t in zip(*mlp))
     fwd = lambda: apo_kernels.precondition_grouped(Gs, As, Ss, Bs)
     res = timer.interleaved({"MKL": with_blas(False, fwd), "OpenBLAS": with_blas(True, fwd)}, rounds=args.rounds * 5)
-    print(f"\nthe op's forward on the MNIST-1D MLP's layers (256×41, 256×257, 10×257), {args.threads} threads:")
+    print(f"\nthe op's forward on the MNIST-1D MLP's layers (256×41, 256×257, 10×257), {threads}:")
     for name, r in res.items():
         print(f"  {name:10s} {r['median_ms']:7.3f} ms [{r['p20_ms']:.3f}–{r['p80_ms']:.3f}]")
     swap(0)
