@@ -511,13 +511,16 @@ def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
                 re.findall(r"^\s+(\S.*?)\s+(-?[0-9.]+) µs$", proc.stdout, re.M))
     own = ["gradient check at θ", "lookahead direction Δ", "snapshot of θ", "θ' = θ + Δ and ‖Δ‖²", "θ restored",
            "meta-gradient ⟨∇θ'Q, Δ⟩", "Adam step on φ", "clamp and record φ", "base step with the lr swap"]
-    assert set(own) | {"meta-step", "closures at θ and θ'", "of which the FSD value and gradient", "the rest",
-                       "plain step", "its closure"} == set(rows), proc.stdout
+    plain = ["its closure", "its gradient check", "its base step with the lr swap"]
+    assert set(own) | set(plain) | {"meta-step", "closures at θ and θ'", "of which the FSD value and gradient",
+                                    "the rest", "plain step", "the rest of it"} == set(rows), proc.stdout
     assert all(rows[name] > 0 for name in own + ["closures at θ and θ'", "of which the FSD value and gradient"])
     assert rows["of which the FSD value and gradient"] < rows["closures at θ and θ'"] < rows["meta-step"]
     parts = rows["closures at θ and θ'"] + sum(rows[name] for name in own) + rows["the rest"]
     assert parts == pytest.approx(rows["meta-step"], abs=1.0)  # each row rounded to 0.1 µs
     assert rows["its closure"] < rows["plain step"] < rows["meta-step"]
+    assert all(rows[name] > 0 for name in plain)  # the plain step goes through the check and the base step
+    assert sum(rows[name] for name in plain) + rows["the rest of it"] == pytest.approx(rows["plain step"], abs=1.0)
 
 
 def _blas_swap_skip_reason():
