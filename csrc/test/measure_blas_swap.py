@@ -9,10 +9,11 @@ bundles instead, and times in one process, round-robin:
 How: a preloaded shim (built here with the C compiler) defines ``sgemm_`` and passes each call to
 OpenBLAS's ``scipy_sgemm_64_`` (64-bit integers) or to the ``sgemm_`` of torch's library (MKL;
 the script hands the shim its address), by a flag the script sets between calls; the shim counts
-the calls each BLAS gets, so a run where the op did not go through it stops with an error. torch.mm
-goes through ``sgemm_`` as well, so the loop is timed with the flag on MKL. OpenBLAS runs one thread per call (``OPENBLAS_NUM_THREADS=1``):
-the op's parallel loop supplies the threads for small layers, and a layer large enough to run alone
-loses MKL's own threading with OpenBLAS (the MLP's 256×257 layer is one).
+the calls each BLAS gets, so a run where the op did not go through it stops with an error.
+torch.mm goes through ``sgemm_`` as well, so the loop is timed with the flag on MKL. OpenBLAS runs
+one thread per call (``OPENBLAS_NUM_THREADS=1``): the op's parallel loop supplies the threads for
+small layers, and a layer large enough to run alone loses MKL's own threading with OpenBLAS (the
+MLP's 256×257 layer is one).
 
     python csrc/test/measure_blas_swap.py [--threads 2] [--rounds 40]
 
@@ -34,7 +35,7 @@ typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const 
 void scipy_sgemm_64_(const char*, const char*, const i64*, const i64*, const i64*, const float*, const float*,
                      const i64*, const float*, const i64*, const float*, float*, const i64*, long, long);
 static volatile int use_openblas = 0;
-static long calls[2];  /* per BLAS: MKL, OpenBLAS (counted from one thread at a time in the check) */
+static long calls[2];  /* per BLAS: MKL, OpenBLAS (the op calls from several threads at once) */
 long blas_swap_calls(int openblas) { return calls[openblas]; }
 static sgemm_t mkl_sgemm = 0;  /* torch's own sgemm_, handed over by the script */
 void blas_swap_use_openblas(int on) { use_openblas = on; }
@@ -42,7 +43,7 @@ void blas_swap_set_mkl(void* f) { mkl_sgemm = (sgemm_t)f; }
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
             const int* ldc) {
-  calls[use_openblas]++;
+  __atomic_fetch_add(&calls[use_openblas], 1, __ATOMIC_RELAXED);
   if (use_openblas) {
     i64 M = *m, N = *n, K = *k, LA = *lda, LB = *ldb, LC = *ldc;
     scipy_sgemm_64_(ta, tb, &M, &N, &K, alpha, a, &LA, b, &LB, beta, c, &LC, 1, 1);
@@ -54,7 +55,7 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 MARK = "APO_BLAS_SWAP_SHIM"
 
 
-def build_and_reexec(args) -> None:
+def build_and_reexec() -> None:
     import numpy
 
     libs = glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "libscipy_openblas64_*.so"))
@@ -82,7 +83,8 @@ def measure(args) -> None:
     torch.set_num_threads(args.threads)
     threads = f"{args.threads} thread{'s' if args.threads != 1 else ''}"
     shim = ctypes.CDLL(os.environ[MARK])
-    torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))  # loaded: its handle
+    # torch's library is loaded already: this is its handle, and its sgemm_ is MKL's, not the shim's
+    torch_cpu = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
     shim.blas_swap_set_mkl(ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p))
     swap = shim.blas_swap_use_openblas
     gen = torch.Generator().manual_seed(0)
@@ -142,7 +144,7 @@ def main():
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args()
     if MARK not in os.environ:
-        build_and_reexec(args)
+        build_and_reexec()
     measure(args)
 
 
