@@ -51,10 +51,9 @@ import time
 import types
 
 import torch
-import torch.nn.functional as F
 
 from apo_kernels._step_hooks import step_quietly
-from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, mlp, small_cnn, small_mlp
+from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, base_sgd, closure_for, mlp, small_cnn, small_mlp
 from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, snapshot
 
 # apo-bench's CPU training rows: (name, model factory, input shape)
@@ -70,21 +69,18 @@ ROWS = {
 
 def variants(fsd_batches):
     """name -> (optimizer factory, whether its FSD batch is the step's own)."""
-    def sgd(m):
-        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-
     def apo_lr(lam):
-        return lambda m: APOLR(m, sgd(m), lambda_fsd=lam, lambda_wsd=0.0, meta_interval=INTERVAL)
+        return lambda m: APOLR(m, base_sgd(m), lambda_fsd=lam, lambda_wsd=0.0, meta_interval=INTERVAL)
 
-    out = {"SGD": (sgd, False)}
+    out = {"SGD": (base_sgd, False)}
     if "other" in fsd_batches:
         out["APO-LR λ_FSD=0.1"] = (apo_lr(0.1), False)
-        out["passes only λ_FSD=0.1"] = (lambda m: MetaPassesOnly(m, sgd(m), 0.1), False)
+        out["passes only λ_FSD=0.1"] = (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1), False)
     if "own" in fsd_batches:
         out["APO-LR λ_FSD=0.1 own batch"] = (apo_lr(0.1), True)
-        out["passes only λ_FSD=0.1 own batch"] = (lambda m: MetaPassesOnly(m, sgd(m), 0.1, own_batch=True), True)
+        out["passes only λ_FSD=0.1 own batch"] = (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1, own_batch=True), True)
     out["APO-LR λ_FSD=0"] = (apo_lr(0.0), False)
-    out["passes only λ_FSD=0"] = (lambda m: MetaPassesOnly(m, sgd(m), 0.0), False)
+    out["passes only λ_FSD=0"] = (lambda m: MetaPassesOnly(m, base_sgd(m), 0.0), False)
     return out
 
 
@@ -107,12 +103,7 @@ def throughput(row: str, repeats: int, clock, fsd_batches=("other",)) -> dict:
                 x, y = batches[state["step"] % len(batches)]
                 state["step"] += 1
 
-                def closure():
-                    opt.zero_grad()
-                    loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-                    return loss
-
+                closure = closure_for(opt, model, x, y)
                 t0 = clock()
                 if isinstance(opt, torch.optim.SGD):
                     opt.step(closure)
@@ -169,7 +160,7 @@ def plain_step_parts(row: str, repeats: int, clock_name: str):
     for name in ["SGD", *removed]:
         torch.manual_seed(0)
         model = make_model()
-        sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sgd = base_sgd(model)
         # λ_FSD = 0 and a meta-step only at step 0, in the warm-up block
         opt = sgd if name == "SGD" else APOLR(model, sgd, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=10**9)
         if "check" in removed.get(name, ()):
@@ -180,12 +171,7 @@ def plain_step_parts(row: str, repeats: int, clock_name: str):
         def block(model=model, opt=opt):
             t0 = clock()
             for x, y in batches * 3:  # 12 steps
-                def closure():
-                    opt.zero_grad()
-                    loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-                    return loss
-                opt.step(closure)
+                opt.step(closure_for(opt, model, x, y))
             return (clock() - t0) / (3 * len(batches))
 
         block()  # warm-up
@@ -254,17 +240,9 @@ def meta_step_parts(row: str, repeats: int, clock_name: str):
     x, y = torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)
     torch.manual_seed(0)
     model = make_model()
-    opt = APOLR(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
+    opt = APOLR(model, base_sgd(model), lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
     timers = _PartTimers(clock)
-
-    def train_closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    closure = timers.timed(train_closure, "closures")
+    closure = timers.timed(closure_for(opt, model, x, y), "closures")
 
     def step():
         timers.step = {}
@@ -320,12 +298,7 @@ def meta_cost(repeats: int, batch: int, backend: str):
         return mlp(1024, d_in=1024)
 
     def time_steps(opt, net, meta: bool):
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-
+        closure = closure_for(opt, net, x, y)
         times = []
         for _ in range(repeats + 2):
             if hasattr(opt, "meta_due"):
@@ -337,10 +310,10 @@ def meta_cost(repeats: int, batch: int, backend: str):
 
     print(f"MLP 4x1024, batch {batch}, backend {backend}")
     net = make()
-    print(f"torch SGD+momentum step          {time_steps(torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), net, False) * 1e3:8.1f} ms")
+    print(f"torch SGD+momentum step          {time_steps(base_sgd(net), net, False) * 1e3:8.1f} ms")
     for name, fac in (
         ("APOPrecond", lambda n: APOPrecond(n, lr=0.01, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, backend=backend)),
-        ("APOLR", lambda n: APOLR(n, torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9), lambda_fsd=0.1, lambda_wsd=0.0)),
+        ("APOLR", lambda n: APOLR(n, base_sgd(n), lambda_fsd=0.1, lambda_wsd=0.0)),
     ):
         net = make()
         opt = fac(net)

@@ -124,6 +124,22 @@ class MetaPassesOnly:
         return loss
 
 
+def base_sgd(model: nn.Module) -> torch.optim.SGD:
+    """The SGD row's optimizer, which is also APO-LR's base optimizer and its bound's: one configuration."""
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def closure_for(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The training closure every row steps with: zero the grads, cross-entropy on (x, y), backward."""
+    def closure():
+        opt.zero_grad()
+        out = F.cross_entropy(model(x), y)
+        out.backward()
+        return out
+
+    return closure
+
+
 def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     """name -> factory(model) returning (optimizer, FSD batch): the FSD batch is None (the optimizer
     takes no ``fsd_inputs``), "other" (a batch of its own, as in the paper) or "own" (the step's
@@ -131,11 +147,8 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     row's meta_interval is longer)."""
     from ..baselines import EKFAC, KFAC
 
-    def sgd(m):  # the baseline, APO-LR's base optimizer and its bound's: one configuration
-        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-
     facs = {
-        "SGD": lambda m: (sgd(m), None),
+        "SGD": lambda m: (base_sgd(m), None),
         "Adam": lambda m: (torch.optim.Adam(m.parameters(), lr=1e-3), None),
         "KFAC": lambda m: (KFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), None),
         "EKFAC": lambda m: (EKFAC(m, lr=0.01, damping=0.1, inverse_interval=INTERVAL), None),
@@ -144,7 +157,7 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     def apo_lr(m, lambda_fsd=0.1):
         from ..optim import APOLR
 
-        return APOLR(m, sgd(m), lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_interval=INTERVAL), "other"
+        return APOLR(m, base_sgd(m), lambda_fsd=lambda_fsd, lambda_wsd=0.0, meta_interval=INTERVAL), "other"
 
     def apo_precond(m, meta_interval=INTERVAL, structure="full"):
         from ..optim import APOPrecond
@@ -154,10 +167,10 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
 
     facs["APO-LR(SGD)"] = apo_lr
     # what APO-LR(SGD) would cost with no overhead of its own: the row's bound on its throughput
-    facs[BOUND] = lambda m: (MetaPassesOnly(m, sgd(m), 0.1), "other")
+    facs[BOUND] = lambda m: (MetaPassesOnly(m, base_sgd(m), 0.1), "other")
     # the FSD term on the step's own batch (the paper's App. D): it rides on the closure's passes
     facs[OWN_BATCH] = lambda m: (apo_lr(m)[0], "own")
-    facs[BOUND_OWN] = lambda m: (MetaPassesOnly(m, sgd(m), 0.1, own_batch=True), "own")
+    facs[BOUND_OWN] = lambda m: (MetaPassesOnly(m, base_sgd(m), 0.1, own_batch=True), "own")
     # without the FSD term a meta-step is one extra forward/backward instead of ~2.3 (see report)
     facs["APO-LR(SGD) λ_FSD=0"] = lambda m: apo_lr(m, lambda_fsd=0.0)
     facs["APO-Precond"] = apo_precond
@@ -190,20 +203,11 @@ def _training_block(model, opt, fsd, batches, fsd_batch):
     phase) and the state it updates: steps run, last loss."""
     state = dict(steps=0, loss=None)
 
-    def closure_for(x, y):
-        def closure():
-            opt.zero_grad()
-            out = F.cross_entropy(model(x), y)
-            out.backward()
-            return out
-
-        return closure
-
     def block():
         for _ in range(INTERVAL):
             x, y = batches[state["steps"] % len(batches)]
             state["steps"] += 1
-            closure = closure_for(x, y)
+            closure = closure_for(opt, model, x, y)
             if fsd is None:
                 state["loss"] = opt.step(closure)
             else:
