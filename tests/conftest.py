@@ -28,12 +28,17 @@ def python_script(name: str) -> str:
     return str(PYTHON_SCRIPTS / f"{name}.py")
 
 
-def load_python_script(name: str):
-    """``python/<name>.py`` imported as a module, without running its ``main``."""
-    spec = importlib.util.spec_from_file_location(name, python_script(name))
+def load_script(path, name: str):
+    """The script at ``path`` imported as module ``name``, without running its ``main``."""
+    spec = importlib.util.spec_from_file_location(name, str(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_python_script(name: str):
+    """``python/<name>.py`` imported as a module, without running its ``main``."""
+    return load_script(python_script(name), name)
 
 
 def backend_skip_reason(backend: str, device_type: str = "cpu"):

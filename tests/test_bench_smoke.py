@@ -21,7 +21,7 @@ from apo_kernels.bench.__main__ import _pick_backends, build_parser, make_config
 from apo_kernels.bench.common import divide_times
 from apo_kernels.bench.common import timed_backends
 from apo_kernels.ops import Backend, reference, register, unregister, usable
-from conftest import load_python_script, python_script
+from conftest import load_python_script, load_script, python_script
 
 
 def _timings(rows):
@@ -523,27 +523,27 @@ def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
     assert sum(rows[name] for name in plain) + rows["the rest of it"] == pytest.approx(rows["plain step"], abs=1.0)
 
 
+BLAS_SWAP = Path(__file__).resolve().parents[1] / "csrc" / "test" / "measure_blas_swap.py"
+
+
 def _blas_swap_skip_reason():
-    import glob
     import shutil
 
-    try:
-        import numpy
-    except ImportError:
-        return "numpy is not installed (its wheel's OpenBLAS is the other BLAS)"
-    if not glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "libscipy_openblas64_*.so")):
-        return "this numpy does not bundle scipy-openblas64 (numpy.libs/libscipy_openblas64_*.so)"
+    if load_script(BLAS_SWAP, "measure_blas_swap").find_openblas() is None:
+        return "numpy's wheel OpenBLAS (numpy.libs/libscipy_openblas64_*.so) is not installed: it is the other BLAS"
     if shutil.which("cc") is None:
         return "no C compiler (cc) to build the sgemm_ shim"
     return None
 
 
-@pytest.mark.skipif(_blas_swap_skip_reason() is not None, reason=str(_blas_swap_skip_reason()))
+BLAS_SWAP_SKIP = _blas_swap_skip_reason()
+
+
+@pytest.mark.skipif(BLAS_SWAP_SKIP is not None, reason=str(BLAS_SWAP_SKIP))
 def test_blas_swap_measurement_runs_both_blas_through_the_shim():
     # csrc/test/measure_blas_swap.py: the measurement the log quotes; it stops with an error when
     # either BLAS got no call of the op through its shim (so a run cannot time MKL twice)
-    script = Path(__file__).resolve().parents[1] / "csrc" / "test" / "measure_blas_swap.py"
-    proc = subprocess.run([sys.executable, str(script), "--rounds", "1", "--threads", "1"],
+    proc = subprocess.run([sys.executable, str(BLAS_SWAP), "--rounds", "1", "--threads", "1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     diff = float(re.search(r"max relative difference (\S+)", proc.stdout).group(1))

@@ -55,13 +55,20 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 MARK = "APO_BLAS_SWAP_SHIM"
 
 
-def build_and_reexec() -> None:
-    import numpy
-
+def find_openblas():
+    """The path of the OpenBLAS numpy's wheel bundles, or None (no numpy, or a numpy without it)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
     libs = glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "libscipy_openblas64_*.so"))
-    if not libs:
+    return os.path.realpath(libs[0]) if libs else None
+
+
+def build_and_reexec() -> None:
+    lib = find_openblas()
+    if lib is None:
         sys.exit("numpy's bundled OpenBLAS (numpy.libs/libscipy_openblas64_*.so) was not found")
-    lib = os.path.realpath(libs[0])
     out = tempfile.mkdtemp(prefix="blas_swap_")
     src, shim = os.path.join(out, "shim.c"), os.path.join(out, "libblas_swap.so")
     with open(src, "w") as f:
