@@ -7,7 +7,8 @@
 // file adds the direct path (2-D fp32/fp64 layers that are small or row-blocked: the same maths on
 // BLAS calls and plain loops), the ATen path for the rest with its ⊙S pass, the grouped loop, the
 // momentum step (v = μ·m + g and Y(v) in one pass, an optimizer's plain step), the finiteness check,
-// the lookahead write (θ' = θ + Δ with ‖Δ‖², a meta-step's) and the registration.
+// the lookahead write (θ' = θ + Δ with ‖Δ‖², a meta-step's) and the registration (the schemas of
+// every apo:: op, also of discrepancy.cpp's FSD kernel).
 //
 // Light headers only (no torch/extension.h, no pybind11): the module registers ops on load and
 // exposes no Python functions. The CUDA implementations live in csrc/cuda/*.cu.
@@ -25,6 +26,7 @@
 
 #include "apo_checks.h"
 #include "cpu_schedule.h"
+#include "cpu_simd.h"
 
 #include <algorithm>
 #include <array>
@@ -160,14 +162,7 @@ void gemm(const Mat<T>& C, const Mat<T>& X, const Mat<T>& Y, T beta = T(0)) {
             C.p, static_cast<int>(C.ld));
 }
 
-// ---- elementwise loops over blocks of rows, compiled for AVX-512, AVX2 and the baseline x86-64 (the
-// loader picks one for the CPU it runs on); one call per block, not per row.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define APO_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define APO_SIMD_CLONES
-#endif
-#define APO_INLINE inline __attribute__((always_inline))
+// ---- elementwise loops over blocks of rows (cpu_simd.h: one call per block, not per row).
 
 namespace loops {
 
@@ -1024,6 +1019,7 @@ TORCH_LIBRARY(apo, m) {
       "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False) -> Tensor");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
   m.def("lookahead_write(Tensor[] params, Tensor[] deltas, Tensor(a!)[] out) -> Tensor");
+  m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {

@@ -182,6 +182,25 @@ def check_momentum(momentum) -> None:
         raise ValueError(f"momentum must be a finite number, got {momentum}")
 
 
+def check_kl(new_out, old_out, scale) -> None:
+    """apo::kl_value_and_grad's arguments (csrc/discrepancy.cpp's check_kl, same messages): two dense
+    tensors of one shape, dtype and device, at least 1-D and not empty (rows × classes), and a
+    finite scale."""
+    _check_tensor("new_out", new_out)
+    _check_tensor("old_out", old_out)
+    if old_out.shape != new_out.shape:
+        raise ValueError(f"old_out must have the shape of new_out {tuple(new_out.shape)}, got {tuple(old_out.shape)}")
+    if old_out.dtype != new_out.dtype:
+        raise TypeError(f"old_out has dtype {old_out.dtype} but new_out has {new_out.dtype}")
+    if old_out.device != new_out.device:
+        raise ValueError(f"old_out is on {old_out.device} but new_out is on {new_out.device}")
+    if new_out.ndim < 1 or new_out.numel() == 0:
+        raise ValueError("new_out must have at least one dimension and one element (rows × classes), "
+                         f"got shape {tuple(new_out.shape)}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+
+
 def _check_written_apart(lists, first_written: int) -> None:
     """Refuse any element shared by a written tensor (the lists from ``first_written`` on) and another
     argument, naming the first such pair in argument order (apo_checks.h's check_written_apart: only

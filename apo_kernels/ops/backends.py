@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _native_build
-from . import reference
+from . import _validate, reference
 from .library import OpFamily, library_family
 
 __all__ = [
@@ -198,6 +198,17 @@ if _native_error is None:
     def _fake_lookahead_write(params, deltas, out):
         _on_one_device("params, deltas, out", (*params, *deltas, *out))
         return (params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64))
+# apo::kl_value_and_grad(new_out, old_out, scale) -> (value, grad): the FSD term's KL and its gradient
+# in one call (apo_kernels.optim.discrepancy); None without the native module
+native_kl_value_and_grad: Optional[Callable] = None
+if _native_error is None:
+    native_kl_value_and_grad = torch.ops.apo.kl_value_and_grad.default
+
+    @torch.library.register_fake("apo::kl_value_and_grad")
+    def _fake_kl_value_and_grad(new_out, old_out, scale):
+        _validate.check_kl(new_out, old_out, scale)
+        dtype = torch.float64 if new_out.dtype == torch.float64 else torch.float32
+        return new_out.new_empty((), dtype=dtype), new_out.new_empty(new_out.shape, dtype=dtype)
 # Asked once at import: the dispatcher query is not traceable, and the status is read inside
 # torch.compile'd code (the public functions resolve their backend).
 _NATIVE_HAS_CUDA = _native_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(

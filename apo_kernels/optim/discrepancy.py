@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import backends
+
 Discrepancy = Callable[[object, object], Tensor]
 
 
@@ -80,7 +82,12 @@ def _rows(x: Tensor, leading: str) -> int:
 
 def _kl_value_and_grad(new: Tensor, old: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     # ∂/∂z KL(p_old ‖ softmax(z)) = softmax(z) − p_old per row (p_old sums to one), over the rows.
-    # Few ops, in place: on a small model each op's call, not its arithmetic, is the cost.
+    # One native call where there is one (apo::kl_value_and_grad: on a small model's outputs each
+    # op's call, not its arithmetic, is the cost, and log_softmax over a few classes is slow per row);
+    # else few ops, in place.
+    if backends.native_kl_value_and_grad is not None and new.ndim >= 1:
+        x = _upcast(new)
+        return backends.native_kl_value_and_grad(x, old.to(x.dtype), scale)
     log_new = F.log_softmax(_upcast(new), dim=-1)
     log_old = F.log_softmax(_upcast(old), dim=-1)
     p_old = log_old.exp()
