@@ -610,3 +610,20 @@ def test_bf16_quality_script_runs_every_variant():
     # the emulation changes the run (its values differ from the exact backends') but not by much
     cpu, emulated = ([float(v) for v in rows[k][4].split(",")] for k in (0, 2))
     assert cpu != emulated and all(abs(a - b) < 0.1 * a for a, b in zip(cpu, emulated))
+
+
+def test_pytest_benchmark_suites_run():
+    """``pytest bench/`` (the pytest-benchmark suites of the op and of the FSD term's KL), each
+    benchmark run once with timing off: every case passes or is skipped with its reason, none fails."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, APO_BENCH_DEVICE="cpu")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--benchmark-disable", "-v", "-p", "no:cacheprovider", "-rs"],
+        capture_output=True, text=True, timeout=600, cwd=root, env=env,
+    )
+    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail
+    assert re.search(r"\b\d+ passed\b", proc.stdout) and " failed" not in proc.stdout, tail
+    for suite in ("test_bench_op.py::test_forward", "test_bench_fsd.py::test_kl_value_and_grad"):
+        assert re.search(re.escape(suite) + r"\S* PASSED", proc.stdout), (suite, tail)

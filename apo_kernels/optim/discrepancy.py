@@ -81,13 +81,19 @@ def _rows(x: Tensor, leading: str) -> int:
 
 
 def _kl_value_and_grad(new: Tensor, old: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    # ∂/∂z KL(p_old ‖ softmax(z)) = softmax(z) − p_old per row (p_old sums to one), over the rows.
-    # One native call where there is one (apo::kl_value_and_grad: on a small model's outputs each
-    # op's call, not its arithmetic, is the cost, and log_softmax over a few classes is slow per row);
-    # else few ops, in place.
+    # One native call where there is one (apo::kl_value_and_grad): on a small model's outputs each
+    # op's call, not its arithmetic, is the cost, and log_softmax over a few classes is slow per row.
     if backends.native_kl_value_and_grad is not None and new.ndim >= 1:
         x = _upcast(new)
         return backends.native_kl_value_and_grad(x, old.to(x.dtype), scale)
+    return kl_value_and_grad_torch(new, old, scale)
+
+
+def kl_value_and_grad_torch(new: Tensor, old: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``value_and_grad(kl, new, old, scale)`` with torch's ops: the native op's fallback, and what it
+    is timed against (bench/test_bench_fsd.py)."""
+    # ∂/∂z KL(p_old ‖ softmax(z)) = softmax(z) − p_old per row (p_old sums to one), over the rows.
+    # Few ops, in place.
     log_new = F.log_softmax(_upcast(new), dim=-1)
     log_old = F.log_softmax(_upcast(old), dim=-1)
     p_old = log_old.exp()
