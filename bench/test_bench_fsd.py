@@ -2,8 +2,9 @@
 ``apo::kl_value_and_grad`` against the torch expression it replaces
 (``pytest bench/test_bench_fsd.py --benchmark-only``; compare within a group).
 
-Shapes (rows × classes): the MNIST-1D classifier's output (100 × 10), a 1000-class batch
-(256 × 1000) and a language model's few tokens over a 50 257-word vocabulary (8 × 50 257).
+Shapes (rows × classes): the MNIST-1D classifier's output (100 × 10) and more of its rows, 100
+classes, a 1000-class batch (256 × 1000 and 4096 × 1000), short odd rows (5000 × 33) and a language
+model's few tokens over a 50 257-word vocabulary (8 × 50 257). One thread: OMP_NUM_THREADS=1.
 """
 import pytest
 import torch
@@ -13,7 +14,7 @@ from apo_kernels.optim.discrepancy import kl_value_and_grad_torch
 
 from bench_utils import DEVICE, sync
 
-SHAPES = [(100, 10), (256, 1000), (8, 50257)]
+SHAPES = [(100, 10), (1000, 10), (128, 100), (256, 1000), (5000, 33), (8, 50257), (4096, 1000)]
 IMPLS = {"apo::kl_value_and_grad": backends.native_kl_value_and_grad, "torch expression": kl_value_and_grad_torch}
 
 
@@ -33,4 +34,4 @@ def test_kl_value_and_grad(benchmark, impl, shape):
         sync()
         return out
 
-    benchmark.pedantic(timed, warmup_rounds=5, rounds=200, iterations=1)
+    benchmark.pedantic(timed, warmup_rounds=5, rounds=100, iterations=1)
