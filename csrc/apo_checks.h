@@ -14,6 +14,8 @@
 //     refused before anything is allocated.
 //   - lookahead_write: lists of one length, per parameter a delta and an out of its shape, out of its
 //     dtype, all on one device, out sharing no element with any argument.
+//   - kl_value_and_grad: new_out and old_out of one shape, dtype and device, at least 1-D and not
+//     empty; a finite scale.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -316,6 +318,25 @@ inline void check_lookahead(TensorList params, TensorList deltas, TensorList out
   const std::array<std::pair<const char*, TensorList>, 3> all = {
       std::pair<const char*, TensorList>{"params", params}, {"deltas", deltas}, {"out", out}};
   overlap::check_written_apart(all, 2);
+}
+
+// The FSD term's KL (kl_value_and_grad): new_out and old_out of one shape, dtype and device, at
+// least 1-D and not empty; a finite scale.
+
+inline void check_kl(const Tensor& new_out, const Tensor& old_out, double scale) {
+  check_tensor(new_out, "new_out");
+  check_tensor(old_out, "old_out");
+  TORCH_CHECK_VALUE(old_out.sizes() == new_out.sizes(), "old_out must have the shape of new_out ",
+                    shape_str(new_out.sizes()), ", got ", shape_str(old_out.sizes()));
+  TORCH_CHECK_TYPE(old_out.scalar_type() == new_out.scalar_type(), "old_out has dtype ",
+                   dtype_str(old_out.scalar_type()), " but new_out has ",
+                   dtype_str(new_out.scalar_type()));
+  TORCH_CHECK_VALUE(old_out.device() == new_out.device(), "old_out is on ", old_out.device(),
+                    " but new_out is on ", new_out.device());
+  TORCH_CHECK_VALUE(new_out.dim() >= 1 && new_out.numel() > 0,
+                    "new_out must have at least one dimension and one element (rows × classes), got shape ",
+                    shape_str(new_out.sizes()));
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number, got ", scale);
 }
 
 // --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 //
 // float32, float16 and bfloat16 are computed in float32 on that path (the value summed in float64);
 // float64 runs the same maths with ATen's ops. Value and grad come back in the compute dtype (the
-// caller casts grad to its own). Input rules: apo_kernels/ops/_validate.py's check_kl, same messages.
+// caller casts grad to its own). Input rules: apo_checks.h's check_kl (_validate.py's, same messages).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,22 +33,6 @@ namespace apo {
 namespace {
 
 using at::Tensor;
-
-void check_kl(const Tensor& new_out, const Tensor& old_out, double scale) {
-  checks::check_tensor(new_out, "new_out");
-  checks::check_tensor(old_out, "old_out");
-  TORCH_CHECK_VALUE(old_out.sizes() == new_out.sizes(), "old_out must have the shape of new_out ",
-                    checks::shape_str(new_out.sizes()), ", got ", checks::shape_str(old_out.sizes()));
-  TORCH_CHECK_TYPE(old_out.scalar_type() == new_out.scalar_type(), "old_out has dtype ",
-                   checks::dtype_str(old_out.scalar_type()), " but new_out has ",
-                   checks::dtype_str(new_out.scalar_type()));
-  TORCH_CHECK_VALUE(old_out.device() == new_out.device(), "old_out is on ", old_out.device(),
-                    " but new_out is on ", new_out.device());
-  TORCH_CHECK_VALUE(new_out.dim() >= 1 && new_out.numel() > 0,
-                    "new_out must have at least one dimension and one element (rows × classes), got shape ",
-                    checks::shape_str(new_out.sizes()));
-  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number, got ", scale);
-}
 
 namespace loops {
 
@@ -187,14 +171,14 @@ std::tuple<Tensor, Tensor> kl_aten(const Tensor& new_out, const Tensor& old_out,
 }
 
 std::tuple<Tensor, Tensor> kl_value_and_grad_cpu(const Tensor& new_out, const Tensor& old_out, double scale) {
-  check_kl(new_out, old_out, scale);
+  checks::check_kl(new_out, old_out, scale);
   at::AutoDispatchBelowADInplaceOrView guard;
   return new_out.scalar_type() == at::kDouble ? kl_aten(new_out, old_out, scale)
                                               : kl_float32(new_out, old_out, scale);
 }
 
 std::tuple<Tensor, Tensor> kl_value_and_grad_any(const Tensor& new_out, const Tensor& old_out, double scale) {
-  check_kl(new_out, old_out, scale);
+  checks::check_kl(new_out, old_out, scale);
   at::AutoDispatchBelowADInplaceOrView guard;
   return kl_aten(new_out, old_out, scale);
 }

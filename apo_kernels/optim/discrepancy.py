@@ -14,7 +14,8 @@ float32 (or kept float64) first, so the term is accurate under autocast.
 
 ``value_and_grad(fsd, new, old)`` gives D_F and its gradient with respect to ``new``: in closed form
 for the three built-ins (a handful of elementwise ops; on a small model autograd's graph around
-them cost 2–3× as much as the ops themselves), through autograd for a callable.
+them cost 2–3× as much as the ops themselves; for ``kl`` one native call, ``apo::kl_value_and_grad``,
+where the native module is built), through autograd for a callable.
 """
 from __future__ import annotations
 
