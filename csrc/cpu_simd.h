@@ -11,4 +11,11 @@
 #else
 #define APO_SIMD_CLONES
 #endif
+// A loop whose selects read values that may trap (x < a ? 0 : p·q) vectorizes under GCC's default
+// -ftrapping-math only with AVX-512's masks; a function that reads no FP exception may turn it off.
+#if defined(__GNUC__) && !defined(__clang__)
+#define APO_NO_TRAPPING_MATH __attribute__((optimize("no-trapping-math")))
+#else
+#define APO_NO_TRAPPING_MATH
+#endif
 #define APO_INLINE inline __attribute__((always_inline))

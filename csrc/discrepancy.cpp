@@ -82,7 +82,7 @@ APO_INLINE double kl_block(const float* x, const float* y, float* g, float* e_ol
     float mx = x[o], my = y[o];
 #pragma omp simd reduction(max : mx, my)
     for (int64_t k = 0; k < c; ++k) {
-      mx = x[o + k] > mx ? x[o + k] : mx;  // (not std::max: kl_f32's optimize attribute keeps it out of line)
+      mx = x[o + k] > mx ? x[o + k] : mx;  // (not std::max: APO_NO_TRAPPING_MATH keeps it out of line)
       my = y[o + k] > my ? y[o + k] : my;
     }
     for (int64_t k = 0; k < c; ++k) {
@@ -118,9 +118,8 @@ APO_INLINE double kl_block(const float* x, const float* y, float* g, float* e_ol
   return total;
 }
 
-// No trapping math: the exp's selects may then be formed from both values in SIMD lanes (with it,
-// GCC vectorizes them only with AVX-512's masks); no FP exception is read anywhere.
-APO_SIMD_CLONES __attribute__((optimize("no-trapping-math"))) double kl_f32(
+// No trapping math (cpu_simd.h): the exp's selects vectorize in every clone; no FP exception is read.
+APO_SIMD_CLONES APO_NO_TRAPPING_MATH double kl_f32(
     const float* x, const float* y, float* g, float* e_old, float* maxima, int64_t rows, int64_t c, float coef) {
   return kl_block(x, y, g, e_old, maxima, rows, c, coef);
 }
