@@ -9,7 +9,7 @@
 // dim takes ≈ 0.1 µs per row. Here, per row: the maxima, then exp of the shifted logits with their
 // sums, then the value's terms and the gradient, three passes over the row in one call.
 //
-// float32, float16 and bfloat16 are computed in float32 on that path (the value summed in float64);
+// float32, float16 and bfloat16 are computed in float32 on that path (sums in float64);
 // float64 runs the same maths with ATen's ops. Value and grad come back in the compute dtype (the
 // caller casts grad to its own). Input rules: apo_checks.h's check_kl (_validate.py's, same messages).
 
@@ -72,9 +72,10 @@ APO_INLINE void exp_in_place(float* v, int64_t n) {
 }
 
 // One block of rows: g = coef · (softmax(x) − softmax(y)) per row; returns Σ_rows KL(softmax(y) ‖
-// softmax(x)) in float64. Scratch: e_old (rows·c floats) and maxima (2·rows). The exp runs over the
-// whole block, not per row, so short rows (a classifier's 10 classes) fill whole SIMD vectors. A NaN
-// or an infinite maximum makes the row's terms NaN, as log_softmax's do.
+// softmax(x)), summed in float64 like the rows' Σ exp. Scratch: e_old (rows·c floats) and maxima
+// (2·rows). The exp runs over the whole block, not per row, so short rows (a classifier's 10
+// classes) fill whole SIMD vectors. A NaN or an infinite maximum makes the row's terms NaN, as
+// log_softmax's do.
 APO_INLINE double kl_block(const float* x, const float* y, float* g, float* e_old, float* maxima, int64_t rows,
                            int64_t c, float coef) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -97,15 +98,16 @@ APO_INLINE double kl_block(const float* x, const float* y, float* g, float* e_ol
   double total = 0.0;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t o = r * c;
-    float zx = 0.0f, zy = 0.0f;
+    double zx = 0.0, zy = 0.0;  // in float64: a long row's sum stays exact to float32's rounding
 #pragma omp simd reduction(+ : zx, zy)
     for (int64_t k = 0; k < c; ++k) {
-      zx += g[o + k];
-      zy += e_old[o + k];
+      zx += static_cast<double>(g[o + k]);
+      zy += static_cast<double>(e_old[o + k]);
     }
     // log p = logit − (max + log Σ exp(logit − max))
-    const float lx = maxima[2 * r] + std::log(zx), ly = maxima[2 * r + 1] + std::log(zy);
-    const float rx = 1.0f / zx, ry = 1.0f / zy;
+    const float lx = static_cast<float>(maxima[2 * r] + std::log(zx));
+    const float ly = static_cast<float>(maxima[2 * r + 1] + std::log(zy));
+    const auto rx = static_cast<float>(1.0 / zx), ry = static_cast<float>(1.0 / zy);
     double row = 0.0;
 #pragma omp simd reduction(+ : row)
     for (int64_t k = 0; k < c; ++k) {

@@ -4,8 +4,9 @@ gradient with respect to ``new_out``, in one call (``apo_kernels.optim.discrepan
 
 Oracle: the same formulas in float64 with torch's log_softmax, on the op's inputs (float16 and
 bfloat16 inputs are computed in float32, exactly as read). Tolerances per compute dtype: the value to
-1e-12 (float64) or 1e-5 (float32) relative and absolute, each grad entry (at most |scale|/rows in
-size) to 1e-12 or 2e-6 times |scale|/rows.
+1e-12 (float64) or 1e-6 (float32) relative and absolute, each grad entry (at most |scale|/rows in
+size) to 1e-12 or 1e-6 times |scale|/rows (the kernel's float32 errors measured ≤ 1.5e-7 of those
+units over 40 seeds per shape and dtype).
 The shapes cover one row and one class, odd class counts (tails past a SIMD vector), more leading
 dims, many short rows and few long ones above the threads' grain (32 Ki elements), and strided views.
 """
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(backends.native_kl_value_and_grad is None,
 SHAPES = [(1,), (7,), (5, 1), (5, 3), (3, 5, 11), (100, 10), (2, 3, 257), (4001, 17), (3, 40003)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (value relative, grad absolute in units of scale / rows) per compute dtype
-TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 2e-6)}
+TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-6)}
 
 
 def op(new, old, scale=1.0):
