@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <limits>
 #include <tuple>
 #include <vector>
 

@@ -20,7 +20,8 @@ import apo_kernels  # noqa: E402
 from apo_kernels.ops.backends import get, registered  # noqa: E402
 
 
-PYTHON_SCRIPTS = Path(__file__).resolve().parents[1] / "python"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+PYTHON_SCRIPTS = ROOT / "python"
 
 
 def python_script(name: str) -> str:

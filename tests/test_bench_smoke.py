@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from apo_kernels.bench.__main__ import _pick_backends, build_parser, make_config
 from apo_kernels.bench.common import divide_times
 from apo_kernels.bench.common import timed_backends
 from apo_kernels.ops import Backend, reference, register, unregister, usable
-from conftest import load_python_script, load_script, python_script
+from conftest import ROOT, load_python_script, load_script, python_script
 
 
 def _timings(rows):
@@ -523,7 +522,7 @@ def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
     assert sum(rows[name] for name in plain) + rows["the rest of it"] == pytest.approx(rows["plain step"], abs=1.0)
 
 
-BLAS_SWAP = Path(__file__).resolve().parents[1] / "csrc" / "test" / "measure_blas_swap.py"
+BLAS_SWAP = ROOT / "csrc" / "test" / "measure_blas_swap.py"
 
 
 def _blas_swap_skip_reason():
@@ -615,12 +614,11 @@ def test_bf16_quality_script_runs_every_variant():
 def test_pytest_benchmark_suites_run():
     """``pytest bench/`` (the pytest-benchmark suites of the op and of the FSD term's KL), each
     benchmark run once with timing off: every case passes or is skipped with its reason, none fails."""
-    root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, APO_BENCH_DEVICE="cpu")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/", "--benchmark-disable", "-v", "-p", "no:cacheprovider", "-rs"],
-        capture_output=True, text=True, timeout=600, cwd=root, env=env,
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )
     tail = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, tail
