@@ -4,6 +4,7 @@
     python python/measure_meta_overhead.py --meta-cost [--repeats 10]
     python python/measure_meta_overhead.py --plain-step-parts [--rows small] [--repeats 60] [--threads 1 --clock cpu]
     python python/measure_meta_overhead.py --meta-step-parts [--rows small] [--repeats 200] [--threads 2]
+    python python/measure_meta_overhead.py --free-pieces [--rows small] [--repeats 60] [--threads 2]
 
 Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
 ``apo_kernels.bench.train_bench`` on CPU; ``small``, ``mlp256``, ``cnn8``: the small MLP row and
@@ -43,6 +44,12 @@ own work (the gradient check, the lookahead direction, writing and restoring θ'
 meta-gradient, the Adam step on φ, the base optimizer's step) and what none of them covers; then
 the plain step in the same way (its closure, its gradient check, the base step with the lr swap,
 the rest). A diagnosis: the pieces are timed by wrapping them.
+
+``--free-pieces``: APO-LR's throughput (λ_FSD = 0.1 on the step's batch) next to the same optimizer
+with pieces of its own work made free, and the bound, interleaved as above: with Δ, the
+meta-gradient and φ's Adam step free (the first meta-step's Δ reused, a zero meta-gradient, no step
+on φ), then also without the gradient check at θ. A timing oracle, not a configuration (its values
+are wrong): what a faster version of those pieces, native code included, could buy at the most.
 """
 import argparse
 import random
@@ -84,13 +91,14 @@ def variants(fsd_batches):
     return out
 
 
-def throughput(row: str, repeats: int, clock, fsd_batches=("other",)) -> dict:
+def throughput(row: str, repeats: int, clock, fsd_batches=("other",), chosen=None) -> dict:
+    """Throughput vs SGD of each variant (``chosen``: name -> (factory, own batch), else ``variants``)."""
     label, make_model, shape = ROWS[row]
     gen = torch.Generator().manual_seed(2)  # the bench's data
     batches = [(torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)) for _ in range(4)]
     fsd_batch = torch.randn(*shape, generator=gen)
     runs = {}
-    for name, (make_opt, own_batch) in variants(fsd_batches).items():
+    for name, (make_opt, own_batch) in (chosen or variants(fsd_batches)).items():
         torch.manual_seed(0)
         model = make_model()
         opt = make_opt(model)
@@ -142,6 +150,57 @@ def print_throughput(rows, repeats, clock_name, fsd_batches):
             if apo in res:
                 a, b = res[apo]["throughput"], res[bound]["throughput"]
                 print(f"  λ_FSD=0.1{suffix or ' other batch'}: measured {a:.3f}, bound {b:.3f}, gap {b - a:.3f}")
+
+
+class _FreePieces(APOLR):
+    """APO-LR with pieces of its own work made free, to time what removing them could buy (a timing
+    oracle: its values are wrong). ``free`` names the pieces: "meta" reuses the first meta-step's Δ,
+    sets a zero meta-gradient and skips φ's Adam step; "check" skips the gradient check at θ."""
+
+    def __init__(self, *args, free=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._free, self._kept_deltas = set(free), None
+        if "meta" in self._free:
+            self.meta_optimizer.step = lambda *a, **k: None  # step_quietly calls an instance's own step
+        self._zero_grad_phi = torch.zeros_like(self.log_lr)
+
+    def _lookahead_deltas(self, plan):
+        if "meta" not in self._free:
+            return super()._lookahead_deltas(plan)
+        if self._kept_deltas is None:
+            self._kept_deltas = [d.clone() for d in super()._lookahead_deltas(plan)]
+        return self._kept_deltas
+
+    def _meta_backward(self, plan, dQ):
+        if "meta" not in self._free:
+            return super()._meta_backward(plan, dQ)
+        self.log_lr.grad = self._zero_grad_phi
+        return True
+
+    def _local_grads_finite(self, loss, plan):
+        return "check" in self._free or super()._local_grads_finite(loss, plan)
+
+
+def free_pieces(row: str, repeats: int, clock_name: str):
+    """APO-LR's throughput (λ_FSD = 0.1 on the step's batch, K = 10) next to the same with pieces of
+    its own work made free: the most a faster version of those pieces could buy."""
+    def apo(free):
+        return lambda m: _FreePieces(m, base_sgd(m), lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL,
+                                     free=free)
+    chosen = {
+        "SGD": (base_sgd, False),
+        "APO-LR": (apo(()), True),
+        "  Δ, meta-gradient, φ's step free": (apo(("meta",)), True),
+        "  the same, and no gradient check": (apo(("meta", "check")), True),
+        "passes only (the bound)": (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1, own_batch=True), True),
+    }
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    res = throughput(row, repeats, clock, chosen=chosen)
+    print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on the step's batch: {repeats} interleaved 10-step blocks, "
+          f"{clock_name} time (values of the free variants are wrong: a timing oracle)")
+    print(f"  {'':36s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
+    for name, r in res.items():
+        print(f"  {name:36s} {r['meta_ms']:6.2f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
 
 
 def plain_step_parts(row: str, repeats: int, clock_name: str):
@@ -337,6 +396,8 @@ def main():
     ap.add_argument("--backend", default="auto", help="--meta-cost: APOPrecond's backend")
     ap.add_argument("--plain-step-parts", action="store_true",
                     help="APO-LR's plain step beyond SGD's, with the gradient check / the lr swap removed (diagnosis)")
+    ap.add_argument("--free-pieces", action="store_true",
+                    help="APO-LR's throughput with Δ, the meta-gradient, φ's step (and the check) made free (oracle)")
     ap.add_argument("--meta-step-parts", action="store_true",
                     help="APO-LR's meta-step timed in pieces: the closures and each piece of its own work (diagnosis)")
     args = ap.parse_args()
@@ -356,6 +417,9 @@ def main():
     elif args.plain_step_parts:
         for row in rows:
             plain_step_parts(row, args.repeats, args.clock)
+    elif args.free_pieces:
+        for row in rows:
+            free_pieces(row, args.repeats, args.clock)
     elif args.meta_step_parts:
         for row in rows:
             meta_step_parts(row, args.repeats, args.clock)
