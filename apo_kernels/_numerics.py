@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from .ops import backends
 
-__all__ = ["all_finite", "all_finite_scratch", "checked_loss", "loss_finite", "no_autocast"]
+__all__ = ["all_finite", "all_finite_scratch", "checked_loss", "loss_finite", "loss_scalar", "no_autocast"]
 
 
 def _every_device_finite(by_device: dict[torch.device, list[Tensor]],
@@ -78,6 +79,21 @@ def loss_finite(loss) -> bool:
     if not isinstance(loss, Tensor):
         return True
     return math.isfinite(loss.item()) if loss.numel() == 1 else all_finite([loss])
+
+
+def loss_scalar(loss) -> float:
+    """A meta-step's closure loss as a Python float: a one-element tensor or a real number (a
+    meta-step adds it into Q and compares it with Q at θ'). Anything else is refused, naming the
+    closure; None is the caller's to refuse."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"closure must return the loss as a scalar on a meta-step (a one-element tensor "
+                             f"or a number), got a tensor of shape {tuple(loss.shape)}")
+        return float(loss.detach())
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"closure must return the loss as a scalar on a meta-step (a one-element tensor or a "
+                    f"number), got {type(loss).__name__}")
 
 
 FUSED_CHECK_MAX = 1 << 20

@@ -4,6 +4,7 @@ steps too large to evaluate, and bad arguments."""
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -177,6 +178,61 @@ def test_bad_step_arguments_raise_naming_the_argument(make, step_kwargs, name):
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(TypeError, match=rf"\b{name}\b"):
         opt.step(**kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
+
+
+# the closure's loss as the closure returns it; a meta-step reads it as a scalar
+LOSS_FORMS = {
+    "0-d tensor": lambda loss: loss,
+    "(1,) tensor": lambda loss: loss.reshape(1),
+    "Python float": lambda loss: loss.item(),
+    "numpy float64": lambda loss: np.float64(loss.item()),
+}
+
+
+@pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
+@pytest.mark.parametrize("form", list(LOSS_FORMS), ids=list(LOSS_FORMS))
+def test_a_closure_may_return_its_loss_as_a_number_or_one_element_tensor(make, form):
+    # the same trajectory, meta-steps (and the first one's overshoot test against the loss at θ)
+    # included, whatever scalar form the loss comes back in
+    def run(to_form):
+        torch.manual_seed(0)
+        opt = make(meta_interval=2)
+        model, (x, y) = opt.model, data()
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return to_form(loss)
+
+        returned = [opt.step(closure) for _ in range(5)]
+        return opt, [p.detach().clone() for p in model.parameters()], returned
+
+    opt, params, returned = run(LOSS_FORMS[form])
+    _, expected, _ = run(LOSS_FORMS["0-d tensor"])
+    assert opt.meta_steps == 3 and opt.skipped_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))
+    assert type(returned[0]) is type(LOSS_FORMS[form](torch.tensor(1.0)))  # step returns it as it came
+
+
+@pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
+@pytest.mark.parametrize("meta_batch", ["same", "fresh"])
+@pytest.mark.parametrize("bad,exc", [(lambda loss: loss.expand(3), ValueError), (lambda loss: "loss", TypeError),
+                                     (lambda loss: True, TypeError)], ids=["per-sample tensor", "str", "bool"])
+def test_a_meta_step_refuses_a_loss_that_is_not_a_scalar_naming_the_closure(make, meta_batch, bad, exc):
+    opt = make(meta_interval=1, meta_batch=meta_batch)
+    model, (x, y) = opt.model, data()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return bad(loss)
+
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(exc, match=r"\bclosure\b.*scalar"):
+        opt.step(closure, meta_closure=closure if meta_batch == "fresh" else None)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
 
 

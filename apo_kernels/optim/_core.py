@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .._args import check_choice, check_int, check_number, check_type
 from .. import distributed
-from .._numerics import all_finite, all_finite_scratch, checked_loss, no_autocast
+from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_scalar, no_autocast
 from .._step_hooks import step_quietly
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
@@ -277,9 +277,9 @@ class APOCore(torch.optim.Optimizer):
             self.skipped_steps += 1
             return loss
         loss_at_theta = None
-        if meta and self.meta_batch == "same" and isinstance(loss, (Tensor, float, int)):
+        if meta and self.meta_batch == "same" and loss is not None:
             # Q at Δ = 0 (both proximity terms vanish there), over every rank's batch
-            loss_at_theta = self._replicas.mean(float(loss), "the loss at θ")
+            loss_at_theta = self._replicas.mean(loss_scalar(loss), "the loss at θ")
         meta_ok = True
         if meta:
             args = (closure if self.meta_batch == "same" else meta_closure, fsd_inputs, scale,

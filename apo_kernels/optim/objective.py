@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .._numerics import loss_scalar
 from . import discrepancy
 from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, borrowed, cuda_devices_of
 
@@ -313,7 +314,7 @@ def proximal_objective_grad(
             if pairs:
                 torch._foreach_add_([g for g, _ in pairs], [fg.to(g.dtype) for g, fg in pairs], alpha=lambda_fsd)
             del f, fsd_grads
-        loss_value = float(loss.detach())
+        loss_value = loss_scalar(loss)
         del loss, old_out
     finally:
         snap.restore()
