@@ -102,7 +102,7 @@ def test_grads_outside_the_base_optimizer_are_restored_bit_for_bit(set_to_none):
 # --------------------------------------------------------------------------------------------
 def _apolr(**kw):
     m = mlp()
-    return APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0, **kw)
+    return APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1), **{"lambda_fsd": 0.0, "lambda_wsd": 0.0, **kw})
 
 
 def _precond(**kw):
@@ -234,6 +234,32 @@ def test_a_meta_step_refuses_a_loss_that_is_not_a_scalar_naming_the_closure(make
     with pytest.raises(exc, match=r"\bclosure\b.*scalar"):
         opt.step(closure, meta_closure=closure if meta_batch == "fresh" else None)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
+
+
+@pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
+def test_autocast_around_step_evaluates_the_lookahead_not_stale_casts(make):
+    # an autocast region open around step() caches each parameter's bf16 copy for as long as it is
+    # open: the lookahead closure must still compute at θ', so Q and ∇φQ are those of a region
+    # opened inside the closure alone, bit for bit
+    opt = make(lambda_wsd=0.3)
+    model, (x, y) = opt.model, data()
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    q_inside, grad_inside = opt.meta_gradient(closure)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q_around, grad_around = opt.meta_gradient(closure)
+    assert q_around == q_inside and all(torch.equal(a, b) for a, b in zip(grad_around, grad_inside))
+    # and a training loop in that style takes its meta-steps instead of shrinking φ on each
+    for _ in range(12):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.step(closure)
+    assert opt.meta_steps == 2 and opt.skipped_steps == 0 and opt.recoveries == 0
 
 
 # --------------------------------------------------------------------------------------------

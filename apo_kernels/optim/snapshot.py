@@ -103,6 +103,15 @@ def add_and_sum_squares(values: Sequence[Tensor], deltas: Sequence[Tensor], out:
     return total
 
 
+def forget_cached_casts() -> None:
+    """Drop autocast's cached low-precision copies of the parameters. Inside an open autocast region
+    torch casts each parameter once and reuses that copy, keyed by the tensor, not by its values: a
+    forward after θ' (or θ again) is written into the parameters would still compute with the old
+    values. Only when a region is open (one call otherwise)."""
+    if torch._C._is_any_autocast_enabled():
+        torch.clear_autocast_cache()
+
+
 class ModelSnapshot:
     """The state of ``model`` a lookahead must give back: θ of the given parameters, ``.grad`` of
     every parameter of ``model`` (and of the given ones), and every buffer of ``model``.
@@ -145,6 +154,7 @@ class ModelSnapshot:
         sum_sq = add_and_sum_squares(self.values, [d.detach() if d.requires_grad else d for d in deltas], bufs)
         for p, buf in zip(self.params, bufs):
             p.data = buf
+        forget_cached_casts()
         return sum_sq
 
     @torch.no_grad()
@@ -163,6 +173,7 @@ class ModelSnapshot:
             else:
                 mod._buffers[name] = saved
         self.values, self.grads = [], []
+        forget_cached_casts()
 
 
 @contextlib.contextmanager
