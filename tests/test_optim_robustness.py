@@ -564,6 +564,36 @@ def _sparse_model(sparse: bool):
     return nn.Sequential(nn.Embedding(50, 4, sparse=sparse), nn.Flatten(), nn.Linear(12, 3))
 
 
+def test_lazy_modules_before_their_first_forward():
+    # APOPrecond builds φ from each layer's shape: an uninitialized lazy module is refused by name,
+    # and after one forward pass the optimizer builds and trains. APOLR needs no shapes up front:
+    # its base optimizer holds the parameters, which the first forward materializes in place.
+    x, y = data()
+
+    def lazy_mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
+
+    with pytest.raises(ValueError, match=r"\bmodel\b.*'0\.weight'.*forward pass"):
+        APOPrecond(lazy_mlp(), lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01)
+    materialized = lazy_mlp()
+    materialized(x)
+    lazy = lazy_mlp()
+    opts = {"APOPrecond": APOPrecond(materialized, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.1, meta_lr=0.01, meta_interval=2),
+            "APOLR": APOLR(lazy, torch.optim.SGD(lazy.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.1,
+                           meta_interval=2)}
+    for opt in opts.values():
+        losses = []
+        for _ in range(6):
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(opt.model(x), y)
+                loss.backward()
+                return loss
+            losses.append(opt.step(closure).item())
+        assert opt.meta_steps == 3 and opt.skipped_steps == 0 and losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("which", ["APOLR", "APOPrecond"])
 def test_sparse_gradients_are_refused_by_name(which):
     def build(model):

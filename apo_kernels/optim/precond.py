@@ -305,6 +305,10 @@ class APOPrecond(APOCore):
         meta_betas = check_pair("meta_betas", meta_betas, high=1.0, high_ok=False)
         carry_direction = check_bool("carry_direction", carry_direction)
 
+        lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+        if lazy:  # its shape is not known yet, and φ's blocks are built from it
+            raise ValueError(f"model: parameter {lazy[0]!r} is not initialized yet (a lazy module); APOPrecond builds "
+                             f"each layer's preconditioner from its shape: run one forward pass, model(x), first")
         trainable = [p for p in model.parameters() if p.requires_grad]
         devices = {p.device for p in trainable}
         if len(devices) != 1:
