@@ -287,11 +287,13 @@ def find_layers(model: nn.Module, *, shared: str, kronecker: bool = False) -> li
         if view is None or (kronecker and not view.has_kronecker_factors(mod)):
             continue
         weight, bias = view.params(mod)
-        if not isinstance(weight, Tensor) or not weight.requires_grad or id(weight) in claimed:
+        # a weight computed from other tensors (torch.nn.utils.parametrize, pruning's weight_orig ·
+        # mask) is not a parameter: the module is no layer here, its own parameters go per parameter
+        if not isinstance(weight, Tensor) or not weight.is_leaf or not weight.requires_grad or id(weight) in claimed:
             continue
         if shared == "exclude" and any(holders[id(p)] > 1 for p in (weight, bias) if isinstance(p, Tensor)):
             continue
-        if not isinstance(bias, Tensor) or not bias.requires_grad or id(bias) in claimed:
+        if not isinstance(bias, Tensor) or not bias.is_leaf or not bias.requires_grad or id(bias) in claimed:
             bias = None
         layers.append(Layer(name or view.name, mod, view, weight, bias))
         claimed.update(id(p) for p in layers[-1].params)

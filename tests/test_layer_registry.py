@@ -1,11 +1,13 @@
 """The layer registry (apo_kernels.layers): one entry makes a module type a layer for APOPrecond,
 KFAC, EKFAC and the bench; the registered views' matrices and Kronecker rows are consistent."""
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations, prune
 
 from apo_kernels.baselines import EKFAC, KFAC
 from apo_kernels.layers import (
@@ -254,3 +256,50 @@ def test_matrix_shape_reads_modules_on_the_meta_device():
     assert matrix_shape(nn.Embedding(50, 8, device="meta")) == (50, 8)
     assert matrix_shape(nn.Conv3d(4, 6, (1, 2, 3), groups=2, device="meta")) == (6, 2 * 6 + 1)
     assert matrix_shape(InOutLinear(5, 4).to("meta")) == (4, 6)
+
+
+# --------------------------------------------------------------------------------------------
+# A weight computed from other tensors is no layer: its parameters are trained one by one
+# --------------------------------------------------------------------------------------------
+COMPUTED_WEIGHTS = {
+    "weight_norm": lambda mod: parametrizations.weight_norm(mod),
+    "spectral_norm": lambda mod: parametrizations.spectral_norm(mod),
+    "pruned": lambda mod: prune.l1_unstructured(mod, "weight", amount=0.5),
+}
+
+
+@pytest.mark.parametrize("how", list(COMPUTED_WEIGHTS))
+def test_a_computed_weight_is_no_layer_and_its_parameters_train_one_by_one(how):
+    # torch.nn.utils.parametrize and pruning make module.weight a function of other tensors (not a
+    # parameter any optimizer could hold): the module is left out of the layers, and its own
+    # parameters (original0/1, original, weight_orig) take the per-parameter path
+    def build():  # (a pruned module cannot be deep-copied)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        COMPUTED_WEIGHTS[how](net[0])
+        return net
+
+    model = build()
+    for shared in ("first_owner", "exclude"):
+        assert [layer.name for layer in find_layers(model, shared=shared)] == ["2"]
+    own = sorted(n for n, _ in model.named_parameters() if n.startswith("0."))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    makers = {
+        "APOPrecond": lambda m: APOPrecond(m, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.1, meta_lr=0.01, meta_interval=2),
+        "KFAC": lambda m: KFAC(m, lr=0.1, damping=1e-2),
+        "EKFAC": lambda m: EKFAC(m, lr=0.1, damping=1e-2),
+    }
+    for name, make in makers.items():
+        net = build()
+        opt = make(net)
+        if name == "APOPrecond":
+            assert sorted(n for n, *_ in opt.diagonals) == own
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no read of a non-leaf tensor's .grad
+            for _ in range(6):
+                opt.step(closure_for(opt, net, x, y))
+        moved = [n for n, p in net.named_parameters() if not torch.equal(p, before[n])]
+        assert sorted(moved) == sorted(before), (name, sorted(set(before) - set(moved)))
+        if name == "APOPrecond":
+            assert opt.meta_steps == 3 and opt.skipped_steps == 0
