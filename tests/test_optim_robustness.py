@@ -11,7 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from apo_kernels.optim import APOLR, APOPrecond
-from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
 
 
@@ -234,6 +234,57 @@ def test_a_meta_step_refuses_a_loss_that_is_not_a_scalar_naming_the_closure(make
     with pytest.raises(exc, match=r"\bclosure\b.*scalar"):
         opt.step(closure, meta_closure=closure if meta_batch == "fresh" else None)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
+
+
+@pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
+def test_a_meta_step_whose_closure_never_called_backward_is_refused_naming_the_closure(make):
+    opt = make(meta_interval=1)
+    model, (x, y) = opt.model, data()
+
+    def closure():  # forgot loss.backward()
+        opt.zero_grad()
+        return F.cross_entropy(model(x), y)
+
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^closure\b.*backward"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
+
+
+def _trained(kind, width=8):
+    """APOLR(SGD+momentum) or APOPrecond on a 4-width-3 MLP after three steps (one meta-step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3))
+    opt = (APOLR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.0, lambda_wsd=0.0,
+                 meta_interval=2) if kind == "APOLR"
+           else APOPrecond(model, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=2))
+    x, y = data()
+    for _ in range(3):
+        opt.step(closure_for(opt, model, x, y))
+    return opt
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(u, v) for u, v in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
+def test_a_state_dict_that_does_not_fit_is_refused_before_anything_is_loaded(kind):
+    opt = _trained(kind)
+    kept = copy.deepcopy(opt.state_dict())
+    other_kind = _trained("APOPrecond" if kind == "APOLR" else "APOLR").state_dict()
+    with pytest.raises(ValueError, match=rf"^state_dict: this is not {kind}'s state"):
+        opt.load_state_dict(other_kind)
+    with pytest.raises(ValueError, match=r"^state_dict: .*shape.*where.*expected"):
+        opt.load_state_dict(_trained(kind, width=12).state_dict())
+    with pytest.raises(TypeError, match=r"^state_dict must be"):
+        opt.load_state_dict([1, 2])
+    assert _same_state(opt.state_dict(), kept)  # nothing was loaded
+    opt.load_state_dict(kept)  # its own state still loads
 
 
 @pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])

@@ -269,6 +269,9 @@ class APOCore(torch.optim.Optimizer):
                         if meta and self.lambda_fsd != 0.0 and fsd_inputs is not None else None)
         loss, scale = self._first_closure(closure, step_forward)
         check_dense_grads(self._all_params())
+        if meta and all(p.grad is None for p in self._all_params()):
+            raise ValueError("closure: no parameter has a gradient after it ran; a meta-step needs the closure "
+                             "to call backward on the loss")
         # our arithmetic runs outside any autocast region the user opened around step(); the
         # model forwards of the meta-step (closure, FSD) run under it, as the user intended
         with self._no_autocast():
@@ -430,6 +433,20 @@ class APOCore(torch.optim.Optimizer):
     def _core_state(self) -> dict:
         return {"step": self._apo_step, "skipped_steps": self.skipped_steps, "recoveries": self.recoveries,
                 "meta_steps": self.meta_steps, "meta_pending": self._meta_pending, "searching": self._searching}
+
+    CORE_STATE_KEYS = ("step", "skipped_steps", "meta_steps")
+
+    def _check_state_keys(self, state, keys: Sequence[str]) -> None:
+        """A ``load_state_dict`` argument is a dict with this optimizer's keys (and the core's): a
+        state saved by another optimizer, or by another kind of APO optimizer, is refused by name
+        before anything is loaded."""
+        owner = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be the dict {owner}.state_dict() returns, got {type(state).__name__}")
+        missing = [k for k in (*keys, *self.CORE_STATE_KEYS) if k not in state]
+        if missing:
+            raise ValueError(f"state_dict: this is not {owner}'s state (it has no {missing[0]!r}): load what "
+                             f"{owner}.state_dict() saved")
 
     def _load_core_state(self, state: dict) -> None:
         self._apo_step = int(state["step"])

@@ -479,6 +479,19 @@ class APOLR(APOCore):
         return True
 
     # ---- state -----------------------------------------------------------------------------
+    def _check_base_state_shapes(self, base_state: dict) -> None:
+        """For the optimizers whose step is written out here, every saved buffer has its
+        parameter's shape (torch.optim loads any shape and fails at a later step)."""
+        if _kind(self.base_optimizer) is None:
+            return
+        saved_ids = [i for g in base_state.get("param_groups", []) for i in g.get("params", [])]
+        ours = [p for g in self.base_optimizer.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, ours):
+            for key, v in base_state.get("state", {}).get(i, {}).items():
+                if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(f"state_dict: the base optimizer's {key!r} of parameter {i} has shape "
+                                     f"{tuple(v.shape)} where {tuple(p.shape)} expected (a different model?)")
+
     def state_dict(self) -> dict:
         """Base optimizer state, φ, meta-optimizer, counters and the lr history."""
         return {
@@ -491,7 +504,15 @@ class APOLR(APOCore):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict()``; tensors are mapped to this optimizer's devices."""
+        """Restore a ``state_dict()``; tensors are mapped to this optimizer's devices. A state that
+        does not fit this optimizer (another kind, other groups, another model's shapes) is refused
+        before anything is loaded."""
+        self._check_state_keys(state, ("base_optimizer", "log_lr", "meta_optimizer", "lr_history", "lr0"))
+        if tuple(state["log_lr"].shape) != tuple(self.log_lr.shape):
+            raise ValueError(f"state_dict: {tuple(state['log_lr'].shape)[0]} learnt lr(s) where "
+                             f"{self.log_lr.numel()} expected (per_group={self.per_group}, "
+                             f"{len(self.param_groups)} param groups)")
+        self._check_base_state_shapes(state["base_optimizer"])
         self.base_optimizer.load_state_dict(state["base_optimizer"])
         with torch.no_grad():
             self.log_lr.copy_(state["log_lr"].to(self.log_lr.device, self.log_lr.dtype))

@@ -678,17 +678,25 @@ class APOPrecond(APOCore):
         }, self._phi, self.meta_optimizer)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict()``; tensors are mapped to this optimizer's device and dtypes."""
+        """Restore a ``state_dict()``; tensors are mapped to this optimizer's device and dtypes. A
+        state that does not fit this optimizer (another kind, structure or model) is refused before
+        anything is loaded."""
+        self._check_state_keys(state, ("phi", "momentum", "meta_optimizer", "initial_lr", "param_groups"))
         saved = state.get("structure", "full")
         if saved != self.structure:
             raise ValueError(f"state_dict: saved with structure={saved!r}, this optimizer has "
                              f"structure={self.structure!r}")
         if len(state["phi"]) != len(self._phi):
             raise ValueError("state_dict: φ has a different number of tensors (a different model?)")
+        for t, s in zip(self._phi, state["phi"]):
+            if t.shape != s.shape:
+                raise ValueError(f"state_dict: φ tensor of shape {tuple(s.shape)} where {tuple(t.shape)} expected")
+        for i, buf in state["momentum"].items():
+            if not 0 <= int(i) < len(self._params) or buf.shape != self._params[int(i)].shape:
+                raise ValueError(f"state_dict: momentum buffer {i} of shape {tuple(buf.shape)} fits no parameter of "
+                                 f"this model (a different model?)")
         with torch.no_grad():
             for t, s in zip(self._phi, state["phi"]):
-                if t.shape != s.shape:
-                    raise ValueError(f"state_dict: φ tensor of shape {tuple(s.shape)} where {tuple(t.shape)} expected")
                 t.copy_(s.to(device=t.device, dtype=t.dtype))
         self.state.clear()
         for i, buf in state["momentum"].items():
