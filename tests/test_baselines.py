@@ -748,3 +748,35 @@ def test_large_lr_does_not_run_away_with_the_default_step_bound(opt_cls, fisher)
         final = float(F.cross_entropy(model(x), y))
     assert opt.skipped_steps == 0 and max(losses) < 3.0, losses
     assert final < 0.5 * losses[0], (losses[0], final)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_state_dict_of_other_shapes_is_refused_before_anything_is_loaded(cls, fisher):
+    # conv, a linear without bias and a norm scale: every kind of saved tensor (factors, inverses,
+    # eigenbases, EKFAC's scale, momentum) is checked against the shape this model gives it
+    def trained(width):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, width, 3), nn.ReLU(), nn.Flatten(), nn.Linear(width * 16, 5, bias=False),
+                              nn.LayerNorm(5))
+        kwargs = dict(fisher=fisher, likelihood="categorical") if fisher == "mc" else {}
+        opt = cls(model, lr=0.05, damping=1e-2, momentum=0.9, **kwargs)
+        x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
+        for _ in range(12):
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return opt
+
+    opt = trained(4)
+    kept = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"^state_dict: .* has shape .* where .* expected"):
+        opt.load_state_dict(trained(6).state_dict())
+    now = opt.state_dict()
+    assert now["state"].keys() == kept["state"].keys()
+    assert all(torch.equal(v, kept["state"][i][k]) for i, st in now["state"].items() for k, v in st.items()
+               if torch.is_tensor(v))
+    opt.load_state_dict(kept)  # its own state, every key included, still loads

@@ -554,7 +554,30 @@ class KFAC(torch.optim.Optimizer):
             sd["kfac_generator_state"] = generator_state.clone()
         return sd
 
+    def _check_state_shapes(self, state_dict) -> None:
+        """Every saved tensor has the shape this model gives it (torch.optim loads any shape, and the
+        step that reads it fails later): the factors by their side of the layer's (m, n) matrix,
+        every other buffer its parameter's shape."""
+        sides = {}
+        for L in self.layers:
+            m, n = L.layer.view.shape(L.weight.shape, None if L.bias is None else L.bias.shape)
+            sides[id(L.weight)] = {"A": (n, n), "G": (m, m), "eig_A": (n,), "eig_G": (m,), "scale": (m, n)}
+        ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        ours = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, ours):
+            side = sides.get(id(p), {})
+            for key, v in state_dict.get("state", {}).get(i, {}).items():
+                if not isinstance(v, Tensor) or v.dim() == 0:
+                    continue
+                # A, A_inv, A_inv_c, QA, QA_c are the input side's; G… and QG… the output side's
+                factor = key if key in side else key.lstrip("Q").split("_")[0]
+                want = side.get(factor, tuple(p.shape))
+                if tuple(v.shape) != tuple(want):
+                    raise ValueError(f"state_dict: {key!r} of parameter {i} has shape {tuple(v.shape)} where "
+                                     f"{tuple(want)} expected (a different model?)")
+
     def load_state_dict(self, state_dict):
+        self._check_state_shapes(state_dict)
         state_dict = dict(state_dict)
         self.steps = int(state_dict.pop("kfac_steps", 0))
         self.skipped_steps = int(state_dict.pop("kfac_skipped_steps", 0))
