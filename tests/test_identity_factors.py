@@ -162,6 +162,7 @@ def test_gradcheck_float64(backend, device, identity):
     skip_unsupported(backend, device, torch.float64)
     ins, _ = layer(4, 3, torch.float64, device, identity, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: apo_kernels.precondition(*t, backend=backend), tuple(ins))
+    assert torch.autograd.gradgradcheck(lambda *t: apo_kernels.precondition(*t, backend=backend), tuple(ins))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +258,7 @@ def test_grouped_gradcheck_float64(backend, device):
         return tuple(apo_kernels.precondition_grouped(*rebuilt, backend=backend))
 
     assert torch.autograd.gradcheck(fn, tuple(flat))
+    assert torch.autograd.gradgradcheck(fn, tuple(flat))  # GroupedAutograd's double backward
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,12 @@ def _below_autograd(fn, *args):
         return fn(*args)
 
 
+def _differentiable_if_recorded(family: OpFamily, tensors) -> OpFamily:
+    """``family``, or the reference formulas for a backward call autograd must record (an input
+    requires grad): the fused backward ops have no derivative of their own."""
+    return reference.FAMILY if _needs_graph(tensors) else family
+
+
 def _checked_call(family: OpFamily, check, call):
     """``call()`` under the input rules. A family whose registered op applies them itself (with
     ``check``'s messages) is not checked twice; ``check`` still runs when the dispatcher refuses a
@@ -113,7 +119,7 @@ def precondition_backward(
         raise
     if not isinstance(grad, Tensor):
         check()  # names the argument
-    family = _single_family(backend, grad)
+    family = _differentiable_if_recorded(_single_family(backend, grad), (grad_out, grad, A, S, B))
     outs = _checked_call(family, check, lambda: family.backward(grad_out, grad, A, S, B, list(mask)))
     present = (True, A is not None, True, B is not None)
     return tuple(o if m and p else None for o, m, p in zip(outs, mask, present))
@@ -229,7 +235,8 @@ def precondition_grouped_backward(
         return ([], [], [], [])
     if not isinstance(grads[0], Tensor):
         check()  # names the argument
-    family = resolve(backend, grads[0].device).family
+    family = _differentiable_if_recorded(resolve(backend, grads[0].device).family,
+                                         (*grad_outs, *grads, *As, *Ss, *Bs))
     outs = _checked_call(family, check, lambda: family.grouped_backward(
         list(grad_outs), list(grads), list(As), list(Ss), list(Bs), list(mask)))
     return tuple(public_slots(out, k, As, Bs) if need else [] for k, (out, need) in enumerate(zip(outs, mask)))

@@ -11,6 +11,7 @@ Autograd saves only what its backward reads for the inputs that need a gradient:
 
 An input the backward does not read is passed to the backward op as a placeholder of the same
 shape (``grad_out``): the op computes only the outputs its mask asks for, which never read it.
+A double backward (``create_graph=True``) runs the reference formulas instead (``for_backward``).
 """
 from __future__ import annotations
 
@@ -62,6 +63,17 @@ def _requires_grad(t) -> bool:
     return isinstance(t, Tensor) and t.requires_grad
 
 
+def for_backward(fam: OpFamily) -> OpFamily:
+    """The family a backward runs: ``fam``'s fused ops, or, when autograd records the backward
+    itself (``create_graph=True``: a double backward), the reference formulas, plain torch ops that
+    autograd differentiates. The fused backward ops have no derivative of their own, so their
+    result would be a constant to the second backward, and its derivatives silently zero."""
+    if not torch.is_grad_enabled():
+        return fam
+    from . import reference  # (reference.py builds its family from this module)
+    return reference.FAMILY
+
+
 def grouped_backward_lists(fam: OpFamily, grad_outs, lists, needs) -> list:
     """Run ``fam.grouped_backward`` on saved ``lists`` (unsaved ones None) for the ``needs`` mask;
     returns four lists (identity slots None) or None where not needed."""
@@ -71,7 +83,7 @@ def grouped_backward_lists(fam: OpFamily, grad_outs, lists, needs) -> list:
     grads = grad_outs if grads is None else grads
     Ss = grad_outs if Ss is None else Ss
     mask = [bool(n) for n in needs]
-    outs = fam.grouped_backward(grad_outs, grads, As, Ss, Bs, mask)
+    outs = for_backward(fam).grouped_backward(grad_outs, grads, As, Ss, Bs, mask)
     return [public_slots(out, k, As, Bs) if need else None for k, (out, need) in enumerate(zip(outs, mask))]
 
 
@@ -153,7 +165,7 @@ def library_family(prefix: str) -> OpFamily:
         grad, A, S, B = ctx.saved_tensors
         dy = grad_out.contiguous()
         mask = list(ctx.needs)
-        outs = fam.backward(dy, dy if grad is None else grad, A, dy if S is None else S, B, mask)
+        outs = for_backward(fam).backward(dy, dy if grad is None else grad, A, dy if S is None else S, B, mask)
         return tuple(o if m else None for o, m in zip(outs, mask))
 
     # torch.library treats a tensor list that holds a None (an identity factor) as one opaque
