@@ -261,6 +261,38 @@ def test_gradcheck_float64(backend):
 
 
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
+def test_torch_func_transforms_run_the_reference_formulas(backend):
+    # torch.library's autograd does not support torch.func transforms: under one, the public
+    # functions run the plain-torch reference, so grad, jacrev, hessian and vmap give its values
+    G, A, S, B = make_layer(4, 6, torch.float64)
+    Gs = torch.randn(3, 4, 6, dtype=torch.float64)
+
+    def y(g, a, s, b):
+        return apo_kernels.precondition(g, a, s, b, backend=backend)
+
+    def y_grouped(g, a, s, b):  # a None factor on the second layer
+        return torch.cat([t.reshape(-1) for t in apo_kernels.precondition_grouped(
+            [g, g[:2, :3]], [a, None], [s, s[:2, :3]], [b, b[:3, :3]], backend=backend)])
+
+    def ref(g, a, s, b):
+        return reference.precondition(g, a, s, b)
+
+    def ref_grouped(g, a, s, b):
+        return torch.cat([reference.precondition(g, a, s, b).reshape(-1),
+                          reference.precondition(g[:2, :3], None, s[:2, :3], b[:3, :3]).reshape(-1)])
+
+    for ours, theirs in ((y, ref), (y_grouped, ref_grouped)):
+        torch.testing.assert_close(torch.func.grad(lambda s: ours(G, A, s, B).square().sum())(S),
+                                   torch.func.grad(lambda s: theirs(G, A, s, B).square().sum())(S))
+        torch.testing.assert_close(torch.func.jacrev(ours, argnums=(1, 3))(G, A, S, B),
+                                   torch.func.jacrev(theirs, argnums=(1, 3))(G, A, S, B))
+        torch.testing.assert_close(torch.func.hessian(lambda a: ours(G, a, S, B).square().sum())(A),
+                                   torch.func.hessian(lambda a: theirs(G, a, S, B).square().sum())(A))
+        torch.testing.assert_close(torch.vmap(lambda g: ours(g, A, S, B))(Gs),
+                                   torch.stack([theirs(g, A, S, B) for g in Gs]))
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
 def test_public_backward_functions_are_differentiable(backend):
     # called with inputs that require grad in grad mode, the public backward functions give
     # results autograd can differentiate: here checked against finite differences

@@ -37,10 +37,18 @@ def _below_autograd(fn, *args):
         return fn(*args)
 
 
+def _under_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, …) is active. torch.library's autograd
+    of the registered ops does not support those transforms; the reference formulas, plain torch
+    ops, do, so the public functions run them there."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _differentiable_if_recorded(family: OpFamily, tensors) -> OpFamily:
     """``family``, or the reference formulas for a backward call autograd must record (an input
-    requires grad): the fused backward ops have no derivative of their own."""
-    return reference.FAMILY if _needs_graph(tensors) else family
+    requires grad) or a torch.func transform differentiates: the fused backward ops have no
+    derivative of their own."""
+    return reference.FAMILY if _under_transform() or _needs_graph(tensors) else family
 
 
 def _checked_call(family: OpFamily, check, call):
@@ -78,10 +86,11 @@ def precondition(
 
     if not isinstance(grad, Tensor):
         check()  # names the argument
-    family = _single_family(backend, grad)
+    transformed = _under_transform()
+    family = reference.FAMILY if transformed else _single_family(backend, grad)
 
     def call():
-        if _needs_graph((grad, A, S, B)):
+        if transformed or _needs_graph((grad, A, S, B)):
             return family.forward(grad, A, S, B)
         return _below_autograd(family.forward, grad, A, S, B)
 
@@ -191,10 +200,13 @@ def precondition_grouped(
         return []
     if not isinstance(grads[0], Tensor):
         check()  # names the argument
-    family = resolve(backend, grads[0].device).family
+    transformed = _under_transform()
+    family = reference.FAMILY if transformed else resolve(backend, grads[0].device).family
     lists = (list(grads), list(As), list(Ss), list(Bs))
 
     def call():
+        if transformed:  # plain torch ops, None factors included
+            return list(family.grouped(*lists))
         if not _needs_graph([t for ts in lists for t in ts]):
             return list(_below_autograd(family.grouped, *lists))
         if any(a is None for a in lists[1]) or any(b is None for b in lists[3]):
