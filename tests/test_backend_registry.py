@@ -204,3 +204,23 @@ def test_library_toy_gets_fake_kernels_and_autograd(add_backend):
     # torch.compile traces the public function on it
     compiled = torch.compile(lambda *t: apo_kernels.precondition(*t, backend="toy-lib"), fullgraph=True, backend="eager")
     check_close(compiled(*detached), reference.precondition(*(t.double() for t in detached)), torch.float32)
+
+
+def test_meta_tensors_run_on_the_reference_and_give_the_shapes():
+    # deferred initialization and shape inference: every public function answers meta tensors with
+    # meta tensors of the right shapes, identity factors included; mixed with CPU tensors, refused
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    assert apo_kernels.ops.resolve_backend("auto", torch.device("meta")) == "reference"
+    y = apo_kernels.precondition(meta(7, 5), meta(7, 7), meta(7, 5), None)
+    assert y.device.type == "meta" and y.shape == (7, 5)
+    ys = apo_kernels.precondition_grouped([meta(7, 5), meta(2, 3)], [None, meta(2, 2)], [meta(7, 5), meta(2, 3)],
+                                          [meta(5, 5), None])
+    assert [t.shape for t in ys] == [(7, 5), (2, 3)]
+    d = apo_kernels.precondition_backward(meta(7, 5), meta(7, 5), meta(7, 7), meta(7, 5), meta(5, 5))
+    assert d[0] is None and [t.shape for t in d[1:]] == [(7, 7), (7, 5), (5, 5)]
+    with pytest.raises(ValueError, match="A is on cpu but grad is on meta"):
+        apo_kernels.precondition(meta(7, 5), torch.randn(7, 7), meta(7, 5), None)
+    with pytest.raises(ValueError, match="backend='cpu' runs on cpu tensors here, but the inputs are on meta"):
+        apo_kernels.precondition(meta(7, 5), None, meta(7, 5), None, backend="cpu")

@@ -12,7 +12,8 @@ Built-in backends, by priority:
 - ``triton`` (20): ``triton_kernels.py``, wrapped here as ``torch.ops.apo.triton_*`` custom ops;
   CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (then below ``reference``: the
   interpreter is for tests, ``auto`` never picks it).
-- ``reference`` (0): plain torch (``reference.py``), the fallback on every device.
+- ``reference`` (0): plain torch (``reference.py``), the fallback on CPU and CUDA, and the backend for
+  meta tensors (shapes only).
 """
 from __future__ import annotations
 
@@ -309,6 +310,8 @@ register(Backend(
 register(Backend(
     name="cpu", devices=("cpu",), priority=10, family=_native_family, why_unavailable=lambda: _native_error,
 ))
+# meta tensors too: plain torch ops give the results' shapes there (deferred initialization, shape inference)
 register(Backend(
-    name="reference", devices=("cpu", "cuda"), priority=0, family=reference.FAMILY, why_unavailable=lambda: None,
+    name="reference", devices=("cpu", "cuda", "meta"), priority=0, family=reference.FAMILY,
+    why_unavailable=lambda: None,
 ))
