@@ -27,6 +27,16 @@ def _timings(rows):
     return [r["median_ms"] for r in rows if "median_ms" in r]
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_section_runs(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "apo_kernels.bench", "--quick", "--device", "cpu", "--no-progress",
+                           "--out", str(blocker / "results")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"apo-bench: --out {blocker / 'results'}: cannot write there" in proc.stderr
+    assert proc.stdout == ""  # nothing ran
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("apo_bench")

@@ -17,6 +17,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,6 +142,19 @@ def _progress(quiet: bool):
     return console, progress
 
 
+def _output_folder(path: str) -> Path:
+    """``--out``, created and written to once before any section runs: a folder that cannot be
+    written is an error at the start, not after the run."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SystemExit(f"apo-bench: --out {path}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
 def run(args) -> dict:
     """Run the selected sections; returns the result dict (also written to ``args.out``)."""
     from . import lowprec, op_bench, precond_bench, report, train_bench
@@ -152,8 +166,7 @@ def run(args) -> dict:
     except ImportError:
         raise SystemExit("apo-bench needs rich (the bench extra): pip install 'apo-kernels[bench]'") from None
     t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.out)
     console, progress = _progress(args.no_progress)
     task = progress.add_task("starting", total=1)
 
