@@ -245,6 +245,26 @@ def test_torchvision_missing_dataset_names_expected_files(tmp_path):
     assert not any(tmp_path.iterdir())  # and nothing was written (no download attempt)
 
 
+def test_bad_flags_are_refused_before_any_run_with_usage_and_no_traceback(tmp_path):
+    script = str(ROOT / "python" / "paper" / "classification.py")
+    cases = {
+        ("--steps", "0"): "--steps must be >= 1, got 0",
+        ("--data-dir", str(tmp_path / "nowhere")): "is not a directory",
+        ("--datasets", "cifar10"): "--datasets needs --data-dir",
+        ("--data-dir", str(tmp_path), "--datasets", "cifar10"): "cifar10 not found under --data-dir",
+    }
+    for flags, message in cases.items():
+        proc = subprocess.run([sys.executable, script, "--quick", "--no-progress", *flags],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # every file a dataset needs is a real path: with them all present, the flags pass
+    for f in C.TORCHVISION_FILES["cifar10"][1]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"")
+    args = C.finish_args(C.parser("").parse_args(["--data-dir", str(tmp_path), "--datasets", "cifar10"]))
+    assert args.dataset_list == ["cifar10"]
+
+
 def test_mnist1d_is_generated_offline(monkeypatch):
     pytest.importorskip("mnist1d", reason="mnist1d not installed: pip install -e '.[paper]'")
     import requests

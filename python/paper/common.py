@@ -207,7 +207,7 @@ TORCHVISION_FILES = {
                                       "FashionMNIST/raw/train-labels-idx1-ubyte",
                                       "FashionMNIST/raw/t10k-images-idx3-ubyte",
                                       "FashionMNIST/raw/t10k-labels-idx1-ubyte"]),
-    "cifar10": ("CIFAR10", ["cifar-10-batches-py/data_batch_1", "…/data_batch_5",
+    "cifar10": ("CIFAR10", [*(f"cifar-10-batches-py/data_batch_{k}" for k in range(1, 6)),
                             "cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"]),
     "cifar100": ("CIFAR100", ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"]),
     "svhn": ("SVHN", ["train_32x32.mat", "test_32x32.mat"]),
@@ -1285,6 +1285,13 @@ def finish_args(args) -> argparse.Namespace:
             raise ValueError(f"--datasets: {d!r} is not one of {sorted(TORCHVISION_FILES)}")
     if args.dataset_list and not args.data_dir:
         raise ValueError("--datasets needs --data-dir (the folder that holds them; nothing is downloaded)")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data-dir {args.data_dir!r} is not a directory")
+    for d in args.dataset_list:  # before any run starts, rather than in a worker later
+        missing = [f for f in TORCHVISION_FILES[d][1] if not os.path.exists(os.path.join(args.data_dir, f))]
+        if missing:
+            raise ValueError(f"--datasets: {d} not found under --data-dir {args.data_dir} (nothing is downloaded); "
+                             f"expected {', '.join(os.path.join(args.data_dir, f) for f in missing)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
     if args.jobs is None:
@@ -1307,7 +1314,11 @@ def default_args(**overrides) -> argparse.Namespace:
 
 def experiment_main(run: Callable, description: str, argv=None) -> dict:
     """``python python/paper/<name>.py [flags]``: parse, run, print where the output went."""
-    args = finish_args(parser(description).parse_args(argv))
+    ap = parser(description)
+    try:
+        args = finish_args(ap.parse_args(argv))
+    except ValueError as e:  # a flag's value: argparse's usage line and message, no traceback
+        ap.error(str(e))
     try:
         with Progress(enabled=not args.no_progress) as progress:
             args.progress = progress
