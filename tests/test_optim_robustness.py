@@ -714,3 +714,24 @@ def test_value_and_grad_of_a_callable_goes_through_autograd_and_bad_input_names_
     assert discrepancy.value_and_grad(lambda a, b: b.sum(), new, old)[1].eq(0).all()
     with pytest.raises(TypeError, match=r"\bnew\b"):
         discrepancy.value_and_grad(discrepancy.kl, (new,), old)
+
+
+@pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
+@pytest.mark.parametrize("own_batch", [False, True], ids=["other batch", "own batch"])
+def test_a_callable_fsd_that_does_not_return_one_number_is_refused_naming_fsd(make, own_batch):
+    # per-sample discrepancies (not averaged) and a Python number: a ValueError naming fsd, on the
+    # closed-form path, the ride on the closure and the autograd path alike, with nothing changed
+    from apo_kernels.optim import discrepancy
+    for bad in (lambda new, old: (new - old).pow(2).sum(-1), lambda new, old: 0.5):
+        opt = make(meta_interval=1, lambda_fsd=0.1, fsd=bad)
+        model, (x, y) = opt.model, data()
+        before = [p.clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"^fsd: a callable fsd must return"):
+            opt.step(closure_for(opt, model, x, y), fsd_inputs=(x if own_batch else data(seed=5)[0],))
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
+    # the built-ins passed as functions keep their closed form; a scalar-valued callable runs as given
+    assert discrepancy.resolve(discrepancy.kl) is discrepancy.kl
+    opt = make(meta_interval=1, lambda_fsd=0.1, fsd=lambda new, old: (new - old).pow(2).mean())
+    x, y = data()
+    opt.step(closure_for(opt, opt.model, x, y), fsd_inputs=(x,))
+    assert opt.meta_steps == 1

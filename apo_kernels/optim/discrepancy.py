@@ -19,6 +19,7 @@ where the native module is built), through autograd for a callable.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Union
 
 import torch
@@ -146,6 +147,20 @@ def resolve(fsd: Union[str, Discrepancy]) -> Discrepancy:
         if fsd not in _BY_NAME:
             raise ValueError(f"fsd must be one of {sorted(_BY_NAME)} or a callable, got {fsd!r}")
         return _BY_NAME[fsd]
-    if callable(fsd):
-        return fsd
+    if callable(fsd):  # the built-ins keep their closed form
+        return fsd if fsd in _CLOSED_FORM else _scalar_checked(fsd)
     raise TypeError(f"fsd must be a str or a callable(new_out, old_out) -> Tensor, got {type(fsd).__name__}")
+
+
+def _scalar_checked(fn: Callable) -> Discrepancy:
+    """A user's discrepancy, whose value must be one number (Q adds it; autograd differentiates it):
+    anything else is refused naming ``fsd`` when a meta-step calls it."""
+    @functools.wraps(fn)
+    def checked(new, old):
+        value = fn(new, old)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"fsd: a callable fsd must return the discrepancy as a one-element tensor "
+                             f"(averaged over the batch), got {got}")
+        return value.reshape(())
+    return checked
