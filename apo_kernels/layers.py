@@ -288,8 +288,10 @@ def find_layers(model: nn.Module, *, shared: str, kronecker: bool = False) -> li
             continue
         weight, bias = view.params(mod)
         # a weight computed from other tensors (torch.nn.utils.parametrize, pruning's weight_orig ·
-        # mask) is not a parameter: the module is no layer here, its own parameters go per parameter
-        if not isinstance(weight, Tensor) or not weight.is_leaf or not weight.requires_grad or id(weight) in claimed:
+        # mask) is not a parameter, and an empty one has no matrix: the module is no layer here, its
+        # own parameters go per parameter
+        if (not isinstance(weight, Tensor) or not weight.is_leaf or not weight.requires_grad or weight.numel() == 0
+                or id(weight) in claimed):
             continue
         if shared == "exclude" and any(holders[id(p)] > 1 for p in (weight, bias) if isinstance(p, Tensor)):
             continue

@@ -303,3 +303,36 @@ def test_a_computed_weight_is_no_layer_and_its_parameters_train_one_by_one(how):
         assert sorted(moved) == sorted(before), (name, sorted(set(before) - set(moved)))
         if name == "APOPrecond":
             assert opt.meta_steps == 3 and opt.skipped_steps == 0
+
+
+def test_an_empty_weight_is_no_layer_and_every_optimizer_trains_around_it():
+    # nn.Linear(4, 0) and nn.Linear(0, 3): no matrix to precondition; the non-empty bias of the
+    # second goes per parameter, and the rest of the model trains
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.empty_out, self.empty_in, self.fc = nn.Linear(4, 0), nn.Linear(0, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) + self.empty_out(x).sum() + self.empty_in(x[:, :0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: initializing zero-element tensors is a no-op
+        torch.manual_seed(0)
+        model = WithEmpty()
+    assert [layer.name for layer in find_layers(model, shared="first_owner")] == ["fc"]
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    makers = {
+        "APOPrecond": lambda m: APOPrecond(m, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.1, meta_lr=0.01, meta_interval=2),
+        "KFAC": lambda m: KFAC(m, lr=0.1, damping=1e-2),
+        "EKFAC": lambda m: EKFAC(m, lr=0.1, damping=1e-2),
+    }
+    for name, make in makers.items():
+        net = copy.deepcopy(model)
+        opt = make(net)
+        if name == "APOPrecond":
+            assert [n for n, *_ in opt.diagonals] == ["empty_in.bias"]
+        before = {n: p.detach().clone() for n, p in net.named_parameters() if p.numel() > 0}
+        for _ in range(6):
+            opt.step(closure_for(opt, net, x, y))
+        assert all(not torch.equal(p, before[n]) for n, p in net.named_parameters() if p.numel() > 0), name

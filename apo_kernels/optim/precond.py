@@ -329,7 +329,7 @@ class APOPrecond(APOCore):
         claimed = {id(p) for layer in self.layers for p in layer.params}
         self.diagonals: list[tuple[str, Tensor, DiagonalPreconditioner]] = []
         for name, p in model.named_parameters():
-            if not p.requires_grad or id(p) in claimed:
+            if not p.requires_grad or id(p) in claimed or p.numel() == 0:  # empty: nothing to update
                 continue
             claimed.add(id(p))
             if small_full_max is not None and p.numel() <= small_full_max:
