@@ -2,6 +2,7 @@
 (zero_grad(set_to_none=False), gradient accumulation), parameters outside the base optimizer,
 steps too large to evaluate, and bad arguments."""
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -731,6 +732,15 @@ def test_a_callable_fsd_that_does_not_return_one_number_is_refused_naming_fsd(ma
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
     # the built-ins passed as functions keep their closed form; a scalar-valued callable runs as given
     assert discrepancy.resolve(discrepancy.kl) is discrepancy.kl
+
+    @dataclasses.dataclass
+    class HalfMSE:  # a callable object with __eq__ and so no __hash__
+        weight: float = 0.5
+
+        def __call__(self, new, old):
+            return self.weight * (new - old).pow(2).mean()
+
+    assert discrepancy.resolve(HalfMSE())(torch.ones(2), torch.zeros(2)).item() == 0.5
     opt = make(meta_interval=1, lambda_fsd=0.1, fsd=lambda new, old: (new - old).pow(2).mean())
     x, y = data()
     opt.step(closure_for(opt, opt.model, x, y), fsd_inputs=(x,))

@@ -147,8 +147,8 @@ def resolve(fsd: Union[str, Discrepancy]) -> Discrepancy:
         if fsd not in _BY_NAME:
             raise ValueError(f"fsd must be one of {sorted(_BY_NAME)} or a callable, got {fsd!r}")
         return _BY_NAME[fsd]
-    if callable(fsd):  # the built-ins keep their closed form
-        return fsd if fsd in _CLOSED_FORM else _scalar_checked(fsd)
+    if callable(fsd):  # the built-ins keep their closed form (by identity: a callable may be unhashable)
+        return fsd if any(fsd is f for f in _CLOSED_FORM) else _scalar_checked(fsd)
     raise TypeError(f"fsd must be a str or a callable(new_out, old_out) -> Tensor, got {type(fsd).__name__}")
 
 
