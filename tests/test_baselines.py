@@ -763,12 +763,7 @@ def test_a_state_dict_of_other_shapes_is_refused_before_anything_is_loaded(cls, 
         opt = cls(model, lr=0.05, damping=1e-2, momentum=0.9, **kwargs)
         x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
         for _ in range(12):
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(_closure_for(opt, model, x, y))
         return opt
 
     opt = trained(4)

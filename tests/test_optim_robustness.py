@@ -182,6 +182,16 @@ def test_bad_step_arguments_raise_naming_the_argument(make, step_kwargs, name):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.step_count == 0
 
 
+def _closure_returning(opt, model, x, y, form):
+    """The usual closure, returning ``form(loss)`` instead of the loss."""
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return form(loss)
+    return closure
+
+
 # the closure's loss as the closure returns it; a meta-step reads it as a scalar
 LOSS_FORMS = {
     "0-d tensor": lambda loss: loss,
@@ -200,13 +210,7 @@ def test_a_closure_may_return_its_loss_as_a_number_or_one_element_tensor(make, f
         torch.manual_seed(0)
         opt = make(meta_interval=2)
         model, (x, y) = opt.model, data()
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return to_form(loss)
-
+        closure = _closure_returning(opt, model, x, y, to_form)
         returned = [opt.step(closure) for _ in range(5)]
         return opt, [p.detach().clone() for p in model.parameters()], returned
 
@@ -224,13 +228,7 @@ def test_a_closure_may_return_its_loss_as_a_number_or_one_element_tensor(make, f
 def test_a_meta_step_refuses_a_loss_that_is_not_a_scalar_naming_the_closure(make, meta_batch, bad, exc):
     opt = make(meta_interval=1, meta_batch=meta_batch)
     model, (x, y) = opt.model, data()
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return bad(loss)
-
+    closure = _closure_returning(opt, model, x, y, bad)
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(exc, match=r"\bclosure\b.*scalar"):
         opt.step(closure, meta_closure=closure if meta_batch == "fresh" else None)
