@@ -260,6 +260,8 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradgradcheck(grouped, flat)
 
 
+# torch.func's own transforms call torch.jit.script, which this torch deprecates
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
 def test_torch_func_transforms_run_the_reference_formulas(backend):
     # torch.library's autograd does not support torch.func transforms: under one, the public
