@@ -1,6 +1,7 @@
 // apo-kernels: apo::kl_value_and_grad, the FSD term's KL divergence and its gradient in one call.
 //
 //     value = mean over rows of KL(softmax(old) ‖ softmax(new)) = Σ p_old·(log p_old − log p_new) / rows
+//             (a class with p_old = 0 adds 0: masked classes, −inf logits, keep it finite)
 //     grad  = scale · (softmax(new) − softmax(old)) / rows          (∂value/∂new, times scale)
 //
 // rows = every leading dim (the softmax is over the last). A meta-step forms this once, on the
@@ -73,8 +74,9 @@ APO_INLINE void exp_in_place(float* v, int64_t n) {
 // One block of rows: g = coef · (softmax(x) − softmax(y)) per row; returns Σ_rows KL(softmax(y) ‖
 // softmax(x)), summed in float64 like the rows' Σ exp. Scratch: e_old (rows·c floats) and maxima
 // (2·rows). The exp runs over the whole block, not per row, so short rows (a classifier's 10
-// classes) fill whole SIMD vectors. A NaN or an infinite maximum makes the row's terms NaN, as
-// log_softmax's do.
+// classes) fill whole SIMD vectors. A class with p_old = 0 adds nothing (0·log 0 = 0), so a masked
+// class (a −inf logit, in old alone or in both) leaves the value finite; a NaN or a +inf maximum
+// makes the row's terms NaN, as log_softmax's do.
 APO_INLINE double kl_block(const float* x, const float* y, float* g, float* e_old, float* maxima, int64_t rows,
                            int64_t c, float coef) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -111,7 +113,8 @@ APO_INLINE double kl_block(const float* x, const float* y, float* g, float* e_ol
 #pragma omp simd reduction(+ : row)
     for (int64_t k = 0; k < c; ++k) {
       const float p_old = e_old[o + k] * ry;
-      row += static_cast<double>(p_old * ((y[o + k] - ly) - (x[o + k] - lx)));
+      const float term = p_old * ((y[o + k] - ly) - (x[o + k] - lx));
+      row += static_cast<double>(p_old == 0.0f ? 0.0f : term);  // 0·log 0 = 0: a masked class (−inf)
       g[o + k] = (g[o + k] * rx - p_old) * coef;
     }
     total += row;
@@ -166,7 +169,8 @@ std::tuple<Tensor, Tensor> kl_aten(const Tensor& new_out, const Tensor& old_out,
   Tensor log_old = at::log_softmax(old_out.to(type), -1);
   const Tensor p_old = log_old.exp();
   const double rows = double(new_out.numel() / new_out.size(-1));
-  const Tensor value = at::dot(p_old.reshape(-1), log_old.sub_(log_new).reshape(-1)).div_(rows);
+  // 0·log 0 = 0: a class with p_old = 0 (a masked, −inf logit) adds nothing, not 0·(−inf − −inf)
+  const Tensor value = log_old.sub_(log_new).mul_(p_old).masked_fill_(p_old == 0, 0).sum().div_(rows);
   return {value, log_new.exp_().sub_(p_old).mul_(scale / rows)};
 }
 

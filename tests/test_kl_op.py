@@ -3,7 +3,7 @@
 gradient with respect to ``new_out``, in one call (``apo_kernels.optim.discrepancy``).
 
 Oracle: the same formulas in float64 with torch's log_softmax, on the op's inputs (float16 and
-bfloat16 inputs are computed in float32, exactly as read). Tolerances per compute dtype: the value to
+bfloat16 inputs are computed in float32, exactly as read), a class with p_old = 0 adding nothing. Tolerances per compute dtype: the value to
 1e-12 (float64) or 1e-6 (float32) relative and absolute, each grad entry (at most |scale|/rows in
 size) to 1e-12 or 1e-6 times |scale|/rows (the kernel's float32 errors measured ≤ 1.5e-7 of those
 units over 40 seeds per shape and dtype).
@@ -37,8 +37,9 @@ def reference(new, old, scale):
     x, y = new.double(), old.double()
     log_new, log_old = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
     rows = new.numel() // new.shape[-1]
-    value = (log_old.exp() * (log_old - log_new)).sum() / rows
-    return value, (log_new.exp() - log_old.exp()) * scale / rows
+    p_old = log_old.exp()
+    value = torch.where(p_old == 0, 0.0, p_old * (log_old - log_new)).sum() / rows  # 0·log 0 = 0
+    return value, (log_new.exp() - p_old) * scale / rows
 
 
 def compute_dtype(dtype):
@@ -94,9 +95,10 @@ def test_equal_distributions_give_zero_and_inputs_are_left_unwritten():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_non_finite_logits_give_what_the_torch_expression_gives(dtype):
-    """A NaN or ±inf in a row makes exactly the entries NaN (and the value not finite) that torch's
-    log_softmax expression makes so; the other rows' gradients are as without it."""
+def test_non_finite_logits_give_what_the_reference_gives(dtype):
+    """A NaN or ±inf in a row makes exactly the entries NaN, and the value finite or not, as the
+    float64 log_softmax reference does (a −inf in old alone is a masked class: finite); the other
+    rows' gradients are as without it."""
     gen = torch.Generator().manual_seed(3)
     grad_tol = TOLERANCE[dtype][1] / 6
     keep = torch.tensor([r != 2 for r in range(6)])
@@ -110,6 +112,36 @@ def test_non_finite_logits_give_what_the_torch_expression_gives(dtype):
                 assert math.isfinite(float(value)) == math.isfinite(float(ref_value)), (bad, which, col)
                 assert torch.equal(torch.isnan(grad), torch.isnan(ref_grad)), (bad, which, col)
                 assert (grad[keep].double() - ref_grad[keep]).abs().max() <= grad_tol, (bad, which, col)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_classes_add_nothing(dtype):
+    """A class masked with a −inf logit (a language model's padding token, an invalid action) has
+    p = 0 and adds nothing to KL (0·log 0 = 0): masked in both outputs, the value is the KL over the
+    other classes, and its gradient there is 0; masked in old alone, the value stays finite; masked in
+    new alone (p_old > 0, p_new = 0) it is +inf. The composite kernel and the torch fallback agree."""
+    gen = torch.Generator().manual_seed(7)
+    new, old = logits((6, 17), dtype, gen), logits((6, 17), dtype, gen)
+    masked = torch.zeros(6, 17, dtype=torch.bool)
+    masked[:, [0, 9, 16]] = True  # first, inside and last of a SIMD vector
+    masked[3] = False
+    both_new, both_old = new.masked_fill(masked, float("-inf")), old.masked_fill(masked, float("-inf"))
+    value, grad = op(both_new, both_old, 1.0)
+    check_close(both_new, both_old, 1.0, value, grad)
+    kept = ~masked[0]
+    rows_value = [discrepancy.kl(new[r:r + 1, ~masked[r]].double(), old[r:r + 1, ~masked[r]].double()) for r in range(6)]
+    assert math.isclose(float(value), float(sum(rows_value) / 6), rel_tol=TOLERANCE[compute_dtype(dtype)][0] * 10)
+    assert torch.isfinite(grad).all() and grad[masked].eq(0).all() and kept.any()
+    value_old_only, _ = op(new, both_old, 1.0)
+    assert math.isfinite(float(value_old_only))
+    value_new_only, _ = op(both_new, old, 1.0)
+    assert float(value_new_only) == math.inf
+    for fallback in (discrepancy.kl_value_and_grad_torch(both_new, both_old, 1.0),
+                     torch.ops.apo.kl_value_and_grad.default.redispatch(
+                         torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd), both_new, both_old,
+                         1.0)):
+        assert math.isclose(float(fallback[0]), float(value), rel_tol=1e-5) and torch.isfinite(fallback[1]).all()
+    assert math.isclose(float(discrepancy.kl(both_new, both_old)), float(value), rel_tol=1e-5)
 
 
 def test_bad_inputs_are_refused_by_name():

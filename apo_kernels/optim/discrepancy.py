@@ -36,12 +36,15 @@ def _upcast(x: Tensor) -> Tensor:
 
 
 def kl(new: Tensor, old: Tensor) -> Tensor:
-    """KL(p_old ‖ p_new) over the last dim, averaged over all leading dims. Shapes (…, C)."""
+    """KL(p_old ‖ p_new) over the last dim, averaged over all leading dims. Shapes (…, C). A class
+    with p_old = 0 (a masked logit, −inf) adds nothing."""
     if not isinstance(new, Tensor) or not isinstance(old, Tensor):
         raise TypeError("fsd='kl' needs the model to return a logits Tensor; pass a callable fsd instead")
     log_new = F.log_softmax(_upcast(new), dim=-1)
     log_old = F.log_softmax(_upcast(old), dim=-1)
-    per_row = (log_old.exp() * (log_old - log_new)).sum(-1)
+    p_old = log_old.exp()
+    # 0·log 0 = 0: a masked class (a −inf logit) adds nothing rather than 0·(−inf − −inf) = NaN
+    per_row = torch.where(p_old == 0, 0.0, p_old * (log_old - log_new)).sum(-1)
     return per_row.mean()
 
 
@@ -100,7 +103,7 @@ def kl_value_and_grad_torch(new: Tensor, old: Tensor, scale: float) -> tuple[Ten
     log_old = F.log_softmax(_upcast(old), dim=-1)
     p_old = log_old.exp()
     rows = _rows(new, "all")
-    value = torch.dot(p_old.reshape(-1), log_old.sub_(log_new).reshape(-1)).div_(rows)
+    value = log_old.sub_(log_new).mul_(p_old).masked_fill_(p_old == 0, 0.0).sum().div_(rows)  # 0·log 0 = 0
     return value, log_new.exp_().sub_(p_old).mul_(scale / rows)
 
 
