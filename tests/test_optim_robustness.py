@@ -715,6 +715,36 @@ def test_value_and_grad_of_a_callable_goes_through_autograd_and_bad_input_names_
         discrepancy.value_and_grad(discrepancy.kl, (new,), old)
 
 
+class _MaskedLogits(nn.Module):
+    """An MLP whose last logit is masked (−inf), as a vocabulary's padding token or an invalid action."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.register_buffer("mask", torch.tensor([0.0, 0.0, float("-inf")]))
+
+    def forward(self, x):
+        return self.net(x) + self.mask
+
+
+@pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
+@pytest.mark.parametrize("own_batch", [False, True], ids=["other batch", "own batch"])
+def test_masked_logits_leave_the_fsd_term_finite_and_meta_steps_succeed(kind, own_batch):
+    # KL(p_old ‖ p_new) with a class of probability 0 in both: that class adds nothing (0·log 0),
+    # so every meta-step succeeds (it used to be NaN, and each meta-step shrank φ instead)
+    torch.manual_seed(0)
+    model = _MaskedLogits()
+    opt = (APOLR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.5, lambda_wsd=0.1,
+                 meta_interval=2) if kind == "APOLR"
+           else APOPrecond(model, lr=0.1, lambda_fsd=0.5, lambda_wsd=0.1, meta_lr=0.01, meta_interval=2))
+    x, y = data()
+    y = y.clamp(max=1)  # the labels avoid the masked class
+    for _ in range(6):
+        opt.step(closure_for(opt, model, x, y), fsd_inputs=(x if own_batch else data(seed=5)[0],))
+    assert opt.meta_steps == 3 and opt.recoveries == 0 and opt.skipped_steps == 0
+    assert math.isfinite(opt.last_meta["fsd"]) and opt.last_meta["fsd"] > 0
+
+
 @pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
 @pytest.mark.parametrize("own_batch", [False, True], ids=["other batch", "own batch"])
 def test_a_callable_fsd_that_does_not_return_one_number_is_refused_naming_fsd(make, own_batch):
