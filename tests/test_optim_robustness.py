@@ -473,6 +473,12 @@ def test_bernoulli_discrepancy_matches_the_float64_formula_and_is_stable():
     assert discrepancy.bernoulli(old, old).item() == 0.0
     with pytest.raises(TypeError, match=r"\bfsd\b"):
         discrepancy.bernoulli((new,), old)
+    # an output masked to ±inf in both (probability 0 or 1 exactly) adds nothing, and its gradient is 0
+    a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    unmasked = discrepancy.bernoulli(b[:, 2:], a[:, 2:])
+    a[:, 0], b[:, 0], a[:, 1], b[:, 1] = -math.inf, -math.inf, math.inf, math.inf
+    value, grad = discrepancy.value_and_grad(discrepancy.bernoulli, b, a)
+    assert torch.allclose(value, unmasked, rtol=1e-12, atol=0) and grad[:, :2].eq(0).all()
 
 
 def test_apo_precond_refuses_a_real_update_beyond_the_parameters_range():

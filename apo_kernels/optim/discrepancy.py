@@ -63,13 +63,18 @@ def bernoulli(new: Tensor, old: Tensor) -> Tensor:
 
     Logits in, shapes (N, …). With log σ(x) = logsigmoid(x) and log(1 − σ(x)) = logsigmoid(−x):
     KL = σ(a)·(log σ(a) − log σ(b)) + σ(−a)·(log σ(−a) − log σ(−b)), a = old, b = new — finite and
-    accurate for logits of any size (no log of a rounded 0 or 1).
+    accurate for logits of any size (no log of a rounded 0 or 1); a term whose probability is 0 adds
+    nothing, so ±inf logits in both (masked outputs) give 0.
     """
     if not isinstance(new, Tensor) or not isinstance(old, Tensor):
         raise TypeError("fsd='bernoulli' needs the model to return a logits Tensor; pass a callable fsd instead")
     a, b = _upcast(old), _upcast(new)
-    kl_elem = (torch.sigmoid(a) * (F.logsigmoid(a) - F.logsigmoid(b))
-               + torch.sigmoid(-a) * (F.logsigmoid(-a) - F.logsigmoid(-b)))
+
+    def term(p, log_p, log_q):  # 0·log 0 = 0: an infinite logit (a masked output) adds nothing
+        return torch.where(p == 0, 0.0, p * (log_p - log_q))
+
+    kl_elem = (term(torch.sigmoid(a), F.logsigmoid(a), F.logsigmoid(b))
+               + term(torch.sigmoid(-a), F.logsigmoid(-a), F.logsigmoid(-b)))
     if kl_elem.ndim == 0:
         return kl_elem
     return kl_elem.reshape(kl_elem.shape[0], -1).sum(-1).mean()
