@@ -1,5 +1,5 @@
 """The optimizers' step wrapper (apo_kernels._step_hooks): torch.optim's step hooks and profiler range
-exactly when someone listens, and no profiler range otherwise."""
+exactly when someone listens, and no profiler range otherwise; and torch.optim's state-dict hooks."""
 import contextlib
 import warnings
 
@@ -152,3 +152,40 @@ def test_apolr_base_optimizer_steps_quietly_unless_someone_listens():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step(closure_for(opt, model, x, y))
     assert "Optimizer.step#SGD.step" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_dict_hooks_run_as_torch_optim_runs_them(name):
+    # register_state_dict_pre/post_hook and register_load_state_dict_pre/post_hook: called in that
+    # order with torch's arguments; a post hook's dict replaces the state_dict, a load pre-hook's dict
+    # is what loads (here: the step counter of APO's state, the lr of KFAC's torch.optim state), and
+    # the load post-hook sees the loaded state
+    model, opt, x, y = _setup(name)
+    for _ in range(3):
+        opt.step(closure_for(opt, model, x, y))
+    calls = []
+    apo = name in ("APOLR", "APOPrecond")
+
+    def post(o, state):
+        calls.append(("post", o is opt))
+        return {**state, "tagged": True}
+
+    def load_pre(o, state):
+        calls.append(("load_pre", state.get("tagged")))
+        state = {k: v for k, v in state.items() if k != "tagged"}
+        if apo:
+            return state | {"step": 7}
+        return state | {"param_groups": [{**g, "lr": 0.07} for g in state["param_groups"]]}
+
+    def seen(o):
+        return o.step_count if apo else o.param_groups[0]["lr"]
+
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("pre", o is opt)))
+    opt.register_state_dict_post_hook(post)
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post", seen(o))))
+    state = opt.state_dict()
+    assert state["tagged"] is True
+    opt.load_state_dict(state)
+    assert "tagged" in state  # the pre-hook got a copy
+    assert calls == [("pre", True), ("post", True), ("load_pre", True), ("load_post", 7 if apo else 0.07)]

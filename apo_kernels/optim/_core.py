@@ -36,6 +36,7 @@ the step counter not advanced. Non-finite values never reach θ, momentum, φ or
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -120,6 +121,38 @@ def momentum_catch_up(mu: float, k: int, *, dampening: float = 0.0, nesterov: bo
     if not (young > 0.0 and steady > 0.0):
         return 1.0
     return max(1.0, steady / young)
+
+
+def with_state_dict_hooks(state_dict: Callable) -> Callable:
+    """An APO optimizer's own ``state_dict`` with torch.optim's state-dict hooks around it, as
+    ``torch.optim.Optimizer.state_dict`` runs them (``register_state_dict_pre_hook``: before;
+    ``…_post_hook``: after, its return value, when not None, replacing the dict)."""
+    @functools.wraps(state_dict)
+    def wrapper(self):
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = state_dict(self)
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            state = state if result is None else result
+        return state
+    return wrapper
+
+
+def with_load_state_dict_hooks(load_state_dict: Callable) -> Callable:
+    """An APO optimizer's own ``load_state_dict`` with torch.optim's load hooks around it, as
+    ``torch.optim.Optimizer.load_state_dict`` runs them (the pre-hooks on a shallow copy, each may
+    return the dict to load; the post-hooks after loading)."""
+    @functools.wraps(load_state_dict)
+    def wrapper(self, state):
+        state = state.copy() if isinstance(state, dict) else state
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state)
+            state = state if result is None else result
+        load_state_dict(self, state)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+    return wrapper
 
 
 class _Plan:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .._args import check_bool, check_number, check_type
 from .._step_hooks import step_quietly, step_with_hooks
-from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
+from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
+                    with_state_dict_hooks)
 from .snapshot import LookaheadBuffers
 
 
@@ -492,6 +493,7 @@ class APOLR(APOCore):
                     raise ValueError(f"state_dict: the base optimizer's {key!r} of parameter {i} has shape "
                                      f"{tuple(v.shape)} where {tuple(p.shape)} expected (a different model?)")
 
+    @with_state_dict_hooks
     def state_dict(self) -> dict:
         """Base optimizer state, φ, meta-optimizer, counters and the lr history."""
         return {
@@ -503,6 +505,7 @@ class APOLR(APOCore):
             "lr0": list(self._lr0),
         }
 
+    @with_load_state_dict_hooks
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; tensors are mapped to this optimizer's devices. A state that
         does not fit this optimizer (another kind, other groups, another model's shapes) is refused

@@ -41,7 +41,8 @@ from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_finit
 from .._step_hooks import step_with_hooks
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
-from ._core import APOCore, _Plan, check_common_args, momentum_catch_up
+from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
+                    with_state_dict_hooks)
 from .kron import KronPreconditioner
 from .preconditioners import (
     S_PARAMS,
@@ -663,6 +664,7 @@ class APOPrecond(APOCore):
             pc.scale_s2(factor)
 
     # ---- state -----------------------------------------------------------------------------
+    @with_state_dict_hooks
     def state_dict(self) -> dict:
         """Momentum buffers (by parameter index), φ, meta-optimizer state, counters, hyperparameters.
         Sharded: gathered from every rank (a collective), in the same layout."""
@@ -677,6 +679,7 @@ class APOPrecond(APOCore):
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }, self._phi, self.meta_optimizer)
 
+    @with_load_state_dict_hooks
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; tensors are mapped to this optimizer's device and dtypes. A
         state that does not fit this optimizer (another kind, structure or model) is refused before
