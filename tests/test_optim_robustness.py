@@ -4,6 +4,7 @@ steps too large to evaluate, and bad arguments."""
 import copy
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -779,3 +780,23 @@ def test_a_callable_fsd_that_does_not_return_one_number_is_refused_naming_fsd(ma
     x, y = data()
     opt.step(closure_for(opt, opt.model, x, y), fsd_inputs=(x,))
     assert opt.meta_steps == 1
+
+
+def test_apo_precond_warns_once_when_a_parameter_frozen_at_construction_is_unfrozen():
+    # φ is built at construction for the parameters that require grad then; one unfrozen later is
+    # not trained (unlike a torch.optim optimizer built over all parameters): a warning names it
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = APOPrecond(model, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.1, meta_lr=0.01, meta_interval=2)
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # still frozen: nothing to say
+        for _ in range(3):
+            opt.step(closure_for(opt, model, x, y))
+    model[0].requires_grad_(True)
+    frozen_weight = model[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"'0\.weight' \(and 1 more\) was frozen when the optimizer was built") as seen:
+        for _ in range(6):
+            opt.step(closure_for(opt, model, x, y))
+    assert len([w for w in seen if "was frozen" in str(w.message)]) == 1
+    assert torch.equal(model[0].weight, frozen_weight) and opt.skipped_steps == 0

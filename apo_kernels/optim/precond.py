@@ -30,6 +30,7 @@ second-moment memory (β2 = 0.9), because the meta-gradient shrinks with the los
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -353,6 +354,8 @@ class APOPrecond(APOCore):
         self.max_precond_dim, self.small_full_max, self.backend = max_precond_dim, small_full_max, backend
         self._params = params
         self._index = {id(p): i for i, p in enumerate(params)}
+        # frozen at construction: no φ, so not trained if unfrozen later (a warning says so, once)
+        self._left_out = [(name, p) for name, p in model.named_parameters() if not p.requires_grad and p.numel() > 0]
         # sharded mode: φ only for this rank's preconditioners (the others' are placeholders)
         self._shards = distributed.shard_preconditioners(model, self.layers, self.diagonals, shard_preconditioners)
         # Layers whose plain steps take the fused momentum op, whose CPU kernel forms v and Y one block
@@ -401,7 +404,20 @@ class APOPrecond(APOCore):
         Without a closure the gradients in ``.grad`` are used — only on steps with no
         meta-update. ``fsd_inputs``: tuple of inputs for ``model(*fsd_inputs)``.
         """
+        if self._left_out and self.meta_due():
+            self._warn_if_unfrozen()
         return self._run_step(closure, fsd_inputs, meta_closure)
+
+    def _warn_if_unfrozen(self) -> None:
+        """A parameter frozen when the optimizer was built and trainable now has no preconditioner and
+        is not trained: said once (checked on meta-steps, every ``meta_interval`` steps)."""
+        unfrozen = [name for name, p in self._left_out if p.requires_grad]
+        if unfrozen:
+            self._left_out = []
+            more = f" (and {len(unfrozen) - 1} more)" if len(unfrozen) > 1 else ""
+            warnings.warn(f"APOPrecond: parameter {unfrozen[0]!r}{more} was frozen when the optimizer was built "
+                          f"and requires grad now; it has no preconditioner and is not trained. Build the "
+                          f"optimizer after unfreezing it.", UserWarning, stacklevel=3)
 
     def preconditioner_stats(self) -> dict[str, dict[str, float]]:
         """Per layer / diagonal parameter: s2_mean (mean of S², the step multiplier), a_dist and
