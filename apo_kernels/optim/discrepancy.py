@@ -35,6 +35,12 @@ def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _kl_terms(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """p·(log p − log q) per entry, 0 where p = 0 (0·log 0 = 0): a masked class or output (an
+    infinite logit) adds nothing rather than 0·(−inf − −inf) = NaN."""
+    return torch.where(p == 0, 0.0, p * (log_p - log_q))
+
+
 def kl(new: Tensor, old: Tensor) -> Tensor:
     """KL(p_old ‖ p_new) over the last dim, averaged over all leading dims. Shapes (…, C). A class
     with p_old = 0 (a masked logit, −inf) adds nothing."""
@@ -42,10 +48,7 @@ def kl(new: Tensor, old: Tensor) -> Tensor:
         raise TypeError("fsd='kl' needs the model to return a logits Tensor; pass a callable fsd instead")
     log_new = F.log_softmax(_upcast(new), dim=-1)
     log_old = F.log_softmax(_upcast(old), dim=-1)
-    p_old = log_old.exp()
-    # 0·log 0 = 0: a masked class (a −inf logit) adds nothing rather than 0·(−inf − −inf) = NaN
-    per_row = torch.where(p_old == 0, 0.0, p_old * (log_old - log_new)).sum(-1)
-    return per_row.mean()
+    return _kl_terms(log_old.exp(), log_old, log_new).sum(-1).mean()
 
 
 def mse(new: Tensor, old: Tensor) -> Tensor:
@@ -69,12 +72,8 @@ def bernoulli(new: Tensor, old: Tensor) -> Tensor:
     if not isinstance(new, Tensor) or not isinstance(old, Tensor):
         raise TypeError("fsd='bernoulli' needs the model to return a logits Tensor; pass a callable fsd instead")
     a, b = _upcast(old), _upcast(new)
-
-    def term(p, log_p, log_q):  # 0·log 0 = 0: an infinite logit (a masked output) adds nothing
-        return torch.where(p == 0, 0.0, p * (log_p - log_q))
-
-    kl_elem = (term(torch.sigmoid(a), F.logsigmoid(a), F.logsigmoid(b))
-               + term(torch.sigmoid(-a), F.logsigmoid(-a), F.logsigmoid(-b)))
+    kl_elem = (_kl_terms(torch.sigmoid(a), F.logsigmoid(a), F.logsigmoid(b))
+               + _kl_terms(torch.sigmoid(-a), F.logsigmoid(-a), F.logsigmoid(-b)))
     if kl_elem.ndim == 0:
         return kl_elem
     return kl_elem.reshape(kl_elem.shape[0], -1).sum(-1).mean()
@@ -103,12 +102,13 @@ def kl_value_and_grad_torch(new: Tensor, old: Tensor, scale: float) -> tuple[Ten
     """``value_and_grad(kl, new, old, scale)`` with torch's ops: the native op's fallback, and what it
     is timed against (bench/test_bench_fsd.py)."""
     # ∂/∂z KL(p_old ‖ softmax(z)) = softmax(z) − p_old per row (p_old sums to one), over the rows.
-    # Few ops, in place.
+    # Few ops, in place: _kl_terms' rule without its temporaries (torch.where there took this
+    # function from 25 to 33 ms on 4096×1000 logits, measured back to back).
     log_new = F.log_softmax(_upcast(new), dim=-1)
     log_old = F.log_softmax(_upcast(old), dim=-1)
     p_old = log_old.exp()
     rows = _rows(new, "all")
-    value = log_old.sub_(log_new).mul_(p_old).masked_fill_(p_old == 0, 0.0).sum().div_(rows)  # 0·log 0 = 0
+    value = log_old.sub_(log_new).mul_(p_old).masked_fill_(p_old == 0, 0.0).sum().div_(rows)
     return value, log_new.exp_().sub_(p_old).mul_(scale / rows)
 
 
