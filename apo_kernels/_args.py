@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["check_number", "check_int", "check_choice", "check_bool", "check_pair", "check_type"]
+__all__ = ["check_number", "check_int", "check_choice", "check_bool", "check_pair", "check_type",
+           "check_optimizer_state_shapes"]
 
 
 def _range_text(low, low_ok, high, high_ok) -> str:
@@ -77,3 +78,21 @@ def check_type(name: str, value: Any, types, what: str):
     if not isinstance(value, types):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     return value
+
+
+def check_optimizer_state_shapes(state: dict, params: Sequence, expected: Callable[[Any, str], tuple],
+                                 what: str = "") -> None:
+    """A torch.optim ``state_dict`` (``state``, ``param_groups``) against the parameters it is loaded
+    into: every saved tensor of more than 0 dims has the shape ``expected(param, key)`` gives
+    (torch.optim loads any shape, and the step that reads it fails later). ValueError naming
+    ``state_dict``, the entry and the parameter's index; ``what`` names whose state it is."""
+    saved_ids = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+    for i, p in zip(saved_ids, params):
+        for key, v in state.get("state", {}).get(i, {}).items():
+            shape = tuple(getattr(v, "shape", ()))
+            if not shape:  # not a tensor, or a 0-d one (a step count)
+                continue
+            want = tuple(expected(p, key))
+            if shape != want:
+                raise ValueError(f"state_dict: {what}{key!r} of parameter {i} has shape {shape} where {want} "
+                                 f"expected (a different model?)")

@@ -68,7 +68,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .._args import check_choice, check_int, check_number, check_type
+from .._args import check_choice, check_int, check_number, check_optimizer_state_shapes, check_type
 from .. import distributed
 from .._numerics import all_finite
 from .._step_hooks import step_with_hooks
@@ -562,19 +562,13 @@ class KFAC(torch.optim.Optimizer):
         for L in self.layers:
             m, n = L.layer.view.shape(L.weight.shape, None if L.bias is None else L.bias.shape)
             sides[id(L.weight)] = {"A": (n, n), "G": (m, m), "eig_A": (n,), "eig_G": (m,), "scale": (m, n)}
-        ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
-        ours = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, ours):
+
+        def expected(p, key):
             side = sides.get(id(p), {})
-            for key, v in state_dict.get("state", {}).get(i, {}).items():
-                if not isinstance(v, Tensor) or v.dim() == 0:
-                    continue
-                # A, A_inv, A_inv_c, QA, QA_c are the input side's; G… and QG… the output side's
-                factor = key if key in side else key.lstrip("Q").split("_")[0]
-                want = side.get(factor, tuple(p.shape))
-                if tuple(v.shape) != tuple(want):
-                    raise ValueError(f"state_dict: {key!r} of parameter {i} has shape {tuple(v.shape)} where "
-                                     f"{tuple(want)} expected (a different model?)")
+            # A, A_inv, A_inv_c, QA, QA_c are the input side's; G… and QG… the output side's
+            return side.get(key if key in side else key.lstrip("Q").split("_")[0], p.shape)
+
+        check_optimizer_state_shapes(state_dict, [p for g in self.param_groups for p in g["params"]], expected)
 
     def load_state_dict(self, state_dict):
         self._check_state_shapes(state_dict)

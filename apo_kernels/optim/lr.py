@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._args import check_bool, check_number, check_type
+from .._args import check_bool, check_number, check_optimizer_state_shapes, check_type
 from .._step_hooks import step_quietly, step_with_hooks
 from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
                     with_state_dict_hooks)
@@ -485,13 +485,8 @@ class APOLR(APOCore):
         parameter's shape (torch.optim loads any shape and fails at a later step)."""
         if _kind(self.base_optimizer) is None:
             return
-        saved_ids = [i for g in base_state.get("param_groups", []) for i in g.get("params", [])]
-        ours = [p for g in self.base_optimizer.param_groups for p in g["params"]]
-        for i, p in zip(saved_ids, ours):
-            for key, v in base_state.get("state", {}).get(i, {}).items():
-                if isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
-                    raise ValueError(f"state_dict: the base optimizer's {key!r} of parameter {i} has shape "
-                                     f"{tuple(v.shape)} where {tuple(p.shape)} expected (a different model?)")
+        check_optimizer_state_shapes(base_state, [p for g in self.base_optimizer.param_groups for p in g["params"]],
+                                     lambda p, key: p.shape, "the base optimizer's ")
 
     @with_state_dict_hooks
     def state_dict(self) -> dict:
