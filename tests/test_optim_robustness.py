@@ -353,6 +353,55 @@ def test_absurd_initial_lr_does_not_stall(make, dtype, lr):
     assert end < 0.9 * start, (start, end)
 
 
+def _fp32_closure(opt, m, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x).float(), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("case", ["fp16 Adam eps=1e-8", "RMSprop eps=0 at a zero gradient"])
+def test_apolr_keeps_its_lr_when_no_lr_makes_the_base_direction_finite(case):
+    # The base optimizer's own direction (lr = 1) is 0/0 or x/0: shrinking the lr cannot help, so
+    # the step is skipped with a warning that says why, and the learnt lr is not destroyed.
+    if case.startswith("fp16"):
+        m, (x, y) = mlp(torch.float16), data(16)
+        x = x.half()
+        with pytest.warns(UserWarning, match=r"base_optimizer: param group 0's eps=1e-08 is 0 in float16"):
+            opt = APOLR(m, torch.optim.Adam(m.parameters(), lr=0.01), lambda_fsd=0.1, lambda_wsd=0.3)
+        hint = r"eps=1e-08 is 0 in float16"
+    else:
+        m, (x, y) = mlp(), data(16)
+        x[:, 0] = 0.0  # the first layer's weight column 0 gets a zero gradient: RMSprop divides 0 by 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # eps = 0 is not a float16 rounding: nothing to say yet
+            opt = APOLR(m, torch.optim.RMSprop(m.parameters(), lr=0.01, eps=0.0), lambda_fsd=0.1, lambda_wsd=0.3)
+        hint = r"makes the lookahead finite; the step is skipped"
+    before = [p.detach().clone() for p in m.parameters()]
+    closure = _fp32_closure(opt, m, x, y)
+    for _ in range(3):
+        with pytest.warns(RuntimeWarning, match=r"APOLR: the base optimizer's \((Adam|RMSprop)\) step direction is "
+                                                r"not finite although every gradient is.*" + hint):
+            opt.step(closure, fsd_inputs=(x,))
+    assert opt.learnt_lrs == [0.01] and opt.recoveries == 0 and opt.meta_steps == 0
+    assert opt.skipped_steps == 3 and len(opt.base_optimizer.state) == 0
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+
+
+def test_apolr_with_fp16_adam_and_an_eps_it_can_hold_trains_without_warnings():
+    m, (x, y) = mlp(torch.float16), data(16)
+    x = x.half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = APOLR(m, torch.optim.Adam(m.parameters(), lr=0.01, eps=1e-4), lambda_fsd=0.1, lambda_wsd=0.3,
+                    meta_interval=3)
+        closure = _fp32_closure(opt, m, x, y)
+        losses = [float(opt.step(closure, fsd_inputs=(x,)).detach()) for _ in range(12)]
+    assert opt.skipped_steps == 0 and opt.meta_steps == 4 and losses[-1] < losses[0]
+
+
 def _backward(loss):
     loss.backward()
     return loss

@@ -12,6 +12,8 @@ A subclass supplies these hooks; only ``_apply`` and ``_shrink_phi`` mutate stat
                                             its state update; False (nothing written) when the
                                             update it would write is not finite
     _shrink_phi(factor)                     multiply φ's step size by factor < 1 (a recovery)
+    _no_step_size_helps(plan) -> str|None   after a non-finite lookahead: why no step size can make
+                                            it finite (then φ is kept and the step skipped), or None
 
 Recoveries: a step too large to evaluate is information, not an error.
 - A non-finite lookahead, meta-objective or meta-gradient: φ's step size is multiplied by SHRINK
@@ -31,13 +33,19 @@ retry failed, the step takes no update (``skipped_steps``), the step counter adv
 step is a meta-step again whatever ``meta_interval`` says. A real update that would not be finite
 (``_apply`` returns False) is retried the same way. A non-finite loss or gradient at θ is
 different: it says nothing about φ, so that step is skipped with θ, φ and all state untouched and
-the step counter not advanced. Non-finite values never reach θ, momentum, φ or the meta-optimizer.
+the step counter not advanced. A lookahead that no step size makes finite (APO-LR: the base
+optimizer's own direction is not finite although the gradients are, e.g. Adam's eps rounding to 0 in
+float16) is not a recovery either: φ is kept, the step is skipped with a warning that says why, and
+the next step retries. Non-finite values never reach θ, momentum, φ or the meta-optimizer.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import os
+import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -154,6 +162,23 @@ def with_load_state_dict_hooks(load_state_dict: Callable) -> Callable:
             hook(self)
     return wrapper
 
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the first frame outside apo_kernels and torch: the user's
+    ``step`` call, however many decorators (no_grad, step hooks) wrap it."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
+class _NoStepSizeHelps(Exception):
+    """A meta-step failed in a way that no step size fixes (``APOCore._no_step_size_helps``)."""
 
 class _Plan:
     """What one step derives from the gradient at θ (subclasses add fields)."""
@@ -332,9 +357,13 @@ class APOCore(torch.optim.Optimizer):
     def _with_recoveries(self, attempt: Callable[[], Optional[float]]) -> bool:
         """Run ``attempt()`` until it succeeds (returns None); after each failure it returns the
         factor by which φ's step must shrink, and φ is shrunk. At most 1 + MAX_RECOVERIES_PER_STEP
-        attempts; after a last failure φ is still shrunk, so the next step starts smaller."""
+        attempts; after a last failure φ is still shrunk, so the next step starts smaller. A failure
+        that no step size fixes (``_NoStepSizeHelps``) ends the attempts with φ as it was."""
         for _ in range(self.MAX_RECOVERIES_PER_STEP + 1):
-            factor = attempt()
+            try:
+                factor = attempt()
+            except _NoStepSizeHelps:
+                return False
             if factor is None:
                 return True
             self._recover(factor)
@@ -355,6 +384,10 @@ class APOCore(torch.optim.Optimizer):
         """One meta-step; None when done, else the factor by which φ's step must shrink first."""
         found = self._objective(plan, closure, fsd_inputs, scale, rng, step_forward)
         if found is None:
+            why = self._no_step_size_helps(plan)
+            if why is not None:  # shrinking φ would only destroy it: keep it and skip this step
+                warn_at_caller(f"{type(self).__name__}: {why}; the step is skipped and φ kept", RuntimeWarning)
+                raise _NoStepSizeHelps
             return self.SHRINK
         obj, deltas = found
         if self._searching and loss_at_theta is not None and obj.value > loss_at_theta:
@@ -376,6 +409,11 @@ class APOCore(torch.optim.Optimizer):
         self.last_meta = {"step": self._apo_step, "Q": obj.value, "loss": obj.loss,
                           "fsd": obj.fsd, "wsd": obj.wsd}
         self._after_meta_step()
+        return None
+
+    def _no_step_size_helps(self, plan) -> Optional[str]:
+        """After a non-finite lookahead: why no step size can make it finite, or None (the
+        default: a smaller step may)."""
         return None
 
     def _overshoot_factor(self, plan, deltas, q0: float, q1: float) -> Optional[float]:

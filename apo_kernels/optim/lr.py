@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._numerics import all_finite
 from .._args import check_bool, check_number, check_optimizer_state_shapes, check_type
 from .._step_hooks import step_quietly, step_with_hooks
 from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
@@ -149,6 +151,21 @@ def _kind(optimizer: torch.optim.Optimizer) -> Optional[str]:
             torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}.get(type(optimizer))
 
 
+def _eps_underflow(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """What is wrong when an Adam/RMSprop group's eps rounds to 0 in its parameters' dtype (float16
+    and eps < 6e-8): the step divides by 0 wherever a second moment underflows; else None."""
+    if _kind(optimizer) not in ("adam", "rmsprop"):
+        return None
+    for k, group in enumerate(optimizer.param_groups):
+        eps = float(group["eps"])
+        for dtype in {p.dtype for p in group["params"] if p.is_floating_point()}:
+            if dtype.itemsize < 4 and eps != 0.0 and torch.tensor(eps, dtype=dtype).item() == 0.0:
+                return (f"param group {k}'s eps={eps:g} is 0 in {str(dtype).replace('torch.', '')}: the step "
+                        f"divides by 0 wherever a second moment underflows; use eps >= "
+                        f"{torch.finfo(dtype).smallest_normal:.0e} or float32 parameters")
+    return None
+
+
 def _scaled(d: Tensor, scale: float) -> Tensor:
     d = d.to(_cdtype(d))  # d is fresh: scaled in place
     return d if scale == 1.0 else d.mul_(scale)
@@ -257,7 +274,9 @@ class APOLR(APOCore):
     the meta-step learns the greedy lr at the base step, and a decay cannot be learnt back.
 
     A lookahead that is not finite means the lr is too large to evaluate: the learnt lr is divided
-    by 10 and the meta-step retried (``recoveries``; see ``apo_kernels.optim._core``).
+    by 10 and the meta-step retried (``recoveries``; see ``apo_kernels.optim._core``). Unless the base
+    optimizer's direction at lr = 1 is itself not finite (float16 Adam with an eps that is 0 in
+    float16): no lr helps then, so the step is skipped with a RuntimeWarning and the lr kept.
 
     Attributes:
         lr: the effective lr of group 0 (what the next real step uses); ``lrs`` all groups'.
@@ -311,6 +330,9 @@ class APOLR(APOCore):
             for p in g["params"]:
                 if id(p) not in model_params:
                     raise ValueError("base_optimizer holds a parameter that is not one of model.parameters()")
+        hint = _eps_underflow(base_optimizer)
+        if hint is not None:  # its own steps would write NaN into θ: the plain steps are its steps
+            warnings.warn(f"base_optimizer: {hint}", UserWarning, stacklevel=2)
         torch.optim.Optimizer.__init__(self, [{"params": list(g["params"])} for g in base_optimizer.param_groups], {})
         # one set of groups and one per-parameter state, the base optimizer's: a scheduler on either
         # optimizer schedules both, and a hyperparameter set in one group is set in both
@@ -411,6 +433,16 @@ class APOLR(APOCore):
                   zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
         plan.deltas = lr_directions(self.base_optimizer, plan.params_by_group, scales, self._direction_buffers)
         return [d for ds in plan.deltas for d in ds]
+
+    def _no_step_size_helps(self, plan) -> Optional[str]:
+        # Δ = lr·c·d: when d itself (lr = 1) is not finite, no learnt lr makes θ' finite
+        directions = [d for ds in lr_directions(self.base_optimizer, plan.params_by_group) for d in ds]
+        if all_finite(directions):
+            return None
+        why = (f"the base optimizer's ({type(self.base_optimizer).__name__}) step direction is not finite "
+               "although every gradient is, so no learning rate makes the lookahead finite")
+        hint = _eps_underflow(self.base_optimizer)
+        return why if hint is None else f"{why} ({hint})"
 
     def _catch_up(self, group: dict, params: list) -> float:
         """The lookahead judges the step a warmed-up momentum buffer will take (``momentum_catch_up``)."""

@@ -30,7 +30,6 @@ second-moment memory (β2 = 0.9), because the meta-gradient shrinks with the los
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -43,7 +42,7 @@ from .._step_hooks import step_with_hooks
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
 from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
-                    with_state_dict_hooks)
+                    warn_at_caller, with_state_dict_hooks)
 from .kron import KronPreconditioner
 from .preconditioners import (
     S_PARAMS,
@@ -415,9 +414,9 @@ class APOPrecond(APOCore):
         if unfrozen:
             self._left_out = []
             more = f" (and {len(unfrozen) - 1} more)" if len(unfrozen) > 1 else ""
-            warnings.warn(f"APOPrecond: parameter {unfrozen[0]!r}{more} was frozen when the optimizer was built "
+            warn_at_caller(f"APOPrecond: parameter {unfrozen[0]!r}{more} was frozen when the optimizer was built "
                           f"and requires grad now; it has no preconditioner and is not trained. Build the "
-                          f"optimizer after unfreezing it.", UserWarning, stacklevel=3)
+                          f"optimizer after unfreezing it.", UserWarning)
 
     def preconditioner_stats(self) -> dict[str, dict[str, float]]:
         """Per layer / diagonal parameter: s2_mean (mean of S², the step multiplier), a_dist and
