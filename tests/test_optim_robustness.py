@@ -287,6 +287,41 @@ def test_a_state_dict_that_does_not_fit_is_refused_before_anything_is_loaded(kin
     opt.load_state_dict(kept)  # its own state still loads
 
 
+@pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
+def test_resuming_with_a_scheduler_on_the_optimizer_continues_the_schedule_bit_for_bit(kind):
+    # the usual resume: build model, optimizer and scheduler, load the optimizer's state and the
+    # scheduler's, go on; a chainable scheduler multiplies the lr the optimizer's groups hold
+    x, y = data()
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = (APOLR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.1,
+                     lambda_wsd=0.3, meta_interval=2) if kind == "APOLR"
+               else APOPrecond(model, lr=0.1, lambda_fsd=0.1, lambda_wsd=1.0, meta_lr=0.01, meta_interval=2))
+        return model, opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)
+
+    def train(model, opt, sched, steps):
+        for _ in range(steps):
+            opt.step(closure_for(opt, model, x, y), fsd_inputs=(x,))
+            sched.step()
+
+    m1, o1, s1 = make()
+    train(m1, o1, s1, 3)
+    saved = copy.deepcopy((m1.state_dict(), o1.state_dict(), s1.state_dict()))
+    train(m1, o1, s1, 4)
+    m2, o2, s2 = make()
+    m2.load_state_dict(saved[0])
+    o2.load_state_dict(saved[1])
+    s2.load_state_dict(saved[2])
+    if kind == "APOLR":  # one set of groups and state, the base optimizer's, after a load as before
+        assert o2.param_groups is o2.base_optimizer.param_groups and o2.state is o2.base_optimizer.state
+    assert o2.param_groups[0]["lr"] == pytest.approx(0.1 * 0.7 ** 3)
+    train(m2, o2, s2, 4)
+    assert o1.param_groups[0]["lr"] == o2.param_groups[0]["lr"] == pytest.approx(0.1 * 0.7 ** 7)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
 @pytest.mark.parametrize("make", [_apolr, _precond], ids=["APOLR", "APOPrecond"])
 def test_autocast_around_step_evaluates_the_lookahead_not_stale_casts(make):
     # an autocast region open around step() caches each parameter's bf16 copy for as long as it is

@@ -544,6 +544,10 @@ class APOLR(APOCore):
                              f"{len(self.param_groups)} param groups)")
         self._check_base_state_shapes(state["base_optimizer"])
         self.base_optimizer.load_state_dict(state["base_optimizer"])
+        # torch.optim's load builds new param_groups and state objects: share them again, or a
+        # scheduler on this optimizer would schedule groups the base optimizer no longer reads
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         with torch.no_grad():
             self.log_lr.copy_(state["log_lr"].to(self.log_lr.device, self.log_lr.dtype))
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
