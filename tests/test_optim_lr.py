@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from apo_kernels.optim import APOLR, lr_directions
+from apo_kernels.optim.lr import NOT_LINEAR_IN_LR
 from _tiny import one_thread, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -68,6 +69,64 @@ def test_lookahead_equals_a_copy_of_the_base_optimizer_stepping(name):
     real.step()
     for a, b in zip(lookahead, m_copy.parameters()):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", list(NOT_LINEAR_IN_LR), ids=lambda t: t.__name__)
+def test_base_optimizers_whose_update_is_not_linear_in_lr_are_refused_at_construction(kind):
+    m = mlp()
+    with pytest.raises(TypeError, match=rf"^base_optimizer: {kind.__name__}'s .*; it is not supported"):
+        APOLR(m, kind(m.parameters()), lambda_fsd=0.0, lambda_wsd=0.0)
+
+
+class _StepSizeInState(torch.optim.Optimizer):
+    """SGD whose step size is read from the group's lr at its first step and kept in its state (as
+    ASGD and Rprop do): linear in lr at the first step only."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                eta = self.state[p].setdefault("eta", group["lr"])
+                p.add_(p.grad, alpha=-eta)
+
+
+class _PlainSGD(_StepSizeInState):
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def test_generic_probe_refuses_an_update_that_stops_following_lr_and_keeps_state_and_params():
+    m = mlp()
+    x, y = batch()
+    opt = APOLR(m, _StepSizeInState(m.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=2)
+    opt.step(closure_for(opt, m, x, y))  # meta-step 0: no state yet, eta is the probe's lr (linear)
+    opt.step(closure_for(opt, m, x, y))
+    before = [p.detach().clone() for p in m.parameters()]
+    etas = [opt.base_optimizer.state[p]["eta"] for p in m.parameters()]
+    with pytest.raises(TypeError, match=r"^base_optimizer: _StepSizeInState's step at lr = 2 is .* away from twice "
+                                        r"its step at lr = 1"):
+        opt.step(closure_for(opt, m, x, y))
+    assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
+    assert [opt.base_optimizer.state[p]["eta"] for p in m.parameters()] == etas
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", [_PlainSGD, torch.optim.Adagrad], ids=["custom SGD", "Adagrad"])
+def test_generic_probe_accepts_updates_linear_in_lr_in_low_precision(kind, dtype):
+    # a bfloat16 Δθ of a small step is rounded by a few ulps of θ: that is not nonlinearity
+    m = mlp(dtype)
+    x, y = batch()
+    x = x.to(dtype)
+    opt = APOLR(m, kind(m.parameters(), lr=1e-3), lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=1)
+    for _ in range(4):
+        opt.step(closure_for(opt, m, x, y))
+    assert opt.meta_steps == 4 and opt.skipped_steps == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

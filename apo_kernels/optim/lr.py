@@ -8,7 +8,9 @@ RMSprop (centered, momentum) and Adam/AdamW (amsgrad) the update is linear in lr
 
 so ∂Q/∂φ = lr · ⟨∇θ'Q, d⟩. ``d`` is computed here by the same formulas torch.optim uses (state is
 read, never written); any other optimizer falls back to stepping it with lr = 1 on a saved copy of
-its state and parameters (exact whenever its update is linear in lr, as for Adagrad, Adamax, …).
+its state and parameters (exact whenever its update is linear in lr, as for Adagrad, Adamax, …),
+and with lr = 2 to check that it is. torch.optim's optimizers that are not linear in lr (LBFGS,
+Rprop, ASGD, Adafactor: ``NOT_LINEAR_IN_LR``) are refused at construction.
 """
 from __future__ import annotations
 
@@ -205,30 +207,64 @@ def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[T
     return out
 
 
+# torch.optim optimizers whose update is not lr times a direction that lr does not change
+NOT_LINEAR_IN_LR = {
+    torch.optim.LBFGS: "LBFGS's update is not linear in lr (a line search per step)",
+    torch.optim.Rprop: "Rprop's lr is only its first step size (its per-entry step sizes adapt in its state)",
+    torch.optim.ASGD: "ASGD's step size eta is kept in its state and decays nonlinearly in lr",
+}
+if hasattr(torch.optim, "Adafactor"):
+    NOT_LINEAR_IN_LR[torch.optim.Adafactor] = "Adafactor's step is min(lr, 1/√t) times a relative step"
+
+# the generic probe's test of linearity: a step at lr = 2 must be twice the step at lr = 1 within
+# this fraction, beyond the parameters' own rounding (a few ulps of θ per entry)
+LINEARITY_RTOL = 0.1
+
+
 @torch.no_grad()
 def _generic_directions(optimizer, params_by_group):
-    """Step a saved copy with lr = 1 and read Δθ; restores parameters, state and lr exactly."""
+    """Step a saved copy with lr = 1 and with lr = 2 and read Δθ; restores parameters, state and lr
+    exactly. An update that is not linear in lr (the step at lr = 2 is not twice the one at lr = 1)
+    is refused with a TypeError naming base_optimizer: θ + lr·d would not be its lookahead."""
     all_params = [p for ps in params_by_group for p in ps]
-    values = [p.detach().clone() for p in all_params]
-    saved_state = {p: copy.deepcopy(optimizer.state[p]) for p in all_params if p in optimizer.state}
+    d1 = _probe_step(optimizer, all_params, 1.0)
+    d2 = _probe_step(optimizer, all_params, 2.0)
+    off = math.sqrt(sum(float((b.double() - 2.0 * a.double()).square().sum()) for a, b in zip(d1, d2)))
+    size = math.sqrt(sum(float((2.0 * a.double()).square().sum()) for a in d1))
+    rounding = 4.0 * math.sqrt(sum(float((torch.finfo(p.dtype).eps * p.double()).square().sum())
+                                   for p in all_params))
+    if math.isfinite(off) and math.isfinite(size) and off > LINEARITY_RTOL * size + rounding:
+        raise TypeError(f"base_optimizer: {type(optimizer).__name__}'s step at lr = 2 is {off / max(size, 1e-300):.3g} "
+                        f"(relative) away from twice its step at lr = 1; APO-LR's lookahead θ + lr·d needs an "
+                        f"update linear in lr")
+    out, k = [], 0
+    for ps in params_by_group:
+        out.append(d1[k:k + len(ps)])
+        k += len(ps)
+    return out
+
+
+def _probe_step(optimizer, params: list[Tensor], lr: float) -> list[Tensor]:
+    """Δθ of one step of ``optimizer`` with every group's lr set to ``lr``; parameters, state and lr
+    are restored exactly."""
+    values = [p.detach().clone() for p in params]
+    saved_state = {p: copy.deepcopy(optimizer.state[p]) for p in params if p in optimizer.state}
     saved_lr = [g["lr"] for g in optimizer.param_groups]
     try:
         for g in optimizer.param_groups:
-            g["lr"] = 1.0
+            g["lr"] = lr
         optimizer.step()
-        out = [[p.detach() - v for p, v in zip(ps, values[sum(map(len, params_by_group[:k])):])]
-               for k, ps in enumerate(params_by_group)]
-        return [[d.clone() for d in ds] for ds in out]
+        return [p.detach() - v for p, v in zip(params, values)]
     finally:
-        for p, v in zip(all_params, values):
+        for p, v in zip(params, values):
             p.copy_(v)
-        for p in all_params:
+        for p in params:
             if p in saved_state:
                 optimizer.state[p] = saved_state[p]
             else:
                 optimizer.state.pop(p, None)
-        for g, lr in zip(optimizer.param_groups, saved_lr):
-            g["lr"] = lr
+        for g, v in zip(optimizer.param_groups, saved_lr):
+            g["lr"] = v
 
 
 class _LRPlan(_Plan):
@@ -316,8 +352,8 @@ class APOLR(APOCore):
         if None not in bounds.values() and bounds["min_lr"] > bounds["max_lr"]:
             raise ValueError(f"min_lr must be <= max_lr, got min_lr={min_lr} > max_lr={max_lr}")
         check_type("base_optimizer", base_optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer")
-        if isinstance(base_optimizer, torch.optim.LBFGS):
-            raise TypeError("base_optimizer: LBFGS's update is not linear in lr; it is not supported")
+        if type(base_optimizer) in NOT_LINEAR_IN_LR:  # APO-LR's lookahead is θ + lr·d
+            raise TypeError(f"base_optimizer: {NOT_LINEAR_IN_LR[type(base_optimizer)]}; it is not supported")
         model_params = {id(p) for p in model.parameters()}
         for k, g in enumerate(base_optimizer.param_groups):
             if "lr" not in g:
