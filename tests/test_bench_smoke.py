@@ -190,7 +190,10 @@ def test_quick_plots_and_summary(quick_run):
 
 @pytest.mark.parametrize("argv,flag", [(["--dtype", "fp64"], "--dtype"), (["--sizes", "a,b"], "--sizes"),
                                        (["--sections", "nope"], "--sections"), (["--threads", "0"], "--threads"),
-                                       (["--threads", "two"], "--threads")])
+                                       (["--threads", "two"], "--threads"), (["--sizes", "0"], "--sizes"),
+                                       (["--sizes", "256,-3"], "--sizes"), (["--widths", ",,"], "--widths"),
+                                       (["--train-widths", "0"], "--train-widths"), (["--device", "mps"], "--device"),
+                                       (["--device", "cuda:x"], "--device")])
 def test_bad_flags_exit_with_usage(argv, flag, capsys):
     # argparse's usage error: exit status 2 and a message naming the flag (--help also exits, with 0)
     with pytest.raises(SystemExit) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -25,10 +26,21 @@ SECTIONS = ("op", "precond", "train", "lowprec")
 
 
 def _ints(s: str) -> list[int]:
+    """A comma list of sizes: at least one, each a positive integer."""
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        out = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}")
+    return out
+
+
+def _device(s: str) -> str:
+    """auto, cpu, cuda or cuda:N (the devices apo-bench times; whether CUDA is there is checked later)."""
+    if s in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", s):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
 
 
 def _positive_int(s: str) -> int:
@@ -56,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (≤ 60 s on a 2-core CPU)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--sizes", type=_ints, help="op sizes m=n (default CPU 256,512,1024,2048; GPU 256…8192)")
     p.add_argument("--widths", type=_ints, help="layer widths of the preconditioner-cost section")
     p.add_argument("--train-widths", type=_ints, help="MLP widths of the end-to-end section")
@@ -95,6 +107,8 @@ def make_config(args, tick=lambda d: None):
     device = torch.device(dev)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("apo-bench: --device cuda but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"apo-bench: --device {dev} but torch sees {torch.cuda.device_count()} CUDA device(s)")
     gpu, quick = device.type == "cuda", args.quick
     if gpu:
         sizes = [256, 1024, 4096] if quick else [256, 512, 1024, 2048, 4096, 8192]
