@@ -7,12 +7,14 @@ number: hyperparameters are Python scalars.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+import re
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["check_number", "check_int", "check_choice", "check_bool", "check_pair", "check_type",
-           "check_optimizer_state_shapes"]
+           "check_optimizer_state_shapes", "cli_int", "cli_ints", "cli_device"]
 
 
 def _range_text(low, low_ok, high, high_ok) -> str:
@@ -96,3 +98,40 @@ def check_optimizer_state_shapes(state: dict, params: Sequence, expected: Callab
             if shape != want:
                 raise ValueError(f"state_dict: {what}{key!r} of parameter {i} has shape {shape} where {want} "
                                  f"expected (a different model?)")
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line flags (apo-bench, the scripts under python/): argparse ``type=`` callables. argparse
+# turns their ArgumentTypeError into its usage line and a message naming the flag, exit status 2,
+# before anything runs.
+# --------------------------------------------------------------------------------------------
+def cli_int(low: int = 1) -> Callable[[str], int]:
+    """An integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def cli_ints(text: str) -> list[int]:
+    """A comma list of at least one positive integer (sizes, widths)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def cli_device(text: str, *, auto: bool = False) -> str:
+    """cpu, cuda or cuda:N, and "auto" where ``auto`` (whether that CUDA device exists is the
+    caller's check, with torch)."""
+    if text in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", text) or (auto and text == "auto"):
+        return text
+    raise argparse.ArgumentTypeError(f"expected {'auto, ' if auto else ''}cpu, cuda or cuda:N, got {text!r}")

@@ -11,6 +11,7 @@ import argparse
 import torch
 from torch import nn
 
+from apo_kernels._args import cli_int
 from apo_kernels.optim import APOPrecond
 
 torch.set_num_threads(1)
@@ -45,7 +46,7 @@ def run(make_opt, X, y, steps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=cli_int(1), default=500)
     steps = ap.parse_args().steps
     X, y = problem()
     Xa = torch.cat([X, torch.ones(len(X), 1)], 1).double()

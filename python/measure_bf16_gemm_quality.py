@@ -56,6 +56,14 @@ def register_emulation() -> None:
     register(Backend(name=EMULATED, devices=("cpu",), priority=-20, family=family, why_unavailable=lambda: None))
 
 
+def experiments_with_apo_precond() -> list[str]:
+    """The experiments whose recorded results chose an APO-Precond point (what this script reruns)."""
+    return sorted(p.stem for p in (ROOT / "results").glob("*.json")
+                  if (ROOT / "paper" / f"{p.stem}.py").exists()
+                  and any("chosen" in t.get("methods", {}).get("APO-Precond", {})
+                          for t in C.read_json(p).get("tasks", {}).values()))
+
+
 def first_task(experiment: str):
     module = importlib.import_module(f"paper.{experiment}")
     task = module.plan(C.default_args())[0].task  # the full-size task, as the experiment's command line
@@ -66,13 +74,18 @@ def first_task(experiment: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiments", default="classification,ill_conditioned,autoencoder")
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the task's own)")
+    ap.add_argument("--seeds", type=C.cli_int(2), default=8, help="at least 2 (the spread is a std)")
+    ap.add_argument("--steps", type=C.cli_int(1), default=None, help="steps per run (default: the task's own)")
     args = ap.parse_args()
+    known = experiments_with_apo_precond()
+    names = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    if not names or set(names) - set(known):
+        ap.error(f"--experiments: expected a comma list of {', '.join(known)} (the recorded results with an "
+                 f"APO-Precond choice), got {args.experiments!r}")
     torch.set_num_threads(1)
     register_emulation()
     variants = {"cpu": "cpu", "reference": "reference", "reference, bf16 GEMM operands": EMULATED}
-    for experiment in args.experiments.split(","):
+    for experiment in names:
         task, chosen = first_task(experiment)
         steps = args.steps or task.steps
         print(f"\n{experiment}: {task.name}, APO-Precond at {json.dumps(chosen)}, {steps} steps, "

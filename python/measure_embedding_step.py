@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import apo_kernels
+from apo_kernels._args import cli_int
 from apo_kernels.optim import APOPrecond
 
 VOCAB, DIM, TOKENS, BATCH = 262144, 64, 16, 32
@@ -46,8 +47,8 @@ def model(seed: int = 1) -> nn.Module:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--threads", type=cli_int(1), default=1)
+    ap.add_argument("--rounds", type=cli_int(1), default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter

@@ -59,6 +59,7 @@ import types
 
 import torch
 
+from apo_kernels._args import cli_int
 from apo_kernels._step_hooks import step_quietly
 from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, base_sgd, closure_for, mlp, small_cnn, small_mlp
 from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, snapshot
@@ -388,11 +389,11 @@ def main():
     ap.add_argument("--rows", default="mlp1024,mlp2048,cnn", help=f"comma-separated, of {sorted(ROWS)}")
     ap.add_argument("--fsd-batch", default="other", help="comma-separated: other (a second batch, as the bench), "
                     "own (the step's batch)")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=cli_int(1), default=7)
+    ap.add_argument("--threads", type=cli_int(1), default=torch.get_num_threads())
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or the process's CPU time")
     ap.add_argument("--meta-cost", action="store_true", help="plain step vs meta-step times instead")
-    ap.add_argument("--batch", type=int, default=128, help="--meta-cost: batch size")
+    ap.add_argument("--batch", type=cli_int(1), default=128, help="--meta-cost: batch size")
     ap.add_argument("--backend", default="auto", help="--meta-cost: APOPrecond's backend")
     ap.add_argument("--plain-step-parts", action="store_true",
                     help="APO-LR's plain step beyond SGD's, with the gradient check / the lr swap removed (diagnosis)")
@@ -408,8 +409,6 @@ def main():
     fsd_batches = [b for b in args.fsd_batch.split(",") if b]
     if not fsd_batches or set(fsd_batches) - {"other", "own"}:
         ap.error("--fsd-batch: a comma-separated list of other, own")
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.meta_cost:

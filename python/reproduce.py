@@ -34,15 +34,14 @@ def parse(argv=None):
     ap = C.parser(__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help=f"comma list of experiments ({', '.join(EXPERIMENTS)})")
     ap.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md from existing JSONs")
-    ap.add_argument("--estimate", type=int, default=0, metavar="STEPS",
+    ap.add_argument("--estimate", type=C.cli_int(0), default=0, metavar="STEPS",
                     help="time every row at its first grid point for STEPS steps (one process) and print "
                          "the extrapolated wall-clock of each experiment with these flags; runs nothing else")
-    args = ap.parse_args(argv)
-    args = C.finish_args(args)
+    args = C.parse_flags(ap, argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(EXPERIMENTS)
     for n in names:
         if n not in EXPERIMENTS:
-            raise SystemExit(f"--only: unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)}")
+            ap.error(f"--only: unknown experiment {n!r}; choose from {', '.join(EXPERIMENTS)}")
     args.names = names
     return args
 

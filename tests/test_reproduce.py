@@ -248,7 +248,7 @@ def test_torchvision_missing_dataset_names_expected_files(tmp_path):
 def test_bad_flags_are_refused_before_any_run_with_usage_and_no_traceback(tmp_path):
     script = str(ROOT / "python" / "paper" / "classification.py")
     cases = {
-        ("--steps", "0"): "--steps must be >= 1, got 0",
+        ("--steps", "0"): "argument --steps: expected an integer >= 1, got '0'",
         ("--data-dir", str(tmp_path / "nowhere")): "is not a directory",
         ("--datasets", "cifar10"): "--datasets needs --data-dir",
         ("--data-dir", str(tmp_path), "--datasets", "cifar10"): "cifar10 not found under --data-dir",
@@ -263,6 +263,36 @@ def test_bad_flags_are_refused_before_any_run_with_usage_and_no_traceback(tmp_pa
         (tmp_path / f).write_bytes(b"")
     args = C.finish_args(C.parser("").parse_args(["--data-dir", str(tmp_path), "--datasets", "cifar10"]))
     assert args.dataset_list == ["cifar10"]
+
+
+# every runnable script under python/, a flag value that must not start a run: (script, flags, message)
+SCRIPT_FLAG_CASES = [
+    ("reproduce.py", ("--seeds", "0"), "argument --seeds: expected an integer >= 1"),
+    ("reproduce.py", ("--jobs", "0"), "argument --jobs: expected an integer >= 1"),
+    ("reproduce.py", ("--device", "mps"), "argument --device: expected cpu, cuda or cuda:N, got 'mps'"),
+    ("reproduce.py", ("--estimate", "-1"), "argument --estimate: expected an integer >= 0"),
+    ("reproduce.py", ("--only", "nope"), "--only: unknown experiment 'nope'"),
+    ("paper/rosenbrock.py", ("--steps", "-2"), "argument --steps: expected an integer >= 1"),
+    ("paper/kron_vs_full.py", ("--s2-fit", "0"), "argument --s2-fit: expected an integer >= 1"),
+    ("apo_precond_regression.py", ("--steps", "0"), "argument --steps: expected an integer >= 1"),
+    ("measure_embedding_step.py", ("--rounds", "0"), "argument --rounds: expected an integer >= 1"),
+    ("measure_embedding_step.py", ("--threads", "0"), "argument --threads: expected an integer >= 1"),
+    ("measure_meta_overhead.py", ("--threads", "0"), "argument --threads: expected an integer >= 1"),
+    ("measure_meta_overhead.py", ("--meta-cost", "--batch", "0"), "argument --batch: expected an integer >= 1"),
+    ("measure_bf16_gemm_quality.py", ("--seeds", "1"), "argument --seeds: expected an integer >= 2"),
+    ("measure_bf16_gemm_quality.py", ("--experiments", "nope"), "--experiments: expected a comma list of"),
+]
+
+
+@pytest.mark.parametrize("script,flags,message", SCRIPT_FLAG_CASES,
+                         ids=[f"{c[0]} {' '.join(c[1])}" for c in SCRIPT_FLAG_CASES])
+def test_every_script_refuses_a_bad_flag_value_with_usage_before_running(script, flags, message, tmp_path):
+    out = ("--out", str(tmp_path)) if script.startswith(("reproduce", "paper/")) else ()
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / script), *out, *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "usage:" in proc.stderr and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_mnist1d_is_generated_offline(monkeypatch):

@@ -14,43 +14,17 @@ summary.md and op.png / precond.png / train.png into --out (default apo_bench_ou
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import re
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .._args import cli_device, cli_int, cli_ints
+
 SECTIONS = ("op", "precond", "train", "lowprec")
-
-
-def _ints(s: str) -> list[int]:
-    """A comma list of sizes: at least one, each a positive integer."""
-    try:
-        out = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {s!r}")
-    return out
-
-
-def _device(s: str) -> str:
-    """auto, cpu, cuda or cuda:N (the devices apo-bench times; whether CUDA is there is checked later)."""
-    if s in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", s):
-        return s
-    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
-
-
-def _positive_int(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return n
 
 
 def _names(choices):
@@ -68,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (≤ 60 s on a 2-core CPU)")
-    p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--sizes", type=_ints, help="op sizes m=n (default CPU 256,512,1024,2048; GPU 256…8192)")
-    p.add_argument("--widths", type=_ints, help="layer widths of the preconditioner-cost section")
-    p.add_argument("--train-widths", type=_ints, help="MLP widths of the end-to-end section")
+    p.add_argument("--device", type=functools.partial(cli_device, auto=True), default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--sizes", type=cli_ints, help="op sizes m=n (default CPU 256,512,1024,2048; GPU 256…8192)")
+    p.add_argument("--widths", type=cli_ints, help="layer widths of the preconditioner-cost section")
+    p.add_argument("--train-widths", type=cli_ints, help="MLP widths of the end-to-end section")
     p.add_argument("--dtype", type=_names({"fp32", "bf16", "fp16"}), help="comma list of fp32,bf16,fp16 (default all)")
     p.add_argument("--backend", default="auto",
                    help="comma list of registered op backends to time (see apo_kernels.backends()); "
@@ -79,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", type=_names(set(SECTIONS)), default=list(SECTIONS), help="comma list of " + ",".join(SECTIONS))
     p.add_argument("--layer-sets", type=_names({"small64", "resnet18", "transformer12"}),
                    default=["small64", "resnet18", "transformer12"], help="layer sets of the grouped benchmark")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=cli_int(1),
                    help="torch CPU threads (default: torch's choice; the small-model training problem: 2)")
     p.add_argument("--out", default="apo_bench_out", help="output folder (JSON, Markdown, PNG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from apo_kernels._args import cli_device, cli_int
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "python" / "results"
 
@@ -1255,13 +1257,14 @@ def _maybe_log(ax) -> None:
 def parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (CI)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per task)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds for the chosen point (default 3; 2 with --quick)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    ap.add_argument("--steps", type=cli_int(1), default=None, help="optimizer steps per run (default: per task)")
+    ap.add_argument("--seeds", type=cli_int(1), default=None,
+                    help="seeds for the chosen point (default 3; 2 with --quick)")
+    ap.add_argument("--device", type=cli_device, default="cpu", help="cpu, cuda, cuda:N")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                     help="compute precision: fp32/fp64 parameters, or bf16/fp16 autocast (fp16 with GradScaler)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder for JSON and PNG")
-    ap.add_argument("--jobs", type=int, default=None,
+    ap.add_argument("--jobs", type=cli_int(1), default=None,
                     help="worker processes, 1 thread each (default: the CPU count, at most 2; 1 on CUDA)")
     ap.add_argument("--data-dir", default=None, help="torchvision datasets on disk (optional; never downloaded)")
     ap.add_argument("--datasets", default="",
@@ -1294,6 +1297,8 @@ def finish_args(args) -> argparse.Namespace:
                              f"expected {', '.join(os.path.join(args.data_dir, f) for f in missing)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     if args.jobs is None:
         args.jobs = 1 if args.device.startswith("cuda") else max(1, min(2, os.cpu_count() or 1))
     if args.jobs < 1:
@@ -1312,13 +1317,19 @@ def default_args(**overrides) -> argparse.Namespace:
     return finish_args(args)
 
 
+def parse_flags(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``finish_args(ap.parse_args(argv))``, a bad flag's value given as argparse's usage line and
+    message (exit status 2, no traceback) before anything runs."""
+    try:
+        return finish_args(ap.parse_args(argv))
+    except ValueError as e:
+        ap.error(str(e))
+
+
 def experiment_main(run: Callable, description: str, argv=None) -> dict:
     """``python python/paper/<name>.py [flags]``: parse, run, print where the output went."""
     ap = parser(description)
-    try:
-        args = finish_args(ap.parse_args(argv))
-    except ValueError as e:  # a flag's value: argparse's usage line and message, no traceback
-        ap.error(str(e))
+    args = parse_flags(ap, argv)
     try:
         with Progress(enabled=not args.no_progress) as progress:
             args.progress = progress

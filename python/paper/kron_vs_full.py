@@ -121,10 +121,10 @@ def s2_fit(args, steps: int) -> str:
 
 if __name__ == "__main__":
     parser = C.parser(__doc__)
-    parser.add_argument("--s2-fit", type=int, default=None, metavar="N",
+    parser.add_argument("--s2-fit", type=C.cli_int(1), default=None, metavar="N",
                         help="instead of the comparison: fit full's learnt S² after N steps by u vᵀ")
     parser.set_defaults(out=str(DEFAULT_OUT))
-    args = C.finish_args(parser.parse_args())
+    args = C.parse_flags(parser)
     if args.s2_fit is not None:
         text = s2_fit(args, args.s2_fit)
         (Path(args.out) / f"{NAME}_s2_fit.md").write_text(text)
