@@ -122,8 +122,11 @@ class _SingleProcess:
     def average_objective(self, obj, with_grads: bool) -> None:
         return None
 
-    def mean_(self, tensors: Sequence[Tensor], what: str) -> None:
+    def mean_(self, tensors: Sequence[Tensor], what: str, count: Optional[int] = None) -> None:
         return None
+
+    def count(self, flags: Sequence[bool], what: str) -> list[int]:
+        return [int(bool(f)) for f in flags]
 
 
 class Replicas:
@@ -171,8 +174,17 @@ class Replicas:
         self._collective(dist.all_reduce, t, what)
         return [v / self.world for v in t.tolist()]
 
-    def mean_(self, tensors: Sequence[Tensor], what: str) -> None:
-        """Replace each tensor by its mean over ranks, in place: one all-reduce per dtype."""
+    def count(self, flags: Sequence[bool], what: str) -> list[int]:
+        """Per flag, on how many ranks it is True (one all-reduce)."""
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        if t.numel():
+            self._collective(dist.all_reduce, t, what)
+        return [int(v) for v in t.tolist()]
+
+    def mean_(self, tensors: Sequence[Tensor], what: str, count: Optional[int] = None) -> None:
+        """Replace each tensor by its mean over ranks, in place: one all-reduce per dtype. With
+        ``count``, the sum over ranks divided by ``count`` instead of the world size: the mean over
+        the ranks that had something to add (the others pass zeros)."""
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for t in tensors:
             if t is not None and t.numel() > 0:
@@ -180,7 +192,7 @@ class Replicas:
         for ts in by_dtype.values():
             flat = torch.cat([t.reshape(-1) for t in ts])
             self._collective(dist.all_reduce, flat, what)
-            flat.div_(self.world)
+            flat.div_(self.world if count is None else count)
             start = 0
             for t in ts:
                 t.copy_(flat[start:start + t.numel()].view_as(t))

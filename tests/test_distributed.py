@@ -144,8 +144,52 @@ def _healthy(rank, world, out_dir):
             out[f"ckpt/{mode}/resumed_{resumed_as}"] = _train(
                 "precond", SAVE_AT, SAVE_AT + RESUME_STEPS, rank=rank, world=world,
                 sharded=resumed_as == "sharded", resume=ckpt)
+    for kind in KINDS:
+        out[f"branch/{kind}"] = _branch_on_one_rank(rank, world, kind)
     out["fsdp"] = _fsdp_refusals(world)
     return out
+
+
+class _Branchy(nn.Module):
+    """A body and a head, and a second head that a batch runs through only when asked."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.branch = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x, use_branch=False):
+        h = torch.tanh(self.body(x))
+        return self.head(h) + self.branch(h) if use_branch else self.head(h)
+
+
+def _branch_on_one_rank(rank, world, kind, steps=6):
+    """DDP(find_unused_parameters=True) where only rank 0's batch takes the branch, at even steps:
+    the branch has gradients on every rank (DDP's all-reduce) but layer inputs on rank 0 only."""
+    model = _Branchy()
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = _optimizer(kind, net)
+    x0, _ = _batch(0, 0, world)  # rank 0's first batch: the branch's only rows at step 0
+    with torch.no_grad():
+        rows = torch.tanh(model.body(x0))
+        rows = torch.cat([rows, torch.ones(len(rows), 1)], dim=1)
+        branch_A_rank0 = rows.T @ rows / len(rows)
+    branch_A = None
+    for s in range(steps):
+        x, y = _batch(s, rank, world)
+        use_branch = rank == 0 and s % 2 == 0
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x, use_branch), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure, fsd_inputs=(x,)) if kind in ("lr", "precond") else opt.step(closure)
+        if s == 0 and kind in ("kfac", "ekfac"):
+            branch_A = opt.state[model.branch.weight]["A"].clone()
+    return {"theta": [p.detach().clone() for p in model.parameters()], "replicas": apo_dist.check_replicas(opt),
+            "skipped": opt.skipped_steps, "branch_A": branch_A, "branch_A_rank0": branch_A_rank0}
 
 
 def _fsdp_refusals(world):
@@ -293,6 +337,22 @@ def test_phi_and_theta_bit_identical_on_every_rank(healthy, kind):
     a, b = ranks[0][kind], ranks[1][kind]
     assert torch.equal(a["losses"].nan_to_num(), b["losses"].nan_to_num())
     for x, y in zip(a["theta"], b["theta"]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_layer_that_only_some_ranks_batches_reach_trains_the_same_on_every_rank(healthy, kind):
+    # KFAC/EKFAC used to enter their factor all-reduce for that layer on rank 0 only: a collective
+    # mismatch that aborted the process (gloo); now a rank without rows adds zeros, and the layer's
+    # factor is the mean over the ranks that had rows: here rank 0's batch factor
+    ranks, _ = healthy
+    for out in ranks:
+        got = out[f"branch/{kind}"]
+        assert got["replicas"] == {"phi": True, "theta": True} and got["skipped"] == 0
+        if kind in ("kfac", "ekfac"):
+            torch.testing.assert_close(got["branch_A"], ranks[0][f"branch/{kind}"]["branch_A_rank0"],
+                                       rtol=1e-6, atol=1e-7)
+    for x, y in zip(ranks[0][f"branch/{kind}"]["theta"], ranks[1][f"branch/{kind}"]["theta"]):
         assert torch.equal(x, y)
 
 

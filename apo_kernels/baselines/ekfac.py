@@ -86,11 +86,14 @@ class EKFAC(KFAC):
         state["QA_c"] = state["QA"].to(dtype)
         state["QG_c"] = state["QG"].to(dtype)
 
-    def _after_factor_update(self, layer: _Layer, state: dict, decay: float) -> None:
+    def _after_factor_update(self, layer: _Layer, state: dict, decay: float, ranks: int = 1) -> None:
         if "QA" not in state:
             return
-        s = projected_second_moment(layer.a, layer.g, layer.batch_size, state["QA"], state["QG"])
-        self._replicas.mean_([s], "EKFAC's projected second moment")  # each rank's batch → the whole batch's
+        if layer.captured():
+            s = projected_second_moment(layer.a, layer.g, layer.batch_size, state["QA"], state["QG"])
+        else:  # another rank's batch reached the layer, this one's did not: it adds zeros
+            s = torch.zeros_like(state["scale"])
+        self._replicas.mean_([s], "EKFAC's projected second moment", count=ranks)  # each rank's batch → the whole batch's
         state["scale"].mul_(decay).add_(s, alpha=1 - decay)
 
     def _precondition(self, layer: _Layer, state: dict, grad_mat: Tensor, damping: float) -> Tensor:

@@ -212,6 +212,10 @@ class _Layer:
     def output_rows(self, gy: Tensor) -> Tensor:
         return self.layer.view.output_rows(self.module, gy).detach()
 
+    def captured(self) -> bool:
+        """Whether this step's forward and backward captured the layer's input and output rows."""
+        return self.a is not None and self.g is not None
+
     def grad_matrix(self) -> Optional[Tensor]:
         gw = self.weight.grad
         if gw is None:
@@ -406,9 +410,16 @@ class KFAC(torch.optim.Optimizer):
         self._handles = []
 
     # ------------------------------------------------------------------- per-layer curvature
-    def _update_factors(self, layer: _Layer, state: dict, decay: float) -> bool:
-        A, G = kronecker_factors(layer.a, layer.g, layer.batch_size)
-        self._replicas.mean_([A, G], "KFAC's batch factors")  # each rank's batch → the whole batch's
+    def _update_factors(self, layer: _Layer, state: dict, decay: float, ranks: int = 1) -> bool:
+        """Fold this step's batch factors, averaged over the ``ranks`` ranks that captured rows for
+        the layer (a rank without rows adds zeros), into the running averages."""
+        if layer.captured():
+            A, G = kronecker_factors(layer.a, layer.g, layer.batch_size)
+        else:
+            m, n = layer.layer.shape
+            A = torch.zeros(n, n, device=layer.weight.device)
+            G = torch.zeros(m, m, device=layer.weight.device)
+        self._replicas.mean_([A, G], "KFAC's batch factors", count=ranks)  # each rank's batch → the whole batch's
         if not all_finite([A, G]):  # finite rows whose squares overflow must not poison the averages
             self.recoveries["non_finite_factors"] += 1
             return False
@@ -483,14 +494,18 @@ class KFAC(torch.optim.Optimizer):
 
         updates: list[tuple[Tensor, Tensor, bool]] = []  # (param, direction, KL-clipped?)
         vg_sum = 0.0
-        for layer in self.layers:
+        # under DDP a layer may have run on some ranks' batches only (a branch taken on some ranks):
+        # every rank must take part in its factors' all-reduce, so agree on who has rows first
+        ranks_with_rows = self._replicas.count([layer.captured() for layer in self.layers],
+                                               "which layers captured KFAC factors")
+        for layer, ranks in zip(self.layers, ranks_with_rows):
             grad_mat = layer.grad_matrix()
             if grad_mat is None:
                 continue
             state = self.state[layer.weight]
-            if layer.a is not None and layer.g is not None:
-                if self._update_factors(layer, state, decay):
-                    self._after_factor_update(layer, state, decay)
+            if ranks:
+                if self._update_factors(layer, state, decay, ranks):
+                    self._after_factor_update(layer, state, decay, ranks)
             if wd:
                 grad_mat = grad_mat.add(layer.param_matrix(), alpha=wd)
             if "A" in state and (refresh or not self._has_curvature(state)):
@@ -538,8 +553,8 @@ class KFAC(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _after_factor_update(self, layer: _Layer, state: dict, decay: float) -> None:
-        """Hook for EKFAC (its per-step eigenbasis scaling)."""
+    def _after_factor_update(self, layer: _Layer, state: dict, decay: float, ranks: int = 1) -> None:
+        """Hook for EKFAC (its per-step eigenbasis scaling; ``ranks`` as in ``_update_factors``)."""
 
     # ------------------------------------------------------------------------ state dict
     _FP32_KEYS = ("A", "G", "A_inv", "G_inv", "QA", "QG", "eig_A", "eig_G", "scale")
