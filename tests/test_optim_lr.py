@@ -545,3 +545,10 @@ def test_apolr_deepcopy_steps_like_the_original_and_groups_are_fixed():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"^param_group\b"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    # nor through the base optimizer, whose groups are APOLR's: refused by name at the next step,
+    # before anything moves (it used to fail with an IndexError deep in the lookahead)
+    before = [p.detach().clone() for p in opt.model.parameters()]
+    opt.base_optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})
+    with pytest.raises(ValueError, match=r"^base_optimizer: 2 param groups where APOLR was built for 1"):
+        opt.step(closure_for(opt, opt.model, x, y))
+    assert all(torch.equal(p, b) for p, b in zip(opt.model.parameters(), before))

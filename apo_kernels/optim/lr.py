@@ -448,6 +448,10 @@ class APOLR(APOCore):
         with no meta-update (``meta_due()`` is False). ``fsd_inputs``: a tuple of inputs for
         ``model(*fsd_inputs)`` (needed when lambda_fsd != 0 on a meta-step).
         """
+        if len(self.base_optimizer.param_groups) != len(self._lr0):  # a group added to it since
+            raise ValueError(f"base_optimizer: {len(self.base_optimizer.param_groups)} param groups where APOLR was "
+                             f"built for {len(self._lr0)}; φ holds one learnt lr per group, fixed at construction: "
+                             f"build APOLR after the base optimizer's last add_param_group")
         return self._run_step(closure, fsd_inputs, meta_closure)
 
     # ---- hooks ---------------------------------------------------------------------------
