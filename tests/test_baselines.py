@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -775,3 +776,65 @@ def test_a_state_dict_of_other_shapes_is_refused_before_anything_is_loaded(cls, 
     assert all(torch.equal(v, kept["state"][i][k]) for i, st in now["state"].items() for k, v in st.items()
                if torch.is_tensor(v))
     opt.load_state_dict(kept)  # its own state, every key included, still loads
+
+
+# --------------------------------------------------------------------------------------------
+# Copies: of the optimizer (with its model), and of the model alone
+# --------------------------------------------------------------------------------------------
+COPY_CASES = {"KFAC": (KFAC, {}), "EKFAC": (EKFAC, {}), "KFAC mc": (KFAC, {"fisher": "mc", "likelihood": "categorical"})}
+
+
+def _kfac_steps(opt, model, x, y, n):
+    for _ in range(n):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("case", list(COPY_CASES))
+def test_a_copied_optimizer_hooks_its_own_model_and_steps_like_the_original(case, how):
+    cls, kw = COPY_CASES[case]
+    model = _mlp()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = cls(model, lr=0.05, damping=1e-2, inverse_interval=2, **kw)
+    _kfac_steps(opt, model, x, y, 2)
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin.model is not model and twin.layers[0].module is not model[0]
+    _kfac_steps(twin, twin.model, x, y, 3)  # the copy's forwards feed the copy, not the original
+    assert all(layer.a is None and layer.g is None for layer in opt.layers)
+    _kfac_steps(opt, model, x, y, 3)
+    for a, b in zip(model.parameters(), twin.model.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), twin.model.parameters()):
+        for key, v in opt.state[p].items():
+            assert torch.equal(v, twin.state[q][key]) if isinstance(v, torch.Tensor) else v == twin.state[q][key]
+
+
+@pytest.mark.parametrize("case", list(COPY_CASES))
+def test_a_copy_of_the_model_alone_feeds_no_optimizer_and_pickles(case):
+    cls, kw = COPY_CASES[case]
+    model = _mlp()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = cls(model, lr=0.05, damping=1e-2, **kw)
+    _kfac_steps(opt, model, x, y, 1)
+    ema = copy.deepcopy(model)  # an EMA or teacher copy, run in training mode with gradients
+    F.cross_entropy(ema(x), y).backward()
+    assert all(layer.a is None and layer.g is None for layer in opt.layers) and not opt._pending
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the whole module, hooks included: the optimizer does not travel with it
+    assert buf.getbuffer().nbytes < 20_000
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    _kfac_steps(opt, model, x, y, 1)  # and the original still captures its own model's rows
+    assert opt.steps == 2 and "A" in opt.state[model[0].weight]

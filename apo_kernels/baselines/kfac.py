@@ -234,6 +234,32 @@ class _Layer:
         return parts[0], (parts[1] if len(parts) == 2 else None)
 
 
+def _inert_hook(module, inputs, output) -> None:
+    """What a KFAC hook becomes in a copy of the model made without its optimizer."""
+
+
+def _inert():
+    return _inert_hook
+
+
+class _Hook:
+    """A forward hook calling ``kfac.<method>(module, inputs, output, *args)``. A model copied or
+    pickled gets ``_inert_hook`` in its place: the copy's forwards must not feed this optimizer,
+    and the optimizer (its state, its model) must not travel with the copy. A copied optimizer
+    hooks its own model again (``KFAC.__setstate__``)."""
+
+    __slots__ = ("kfac", "method", "args")
+
+    def __init__(self, kfac, method: str, *args):
+        self.kfac, self.method, self.args = kfac, method, args
+
+    def __call__(self, module, inputs, output):
+        return getattr(self.kfac, self.method)(module, inputs, output, *self.args)
+
+    def __reduce__(self):
+        return _inert, ()
+
+
 class KFAC(torch.optim.Optimizer):
     """K-FAC with Kronecker factors from forward/backward hooks, SGD-momentum on the other parameters.
 
@@ -338,36 +364,48 @@ class KFAC(torch.optim.Optimizer):
         layer_params = {id(p) for L in self.layers for p in (L.weight, L.bias) if p is not None}
         self.other_params = [p for p in params if id(p) not in layer_params]
         self._handles = []
-        for L in self.layers:
-            self._handles.append(L.module.register_forward_hook(self._make_forward_hook(L)))
-        if self.fisher == "mc":  # registered last: runs after the layer hooks when model is a layer itself
-            # a closure, not a bound method: copy.deepcopy(model) must not deep-copy the optimizer
-            def sampling_hook(module, inputs, output):
-                self._sampled_backward(module, output)
-
-            self._handles.append(model.register_forward_hook(sampling_hook))
+        self._register_hooks()
 
     # ---------------------------------------------------------------------------------- hooks
+    def _register_hooks(self) -> None:
+        for L in self.layers:
+            self._handles.append(L.module.register_forward_hook(_Hook(self, "_capture", L)))
+        if self.fisher == "mc":  # registered last: runs after the layer hooks when model is a layer itself
+            self._handles.append(self.model.register_forward_hook(_Hook(self, "_sampled_backward")))
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; the layers, the model and
+        # the counters must travel too (copy.deepcopy, pickle). The hooks do not: a copy hooks its
+        # own copy of the model (__setstate__), and the copied model's old hooks are inert (_Hook)
+        state = self.__dict__.copy()
+        state["_handles"] = bool(self._handles)  # whether the copy hooks its model (remove_hooks: not)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        hooked = state.pop("_handles", False)
+        super().__setstate__(state)
+        self._handles = []
+        if hooked:
+            self._register_hooks()
+
     def _capturing(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and self.steps % self.factor_interval == 0
 
-    def _make_forward_hook(self, layer: _Layer):
-        def hook(module, inputs, output):
-            if not self._capturing(module) or not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            x = inputs[0]
-            layer.batch_size = x.shape[0] if x.dim() > 1 else 1
-            layer.a = layer.input_rows(x)
-            self._pending.append(layer)
+    def _capture(self, module: nn.Module, inputs, output, layer: _Layer) -> None:
+        """Forward hook of a layer: keep its input rows and hook its output for the output rows."""
+        if not self._capturing(module) or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        x = inputs[0]
+        layer.batch_size = x.shape[0] if x.dim() > 1 else 1
+        layer.a = layer.input_rows(x)
+        self._pending.append(layer)
 
-            def grad_hook(gy: Tensor):
-                # empirical: the user's backward; mc: only the sampled backward
-                if self._sampling == (self.fisher == "mc"):
-                    layer.g = layer.output_rows(gy)
+        def grad_hook(gy: Tensor):
+            # empirical: the user's backward; mc: only the sampled backward
+            if self._sampling == (self.fisher == "mc"):
+                layer.g = layer.output_rows(gy)
 
-            output.register_hook(grad_hook)
-
-        return hook
+        output.register_hook(grad_hook)
 
     def _sampler(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -378,7 +416,7 @@ class KFAC(torch.optim.Optimizer):
                 self._generator_state = None
         return self._generator
 
-    def _sampled_backward(self, module: nn.Module, output) -> None:
+    def _sampled_backward(self, module: nn.Module, inputs, output) -> None:
         """fisher="mc": backpropagate ∂(−log p(y|f))/∂f / N for y ~ p(·|f) to the hooked layers."""
         pending, self._pending = self._pending, []
         if not pending or not self._capturing(module):
