@@ -781,7 +781,8 @@ def test_a_state_dict_of_other_shapes_is_refused_before_anything_is_loaded(cls, 
 # --------------------------------------------------------------------------------------------
 # Copies: of the optimizer (with its model), and of the model alone
 # --------------------------------------------------------------------------------------------
-COPY_CASES = {"KFAC": (KFAC, {}), "EKFAC": (EKFAC, {}), "KFAC mc": (KFAC, {"fisher": "mc", "likelihood": "categorical"})}
+COPY_CASES = {"KFAC": (KFAC, {}), "EKFAC": (EKFAC, {}),
+              "KFAC mc": (KFAC, {"fisher": "mc", "likelihood": "categorical"})}
 
 
 def _kfac_steps(opt, model, x, y, n):

@@ -93,7 +93,8 @@ class EKFAC(KFAC):
             s = projected_second_moment(layer.a, layer.g, layer.batch_size, state["QA"], state["QG"])
         else:  # another rank's batch reached the layer, this one's did not: it adds zeros
             s = torch.zeros_like(state["scale"])
-        self._replicas.mean_([s], "EKFAC's projected second moment", count=ranks)  # each rank's batch → the whole batch's
+        # each rank's batch → the whole batch's
+        self._replicas.mean_([s], "EKFAC's projected second moment", count=ranks)
         state["scale"].mul_(decay).add_(s, alpha=1 - decay)
 
     def _precondition(self, layer: _Layer, state: dict, grad_mat: Tensor, damping: float) -> Tensor:

@@ -453,7 +453,7 @@ class KFAC(torch.optim.Optimizer):
         the layer (a rank without rows adds zeros), into the running averages."""
         if layer.captured():
             A, G = kronecker_factors(layer.a, layer.g, layer.batch_size)
-        else:
+        else:  # float32, as kronecker_factors returns them
             m, n = layer.layer.shape
             A = torch.zeros(n, n, device=layer.weight.device)
             G = torch.zeros(m, m, device=layer.weight.device)

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (≤ 60 s on a 2-core CPU)")
-    p.add_argument("--device", type=functools.partial(cli_device, auto=True), default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=functools.partial(cli_device, auto=True), default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--sizes", type=cli_ints, help="op sizes m=n (default CPU 256,512,1024,2048; GPU 256…8192)")
     p.add_argument("--widths", type=cli_ints, help="layer widths of the preconditioner-cost section")
     p.add_argument("--train-widths", type=cli_ints, help="MLP widths of the end-to-end section")

@@ -22,8 +22,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._numerics import all_finite
 from .._args import check_bool, check_number, check_optimizer_state_shapes, check_type
+from .._numerics import all_finite
 from .._step_hooks import step_quietly, step_with_hooks
 from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
                     with_state_dict_hooks)
@@ -155,7 +155,8 @@ def _kind(optimizer: torch.optim.Optimizer) -> Optional[str]:
 
 def _eps_underflow(optimizer: torch.optim.Optimizer) -> Optional[str]:
     """What is wrong when an Adam/RMSprop group's eps rounds to 0 in its parameters' dtype (float16
-    and eps < 6e-8): the step divides by 0 wherever a second moment underflows; else None."""
+    and eps below 3e-8, half its smallest subnormal): the step divides by 0 wherever a second
+    moment underflows; else None."""
     if _kind(optimizer) not in ("adam", "rmsprop"):
         return None
     for k, group in enumerate(optimizer.param_groups):

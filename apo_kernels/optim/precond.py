@@ -415,8 +415,8 @@ class APOPrecond(APOCore):
             self._left_out = []
             more = f" (and {len(unfrozen) - 1} more)" if len(unfrozen) > 1 else ""
             warn_at_caller(f"APOPrecond: parameter {unfrozen[0]!r}{more} was frozen when the optimizer was built "
-                          f"and requires grad now; it has no preconditioner and is not trained. Build the "
-                          f"optimizer after unfreezing it.", UserWarning)
+                           f"and requires grad now; it has no preconditioner and is not trained. Build the "
+                           f"optimizer after unfreezing it.", UserWarning)
 
     def preconditioner_stats(self) -> dict[str, dict[str, float]]:
         """Per layer / diagonal parameter: s2_mean (mean of S², the step multiplier), a_dist and
