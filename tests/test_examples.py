@@ -1,5 +1,5 @@
-"""The runnable examples under python/ that README lists: each runs as a user runs it and still
-shows what README says it shows (read off its printed lines)."""
+"""The runnable examples under python/ that README lists, and README's own code snippets: each runs
+as a user runs it and still shows what README says it shows."""
 import re
 import subprocess
 import sys
@@ -35,3 +35,36 @@ def test_custom_optimizer_on_the_lower_layer_trains():
     losses = [float(v) for v in re.findall(r"^step\s+\d+\s+loss (\S+)", out, flags=re.M)]
     assert len(losses) >= 3, out
     assert losses[-1] < 0.1 * losses[0], out
+
+
+def test_the_readme_op_snippet_runs_as_written():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The op API"):]
+    snippet = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    namespace: dict = {}
+    exec(compile(snippet, "README.md (the op API)", "exec"), namespace)
+    import torch
+    assert torch.equal(namespace["flags"], torch.tensor([True, True]))
+    assert [tuple(y.shape) for y in namespace["Ys"]] == [(64, 33), (10, 65)]
+    assert namespace["dA"].shape == (256, 256) and namespace["dS2"].shape == (256, 512)
+
+
+def test_the_readme_optimizer_snippet_runs_with_a_model_and_loaders():
+    from conftest import ROOT
+    import torch
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python\nimport torch\nfrom apo_kernels.optim import APOLR, APOPrecond")
+    snippet = readme[start + len("```python\n"):readme.index("\n```\n", start)]
+    torch.manual_seed(0)
+    namespace = {  # what the snippet takes as given: a model, a criterion, two loaders
+        "model": torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)),
+        "criterion": torch.nn.CrossEntropyLoss(),
+        "loader": [(torch.randn(32, 6), torch.randint(0, 3, (32,))) for _ in range(12)],
+        "fsd_loader": [(torch.randn(32, 6), torch.randint(0, 3, (32,))) for _ in range(12)],
+    }
+    exec(compile(snippet, "README.md (the optimizers)", "exec"), namespace)
+    opt = namespace["opt"]
+    assert opt.meta_steps == 2 and opt.skipped_steps == 0 and torch.isfinite(namespace["loss"])
