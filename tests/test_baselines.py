@@ -13,6 +13,8 @@ from torch import nn
 from apo_kernels.baselines import EKFAC, KFAC
 from apo_kernels.baselines.kfac import LIKELIHOODS, MAX_PI, damped_inverse, damped_inverse_ex, factored_damping
 
+from _tiny import closure_for
+
 OPTIMIZERS = [KFAC, EKFAC]
 
 
@@ -787,12 +789,7 @@ COPY_CASES = {"KFAC": (KFAC, {}), "EKFAC": (EKFAC, {}),
 
 def _kfac_steps(opt, model, x, y, n):
     for _ in range(n):
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.step(closure_for(opt, model, x, y))
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
