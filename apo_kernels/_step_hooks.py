@@ -8,16 +8,22 @@ percent of a small model's step. ``step_with_hooks`` gives a step the same behav
 with a hook registered or a profiler running, the call goes through torch's own wrapper; otherwise
 ``step`` runs directly, followed by ``_optimizer_step_code`` (the profiler's Python-tracer entry).
 The wrapper is marked ``hooked``, so torch does not wrap it again.
+
+``warn_at_caller``: a warning raised inside a step, attributed to the user's ``step`` call however
+many wrappers (this one, ``torch.no_grad``) stand between.
 """
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import warnings
 from typing import Callable
 
 import torch
 from torch.optim import optimizer as _torch_optimizer
 
-__all__ = ["step_with_hooks", "step_quietly"]
+__all__ = ["step_with_hooks", "step_quietly", "warn_at_caller"]
 
 
 def _anyone_listening(opt: torch.optim.Optimizer) -> bool:
@@ -53,3 +59,16 @@ def step_quietly(opt: torch.optim.Optimizer):
     out = inner(opt)
     opt._optimizer_step_code()
     return out
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # apo_kernels/
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the first frame outside apo_kernels and torch: the user's
+    ``step`` call, however many decorators (no_grad, step hooks) wrap it."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

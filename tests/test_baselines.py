@@ -836,3 +836,41 @@ def test_a_copy_of_the_model_alone_feeds_no_optimizer_and_pickles(case):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     _kfac_steps(opt, model, x, y, 1)  # and the original still captures its own model's rows
     assert opt.steps == 2 and "A" in opt.state[model[0].weight]
+
+
+# --------------------------------------------------------------------------------------------
+# A layer with a gradient but no captured rows is said, not silently left without factors
+# --------------------------------------------------------------------------------------------
+class _Attention(nn.Module):
+    """nn.MultiheadAttention uses out_proj's weight without calling out_proj (F.multi_head_attention_forward)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x)[0].mean(1))
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_layers_whose_forward_hook_sees_nothing_are_named_once(opt_cls):
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    model = _Attention()
+    opt = opt_cls(model, lr=0.05, damping=1e-2)
+    with pytest.warns(RuntimeWarning, match=rf"^{opt_cls.__name__}: layer\(s\) 'attn.out_proj' got a gradient, but "
+                                            r"their forward hook captured no inputs") as record:
+        _kfac_steps(opt, model, x, y, 3)
+    assert len([w for w in record if "captured no inputs" in str(w.message)]) == 1  # once, not per step
+    assert "A" in opt.state[model.head.weight] and "A" not in opt.state[model.attn.out_proj.weight]
+
+    mlp, x2 = _mlp(), torch.randn(16, 6)
+    opt = opt_cls(mlp, lr=0.05, damping=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # training mode, every layer called: nothing to say
+        _kfac_steps(opt, mlp, x2, y.repeat(2), 2)
+    mlp.eval()  # e.g. to freeze normalization statistics: no layer captures
+    opt = opt_cls(mlp, lr=0.05, damping=1e-2)
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) '0', '2' got a gradient.*eval mode"):
+        _kfac_steps(opt, mlp, x2, y.repeat(2), 1)

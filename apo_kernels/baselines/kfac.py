@@ -62,7 +62,6 @@ whose loss, gradient or update is not finite changes nothing (``skipped_steps``)
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -71,7 +70,7 @@ from torch import Tensor, nn
 from .._args import check_choice, check_int, check_number, check_optimizer_state_shapes, check_type
 from .. import distributed
 from .._numerics import all_finite
-from .._step_hooks import step_with_hooks
+from .._step_hooks import step_with_hooks, warn_at_caller
 from ..layers import Layer, find_layers
 
 __all__ = [
@@ -356,6 +355,7 @@ class KFAC(torch.optim.Optimizer):
         self._sampling = False  # True during the sampled backward of fisher="mc"
         self._pending: list[_Layer] = []  # layers captured by the current forward, for the sampled backward
         self._warned_no_sample = False
+        self._warned_uncaptured: set[str] = set()
         self._refresh_next = False
 
         # The registered layers with Kronecker factors (apo_kernels.layers); a layer whose weight or
@@ -518,11 +518,10 @@ class KFAC(torch.optim.Optimizer):
             L.a is not None and L.g is None for L in self.layers
         ):
             self._warned_no_sample = True
-            warnings.warn(
+            warn_at_caller(
                 "KFAC(fisher='mc') captured layer inputs but no sampled backward ran: call the model "
                 "given to the optimizer (its forward hook draws the targets); those factors are not updated",
                 RuntimeWarning,
-                stacklevel=2,
             )
         group = self.param_groups[0]
         lr, damping, mom = group["lr"], group["damping"], group["momentum"]
@@ -536,6 +535,7 @@ class KFAC(torch.optim.Optimizer):
         # every rank must take part in its factors' all-reduce, so agree on who has rows first
         ranks_with_rows = self._replicas.count([layer.captured() for layer in self.layers],
                                                "which layers captured KFAC factors")
+        uncaptured = []  # layers with a gradient whose forward hook saw nothing on a factor step
         for layer, ranks in zip(self.layers, ranks_with_rows):
             grad_mat = layer.grad_matrix()
             if grad_mat is None:
@@ -544,6 +544,8 @@ class KFAC(torch.optim.Optimizer):
             if ranks:
                 if self._update_factors(layer, state, decay, ranks):
                     self._after_factor_update(layer, state, decay, ranks)
+            elif layer.a is None and self.steps % self.factor_interval == 0:
+                uncaptured.append(layer.layer.name)
             if wd:
                 grad_mat = grad_mat.add(layer.param_matrix(), alpha=wd)
             if "A" in state and (refresh or not self._has_curvature(state)):
@@ -559,6 +561,7 @@ class KFAC(torch.optim.Optimizer):
             if db is not None:
                 updates.append((layer.bias, db, True))
         self._clear_captures()
+        self._warn_uncaptured(uncaptured)
 
         nu = 1.0
         if kl_clip is not None and vg_sum > 0:
@@ -590,6 +593,20 @@ class KFAC(torch.optim.Optimizer):
             p.add_(d, alpha=-lr)
         self.steps += 1
         return loss
+
+    def _warn_uncaptured(self, names: list[str]) -> None:
+        """Once per layer: it has a gradient, but its forward hook captured no rows on a factor step,
+        so it has no Kronecker factors and takes the plain gradient direction."""
+        new = [n for n in names if n not in self._warned_uncaptured]
+        if not new:
+            return
+        self._warned_uncaptured.update(new)
+        warn_at_caller(
+            f"{type(self).__name__}: layer(s) {', '.join(repr(n) for n in new)} got a gradient, but their forward "
+            "hook captured no inputs on a factor-update step, so they have no Kronecker factors and take the "
+            "plain gradient direction. Causes: the module is in eval mode (KFAC captures in training mode "
+            "only), or its weight is used without calling the module (nn.MultiheadAttention's out_proj), or "
+            "its output did not require grad", RuntimeWarning)
 
     def _after_factor_update(self, layer: _Layer, state: dict, decay: float, ranks: int = 1) -> None:
         """Hook for EKFAC (its per-step eigenbasis scaling; ``ranks`` as in ``_update_factors``)."""

@@ -43,9 +43,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
-import sys
-import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -54,7 +51,7 @@ from torch import Tensor, nn
 from .._args import check_choice, check_int, check_number, check_type
 from .. import distributed
 from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_scalar, no_autocast
-from .._step_hooks import step_quietly
+from .._step_hooks import step_quietly, warn_at_caller
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
 from .objective import StepForward, proximal_objective_grad
@@ -162,19 +159,6 @@ def with_load_state_dict_hooks(load_state_dict: Callable) -> Callable:
             hook(self)
     return wrapper
 
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def warn_at_caller(message: str, category: type[Warning]) -> None:
-    """``warnings.warn`` pointing at the first frame outside apo_kernels and torch: the user's
-    ``step`` call, however many decorators (no_grad, step hooks) wrap it."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level + 1)
 
 
 class _NoStepSizeHelps(Exception):

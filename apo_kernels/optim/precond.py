@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from .._args import check_bool, check_choice, check_int, check_number, check_pair
 from .. import distributed
 from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_finite
-from .._step_hooks import step_with_hooks
+from .._step_hooks import step_with_hooks, warn_at_caller
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
 from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
-                    warn_at_caller, with_state_dict_hooks)
+                    with_state_dict_hooks)
 from .kron import KronPreconditioner
 from .preconditioners import (
     S_PARAMS,
