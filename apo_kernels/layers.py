@@ -17,7 +17,8 @@ the baselines precondition the same matrices as APO. A view says
   as rows a (R, n_weight) and g (R, m) with  grad W_matrix = Σ_r g_rᵀ a_r  (the bias column of
   ones is appended by the optimizer).
 
-Registered here: nn.Linear, nn.Conv1d/2d/3d, nn.Embedding. A new layer type is one call:
+Registered here: nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, nn.MultiheadAttention (its packed
+q/k/v input projection). A new layer type is one call:
 
     register_layer(MyLayer, MyView())
 
@@ -42,6 +43,7 @@ __all__ = [
     "LinearView",
     "ConvView",
     "EmbeddingView",
+    "AttentionInProjView",
     "Layer",
     "register_layer",
     "view_of",
@@ -185,6 +187,20 @@ class EmbeddingView(LayerView):
         return module.weight, None
 
 
+class AttentionInProjView(LayerView):
+    """nn.MultiheadAttention's packed input projection: in_proj_weight (3E, E) and in_proj_bias,
+    the query, key and value projections stacked, read as one (3E, E + 1) matrix, as three
+    nn.Linear layers would be. A module built with separate q/k/v weights (kdim or vdim ≠ E) has
+    no packed weight and is no layer (its weights go per parameter). Its ``out_proj`` is an
+    nn.Linear child, a layer of its own. No Kronecker factors: the projection runs inside
+    ``F.multi_head_attention_forward``, where no module hook sees its inputs."""
+
+    name = "attention_in_proj"
+
+    def params(self, module: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return module.in_proj_weight, module.in_proj_bias
+
+
 _VIEWS: dict[type, LayerView] = {}
 
 
@@ -215,6 +231,7 @@ register_layer(nn.Linear, LinearView())
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, ConvView())
 register_layer(nn.Embedding, EmbeddingView())
+register_layer(nn.MultiheadAttention, AttentionInProjView())
 
 
 @dataclass(eq=False)

@@ -333,3 +333,71 @@ def test_an_empty_weight_is_no_layer_and_every_optimizer_trains_around_it():
         for _ in range(6):
             opt.step(closure_for(opt, net, x, y))
         assert all(not torch.equal(p, before[n]) for n, p in net.named_parameters() if p.numel() > 0), name
+
+
+# --------------------------------------------------------------------------------------------
+# nn.MultiheadAttention: the packed q/k/v projection is one layer
+# --------------------------------------------------------------------------------------------
+class AttentionNet(nn.Module):
+    def __init__(self, embed=6, heads=2, **kw):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(embed, heads, batch_first=True, **kw)
+        self.head = nn.Linear(embed, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_multihead_attention_packs_its_projection_into_one_layer():
+    apo = APOPrecond(AttentionNet(), lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01)
+    assert [(l.name, l.kind, l.m, l.n) for l in apo.layers] == [
+        ("attn", "attention_in_proj", 18, 7), ("attn.out_proj", "linear", 6, 7), ("head", "linear", 3, 7)]
+    assert apo.diagonals == [] and matrix_shape(nn.MultiheadAttention(8, 2, device="meta")) == (24, 9)
+    no_bias = APOPrecond(AttentionNet(bias=False), lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01)
+    assert [(l.m, l.n) for l in no_bias.layers][:2] == [(18, 6), (6, 6)]
+    # separate q/k/v weights (kdim, vdim ≠ embed): no packed weight, so no layer; they go per parameter
+    separate = APOPrecond(AttentionNet(kdim=4, vdim=5), lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01)
+    assert [l.name for l in separate.layers] == ["attn.out_proj", "head"] and len(separate.diagonals) == 4
+    net = AttentionNet()
+    for cls in (KFAC, EKFAC):  # no Kronecker factors (the projection is not called as a module): SGD
+        opt = cls(net, lr=0.1, damping=1e-3)
+        assert [L.weight for L in opt.layers] == [net.attn.out_proj.weight, net.head.weight]
+        assert any(p is net.attn.in_proj_weight for p in opt.other_params)
+
+
+def test_apo_meta_gradient_through_the_attention_projection_matches_autograd():
+    """∇φQ from APOPrecond against Q(φ) written out with autograd, float64: every layer's matrix
+    [W, b] moves by −Y, Y = A(S²⊙(AᵀGB))Bᵀ, S² = exp(2S)."""
+    net = AttentionNet().double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 5, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    lam_fsd, lam_wsd = 0.3, 0.2
+    opt = APOPrecond(net, lr=0.1, lambda_fsd=lam_fsd, lambda_wsd=lam_wsd, meta_lr=0.01, momentum=0.0,
+                     fsd="mse", meta_interval=1)
+    closure = closure_for(opt, net, x, y)
+    opt.step(closure, fsd_inputs=(x,))
+    with torch.no_grad():
+        for t in opt.phi:
+            t.add_(0.05 * torch.randn_like(t))
+    _, grads = opt.meta_gradient(closure, fsd_inputs=(x,))
+
+    phi = [t.detach().clone().requires_grad_(True) for t in opt.phi]  # per layer: A, S, B
+    names = [("attn.in_proj_weight", "attn.in_proj_bias"), ("attn.out_proj.weight", "attn.out_proj.bias"),
+             ("head.weight", "head.bias")]
+    params = dict(net.named_parameters())
+    g = torch.autograd.grad(F.cross_entropy(net(x), y), [params[n] for pair in names for n in pair])
+    new, deltas = {}, []
+    for k, (w_name, b_name) in enumerate(names):
+        A, S, B = phi[3 * k:3 * k + 3]
+        G = torch.cat([g[2 * k], g[2 * k + 1].reshape(-1, 1)], dim=1)
+        Y = A @ (torch.exp(2 * S) * (A.T @ G @ B)) @ B.T
+        new[w_name], new[b_name] = params[w_name].detach() - Y[:, :-1], params[b_name].detach() - Y[:, -1]
+        deltas.append(Y)
+    out_new = torch.func.functional_call(net, new, (x,))
+    out_old = net(x).detach()
+    fsd = 0.5 * (out_new - out_old).pow(2).sum(1).mean()
+    Q = F.cross_entropy(out_new, y) + lam_fsd * fsd + 0.5 * lam_wsd * sum(d.pow(2).sum() for d in deltas)
+    expected = torch.autograd.grad(Q, phi)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
