@@ -61,8 +61,9 @@ def step_quietly(opt: torch.optim.Optimizer):
     return out
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # apo_kernels/
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+# with the separator: a user's folder named apo_kernels_examples/ or torchvision/ is not ours
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:

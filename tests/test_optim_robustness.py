@@ -418,8 +418,9 @@ def test_apolr_keeps_its_lr_when_no_lr_makes_the_base_direction_finite(case):
     closure = _fp32_closure(opt, m, x, y)
     for _ in range(3):
         with pytest.warns(RuntimeWarning, match=r"APOLR: the base optimizer's \((Adam|RMSprop)\) step direction is "
-                                                r"not finite although every gradient is.*" + hint):
+                                                r"not finite although every gradient is.*" + hint) as record:
             opt.step(closure, fsd_inputs=(x,))
+        assert {w.filename for w in record} == {__file__}  # attributed to the user's step call
     assert opt.learnt_lrs == [0.01] and opt.recoveries == 0 and opt.meta_steps == 0
     assert opt.skipped_steps == 3 and len(opt.base_optimizer.state) == 0
     assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
