@@ -874,3 +874,16 @@ def test_layers_whose_forward_hook_sees_nothing_are_named_once(opt_cls):
     opt = opt_cls(mlp, lr=0.05, damping=1e-2)
     with pytest.warns(RuntimeWarning, match=r"layer\(s\) '0', '2' got a gradient.*eval mode"):
         _kfac_steps(opt, mlp, x2, y.repeat(2), 1)
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_remove_hooks_removes_every_hook_after_a_load_and_a_copy_keeps_them_removed(opt_cls):
+    model = _mlp()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = opt_cls(model, lr=0.05, damping=1e-2)
+    _kfac_steps(opt, model, x, y, 1)
+    opt.load_state_dict(opt.state_dict())  # torch.optim's load calls __setstate__ too
+    opt.remove_hooks()
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks
+    twin = copy.deepcopy(opt)  # an optimizer detached from its model stays detached in a copy
+    assert not twin.model[0]._forward_hooks and not twin.model[2]._forward_hooks

@@ -382,11 +382,15 @@ class KFAC(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        # also called by torch.optim's load_state_dict, with only state and param_groups: the
+        # hooks are then this optimizer's own and stay as they are
+        copied = "_handles" in state
         hooked = state.pop("_handles", False)
         super().__setstate__(state)
-        self._handles = []
-        if hooked:
-            self._register_hooks()
+        if copied:
+            self._handles = []
+            if hooked:
+                self._register_hooks()
 
     def _capturing(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and self.steps % self.factor_interval == 0
