@@ -477,7 +477,8 @@ class APOLR(APOCore):
 
     def _no_step_size_helps(self, plan) -> Optional[str]:
         # Δ = lr·c·d: when d itself (lr = 1) is not finite, no learnt lr makes θ' finite
-        directions = [d for ds in lr_directions(self.base_optimizer, plan.params_by_group) for d in ds]
+        with self._no_autocast():
+            directions = [d for ds in lr_directions(self.base_optimizer, plan.params_by_group) for d in ds]
         if all_finite(directions):
             return None
         why = (f"the base optimizer's ({type(self.base_optimizer).__name__}) step direction is not finite "
