@@ -207,8 +207,8 @@ def run(args) -> dict:
     meta["wall_s"] = time.perf_counter() - t_start
     report.write_json(res, out / "results.json")
     (out / "summary.md").write_text(report.markdown(res))
-    print(f"wrote {out / 'results.json'}, {out / 'summary.md'}, " + ", ".join(str(out / p) for p in res["plots"])
-                  + f" in {meta['wall_s']:.1f} s")
+    written = [out / "results.json", out / "summary.md"] + [out / p for p in res["plots"]]
+    print(f"wrote {', '.join(map(str, written))} in {meta['wall_s']:.1f} s")
     return res
 
 
