@@ -1,6 +1,7 @@
 """KFAC / EKFAC baselines: factors against curvlinops, training, argument validation, state_dict."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
@@ -228,10 +229,11 @@ def test_ekfac_scale_is_per_example_second_moment():
             st = opt.state[model[0].weight]
             QA, QG = st["QA"].double(), st["QG"].double()
             per_ex = []
+            probe = copy.deepcopy(model)  # its hooks are inert: these backwards do not feed the optimizer
             for n in range(16):
-                model.zero_grad()
-                F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
-                per_ex.append(torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).double())
+                probe.zero_grad()
+                F.cross_entropy(probe(x[n : n + 1]), y[n : n + 1]).backward()
+                per_ex.append(torch.cat([probe[0].weight.grad, probe[0].bias.grad[:, None]], 1).double())
             expected = torch.stack([(QG.T @ g @ QA) ** 2 for g in per_ex]).mean(0)
         opt.step(closure)
     torch.testing.assert_close(opt.state[model[0].weight]["scale"].double(), expected, rtol=1e-4, atol=1e-8)
@@ -635,17 +637,21 @@ def test_zeroing_grad_in_place_changes_nothing(opt_cls, fisher, micro_batches):
     for set_to_none in (True, False):
         model = _mlp(seed=1)
         opt = opt_cls(model, lr=0.05, damping=0.1, inverse_interval=3, weight_decay=1e-4, **mc)
-        for i in range(20):
-            xb, yb = x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]
+        # several micro-batches: the factors are the last one's, which the optimizer says once
+        said = (pytest.warns(RuntimeWarning, match="ran more than once") if micro_batches > 1
+                else contextlib.nullcontext())
+        with said:
+            for i in range(20):
+                xb, yb = x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]
 
-            def closure():
-                opt.zero_grad(set_to_none=set_to_none)
-                for xm, ym in zip(xb.chunk(micro_batches), yb.chunk(micro_batches)):
-                    loss = F.cross_entropy(model(xm), ym) / micro_batches
-                    loss.backward()
-                return loss
+                def closure():
+                    opt.zero_grad(set_to_none=set_to_none)
+                    for xm, ym in zip(xb.chunk(micro_batches), yb.chunk(micro_batches)):
+                        loss = F.cross_entropy(model(xm), ym) / micro_batches
+                        loss.backward()
+                    return loss
 
-            opt.step(closure)
+                opt.step(closure)
         finals.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*finals):
         assert torch.equal(p, q)
@@ -833,7 +839,8 @@ def test_a_copy_of_the_model_alone_feeds_no_optimizer_and_pickles(case):
     assert buf.getbuffer().nbytes < 20_000
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     _kfac_steps(opt, model, x, y, 1)  # and the original still captures its own model's rows
     assert opt.steps == 2 and "A" in opt.state[model[0].weight]
 
@@ -887,3 +894,40 @@ def test_remove_hooks_removes_every_hook_after_a_load_and_a_copy_keeps_them_remo
     assert not model[0]._forward_hooks and not model[2]._forward_hooks
     twin = copy.deepcopy(opt)  # an optimizer detached from its model stays detached in a copy
     assert not twin.model[0]._forward_hooks and not twin.model[2]._forward_hooks
+
+
+class _Twice(nn.Module):
+    """One Linear applied twice (weight sharing across calls)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("opt_cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_a_layer_applied_twice_keeps_one_calls_inputs_and_output_gradients_and_says_so(opt_cls):
+    from apo_kernels.baselines.kfac import kronecker_factors
+
+    model, x, y = _Twice(), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    rows, grads = [], []  # each call's [input, 1] rows and output gradients, on a copy before the step
+    twin = copy.deepcopy(model)
+
+    def record(module, inputs, output):
+        rows.append(torch.cat([inputs[0], torch.ones(len(inputs[0]), 1)], 1).detach())
+        output.register_hook(lambda g: grads.insert(0, g.detach()))  # backward runs the calls in reverse
+
+    twin.shared.register_forward_hook(record)
+    F.cross_entropy(twin(x), y).backward()
+    opt = opt_cls(model, lr=0.05, damping=1e-2, stat_decay=0.0)
+    with pytest.warns(RuntimeWarning, match=rf"^{opt_cls.__name__}: layer\(s\) 'shared' ran more than once"):
+        _kfac_steps(opt, model, x, y, 1)
+    A, G = kronecker_factors(rows[-1], grads[-1], 16)  # the last call's inputs with its own gradients
+    torch.testing.assert_close(opt.state[model.shared.weight]["A"], A, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[model.shared.weight]["G"], G, rtol=1e-6, atol=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        _kfac_steps(opt, model, x, y, 2)

@@ -192,7 +192,7 @@ def sampled_output_gradient(output: Tensor, likelihood: str, generator: Optional
 class _Layer:
     """Book-keeping for one preconditioned module (weight + optional bias) and its captures."""
 
-    __slots__ = ("layer", "module", "weight", "bias", "a", "g", "batch_size")
+    __slots__ = ("layer", "module", "weight", "bias", "a", "g", "batch_size", "calls", "backwards")
 
     def __init__(self, layer: Layer):
         self.layer, self.module = layer, layer.module
@@ -201,6 +201,8 @@ class _Layer:
         self.a: Optional[Tensor] = None
         self.g: Optional[Tensor] = None
         self.batch_size = 0
+        self.calls = 0  # captured forwards since the last step (the latest one's rows are kept)
+        self.backwards = 0  # of those, how many got their output gradient: more than one is said
 
     def input_rows(self, x: Tensor) -> Tensor:
         rows = self.layer.view.input_rows(self.module, x)
@@ -356,6 +358,7 @@ class KFAC(torch.optim.Optimizer):
         self._pending: list[_Layer] = []  # layers captured by the current forward, for the sampled backward
         self._warned_no_sample = False
         self._warned_uncaptured: set[str] = set()
+        self._warned_repeated: set[str] = set()
         self._refresh_next = False
 
         # The registered layers with Kronecker factors (apo_kernels.layers); a layer whose weight or
@@ -400,14 +403,19 @@ class KFAC(torch.optim.Optimizer):
         if not self._capturing(module) or not isinstance(output, Tensor) or not output.requires_grad:
             return
         x = inputs[0]
+        layer.calls += 1
+        call = layer.calls
         layer.batch_size = x.shape[0] if x.dim() > 1 else 1
         layer.a = layer.input_rows(x)
         self._pending.append(layer)
 
         def grad_hook(gy: Tensor):
-            # empirical: the user's backward; mc: only the sampled backward
+            # empirical: the user's backward; mc: only the sampled backward. Only the output of the
+            # call whose inputs are kept: a and g of one call, also for a module applied twice
             if self._sampling == (self.fisher == "mc"):
-                layer.g = layer.output_rows(gy)
+                layer.backwards += 1
+                if layer.calls == call:
+                    layer.g = layer.output_rows(gy)
 
         output.register_hook(grad_hook)
 
@@ -498,6 +506,7 @@ class KFAC(torch.optim.Optimizer):
     def _clear_captures(self) -> None:
         for layer in self.layers:
             layer.a = layer.g = None
+            layer.calls = layer.backwards = 0
         self._pending = []
 
     # ------------------------------------------------------------------------------- step
@@ -540,6 +549,7 @@ class KFAC(torch.optim.Optimizer):
         ranks_with_rows = self._replicas.count([layer.captured() for layer in self.layers],
                                                "which layers captured KFAC factors")
         uncaptured = []  # layers with a gradient whose forward hook saw nothing on a factor step
+        repeated = [layer.layer.name for layer in self.layers if layer.backwards > 1]
         for layer, ranks in zip(self.layers, ranks_with_rows):
             grad_mat = layer.grad_matrix()
             if grad_mat is None:
@@ -566,6 +576,7 @@ class KFAC(torch.optim.Optimizer):
                 updates.append((layer.bias, db, True))
         self._clear_captures()
         self._warn_uncaptured(uncaptured)
+        self._warn_repeated(repeated)
 
         nu = 1.0
         if kl_clip is not None and vg_sum > 0:
@@ -597,6 +608,21 @@ class KFAC(torch.optim.Optimizer):
             p.add_(d, alpha=-lr)
         self.steps += 1
         return loss
+
+    def _warn_repeated(self, names: list[str]) -> None:
+        """Once per layer: more than one of its calls between two steps got an output gradient (a
+        module applied twice, or several micro-batches in the closure); its factors are its last
+        call's. A forward whose backward never runs (an extra forward to log) is not counted."""
+        new = [n for n in names if n not in self._warned_repeated]
+        if not new:
+            return
+        self._warned_repeated.update(new)
+        warn_at_caller(
+            f"{type(self).__name__}: layer(s) {', '.join(repr(n) for n in new)} ran more than once between two "
+            "steps, each call backpropagated (a module applied twice, or several micro-batches in one closure); "
+            "their Kronecker factors are those of the last call only (curvlinops' kfac_approx='expand' sums the "
+            "calls' factors)",
+            RuntimeWarning)
 
     def _warn_uncaptured(self, names: list[str]) -> None:
         """Once per layer: it has a gradient, but its forward hook captured no rows on a factor step,
