@@ -25,6 +25,7 @@
 #endif
 
 #include "apo_checks.h"
+#include "cpu_gemm.h"
 #include "cpu_schedule.h"
 #include "cpu_simd.h"
 
@@ -155,8 +156,14 @@ inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const
 
 // C = X·Y + beta·C on row-major views (C not transposed). BLAS is column-major: it computes
 // Cᵀ = Yᵀ·Xᵀ, and a row-major view is its transpose in column-major.
+// fp32 goes to oneDNN's brgemm where cpu_gemm.h chooses it (beta is 0 or 1 here).
 template <typename T>
 void gemm(const Mat<T>& C, const Mat<T>& X, const Mat<T>& Y, T beta = T(0)) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_gemm::engine() == cpu_gemm::Engine::onednn) {
+      return cpu_gemm::onednn_gemm(C.rows, C.cols, X.cols, X.p, X.ld, X.t, Y.p, Y.ld, Y.t, C.p, C.ld, beta != 0.f);
+    }
+  }
   blas_gemm(Y.t ? 'T' : 'N', X.t ? 'T' : 'N', static_cast<int>(C.cols), static_cast<int>(C.rows),
             static_cast<int>(X.cols), T(1), Y.p, static_cast<int>(Y.ld), X.p, static_cast<int>(X.ld), beta,
             C.p, static_cast<int>(C.ld));
@@ -359,6 +366,16 @@ inline int64_t block_rows(int64_t m, int64_t n, bool has_a) {
   return has_a ? m : std::clamp<int64_t>(kBlockElems / std::max<int64_t>(n, 1), 1, m);
 }
 
+// fn(begin, end) over blocks [0, blocks): in parallel, or, for a single block, called directly.
+// at::parallel_for runs a one-task range inline but marks it a parallel region, which made the
+// GEMMs of a layer that is one block (every layer with a learnt A) single-threaded: the op alone on
+// 256×257 took the same time on 2 threads as on 1.
+template <typename Fn>
+void over_blocks(int64_t blocks, const Fn& fn) {
+  if (blocks == 1) return fn(int64_t(0), int64_t(1));
+  at::parallel_for(0, blocks, 1, fn);
+}
+
 // ---- forward: Y = A (S ⊙ (Aᵀ G B)) Bᵀ on views (A, B null: identity)
 
 // BLAS's small GEMMs slow down when the rows they write are not a whole number of SIMD vectors: MKL
@@ -443,7 +460,7 @@ Tensor forward(const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_) {
   const Mat<T> g = row_major_view<T>(G), s = row_major_view<T>(S), y = row_major_view<T>(Y);
   const Mat<T>* a = A ? &*A : nullptr;
   const Mat<T>* b = B ? &*B : nullptr;
-  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+  over_blocks((m + rows - 1) / rows, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     T* w = workspace<T>(forward_workspace(rows, n, a != nullptr, b != nullptr));
     for (int64_t k = begin; k < end; ++k) {
@@ -529,7 +546,7 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
   // into its own n×n, added in chunk order afterwards (the same result on every run).
   const int64_t chunks = std::clamp<int64_t>(at::get_num_threads(), 1, blocks);
   std::vector<T> partial(dB && chunks > 1 ? (chunks - 1) * n * n : 0, T(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  over_blocks(chunks, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     T* w = workspace<T>(6 * rows * n);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -571,7 +588,7 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double m
   const Mat<T>* b = B ? &*B : nullptr;
   const T mu = static_cast<T>(momentum);
   std::atomic<bool> v_finite{true}, y_finite{true};
-  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+  over_blocks((m + rows - 1) / rows, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     T* w = workspace<T>(forward_workspace(rows, n, a != nullptr, b != nullptr));
     for (int64_t k = begin; k < end; ++k) {
@@ -602,7 +619,7 @@ std::pair<bool, bool> momentum_carry_step(const Tensor& G_, const Tensor& M_, do
   const Mat<T>* b = B ? &*B : nullptr;
   const T mu = static_cast<T>(momentum);
   std::atomic<bool> v_finite{true}, y_finite{true};
-  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+  over_blocks((m + rows - 1) / rows, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     // gathered g, S and Y(g) rows, then forward_block's own workspace
     T* w = workspace<T>(3 * rows * n + forward_workspace(rows, n, false, b != nullptr));
@@ -1020,6 +1037,8 @@ TORCH_LIBRARY(apo, m) {
   m.def("all_finite(Tensor[] tensors) -> Tensor");
   m.def("lookahead_write(Tensor[] params, Tensor[] deltas, Tensor(a!)[] out) -> Tensor");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
+  // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
+  m.def("cpu_gemm_engine() -> str", [] { return std::string(apo::cpu_gemm::name(apo::cpu_gemm::engine())); });
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {

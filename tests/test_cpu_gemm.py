@@ -1,0 +1,123 @@
+"""The GEMM engine of the CPU direct path's fp32 layers (csrc/cpu_gemm.h): torch's BLAS or oneDNN.
+
+`auto` takes oneDNN's brgemm micro-kernel on AMD CPUs with full-width AVX-512 (family ≥ 0x1A),
+where MKL runs its AVX2 code, and BLAS everywhere else; APO_KERNELS_CPU_GEMM forces either. The
+op's tests run under the engine this machine picks; here the direct-path suites run again, in a
+subprocess, under the other one, so that both are checked against the float64 reference wherever
+the tests run.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import apo_kernels  # noqa: F401  (registers torch.ops.apo.*)
+
+ENGINES = ("blas", "onednn")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The suites that run every direct-path route (small, row-blocked, grouped, the momentum step) on
+# odd shapes, strided and transposed inputs and identity factors, at 1 and 2 threads.
+DIRECT_PATH_SUITES = ["tests/test_cpu_schedule.py", "tests/test_momentum_op.py", "tests/test_identity_factors.py"]
+
+
+def _env(engine):
+    env = dict(os.environ)
+    env["APO_KERNELS_CPU_GEMM"] = engine
+    return env
+
+
+def _python(code, engine, timeout=120):
+    return subprocess.run([sys.executable, "-c", code], env=_env(engine), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _cpu_wants_onednn():
+    """The rule of csrc/cpu_gemm.h, read from /proc/cpuinfo: AuthenticAMD, family ≥ 0x1A, avx512f."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "vendor_id" not in fields or "cpu family" not in fields:
+        return None
+    return (fields["vendor_id"] == "AuthenticAMD" and int(fields["cpu family"]) >= 0x1A
+            and "avx512f" in fields.get("flags", "").split())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_engine_asked_for_is_the_one_used(engine):
+    code = ("import torch, apo_kernels; G = torch.randn(9, 7); "
+            "torch.ops.apo.precondition(G, torch.randn(9, 9), torch.rand(9, 7), torch.randn(7, 7)); "
+            "print(torch.ops.apo.cpu_gemm_engine())")
+    done = _python(code, engine)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == engine
+
+
+def test_auto_follows_the_cpu():
+    if os.environ.get("APO_KERNELS_CPU_GEMM", "auto") != "auto":
+        pytest.skip("APO_KERNELS_CPU_GEMM is set for this run: auto is not what it uses")
+    wants = _cpu_wants_onednn()
+    if wants is None:
+        pytest.skip("no /proc/cpuinfo with vendor and family to read the rule from")
+    assert torch.ops.apo.cpu_gemm_engine() == ("onednn" if wants else "blas")
+
+
+def test_a_bad_value_is_a_value_error_naming_the_variable():
+    code = ("import torch, apo_kernels\n"
+            "try:\n"
+            "    torch.ops.apo.precondition(torch.randn(5, 3), torch.randn(5, 5), torch.rand(5, 3), None)\n"
+            "except ValueError as e:\n"
+            "    print('ValueError:', e)\n")
+    done = _python(code, "fast")
+    assert done.returncode == 0, done.stderr
+    assert "ValueError:" in done.stdout and "APO_KERNELS_CPU_GEMM" in done.stdout and "'fast'" in done.stdout
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_give_the_same_fp32_results_within_rounding(engine):
+    """Each engine against float64 on layers that take every GEMM shape of the direct path."""
+    code = """
+import torch, apo_kernels
+from apo_kernels.ops import reference
+gen = torch.Generator().manual_seed(1)
+worst = 0.0
+for m, n in [(1, 1), (10, 257), (256, 41), (37, 53), (64, 64), (130, 7), (17, 100), (5003, 37)]:
+    G, S = torch.randn(m, n, generator=gen), torch.rand(m, n, generator=gen) + 0.5
+    A = torch.eye(m) + torch.randn(m, m, generator=gen) / m ** 0.5
+    B = torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5
+    dY = torch.randn(m, n, generator=gen)
+    for a, b in [(A, B), (A.t().contiguous().t(), B.t().contiguous().t()), (None, B), (A, None)]:
+        if m > 2000 and a is not None:
+            continue
+        d = lambda t: None if t is None else t.double()
+        want = reference.precondition(G.double(), d(a), S.double(), d(b))
+        got = torch.ops.apo.precondition(G, a, S, b)
+        worst = max(worst, ((got.double() - want).norm() / want.norm()).item())
+        grads = torch.ops.apo.precondition_backward(dY, G, a, S, b, [True, True, True, True])
+        wants = reference.precondition_backward(dY.double(), G.double(), d(a), S.double(), d(b), [True] * 4)
+        for g, w in zip(grads, wants):
+            if w is not None:
+                worst = max(worst, ((g.double() - w).norm() / w.norm()).item())
+print(torch.ops.apo.cpu_gemm_engine(), worst)
+"""
+    done = _python(code, engine)
+    assert done.returncode == 0, done.stderr
+    used, worst = done.stdout.split()[-2:]
+    assert used == engine and float(worst) <= 1e-5, done.stdout
+
+
+@pytest.mark.slow
+def test_direct_path_suites_under_the_other_engine():
+    """The direct-path suites, run by pytest in a subprocess under the engine this process does not use."""
+    other = "blas" if torch.ops.apo.cpu_gemm_engine() == "onednn" else "onednn"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *DIRECT_PATH_SUITES],
+                          env=_env(other), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert done.returncode == 0 and " passed" in summary, f"under {other}: {summary}\n{done.stdout[-3000:]}"
