@@ -178,6 +178,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_gemm_engine() -> str:
+    """The GEMM engine of the CPU op's fp32 direct path in this process (blas or onednn)."""
+    try:
+        return torch.ops.apo.cpu_gemm_engine()
+    except Exception as exc:  # no native module, or a bad APO_KERNELS_CPU_GEMM
+        return f"unavailable ({type(exc).__name__})"
+
+
 def env_info(device: torch.device) -> dict:
     """Device name, versions and date: recorded in every JSON the bench writes."""
     device = torch.device(device)
@@ -200,7 +208,7 @@ def env_info(device: torch.device) -> dict:
         extra = dict(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1))
     else:
         name = _cpu_name()
-        extra = dict(cpu_count=os.cpu_count())
+        extra = dict(cpu_count=os.cpu_count(), cpu_gemm=_cpu_gemm_engine())
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:

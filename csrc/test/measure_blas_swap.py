@@ -9,7 +9,9 @@ bundles instead, and times in one process, round-robin:
 How: a preloaded shim (built here with the C compiler) defines ``sgemm_`` and passes each call to
 OpenBLAS's ``scipy_sgemm_64_`` (64-bit integers) or to the ``sgemm_`` of torch's library (MKL;
 the script hands the shim its address), by a flag the script sets between calls; the shim counts
-the calls each BLAS gets, so a run where the op did not go through it stops with an error.
+the calls each BLAS gets, so a run where the op did not go through it stops with an error. The op's
+GEMM engine is set to BLAS for the run (``APO_KERNELS_CPU_GEMM=blas``; on CPUs where it would pick
+oneDNN, that is not the op users get).
 torch.mm goes through ``sgemm_`` as well, so the loop is timed with the flag on MKL. OpenBLAS runs
 one thread per call (``OPENBLAS_NUM_THREADS=1``): the op's parallel loop supplies the threads for
 small layers, and a layer large enough to run alone loses MKL's own threading with OpenBLAS (the
@@ -75,7 +77,8 @@ def build_and_reexec() -> None:
         f.write(SHIM)
     subprocess.run(["cc", "-O2", "-shared", "-fPIC", src, "-o", shim, lib,
                     f"-Wl,-rpath,{os.path.dirname(lib)}"], check=True)
-    env = dict(os.environ, LD_PRELOAD=shim, OPENBLAS_NUM_THREADS="1", **{MARK: shim})
+    # APO_KERNELS_CPU_GEMM=blas: the op's fp32 GEMMs go through sgemm_ (not oneDNN) on every CPU
+    env = dict(os.environ, LD_PRELOAD=shim, OPENBLAS_NUM_THREADS="1", APO_KERNELS_CPU_GEMM="blas", **{MARK: shim})
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
