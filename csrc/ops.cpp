@@ -366,16 +366,6 @@ inline int64_t block_rows(int64_t m, int64_t n, bool has_a) {
   return has_a ? m : std::clamp<int64_t>(kBlockElems / std::max<int64_t>(n, 1), 1, m);
 }
 
-// fn(begin, end) over blocks [0, blocks): in parallel, or, for a single block, called directly.
-// at::parallel_for runs a one-task range inline but marks it a parallel region, which made the
-// GEMMs of a layer that is one block (every layer with a learnt A) single-threaded: the op alone on
-// 256×257 took the same time on 2 threads as on 1.
-template <typename Fn>
-void over_blocks(int64_t blocks, const Fn& fn) {
-  if (blocks == 1) return fn(int64_t(0), int64_t(1));
-  at::parallel_for(0, blocks, 1, fn);
-}
-
 // ---- forward: Y = A (S ⊙ (Aᵀ G B)) Bᵀ on views (A, B null: identity)
 
 // BLAS's small GEMMs slow down when the rows they write are not a whole number of SIMD vectors: MKL
@@ -460,7 +450,7 @@ Tensor forward(const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_) {
   const Mat<T> g = row_major_view<T>(G), s = row_major_view<T>(S), y = row_major_view<T>(Y);
   const Mat<T>* a = A ? &*A : nullptr;
   const Mat<T>* b = B ? &*B : nullptr;
-  over_blocks((m + rows - 1) / rows, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     T* w = workspace<T>(forward_workspace(rows, n, a != nullptr, b != nullptr));
     for (int64_t k = begin; k < end; ++k) {
@@ -546,7 +536,7 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
   // into its own n×n, added in chunk order afterwards (the same result on every run).
   const int64_t chunks = std::clamp<int64_t>(at::get_num_threads(), 1, blocks);
   std::vector<T> partial(dB && chunks > 1 ? (chunks - 1) * n * n : 0, T(0));
-  over_blocks(chunks, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     T* w = workspace<T>(6 * rows * n);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -588,7 +578,7 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double m
   const Mat<T>* b = B ? &*B : nullptr;
   const T mu = static_cast<T>(momentum);
   std::atomic<bool> v_finite{true}, y_finite{true};
-  over_blocks((m + rows - 1) / rows, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     T* w = workspace<T>(forward_workspace(rows, n, a != nullptr, b != nullptr));
     for (int64_t k = begin; k < end; ++k) {
@@ -619,7 +609,7 @@ std::pair<bool, bool> momentum_carry_step(const Tensor& G_, const Tensor& M_, do
   const Mat<T>* b = B ? &*B : nullptr;
   const T mu = static_cast<T>(momentum);
   std::atomic<bool> v_finite{true}, y_finite{true};
-  over_blocks((m + rows - 1) / rows, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     // gathered g, S and Y(g) rows, then forward_block's own workspace
     T* w = workspace<T>(3 * rows * n + forward_workspace(rows, n, false, b != nullptr));
