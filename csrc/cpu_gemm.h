@@ -75,7 +75,7 @@ inline bool amd_full_width_avx512() {
 // ValueError at the first fp32 call that would use it.
 inline Engine choose() {
   const char* env = std::getenv("APO_KERNELS_CPU_GEMM");
-  const std::string v = env ? env : "auto";
+  const std::string v = env && *env ? env : "auto";  // set but empty: as if unset
   TORCH_CHECK_VALUE(v == "auto" || v == "blas" || v == "onednn",
                     "APO_KERNELS_CPU_GEMM must be auto, blas or onednn, got '", v, "'");
   if (v == "blas") return Engine::blas;

@@ -87,7 +87,8 @@ using TensorVec = std::vector<Tensor>;
 // dispatch, allocations and dtype/layout round trips cost as much as the GEMMs themselves) or have an
 // identity A and at most kRowBlockMaxWidth columns (a tall layer such as an embedding's: processed in
 // blocks of rows in parallel, so G and S are read once and Y written once, with no m×n temporary).
-// GEMMs go straight to torch's BLAS; intermediates live in a per-thread workspace; ⊙S is a plain loop.
+// GEMMs go straight to torch's BLAS (fp32 to oneDNN's brgemm where cpu_gemm.h picks that engine);
+// intermediates live in a per-thread workspace; ⊙S is a plain loop.
 namespace direct {
 
 // Widest layer (columns) that the row-blocked path takes, and the elements of one block's buffer.

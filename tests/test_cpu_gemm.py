@@ -60,8 +60,15 @@ def test_the_engine_asked_for_is_the_one_used(engine):
     assert done.stdout.split()[-1] == engine
 
 
+def test_an_empty_value_is_auto():
+    code = "import torch, apo_kernels; print(torch.ops.apo.cpu_gemm_engine())"
+    empty, auto = _python(code, ""), _python(code, "auto")
+    assert empty.returncode == 0 and auto.returncode == 0, empty.stderr + auto.stderr
+    assert empty.stdout.split()[-1] == auto.stdout.split()[-1]
+
+
 def test_auto_follows_the_cpu():
-    if os.environ.get("APO_KERNELS_CPU_GEMM", "auto") != "auto":
+    if (os.environ.get("APO_KERNELS_CPU_GEMM") or "auto") != "auto":
         pytest.skip("APO_KERNELS_CPU_GEMM is set for this run: auto is not what it uses")
     wants = _cpu_wants_onednn()
     if wants is None:
