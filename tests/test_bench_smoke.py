@@ -681,3 +681,35 @@ def test_pytest_benchmark_suites_run():
     assert re.search(r"\b\d+ passed\b", proc.stdout) and " failed" not in proc.stdout, tail
     for suite in ("test_bench_op.py::test_forward", "test_bench_fsd.py::test_kl_value_and_grad"):
         assert re.search(re.escape(suite) + r"\S* PASSED", proc.stdout), (suite, tail)
+
+
+BRGEMM_RATES = ROOT / "csrc" / "test" / "brgemm_rates.cpp"
+
+
+def _brgemm_rates_skip_reason():
+    import shutil
+
+    if shutil.which("g++") is None:
+        return "no C++ compiler (g++) to build csrc/test/brgemm_rates.cpp"
+    if not hasattr(torch.ops.apo, "cpu_gemm_engine"):
+        return "apo_kernels._C is not built"
+    return None
+
+
+BRGEMM_RATES_SKIP = _brgemm_rates_skip_reason()
+
+
+@pytest.mark.skipif(BRGEMM_RATES_SKIP is not None, reason=str(BRGEMM_RATES_SKIP))
+def test_brgemm_rates_measurement_builds_and_runs(tmp_path):
+    # csrc/test/brgemm_rates.cpp: the rates the log quotes for the CPU GEMM engine, built as its
+    # header says; every row printed, the AVX-512 transposes equal to the scalar ones
+    torch_dir = os.path.dirname(torch.__file__)
+    exe = tmp_path / "brgemm_rates"
+    subprocess.run(["g++", "-O2", "-std=c++20", str(BRGEMM_RATES), f"-I{ROOT / 'csrc'}", f"-I{torch_dir}/include",
+                    "-o", str(exe), f"-L{torch_dir}/lib", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir}/lib"],
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([str(exe), "0.01"], check=True, capture_output=True, text=True, timeout=120).stdout
+    assert f"engine here: {torch.ops.apo.cpu_gemm_engine()}" in out, out
+    rows = re.findall(r"fp32 MKL +([0-9.]+) +brgemm +([0-9.]+) GFLOP/s .* bf16 brgemm +([0-9.]+|n/a)", out)
+    assert len(rows) == 6 and all(x == "n/a" or float(x) > 0 for row in rows for x in row), out
+    assert out.count("(same: yes)") == 4, out
