@@ -35,6 +35,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <functional>
 #include <numeric>
 #include <optional>
@@ -86,7 +87,8 @@ using TensorVec = std::vector<Tensor>;
 // Direct path: 2-D float32/float64 layers that are small (in the grouped loop, ATen's per-op
 // dispatch, allocations and dtype/layout round trips cost as much as the GEMMs themselves) or have an
 // identity A and at most kRowBlockMaxWidth columns (a tall layer such as an embedding's: processed in
-// blocks of rows in parallel, so G and S are read once and Y written once, with no m×n temporary).
+// blocks of rows in parallel, so G and S are read once and Y written once, with no m×n temporary),
+// and, on the oneDNN engine, every other fp32 layer with a learnt A (one block, blocked GEMMs).
 // GEMMs go straight to torch's BLAS (fp32 to oneDNN's brgemm where cpu_gemm.h picks that engine);
 // intermediates live in a per-thread workspace; ⊙S is a plain loop.
 namespace direct {
@@ -311,13 +313,28 @@ void copy_rows(const Mat<T>& dst, const Mat<T>& src) {
 }
 
 
-// This thread's scratch memory, grown on demand and kept (one block's or one small layer's worth).
+// Scratch memory for a block's intermediates: this thread's, grown on demand and kept, up to one
+// small layer's or one row block's worth; a bigger request (a big fp32 layer on the oneDNN engine) is
+// owned by the object for the call, so that no thread keeps a big layer's intermediates.
 template <typename T>
-T* workspace(size_t elems) {
-  thread_local std::vector<T> ws;
-  if (ws.size() < elems) ws.resize(elems);
-  return ws.data();
-}
+class Workspace {
+ public:
+  explicit Workspace(size_t elems) {
+    if (elems <= cpu_gemm::kKeepElems) {
+      thread_local std::vector<T> kept;
+      if (kept.size() < elems) kept.resize(elems);
+      p_ = kept.data();
+    } else {
+      own_.reset(new T[elems]);  // uninitialized: every element is written before it is read
+      p_ = own_.get();
+    }
+  }
+  T* data() const { return p_; }
+
+ private:
+  std::unique_ptr<T[]> own_;
+  T* p_ = nullptr;
+};
 
 // Makes this thread's BLAS calls plain single-threaded ones while it works inside a parallel region,
 // for the guard's lifetime. torch turns MKL's dynamic threading off (at::set_num_threads), so there
@@ -359,7 +376,10 @@ inline bool applies(const Tensor& G, const Tensor& A) {
   const int64_t m = G.size(0), n = G.size(1);
   if (m > INT_MAX || n > INT_MAX) return false;
   const bool small = schedule::layer_cost(double(m) * double(n), double(m), double(n)) < schedule::kBigLayerCost;
-  return small || (!A.defined() && n <= kRowBlockMaxWidth);
+  // A big fp32 layer with a learnt A is one block of oneDNN GEMMs (cpu_gemm.h blocks and threads
+  // them); on BLAS it stays on the ATen path.
+  const bool big_onednn = t == at::kFloat && A.defined() && cpu_gemm::engine() == cpu_gemm::Engine::onednn;
+  return small || (!A.defined() && n <= kRowBlockMaxWidth) || big_onednn;
 }
 
 // Rows per block when A is the identity (rows are then independent); the whole layer otherwise.
@@ -453,7 +473,8 @@ Tensor forward(const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_) {
   const Mat<T>* b = B ? &*B : nullptr;
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
-    T* w = workspace<T>(forward_workspace(rows, n, a != nullptr, b != nullptr));
+    const Workspace<T> ws(forward_workspace(rows, n, a != nullptr, b != nullptr));
+    T* w = ws.data();
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows, r = std::min(rows, m - r0);
       forward_block(g.row_block(r0, r), a, s.row_block(r0, r), b, y.row_block(r0, r), w);
@@ -539,7 +560,8 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
   std::vector<T> partial(dB && chunks > 1 ? (chunks - 1) * n * n : 0, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
-    T* w = workspace<T>(6 * rows * n);
+    const Workspace<T> ws(6 * rows * n);
+    T* w = ws.data();
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       std::optional<Mat<T>> acc;
       if (dB) acc = chunk == 0 ? *dB : buffer(partial.data() + (chunk - 1) * n * n, n, n);
@@ -581,7 +603,8 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double m
   std::atomic<bool> v_finite{true}, y_finite{true};
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
-    T* w = workspace<T>(forward_workspace(rows, n, a != nullptr, b != nullptr));
+    const Workspace<T> ws(forward_workspace(rows, n, a != nullptr, b != nullptr));
+    T* w = ws.data();
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows, r = std::min(rows, m - r0);
       const Mat<T> vb = v.row_block(r0, r), yb = y.row_block(r0, r);
@@ -613,7 +636,8 @@ std::pair<bool, bool> momentum_carry_step(const Tensor& G_, const Tensor& M_, do
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     // gathered g, S and Y(g) rows, then forward_block's own workspace
-    T* w = workspace<T>(3 * rows * n + forward_workspace(rows, n, false, b != nullptr));
+    const Workspace<T> ws(3 * rows * n + forward_workspace(rows, n, false, b != nullptr));
+    T* w = ws.data();
     std::vector<int64_t> touched;
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows, r = std::min(rows, m - r0);

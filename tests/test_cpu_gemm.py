@@ -89,13 +89,15 @@ def test_a_bad_value_is_a_value_error_naming_the_variable():
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engines_give_the_same_fp32_results_within_rounding(engine):
-    """Each engine against float64 on layers that take every GEMM shape of the direct path."""
+    """Each engine against float64 on layers that take every GEMM shape of the direct path (and, on
+    oneDNN, the blocked GEMMs of big layers)."""
     code = """
 import torch, apo_kernels
 from apo_kernels.ops import reference
 gen = torch.Generator().manual_seed(1)
 worst = 0.0
-for m, n in [(1, 1), (10, 257), (256, 41), (37, 53), (64, 64), (130, 7), (17, 100), (5003, 37)]:
+# small layers, a row-blocked one (5003×37) and big ones (600×700, 300×1100: blocked GEMMs on oneDNN)
+for m, n in [(1, 1), (10, 257), (256, 41), (37, 53), (64, 64), (130, 7), (17, 100), (5003, 37), (600, 700), (300, 1100)]:
     G, S = torch.randn(m, n, generator=gen), torch.rand(m, n, generator=gen) + 0.5
     A = torch.eye(m) + torch.randn(m, m, generator=gen) / m ** 0.5
     B = torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5
