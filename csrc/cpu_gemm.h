@@ -91,28 +91,30 @@ inline Engine engine() {
   return e;
 }
 
-// Scratch for transposed operands (brgemm reads row-major operands only): per thread and kept up to
-// kKeepElems (a small layer's), above that owned by the object for the call (a big layer's 2048²
-// would otherwise stay allocated on every thread that ran one).
+// Scratch memory: this thread's, grown on demand and kept, up to kKeepElems (a small layer's or a row
+// block's worth); a bigger request (a big layer's) is owned by the object for the call, so that no
+// thread keeps a big layer's intermediates. Each Slot is its own kept buffer (one per role: the
+// transposed operands and the result below, the direct path's workspace in ops.cpp).
 constexpr size_t kKeepElems = size_t(1) << 20;
 
+template <typename T, int Slot>
 class Scratch {
  public:
-  Scratch(size_t slot, size_t elems) {
+  explicit Scratch(size_t elems) {
     if (elems <= kKeepElems) {
-      thread_local std::vector<float> kept[3];
-      if (kept[slot].size() < elems) kept[slot].resize(elems);
-      p_ = kept[slot].data();
+      thread_local std::vector<T> kept;
+      if (kept.size() < elems) kept.resize(elems);
+      p_ = kept.data();
     } else {
-      own_.reset(new float[elems]);  // uninitialized: every element is written before it is read
+      own_.reset(new T[elems]);  // uninitialized: every element is written before it is read
       p_ = own_.get();
     }
   }
-  float* data() const { return p_; }
+  T* data() const { return p_; }
 
  private:
-  std::unique_ptr<float[]> own_;
-  float* p_ = nullptr;
+  std::unique_ptr<T[]> own_;
+  T* p_ = nullptr;
 };
 
 // dst (rows×cols, row-major, ld = cols) = the matrix whose (i, j) is src[j·ld + i]: 16×16 tiles,
@@ -236,7 +238,8 @@ inline void brgemm_rows(int64_t M, int64_t N, int64_t K, const float* x, int64_t
 }
 
 // A row-major copy of a transposed operand (element (i, j) at p[j·ld + i]) into `into`.
-inline const float* row_major_copy(Scratch& into, const float* p, int64_t rows, int64_t cols, int64_t ld) {
+template <int Slot>
+inline const float* row_major_copy(Scratch<float, Slot>& into, const float* p, int64_t rows, int64_t cols, int64_t ld) {
   transpose_into(into.data(), p, rows, cols, ld);
   return into.data();
 }
@@ -251,13 +254,16 @@ inline void onednn_gemm(int64_t M, int64_t N, int64_t K, const float* x, int64_t
   const int64_t flipped = (xt ? 0 : M * K) + (yt ? 0 : K * N) + M * N;
   const auto elems = [](int64_t r, int64_t c) { return static_cast<size_t>(r * c); };
   if (direct <= flipped) {
-    Scratch xs(0, xt ? elems(M, K) : 0), ys(1, yt ? elems(K, N) : 0);
+    Scratch<float, 0> xs(xt ? elems(M, K) : 0);
+    Scratch<float, 1> ys(yt ? elems(K, N) : 0);
     if (xt) x = row_major_copy(xs, x, M, K, ldx), ldx = K;
     if (yt) y = row_major_copy(ys, y, K, N, ldy), ldy = N;
     return brgemm_rows(M, N, K, x, ldx, y, ldy, c, ldc, add_c);
   }
   // Yᵀ (N×K) is row-major where Y was stored transposed, likewise Xᵀ (K×M).
-  Scratch xs(0, xt ? 0 : elems(K, M)), ys(1, yt ? 0 : elems(N, K)), cs(2, elems(N, M));
+  Scratch<float, 0> xs(xt ? 0 : elems(K, M));
+  Scratch<float, 1> ys(yt ? 0 : elems(N, K));
+  Scratch<float, 2> cs(elems(N, M));
   const float* yT = yt ? y : row_major_copy(ys, y, N, K, ldy);
   const int64_t ld_yT = yt ? ldy : K;
   const float* xT = xt ? x : row_major_copy(xs, x, K, M, ldx);

@@ -35,7 +35,6 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <functional>
 #include <numeric>
 #include <optional>
@@ -313,28 +312,10 @@ void copy_rows(const Mat<T>& dst, const Mat<T>& src) {
 }
 
 
-// Scratch memory for a block's intermediates: this thread's, grown on demand and kept, up to one
-// small layer's or one row block's worth; a bigger request (a big fp32 layer on the oneDNN engine) is
-// owned by the object for the call, so that no thread keeps a big layer's intermediates.
+// Scratch memory for a block's intermediates (cpu_gemm.h's Scratch: kept per thread for small layers
+// and row blocks, owned by the call for a big layer).
 template <typename T>
-class Workspace {
- public:
-  explicit Workspace(size_t elems) {
-    if (elems <= cpu_gemm::kKeepElems) {
-      thread_local std::vector<T> kept;
-      if (kept.size() < elems) kept.resize(elems);
-      p_ = kept.data();
-    } else {
-      own_.reset(new T[elems]);  // uninitialized: every element is written before it is read
-      p_ = own_.get();
-    }
-  }
-  T* data() const { return p_; }
-
- private:
-  std::unique_ptr<T[]> own_;
-  T* p_ = nullptr;
-};
+using Workspace = cpu_gemm::Scratch<T, 3>;
 
 // Makes this thread's BLAS calls plain single-threaded ones while it works inside a parallel region,
 // for the guard's lifetime. torch turns MKL's dynamic threading off (at::set_num_threads), so there
