@@ -117,9 +117,7 @@ class Scratch {
   T* p_ = nullptr;
 };
 
-// dst (rows×cols, row-major, ld = cols) = the matrix whose (i, j) is src[j·ld + i]: 16×16 tiles,
-// each in AVX-512 registers where the CPU has them (4× the scalar loop's 0.23 ns per element, which
-// cost a 64×64 layer's forward a quarter of its GEMMs' time), the edges element by element.
+// Rows [i0, i1) × columns [j0, j1) of dst (ld = cols) from src, where dst's (i, j) is src[j·ld + i].
 inline void transpose_tile_scalar(float* dst, const float* src, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
                                   int64_t cols, int64_t ld) {
   for (int64_t j = j0; j < j1; ++j) {
@@ -173,6 +171,16 @@ __attribute__((target("avx512f"))) inline void transpose_avx512(float* dst, cons
 #pragma GCC diagnostic pop
 #endif
 
+// The whole transpose element by element, in 16×16 tiles (what transpose_into does without AVX-512).
+inline void transpose_scalar(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      transpose_tile_scalar(dst, src, i0, std::min(i0 + kTile, rows), j0, std::min(j0 + kTile, cols), cols, ld);
+    }
+  }
+}
+
 inline bool have_avx512() {
 #if APO_X86_AVX512_TRANSPOSE
   static const bool yes = __builtin_cpu_supports("avx512f");
@@ -182,16 +190,14 @@ inline bool have_avx512() {
 #endif
 }
 
+// dst (rows×cols, row-major, ld = cols) = the matrix whose (i, j) is src[j·ld + i]: 16×16 tiles,
+// each in AVX-512 registers where the CPU has them (4× the scalar loop's 0.23 ns per element, which
+// cost a 64×64 layer's forward a quarter of its GEMMs' time), the edges element by element.
 inline void transpose_into(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
 #if APO_X86_AVX512_TRANSPOSE
   if (have_avx512()) return transpose_avx512(dst, src, rows, cols, ld);
 #endif
-  constexpr int64_t kTile = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-      transpose_tile_scalar(dst, src, i0, std::min(i0 + kTile, rows), j0, std::min(j0 + kTile, cols), cols, ld);
-    }
-  }
+  transpose_scalar(dst, src, rows, cols, ld);
 }
 
 // C (M×N, ldc) = X (M×K) · Y (K×N) on row-major operands, the micro-kernel on this thread or, outside

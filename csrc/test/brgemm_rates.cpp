@@ -90,13 +90,7 @@ void transposes(int64_t n) {
   std::vector<float> fast(n * n), slow(n * n);
   const float* x = X.data_ptr<float>();
   const double t_fast = time_call([&] { apo::cpu_gemm::transpose_into(fast.data(), x, n, n, n); });
-  const double t_slow = time_call([&] {
-    for (int64_t i0 = 0; i0 < n; i0 += 16) {
-      for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        apo::cpu_gemm::transpose_tile_scalar(slow.data(), x, i0, std::min(i0 + 16, n), j0, std::min(j0 + 16, n), n, n);
-      }
-    }
-  });
+  const double t_slow = time_call([&] { apo::cpu_gemm::transpose_scalar(slow.data(), x, n, n, n); });
   std::printf("transpose %4lld²  cpu_gemm.h %.3f ns/element, scalar tiles %.3f (same: %s)\n", static_cast<long long>(n),
               t_fast / (n * n) * 1e9, t_slow / (n * n) * 1e9, fast == slow ? "yes" : "NO");
 }
