@@ -229,11 +229,15 @@ inline void brgemm_block(int64_t M, int64_t N, int64_t K, const float* x, int64_
 #endif
 }
 
+constexpr int64_t kSplitWork = int64_t(1) << 18, kMinRows = 16;
+
+// Whether an M×N×K product is worth splitting by rows over threads.
+inline bool worth_splitting(int64_t M, int64_t N, int64_t K) { return M >= 2 * kMinRows && M * N * K >= kSplitWork; }
+
 inline void brgemm_rows(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* y, int64_t ldy,
                         float* c, int64_t ldc, bool add_c) {
-  constexpr int64_t kSplitWork = int64_t(1) << 18, kMinRows = 16;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads > 1 && M >= 2 * kMinRows && M * N * K >= kSplitWork) {
+  if (threads > 1 && worth_splitting(M, N, K)) {
     const int64_t rows = std::max(kMinRows, (M + threads - 1) / threads);
     at::parallel_for(0, M, rows, [&](int64_t r0, int64_t r1) {
       brgemm_block(r1 - r0, N, K, x + r0 * ldx, ldx, y, ldy, c + r0 * ldc, ldc, add_c);

@@ -130,3 +130,48 @@ def test_direct_path_suites_under_the_other_engine():
                           env=_env(other), cwd=ROOT, capture_output=True, text=True, timeout=900)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
     assert done.returncode == 0 and " passed" in summary, f"under {other}: {summary}\n{done.stdout[-3000:]}"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_layer_alone_gives_the_same_bits_on_any_thread_count(engine):
+    """A layer with a learnt A that runs alone: on oneDNN one parallel region, each thread a share of
+    the rows through the whole chain (uneven shares at 3 threads, a share of 11 rows at 33×300);
+    forward and the momentum step against float64, their finiteness flags with a NaN in the last
+    thread's rows, and on oneDNN the same bits at 1, 2 and 3 threads."""
+    code = """
+import torch, apo_kernels
+from apo_kernels.ops import reference
+op = torch.ops.apo
+gen = torch.Generator().manual_seed(2)
+worst, same_bits = 0.0, True
+for m, n in [(256, 257), (67, 70), (33, 300), (300, 33), (600, 700)]:
+    G, M, S = torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen), torch.rand(m, n, generator=gen) + 0.5
+    A = torch.eye(m) + torch.randn(m, m, generator=gen) / m ** 0.5
+    B = torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5
+    for a, b in [(A, B), (A, B.t().contiguous().t()), (A.t().contiguous().t(), B), (A, None)]:
+        d = lambda t: None if t is None else t.double()
+        first = None
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            Y = op.precondition(G, a, S, b)
+            V, out = torch.empty_like(G), torch.empty_like(G)
+            flags = op.precondition_momentum_grouped([G], [M], 0.9, [a], [S], [b], [V], [out], False)
+            assert flags.tolist() == [True, True] and torch.equal(V, M * 0.9 + G)
+            for got, x in ((Y, G), (out, V)):
+                want = reference.precondition(x.double(), d(a), S.double(), d(b))
+                worst = max(worst, ((got.double() - want).norm() / want.norm()).item())
+            first = first or (Y, out)
+            same_bits &= torch.equal(first[0], Y) and torch.equal(first[1], out)
+            M_bad = M.clone()
+            M_bad[-1, n // 2] = float("nan")
+            V_bad, out_bad = torch.empty_like(G), torch.empty_like(G)
+            flags = op.precondition_momentum_grouped([G], [M_bad], 0.9, [a], [S], [b], [V_bad], [out_bad], False)
+            assert flags.tolist() == [False, False], (m, n, threads)
+print(torch.ops.apo.cpu_gemm_engine(), worst, same_bits)
+"""
+    done = _python(code, engine, timeout=300)
+    assert done.returncode == 0, done.stderr
+    used, worst, same_bits = done.stdout.split()[-3:]
+    assert used == engine and float(worst) <= 1e-5, done.stdout
+    if engine == "onednn":  # (BLAS may split a GEMM's sums over its threads)
+        assert same_bits == "True", done.stdout
