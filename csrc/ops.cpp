@@ -7,8 +7,8 @@
 // file adds the direct path (2-D fp32/fp64 layers that are small or row-blocked: the same maths on
 // BLAS calls and plain loops), the ATen path for the rest with its ⊙S pass, the grouped loop, the
 // momentum step (v = μ·m + g and Y(v) in one pass, an optimizer's plain step), the finiteness check,
-// the lookahead write (θ' = θ + Δ with ‖Δ‖², a meta-step's) and the registration (the schemas of
-// every apo:: op, also of discrepancy.cpp's FSD kernel).
+// the lookahead write (θ' = θ + Δ with ‖Δ‖², a meta-step's), the kron structure's step (L·G·R) and
+// the registration (the schemas of every apo:: op, also of discrepancy.cpp's FSD kernel).
 //
 // Light headers only (no torch/extension.h, no pybind11): the module registers ops on load and
 // exposes no Python functions. The CUDA implementations live in csrc/cuda/*.cu.
@@ -1048,6 +1048,51 @@ Tensor lookahead_write_any(TensorList params, TensorList deltas, TensorList out)
   return sum_of_squares(deltas);
 }
 
+// ---------------------------------------------------------------------------------------------
+// apo::kron_precondition: out = L·G·R, the step of APO-Precond's kron structure (P = L ⊗ R, with
+// L = A·diag(u)·Aᵀ and R = B·diag(v)·Bᵀ cached between meta-steps): two GEMMs. fp32 on the oneDNN
+// engine takes the engine's GEMMs, as the op's layers do: a block of out's rows is (rows of L)·G,
+// then that times R, so the intermediate is a block's (kept per thread) and the blocks are split over
+// the threads with nothing shared; each element is one GEMM's whole sum, the same bits on any thread
+// count. Everything else: ATen's mm, (L·G)·R.
+
+void kron_generic(const Tensor& G, const Tensor& L, const Tensor& R, const Tensor& Out) {
+  Tensor out = Out;  // (a handle: the schema's output is written through it)
+  at::mm_out(out, at::mm(L, G), R);
+}
+
+void kron_precondition_cpu(const Tensor& G_, const Tensor& L_, const Tensor& R_, const Tensor& out) {
+  checks::check_kron(G_, L_, R_, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const int64_t m = G_.size(0), n = G_.size(1);
+  if (m == 0 || n == 0) return;
+  const bool engine = G_.scalar_type() == at::kFloat && cpu_gemm::engine() == cpu_gemm::Engine::onednn &&
+                      m <= INT_MAX && n <= INT_MAX && direct::is_row_major(out);
+  if (!engine) return kron_generic(G_, L_, R_, out);
+  Tensor L = L_, R = R_;
+  const Tensor G = direct::row_major(G_);
+  const direct::Mat<float> l = *direct::factor_view<float>(L), r = *direct::factor_view<float>(R);
+  const direct::Mat<float> g = direct::row_major_view<float>(G), y = direct::row_major_view<float>(out);
+  constexpr int64_t kMaxRows = 128;  // (brgemm_block's row block)
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows = std::clamp<int64_t>((m + threads - 1) / threads, 1, kMaxRows);
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    const direct::Workspace<float> ws(static_cast<size_t>(rows * n));
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = k * rows, rb = std::min(rows, m - r0);
+      const direct::Mat<float> lg = direct::buffer(ws.data(), rb, n);
+      direct::gemm(lg, direct::rows_of(l, r0, rb), g);
+      direct::gemm(y.row_block(r0, rb), lg, r);
+    }
+  });
+}
+
+void kron_precondition_any(const Tensor& G, const Tensor& L, const Tensor& R, const Tensor& out) {
+  checks::check_kron(G, L, R, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  kron_generic(G, L, R, out);
+}
+
 // out = μ·out + Y: the carried direction (out.mul_(μ).add_(Y), μ a wrapped number as above).
 void carry_generic(const Tensor& Y, double momentum, const Tensor& Out) {
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -1137,6 +1182,7 @@ TORCH_LIBRARY(apo, m) {
       "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False) -> Tensor");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
   m.def("lookahead_write(Tensor[] params, Tensor[] deltas, Tensor(a!)[] out) -> Tensor");
+  m.def("kron_precondition(Tensor grad, Tensor L, Tensor R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
   m.def("cpu_gemm_engine() -> str", [] { return std::string(apo::cpu_gemm::name(apo::cpu_gemm::engine())); });
@@ -1150,6 +1196,7 @@ TORCH_LIBRARY_IMPL(apo, CPU, m) {
   m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_cpu);
   m.impl("all_finite", &apo::all_finite_cpu);
   m.impl("lookahead_write", &apo::lookahead_write_cpu);
+  m.impl("kron_precondition", &apo::kron_precondition_cpu);
 }
 
 // Every other device: the composition of ATen ops and the device's grouped op.
@@ -1157,4 +1204,5 @@ TORCH_LIBRARY_IMPL(apo, CompositeExplicitAutograd, m) {
   m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_any);
   m.impl("all_finite", &apo::all_finite_any);
   m.impl("lookahead_write", &apo::lookahead_write_any);
+  m.impl("kron_precondition", &apo::kron_precondition_any);
 }

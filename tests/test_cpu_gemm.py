@@ -17,9 +17,10 @@ import apo_kernels  # noqa: F401  (registers torch.ops.apo.*)
 from conftest import ROOT
 
 ENGINES = ("blas", "onednn")
-# The suites that run every direct-path route (small, row-blocked, grouped, the momentum step) on
-# odd shapes, strided and transposed inputs and identity factors, at 1 and 2 threads.
-DIRECT_PATH_SUITES = ["tests/test_cpu_schedule.py", "tests/test_momentum_op.py", "tests/test_identity_factors.py"]
+# The suites that run every direct-path route (small, row-blocked, grouped, the momentum step, the
+# kron step) on odd shapes, strided and transposed inputs and identity factors, at 1 and 2 threads.
+DIRECT_PATH_SUITES = ["tests/test_cpu_schedule.py", "tests/test_momentum_op.py", "tests/test_identity_factors.py",
+                      "tests/test_kron_op.py"]
 
 
 def _env(engine):

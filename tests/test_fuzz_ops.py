@@ -236,6 +236,7 @@ def build_cases() -> list[Case]:
             lambda op=grp_bwd: (op(), [None] + [[_layer(torch, M, N)[k]] for k in FORWARD] + [ALL]))
     _momentum_cases(torch, add)
     _lookahead_cases(torch, add)
+    _kron_cases(torch, add)
     return cases
 
 
@@ -429,6 +430,47 @@ def _lookahead_cases(torch, add) -> None:
         whole(lambda ls: ls[2].__setitem__(2, ls[1][0][:GROUP_SHAPES[2][0], :GROUP_SHAPES[2][1]])))
     add("native/lookahead/out expanded", _names("out"),
         whole(lambda ls: ls[2].__setitem__(1, torch.zeros(1).expand(*GROUP_SHAPES[1]))))
+
+
+# The kron step: out = L·G·R for one layer (grad (m, n), L (m, m), R (n, n), out written).
+KRON_ARGS = ("grad", "L", "R", "out")
+
+
+def _kron_call(torch, m=4, n=3):
+    g = torch.Generator().manual_seed(5)
+    return torch.ops.apo.kron_precondition, [torch.randn(m, n, generator=g), torch.randn(m, m, generator=g),
+                                              torch.randn(n, n, generator=g), torch.empty(m, n)]
+
+
+def _kron_cases(torch, add) -> None:
+    for k, name in enumerate(KRON_ARGS):
+        square = name in ("L", "R")
+        muts = [mu for mu in _mutations(torch, 2, square)
+                if mu[0] in ("1-D", "0-D", "extra leading dim", "rows-1", "cols+1", "broadcastable row", "meta device",
+                             "transposed", "4-D")]
+        muts += [mu for mu in _value_mutations(torch, name)
+                 if mu[0] in ("dtype int64", "dtype bool", "dtype complex64", "dtype float64", "dtype bfloat16",
+                              "sparse", "None", "python float")]
+        for label, mut in muts:
+            def build(k=k, mut=mut):
+                op, args = _kron_call(torch)
+                args[k] = mut(args[k])
+                return op, args
+
+            # a wrong dtype of grad is reported on the first argument compared with it
+            expect = _names(name) if name != "grad" else rf"{_names('grad')}|{_names('L')}"
+            add(f"native/kron/{name}/{label}", expect, build)
+
+    def whole(fn):
+        def build():
+            op, args = _kron_call(torch)
+            fn(args)
+            return op, args
+        return build
+
+    add("native/kron/out is grad", _names("out"), whole(lambda a: a.__setitem__(3, a[0])))
+    add("native/kron/out overlaps L", _names("out"), whole(lambda a: a.__setitem__(3, a[1][:, :3])))
+    add("native/kron/out expanded", _names("out"), whole(lambda a: a.__setitem__(3, torch.zeros(1).expand(4, 3))))
 
 
 # --------------------------------------------------------------------------------------------

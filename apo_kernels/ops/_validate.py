@@ -182,6 +182,33 @@ def check_momentum(momentum) -> None:
         raise ValueError(f"momentum must be a finite number, got {momentum}")
 
 
+def check_kron(grad, L, R, out, *, fake: bool = False) -> None:
+    """apo::kron_precondition's arguments (apo_checks.h's check_kron, same messages): grad 2-D (m, n);
+    L (m, m), R (n, n) and out like grad, of its dtype and device; out written, so sharing no
+    element with grad, L or R. ``fake``: the fake kernel's check (fake tensors have no addresses)."""
+    _check_tensor("grad", grad)
+    if grad.ndim != 2:
+        raise ValueError(f"grad must be 2-D (m, n), got shape {_shape(grad)}")
+    m, n = grad.shape
+    for name, t, rows in (("L", L, m), ("R", R, n)):
+        _check_tensor(name, t)
+        if t.dtype != grad.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but grad has {grad.dtype}")
+        if t.device != grad.device:
+            raise ValueError(f"{name} is on {t.device} but grad is on {grad.device}")
+        _require(t.ndim == 2 and t.shape[0] == rows and t.shape[1] == rows, ValueError,
+                 lambda name=name, t=t, rows=rows: (f"{name} must have shape {(rows, rows)} for grad of shape "
+                                                    f"{_shape(grad)}, got {_shape(t)}"))
+    check_like_grad(out, grad, "out")
+    if fake:
+        return
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError("out has elements that share memory (an expanded tensor); it is written")
+    for name, t in (("grad", grad), ("L", L), ("R", R)):
+        if _may_share(out, t):
+            raise ValueError(f"out shares memory with {name}; the output must not overlap the inputs")
+
+
 def check_kl(new_out, old_out, scale) -> None:
     """apo::kl_value_and_grad's arguments (csrc/discrepancy.cpp's check_kl, same messages): two dense
     tensors of one shape, dtype and device, at least 1-D and not empty (rows × classes), and a

@@ -199,6 +199,15 @@ if _native_error is None:
     def _fake_lookahead_write(params, deltas, out):
         _on_one_device("params, deltas, out", (*params, *deltas, *out))
         return (params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64))
+# apo::kron_precondition(grad, L, R, out) -> None: out = L·G·R, the kron structure's step
+# (apo_kernels.optim.kron); None without the native module
+native_kron_precondition: Optional[Callable] = None
+if _native_error is None:
+    native_kron_precondition = torch.ops.apo.kron_precondition.default
+
+    @torch.library.register_fake("apo::kron_precondition")
+    def _fake_kron_precondition(grad, L, R, out):
+        _validate.check_kron(grad, L, R, out, fake=True)
 # apo::kl_value_and_grad(new_out, old_out, scale) -> (value, grad): the FSD term's KL and its gradient
 # in one call (apo_kernels.optim.discrepancy); None without the native module
 native_kl_value_and_grad: Optional[Callable] = None

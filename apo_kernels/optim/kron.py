@@ -5,8 +5,9 @@ With S² = u vᵀ the op's rule factorizes, since S²⊙X = diag(u)·X·diag(v):
     Y = A·(S²⊙(AᵀGB))·Bᵀ = (A diag(u) Aᵀ) · G · (B diag(v) Bᵀ) = L · G · R,
 
 i.e. P = L ⊗ R, both factors PSD by construction (no inverse anywhere). A step is 2 GEMMs with
-L and R cached; they are rebuilt (one GEMM per block) only when φ = (A, u, v, B) has changed,
-which in the optimizer is after each meta-step.
+L and R cached (``apo::kron_precondition``: on CPU the op's GEMM engine); they are rebuilt (one
+GEMM per block) only when φ = (A, u, v, B) has changed, which in the optimizer is after each
+meta-step.
 
 Why 2 plain GEMMs and not the op: the op computes A·(S²⊙(AᵀGB))·Bᵀ, 4 GEMMs whatever S² is; L·G·R
 is the same product with the two inner GEMMs folded into L and R once per meta-step.
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .._args import check_number
+from ..ops import backends
 from .preconditioners import (
     StructuredPreconditioner,
     _add_grad,
@@ -61,7 +63,7 @@ class KronPreconditioner(StructuredPreconditioner):
         A, B: lists of square blocks (empty for a fixed side); su (m,), sv (n,).
     """
 
-    uses_op = False  # L·G·R and the closed-form meta-gradient: plain GEMMs, no op call
+    uses_op = False  # not the structured op: L·G·R (apo::kron_precondition) and a closed-form meta-gradient
 
     def __init__(
         self,
@@ -146,12 +148,21 @@ class KronPreconditioner(StructuredPreconditioner):
     def apply(self, G: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
               work: Optional[Tensor] = None) -> Tensor:
         """Y = L·G·R, shape (m, n): 2 GEMMs (per block) with the cached L and R; a fixed side is
-        a row (column) scaling by u (v). ``backend`` is unused (no op call: plain GEMMs).
+        a row (column) scaling by u (v). With one learnt block per side, one call of
+        ``apo::kron_precondition`` (on CPU the op's GEMM engine, blocks of rows over the threads;
+        ATen's mm elsewhere); other layouts, torch's matmul. ``backend`` is unused (the structured
+        op is not called).
 
         ``out``, ``work``: (m, n) tensors in G's dtype for Y and for the intermediate L·G, instead
-        of fresh ones (the same kernels, so the same values); Y is then ``out``. Used with one block
-        per side; a blocked layout assembles fresh tensors whatever is passed."""
+        of fresh ones; Y is then ``out`` (``work`` serves the matmul route; the native op keeps a
+        block of rows' intermediate of its own). A blocked layout assembles fresh tensors whatever
+        is passed."""
         Ls, Rs = self.factors()
+        if len(Ls) == 1 and len(Rs) == 1 and Ls[0] is not None and Rs[0] is not None \
+                and backends.native_kron_precondition is not None:
+            out = torch.empty_like(G) if out is None else out
+            backends.native_kron_precondition(G, Ls[0], Rs[0], out)
+            return out
         if len(Ls) > 1 or len(Rs) > 1:
             out = work = None
         return self._right(self._left(G, Ls, out=work), Rs, out=out)
