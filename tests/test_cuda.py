@@ -723,6 +723,30 @@ def test_lookahead_write_on_cuda():
 
 
 @requires_cuda
+def test_kron_precondition_on_cuda():
+    """apo::kron_precondition's composite kernel on CUDA tensors: out = L·G·R against float64 (1e-5 in
+    float32, 1e-12 in float64, 1e-2 in bfloat16; cuBLAS's TF32 off), into a strided out too; CPU and
+    CUDA mixed: refused."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for (m, n), dtype, tol in [((257, 33), torch.float32, 1e-5), ((64, 130), torch.float64, 1e-12),
+                                   ((96, 96), torch.bfloat16, 1e-2)]:
+            G, L, R = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((m, n), (m, m), (n, n)))
+            want = L @ G @ R
+            out = torch.empty(n, m, device=dev, dtype=dtype).t()
+            torch.ops.apo.kron_precondition(G.to(dev, dtype), L.to(dev, dtype), R.to(dev, dtype), out)
+            assert ((out.double().cpu() - want).norm() / want.norm()).item() <= tol
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    with pytest.raises(ValueError, match="L is on cuda:0 but grad is on cpu"):
+        torch.ops.apo.kron_precondition(torch.ones(2, 3), torch.ones(2, 2, device=dev), torch.ones(3, 3),
+                                        torch.empty(2, 3))
+
+
+@requires_cuda
 def test_kl_value_and_grad_on_cuda():
     """apo::kl_value_and_grad's composite kernel on CUDA tensors: value and gradient on the device in
     the compute dtype, against the CPU kernel on the same logits (the value to 1e-5 in float32, 1e-12
