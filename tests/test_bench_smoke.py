@@ -578,6 +578,17 @@ def test_free_pieces_oracle_frees_what_it_names(monkeypatch):
         assert calls["check"] == (0 if "check" in free else 6)
 
 
+def test_small_model_op_measurement_runs():
+    # csrc/test/measure_small_model_op.py: the measurement the log quotes for the op on the small
+    # MLP's layers; every row printed with a positive time
+    script = ROOT / "csrc" / "test" / "measure_small_model_op.py"
+    proc = subprocess.run([sys.executable, str(script), "--threads", "1", "--repeats", "2", "--blocks", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^(momentum step|kron step).*?([0-9.]+) us$", proc.stdout, re.M)
+    assert len(rows) == 10 and all(float(t) > 0 for _, t in rows), proc.stdout
+
+
 BLAS_SWAP = ROOT / "csrc" / "test" / "measure_blas_swap.py"
 
 
