@@ -116,6 +116,21 @@ def test_meta_step_restores_params_buffers_grads_and_rng_exactly():
         assert torch.equal(a, b)
 
 
+def test_a_meta_step_moves_the_version_counters_of_phi():
+    """The meta-optimizer is torch's fused Adam on CPU, which writes φ without moving its version
+    counters; the caches built from φ (kron's L and R, the carried direction) read them, so a meta-step
+    moves them itself."""
+    x, y = data()
+    for structure in ("full", "kron"):
+        m = mlp()
+        opt = APOPrecond(m, **opt_kwargs(meta_interval=1, structure=structure))
+        assert all(g["fused"] for g in opt.meta_optimizer.param_groups)
+        before = [t._version for t in opt.phi]
+        opt.step(closure_for(opt, m, x, y), fsd_inputs=(x,))
+        assert opt.meta_steps == 1
+        assert all(t._version > v for t, v in zip(opt.phi, before)), structure
+
+
 def test_state_dict_round_trip_resumes_bit_identically():
     x, y = data()
 

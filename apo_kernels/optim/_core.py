@@ -46,6 +46,7 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 from torch import Tensor, nn
 
 from .._args import check_choice, check_int, check_number, check_type
@@ -387,6 +388,10 @@ class APOCore(torch.optim.Optimizer):
             self._zero_meta_grads()
             return self.SHRINK
         step_quietly(self.meta_optimizer)
+        if any(g.get("fused") for g in self.meta_optimizer.param_groups):
+            # torch's fused Adam writes φ without moving its version counters, which the caches
+            # built from φ read (kron's L and R, the carried direction)
+            increment_version([p for g in self.meta_optimizer.param_groups for p in g["params"]])
         self._zero_meta_grads()
         self.meta_steps += 1
         self._searching = False
