@@ -386,8 +386,9 @@ class APOPrecond(APOCore):
         factor_ids = {id(g["params"][0]) for g in groups}
         groups.append({"params": [t for t in self._phi if id(t) not in factor_ids], "lr": meta_lr})
         # fused (one kernel per factor, as torch provides on CPU and CUDA): torch's default there is
-        # the per-tensor loop, ~8 passes over φ, which was a third of a small model's meta-step
-        fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in self._phi)
+        # the per-tensor loop, ~8 passes over φ. (A sharded rank's placeholders of the φ it does not
+        # own are `meta` tensors that never get a gradient: every rank takes the same kernel.)
+        fused = all(t.device.type in ("cpu", "cuda", "meta") and t.is_floating_point() for t in self._phi)
         self.meta_optimizer = torch.optim.Adam(groups, lr=meta_lr, betas=meta_betas, fused=fused or None)
         self._init_core()
         self._buffers: Optional[_StepBuffers] = None  # made at the first step that can use them
