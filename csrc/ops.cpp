@@ -1069,9 +1069,11 @@ void kron_precondition_cpu(const Tensor& G_, const Tensor& L_, const Tensor& R_,
   const bool engine = G_.scalar_type() == at::kFloat && cpu_gemm::engine() == cpu_gemm::Engine::onednn &&
                       m <= INT_MAX && n <= INT_MAX && direct::is_row_major(out);
   if (!engine) return kron_generic(G_, L_, R_, out);
-  Tensor L = L_, R = R_;
-  const Tensor G = direct::row_major(G_);
-  const direct::Mat<float> l = *direct::factor_view<float>(L), r = *direct::factor_view<float>(R);
+  // (R row-major once: every block reads all of it; a block's rows of L are copied per block if L is
+  // stored transposed)
+  Tensor L = L_;
+  const Tensor G = direct::row_major(G_), R = direct::row_major(R_);
+  const direct::Mat<float> l = *direct::factor_view<float>(L), r = direct::row_major_view<float>(R);
   const direct::Mat<float> g = direct::row_major_view<float>(G), y = direct::row_major_view<float>(out);
   constexpr int64_t kMaxRows = 128;  // (brgemm_block's row block)
   const int64_t threads = at::get_num_threads();
