@@ -168,3 +168,29 @@ def test_the_kron_step_calls_it_once_per_layer(monkeypatch):
     matmul = pc.apply(G)
     assert relative_error(out, (Ls[0].double() @ G.double() @ Rs[0].double())) <= TOL[torch.float32]
     assert relative_error(matmul, out.double()) <= TOL[torch.float32]
+
+
+def test_the_optimizer_keeps_no_work_buffer_when_every_layer_takes_the_op():
+    """``structure="kron"``: every layer with one learnt block per side takes the op, which keeps its
+    own intermediate, so the step buffers hold no (m, n) work matrix; a fixed side (a row scaling)
+    or a blocked layout takes the matmul route, which needs it."""
+    from apo_kernels.optim import APOPrecond
+    from apo_kernels.optim.kron import KronPreconditioner
+
+    assert KronPreconditioner(6, 5).native_step
+    assert not KronPreconditioner(6, 5, learn_left=False).native_step
+    assert not KronPreconditioner(6, 5, max_dim=4).native_step
+    for max_dim, has_work in ((2048, False), (8, True)):
+        model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+        opt = APOPrecond(model, lr=0.1, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, structure="kron", meta_interval=0,
+                         max_precond_dim=max_dim)
+        x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        assert (opt._buffers.work is not None) == has_work, max_dim
+

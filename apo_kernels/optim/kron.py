@@ -144,6 +144,12 @@ class KronPreconditioner(StructuredPreconditioner):
             return torch.mm(X, Rs[0], out=out)
         return torch.cat([X[:, c0:c1] @ R for R, (c0, c1) in zip(Rs, self.col_blocks)], dim=1)
 
+    @property
+    def native_step(self) -> bool:
+        """Whether ``apply`` is one ``apo::kron_precondition`` call: one learnt block per side and the
+        native module built (the op keeps its intermediate itself: no ``work`` needed)."""
+        return len(self.A) == 1 and len(self.B) == 1 and backends.native_kron_precondition is not None
+
     @torch.no_grad()
     def apply(self, G: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
               work: Optional[Tensor] = None) -> Tensor:
@@ -158,8 +164,7 @@ class KronPreconditioner(StructuredPreconditioner):
         block of rows' intermediate of its own). A blocked layout assembles fresh tensors whatever
         is passed."""
         Ls, Rs = self.factors()
-        if len(Ls) == 1 and len(Rs) == 1 and Ls[0] is not None and Rs[0] is not None \
-                and backends.native_kron_precondition is not None:
+        if self.native_step:
             out = torch.empty_like(G) if out is None else out
             backends.native_kron_precondition(G, Ls[0], Rs[0], out)
             return out

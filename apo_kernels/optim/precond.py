@@ -484,8 +484,9 @@ class APOPrecond(APOCore):
             return False
         if self._buffers is None:
             kron = self.structure == "kron"
+            work = kron and not all(layer.precond.native_step for layer in self.layers)  # (the matmul route's L·G)
             self._buffers = _StepBuffers(self.layers, [p for _, p, _ in self.diagonals], self.phi_dtype,
-                                         params[0].device, directions=kron or bool(self._fused_layers), work=kron)
+                                         params[0].device, directions=kron or bool(self._fused_layers), work=work)
         mb = self._buffers
         vs = mb.views[mb.spare]
         if wd != 0:
