@@ -14,8 +14,8 @@
 //     refused before anything is allocated.
 //   - lookahead_write: lists of one length, per parameter a delta and an out of its shape, out of its
 //     dtype, all on one device, out sharing no element with any argument.
-//   - kron_precondition: grad 2-D (m, n), L (m, m), R (n, n) and out (m, n) of its dtype and device,
-//     out sharing no element with grad, L or R.
+//   - kron_precondition: grad 2-D (m, n), L (m, m) or None, R (n, n) or None and out (m, n) of its
+//     dtype and device, out sharing no element with grad, L or R.
 //   - kl_value_and_grad: new_out and old_out of one shape, dtype and device, at least 1-D and not
 //     empty; a finite scale.
 #pragma once
@@ -323,14 +323,16 @@ inline void check_lookahead(TensorList params, TensorList deltas, TensorList out
   overlap::check_written_apart(all, 2);
 }
 
-// The kron structure's step (kron_precondition): grad 2-D (m, n); L (m, m), R (n, n) and out (m, n)
-// of its dtype and device; out written, so sharing no element with grad, L or R.
+// The kron structure's step (kron_precondition): grad 2-D (m, n); L (m, m) or None, R (n, n) or None
+// (an identity side) and out (m, n) of its dtype and device; out written, so sharing no element with
+// grad, L or R.
 
 inline void check_kron(const Tensor& G, const Tensor& L, const Tensor& R, const Tensor& out) {
   check_tensor(G, "grad");
   TORCH_CHECK_VALUE(G.dim() == 2, "grad must be 2-D (m, n), got shape ", shape_str(G.sizes()));
   const int64_t m = G.size(0), n = G.size(1);
   for (const auto& [name, t, rows] : {std::tuple<const char*, const Tensor*, int64_t>{"L", &L, m}, {"R", &R, n}}) {
+    if (!t->defined()) continue;  // None: an identity side
     check_tensor(*t, name);
     TORCH_CHECK_TYPE(t->scalar_type() == G.scalar_type(), name, " has dtype ", dtype_str(t->scalar_type()),
                      " but grad has ", dtype_str(G.scalar_type()));
@@ -343,7 +345,7 @@ inline void check_kron(const Tensor& G, const Tensor& L, const Tensor& R, const 
   TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
                     "out has elements that share memory (an expanded tensor); it is written");
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"grad", &G}, {"L", &L}, {"R", &R}}) {
-    TORCH_CHECK_VALUE(!overlap::may_share(out, *t), "out shares memory with ", name,
+    TORCH_CHECK_VALUE(!t->defined() || !overlap::may_share(out, *t), "out shares memory with ", name,
                       "; the output must not overlap the inputs");
   }
 }

@@ -1050,7 +1050,8 @@ Tensor lookahead_write_any(TensorList params, TensorList deltas, TensorList out)
 
 // ---------------------------------------------------------------------------------------------
 // apo::kron_precondition: out = L·G·R, the step of APO-Precond's kron structure (P = L ⊗ R, with
-// L = A·diag(u)·Aᵀ and R = B·diag(v)·Bᵀ cached between meta-steps): two GEMMs. fp32 on the oneDNN
+// L = A·diag(u)·Aᵀ and R = B·diag(v)·Bᵀ cached between meta-steps): two GEMMs; L or R None is an
+// identity side (the caller scales by a fixed side's diag(u) or diag(v) itself). fp32 on the oneDNN
 // engine takes the engine's GEMMs, as the op's layers do: a block of out's rows is (rows of L)·G,
 // then that times R, so the intermediate is a block's (kept per thread) and the blocks are split over
 // the threads with nothing shared; each element is one GEMM's whole sum, the same bits on any thread
@@ -1058,38 +1059,55 @@ Tensor lookahead_write_any(TensorList params, TensorList deltas, TensorList out)
 
 void kron_generic(const Tensor& G, const Tensor& L, const Tensor& R, const Tensor& Out) {
   Tensor out = Out;  // (a handle: the schema's output is written through it)
-  at::mm_out(out, at::mm(L, G), R);
+  const Tensor LG = L.defined() ? at::mm(L, G) : G;
+  if (R.defined()) {
+    at::mm_out(out, LG, R);
+  } else {
+    out.copy_(LG);
+  }
 }
 
-void kron_precondition_cpu(const Tensor& G_, const Tensor& L_, const Tensor& R_, const Tensor& out) {
-  checks::check_kron(G_, L_, R_, out);
+void kron_precondition_cpu(const Tensor& G_, const std::optional<Tensor>& L_, const std::optional<Tensor>& R_,
+                           const Tensor& out) {
+  const Tensor L0 = layer::factor(L_), R0 = layer::factor(R_);
+  checks::check_kron(G_, L0, R0, out);
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t m = G_.size(0), n = G_.size(1);
   if (m == 0 || n == 0) return;
   const bool engine = G_.scalar_type() == at::kFloat && cpu_gemm::engine() == cpu_gemm::Engine::onednn &&
-                      m <= INT_MAX && n <= INT_MAX && direct::is_row_major(out);
-  if (!engine) return kron_generic(G_, L_, R_, out);
+                      m <= INT_MAX && n <= INT_MAX && direct::is_row_major(out) && (L0.defined() || R0.defined());
+  if (!engine) return kron_generic(G_, L0, R0, out);
   // (R row-major once: every block reads all of it; a block's rows of L are copied per block if L is
   // stored transposed)
-  Tensor L = L_;
-  const Tensor G = direct::row_major(G_), R = direct::row_major(R_);
-  const direct::Mat<float> l = *direct::factor_view<float>(L), r = direct::row_major_view<float>(R);
+  Tensor L = L0;
+  const Tensor G = direct::row_major(G_), R = R0.defined() ? direct::row_major(R0) : R0;
+  const std::optional<direct::Mat<float>> l = direct::factor_view<float>(L);
+  const std::optional<direct::Mat<float>> r = R.defined() ? std::optional(direct::row_major_view<float>(R)) : std::nullopt;
   const direct::Mat<float> g = direct::row_major_view<float>(G), y = direct::row_major_view<float>(out);
   constexpr int64_t kMaxRows = 128;  // (brgemm_block's row block)
   const int64_t threads = at::get_num_threads();
   const int64_t rows = std::clamp<int64_t>((m + threads - 1) / threads, 1, kMaxRows);
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
-    const direct::Workspace<float> ws(static_cast<size_t>(rows * n));
+    const direct::Workspace<float> ws(l && r ? static_cast<size_t>(rows * n) : 0);
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows, rb = std::min(rows, m - r0);
-      const direct::Mat<float> lg = direct::buffer(ws.data(), rb, n);
-      direct::gemm(lg, direct::rows_of(l, r0, rb), g);
-      direct::gemm(y.row_block(r0, rb), lg, r);
+      const direct::Mat<float> yb = y.row_block(r0, rb);
+      if (!r) {
+        direct::gemm(yb, direct::rows_of(*l, r0, rb), g);
+      } else if (!l) {
+        direct::gemm(yb, g.row_block(r0, rb), *r);
+      } else {
+        const direct::Mat<float> lg = direct::buffer(ws.data(), rb, n);
+        direct::gemm(lg, direct::rows_of(*l, r0, rb), g);
+        direct::gemm(yb, lg, *r);
+      }
     }
   });
 }
 
-void kron_precondition_any(const Tensor& G, const Tensor& L, const Tensor& R, const Tensor& out) {
+void kron_precondition_any(const Tensor& G, const std::optional<Tensor>& L_, const std::optional<Tensor>& R_,
+                           const Tensor& out) {
+  const Tensor L = layer::factor(L_), R = layer::factor(R_);
   checks::check_kron(G, L, R, out);
   at::AutoDispatchBelowADInplaceOrView guard;
   kron_generic(G, L, R, out);
@@ -1184,7 +1202,7 @@ TORCH_LIBRARY(apo, m) {
       "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False) -> Tensor");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
   m.def("lookahead_write(Tensor[] params, Tensor[] deltas, Tensor(a!)[] out) -> Tensor");
-  m.def("kron_precondition(Tensor grad, Tensor L, Tensor R, Tensor(a!) out) -> ()");
+  m.def("kron_precondition(Tensor grad, Tensor? L, Tensor? R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
   m.def("cpu_gemm_engine() -> str", [] { return std::string(apo::cpu_gemm::name(apo::cpu_gemm::engine())); });

@@ -18,8 +18,9 @@ calls on persistent tensors (no optimizer code, no fresh allocation):
                 the step with carry_direction=False
   unfused full  the same step from separate torch calls: v into a spare buffer, the op as row
                 blocks, a check of Y and of the gradient (one read each), θ −= Y
-  kron          v as above, G·diag(u) into a work buffer, one GEMM with R into Y (≈ 2.1 GFLOP),
-                the two checks and θ −= Y
+  kron          v as above, one GEMM with R into Y (≈ 2.1 GFLOP; apo::kron_precondition with an
+                identity left side, as the optimizer calls it), Y·diag(u) in place, the two checks
+                and θ −= Y
 
     python python/measure_embedding_step.py --threads 1
 """
@@ -75,7 +76,7 @@ def main() -> None:
 
     # the bound's bare operations, on persistent tensors of the embedding's shape
     shape = (VOCAB, DIM)
-    cur, spare, Y, work, S2 = (torch.randn(shape, generator=gen) * 1e-3 for _ in range(5))
+    cur, spare, Y, S2 = (torch.randn(shape, generator=gen) * 1e-3 for _ in range(4))
     B = torch.eye(DIM) + 0.01 * torch.randn(DIM, DIM, generator=gen)
     R, u, block = B @ B.T, torch.rand(VOCAB, 1, generator=gen) + 0.5, torch.empty(8192, DIM)
     probe = model()
@@ -111,8 +112,8 @@ def main() -> None:
 
     def kron(g):
         v(g)
-        torch.mul(spare, u, out=work)
-        torch.mm(work, R, out=Y)
+        torch.ops.apo.kron_precondition(spare, None, R, Y)
+        Y.mul_(u)
         checks_and_update(g)
 
     def sgd_ops(g):

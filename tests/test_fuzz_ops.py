@@ -448,9 +448,10 @@ def _kron_cases(torch, add) -> None:
         muts = [mu for mu in _mutations(torch, 2, square)
                 if mu[0] in ("1-D", "0-D", "extra leading dim", "rows-1", "cols+1", "broadcastable row", "meta device",
                              "transposed", "4-D")]
+        # (None is an identity side for L and R: a valid call)
         muts += [mu for mu in _value_mutations(torch, name)
                  if mu[0] in ("dtype int64", "dtype bool", "dtype complex64", "dtype float64", "dtype bfloat16",
-                              "sparse", "None", "python float")]
+                              "sparse", "python float") or (mu[0] == "None" and name in ("grad", "out"))]
         for label, mut in muts:
             def build(k=k, mut=mut):
                 op, args = _kron_call(torch)

@@ -1,5 +1,5 @@
 """``apo::kron_precondition(grad, L, R, out) -> ()``: out = L·G·R, the step of APO-Precond's kron
-structure (``apo_kernels.optim.kron``).
+structure (``apo_kernels.optim.kron``); L or R None is an identity side.
 
 Oracle: the float64 product of the same inputs, relative Frobenius error ≤ 1e-5 (float32), 1e-10
 (float64), 1e-2 (float16, bfloat16: ATen's mm). The inputs cover what the CPU kernel treats
@@ -27,15 +27,22 @@ def op(G, L, R, out):
     return out
 
 
-def make(m, n, dtype, seed, layout="row-major"):
+SIDES = ["L and R", "L only", "R only", "neither"]
+
+
+def make(m, n, dtype, seed, layout="row-major", sides="L and R"):
     gen = torch.Generator().manual_seed(seed)
     G = torch.randn(m, n, generator=gen, dtype=torch.float64)
     L = torch.randn(m, m, generator=gen, dtype=torch.float64) / m ** 0.5
     R = torch.randn(n, n, generator=gen, dtype=torch.float64) / n ** 0.5
-    want = L @ G @ R
-    G, L, R = (x.to(dtype) for x in (G, L, R))
+    if sides in ("R only", "neither"):
+        L = None
+    if sides in ("L only", "neither"):
+        R = None
+    want = (G if L is None else L @ G) if R is None else (G if L is None else L @ G) @ R
+    G, L, R = (None if x is None else x.to(dtype) for x in (G, L, R))
     if layout == "transposed":  # column-major grad, L and R
-        G, L, R = (x.t().contiguous().t() for x in (G, L, R))
+        G, L, R = (None if x is None else x.t().contiguous().t() for x in (G, L, R))
     elif layout == "sliced":  # grad a column slice of a wider matrix
         G = torch.cat([G, torch.zeros(m, 3, dtype=dtype)], 1)[:, :n]
     return G, L, R, want
@@ -53,9 +60,10 @@ def test_matches_float64(threads, dtype, layout):
     torch.set_num_threads(threads)
     try:
         for k, (m, n) in enumerate(SHAPES):
-            G, L, R, want = make(m, n, dtype, seed=k, layout=layout)
-            got = op(G, L, R, torch.empty(m, n, dtype=dtype))
-            assert relative_error(got, want) <= TOL[dtype], (m, n)
+            for sides in SIDES:
+                G, L, R, want = make(m, n, dtype, seed=k, layout=layout, sides=sides)
+                got = op(G, L, R, torch.empty(m, n, dtype=dtype))
+                assert relative_error(got, want) <= TOL[dtype], (m, n, sides)
     finally:
         torch.set_num_threads(before)
 
@@ -69,16 +77,18 @@ def test_an_out_that_is_not_row_major():
 def test_same_bits_on_any_thread_count_and_torch_mm_on_blas():
     before = torch.get_num_threads()
     try:
-        for k, (m, n) in enumerate(SHAPES + [(1030, 70)]):
-            G, L, R, _ = make(m, n, torch.float32, seed=10 + k)
-            outs = []
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                outs.append(op(G, L, R, torch.empty(m, n)))
-            if torch.ops.apo.cpu_gemm_engine() == "onednn":
-                assert all(torch.equal(outs[0], o) for o in outs[1:]), (m, n)
-            else:  # ATen's mm, as the matmul route computes it (here at 3 threads both)
-                assert torch.equal(outs[-1], torch.mm(torch.mm(L, G), R)), (m, n)
+        for k, (m, n) in enumerate(SHAPES + [(1030, 70), (5000, 64)]):
+            for sides in SIDES[:3]:
+                G, L, R, _ = make(m, n, torch.float32, seed=10 + k, sides=sides)
+                outs = []
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    outs.append(op(G, L, R, torch.empty(m, n)))
+                if torch.ops.apo.cpu_gemm_engine() == "onednn":
+                    assert all(torch.equal(outs[0], o) for o in outs[1:]), (m, n, sides)
+                else:  # ATen's mm, as the matmul route computes it (here at 3 threads both)
+                    LG = G if L is None else torch.mm(L, G)
+                    assert torch.equal(outs[-1], LG if R is None else torch.mm(LG, R)), (m, n, sides)
     finally:
         torch.set_num_threads(before)
 
@@ -92,10 +102,11 @@ def test_empty_layers():
 def test_composite_kernel_agrees():
     """The composite kernel (every device but CPU), reached on CPU tensors by redispatching to its key."""
     composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    G, L, R, want = make(67, 45, torch.float32, seed=7)
-    out = torch.empty(67, 45)
-    torch.ops.apo.kron_precondition.default.redispatch(composite, G, L, R, out)
-    assert relative_error(out, want) <= TOL[torch.float32]
+    for sides in SIDES:
+        G, L, R, want = make(67, 45, torch.float32, seed=7, sides=sides)
+        out = torch.empty(67, 45)
+        torch.ops.apo.kron_precondition.default.redispatch(composite, G, L, R, out)
+        assert relative_error(out, want) <= TOL[torch.float32], sides
     with pytest.raises(ValueError, match="out shares memory with grad"):
         torch.ops.apo.kron_precondition.default.redispatch(composite, G, L, R, G)
 
@@ -142,31 +153,36 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.apo.kron_precondition.default, (G, L, R, torch.empty(9, 7)))
 
 
-def test_the_kron_step_calls_it_once_per_layer(monkeypatch):
-    """KronPreconditioner.apply with one learnt block per side is one call of the op, into ``out``,
-    and gives what the matmul route gives (within rounding: the oneDNN engine sums in another order)."""
+@pytest.mark.parametrize("fixed", ["none", "left", "right"])
+def test_the_kron_step_calls_it_once_per_layer(monkeypatch, fixed):
+    """KronPreconditioner.apply with at most one block per side is one call of the op, into ``out``
+    (a fixed side: None there, its diag(u) or diag(v) applied after), and gives what the matmul route
+    gives (within rounding: the oneDNN engine sums in another order, the scaling comes last)."""
     from apo_kernels.optim.kron import KronPreconditioner
 
     calls = []
     real = backends.native_kron_precondition
 
     def counting(G, L, R, out):
-        calls.append(G.shape)
+        calls.append((G.shape, L is None, R is None))
         return real(G, L, R, out)
 
-    pc = KronPreconditioner(40, 21, init_s=0.7)
+    pc = KronPreconditioner(40, 21, init_s=0.7, learn_left=fixed != "left", learn_right=fixed != "right")
     with torch.no_grad():
         for F in pc.A + pc.B:
             F.add_(torch.randn_like(F) / F.shape[0])
         pc.su.add_(torch.randn_like(pc.su) * 0.1)
+        pc.sv.add_(torch.randn_like(pc.sv) * 0.1)
     G = torch.randn(40, 21)
     monkeypatch.setattr(backends, "native_kron_precondition", counting)
     out = torch.empty(40, 21)
-    assert pc.apply(G, out=out) is out and calls == [(40, 21)]
+    assert pc.apply(G, out=out) is out and calls == [((40, 21), fixed == "left", fixed == "right")]
     monkeypatch.setattr(backends, "native_kron_precondition", None)
     Ls, Rs = pc.factors()
+    L = torch.diag(pc.u()) if Ls[0] is None else Ls[0]
+    R = torch.diag(pc.v()) if Rs[0] is None else Rs[0]
     matmul = pc.apply(G)
-    assert relative_error(out, (Ls[0].double() @ G.double() @ Rs[0].double())) <= TOL[torch.float32]
+    assert relative_error(out, (L.double() @ G.double() @ R.double())) <= TOL[torch.float32]
     assert relative_error(matmul, out.double()) <= TOL[torch.float32]
 
 
@@ -178,7 +194,8 @@ def test_the_optimizer_keeps_no_work_buffer_when_every_layer_takes_the_op():
     from apo_kernels.optim.kron import KronPreconditioner
 
     assert KronPreconditioner(6, 5).native_step
-    assert not KronPreconditioner(6, 5, learn_left=False).native_step
+    assert KronPreconditioner(6, 5, learn_left=False).native_step
+    assert not KronPreconditioner(6, 5, learn_left=False, learn_right=False).native_step
     assert not KronPreconditioner(6, 5, max_dim=4).native_step
     for max_dim, has_work in ((2048, False), (8, True)):
         model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))

@@ -184,13 +184,16 @@ def check_momentum(momentum) -> None:
 
 def check_kron(grad, L, R, out, *, fake: bool = False) -> None:
     """apo::kron_precondition's arguments (apo_checks.h's check_kron, same messages): grad 2-D (m, n);
-    L (m, m), R (n, n) and out like grad, of its dtype and device; out written, so sharing no
-    element with grad, L or R. ``fake``: the fake kernel's check (fake tensors have no addresses)."""
+    L (m, m) or None, R (n, n) or None (an identity side) and out like grad, of its dtype and device;
+    out written, so sharing no element with grad, L or R. ``fake``: the fake kernel's check (fake
+    tensors have no addresses)."""
     _check_tensor("grad", grad)
     if grad.ndim != 2:
         raise ValueError(f"grad must be 2-D (m, n), got shape {_shape(grad)}")
     m, n = grad.shape
     for name, t, rows in (("L", L, m), ("R", R, n)):
+        if t is None:
+            continue
         _check_tensor(name, t)
         if t.dtype != grad.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but grad has {grad.dtype}")
@@ -205,7 +208,7 @@ def check_kron(grad, L, R, out, *, fake: bool = False) -> None:
     if torch._debug_has_internal_overlap(out) == 1:
         raise ValueError("out has elements that share memory (an expanded tensor); it is written")
     for name, t in (("grad", grad), ("L", L), ("R", R)):
-        if _may_share(out, t):
+        if t is not None and _may_share(out, t):
             raise ValueError(f"out shares memory with {name}; the output must not overlap the inputs")
 
 

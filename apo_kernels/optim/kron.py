@@ -146,18 +146,20 @@ class KronPreconditioner(StructuredPreconditioner):
 
     @property
     def native_step(self) -> bool:
-        """Whether ``apply`` is one ``apo::kron_precondition`` call: one learnt block per side and the
-        native module built (the op keeps its intermediate itself: no ``work`` needed)."""
-        return len(self.A) == 1 and len(self.B) == 1 and backends.native_kron_precondition is not None
+        """Whether ``apply`` is one ``apo::kron_precondition`` call (then a fixed side's scaling): at
+        most one block per side, at least one side learnt, and the native module built (the op keeps
+        its intermediate itself: no ``work`` needed)."""
+        return (len(self.A) <= 1 and len(self.B) <= 1 and len(self.A) + len(self.B) > 0
+                and backends.native_kron_precondition is not None)
 
     @torch.no_grad()
     def apply(self, G: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
               work: Optional[Tensor] = None) -> Tensor:
         """Y = L·G·R, shape (m, n): 2 GEMMs (per block) with the cached L and R; a fixed side is
-        a row (column) scaling by u (v). With one learnt block per side, one call of
-        ``apo::kron_precondition`` (on CPU the op's GEMM engine, blocks of rows over the threads;
-        ATen's mm elsewhere); other layouts, torch's matmul. ``backend`` is unused (the structured
-        op is not called).
+        a row (column) scaling by u (v). With at most one block per side (``native_step``), one call
+        of ``apo::kron_precondition`` (on CPU the op's GEMM engine, blocks of rows over the threads;
+        ATen's mm elsewhere), a fixed side's scaling after it; blocked layouts, torch's matmul.
+        ``backend`` is unused (the structured op is not called).
 
         ``out``, ``work``: (m, n) tensors in G's dtype for Y and for the intermediate L·G, instead
         of fresh ones; Y is then ``out`` (``work`` serves the matmul route; the native op keeps a
@@ -166,7 +168,11 @@ class KronPreconditioner(StructuredPreconditioner):
         Ls, Rs = self.factors()
         if self.native_step:
             out = torch.empty_like(G) if out is None else out
-            backends.native_kron_precondition(G, Ls[0], Rs[0], out)
+            backends.native_kron_precondition(G, Ls[0], Rs[0], out)  # None: an identity side
+            if Ls[0] is None:  # a fixed side: L = diag(u), applied to L·(G·R) (R = diag(v) likewise)
+                out.mul_(self.u()[:, None])
+            if Rs[0] is None:
+                out.mul_(self.v())
             return out
         if len(Ls) > 1 or len(Rs) > 1:
             out = work = None
