@@ -386,6 +386,15 @@ def serve(indices: list[int], timeout: float) -> None:
         print(json.dumps(result), flush=True)
 
 
+def _edited(call, fn):
+    """A case's build: a valid call (``call() -> (op, args)``) whose argument list ``fn`` edits in place."""
+    def build():
+        op, args = call()
+        fn(args)
+        return op, args
+    return build
+
+
 # The lookahead write: per parameter θ, Δ and out (θ' = θ + Δ), parameters of the group's shapes.
 LOOKAHEAD_LISTS = ("params", "deltas", "out")
 
@@ -418,11 +427,7 @@ def _lookahead_cases(torch, add) -> None:
                 add(f"native/lookahead/{name}[{idx}]/{label}", expect, build)
 
     def whole(fn):
-        def build():
-            op, lists = _lookahead_call(torch)
-            fn(lists)
-            return op, lists
-        return build
+        return _edited(lambda: _lookahead_call(torch), fn)
 
     add("native/lookahead/deltas shorter", _names("deltas"), whole(lambda ls: ls[1].pop()))
     add("native/lookahead/out is params", _names("out"), whole(lambda ls: ls[2].__setitem__(0, ls[0][0])))
@@ -463,11 +468,7 @@ def _kron_cases(torch, add) -> None:
             add(f"native/kron/{name}/{label}", expect, build)
 
     def whole(fn):
-        def build():
-            op, args = _kron_call(torch)
-            fn(args)
-            return op, args
-        return build
+        return _edited(lambda: _kron_call(torch), fn)
 
     add("native/kron/out is grad", _names("out"), whole(lambda a: a.__setitem__(3, a[0])))
     add("native/kron/out overlaps L", _names("out"), whole(lambda a: a.__setitem__(3, a[1][:, :3])))
