@@ -673,16 +673,17 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double m
   const Mat<T>* b = B ? &*B : nullptr;
   const T mu = static_cast<T>(momentum);
   std::atomic<bool> v_finite{true}, y_finite{true};
+  // v = μ·m + g on rows [r0, r0 + r) and its finiteness; then, after Y's rows, theirs
+  const auto form_v = [&](int64_t r0, int64_t r) {
+    const Mat<T> vb = v.row_block(r0, r);
+    momentum_rows(vb, mm.row_block(r0, r), g.row_block(r0, r), mu);
+    if (!finite_rows(vb)) v_finite.store(false, std::memory_order_relaxed);
+  };
+  const auto check_y = [&](int64_t r0, int64_t r) {
+    if (!finite_rows(y.row_block(r0, r))) y_finite.store(false, std::memory_order_relaxed);
+  };
   if constexpr (std::is_same_v<T, float>) {
     if (one_region(a != nullptr, m, n)) {
-      const auto form_v = [&](int64_t r0, int64_t r) {
-        const Mat<T> vb = v.row_block(r0, r);
-        momentum_rows(vb, mm.row_block(r0, r), g.row_block(r0, r), mu);
-        if (!finite_rows(vb)) v_finite.store(false, std::memory_order_relaxed);
-      };
-      const auto check_y = [&](int64_t r0, int64_t r) {
-        if (!finite_rows(y.row_block(r0, r))) y_finite.store(false, std::memory_order_relaxed);
-      };
       forward_one_region(v, *a, s, b, y, form_v, check_y);
       return {v_finite.load(), y_finite.load()};
     }
@@ -693,11 +694,9 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double m
     T* w = ws.data();
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows, r = std::min(rows, m - r0);
-      const Mat<T> vb = v.row_block(r0, r), yb = y.row_block(r0, r);
-      momentum_rows(vb, mm.row_block(r0, r), g.row_block(r0, r), mu);
-      if (!finite_rows(vb)) v_finite.store(false, std::memory_order_relaxed);
-      forward_block(vb, a, s.row_block(r0, r), b, yb, w);
-      if (!finite_rows(yb)) y_finite.store(false, std::memory_order_relaxed);
+      form_v(r0, r);
+      forward_block(v.row_block(r0, r), a, s.row_block(r0, r), b, y.row_block(r0, r), w);
+      check_y(r0, r);
     }
   });
   return {v_finite.load(), y_finite.load()};
