@@ -143,9 +143,9 @@ def print_throughput(rows, repeats, clock_name, fsd_batches):
         res = throughput(row, repeats, clock, fsd_batches)
         print(f"\n{ROWS[row][0]}: {repeats} interleaved 10-step blocks, {clock_name} time; a block = median "
               "first (meta-)step + 9 × median other step")
-        print(f"  {'':32s} {'1st step':>9s} {'other':>9s} {'per step':>9s}  throughput vs SGD")
+        print(f"  {'':32s} {'1st step':>10s} {'other':>10s} {'per step':>10s}  throughput vs SGD")
         for name, r in res.items():
-            print(f"  {name:32s} {r['meta_ms']:6.1f} ms {r['plain_ms']:6.1f} ms {r['ms_per_step']:6.1f} ms  {r['throughput']:.3f}")
+            print(f"  {name:32s} {r['meta_ms']:7.3f} ms {r['plain_ms']:7.3f} ms {r['ms_per_step']:7.3f} ms  {r['throughput']:.3f}")
         for suffix in (" own batch", ""):
             apo, bound = f"APO-LR λ_FSD=0.1{suffix}", f"passes only λ_FSD=0.1{suffix}"
             if apo in res:

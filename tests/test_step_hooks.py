@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.optim import optimizer as torch_optimizer
 
+from apo_kernels import _step_hooks
+
 from apo_kernels.baselines import EKFAC, KFAC
 from apo_kernels.optim import APOLR, APOPrecond
 from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
@@ -189,3 +191,94 @@ def test_state_dict_hooks_run_as_torch_optim_runs_them(name):
     opt.load_state_dict(state)
     assert "tagged" in state  # the pre-hook got a copy
     assert calls == [("pre", True), ("post", True), ("load_pre", True), ("load_post", 7 if apo else 0.07)]
+
+
+def _adam_pair(make_params, **kwargs):
+    """Two fused Adams over equal copies of the same parameters (groups: (params, extra options))."""
+    pairs = []
+    for _ in range(2):
+        groups = [{"params": ps, **extra} for ps, extra in make_params()]
+        pairs.append((groups, torch.optim.Adam(groups, fused=True, **kwargs)))
+    return pairs
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.05), dict(lr=0.01, betas=(0.0, 0.9)), dict(lr=0.02, amsgrad=True),
+                                    dict(lr=0.03, weight_decay=0.1, maximize=True, eps=1e-6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adam_step_gives_torchs_bits(kwargs, dtype):
+    """The direct kernel call takes torch's fused Adam step exactly: the same parameters, moments and
+    step counters, bit for bit, over several steps of fresh gradients, with groups of their own lr, a
+    parameter without a gradient (untouched, no state) and one whose gradient appears later."""
+    gen = torch.Generator().manual_seed(7)
+
+    def make_params():
+        torch.manual_seed(3)
+        return [([torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)], {}),
+                ([torch.randn(1, dtype=dtype), torch.randn(2, 2, dtype=dtype)], {"lr": 0.2})]
+
+    (groups_a, ref), (groups_b, fast) = _adam_pair(make_params, **kwargs)
+    for step in range(4):
+        for ga, gb in zip(groups_a, groups_b):
+            for k, (pa, pb) in enumerate(zip(ga["params"], gb["params"])):
+                late = ga is groups_a[1] and k == 1 and step < 2  # no gradient on the first two steps
+                g = None if late else torch.randn(pa.shape, generator=gen, dtype=dtype)
+                pa.grad, pb.grad = g, (None if g is None else g.clone())
+        ref.step()
+        assert _step_hooks._fused_adam_step(fast) is True
+        for pa, pb in zip(ref.param_groups[0]["params"] + ref.param_groups[1]["params"],
+                          fast.param_groups[0]["params"] + fast.param_groups[1]["params"]):
+            assert torch.equal(pa, pb)
+            assert ref.state[pa].keys() == fast.state[pb].keys()
+            for key in ref.state[pa]:
+                a, b = ref.state[pa][key], fast.state[pb][key]
+                assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("case", ["not fused", "decoupled weight decay", "AdamW", "tensor lr", "two dtypes",
+                                  "grad scaler", "SGD"])
+def test_fused_adam_step_leaves_other_optimizers_to_torch(case):
+    """Anything but a plain fused Adam over one device and dtype per group is refused before anything
+    changes (the caller then takes torch's own step)."""
+    p = torch.randn(4, requires_grad=False)
+    q = torch.randn(3, dtype=torch.float64) if case == "two dtypes" else torch.randn(3)
+    params = [p, q]
+    make = {
+        "not fused": lambda: torch.optim.Adam(params, lr=0.1),
+        "decoupled weight decay": lambda: torch.optim.Adam(params, lr=0.1, fused=True, decoupled_weight_decay=True),
+        "AdamW": lambda: torch.optim.AdamW(params, lr=0.1, fused=True),
+        "tensor lr": lambda: torch.optim.Adam(params, lr=torch.tensor(0.1), fused=True),
+        "two dtypes": lambda: torch.optim.Adam(params, lr=0.1, fused=True),
+        "grad scaler": lambda: torch.optim.Adam(params, lr=0.1, fused=True),
+        "SGD": lambda: torch.optim.SGD(params, lr=0.1),
+    }[case]
+    opt = make()
+    if case == "grad scaler":
+        opt.grad_scale = torch.ones(())
+    for t in params:
+        t.grad = torch.ones_like(t)
+    before = [t.clone() for t in params]
+    assert _step_hooks._fused_adam_step(opt) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and len(opt.state) == 0
+
+
+def test_meta_optimizer_step_goes_straight_to_the_kernel_and_matches_torchs():
+    """An APO optimizer's fused meta-Adam takes the direct kernel call when nobody listens: the same φ
+    as torch's own step (a listener on the twin's meta-optimizer) after a few meta-steps."""
+    torch.manual_seed(0)
+    model, opt, x, y = _setup("APOPrecond")
+    torch.manual_seed(0)
+    twin_model, twin, _, _ = _setup("APOPrecond")
+    calls = []
+    original = _step_hooks._fused_adam_step
+    _step_hooks._fused_adam_step = lambda o: calls.append(o) or original(o)
+    try:
+        for _ in range(3):
+            opt.step(closure_for(opt, model, x, y))
+        twin.meta_optimizer.register_step_post_hook(lambda o, args, kwargs: None)  # torch's own step
+        for _ in range(3):
+            twin.step(closure_for(twin, twin_model, x, y))
+    finally:
+        _step_hooks._fused_adam_step = original
+    assert opt.meta_steps == twin.meta_steps == 2 and calls == [opt.meta_optimizer] * 2
+    for a, b in zip(opt.phi, twin.phi):
+        assert torch.equal(a, b)

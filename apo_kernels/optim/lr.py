@@ -400,7 +400,8 @@ class APOLR(APOCore):
         return state
 
     def _make_meta_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.log_lr], lr=self.meta_lr, betas=(0.0, 0.9))
+        # fused: one kernel on φ's scalars, which ``step_quietly`` calls directly
+        return torch.optim.Adam([self.log_lr], lr=self.meta_lr, betas=(0.0, 0.9), fused=True)
 
     # ---- public ------------------------------------------------------------------------
     @property
