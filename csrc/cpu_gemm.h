@@ -117,12 +117,12 @@ class Scratch {
   T* p_ = nullptr;
 };
 
-// Rows [i0, i1) × columns [j0, j1) of dst (ld = cols) from src, where dst's (i, j) is src[j·ld + i].
+// Rows [i0, i1) × columns [j0, j1) of dst (row stride ldd) from src, where dst's (i, j) is src[j·ld + i].
 inline void transpose_tile_scalar(float* dst, const float* src, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
-                                  int64_t cols, int64_t ld) {
+                                  int64_t ldd, int64_t ld) {
   for (int64_t j = j0; j < j1; ++j) {
     const float* s = src + j * ld;
-    for (int64_t i = i0; i < i1; ++i) dst[i * cols + j] = s[i];
+    for (int64_t i = i0; i < i1; ++i) dst[i * ldd + j] = s[i];
   }
 }
 
@@ -159,24 +159,24 @@ __attribute__((target("avx512f"))) inline void transpose16_avx512(float* dst, in
   for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * ldd, r[k]);
 }
 
-__attribute__((target("avx512f"))) inline void transpose_avx512(float* dst, const float* src, int64_t rows,
-                                                                int64_t cols, int64_t ld) {
+__attribute__((target("avx512f"))) inline void transpose_avx512(float* dst, int64_t ldd, const float* src,
+                                                                int64_t rows, int64_t cols, int64_t ld) {
   const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
   for (int64_t i0 = 0; i0 < rows16; i0 += 16) {
-    for (int64_t j0 = 0; j0 < cols16; j0 += 16) transpose16_avx512(dst + i0 * cols + j0, cols, src + j0 * ld + i0, ld);
-    transpose_tile_scalar(dst, src, i0, i0 + 16, cols16, cols, cols, ld);
+    for (int64_t j0 = 0; j0 < cols16; j0 += 16) transpose16_avx512(dst + i0 * ldd + j0, ldd, src + j0 * ld + i0, ld);
+    transpose_tile_scalar(dst, src, i0, i0 + 16, cols16, cols, ldd, ld);
   }
-  transpose_tile_scalar(dst, src, rows16, rows, 0, cols, cols, ld);
+  transpose_tile_scalar(dst, src, rows16, rows, 0, cols, ldd, ld);
 }
 #pragma GCC diagnostic pop
 #endif
 
 // The whole transpose element by element, in 16×16 tiles (what transpose_into does without AVX-512).
-inline void transpose_scalar(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
+inline void transpose_scalar(float* dst, int64_t ldd, const float* src, int64_t rows, int64_t cols, int64_t ld) {
   constexpr int64_t kTile = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
     for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-      transpose_tile_scalar(dst, src, i0, std::min(i0 + kTile, rows), j0, std::min(j0 + kTile, cols), cols, ld);
+      transpose_tile_scalar(dst, src, i0, std::min(i0 + kTile, rows), j0, std::min(j0 + kTile, cols), ldd, ld);
     }
   }
 }
@@ -190,14 +190,17 @@ inline bool have_avx512() {
 #endif
 }
 
-// dst (rows×cols, row-major, ld = cols) = the matrix whose (i, j) is src[j·ld + i]: 16×16 tiles,
-// each in AVX-512 registers where the CPU has them (4× the scalar loop's 0.23 ns per element, which
-// cost a 64×64 layer's forward a quarter of its GEMMs' time), the edges element by element.
-inline void transpose_into(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
+// dst (rows×cols, row-major, row stride ldd) = the matrix whose (i, j) is src[j·ld + i]: 16×16
+// tiles, each in AVX-512 registers where the CPU has them (4× the scalar loop's 0.23 ns per element,
+// which cost a 64×64 layer's forward a quarter of its GEMMs' time), the edges element by element.
+inline void transpose_into(float* dst, int64_t ldd, const float* src, int64_t rows, int64_t cols, int64_t ld) {
 #if APO_X86_AVX512_TRANSPOSE
-  if (have_avx512()) return transpose_avx512(dst, src, rows, cols, ld);
+  if (have_avx512()) return transpose_avx512(dst, ldd, src, rows, cols, ld);
 #endif
-  transpose_scalar(dst, src, rows, cols, ld);
+  transpose_scalar(dst, ldd, src, rows, cols, ld);
+}
+inline void transpose_into(float* dst, const float* src, int64_t rows, int64_t cols, int64_t ld) {
+  transpose_into(dst, cols, src, rows, cols, ld);
 }
 
 // C (M×N, ldc) = X (M×K) · Y (K×N) on row-major operands, the micro-kernel on this thread or, outside
@@ -280,13 +283,10 @@ inline void onednn_gemm(int64_t M, int64_t N, int64_t K, const float* x, int64_t
   const int64_t ld_xT = xt ? ldx : M;
   float* cT = cs.data();
   brgemm_rows(N, M, K, yT, ld_yT, xT, ld_xT, cT, M, false);
-  for (int64_t i = 0; i < M; ++i) {  // C (+)= (Cᵀ)ᵀ
+  if (!add_c) return transpose_into(c, ldc, cT, M, N, M);  // C = (Cᵀ)ᵀ in 16×16 tiles
+  for (int64_t i = 0; i < M; ++i) {  // C += (Cᵀ)ᵀ
     float* row = c + i * ldc;
-    if (add_c) {
-      for (int64_t j = 0; j < N; ++j) row[j] += cT[j * M + i];
-    } else {
-      for (int64_t j = 0; j < N; ++j) row[j] = cT[j * M + i];
-    }
+    for (int64_t j = 0; j < N; ++j) row[j] += cT[j * M + i];
   }
 }
 

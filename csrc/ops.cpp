@@ -603,6 +603,108 @@ void backward_block(const Mat<T>& dY, const Mat<T>& G, const Mat<T>* A, const Ma
   }
 }
 
+// The backward of a layer with a learnt A that runs alone (fp32, oneDNN engine), in one parallel
+// region for the reasons forward_one_region gives: run as backward_block, its ten GEMMs each opened a
+// region of their own while the transposed copies of Aᵀ, Mᵀ, Eᵀ, dYᵀ and Gᵀ and the ⊙ passes ran on
+// the calling thread as the others waited (on the MNIST-1D MLP's 256×257 layer, Zen 5, 2 threads:
+// the copies 9 % and the waiting 14 % of the samples). Here each thread keeps a share of the rows
+// (stages 1–3) and then a share of dB's rows (stage 4), makes only its own rows of each transposed
+// operand, and writes its rows of M and E transposed as well, so dA's products read Mᵀ and Eᵀ
+// row-major. The threads meet where a product reads every row of the one before: before Aᵀ·(dY B),
+// before A·E and the products with Mᵀ, Eᵀ, and before dB. Each product element is still one thread's
+// whole sum in backward_block's order: the same bits as the block path on any thread count.
+void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<float>& A, const Mat<float>& S,
+                         const Mat<float>* B, const Grads<float>& out) {
+#if AT_PARALLEL_OPENMP
+  const int64_t m = G.rows, n = G.cols;
+  const bool need_a = out.dA != nullptr, need_b = out.dB != nullptr;
+  const bool need_h = need_a || out.dS != nullptr || need_b, need_m = need_a || need_b;
+  const bool need_e = out.dG != nullptr || need_a || need_b;
+  const bool copy_bt = out.dG && B && !B->t;  // (a column-major B's transpose is row-major as it is)
+  // dY·B, G·B, D (then A·E), H (then A·M), M, E: m×n each where needed; Mᵀ, Eᵀ: n×m; Bᵀ: n×n
+  const int64_t mn = m * n;
+  const Workspace<float> ws(6 * mn + (need_a ? 2 * mn : 0) + (copy_bt ? n * n : 0));
+  const Mat<float> dyb = B ? buffer(ws.data(), m, n) : dY, gb = B ? buffer(ws.data() + mn, m, n) : G;
+  const Mat<float> D = buffer(ws.data() + 2 * mn, m, n), H = buffer(ws.data() + 3 * mn, m, n);
+  const Mat<float> M = buffer(ws.data() + 4 * mn, m, n), E = buffer(ws.data() + 5 * mn, m, n);
+  float* const mt = ws.data() + 6 * mn;  // Mᵀ then Eᵀ, n×m each
+  const Mat<float> MT = buffer(mt, n, m), ET = buffer(mt + mn, n, m);
+  const Mat<float> bt = copy_bt ? buffer(ws.data() + 6 * mn + (need_a ? 2 * mn : 0), n, n)
+                                : B ? B->transposed() : Mat<float>{};
+  const Mat<float>&AE = D, &AM = H;  // D and H are dead after stage 2
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  const auto guarded = [&](const auto& work) {  // a thread that throws still meets the others
+    if (failed.load()) return;
+    try {
+      work();
+    } catch (...) {
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
+  };
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t r0 = m * t / threads, r = m * (t + 1) / threads - r0;  // (r = 0 when m < threads)
+    const int64_t c0 = n * t / threads, c = n * (t + 1) / threads - c0;
+    guarded([&] {
+      if (r > 0 && B) gemm(dyb.row_block(r0, r), dY.row_block(r0, r), *B);
+      if (r > 0 && B && need_h) gemm(gb.row_block(r0, r), G.row_block(r0, r), *B);
+      if (copy_bt) cpu_gemm::transpose_into(bt.p + c0 * n, B->p + c0, c, n, B->ld);
+    });
+#pragma omp barrier
+    guarded([&] {
+      if (r == 0) return;
+      // this thread's rows of Aᵀ, copied once for both products
+      Mat<float> at = rows_of(A.transposed(), r0, r);
+      const cpu_gemm::Scratch<float, 4> at_copy(at.t ? static_cast<size_t>(r * m) : 0);
+      if (at.t) cpu_gemm::transpose_into(at_copy.data(), A.p + r0, r, m, A.ld), at = buffer(at_copy.data(), r, m);
+      const Mat<float> d = D.row_block(r0, r), h = H.row_block(r0, r), sr = S.row_block(r0, r);
+      gemm(d, at, dyb);
+      if (need_h) gemm(h, at, gb);
+      if (out.dS) mul_rows(out.dS->row_block(r0, r), d, h);
+      if (need_m) mul_rows(M.row_block(r0, r), sr, h);
+      if (need_e) mul_rows(E.row_block(r0, r), sr, d);
+      if (need_a) {  // (Mᵀ's columns r0.. from M's rows r0..)
+        cpu_gemm::transpose_into(MT.p + r0, m, M.p + r0 * n, n, r, n);
+        cpu_gemm::transpose_into(ET.p + r0, m, E.p + r0 * n, n, r, n);
+      }
+    });
+#pragma omp barrier
+    guarded([&] {
+      if (r == 0) return;
+      if (need_a) {
+        const Mat<float> da = out.dA->row_block(r0, r);
+        gemm(da, dyb.row_block(r0, r), MT), gemm(da, gb.row_block(r0, r), ET, 1.f);
+      }
+      if (!(out.dG || need_b)) return;
+      const Mat<float> ae = AE.row_block(r0, r), a_rows = rows_of(A, r0, r);
+      gemm(ae, a_rows, E);
+      if (out.dG) {
+        if (B) {
+          gemm(out.dG->row_block(r0, r), ae, bt);
+        } else {
+          copy_rows(out.dG->row_block(r0, r), ae);
+        }
+      }
+      if (need_b) gemm(AM.row_block(r0, r), a_rows, M);
+    });
+    if (need_b) {
+#pragma omp barrier
+      guarded([&] {
+        if (c == 0) return;
+        const Mat<float> db = out.dB->row_block(c0, c);
+        gemm(db, rows_of(dY.transposed(), c0, c), AM, 1.f);
+        gemm(db, rows_of(G.transposed(), c0, c), AE, 1.f);
+      });
+    }
+  }
+  if (error) std::rethrow_exception(error);
+#else
+  TORCH_CHECK(false, "apo-kernels: backward_one_region needs ATen's OpenMP backend");
+#endif
+}
+
 // Outputs (dG, dA, dS, dB), undefined where not computed (masked off or an identity's gradient).
 template <typename T>
 std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_,
@@ -625,6 +727,13 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
   if (out[1].defined()) dA = row_major_view<T>(out[1]);
   if (out[2].defined()) dS = row_major_view<T>(out[2]);
   if (out[3].defined()) dB = row_major_view<T>(out[3]);
+  if constexpr (std::is_same_v<T, float>) {
+    if (one_region(a != nullptr, m, n)) {
+      backward_one_region(dy, g, *a, s, b, {dG ? &*dG : nullptr, dA ? &*dA : nullptr, dS ? &*dS : nullptr,
+                                            dB ? &*dB : nullptr});
+      return out;
+    }
+  }
 
   // dB sums over all rows: a fixed split of the blocks into chunks (one per thread), each summing
   // into its own n×n, added in chunk order afterwards (the same result on every run).

@@ -176,3 +176,44 @@ print(torch.ops.apo.cpu_gemm_engine(), worst, same_bits)
     assert used == engine and float(worst) <= 1e-5, done.stdout
     if engine == "onednn":  # (BLAS may split a GEMM's sums over its threads)
         assert same_bits == "True", done.stdout
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_layer_alone_gives_the_same_backward_bits_on_any_thread_count(engine):
+    """The backward of a layer with a learnt A that runs alone: on oneDNN one parallel region (rows
+    per thread, then dB's rows per thread, uneven at 3 threads); every output mask a meta-step or a
+    user asks for, and factors stored either way round, against float64, and on oneDNN the same bits
+    at 1, 2 and 3 threads."""
+    code = """
+import torch, apo_kernels
+from apo_kernels.ops import reference
+op = torch.ops.apo
+gen = torch.Generator().manual_seed(3)
+worst, same_bits = 0.0, True
+masks = [[True] * 4, [False, True, True, True], [True, False, False, False], [False, False, True, False],
+         [False, False, False, True], [True, True, False, False]]
+for m, n in [(256, 257), (67, 70), (33, 300), (300, 33), (600, 700)]:
+    G, dY, S = torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen), torch.rand(m, n, generator=gen) + 0.5
+    A = torch.eye(m) + torch.randn(m, m, generator=gen) / m ** 0.5
+    B = torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5
+    for a, b in [(A, B), (A, B.t().contiguous().t()), (A.t().contiguous().t(), B), (A, None)]:
+        d = lambda t: None if t is None else t.double()
+        want = reference.precondition_backward(dY.double(), G.double(), d(a), S.double(), d(b))
+        for mask in masks:
+            first = None
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                got = op.precondition_backward(dY, G, a, S, b, mask)
+                for k, (x, w) in enumerate(zip(got, want)):
+                    if mask[k] and w is not None:
+                        worst = max(worst, ((x.double() - w).norm() / w.norm()).item())
+                first = first or got
+                same_bits &= all(torch.equal(x, y) for x, y in zip(first, got))
+print(torch.ops.apo.cpu_gemm_engine(), worst, same_bits)
+"""
+    done = _python(code, engine, timeout=300)
+    assert done.returncode == 0, done.stderr
+    used, worst, same_bits = done.stdout.split()[-3:]
+    assert used == engine and float(worst) <= 1e-5, done.stdout
+    if engine == "onednn":
+        assert same_bits == "True", done.stdout

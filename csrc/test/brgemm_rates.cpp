@@ -90,7 +90,7 @@ void transposes(int64_t n) {
   std::vector<float> fast(n * n), slow(n * n);
   const float* x = X.data_ptr<float>();
   const double t_fast = time_call([&] { apo::cpu_gemm::transpose_into(fast.data(), x, n, n, n); });
-  const double t_slow = time_call([&] { apo::cpu_gemm::transpose_scalar(slow.data(), x, n, n, n); });
+  const double t_slow = time_call([&] { apo::cpu_gemm::transpose_scalar(slow.data(), n, x, n, n, n); });
   std::printf("transpose %4lld²  cpu_gemm.h %.3f ns/element, scalar tiles %.3f (same: %s)\n", static_cast<long long>(n),
               t_fast / (n * n) * 1e9, t_slow / (n * n) * 1e9, fast == slow ? "yes" : "NO");
 }
