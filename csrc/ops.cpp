@@ -621,16 +621,24 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
   const bool need_h = need_a || out.dS != nullptr || need_b, need_m = need_a || need_b;
   const bool need_e = out.dG != nullptr || need_a || need_b;
   const bool copy_bt = out.dG && B && !B->t;  // (a column-major B's transpose is row-major as it is)
-  // dY·B, G·B, D (then A·E), H (then A·M), M, E: m×n each where needed; Mᵀ, Eᵀ: n×m; Bᵀ: n×n
-  const int64_t mn = m * n;
-  const Workspace<float> ws(6 * mn + (need_a ? 2 * mn : 0) + (copy_bt ? n * n : 0));
-  const Mat<float> dyb = B ? buffer(ws.data(), m, n) : dY, gb = B ? buffer(ws.data() + mn, m, n) : G;
-  const Mat<float> D = buffer(ws.data() + 2 * mn, m, n), H = buffer(ws.data() + 3 * mn, m, n);
-  const Mat<float> M = buffer(ws.data() + 4 * mn, m, n), E = buffer(ws.data() + 5 * mn, m, n);
-  float* const mt = ws.data() + 6 * mn;  // Mᵀ then Eᵀ, n×m each
-  const Mat<float> MT = buffer(mt, n, m), ET = buffer(mt + mn, n, m);
-  const Mat<float> bt = copy_bt ? buffer(ws.data() + 6 * mn + (need_a ? 2 * mn : 0), n, n)
-                                : B ? B->transposed() : Mat<float>{};
+  // Where needed: dY·B, G·B, D (then A·E), H (then A·M), M, E (m×n each), Mᵀ, Eᵀ (n×m), Bᵀ (n×n)
+  const std::array<std::pair<bool, int64_t>, 9> parts{{{B != nullptr, m * n}, {B && need_h, m * n}, {true, m * n},
+                                                       {need_h, m * n}, {need_m, m * n}, {need_e, m * n},
+                                                       {need_a, n * m}, {need_a, n * m}, {copy_bt, n * n}}};
+  int64_t total = 0;
+  for (const auto& [need, elems] : parts) total += need ? elems : 0;
+  const Workspace<float> ws(total);
+  float* next = ws.data();
+  const auto take = [&](int k, int64_t rows, int64_t cols) {
+    if (!parts[k].first) return Mat<float>{};
+    const Mat<float> x = buffer(next, rows, cols);
+    next += parts[k].second;
+    return x;
+  };
+  const Mat<float> dyb = B ? take(0, m, n) : dY, gb = B ? take(1, m, n) : G;
+  const Mat<float> D = take(2, m, n), H = take(3, m, n), M = take(4, m, n), E = take(5, m, n);
+  const Mat<float> MT = take(6, n, m), ET = take(7, n, m);
+  const Mat<float> bt = copy_bt ? take(8, n, n) : B ? B->transposed() : Mat<float>{};
   const Mat<float>&AE = D, &AM = H;  // D and H are dead after stage 2
   std::atomic<bool> failed{false};
   std::exception_ptr error;
