@@ -613,6 +613,11 @@ void backward_block(const Mat<T>& dY, const Mat<T>& G, const Mat<T>* A, const Ma
 // row-major. The threads meet where a product reads every row of the one before: before Aᵀ·(dY B),
 // before A·E and the products with Mᵀ, Eᵀ, and before dB. Each product element is still one thread's
 // whole sum in backward_block's order: the same bits as the block path on any thread count.
+// (up to 2^19 elements per layer: its workspace, up to 8·m·n floats, then stays under 16 MiB, which
+// malloc serves from memory it keeps; the 1024² layer's 32 MiB came from fresh pages on every call,
+// whose faults cost it 20 % over the block path. A layer that big is ruled by its GEMMs anyway.)
+constexpr int64_t kBackwardOneRegionMaxElems = int64_t(1) << 19;
+
 void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<float>& A, const Mat<float>& S,
                          const Mat<float>* B, const Grads<float>& out) {
 #if AT_PARALLEL_OPENMP
@@ -736,7 +741,7 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
   if (out[2].defined()) dS = row_major_view<T>(out[2]);
   if (out[3].defined()) dB = row_major_view<T>(out[3]);
   if constexpr (std::is_same_v<T, float>) {
-    if (one_region(a != nullptr, m, n)) {
+    if (one_region(a != nullptr, m, n) && m * n <= kBackwardOneRegionMaxElems) {
       backward_one_region(dy, g, *a, s, b, {dG ? &*dG : nullptr, dA ? &*dA : nullptr, dS ? &*dS : nullptr,
                                             dB ? &*dB : nullptr});
       return out;
