@@ -459,6 +459,28 @@ void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<
 // rows. A row's arithmetic is forward_block's: each product element is one thread's whole sum.
 // (OpenMP directly, as ATen's at::parallel_for does: a barrier needs every thread of the team.)
 
+// The first exception thrown by any thread of one parallel region, rethrown after it: a thread that
+// throws still meets the others at every barrier (its later work is skipped), so none waits forever.
+class RegionErrors {
+ public:
+  template <typename Work>
+  void guarded(const Work& work) {
+    if (failed_.load()) return;
+    try {
+      work();
+    } catch (...) {
+      if (!failed_.exchange(true)) error_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+};
+
 // (for a layer whose GEMMs the engine would split over the threads; a smaller one stays on one)
 inline bool one_region(bool has_a, int64_t m, int64_t n) {
   return AT_PARALLEL_OPENMP && has_a && cpu_gemm::engine() == cpu_gemm::Engine::onednn &&
@@ -483,21 +505,12 @@ void forward_one_region(const Mat<float>& G, const Mat<float>& A, const Mat<floa
   const Mat<float> h1 = buffer(ws.data(), m, n), h2 = buffer(ws.data() + m * n, m, n);
   const Mat<float> bt = copy_bt ? buffer(ws.data() + 2 * m * n, n, n) : B ? B->transposed() : Mat<float>{};
   const Mat<float> H = B ? h1 : G;
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  const auto guarded = [&](const auto& work) {  // a thread that throws still meets the others
-    if (failed.load()) return;
-    try {
-      work();
-    } catch (...) {
-      if (!failed.exchange(true)) error = std::current_exception();
-    }
-  };
+  RegionErrors errors;
 #pragma omp parallel
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t r0 = m * t / threads, r = m * (t + 1) / threads - r0;  // (r = 0 when m < threads)
-    guarded([&] {
+    errors.guarded([&] {
       if (r > 0) before(r0, r);
       if (r > 0 && B) gemm(h1.row_block(r0, r), G.row_block(r0, r), *B);
       if (copy_bt) {
@@ -506,14 +519,14 @@ void forward_one_region(const Mat<float>& G, const Mat<float>& A, const Mat<floa
       }
     });
 #pragma omp barrier
-    guarded([&] {
+    errors.guarded([&] {
       if (r == 0) return;
       const Mat<float> h = h2.row_block(r0, r);
       gemm(h, rows_of(A.transposed(), r0, r), H);
       mul_rows(h, S.row_block(r0, r), h);
     });
 #pragma omp barrier
-    guarded([&] {
+    errors.guarded([&] {
       if (r == 0) return;
       const Mat<float> am = B ? h1.row_block(r0, r) : Y.row_block(r0, r);
       gemm(am, rows_of(A, r0, r), h2);
@@ -521,7 +534,7 @@ void forward_one_region(const Mat<float>& G, const Mat<float>& A, const Mat<floa
       after(r0, r);
     });
   }
-  if (error) std::rethrow_exception(error);
+  errors.rethrow();
 #else
   TORCH_CHECK(false, "apo-kernels: forward_one_region needs ATen's OpenMP backend");
 #endif
@@ -645,28 +658,19 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
   const Mat<float> MT = take(6, n, m), ET = take(7, n, m);
   const Mat<float> bt = copy_bt ? take(8, n, n) : B ? B->transposed() : Mat<float>{};
   const Mat<float>&AE = D, &AM = H;  // D and H are dead after stage 2
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  const auto guarded = [&](const auto& work) {  // a thread that throws still meets the others
-    if (failed.load()) return;
-    try {
-      work();
-    } catch (...) {
-      if (!failed.exchange(true)) error = std::current_exception();
-    }
-  };
+  RegionErrors errors;
 #pragma omp parallel
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t r0 = m * t / threads, r = m * (t + 1) / threads - r0;  // (r = 0 when m < threads)
     const int64_t c0 = n * t / threads, c = n * (t + 1) / threads - c0;
-    guarded([&] {
+    errors.guarded([&] {
       if (r > 0 && B) gemm(dyb.row_block(r0, r), dY.row_block(r0, r), *B);
       if (r > 0 && B && need_h) gemm(gb.row_block(r0, r), G.row_block(r0, r), *B);
       if (copy_bt) cpu_gemm::transpose_into(bt.p + c0 * n, B->p + c0, c, n, B->ld);
     });
 #pragma omp barrier
-    guarded([&] {
+    errors.guarded([&] {
       if (r == 0) return;
       // this thread's rows of Aᵀ, copied once for both products
       Mat<float> at = rows_of(A.transposed(), r0, r);
@@ -684,7 +688,7 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
       }
     });
 #pragma omp barrier
-    guarded([&] {
+    errors.guarded([&] {
       if (r == 0) return;
       if (need_a) {
         const Mat<float> da = out.dA->row_block(r0, r);
@@ -704,7 +708,7 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
     });
     if (need_b) {
 #pragma omp barrier
-      guarded([&] {
+      errors.guarded([&] {
         if (c == 0) return;
         const Mat<float> db = out.dB->row_block(c0, c);
         gemm(db, rows_of(dY.transposed(), c0, c), AM, 1.f);
@@ -712,7 +716,7 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
       });
     }
   }
-  if (error) std::rethrow_exception(error);
+  errors.rethrow();
 #else
   TORCH_CHECK(false, "apo-kernels: backward_one_region needs ATen's OpenMP backend");
 #endif
