@@ -8,7 +8,6 @@ import torch
 from torch.optim import optimizer as torch_optimizer
 
 from apo_kernels import _step_hooks
-
 from apo_kernels.baselines import EKFAC, KFAC
 from apo_kernels.optim import APOLR, APOPrecond
 from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
@@ -239,7 +238,7 @@ def test_fused_adam_step_gives_torchs_bits(kwargs, dtype):
 def test_fused_adam_step_leaves_other_optimizers_to_torch(case):
     """Anything but a plain fused Adam over one device and dtype per group is refused before anything
     changes (the caller then takes torch's own step)."""
-    p = torch.randn(4, requires_grad=False)
+    p = torch.randn(4)
     q = torch.randn(3, dtype=torch.float64) if case == "two dtypes" else torch.randn(3)
     params = [p, q]
     make = {
