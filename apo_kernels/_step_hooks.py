@@ -57,10 +57,9 @@ def step_quietly(opt: torch.optim.Optimizer):
     inner = getattr(step, "__wrapped__", None)
     if inner is None or not getattr(step, "hooked", False) or "step" in vars(opt) or _anyone_listening(opt):
         return opt.step()
-    if not _fused_adam_step(opt):
-        inner(opt)
+    out = None if _fused_adam_step(opt) else inner(opt)
     opt._optimizer_step_code()
-    return None
+    return out
 
 
 def _plain_fused_adam_group(group: dict) -> bool:
