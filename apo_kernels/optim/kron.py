@@ -169,10 +169,10 @@ class KronPreconditioner(StructuredPreconditioner):
         if self.native_step:
             out = torch.empty_like(G) if out is None else out
             backends.native_kron_precondition(G, Ls[0], Rs[0], out)  # None: an identity side
-            if Ls[0] is None:  # a fixed side: L = diag(u), applied to L·(G·R) (R = diag(v) likewise)
-                out.mul_(self.u()[:, None])
+            if Ls[0] is None:  # a fixed side's scaling, applied to the op's result in place
+                self._left(out, Ls, out=out)
             if Rs[0] is None:
-                out.mul_(self.v())
+                self._right(out, Rs, out=out)
             return out
         if len(Ls) > 1 or len(Rs) > 1:
             out = work = None
