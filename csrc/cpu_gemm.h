@@ -209,10 +209,12 @@ inline void transpose_into(float* dst, const float* src, int64_t rows, int64_t c
 // is blocked: a kPanel-wide panel of C at a time, kRowBlock rows of it, K in kPanel chunks summed into
 // C, so that the chunk of Y and the block of C stay in cache (one micro-kernel call over a 2048²
 // product streamed all of Y per call: 135–166 GFLOP/s against 250 at 512³).
+constexpr int64_t kRowBlock = 128;  // (also the kron op's largest block of rows)
+
 inline void brgemm_block(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* y, int64_t ldy,
                          float* c, int64_t ldc, bool add_c) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  constexpr int64_t kPanel = 256, kRowBlock = 128, kBlockAbove = 512;
+  constexpr int64_t kPanel = 256, kBlockAbove = 512;
   if (N <= kBlockAbove && K <= kBlockAbove) {
     return at::native::cpublas::brgemm(M, N, K, ldx, ldy, ldc, add_c, x, y, c, /*is_vnni=*/false);
   }

@@ -481,6 +481,13 @@ class RegionErrors {
   std::exception_ptr error_;
 };
 
+// Thread t's share of Bᵀ (n×n, row-major at bt) from a row-major B: its rows [c0, c0 + c) of the
+// copy, which every thread reads after the next barrier.
+inline void copy_bt_share(const Mat<float>& bt, const Mat<float>& B, int64_t t, int64_t threads) {
+  const int64_t n = B.rows, c0 = n * t / threads, c = n * (t + 1) / threads - c0;
+  cpu_gemm::transpose_into(bt.p + c0 * n, B.p + c0, c, n, B.ld);
+}
+
 // (for a layer whose GEMMs the engine would split over the threads; a smaller one stays on one)
 inline bool one_region(bool has_a, int64_t m, int64_t n) {
   return AT_PARALLEL_OPENMP && has_a && cpu_gemm::engine() == cpu_gemm::Engine::onednn &&
@@ -513,10 +520,7 @@ void forward_one_region(const Mat<float>& G, const Mat<float>& A, const Mat<floa
     errors.guarded([&] {
       if (r > 0) before(r0, r);
       if (r > 0 && B) gemm(h1.row_block(r0, r), G.row_block(r0, r), *B);
-      if (copy_bt) {
-        const int64_t c0 = n * t / threads, c = n * (t + 1) / threads - c0;
-        cpu_gemm::transpose_into(bt.p + c0 * n, B->p + c0, c, n, B->ld);
-      }
+      if (copy_bt) copy_bt_share(bt, *B, t, threads);
     });
 #pragma omp barrier
     errors.guarded([&] {
@@ -667,7 +671,7 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
     errors.guarded([&] {
       if (r > 0 && B) gemm(dyb.row_block(r0, r), dY.row_block(r0, r), *B);
       if (r > 0 && B && need_h) gemm(gb.row_block(r0, r), G.row_block(r0, r), *B);
-      if (copy_bt) cpu_gemm::transpose_into(bt.p + c0 * n, B->p + c0, c, n, B->ld);
+      if (copy_bt) copy_bt_share(bt, *B, t, threads);
     });
 #pragma omp barrier
     errors.guarded([&] {
@@ -1209,9 +1213,8 @@ void kron_precondition_cpu(const Tensor& G_, const std::optional<Tensor>& L_, co
   const std::optional<direct::Mat<float>> l = direct::factor_view<float>(L);
   const std::optional<direct::Mat<float>> r = R.defined() ? std::optional(direct::row_major_view<float>(R)) : std::nullopt;
   const direct::Mat<float> g = direct::row_major_view<float>(G), y = direct::row_major_view<float>(out);
-  constexpr int64_t kMaxRows = 128;  // (brgemm_block's row block)
   const int64_t threads = at::get_num_threads();
-  const int64_t rows = std::clamp<int64_t>((m + threads - 1) / threads, 1, kMaxRows);
+  const int64_t rows = std::clamp<int64_t>((m + threads - 1) / threads, 1, cpu_gemm::kRowBlock);
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const direct::Workspace<float> ws(l && r ? static_cast<size_t>(rows * n) : 0);
     for (int64_t k = begin; k < end; ++k) {
