@@ -52,14 +52,36 @@ def step_quietly(opt: torch.optim.Optimizer):
     """``opt.step()`` for a stock torch optimizer that an APO optimizer drives itself (its
     meta-optimizer), with the same rule: torch's wrapper only when someone listens, or when the
     instance's step was replaced (a scheduler wraps it to count calls). A fused ``torch.optim.Adam``
-    goes straight to its kernel (``_fused_adam_step``)."""
+    or ``torch.optim.SGD`` goes straight to its kernel (``_fused_adam_step``, ``_fused_sgd_step``)."""
     step = type(opt).step
     inner = getattr(step, "__wrapped__", None)
     if inner is None or not getattr(step, "hooked", False) or "step" in vars(opt) or _anyone_listening(opt):
         return opt.step()
-    out = None if _fused_adam_step(opt) else inner(opt)
+    out = None if _fused_adam_step(opt) or _fused_sgd_step(opt) else inner(opt)
     opt._optimizer_step_code()
     return out
+
+
+def _direct_groups(opt: torch.optim.Optimizer, plain_group: Callable[[dict], bool]):
+    """[(group, its parameters with a gradient)] for a direct kernel call: every group that has a
+    gradient passes ``plain_group`` and holds real dense tensors of one device and dtype, gradients
+    alike, and no grad scaler has set ``grad_scale``/``found_inf`` on the optimizer. None otherwise."""
+    if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+        return None
+    calls = []
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        if not plain_group(group):
+            return None
+        kind = (params[0].device, params[0].dtype)
+        for p in params:
+            if (p.device, p.dtype) != kind or p.grad.layout != torch.strided or p.is_complex() \
+                    or (p.grad.device, p.grad.dtype) != kind:
+                return None
+        calls.append((group, params))
+    return calls
 
 
 def _plain_fused_adam_group(group: dict) -> bool:
@@ -77,22 +99,11 @@ def _fused_adam_step(opt: torch.optim.Optimizer) -> bool:
     device and dtype per group) costs 30–60 µs per group on a meta-step, several times the kernel on
     φ's small tensors. Returns False, having changed nothing, for any other optimizer or group
     (including a grad scaler's ``grad_scale``/``found_inf`` on it): the caller then takes torch's step."""
-    if type(opt) is not torch.optim.Adam or getattr(opt, "grad_scale", None) is not None \
-            or getattr(opt, "found_inf", None) is not None:
+    if type(opt) is not torch.optim.Adam:
         return False
-    calls = []
-    for group in opt.param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            continue
-        if not _plain_fused_adam_group(group):
-            return False
-        kind = (params[0].device, params[0].dtype)
-        for p in params:
-            if (p.device, p.dtype) != kind or p.grad.layout != torch.strided or p.is_complex() \
-                    or (p.grad.device, p.grad.dtype) != kind:
-                return False
-        calls.append((group, params))
+    calls = _direct_groups(opt, _plain_fused_adam_group)
+    if calls is None:
+        return False
     state = opt.state
     steps = []
     for group, params in calls:
@@ -115,6 +126,56 @@ def _fused_adam_step(opt: torch.optim.Optimizer) -> bool:
                            [s["step"] for s in st], amsgrad=group["amsgrad"], lr=group["lr"], beta1=float(beta1),
                            beta2=float(beta2), weight_decay=group["weight_decay"], eps=group["eps"],
                            maximize=group["maximize"], grad_scale=None, found_inf=None)
+    return True
+
+
+def _plain_fused_sgd_group(group: dict) -> bool:
+    """A group whose step is ``torch._fused_sgd_`` with a float lr and weight decay."""
+    return (group["fused"] is True and not group["differentiable"] and not isinstance(group["lr"], torch.Tensor)
+            and not isinstance(group["weight_decay"], torch.Tensor))
+
+
+@torch.no_grad()
+def _fused_sgd_step(opt: torch.optim.Optimizer) -> bool:
+    """One step of a fused ``torch.optim.SGD`` as torch's own step makes it (``_fused_sgd``): per
+    group one ``torch._fused_sgd_`` with the group's hyperparameters, on momentum buffers created
+    empty (``is_first_step``: the kernel sets them to the gradient) when no parameter of the group has
+    one yet, then stored in the state. Same kernel, same arguments: the same bits. torch's Python
+    around it (the device and dtype sort, the per-parameter state walk) costs about as much as the
+    kernel on a small model, on every plain step of APO-LR. Returns False, having changed nothing,
+    for any other optimizer or group, a grad scaler's flags on it, or a group where only some
+    parameters have a buffer (a gradient that appeared later): the caller then takes torch's step."""
+    if type(opt) is not torch.optim.SGD:
+        return False
+    calls = _direct_groups(opt, _plain_fused_sgd_group)
+    if calls is None:
+        return False
+    buffers = []
+    for group, params in calls:
+        if group["momentum"] == 0:
+            buffers.append(None)
+            continue
+        bufs = [opt.state[p].get("momentum_buffer") if p in opt.state else None for p in params]
+        missing = sum(b is None for b in bufs)
+        if 0 < missing < len(bufs) or any(b is not None and (b.device, b.dtype, b.shape) != (p.device, p.dtype, p.shape)
+                                           for b, p in zip(bufs, params)):
+            return False
+        buffers.append(bufs)
+    if calls and getattr(opt, "_need_device_dtype_check_for_fused", True):  # SGD._init_group's one check
+        _torch_optimizer._device_dtype_check_for_fused(calls[0][1][0])
+        opt._need_device_dtype_check_for_fused = False
+    for (group, params), bufs in zip(calls, buffers):
+        grads = [p.grad for p in params]
+        first = bufs is not None and bufs[0] is None
+        if first:
+            bufs = [torch.empty_like(g) for g in grads]
+        torch._fused_sgd_(params, grads, [] if bufs is None else bufs, weight_decay=group["weight_decay"],
+                          momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                          nesterov=group["nesterov"], maximize=group["maximize"], is_first_step=first,
+                          grad_scale=None, found_inf=None)
+        if bufs is not None:
+            for p, b in zip(params, bufs):
+                opt.state[p]["momentum_buffer"] = b
     return True
 
 

@@ -281,3 +281,106 @@ def test_meta_optimizer_step_goes_straight_to_the_kernel_and_matches_torchs():
     assert opt.meta_steps == twin.meta_steps == 2 and calls == [opt.meta_optimizer] * 2
     for a, b in zip(opt.phi, twin.phi):
         assert torch.equal(a, b)
+
+
+SGD_CONFIGS = [dict(lr=0.05), dict(lr=0.01, momentum=0.9),
+               dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
+               dict(lr=0.03, momentum=0.5, dampening=0.3, maximize=True, weight_decay=0.1)]
+
+
+@pytest.mark.parametrize("kwargs", SGD_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_sgd_step_gives_torchs_bits(kwargs, dtype):
+    """The direct kernel call takes torch's fused SGD step exactly: the same parameters and momentum
+    buffers, bit for bit, over several steps of fresh gradients, with groups of their own lr, the
+    buffers' first step included, and a parameter without a gradient (untouched, no state). A whole
+    group without gradients for two steps joins later (with momentum: torch's own step fails on a
+    group where only some parameters have a buffer, which the direct call leaves to it)."""
+    gen = torch.Generator().manual_seed(7)
+    momentum = kwargs.get("momentum", 0)
+
+    def make():
+        torch.manual_seed(3)
+        groups = [{"params": [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]},
+                  {"params": [torch.randn(1, dtype=dtype), torch.randn(2, 2, dtype=dtype)], "lr": 0.2}]
+        return groups, torch.optim.SGD(groups, fused=True, **kwargs)
+
+    (groups_a, ref), (groups_b, fast) = make(), make()
+    for step in range(4):
+        for ga, gb in zip(groups_a, groups_b):
+            for k, (pa, pb) in enumerate(zip(ga["params"], gb["params"])):
+                late = ga is groups_a[1] and step < 2 and (k == 1 or momentum != 0)
+                g = None if late else torch.randn(pa.shape, generator=gen, dtype=dtype)
+                pa.grad, pb.grad = g, (None if g is None else g.clone())
+        ref.step()
+        assert _step_hooks._fused_sgd_step(fast) is True
+        for pa, pb in zip(groups_a[0]["params"] + groups_a[1]["params"],
+                          groups_b[0]["params"] + groups_b[1]["params"]):
+            assert torch.equal(pa, pb)
+            assert ref.state[pa].keys() == fast.state[pb].keys()
+            for key in ref.state[pa]:
+                a, b = ref.state[pa][key], fast.state[pb][key]
+                assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("case", ["not fused", "foreach", "tensor lr", "tensor weight decay", "two dtypes",
+                                  "grad scaler", "a buffer for some parameters only", "Adam"])
+def test_fused_sgd_step_leaves_other_optimizers_to_torch(case):
+    """Anything but a plain fused SGD over one device and dtype per group, with a buffer for every
+    parameter of a group or for none, is refused before anything changes (the caller then takes
+    torch's own step)."""
+    p = torch.randn(4)
+    q = torch.randn(3, dtype=torch.float64) if case == "two dtypes" else torch.randn(3)
+    params = [p, q]
+    make = {
+        "not fused": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        "foreach": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
+        "tensor lr": lambda: torch.optim.SGD(params, lr=torch.tensor(0.1), momentum=0.9, fused=True),
+        "tensor weight decay": lambda: torch.optim.SGD(params, lr=0.1, weight_decay=torch.tensor(0.1), fused=True),
+        "two dtypes": lambda: torch.optim.SGD(params, lr=0.1, fused=True),
+        "grad scaler": lambda: torch.optim.SGD(params, lr=0.1, fused=True),
+        "a buffer for some parameters only": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+        "Adam": lambda: torch.optim.Adam(params, lr=0.1, fused=True),
+    }[case]
+    opt = make()
+    if case == "grad scaler":
+        opt.grad_scale = torch.ones(())
+    if case == "a buffer for some parameters only":
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    for t in params:
+        t.grad = torch.ones_like(t)
+    before = [t.clone() for t in params]
+    state_before = {k: dict(v) for k, v in opt.state.items()}
+    assert _step_hooks._fused_sgd_step(opt) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert {k: dict(v) for k, v in opt.state.items()} == state_before
+
+
+def test_apolr_fused_sgd_base_goes_straight_to_the_kernel_and_matches_torchs():
+    """APO-LR over a fused SGD steps it by the direct kernel call when nobody listens: the same
+    parameters and momentum buffers, bit for bit, as a twin whose base optimizer has a listener
+    (torch's own step), over steps with meta-steps among them."""
+    def make():
+        torch.manual_seed(0)
+        model = mlp()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        return model, APOLR(model, base, lambda_fsd=0.0, lambda_wsd=0.1, meta_interval=2)
+
+    (model, opt), (twin_model, twin) = make(), make()
+    twin.base_optimizer.register_step_post_hook(lambda o, args, kwargs: None)
+    x, y = data()
+    calls = []
+    original = _step_hooks._fused_sgd_step
+    _step_hooks._fused_sgd_step = lambda o: calls.append(o) or original(o)
+    try:
+        for _ in range(5):
+            opt.step(closure_for(opt, model, x, y))
+            twin.step(closure_for(twin, twin_model, x, y))
+    finally:
+        _step_hooks._fused_sgd_step = original
+    assert opt.meta_steps == twin.meta_steps == 3 and calls.count(opt.base_optimizer) == 5
+    assert twin.base_optimizer not in calls
+    assert opt.learnt_lrs == twin.learnt_lrs
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
