@@ -14,6 +14,9 @@
 //     refused before anything is allocated.
 //   - lookahead_write: lists of one length, per parameter a delta and an out of its shape, out of its
 //     dtype, all on one device, out sharing no element with any argument.
+//   - sgd_lookahead: lists of one length (momenta empty or of that length), per parameter a gradient,
+//     a delta and an out of its shape, out of its dtype, all on one device, deltas and out sharing no
+//     element with any argument.
 //   - kron_precondition: grad 2-D (m, n), L (m, m) or None, R (n, n) or None and out (m, n) of its
 //     dtype and device, out sharing no element with grad, L or R.
 //   - kl_value_and_grad: new_out and old_out of one shape, dtype and device, at least 1-D and not
@@ -321,6 +324,46 @@ inline void check_lookahead(TensorList params, TensorList deltas, TensorList out
   const std::array<std::pair<const char*, TensorList>, 3> all = {
       std::pair<const char*, TensorList>{"params", params}, {"deltas", deltas}, {"out", out}};
   overlap::check_written_apart(all, 2);
+}
+
+// APO-LR's SGD lookahead (sgd_lookahead): per parameter a gradient, a delta and an out of its shape
+// (momenta: none, or one of its shape per parameter), any float dtype, out of the parameter's dtype,
+// all on one device; deltas and out share no element with any argument.
+
+inline void check_sgd_lookahead(TensorList params, TensorList grads, TensorList momenta, TensorList deltas,
+                                TensorList out) {
+  TORCH_CHECK_VALUE(grads.size() == params.size() && deltas.size() == params.size() && out.size() == params.size() &&
+                        (momenta.empty() || momenta.size() == params.size()),
+                    "params, grads, deltas, out (and momenta, unless empty) must have the same length, got "
+                    "{'params': ", params.size(), ", 'grads': ", grads.size(), ", 'momenta': ", momenta.size(),
+                    ", 'deltas': ", deltas.size(), ", 'out': ", out.size(), "}");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    check_tensor(params[i], "params" + at_i);
+    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "params", at_i, " is on ", params[i].device(),
+                      " but params[0] is on ", params[0].device());
+    std::vector<std::pair<const char*, const Tensor*>> others = {{"grads", &grads[i]}, {"deltas", &deltas[i]},
+                                                                 {"out", &out[i]}};
+    if (!momenta.empty()) others.push_back({"momenta", &momenta[i]});
+    for (const auto& [name, t] : others) {
+      check_tensor(*t, name + at_i);
+      TORCH_CHECK_VALUE(t->sizes() == params[i].sizes(), name, at_i, " must have the shape of params", at_i, " ",
+                        shape_str(params[i].sizes()), ", got ", shape_str(t->sizes()));
+      TORCH_CHECK_VALUE(t->device() == params[0].device(), name, at_i, " is on ", t->device(),
+                        " but params[0] is on ", params[0].device());
+    }
+    TORCH_CHECK_TYPE(out[i].scalar_type() == params[i].scalar_type(), "out", at_i, " has dtype ",
+                     dtype_str(out[i].scalar_type()), " but params", at_i, " has ",
+                     dtype_str(params[i].scalar_type()));
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"deltas", &deltas[i]}, {"out", &out[i]}}) {
+      TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name, at_i,
+                        " has elements that share memory (an expanded tensor); it is written");
+    }
+  }
+  const std::array<std::pair<const char*, TensorList>, 5> all = {
+      std::pair<const char*, TensorList>{"params", params}, {"grads", grads}, {"momenta", momenta},
+      {"deltas", deltas}, {"out", out}};
+  overlap::check_written_apart(all, 3);
 }
 
 // The kron structure's step (kron_precondition): grad 2-D (m, n); L (m, m) or None, R (n, n) or None

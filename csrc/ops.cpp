@@ -258,6 +258,25 @@ APO_INLINE double add_sumsq(T* out, const T* theta, const T* delta, int64_t n) {
   return sum;
 }
 
+// Δ = a·g + b·m + c·θ (each product and sum rounded, in this order: the terms torch.optim.SGD's step
+// at lr = 1 adds up), out = θ + Δ, returning Σ Δ² in double. M: a momentum term; C: a decay term.
+template <bool M, bool C, typename T>
+APO_INLINE double sgd_lookahead(T* out, T* delta, const T* theta, const T* grad, const T* mom, T a, T b, T c,
+                                int64_t n) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    T d = grad[j] * a;
+    if constexpr (M) d = d + mom[j] * b;
+    if constexpr (C) d = d + theta[j] * c;
+    delta[j] = d;
+    out[j] = theta[j] + d;
+    const double w = static_cast<double>(d);
+    sum += w * w;
+  }
+  return sum;
+}
+
 APO_SIMD_CLONES void mul_f32(const Mat<float>& o, const Mat<float>& x, const Mat<float>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void mul_f64(const Mat<double>& o, const Mat<double>& x, const Mat<double>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void momentum_f32(const Mat<float>& v, const Mat<float>& m, const Mat<float>& g, float mu) {
@@ -276,6 +295,19 @@ APO_SIMD_CLONES double add_sumsq_f32(float* o, const float* t, const float* d, i
 APO_SIMD_CLONES double add_sumsq_f64(double* o, const double* t, const double* d, int64_t n) {
   return add_sumsq(o, t, d, n);
 }
+#define APO_SGD_LOOKAHEAD_CLONE(T, M, C, name)                                                             \
+  APO_SIMD_CLONES double name(T* o, T* d, const T* t, const T* g, const T* m, T a, T b, T c, int64_t n) { \
+    return sgd_lookahead<M, C>(o, d, t, g, m, a, b, c, n);                                                \
+  }
+APO_SGD_LOOKAHEAD_CLONE(float, false, false, sgd_lookahead_f32)
+APO_SGD_LOOKAHEAD_CLONE(float, true, false, sgd_lookahead_f32_m)
+APO_SGD_LOOKAHEAD_CLONE(float, false, true, sgd_lookahead_f32_c)
+APO_SGD_LOOKAHEAD_CLONE(float, true, true, sgd_lookahead_f32_mc)
+APO_SGD_LOOKAHEAD_CLONE(double, false, false, sgd_lookahead_f64)
+APO_SGD_LOOKAHEAD_CLONE(double, true, false, sgd_lookahead_f64_m)
+APO_SGD_LOOKAHEAD_CLONE(double, false, true, sgd_lookahead_f64_c)
+APO_SGD_LOOKAHEAD_CLONE(double, true, true, sgd_lookahead_f64_mc)
+#undef APO_SGD_LOOKAHEAD_CLONE
 APO_SIMD_CLONES bool finite_f32(const Mat<float>& x) { return finite(x); }
 APO_SIMD_CLONES bool finite_f64(const Mat<double>& x) { return finite(x); }
 
@@ -298,6 +330,22 @@ inline bool finite_rows(const Mat<double>& x) { return loops::finite_f64(x); }
 inline double add_sumsq(float* o, const float* t, const float* d, int64_t n) { return loops::add_sumsq_f32(o, t, d, n); }
 inline double add_sumsq(double* o, const double* t, const double* d, int64_t n) {
   return loops::add_sumsq_f64(o, t, d, n);
+}
+
+// sgd_lookahead's loop for the terms present (m null: no momentum term; c = 0: no decay term)
+inline double sgd_lookahead_rows(float* o, float* d, const float* t, const float* g, const float* m, float a,
+                                 float b, float c, int64_t n) {
+  if (m != nullptr && c != 0.0f) return loops::sgd_lookahead_f32_mc(o, d, t, g, m, a, b, c, n);
+  if (m != nullptr) return loops::sgd_lookahead_f32_m(o, d, t, g, m, a, b, c, n);
+  if (c != 0.0f) return loops::sgd_lookahead_f32_c(o, d, t, g, m, a, b, c, n);
+  return loops::sgd_lookahead_f32(o, d, t, g, m, a, b, c, n);
+}
+inline double sgd_lookahead_rows(double* o, double* d, const double* t, const double* g, const double* m, double a,
+                                 double b, double c, int64_t n) {
+  if (m != nullptr && c != 0.0) return loops::sgd_lookahead_f64_mc(o, d, t, g, m, a, b, c, n);
+  if (m != nullptr) return loops::sgd_lookahead_f64_m(o, d, t, g, m, a, b, c, n);
+  if (c != 0.0) return loops::sgd_lookahead_f64_c(o, d, t, g, m, a, b, c, n);
+  return loops::sgd_lookahead_f64(o, d, t, g, m, a, b, c, n);
 }
 
 // out = x ⊙ y (row-major views; out may be x or y). Split over rows on the intra-op threads when big
@@ -1178,6 +1226,95 @@ Tensor lookahead_write_any(TensorList params, TensorList deltas, TensorList out)
 }
 
 // ---------------------------------------------------------------------------------------------
+// apo::sgd_lookahead: APO-LR's lookahead for torch.optim.SGD in one pass. Per parameter
+// Δ = grad_coef·g + momentum_coef·m + decay_coef·θ into deltas (formed in the delta's dtype, each
+// product and sum rounded in that order: the terms of SGD's step at lr = 1, scaled) and θ' = θ + Δ
+// into out (rounded once to θ's dtype), returning Σ‖Δ‖² as a 0-d float64 tensor on their device.
+// momenta is empty (no momentum term) or one per parameter; decay_coef = 0 adds no term (SGD
+// without weight decay). Where the lookahead formed Δ in one pass and wrote θ' in another, this
+// reads g, m and θ once and writes Δ and θ' once. A Δ that is not finite (or a coefficient that is
+// not) makes the sum not finite; Δ and out are then unspecified.
+
+// Everything dense with one layout and one dtype, float32 or float64: element k of each tensor is
+// the k-th in memory.
+template <typename T>
+double sgd_lookahead_dense(const Tensor& out, const Tensor& delta, const Tensor& theta, const Tensor& grad,
+                           const Tensor* mom, double a, double b, double c) {
+  T* o = out.data_ptr<T>();
+  T* d = delta.data_ptr<T>();
+  const T* t = theta.const_data_ptr<T>();
+  const T* g = grad.const_data_ptr<T>();
+  const T* m = mom != nullptr ? mom->const_data_ptr<T>() : nullptr;
+  return at::parallel_reduce(
+      0, out.numel(), kLookaheadGrain, 0.0,
+      [&](int64_t begin, int64_t end, double sum) {
+        return sum + direct::sgd_lookahead_rows(o + begin, d + begin, t + begin, g + begin,
+                                                m != nullptr ? m + begin : nullptr, T(a), T(b), T(c),
+                                                end - begin);
+      },
+      std::plus<double>());
+}
+
+// The same with ATen's ops (any device, dtype and layout): Δ in the delta's dtype, then θ + Δ.
+void sgd_lookahead_generic(const Tensor& Out, const Tensor& Delta, const Tensor& theta, const Tensor& grad,
+                           const Tensor* mom, double a, double b, double c) {
+  Tensor delta = Delta;  // (a handle: the schema's output is written through it)
+  // the scalars as Python passes them, wrapped numbers: a half-precision g is upcast first, and the
+  // products are formed in Δ's dtype
+  delta.copy_(grad).mul_(at::native::wrapped_scalar_tensor(a));
+  if (mom != nullptr) delta.add_(*mom, b);
+  if (c != 0.0) delta.add_(theta, c);
+  lookahead_generic(Out, theta, delta);
+}
+
+bool sgd_lookahead_direct(const Tensor& out, const Tensor& delta, const Tensor& theta, const Tensor& grad,
+                          const Tensor* mom) {
+  const auto type = theta.scalar_type();
+  if (type != at::kFloat && type != at::kDouble) return false;
+  if (!theta.is_non_overlapping_and_dense()) return false;
+  for (const Tensor* t : {&out, &delta, &grad, mom}) {
+    if (t != nullptr && (t->scalar_type() != type || t->strides() != theta.strides())) return false;
+  }
+  return true;
+}
+
+Tensor sgd_lookahead_cpu(TensorList params, TensorList grads, TensorList momenta, double grad_coef,
+                         double momentum_coef, double decay_coef, TensorList deltas, TensorList out) {
+  checks::check_sgd_lookahead(params, grads, momenta, deltas, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  double sum = 0.0;
+  std::vector<Tensor> rest;  // deltas formed by ATen's ops
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor* mom = momenta.empty() ? nullptr : &momenta[i];
+    if (!sgd_lookahead_direct(out[i], deltas[i], params[i], grads[i], mom)) {
+      sgd_lookahead_generic(out[i], deltas[i], params[i], grads[i], mom, grad_coef, momentum_coef, decay_coef);
+      rest.push_back(deltas[i]);
+    } else if (params[i].scalar_type() == at::kFloat) {
+      sum += sgd_lookahead_dense<float>(out[i], deltas[i], params[i], grads[i], mom, grad_coef, momentum_coef,
+                                        decay_coef);
+    } else {
+      sum += sgd_lookahead_dense<double>(out[i], deltas[i], params[i], grads[i], mom, grad_coef, momentum_coef,
+                                         decay_coef);
+    }
+  }
+  if (!rest.empty()) sum += sum_of_squares(rest).item<double>();
+  return at::scalar_tensor(sum, at::kDouble);
+}
+
+// Any other device: ATen's ops, no sync.
+Tensor sgd_lookahead_any(TensorList params, TensorList grads, TensorList momenta, double grad_coef,
+                         double momentum_coef, double decay_coef, TensorList deltas, TensorList out) {
+  checks::check_sgd_lookahead(params, grads, momenta, deltas, out);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (params.empty()) return at::scalar_tensor(0.0, at::kDouble);
+  for (size_t i = 0; i < params.size(); ++i) {
+    sgd_lookahead_generic(out[i], deltas[i], params[i], grads[i], momenta.empty() ? nullptr : &momenta[i],
+                          grad_coef, momentum_coef, decay_coef);
+  }
+  return sum_of_squares(deltas);
+}
+
+// ---------------------------------------------------------------------------------------------
 // apo::kron_precondition: out = L·G·R, the step of APO-Precond's kron structure (P = L ⊗ R, with
 // L = A·diag(u)·Aᵀ and R = B·diag(v)·Bᵀ cached between meta-steps): two GEMMs; L or R None is an
 // identity side (the caller scales by a fixed side's diag(u) or diag(v) itself). fp32 on the oneDNN
@@ -1330,6 +1467,9 @@ TORCH_LIBRARY(apo, m) {
       "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False) -> Tensor");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
   m.def("lookahead_write(Tensor[] params, Tensor[] deltas, Tensor(a!)[] out) -> Tensor");
+  m.def(
+      "sgd_lookahead(Tensor[] params, Tensor[] grads, Tensor[] momenta, float grad_coef, float momentum_coef, "
+      "float decay_coef, Tensor(a!)[] deltas, Tensor(b!)[] out) -> Tensor");
   m.def("kron_precondition(Tensor grad, Tensor? L, Tensor? R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
@@ -1344,6 +1484,7 @@ TORCH_LIBRARY_IMPL(apo, CPU, m) {
   m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_cpu);
   m.impl("all_finite", &apo::all_finite_cpu);
   m.impl("lookahead_write", &apo::lookahead_write_cpu);
+  m.impl("sgd_lookahead", &apo::sgd_lookahead_cpu);
   m.impl("kron_precondition", &apo::kron_precondition_cpu);
 }
 
@@ -1352,5 +1493,6 @@ TORCH_LIBRARY_IMPL(apo, CompositeExplicitAutograd, m) {
   m.impl("precondition_momentum_grouped", &apo::precondition_momentum_grouped_any);
   m.impl("all_finite", &apo::all_finite_any);
   m.impl("lookahead_write", &apo::lookahead_write_any);
+  m.impl("sgd_lookahead", &apo::sgd_lookahead_any);
   m.impl("kron_precondition", &apo::kron_precondition_any);
 }

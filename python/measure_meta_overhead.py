@@ -63,6 +63,7 @@ from apo_kernels._args import cli_int
 from apo_kernels._step_hooks import step_quietly
 from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, base_sgd, closure_for, mlp, small_cnn, small_mlp
 from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, snapshot
+from apo_kernels.optim import lr as apo_lr
 
 # apo-bench's CPU training rows: (name, model factory, input shape)
 ROWS = {
@@ -168,8 +169,11 @@ class _FreePieces(APOLR):
     def _lookahead_deltas(self, plan):
         if "meta" not in self._free:
             return super()._lookahead_deltas(plan)
-        if self._kept_deltas is None:
-            self._kept_deltas = [d.clone() for d in super()._lookahead_deltas(plan)]
+        if self._kept_deltas is None:  # formed once (on its own, not in the pass that writes θ')
+            scales = [lr * self._catch_up(group, params) for lr, group, params in
+                      zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
+            dirs = apo_lr.lr_directions(self.base_optimizer, plan.params_by_group, scales)
+            self._kept_deltas = [d for ds in dirs for d in ds]
         return self._kept_deltas
 
     def _meta_backward(self, plan, dQ):
@@ -278,9 +282,9 @@ class _PartTimers:
 # APO-LR's meta-step in pieces: (owner, attribute, label); "inside" pieces run within a closure
 META_STEP_PARTS = (
     (_core.APOCore, "_grads_finite", "gradient check at θ"),
-    (APOLR, "_lookahead_deltas", "lookahead direction Δ"),
+    (APOLR, "_lookahead_deltas", "lookahead direction Δ (SGD: its plan)"),
     (snapshot.ModelSnapshot, "__init__", "snapshot of θ"),
-    (snapshot.ModelSnapshot, "write", "θ' = θ + Δ and ‖Δ‖²"),
+    (snapshot.ModelSnapshot, "write", "θ' = θ + Δ and ‖Δ‖² (SGD: and Δ)"),
     (snapshot.ModelSnapshot, "restore", "θ restored"),
     (APOLR, "_meta_backward", "meta-gradient ⟨∇θ'Q, Δ⟩"),
     (_core, "step_quietly", "Adam step on φ"),

@@ -562,6 +562,7 @@ def test_free_pieces_oracle_frees_what_it_names(monkeypatch):
         return run
 
     monkeypatch.setattr(apo_lr, "lr_directions", counted("directions", apo_lr.lr_directions))
+    monkeypatch.setattr(apo_lr, "fused_sgd_lookahead", counted("directions", apo_lr.fused_sgd_lookahead))
     monkeypatch.setattr(_core, "all_finite", counted("check", _core.all_finite))
     script = load_python_script("measure_meta_overhead")
     x, y = torch.randn(100, 40), torch.randint(0, 10, (100,))

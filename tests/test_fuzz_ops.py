@@ -2,8 +2,8 @@
 
 Every call here is invalid (wrong ndim, shape, dtype, device, layout, a non-tensor, a result too big
 for memory, a bad mask, mismatched layers of a grouped call; for the momentum step also a
-non-finite momentum and outputs that overlap the inputs; for the lookahead write lists of unequal
-length and an out that overlaps an input). Each must be refused with an error:
+non-finite momentum and outputs that overlap the inputs; for the lookahead write and APO-LR's SGD
+lookahead lists of unequal length and outputs that overlap an input). Each must be refused with an error:
 never return a result, never crash or hang the process. Each call runs in its own forked child of a
 "fork server": a fresh interpreter that imports torch and apo_kernels once (with
 TRITON_INTERPRET=1, so the Triton ops run on CPU tensors) and never calls an op itself, so a crash,
@@ -236,6 +236,7 @@ def build_cases() -> list[Case]:
             lambda op=grp_bwd: (op(), [None] + [[_layer(torch, M, N)[k]] for k in FORWARD] + [ALL]))
     _momentum_cases(torch, add)
     _lookahead_cases(torch, add)
+    _sgd_lookahead_cases(torch, add)
     _kron_cases(torch, add)
     return cases
 
@@ -435,6 +436,50 @@ def _lookahead_cases(torch, add) -> None:
         whole(lambda ls: ls[2].__setitem__(2, ls[1][0][:GROUP_SHAPES[2][0], :GROUP_SHAPES[2][1]])))
     add("native/lookahead/out expanded", _names("out"),
         whole(lambda ls: ls[2].__setitem__(1, torch.zeros(1).expand(*GROUP_SHAPES[1]))))
+
+
+# APO-LR's SGD lookahead: per parameter θ, g, the momentum buffer, Δ and out, the coefficients between
+# the inputs and the outputs (args: params, grads, momenta, a, b, c, deltas, out).
+SGD_LOOKAHEAD_LISTS = {"params": 0, "grads": 1, "momenta": 2, "deltas": 6, "out": 7}
+
+
+def _sgd_lookahead_call(torch):
+    params = [torch.randn(m, n, generator=torch.Generator().manual_seed(i)) for i, (m, n) in enumerate(GROUP_SHAPES)]
+    like = lambda: [torch.randn_like(p) for p in params]  # noqa: E731
+    return torch.ops.apo.sgd_lookahead, [params, like(), like(), -0.1, -0.09, -0.001, like(), like()]
+
+
+def _sgd_lookahead_cases(torch, add) -> None:
+    for idx in (0, 2):
+        for name, k in SGD_LOOKAHEAD_LISTS.items():
+            square = GROUP_SHAPES[idx][0] == GROUP_SHAPES[idx][1]  # a transposed square tensor is valid
+            muts = [mu for mu in _mutations(torch, 2, square)
+                    if mu[0] in ("1-D", "extra leading dim", "rows-1", "cols+1", "transposed", "meta device")]
+            # any float dtype is valid but for out, which has the parameter's
+            dtypes = ("dtype int64", "dtype bool", "dtype complex64", "sparse", "None", "python float")
+            muts += [mu for mu in _value_mutations(torch, name)
+                     if mu[0] in dtypes or (name == "out" and mu[0] in ("dtype float64", "dtype bfloat16"))]
+            for label, mut in muts:
+                def build(k=k, mut=mut, idx=idx):
+                    op, args = _sgd_lookahead_call(torch)
+                    args[k][idx] = mut(args[k][idx])
+                    return op, args
+
+                expect = rf"{_names(name)}\[{idx}\]|{_names(name)}|params, grads, deltas, out"
+                add(f"native/sgd-lookahead/{name}[{idx}]/{label}", expect, build)
+
+    def whole(fn):
+        return _edited(lambda: _sgd_lookahead_call(torch), fn)
+
+    add("native/sgd-lookahead/grads shorter", "params, grads, deltas, out", whole(lambda a: a[1].pop()))
+    add("native/sgd-lookahead/momenta shorter", "params, grads, deltas, out", whole(lambda a: a[2].pop()))
+    add("native/sgd-lookahead/deltas are the grads", _names("deltas"), whole(lambda a: a.__setitem__(6, a[1])))
+    add("native/sgd-lookahead/out is params", _names("out"), whole(lambda a: a[7].__setitem__(0, a[0][0])))
+    add("native/sgd-lookahead/out is a momentum buffer", _names("out"), whole(lambda a: a[7].__setitem__(1, a[2][1])))
+    add("native/sgd-lookahead/out overlaps a delta", _names("out"),
+        whole(lambda a: a[7].__setitem__(2, a[6][0][:GROUP_SHAPES[2][0], :GROUP_SHAPES[2][1]])))
+    add("native/sgd-lookahead/deltas expanded", _names("deltas"),
+        whole(lambda a: a[6].__setitem__(1, torch.zeros(1).expand(*GROUP_SHAPES[1]))))
 
 
 # The kron step: out = L·G·R for one layer (grad (m, n), L (m, m), R (n, n), out written).

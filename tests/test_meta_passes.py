@@ -3,6 +3,7 @@ reuses the step's own forward when its batch is the step's), and that the lookah
 gradients at θ are never copied (no timings here: apo-bench and python/measure_meta_overhead.py
 measure them)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -363,3 +364,41 @@ def test_scaled_sgd_direction_equals_a_copy_of_sgd_stepping(config, steps_before
     real.step()
     for p, d, q in zip(params, deltas, copied.parameters()):
         assert torch.allclose(p.detach() + d, q.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("steps_before", [0, 2], ids=["no-buffer-yet", "buffer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", list(SGD_CONFIGS))
+def test_apolr_forms_sgds_delta_in_the_pass_that_writes_the_lookahead(config, dtype, steps_before, monkeypatch):
+    """APO-LR over SGD forms Δ in the pass that writes θ' (``apo::sgd_lookahead``, one call per set of
+    coefficients): Q and ∂Q/∂log lr equal those of Δ formed first (``lr_directions``, then the write),
+    to the rounding of Δ's dtype (the two round Δ's sums in another way: ATen's add fuses a product)."""
+    from apo_kernels.ops import backends
+
+    native = backends.native_sgd_lookahead
+    if native is None:
+        pytest.skip("the native module apo_kernels._C is not built")
+    calls = []
+    results = {}
+    for name, impl in (("one pass", lambda *a: calls.append(len(a[0])) or native(*a)), ("Δ first", None)):
+        monkeypatch.setattr(backends, "native_sgd_lookahead", impl)
+        torch.manual_seed(0)
+        m = mlp(dtype)
+        x, y = data(dtype=dtype)
+        opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.05, **SGD_CONFIGS[config]), lambda_fsd=0.1,
+                    lambda_wsd=0.01, meta_interval=0)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(steps_before):
+            opt.step(closure)
+        results[name] = opt.meta_gradient(closure, fsd_inputs=(x + 0.5,))
+    assert calls and sum(calls) == len(list(mlp(dtype).parameters()))
+    (q1, (g1,)), (q2, (g2,)) = results["one pass"], results["Δ first"]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert math.isclose(q1, q2, rel_tol=tol)
+    assert torch.allclose(g1, g2, rtol=100 * tol, atol=0.0), (g1, g2)

@@ -199,6 +199,17 @@ if _native_error is None:
     def _fake_lookahead_write(params, deltas, out):
         _on_one_device("params, deltas, out", (*params, *deltas, *out))
         return (params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64))
+# apo::sgd_lookahead(params, grads, momenta, grad_coef, momentum_coef, decay_coef, deltas, out) -> 0-d
+# float64 tensor: APO-LR's Δ for torch.optim.SGD into deltas, θ' = θ + Δ into out and Σ‖Δ‖² in one pass
+# (apo_kernels.optim.lr); None without the native module
+native_sgd_lookahead: Optional[Callable] = None
+if _native_error is None:
+    native_sgd_lookahead = torch.ops.apo.sgd_lookahead.default
+
+    @torch.library.register_fake("apo::sgd_lookahead")
+    def _fake_sgd_lookahead(params, grads, momenta, grad_coef, momentum_coef, decay_coef, deltas, out):
+        _on_one_device("params, grads, momenta, deltas, out", (*params, *grads, *momenta, *deltas, *out))
+        return (params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64))
 # apo::kron_precondition(grad, L, R, out) -> None: out = L·G·R, the kron structure's step
 # (apo_kernels.optim.kron); None without the native module
 native_kron_precondition: Optional[Callable] = None

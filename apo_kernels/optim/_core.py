@@ -166,9 +166,12 @@ class _NoStepSizeHelps(Exception):
     """A meta-step failed in a way that no step size fixes (``APOCore._no_step_size_helps``)."""
 
 class _Plan:
-    """What one step derives from the gradient at θ (subclasses add fields)."""
+    """What one step derives from the gradient at θ (subclasses add fields). ``form_deltas``: set by a
+    ``_lookahead_deltas`` that returns Δ's buffers unformed, to form Δ in the pass that writes θ'
+    (``proximal_objective_grad``'s argument of that name)."""
 
     params: list
+    form_deltas: Optional[Callable] = None
 
 
 class APOCore(torch.optim.Optimizer):
@@ -427,6 +430,7 @@ class APOCore(torch.optim.Optimizer):
             distributed.local_module(self.model), plan.params, deltas, closure, fsd_inputs=fsd_inputs,
             lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
             grad_scale=scale, rng=rng, buffers=self._lookahead_buffers, step_forward=step_forward,
+            form_deltas=plan.form_deltas,
         )
         if not math.isfinite(obj.wsd):  # Δ is not finite (found by the pass that writes θ'; Δ is
             return None                 # the same on every rank, so every rank returns here)

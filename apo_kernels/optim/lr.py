@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .._args import check_bool, check_number, check_optimizer_state_shapes, check_type
 from .._numerics import all_finite
 from .._step_hooks import step_quietly, step_with_hooks
+from ..ops import backends
 from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
                     with_state_dict_hooks)
 from .snapshot import LookaheadBuffers
@@ -90,6 +91,52 @@ def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: f
         for i, d in zip(index, ds):
             out[i] = d
     return out
+
+
+def fused_sgd_lookahead(optimizer: torch.optim.Optimizer, params_by_group: list[list[Tensor]], scales: list[float],
+                        buffers: LookaheadBuffers):
+    """APO-LR's lookahead for torch.optim.SGD in one native pass: (Δ's buffers per group, form) where
+    ``form(values, out) -> ‖Δ‖²`` writes Δ = scale·d into the buffers (``_sgd_directions``'
+    coefficients, the same terms in the same order) and θ + Δ into out, ``apo::sgd_lookahead``: one
+    read of g, the momentum buffer and θ, one write of Δ and θ', where forming Δ first read g and the
+    buffer, wrote Δ, then read Δ and θ again. ``values`` and ``out`` follow the groups' parameter order.
+    The gradients are taken now (the lookahead sets ``.grad`` aside before it forms Δ). None where the
+    op does not apply: no native module, another optimizer, a tensor hyperparameter, a parameter off
+    the CPU, or a gradient not in its compute dtype (the caller forms Δ first, ``lr_directions``)."""
+    op = backends.native_sgd_lookahead
+    if op is None or _kind(optimizer) != "sgd":
+        return None
+    calls, deltas, grads = [], [], []
+    for group, params, scale in zip(optimizer.param_groups, params_by_group, scales):
+        wd, mom, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        if any(isinstance(v, Tensor) for v in (wd, mom, damp)):
+            return None
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        sets: dict[bool, list[tuple[int, Optional[Tensor]]]] = {}
+        for p in params:
+            if not p.is_cpu or p.grad.dtype != _cdtype(p.grad) or p.grad.dtype != p.dtype:
+                return None
+            buf = optimizer.state.get(p, {}).get("momentum_buffer") if mom != 0 else None
+            sets.setdefault(buf is not None, []).append((len(grads), buf))
+            grads.append(p.grad)
+            deltas.append(buffers.for_param(p))
+        for has_buf, members in sets.items():
+            c_buf, c_g = _sgd_coefficients(group, has_buf)
+            calls.append(([i for i, _ in members], [b for _, b in members] if c_buf != 0.0 else [],
+                          -scale * sign * c_g, -scale * c_buf, -scale * c_g * wd))
+
+    def form(values: list[Tensor], out: list[Tensor]) -> float:
+        total = 0.0
+        for index, bufs, a, b, c in calls:
+            total += float(op([values[i] for i in index], [grads[i] for i in index], bufs, a, b, c,
+                              [deltas[i] for i in index], [out[i] for i in index]))
+        return total
+
+    by_group, k = [], 0
+    for params in params_by_group:
+        by_group.append(deltas[k:k + len(params)])
+        k += len(params)
+    return by_group, form
 
 
 def _rmsprop_direction(p: Tensor, group: dict, state: dict) -> Tensor:
@@ -473,7 +520,11 @@ class APOLR(APOCore):
         # Δ = learnt lr·c·d, c the momentum catch-up factor. ⟨∇θ'Q, Δ⟩ stays ∂Q/∂log lr (Δ is linear in lr).
         scales = [lr * self._catch_up(group, params) for lr, group, params in
                   zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
-        plan.deltas = lr_directions(self.base_optimizer, plan.params_by_group, scales, self._direction_buffers)
+        fused = fused_sgd_lookahead(self.base_optimizer, plan.params_by_group, scales, self._direction_buffers)
+        if fused is not None:  # Δ formed in the pass that writes θ'
+            plan.deltas, plan.form_deltas = fused
+        else:
+            plan.deltas = lr_directions(self.base_optimizer, plan.params_by_group, scales, self._direction_buffers)
         return [d for ds in plan.deltas for d in ds]
 
     def _no_step_size_helps(self, plan) -> Optional[str]:

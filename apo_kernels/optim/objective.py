@@ -217,6 +217,7 @@ def proximal_objective_grad(
     rng: Optional[RNGState] = None,
     buffers: Optional[LookaheadBuffers] = None,
     step_forward: Optional[StepForward] = None,
+    form_deltas: Optional[Callable[[list, list], float]] = None,
 ) -> MetaObjective:
     """Q(φ) and ∇θ'Q at θ' = θ + Δ, using the real model; θ is restored exactly afterwards.
 
@@ -234,6 +235,8 @@ def proximal_objective_grad(
         step_forward: a ``StepForward`` that watched the step's closure at θ: when it saw the model
             called on ``fsd_inputs`` themselves, that output is f(x̃; θ) (no FSD forward at θ, and
             the FSD term rides on the closure at θ').
+        form_deltas: ``deltas`` are buffers not formed yet: ``form_deltas(θ, out)`` writes Δ into them
+            and θ + Δ into out in the pass that writes θ' (``ModelSnapshot.write``), returning ‖Δ‖².
 
     Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
     at θ without a graph and a forward + backward at θ' on ``fsd_inputs``. When ``step_forward``
@@ -273,7 +276,7 @@ def proximal_objective_grad(
                 rng_fsd = RNGState(rng_outer.cuda_devices)
                 with torch.no_grad():
                     old_out = _detach_tree(model(*fsd_inputs))
-        sum_sq = snap.write(deltas)  # ‖Δ‖², from the pass that writes θ'
+        sum_sq = snap.write(deltas, form_deltas)  # ‖Δ‖², from the pass that writes θ'
         if not math.isfinite(sum_sq):  # Δ is not finite: there is no θ' to evaluate
             nan = float("nan")
             return MetaObjective(value=nan, loss=nan, fsd=nan, wsd=nan, grads=[])

@@ -16,7 +16,7 @@ captured before it (a CUDA graph captured over the model) would see θ there, no
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -138,10 +138,14 @@ class ModelSnapshot:
         ]
 
     @torch.no_grad()
-    def write(self, deltas: Sequence[Tensor]) -> float:
+    def write(self, deltas: Sequence[Tensor], form_deltas: Optional[Callable[[list, list], float]] = None) -> float:
         """θ' = θ + Δ into the parameters (formed in Δ's dtype, rounded once to the parameter's);
         the gradients at θ are set aside. Returns ‖Δ‖² (summed in float64): not finite exactly when
-        some Δ is not (or float64 deltas whose squares overflow), and θ' is then unspecified."""
+        some Δ is not (or float64 deltas whose squares overflow), and θ' is then unspecified.
+
+        ``form_deltas``: Δ is not formed yet; ``form_deltas(values, out)`` writes it into ``deltas``
+        and θ + Δ into ``out`` in one pass (θ: ``values``, in ``params`` order) and returns ‖Δ‖², as
+        APO-LR's lookahead for SGD does (``apo_kernels.optim.lr.fused_sgd_lookahead``)."""
         for p in self.grad_params:
             g = p.grad
             if g is not None and borrowed(g):
@@ -151,7 +155,10 @@ class ModelSnapshot:
                 p.grad = None
         self.values = [p.data for p in self.params]
         bufs = [self.buffers.for_param(p) for p in self.params]
-        sum_sq = add_and_sum_squares(self.values, [d.detach() if d.requires_grad else d for d in deltas], bufs)
+        if form_deltas is None:
+            sum_sq = add_and_sum_squares(self.values, [d.detach() if d.requires_grad else d for d in deltas], bufs)
+        else:
+            sum_sq = form_deltas(self.values, bufs)
         for p, buf in zip(self.params, bufs):
             p.data = buf
         forget_cached_casts()
