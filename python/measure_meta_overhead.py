@@ -17,7 +17,7 @@ variant's (the bench's ratio, inverted: throughput). ``--clock cpu`` times the p
 shared with other jobs, with ``--threads 1``, it does not count the time the process waits for a
 core. Variants:
 
-- ``SGD``: torch.optim.SGD(lr=0.01, momentum=0.9, fused=True), the base optimizer (the bench's);
+- ``SGD``: torch.optim.SGD(lr=0.01, momentum=0.9), the base optimizer (the bench's);
 - ``APO-LR λ_FSD=…``: APOLR over that SGD, K = 10, λ_WSD = 0, FSD on a second batch (as the bench);
 - ``passes only λ_FSD=…``: the same SGD plus, on every 10th step, only the passes a meta-step must
   make: the closure once more (forward + backward on the step's batch), and with the FSD term a
