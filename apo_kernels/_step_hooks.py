@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 from torch.optim import optimizer as _torch_optimizer
+from torch.optim import sgd as _torch_sgd
 
 __all__ = ["step_with_hooks", "step_quietly", "warn_at_caller"]
 
@@ -52,14 +53,26 @@ def step_quietly(opt: torch.optim.Optimizer):
     """``opt.step()`` for a stock torch optimizer that an APO optimizer drives itself (its
     meta-optimizer), with the same rule: torch's wrapper only when someone listens, or when the
     instance's step was replaced (a scheduler wraps it to count calls). A fused ``torch.optim.Adam``
-    or ``torch.optim.SGD`` goes straight to its kernel (``_fused_adam_step``, ``_fused_sgd_step``)."""
+    or ``torch.optim.SGD`` goes straight to its kernel, and a CPU ``torch.optim.SGD`` with torch's
+    default step to that step's function (``_direct_step``)."""
     step = type(opt).step
     inner = getattr(step, "__wrapped__", None)
     if inner is None or not getattr(step, "hooked", False) or "step" in vars(opt) or _anyone_listening(opt):
         return opt.step()
-    out = None if _fused_adam_step(opt) or _fused_sgd_step(opt) else inner(opt)
+    out = None if _direct_step(opt) else inner(opt)
     opt._optimizer_step_code()
     return out
+
+
+def _direct_step(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` took its step by a direct call of what torch's step calls (True), or is left
+    to torch's step (False, nothing changed)."""
+    kind = type(opt)
+    if kind is torch.optim.Adam:
+        return _fused_adam_step(opt)
+    if kind is torch.optim.SGD:
+        return _fused_sgd_step(opt) or _single_tensor_sgd_step(opt)
+    return False
 
 
 def _direct_groups(opt: torch.optim.Optimizer, plain_group: Callable[[dict], bool]):
@@ -176,6 +189,47 @@ def _fused_sgd_step(opt: torch.optim.Optimizer) -> bool:
         if bufs is not None:
             for p, b in zip(params, bufs):
                 opt.state[p]["momentum_buffer"] = b
+    return True
+
+
+def _plain_single_tensor_sgd_group(group: dict) -> bool:
+    """A group whose step is ``torch.optim.sgd._single_tensor_sgd`` on CPU: neither foreach nor fused
+    asked for (torch's default picks the per-tensor step for CPU tensors), not differentiable."""
+    return not group["foreach"] and not group["fused"] and not group["differentiable"]
+
+
+@torch.no_grad()
+def _single_tensor_sgd_step(opt: torch.optim.Optimizer) -> bool:
+    """One step of a ``torch.optim.SGD`` whose step is torch's per-tensor loop (the default on CPU), as
+    torch's own step makes it: per group ``torch.optim.sgd._single_tensor_sgd`` with the group's
+    hyperparameters on the state's momentum buffers (None where a parameter has none yet: the
+    function creates it), which are then stored in the state. The same function and arguments: the
+    same bits. What it skips is torch's Python around it (the grad-mode wrapper, the state walk, the
+    foreach/fused choice), 15 µs of a small model's plain step of APO-LR in the training loop. Returns
+    False, having changed nothing, for a group that asks for foreach or fused, a parameter off the CPU
+    (torch's default may pick foreach there), a sparse gradient, a grad scaler's flags on it, or a
+    torch without that function: the caller then takes torch's step."""
+    single = getattr(_torch_sgd, "_single_tensor_sgd", None)
+    if type(opt) is not torch.optim.SGD or single is None or getattr(opt, "grad_scale", None) is not None \
+            or getattr(opt, "found_inf", None) is not None:
+        return False
+    calls = []
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        if not _plain_single_tensor_sgd_group(group) \
+                or any(not p.is_cpu or p.grad.layout != torch.strided for p in params):
+            return False
+        calls.append((group, params))
+    for group, params in calls:
+        momentum = group["momentum"]
+        bufs = [opt.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        single(params, [p.grad for p in params], bufs, None, None, weight_decay=group["weight_decay"],
+               momentum=momentum, lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+               maximize=group["maximize"], has_sparse_grad=False)
+        for p, b in zip(params, bufs):
+            opt.state[p]["momentum_buffer"] = b
     return True
 
 

@@ -642,6 +642,8 @@ def test_apolr_first_lookahead_of_sgd_momentum_is_the_warmed_up_step():
     closure()
     plan = apo._prepare()
     deltas = apo._lookahead_deltas(plan)
+    if plan.form_deltas is not None:  # Δ is formed in the pass that writes θ' (apo::sgd_lookahead)
+        plan.form_deltas([p.detach() for p in plan.params], [torch.empty_like(p) for p in plan.params])
     for p, d in zip(plan.params, deltas):
         assert torch.allclose(d, -0.01 * 10.0 * p.grad, rtol=1e-6)
 

@@ -384,3 +384,94 @@ def test_apolr_fused_sgd_base_goes_straight_to_the_kernel_and_matches_torchs():
     for a, b in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("kwargs", SGD_CONFIGS + [dict(lr=torch.tensor(0.04), momentum=0.9, foreach=False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_tensor_sgd_step_gives_torchs_bits(kwargs, dtype):
+    """The direct call of torch's per-tensor SGD step takes torch's step exactly: the same parameters
+    and momentum buffers, bit for bit, over several steps of fresh gradients, with groups of their own
+    lr (one of another dtype), a parameter without a gradient (untouched, no state) and one whose
+    gradient, and so its buffer, appears later."""
+    gen = torch.Generator().manual_seed(8)
+
+    def make():
+        torch.manual_seed(4)
+        groups = [{"params": [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]},
+                  {"params": [torch.randn(1, dtype=torch.float64), torch.randn(2, 2, dtype=dtype)], "lr": 0.2}]
+        return groups, torch.optim.SGD(groups, **kwargs)
+
+    (groups_a, ref), (groups_b, fast) = make(), make()
+    for step in range(4):
+        for ga, gb in zip(groups_a, groups_b):
+            for k, (pa, pb) in enumerate(zip(ga["params"], gb["params"])):
+                late = ga is groups_a[1] and k == 1 and step < 2
+                g = None if late else torch.randn(pa.shape, generator=gen, dtype=pa.dtype)
+                pa.grad, pb.grad = g, (None if g is None else g.clone())
+        ref.step()
+        assert _step_hooks._single_tensor_sgd_step(fast) is True
+        for pa, pb in zip(groups_a[0]["params"] + groups_a[1]["params"],
+                          groups_b[0]["params"] + groups_b[1]["params"]):
+            assert torch.equal(pa, pb)
+            assert ref.state[pa].keys() == fast.state[pb].keys()
+            for key in ref.state[pa]:
+                assert torch.equal(ref.state[pa][key], fast.state[pb][key]), key
+
+
+@pytest.mark.parametrize("case", ["foreach", "fused", "grad scaler", "sparse gradient", "meta device", "Adam"])
+def test_single_tensor_sgd_step_leaves_other_optimizers_to_torch(case):
+    """A group that asks for foreach or fused, a parameter off the CPU, a sparse gradient or a grad
+    scaler's flags are left to torch's own step, before anything changes."""
+    device = "meta" if case == "meta device" else "cpu"
+    p, q = torch.randn(4, device=device), torch.randn(3, device=device)
+    params = [p, q]
+    make = {
+        "foreach": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
+        "fused": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+        "grad scaler": lambda: torch.optim.SGD(params, lr=0.1),
+        "sparse gradient": lambda: torch.optim.SGD(params, lr=0.1),
+        "meta device": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        "Adam": lambda: torch.optim.Adam(params, lr=0.1),
+    }[case]
+    opt = make()
+    if case == "grad scaler":
+        opt.found_inf = torch.zeros(())
+    for t in params:
+        t.grad = torch.ones_like(t)
+    if case == "sparse gradient":
+        q.grad = torch.ones_like(q).to_sparse()
+    before = [t.clone() for t in params]
+    assert _step_hooks._single_tensor_sgd_step(opt) is False
+    if device == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert len(opt.state) == 0
+
+
+def test_apolr_default_sgd_base_takes_the_direct_call_and_matches_torchs():
+    """APO-LR over torch's default SGD steps it by the direct call of its per-tensor step when nobody
+    listens: the same parameters and momentum buffers, bit for bit, as a twin whose base optimizer
+    has a listener (torch's own step), over steps with meta-steps among them."""
+    def make():
+        torch.manual_seed(0)
+        model = mlp()
+        return model, APOLR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+                            lambda_fsd=0.0, lambda_wsd=0.1, meta_interval=2)
+
+    (model, opt), (twin_model, twin) = make(), make()
+    twin.base_optimizer.register_step_post_hook(lambda o, args, kwargs: None)
+    x, y = data()
+    calls = []
+    original = _step_hooks._single_tensor_sgd_step
+    _step_hooks._single_tensor_sgd_step = lambda o: calls.append(o) or original(o)
+    try:
+        for _ in range(5):
+            opt.step(closure_for(opt, model, x, y))
+            twin.step(closure_for(twin, twin_model, x, y))
+    finally:
+        _step_hooks._single_tensor_sgd_step = original
+    assert opt.meta_steps == twin.meta_steps == 3 and calls.count(opt.base_optimizer) == 5
+    assert twin.base_optimizer not in calls
+    assert opt.learnt_lrs == twin.learnt_lrs
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
