@@ -50,6 +50,11 @@ with pieces of its own work made free, and the bound, interleaved as above: with
 meta-gradient and φ's Adam step free (the first meta-step's Δ reused, a zero meta-gradient, no step
 on φ), then also without the gradient check at θ. A timing oracle, not a configuration (its values
 are wrong): what a faster version of those pieces, native code included, could buy at the most.
+
+``--direct-calls``: APO-LR (λ_FSD = 0.1 on the step's batch) with its two shortcuts on and off in
+one process, interleaved as above: the base optimizer's step by a direct call of the function
+torch's step calls, and SGD's lookahead formed in the pass that writes θ' (``apo::sgd_lookahead``);
+then with the base step through torch's step, then also with Δ formed before θ' is written.
 """
 import argparse
 import random
@@ -59,11 +64,13 @@ import types
 
 import torch
 
+from apo_kernels import _step_hooks
 from apo_kernels._args import cli_int
 from apo_kernels._step_hooks import step_quietly
 from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, base_sgd, closure_for, mlp, small_cnn, small_mlp
 from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, snapshot
 from apo_kernels.optim import lr as apo_lr
+from apo_kernels.ops import backends
 
 # apo-bench's CPU training rows: (name, model factory, input shape)
 ROWS = {
@@ -94,20 +101,23 @@ def variants(fsd_batches):
 
 
 def throughput(row: str, repeats: int, clock, fsd_batches=("other",), chosen=None) -> dict:
-    """Throughput vs SGD of each variant (``chosen``: name -> (factory, own batch), else ``variants``)."""
+    """Throughput vs SGD of each variant (``chosen``: name -> (factory, own batch[, switch]), else
+    ``variants``; ``switch()`` runs before each of the variant's blocks)."""
     label, make_model, shape = ROWS[row]
     gen = torch.Generator().manual_seed(2)  # the bench's data
     batches = [(torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)) for _ in range(4)]
     fsd_batch = torch.randn(*shape, generator=gen)
     runs = {}
-    for name, (make_opt, own_batch) in (chosen or variants(fsd_batches)).items():
+    for name, (make_opt, own_batch, *switch) in (chosen or variants(fsd_batches)).items():
         torch.manual_seed(0)
         model = make_model()
         opt = make_opt(model)
         state = {"step": 0}
 
-        def block(model=model, opt=opt, state=state, own_batch=own_batch):
+        def block(model=model, opt=opt, state=state, own_batch=own_batch, switch=switch):
             """INTERVAL steps (the first one a meta-step); the time of each."""
+            for set_up in switch:  # the variant's switches, before each of its blocks
+                set_up()
             times = []
             for _ in range(INTERVAL):
                 x, y = batches[state["step"] % len(batches)]
@@ -206,6 +216,43 @@ def free_pieces(row: str, repeats: int, clock_name: str):
     print(f"  {'':36s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
     for name, r in res.items():
         print(f"  {name:36s} {r['meta_ms']:6.2f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
+
+
+def direct_calls(row: str, repeats: int, clock_name: str):
+    """APO-LR (λ_FSD = 0.1 on the step's batch, K = 10) with this build's two shortcuts on and off in
+    one process, each variant's blocks between the others': the base optimizer's step by a direct call
+    of the function torch's step calls (``_step_hooks._single_tensor_sgd_step``) and SGD's lookahead
+    formed in the pass that writes θ' (``apo::sgd_lookahead``). Off: torch's step, and Δ formed
+    first. One process, so machine states hit the variants alike."""
+    native, single = backends.native_sgd_lookahead, _step_hooks._single_tensor_sgd_step
+
+    def switches(one_pass: bool, direct_step: bool):
+        def apply():
+            backends.native_sgd_lookahead = native if one_pass else None
+            _step_hooks._single_tensor_sgd_step = single if direct_step else (lambda opt: False)
+        return apply
+
+    both = switches(True, True)
+
+    def apo(m):
+        return APOLR(m, base_sgd(m), lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
+
+    chosen = {
+        "SGD": (base_sgd, False, both),
+        "APO-LR": (apo, True, both),
+        "  its base step through torch's step": (apo, True, switches(True, False)),
+        "  and Δ formed before θ' is written": (apo, True, switches(False, False)),
+        "passes only (the bound)": (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1, own_batch=True), True, both),
+    }
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    try:
+        res = throughput(row, repeats, clock, chosen=chosen)
+    finally:
+        both()
+    print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on the step's batch: {repeats} interleaved 10-step blocks, {clock_name} time")
+    print(f"  {'':40s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
+    for name, r in res.items():
+        print(f"  {name:40s} {r['meta_ms']:6.3f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
 
 
 def plain_step_parts(row: str, repeats: int, clock_name: str):
@@ -403,6 +450,8 @@ def main():
                     help="APO-LR's plain step beyond SGD's, with the gradient check / the lr swap removed (diagnosis)")
     ap.add_argument("--free-pieces", action="store_true",
                     help="APO-LR's throughput with Δ, the meta-gradient, φ's step (and the check) made free (oracle)")
+    ap.add_argument("--direct-calls", action="store_true",
+                    help="APO-LR with its direct base step and one-pass SGD lookahead on and off, in one process")
     ap.add_argument("--meta-step-parts", action="store_true",
                     help="APO-LR's meta-step timed in pieces: the closures and each piece of its own work (diagnosis)")
     args = ap.parse_args()
@@ -423,6 +472,9 @@ def main():
     elif args.free_pieces:
         for row in rows:
             free_pieces(row, args.repeats, args.clock)
+    elif args.direct_calls:
+        for row in rows:
+            direct_calls(row, args.repeats, args.clock)
     elif args.meta_step_parts:
         for row in rows:
             meta_step_parts(row, args.repeats, args.clock)

@@ -521,7 +521,8 @@ def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = dict((name.strip(), float(t)) for name, t in
                 re.findall(r"^\s+(\S.*?)\s+(-?[0-9.]+) µs$", proc.stdout, re.M))
-    own = ["gradient check at θ", "lookahead direction Δ", "snapshot of θ", "θ' = θ + Δ and ‖Δ‖²", "θ restored",
+    own = ["gradient check at θ", "lookahead direction Δ (SGD: its plan)", "snapshot of θ",
+           "θ' = θ + Δ and ‖Δ‖² (SGD: and Δ)", "θ restored",
            "meta-gradient ⟨∇θ'Q, Δ⟩", "Adam step on φ", "clamp and record φ", "base step with the lr swap"]
     plain = ["its closure", "its gradient check", "its base step with the lr swap"]
     assert set(own) | set(plain) | {"meta-step", "closures at θ and θ'", "of which the FSD value and gradient",
@@ -545,6 +546,40 @@ def test_free_pieces_oracle_reports_every_variant():
     assert [name for name, *_ in rows] == ["SGD", "APO-LR", "Δ, meta-gradient, φ's step free",
                                            "the same, and no gradient check", "passes only (the bound)"], proc.stdout
     assert float(rows[0][3]) == 1.0 and all(float(r[3]) > 0 for r in rows)
+
+
+def test_direct_calls_switch_what_they_name_and_put_them_back(monkeypatch, capsys):
+    # python/measure_meta_overhead.py --direct-calls: each variant runs with its own switches (the
+    # one-pass lookahead called on the variants that keep it, the direct base step likewise), every
+    # variant is reported, and the shortcuts are back on afterwards
+    from apo_kernels import _step_hooks
+    from apo_kernels.ops import backends
+
+    if backends.native_sgd_lookahead is None:
+        pytest.skip("the native module apo_kernels._C is not built")
+    script = load_python_script("measure_meta_overhead")
+    native, single = backends.native_sgd_lookahead, _step_hooks._single_tensor_sgd_step
+    seen = {"one pass": 0, "direct": 0}
+
+    def one_pass(*args):
+        seen["one pass"] += 1
+        return native(*args)
+
+    def direct(opt):
+        seen["direct"] += 1
+        return single(opt)
+
+    monkeypatch.setattr(backends, "native_sgd_lookahead", one_pass)
+    monkeypatch.setattr(_step_hooks, "_single_tensor_sgd_step", direct)
+    script.direct_calls("small", 1, "wall")
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+)$", out, re.M)
+    assert [name for name, *_ in rows] == ["SGD", "APO-LR", "its base step through torch's step",
+                                           "and Δ formed before θ' is written", "passes only (the bound)"], out
+    # blocks of 10 steps, a warm-up and one timed: APO-LR's meta-steps with the one pass (2 variants
+    # × 2 blocks), its base steps by the direct call (1 variant × 20 steps)
+    assert seen == {"one pass": 4, "direct": 20}
+    assert backends.native_sgd_lookahead is one_pass and _step_hooks._single_tensor_sgd_step is direct
 
 
 def test_free_pieces_oracle_frees_what_it_names(monkeypatch):

@@ -55,6 +55,15 @@ def _sgd_coefficients(group: dict, has_buf: bool) -> tuple[float, float]:
     return mom, 1.0 - damp
 
 
+def _sgd_terms(group: dict, has_buf: bool, scale: float) -> tuple[float, float, float]:
+    """(a, b, c) with scale·d = a·g + b·buf + c·θ for torch.optim.SGD's step at lr = 1
+    (``_sgd_coefficients``, with maximize's sign and the weight decay folded in); c = 0 without
+    weight decay."""
+    c_buf, c_g = _sgd_coefficients(group, has_buf)
+    sign = -1.0 if group.get("maximize", False) else 1.0
+    return -scale * sign * c_g, -scale * c_buf, -scale * c_g * group["weight_decay"]
+
+
 def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: float,
                     buffers: Optional[LookaheadBuffers] = None) -> list[Tensor]:
     """scale · d per parameter of one group for torch.optim.SGD, one pass per term. The parameters
@@ -62,32 +71,31 @@ def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: f
     together, one foreach op per term: the same per-element arithmetic as one op per parameter, for
     a few dispatches in all. d is in the compute dtype (a half-precision gradient is upcast first),
     written into ``buffers`` when given (fresh tensors otherwise)."""
-    wd, mom = group["weight_decay"], group["momentum"]
-    sign = -1.0 if group.get("maximize", False) else 1.0
+    mom = group["momentum"]
     sets: dict[tuple[bool, bool], list[tuple[int, Tensor, Optional[Tensor]]]] = {}
     for i, p in enumerate(params):
         buf = opt_state.get(p, {}).get("momentum_buffer") if mom != 0 else None
         sets.setdefault((buf is not None, p.grad.dtype == _cdtype(p.grad)), []).append((i, p, buf))
     out: list[Optional[Tensor]] = [None] * len(params)
     for (has_buf, in_cdtype), members in sets.items():
-        c_buf, c_g = _sgd_coefficients(group, has_buf)
+        a, b, c = _sgd_terms(group, has_buf, scale)
         index, ps, bufs = zip(*members)
         if buffers is not None:  # the same arithmetic into memory kept from one meta-step to the next
             ds = [buffers.for_param(p, _cdtype(p.grad)) for p in ps]
             for p, d in zip(ps, ds):
                 if in_cdtype:
-                    torch.mul(p.grad, -scale * sign * c_g, out=d)
+                    torch.mul(p.grad, a, out=d)
                 else:
-                    d.copy_(p.grad).mul_(-scale * sign * c_g)
+                    d.copy_(p.grad).mul_(a)
         elif in_cdtype:
-            ds = torch._foreach_mul([p.grad for p in ps], -scale * sign * c_g)
+            ds = torch._foreach_mul([p.grad for p in ps], a)
         else:  # upcast copies, scaled in place
             ds = [p.grad.to(_cdtype(p.grad)) for p in ps]
-            torch._foreach_mul_(ds, -scale * sign * c_g)
-        if c_buf != 0.0:
-            torch._foreach_add_(ds, list(bufs), alpha=-scale * c_buf)
-        if wd != 0:
-            torch._foreach_add_(ds, [p.detach() for p in ps], alpha=-scale * c_g * wd)
+            torch._foreach_mul_(ds, a)
+        if b != 0.0:
+            torch._foreach_add_(ds, list(bufs), alpha=b)
+        if c != 0:
+            torch._foreach_add_(ds, [p.detach() for p in ps], alpha=c)
         for i, d in zip(index, ds):
             out[i] = d
     return out
@@ -96,8 +104,8 @@ def _sgd_directions(params: list[Tensor], group: dict, opt_state: dict, scale: f
 def fused_sgd_lookahead(optimizer: torch.optim.Optimizer, params_by_group: list[list[Tensor]], scales: list[float],
                         buffers: LookaheadBuffers):
     """APO-LR's lookahead for torch.optim.SGD in one native pass: (Δ's buffers per group, form) where
-    ``form(values, out) -> ‖Δ‖²`` writes Δ = scale·d into the buffers (``_sgd_directions``'
-    coefficients, the same terms in the same order) and θ + Δ into out, ``apo::sgd_lookahead``: one
+    ``form(values, out) -> ‖Δ‖²`` writes Δ = scale·d into the buffers (``_sgd_terms``, the terms of
+    ``_sgd_directions`` in the same order) and θ + Δ into out, ``apo::sgd_lookahead``: one
     read of g, the momentum buffer and θ, one write of Δ and θ', where forming Δ first read g and the
     buffer, wrote Δ, then read Δ and θ again. ``values`` and ``out`` follow the groups' parameter order.
     The gradients are taken now (the lookahead sets ``.grad`` aside before it forms Δ). None where the
@@ -108,10 +116,9 @@ def fused_sgd_lookahead(optimizer: torch.optim.Optimizer, params_by_group: list[
         return None
     calls, deltas, grads = [], [], []
     for group, params, scale in zip(optimizer.param_groups, params_by_group, scales):
-        wd, mom, damp = group["weight_decay"], group["momentum"], group["dampening"]
-        if any(isinstance(v, Tensor) for v in (wd, mom, damp)):
+        mom = group["momentum"]
+        if any(isinstance(group[k], Tensor) for k in ("weight_decay", "momentum", "dampening")):
             return None
-        sign = -1.0 if group.get("maximize", False) else 1.0
         sets: dict[bool, list[tuple[int, Optional[Tensor]]]] = {}
         for p in params:
             if not p.is_cpu or p.grad.dtype != _cdtype(p.grad) or p.grad.dtype != p.dtype:
@@ -121,9 +128,8 @@ def fused_sgd_lookahead(optimizer: torch.optim.Optimizer, params_by_group: list[
             grads.append(p.grad)
             deltas.append(buffers.for_param(p))
         for has_buf, members in sets.items():
-            c_buf, c_g = _sgd_coefficients(group, has_buf)
-            calls.append(([i for i, _ in members], [b for _, b in members] if c_buf != 0.0 else [],
-                          -scale * sign * c_g, -scale * c_buf, -scale * c_g * wd))
+            a, b, c = _sgd_terms(group, has_buf, scale)
+            calls.append(([i for i, _ in members], [m for _, m in members] if b != 0.0 else [], a, b, c))
 
     def form(values: list[Tensor], out: list[Tensor]) -> float:
         total = 0.0
