@@ -5,12 +5,15 @@
     python python/measure_meta_overhead.py --plain-step-parts [--rows small] [--repeats 60] [--threads 1 --clock cpu]
     python python/measure_meta_overhead.py --meta-step-parts [--rows small] [--repeats 200] [--threads 2]
     python python/measure_meta_overhead.py --free-pieces [--rows small] [--repeats 60] [--threads 2]
+    python python/measure_meta_overhead.py --direct-calls [--rows small] [--repeats 200] [--threads 2]
 
 Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
 ``apo_kernels.bench.train_bench`` on CPU; ``small``, ``mlp256``, ``cnn8``: the small MLP row and
 the ``--quick`` run's MLP and CNN rows). Every variant trains its own copy of the model in blocks
-of K = 10 steps (one meta-step per block); the blocks of all variants run in turn, repeat after
-repeat, so a change in machine load hits them alike. A block's time is estimated as the median time
+of K = 10 steps (one meta-step per block); the blocks of all variants run in turn, in a shuffled
+order each repeat, so a change in machine load hits them alike and no variant always follows the
+same one (right after SGD's block, APO-LR's meta-step ran 0.15 ms slower on the small MLP than after
+another APO-LR's: a fixed order cost the row that followed SGD 0.04 of throughput). A block's time is estimated as the median time
 of its first step (the meta-step) plus 9 × the median time of its other steps, over all repeats (a
 burst of load on a few steps does not move it); reported per variant: SGD's block time / the
 variant's (the bench's ratio, inverted: throughput). ``--clock cpu`` times the process's CPU time instead of wall time: on a machine
@@ -135,9 +138,12 @@ def throughput(row: str, repeats: int, clock, fsd_batches=("other",), chosen=Non
         block()  # warm-up
         runs[name] = block
     first, rest = {name: [] for name in runs}, {name: [] for name in runs}
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, block in runs.items():
-            times = block()
+        # a shuffled order each round: a block's first step (the meta-step) runs measurably slower
+        # right after SGD's block than after another APO-LR's (the allocator's and caches' state)
+        for name in order.sample(list(runs), len(runs)):
+            times = runs[name]()
             first[name].append(times[0])
             rest[name] += times[1:]
     # a block's time from the median meta-step and the median plain step: robust to a burst of
