@@ -75,11 +75,16 @@ def _direct_step(opt: torch.optim.Optimizer) -> bool:
     return False
 
 
+def _scaler_flags(opt: torch.optim.Optimizer) -> bool:
+    """Whether a grad scaler has set ``grad_scale``/``found_inf`` on the optimizer for its step."""
+    return getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None
+
+
 def _direct_groups(opt: torch.optim.Optimizer, plain_group: Callable[[dict], bool]):
     """[(group, its parameters with a gradient)] for a direct kernel call: every group that has a
     gradient passes ``plain_group`` and holds real dense tensors of one device and dtype, gradients
-    alike, and no grad scaler has set ``grad_scale``/``found_inf`` on the optimizer. None otherwise."""
-    if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+    alike, and no grad scaler's flags are on the optimizer. None otherwise."""
+    if _scaler_flags(opt):
         return None
     calls = []
     for group in opt.param_groups:
@@ -210,8 +215,7 @@ def _single_tensor_sgd_step(opt: torch.optim.Optimizer) -> bool:
     (torch's default may pick foreach there), a sparse gradient, a grad scaler's flags on it, or a
     torch without that function: the caller then takes torch's step."""
     single = getattr(_torch_sgd, "_single_tensor_sgd", None)
-    if type(opt) is not torch.optim.SGD or single is None or getattr(opt, "grad_scale", None) is not None \
-            or getattr(opt, "found_inf", None) is not None:
+    if type(opt) is not torch.optim.SGD or single is None or _scaler_flags(opt):
         return False
     calls = []
     for group in opt.param_groups:

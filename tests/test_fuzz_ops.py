@@ -407,25 +407,32 @@ def _lookahead_call(torch, lists=None):
     return torch.ops.apo.lookahead_write, lists
 
 
-def _lookahead_cases(torch, add) -> None:
+def _per_parameter_cases(torch, add, prefix: str, call, lists: dict, any_list: str) -> None:
+    """Malformed tensors in a list of one per parameter (``lists``: name -> the call's argument
+    index): shapes, devices, non-float dtypes, sparse, None and non-tensors, and for ``out`` a dtype
+    other than the parameter's (any float dtype is valid elsewhere)."""
     for idx in (0, 2):
-        for k, name in enumerate(LOOKAHEAD_LISTS):
+        for name, k in lists.items():
             square = GROUP_SHAPES[idx][0] == GROUP_SHAPES[idx][1]  # a transposed square tensor is valid
             muts = [mu for mu in _mutations(torch, 2, square)
                     if mu[0] in ("1-D", "extra leading dim", "rows-1", "cols+1", "transposed", "meta device")]
-            # params and Δ may differ in dtype (a half-precision parameter, a float32 Δ): only a
-            # non-float dtype is wrong there; out must have the parameter's dtype
             dtypes = ("dtype int64", "dtype bool", "dtype complex64", "sparse", "None", "python float")
             muts += [mu for mu in _value_mutations(torch, name)
                      if mu[0] in dtypes or (name == "out" and mu[0] in ("dtype float64", "dtype bfloat16"))]
             for label, mut in muts:
                 def build(k=k, mut=mut, idx=idx):
-                    op, lists = _lookahead_call(torch)
-                    lists[k][idx] = mut(lists[k][idx])
-                    return op, lists
+                    op, args = call()
+                    args[k][idx] = mut(args[k][idx])
+                    return op, args
 
-                expect = rf"{_names(name)}\[{idx}\]|{_names(name)}|params, deltas, out"
-                add(f"native/lookahead/{name}[{idx}]/{label}", expect, build)
+                expect = rf"{_names(name)}\[{idx}\]|{_names(name)}|{any_list}"
+                add(f"native/{prefix}/{name}[{idx}]/{label}", expect, build)
+
+
+def _lookahead_cases(torch, add) -> None:
+    # params and Δ may differ in dtype (a half-precision parameter, a float32 Δ)
+    _per_parameter_cases(torch, add, "lookahead", lambda: _lookahead_call(torch),
+                         {name: k for k, name in enumerate(LOOKAHEAD_LISTS)}, "params, deltas, out")
 
     def whole(fn):
         return _edited(lambda: _lookahead_call(torch), fn)
@@ -450,23 +457,8 @@ def _sgd_lookahead_call(torch):
 
 
 def _sgd_lookahead_cases(torch, add) -> None:
-    for idx in (0, 2):
-        for name, k in SGD_LOOKAHEAD_LISTS.items():
-            square = GROUP_SHAPES[idx][0] == GROUP_SHAPES[idx][1]  # a transposed square tensor is valid
-            muts = [mu for mu in _mutations(torch, 2, square)
-                    if mu[0] in ("1-D", "extra leading dim", "rows-1", "cols+1", "transposed", "meta device")]
-            # any float dtype is valid but for out, which has the parameter's
-            dtypes = ("dtype int64", "dtype bool", "dtype complex64", "sparse", "None", "python float")
-            muts += [mu for mu in _value_mutations(torch, name)
-                     if mu[0] in dtypes or (name == "out" and mu[0] in ("dtype float64", "dtype bfloat16"))]
-            for label, mut in muts:
-                def build(k=k, mut=mut, idx=idx):
-                    op, args = _sgd_lookahead_call(torch)
-                    args[k][idx] = mut(args[k][idx])
-                    return op, args
-
-                expect = rf"{_names(name)}\[{idx}\]|{_names(name)}|params, grads, deltas, out"
-                add(f"native/sgd-lookahead/{name}[{idx}]/{label}", expect, build)
+    _per_parameter_cases(torch, add, "sgd-lookahead", lambda: _sgd_lookahead_call(torch), SGD_LOOKAHEAD_LISTS,
+                         "params, grads, deltas, out")
 
     def whole(fn):
         return _edited(lambda: _sgd_lookahead_call(torch), fn)

@@ -288,32 +288,43 @@ SGD_CONFIGS = [dict(lr=0.05), dict(lr=0.01, momentum=0.9),
                dict(lr=0.03, momentum=0.5, dampening=0.3, maximize=True, weight_decay=0.1)]
 
 
-@pytest.mark.parametrize("kwargs", SGD_CONFIGS)
+# the two direct SGD steps: (optimizer options, the function, whether a group may mix dtypes)
+DIRECT_SGD = {"fused": (dict(fused=True), "_fused_sgd_step", False),
+              "per-tensor": (dict(), "_single_tensor_sgd_step", True)}
+
+
+@pytest.mark.parametrize("kwargs", SGD_CONFIGS + [dict(lr=torch.tensor(0.04), momentum=0.9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_sgd_step_gives_torchs_bits(kwargs, dtype):
-    """The direct kernel call takes torch's fused SGD step exactly: the same parameters and momentum
-    buffers, bit for bit, over several steps of fresh gradients, with groups of their own lr, the
-    buffers' first step included, and a parameter without a gradient (untouched, no state). A whole
-    group without gradients for two steps joins later (with momentum: torch's own step fails on a
-    group where only some parameters have a buffer, which the direct call leaves to it)."""
+@pytest.mark.parametrize("direct", list(DIRECT_SGD))
+def test_direct_sgd_step_gives_torchs_bits(direct, kwargs, dtype):
+    """The direct call takes torch's SGD step exactly: the same parameters and momentum buffers, bit
+    for bit, over several steps of fresh gradients, with groups of their own lr, the buffers' first
+    step included, and a parameter without a gradient (untouched, no state); the per-tensor step also
+    with a group of two dtypes and a parameter whose gradient, and so its buffer, appears later. The
+    fused step gets a whole group late instead (torch's own fused step fails on a group where only
+    some parameters have a buffer, which the direct call leaves to it) and no tensor lr."""
+    options, name, mixed = DIRECT_SGD[direct]
+    if direct == "fused" and isinstance(kwargs["lr"], torch.Tensor):
+        pytest.skip("a tensor lr is left to torch's fused step (test_fused_sgd_step_leaves_other_optimizers_to_torch)")
     gen = torch.Generator().manual_seed(7)
     momentum = kwargs.get("momentum", 0)
 
     def make():
         torch.manual_seed(3)
+        odd = torch.float64 if mixed else dtype
         groups = [{"params": [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]},
-                  {"params": [torch.randn(1, dtype=dtype), torch.randn(2, 2, dtype=dtype)], "lr": 0.2}]
-        return groups, torch.optim.SGD(groups, fused=True, **kwargs)
+                  {"params": [torch.randn(1, dtype=odd), torch.randn(2, 2, dtype=dtype)], "lr": 0.2}]
+        return groups, torch.optim.SGD(groups, **options, **kwargs)
 
     (groups_a, ref), (groups_b, fast) = make(), make()
     for step in range(4):
         for ga, gb in zip(groups_a, groups_b):
             for k, (pa, pb) in enumerate(zip(ga["params"], gb["params"])):
-                late = ga is groups_a[1] and step < 2 and (k == 1 or momentum != 0)
-                g = None if late else torch.randn(pa.shape, generator=gen, dtype=dtype)
+                late = ga is groups_a[1] and step < 2 and (k == 1 or (not mixed and momentum != 0))
+                g = None if late else torch.randn(pa.shape, generator=gen, dtype=pa.dtype)
                 pa.grad, pb.grad = g, (None if g is None else g.clone())
         ref.step()
-        assert _step_hooks._fused_sgd_step(fast) is True
+        assert getattr(_step_hooks, name)(fast) is True
         for pa, pb in zip(groups_a[0]["params"] + groups_a[1]["params"],
                           groups_b[0]["params"] + groups_b[1]["params"]):
             assert torch.equal(pa, pb)
@@ -356,66 +367,34 @@ def test_fused_sgd_step_leaves_other_optimizers_to_torch(case):
     assert {k: dict(v) for k, v in opt.state.items()} == state_before
 
 
-def test_apolr_fused_sgd_base_goes_straight_to_the_kernel_and_matches_torchs():
-    """APO-LR over a fused SGD steps it by the direct kernel call when nobody listens: the same
-    parameters and momentum buffers, bit for bit, as a twin whose base optimizer has a listener
-    (torch's own step), over steps with meta-steps among them."""
+@pytest.mark.parametrize("direct", list(DIRECT_SGD))
+def test_apolr_base_sgd_takes_the_direct_step_and_matches_torchs(direct, monkeypatch):
+    """APO-LR over a fused SGD, or torch's default SGD on CPU, steps it by the direct call when nobody
+    listens: the same parameters and momentum buffers, bit for bit, as a twin whose base optimizer
+    has a listener (torch's own step), over steps with meta-steps among them."""
+    options, name, _ = DIRECT_SGD[direct]
+
     def make():
         torch.manual_seed(0)
         model = mlp()
-        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, **options)
         return model, APOLR(model, base, lambda_fsd=0.0, lambda_wsd=0.1, meta_interval=2)
 
     (model, opt), (twin_model, twin) = make(), make()
     twin.base_optimizer.register_step_post_hook(lambda o, args, kwargs: None)
     x, y = data()
     calls = []
-    original = _step_hooks._fused_sgd_step
-    _step_hooks._fused_sgd_step = lambda o: calls.append(o) or original(o)
-    try:
-        for _ in range(5):
-            opt.step(closure_for(opt, model, x, y))
-            twin.step(closure_for(twin, twin_model, x, y))
-    finally:
-        _step_hooks._fused_sgd_step = original
+    original = getattr(_step_hooks, name)
+    monkeypatch.setattr(_step_hooks, name, lambda o: calls.append(o) or original(o))
+    for _ in range(5):
+        opt.step(closure_for(opt, model, x, y))
+        twin.step(closure_for(twin, twin_model, x, y))
     assert opt.meta_steps == twin.meta_steps == 3 and calls.count(opt.base_optimizer) == 5
     assert twin.base_optimizer not in calls
     assert opt.learnt_lrs == twin.learnt_lrs
     for a, b in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
-
-
-@pytest.mark.parametrize("kwargs", SGD_CONFIGS + [dict(lr=torch.tensor(0.04), momentum=0.9, foreach=False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_single_tensor_sgd_step_gives_torchs_bits(kwargs, dtype):
-    """The direct call of torch's per-tensor SGD step takes torch's step exactly: the same parameters
-    and momentum buffers, bit for bit, over several steps of fresh gradients, with groups of their own
-    lr (one of another dtype), a parameter without a gradient (untouched, no state) and one whose
-    gradient, and so its buffer, appears later."""
-    gen = torch.Generator().manual_seed(8)
-
-    def make():
-        torch.manual_seed(4)
-        groups = [{"params": [torch.randn(5, 3, dtype=dtype), torch.randn(7, dtype=dtype)]},
-                  {"params": [torch.randn(1, dtype=torch.float64), torch.randn(2, 2, dtype=dtype)], "lr": 0.2}]
-        return groups, torch.optim.SGD(groups, **kwargs)
-
-    (groups_a, ref), (groups_b, fast) = make(), make()
-    for step in range(4):
-        for ga, gb in zip(groups_a, groups_b):
-            for k, (pa, pb) in enumerate(zip(ga["params"], gb["params"])):
-                late = ga is groups_a[1] and k == 1 and step < 2
-                g = None if late else torch.randn(pa.shape, generator=gen, dtype=pa.dtype)
-                pa.grad, pb.grad = g, (None if g is None else g.clone())
-        ref.step()
-        assert _step_hooks._single_tensor_sgd_step(fast) is True
-        for pa, pb in zip(groups_a[0]["params"] + groups_a[1]["params"],
-                          groups_b[0]["params"] + groups_b[1]["params"]):
-            assert torch.equal(pa, pb)
-            assert ref.state[pa].keys() == fast.state[pb].keys()
-            for key in ref.state[pa]:
-                assert torch.equal(ref.state[pa][key], fast.state[pb][key]), key
 
 
 @pytest.mark.parametrize("case", ["foreach", "fused", "grad scaler", "sparse gradient", "meta device", "Adam"])
@@ -445,33 +424,3 @@ def test_single_tensor_sgd_step_leaves_other_optimizers_to_torch(case):
     if device == "cpu":
         assert all(torch.equal(a, b) for a, b in zip(before, params))
     assert len(opt.state) == 0
-
-
-def test_apolr_default_sgd_base_takes_the_direct_call_and_matches_torchs():
-    """APO-LR over torch's default SGD steps it by the direct call of its per-tensor step when nobody
-    listens: the same parameters and momentum buffers, bit for bit, as a twin whose base optimizer
-    has a listener (torch's own step), over steps with meta-steps among them."""
-    def make():
-        torch.manual_seed(0)
-        model = mlp()
-        return model, APOLR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True),
-                            lambda_fsd=0.0, lambda_wsd=0.1, meta_interval=2)
-
-    (model, opt), (twin_model, twin) = make(), make()
-    twin.base_optimizer.register_step_post_hook(lambda o, args, kwargs: None)
-    x, y = data()
-    calls = []
-    original = _step_hooks._single_tensor_sgd_step
-    _step_hooks._single_tensor_sgd_step = lambda o: calls.append(o) or original(o)
-    try:
-        for _ in range(5):
-            opt.step(closure_for(opt, model, x, y))
-            twin.step(closure_for(twin, twin_model, x, y))
-    finally:
-        _step_hooks._single_tensor_sgd_step = original
-    assert opt.meta_steps == twin.meta_steps == 3 and calls.count(opt.base_optimizer) == 5
-    assert twin.base_optimizer not in calls
-    assert opt.learnt_lrs == twin.learnt_lrs
-    for a, b in zip(model.parameters(), twin_model.parameters()):
-        assert torch.equal(a, b)
-        assert torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
