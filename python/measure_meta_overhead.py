@@ -13,10 +13,10 @@ the ``--quick`` run's MLP and CNN rows). Every variant trains its own copy of th
 of K = 10 steps (one meta-step per block); the blocks of all variants run in turn, in a shuffled
 order each repeat, so a change in machine load hits them alike and no variant always follows the
 same one (right after SGD's block, APO-LR's meta-step ran 0.15 ms slower on the small MLP than after
-another APO-LR's: a fixed order cost the row that followed SGD 0.04 of throughput). A block's time is estimated as the median time
-of its first step (the meta-step) plus 9 × the median time of its other steps, over all repeats (a
-burst of load on a few steps does not move it); reported per variant: SGD's block time / the
-variant's (the bench's ratio, inverted: throughput). ``--clock cpu`` times the process's CPU time instead of wall time: on a machine
+another APO-LR's: a fixed order cost the row that followed SGD 0.04 of throughput). A block's time
+is estimated as the median time of its first step (the meta-step) plus 9 × the median time of its
+other steps, over all repeats (a burst of load on a few steps does not move it); reported per
+variant: SGD's block time / the variant's (the bench's ratio, inverted: throughput). ``--clock cpu`` times the process's CPU time instead of wall time: on a machine
 shared with other jobs, with ``--threads 1``, it does not count the time the process waits for a
 core. Variants:
 

@@ -293,19 +293,21 @@ DIRECT_SGD = {"fused": (dict(fused=True), "_fused_sgd_step", False),
               "per-tensor": (dict(), "_single_tensor_sgd_step", True)}
 
 
-@pytest.mark.parametrize("kwargs", SGD_CONFIGS + [dict(lr=torch.tensor(0.04), momentum=0.9)])
+# a tensor lr with the fused step is left to torch (test_fused_sgd_step_leaves_other_optimizers_to_torch)
+DIRECT_SGD_CASES = ([("fused", kwargs) for kwargs in SGD_CONFIGS]
+                    + [("per-tensor", kwargs) for kwargs in SGD_CONFIGS + [dict(lr=torch.tensor(0.04), momentum=0.9)]])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("direct", list(DIRECT_SGD))
+@pytest.mark.parametrize("direct, kwargs", DIRECT_SGD_CASES)
 def test_direct_sgd_step_gives_torchs_bits(direct, kwargs, dtype):
     """The direct call takes torch's SGD step exactly: the same parameters and momentum buffers, bit
     for bit, over several steps of fresh gradients, with groups of their own lr, the buffers' first
     step included, and a parameter without a gradient (untouched, no state); the per-tensor step also
     with a group of two dtypes and a parameter whose gradient, and so its buffer, appears later. The
     fused step gets a whole group late instead (torch's own fused step fails on a group where only
-    some parameters have a buffer, which the direct call leaves to it) and no tensor lr."""
+    some parameters have a buffer, which the direct call leaves to it)."""
     options, name, mixed = DIRECT_SGD[direct]
-    if direct == "fused" and isinstance(kwargs["lr"], torch.Tensor):
-        pytest.skip("a tensor lr is left to torch's fused step (test_fused_sgd_step_leaves_other_optimizers_to_torch)")
     gen = torch.Generator().manual_seed(7)
     momentum = kwargs.get("momentum", 0)
 
