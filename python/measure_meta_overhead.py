@@ -186,9 +186,7 @@ class _FreePieces(APOLR):
         if "meta" not in self._free:
             return super()._lookahead_deltas(plan)
         if self._kept_deltas is None:  # formed once (on its own, not in the pass that writes θ')
-            scales = [lr * self._catch_up(group, params) for lr, group, params in
-                      zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
-            dirs = apo_lr.lr_directions(self.base_optimizer, plan.params_by_group, scales)
+            dirs = apo_lr.lr_directions(self.base_optimizer, plan.params_by_group, self._lookahead_scales(plan))
             self._kept_deltas = [d for ds in dirs for d in ds]
         return self._kept_deltas
 
@@ -217,11 +215,17 @@ def free_pieces(row: str, repeats: int, clock_name: str):
     }
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     res = throughput(row, repeats, clock, chosen=chosen)
+    print_variants(row, repeats, clock_name, res, " (values of the free variants are wrong: a timing oracle)")
+
+
+def print_variants(row: str, repeats: int, clock_name: str, res: dict, note: str = "") -> None:
+    """The table of ``throughput``'s variants with the FSD term on the step's batch (the modes that
+    choose their own variants)."""
     print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on the step's batch: {repeats} interleaved 10-step blocks, "
-          f"{clock_name} time (values of the free variants are wrong: a timing oracle)")
-    print(f"  {'':36s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
+          f"{clock_name} time{note}")
+    print(f"  {'':40s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
     for name, r in res.items():
-        print(f"  {name:36s} {r['meta_ms']:6.2f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
+        print(f"  {name:40s} {r['meta_ms']:6.3f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
 
 
 def direct_calls(row: str, repeats: int, clock_name: str):
@@ -255,10 +259,7 @@ def direct_calls(row: str, repeats: int, clock_name: str):
         res = throughput(row, repeats, clock, chosen=chosen)
     finally:
         both()
-    print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on the step's batch: {repeats} interleaved 10-step blocks, {clock_name} time")
-    print(f"  {'':40s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
-    for name, r in res.items():
-        print(f"  {name:40s} {r['meta_ms']:6.3f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
+    print_variants(row, repeats, clock_name, res)
 
 
 def plain_step_parts(row: str, repeats: int, clock_name: str):

@@ -522,10 +522,13 @@ class APOLR(APOCore):
     def _prepare(self):
         return _LRPlan([[p for p in g["params"] if p.grad is not None] for g in self.base_optimizer.param_groups])
 
-    def _lookahead_deltas(self, plan):
+    def _lookahead_scales(self, plan) -> list[float]:
         # Δ = learnt lr·c·d, c the momentum catch-up factor. ⟨∇θ'Q, Δ⟩ stays ∂Q/∂log lr (Δ is linear in lr).
-        scales = [lr * self._catch_up(group, params) for lr, group, params in
-                  zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
+        return [lr * self._catch_up(group, params) for lr, group, params in
+                zip(self.learnt_lrs, self.base_optimizer.param_groups, plan.params_by_group)]
+
+    def _lookahead_deltas(self, plan):
+        scales = self._lookahead_scales(plan)
         fused = fused_sgd_lookahead(self.base_optimizer, plan.params_by_group, scales, self._direction_buffers)
         if fused is not None:  # Δ formed in the pass that writes θ'
             plan.deltas, plan.form_deltas = fused
