@@ -18,6 +18,7 @@ import torch
 
 import apo_kernels  # noqa: F401  (registers torch.ops.apo.*)
 from apo_kernels.ops import backends
+from test_lookahead_op import BAD, fresh  # the lookahead_write tests' inputs: values and non-finite ones
 
 pytestmark = pytest.mark.skipif(backends.native_sgd_lookahead is None,
                                 reason="the native module apo_kernels._C is not built")
@@ -28,16 +29,10 @@ DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch
           (torch.float16, torch.float32)]
 TERMS = [(False, 0.0), (True, 0.0), (False, -0.003), (True, -0.003)]  # (momentum term, decay_coef)
 A, B = -0.1, -0.09
-BAD = [float("nan"), float("inf"), -float("inf")]
 
 
 def op(params, grads, momenta, a, b, c, deltas, out):
     return torch.ops.apo.sgd_lookahead(params, grads, momenta, a, b, c, deltas, out)
-
-
-def fresh(shape, dtype, gen, scale=1.0):
-    shape = (shape,) if isinstance(shape, int) else shape
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def column_major(t):

@@ -192,6 +192,17 @@ def test_state_dict_hooks_run_as_torch_optim_runs_them(name):
     assert calls == [("pre", True), ("post", True), ("load_pre", True), ("load_post", 7 if apo else 0.07)]
 
 
+def _assert_same_parameters_and_state(ref, fast):
+    """Every parameter of every group, and its state tensors, bit for bit alike in the two optimizers."""
+    for pa, pb in zip([p for g in ref.param_groups for p in g["params"]],
+                      [p for g in fast.param_groups for p in g["params"]]):
+        assert torch.equal(pa, pb)
+        assert ref.state[pa].keys() == fast.state[pb].keys()
+        for key in ref.state[pa]:
+            a, b = ref.state[pa][key], fast.state[pb][key]
+            assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b), key
+
+
 def _adam_pair(make_params, **kwargs):
     """Two fused Adams over equal copies of the same parameters (groups: (params, extra options))."""
     pairs = []
@@ -224,13 +235,7 @@ def test_fused_adam_step_gives_torchs_bits(kwargs, dtype):
                 pa.grad, pb.grad = g, (None if g is None else g.clone())
         ref.step()
         assert _step_hooks._fused_adam_step(fast) is True
-        for pa, pb in zip(ref.param_groups[0]["params"] + ref.param_groups[1]["params"],
-                          fast.param_groups[0]["params"] + fast.param_groups[1]["params"]):
-            assert torch.equal(pa, pb)
-            assert ref.state[pa].keys() == fast.state[pb].keys()
-            for key in ref.state[pa]:
-                a, b = ref.state[pa][key], fast.state[pb][key]
-                assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b), key
+        _assert_same_parameters_and_state(ref, fast)
 
 
 @pytest.mark.parametrize("case", ["not fused", "decoupled weight decay", "AdamW", "tensor lr", "two dtypes",
@@ -327,13 +332,7 @@ def test_direct_sgd_step_gives_torchs_bits(direct, kwargs, dtype):
                 pa.grad, pb.grad = g, (None if g is None else g.clone())
         ref.step()
         assert getattr(_step_hooks, name)(fast) is True
-        for pa, pb in zip(groups_a[0]["params"] + groups_a[1]["params"],
-                          groups_b[0]["params"] + groups_b[1]["params"]):
-            assert torch.equal(pa, pb)
-            assert ref.state[pa].keys() == fast.state[pb].keys()
-            for key in ref.state[pa]:
-                a, b = ref.state[pa][key], fast.state[pb][key]
-                assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(a, b), key
+        _assert_same_parameters_and_state(ref, fast)
 
 
 @pytest.mark.parametrize("case", ["not fused", "foreach", "tensor lr", "tensor weight decay", "two dtypes",
