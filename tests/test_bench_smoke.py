@@ -22,6 +22,9 @@ from apo_kernels.bench.common import timed_backends
 from apo_kernels.ops import Backend, reference, register, unregister, usable
 from conftest import ROOT, load_python_script, load_script, python_script
 
+# the steps one optimizer takes in a quick train section: per round a block and its untimed warm step
+QUICK_RUN_STEPS = (train_bench.INTERVAL + 1) * (timing.QUICK.warmup + timing.QUICK.rounds)
+
 
 def _timings(rows):
     return [r["median_ms"] for r in rows if "median_ms" in r]
@@ -102,10 +105,10 @@ def test_quick_small_model_rows(quick_run):
     assert floor["median_ms"] == pytest.approx(small["SGD"]["median_ms"] + op["median_ms"])
     assert floor["ratio"] == pytest.approx(floor["median_ms"] / small["SGD"]["median_ms"]) and floor["ratio"] > 1
     for r in res["train"]:
-        if "median_ms" in r and "estimate" not in r:  # one warm-up block, then one block per round
-            assert r["reps"] == timing.QUICK.rounds
+        if "median_ms" in r and "estimate" not in r:  # one warm-up block, then one block per round,
+            assert r["reps"] == timing.QUICK.rounds      # each right after an untimed step of its own
             if r["impl"] != train_bench.OP_ALONE:
-                assert r["steps"] == 10 * (timing.QUICK.warmup + timing.QUICK.rounds)
+                assert r["steps"] == QUICK_RUN_STEPS
     assert "round-robin" in res["meta"]["timing"]
     keys = {t["key"]: t for t in res["targets"]}
     assert keys["small-model-overhead"]["status"] in {"PASS", "MISS"}  # measured, not N/A
@@ -125,7 +128,7 @@ def test_quick_apo_lr_bound_on_every_problem(quick_run):
         rows = {r["case"]: r for r in res["train"] if r["impl"] == impl}
         assert rows.keys() == cases
         for r in rows.values():
-            assert r["median_ms"] > 0 and r["steps"] == 10 * (timing.QUICK.warmup + timing.QUICK.rounds)
+            assert r["median_ms"] > 0 and r["steps"] == QUICK_RUN_STEPS
             assert math.isfinite(r["final_loss"])
         checks = [t for t in res["targets"] if t["key"] == key]
         assert len(checks) == len(cases) and all(t["status"] in {"PASS", "MISS"} and t["measured"] > 0 for t in checks)
@@ -271,6 +274,10 @@ def test_interleaved_times_round_robin():
     assert got["a"]["reps"] == got["b"]["reps"] == 3 and all(got[k]["median_ms"] >= 0 for k in "ab")
     assert got["c"] == dict(error="RuntimeError: c failed")
     assert t.interleaved(dict(a=fn("a")))["a"]["reps"] == timing.QUICK.rounds >= 3
+    # a warm call of its own right before each call of a callable that has one, untimed
+    calls.clear()
+    timed = t.interleaved(dict(a=fn("a"), b=fn("b")), rounds=2, before=dict(a=fn("warm a")))
+    assert calls == ["warm a", "a", "b"] * 3 and timed["a"]["reps"] == timed["b"]["reps"] == 2
     for bad, exc in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
         with pytest.raises(exc, match="rounds"):
             t.interleaved(dict(a=fn("a")), rounds=bad)
@@ -300,7 +307,7 @@ def test_progress_total_counts_every_tick(monkeypatch):
         def __call__(self, fn):
             return timing.summarize([1e-3] * 3)
 
-        def interleaved(self, fns, rounds=None, on_round=lambda desc: None):
+        def interleaved(self, fns, rounds=None, on_round=lambda desc: None, before=None):
             for r in range(self.settings.warmup + self.settings.rounds):
                 on_round(f"round {r}")
             return {name: timing.summarize([1e-3] * 3) for name in fns}

@@ -14,9 +14,10 @@
 
 ``Timer.interleaved({name: fn, ...})`` times callables that are compared with each other (the
 optimizers of one training problem) round-robin: fn 1, fn 2, …, then again, ``rounds`` times, each
-call timed alone with torch.utils.benchmark's clock (which synchronizes the accelerator). A burst of
-load from other processes then hits every callable alike instead of one row, and the ratio of their
-medians stays meaningful on a busy machine. The calls are long (a block of training steps), so a
+call timed alone with torch.utils.benchmark's clock (which synchronizes the accelerator), right after
+an untimed warm call of its own (``before``) where the caller gives one. A burst of load from other
+processes then hits every callable alike instead of one row, and the ratio of their medians stays
+meaningful on a busy machine. The calls are long (a block of training steps), so a
 fixed count replaces blocked_autorange's block-size estimate, which would run each block many times.
 """
 from __future__ import annotations
@@ -101,7 +102,8 @@ class Timer:
             how = (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time≥{s.min_time_s:g} s), "
                    f"{torch.get_num_threads()} threads")
         return (f"{how}; every row warmed up, ≥ {s.min_reps} repeats, median [p20–p80]; training steps: "
-                f"the optimizers of a problem timed round-robin, {s.rounds} rounds of one block each")
+                f"the optimizers of a problem timed round-robin, {s.rounds} rounds of one block each, "
+                f"each block right after an untimed step of its own")
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -127,11 +129,16 @@ class Timer:
         return summarize(times)
 
     def interleaved(self, fns: Mapping[str, Callable[[], object]], rounds: int | None = None,
-                    on_round: Callable[[str], None] = lambda desc: None) -> dict[str, dict]:
+                    on_round: Callable[[str], None] = lambda desc: None,
+                    before: Mapping[str, Callable[[], object]] | None = None) -> dict[str, dict]:
         """Time ``fns`` round-robin: ``warmup`` untimed rounds, then ``rounds`` (default the settings')
         timed rounds of one call of each, in turn; ``on_round(description)`` before each round.
-        Returns name -> ``summarize`` of its calls, or ``dict(error=...)`` for a callable that raised
-        (it is dropped from the later rounds)."""
+        ``before[name]``, where given, runs untimed right before each call of ``fns[name]``: a short
+        piece of the same work (one training step), so the timed call starts from the caches its own
+        work leaves, as in a loop of it, not from those the previous callable left (after a heavy
+        optimizer's block a small model's first steps run cold, and the row timed right after it pays
+        for that). Returns name -> ``summarize`` of its calls, or ``dict(error=...)`` for a callable
+        that raised (it is dropped from the later rounds)."""
         from torch.utils.benchmark.utils.timer import timer as clock  # syncs the accelerator
 
         from .._args import check_int
@@ -146,6 +153,9 @@ class Timer:
                 if name in errors:
                     continue
                 try:
+                    if before is not None and name in before:
+                        before[name]()
+                        self.sync()
                     t0 = clock()
                     fn()
                     elapsed = clock() - t0

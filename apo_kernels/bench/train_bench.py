@@ -7,7 +7,12 @@ Step time = one block of 10 steps (one full K = T = 10 cycle, so the amortized m
 inversion is inside every block), divided by 10. The optimizers of one problem are timed
 round-robin (``Timer.interleaved``): a warm-up block of each, then ≥ 3 rounds of one block of each
 in turn, so load from other processes hits them alike; a row is the median [p20–p80] of its blocks
-and its ratio the ratio of medians. The final loss of the run is kept too (no tuning: a timing
+and its ratio the ratio of medians. Each timed block comes right after one untimed step of the same
+optimizer: a block then starts with the caches as a training loop of that optimizer leaves them.
+Without it a block started from what the previous row's block left, and after a heavy optimizer (a
+Shampoo or PSGD block takes 100× SGD's on the small MLP) the first steps ran cold: SGD's block,
+timed first in each round right after the round before's heaviest, took 0.72 ms a step against
+0.43–0.60 in a loop of SGD alone, which raised every ratio to SGD toward 1. The final loss of the run is kept too (no tuning: a timing
 table, not a leaderboard). Optimizers whose package is missing, or which raise, give a row with the
 reason instead of a time.
 
@@ -200,21 +205,25 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
 
 
 def _training_block(model, opt, fsd, batches, fsd_batch):
-    """A block of INTERVAL steps (it holds exactly one meta-step / inversion / eigh, whatever the
-    phase) and the state it updates: steps run, last loss."""
+    """A block of INTERVAL steps (any INTERVAL consecutive steps hold exactly one meta-step /
+    inversion / eigh, whatever the phase), one step (the block's untimed warm step) and the state
+    both update: steps run, last loss."""
     state = dict(steps=0, loss=None)
+
+    def step():
+        x, y = batches[state["steps"] % len(batches)]
+        state["steps"] += 1
+        closure = closure_for(opt, model, x, y)
+        if fsd is None:
+            state["loss"] = opt.step(closure)
+        else:
+            state["loss"] = opt.step(closure, fsd_inputs=(x if fsd == "own" else fsd_batch,))
 
     def block():
         for _ in range(INTERVAL):
-            x, y = batches[state["steps"] % len(batches)]
-            state["steps"] += 1
-            closure = closure_for(opt, model, x, y)
-            if fsd is None:
-                state["loss"] = opt.step(closure)
-            else:
-                state["loss"] = opt.step(closure, fsd_inputs=(x if fsd == "own" else fsd_batch,))
+            step()
 
-    return block, state
+    return block, step, state
 
 
 def problems(cfg: Config) -> list[tuple]:
@@ -242,7 +251,8 @@ def n_ticks(cfg: Config) -> int:
 
 def _op_alone_block(model: nn.Module):
     """A block of INTERVAL calls of the grouped op that APO-Precond's plain step makes on ``model``
-    (its layers' tiles and factors, random matrices G), on the optimizer's backend."""
+    (its layers' tiles and factors, random matrices G), on the optimizer's backend, and one call
+    (the block's warm call)."""
     from ..optim import APOPrecond
     from ..optim.preconditioners import precondition_many
 
@@ -252,11 +262,14 @@ def _op_alone_block(model: nn.Module):
     Gs = [torch.randn(layer.shape, generator=gen).to(opt.phi_dtype).to(opt.layers[0].weight.device)
           for layer in opt.layers]
 
+    def call():
+        precondition_many(preconds, Gs, backend=opt.backend, checked=True)
+
     def block():
         for _ in range(INTERVAL):
-            precondition_many(preconds, Gs, backend=opt.backend, checked=True)
+            call()
 
-    return block
+    return block, call
 
 
 def _floor_row(sgd: dict, op: dict, make) -> dict:
@@ -270,7 +283,7 @@ def run(cfg: Config) -> list[dict]:
     dev = cfg.device
     gen = torch.Generator().manual_seed(2)
     settings = cfg.timer.settings
-    run_steps = INTERVAL * (settings.warmup + settings.rounds)
+    run_steps = (INTERVAL + 1) * (settings.warmup + settings.rounds)  # each block and its warm step
     rows: list[dict] = []
     facs = _optimizers(include_peers=not cfg.quick, run_steps=run_steps)  # peers only in the full run
     for label, problem, make_model, xshape, threads in problems(cfg):
@@ -283,7 +296,7 @@ def run(cfg: Config) -> list[dict]:
         row = lambda name, timing, **kw: make_row("train", label, name, "fp32", None, timing, problem=problem,
                                                    batch=xshape[0], **kw)
         with num_threads(threads if dev.type == "cpu" else None) as n_threads:
-            blocks, states, done = {}, {}, {}
+            blocks, warm_steps, states, done = {}, {}, {}, {}
             for name, fac in facs.items():
                 if not _runs_on(name, problem):
                     continue
@@ -294,12 +307,12 @@ def run(cfg: Config) -> list[dict]:
                 except Exception as exc:
                     done[name] = row(name, {}, error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
-                blocks[name], states[name] = _training_block(model, opt, fsd, batches, fsd_batch)
+                blocks[name], warm_steps[name], states[name] = _training_block(model, opt, fsd, batches, fsd_batch)
             if problem == "small-mlp":
                 torch.manual_seed(0)
-                blocks[OP_ALONE] = _op_alone_block(make_model().to(dev))
+                blocks[OP_ALONE], warm_steps[OP_ALONE] = _op_alone_block(make_model().to(dev))
             tick = lambda desc: cfg.tick(f"train {label}: {len(blocks)} optimizers interleaved, {desc}")
-            for name, per_block in cfg.timer.interleaved(blocks, on_round=tick).items():
+            for name, per_block in cfg.timer.interleaved(blocks, on_round=tick, before=warm_steps).items():
                 if "error" in per_block:
                     done[name] = row(name, {}, error=per_block["error"])
                     continue
