@@ -77,7 +77,8 @@ def _interleaved(cfg: Config, fns: dict, tick) -> dict[str, dict]:
     """Each callable timed in blocks of calls, round-robin with the others (``Timer.interleaved``),
     so that a change in the machine's speed during the run hits the loop and the grouped call alike
     and their ratio stays meaningful; a block lasts ≈ 20 ms of the slowest callable, and 3 times the
-    settings' rounds (GROUPED_ROUNDS_PER_SETTING) are timed, each block right after one untimed call. Returns per-call timings (or ``dict(error=...)``)."""
+    settings' rounds (GROUPED_ROUNDS_PER_SETTING) are timed, each block right after one untimed call.
+    Returns per-call timings (or ``dict(error=...)``)."""
     slowest = 0.0
     for fn in fns.values():
         try:

@@ -9,12 +9,13 @@ round-robin (``Timer.interleaved``): a warm-up block of each, then ≥ 3 rounds 
 in turn, so load from other processes hits them alike; a row is the median [p20–p80] of its blocks
 and its ratio the ratio of medians. Each timed block comes right after one untimed step of the same
 optimizer: a block then starts with the caches as a training loop of that optimizer leaves them.
-Without it a block started from what the previous row's block left, and after a heavy optimizer (a
-Shampoo or PSGD block takes 100× SGD's on the small MLP) the first steps ran cold: SGD's block,
-timed first in each round right after the round before's heaviest, took 0.72 ms a step against
-0.43–0.60 in a loop of SGD alone, which raised every ratio to SGD toward 1. The final loss of the run is kept too (no tuning: a timing
-table, not a leaderboard). Optimizers whose package is missing, or which raise, give a row with the
-reason instead of a time.
+Without it a block started from what the previous row's block left, and after a heavy optimizer (an
+EKFAC, Shampoo or PSGD-Kron block takes 7–17× SGD's on the small MLP) its first steps ran cold:
+SGD's block, timed first in each round after the round before's last rows (the peers and the op
+alone), ran 5–7 % slower than with the warm step (paired in one process), which raised every ratio
+to SGD toward 1. The final loss of the run is kept too (no tuning: a timing table, not a
+leaderboard). Optimizers whose package is missing, or which raise, give a row with the reason
+instead of a time.
 
 The small problem (MLP 40-256-256-10, batch 100, the size of the paper's MNIST-1D experiments) runs
 on 2 threads unless ``--threads`` says otherwise. There the optimizer's own per-step cost, not its
