@@ -13,7 +13,9 @@ the ``--quick`` run's MLP and CNN rows). Every variant trains its own copy of th
 of K = 10 steps (one meta-step per block); the blocks of all variants run in turn, in a shuffled
 order each repeat, so a change in machine load hits them alike and no variant always follows the
 same one (right after SGD's block, APO-LR's meta-step ran 0.15 ms slower on the small MLP than after
-another APO-LR's: a fixed order cost the row that followed SGD 0.04 of throughput). A block's time
+another APO-LR's: a fixed order cost the row that followed SGD 0.04 of throughput), each timed
+block right after an untimed block of its own, so it starts from the caches its own steps leave, as
+in a training loop (apo-bench's blocks follow an untimed step for the same reason). A block's time
 is estimated as the median time of its first step (the meta-step) plus 9 × the median time of its
 other steps, over all repeats (a burst of load on a few steps does not move it); reported per
 variant: SGD's block time / the variant's (the bench's ratio, inverted: throughput). ``--clock cpu`` times the process's CPU time instead of wall time: on a machine
@@ -143,6 +145,7 @@ def throughput(row: str, repeats: int, clock, fsd_batches=("other",), chosen=Non
         # a shuffled order each round: a block's first step (the meta-step) runs measurably slower
         # right after SGD's block than after another APO-LR's (the allocator's and caches' state)
         for name in order.sample(list(runs), len(runs)):
+            runs[name]()  # untimed: the timed block starts warm (a whole block keeps the meta-step first)
             times = runs[name]()
             first[name].append(times[0])
             rest[name] += times[1:]

@@ -583,9 +583,9 @@ def test_direct_calls_switch_what_they_name_and_put_them_back(monkeypatch, capsy
     rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+)$", out, re.M)
     assert [name for name, *_ in rows] == ["SGD", "APO-LR", "its base step through torch's step",
                                            "and Δ formed before θ' is written", "passes only (the bound)"], out
-    # blocks of 10 steps, a warm-up and one timed: APO-LR's meta-steps with the one pass (2 variants
-    # × 2 blocks), its base steps by the direct call (1 variant × 20 steps)
-    assert seen == {"one pass": 4, "direct": 20}
+    # blocks of 10 steps, a warm-up, then an untimed and a timed one: APO-LR's meta-steps with the one
+    # pass (2 variants × 3 blocks), its base steps by the direct call (1 variant × 30 steps)
+    assert seen == {"one pass": 6, "direct": 30}
     assert backends.native_sgd_lookahead is one_pass and _step_hooks._single_tensor_sgd_step is direct
 
 
