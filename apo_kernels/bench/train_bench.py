@@ -205,10 +205,10 @@ def _optimizers(include_peers: bool = True, run_steps: int = 10**6):
     return facs
 
 
-def _training_block(model, opt, fsd, batches, fsd_batch):
-    """A block of INTERVAL steps (any INTERVAL consecutive steps hold exactly one meta-step /
-    inversion / eigh, whatever the phase), one step (the block's untimed warm step) and the state
-    both update: steps run, last loss."""
+def _training_step(model, opt, fsd, batches, fsd_batch):
+    """One training step of ``opt`` and the state it updates: steps run, last loss. A block is
+    INTERVAL of them (any INTERVAL consecutive steps hold exactly one meta-step / inversion / eigh,
+    whatever the phase), and one more, untimed, warms the block up."""
     state = dict(steps=0, loss=None)
 
     def step():
@@ -220,11 +220,7 @@ def _training_block(model, opt, fsd, batches, fsd_batch):
         else:
             state["loss"] = opt.step(closure, fsd_inputs=(x if fsd == "own" else fsd_batch,))
 
-    def block():
-        for _ in range(INTERVAL):
-            step()
-
-    return block, step, state
+    return step, state
 
 
 def problems(cfg: Config) -> list[tuple]:
@@ -250,10 +246,9 @@ def n_ticks(cfg: Config) -> int:
     return len(problems(cfg)) * (cfg.timer.settings.warmup + cfg.timer.settings.rounds)
 
 
-def _op_alone_block(model: nn.Module):
-    """A block of INTERVAL calls of the grouped op that APO-Precond's plain step makes on ``model``
-    (its layers' tiles and factors, random matrices G), on the optimizer's backend, and one call
-    (the block's warm call)."""
+def _op_alone_call(model: nn.Module):
+    """One call of the grouped op that APO-Precond's plain step makes on ``model`` (its layers' tiles
+    and factors, random matrices G), on the optimizer's backend."""
     from ..optim import APOPrecond
     from ..optim.preconditioners import precondition_many
 
@@ -266,11 +261,16 @@ def _op_alone_block(model: nn.Module):
     def call():
         precondition_many(preconds, Gs, backend=opt.backend, checked=True)
 
+    return call
+
+
+def _block(unit):
+    """INTERVAL calls of ``unit`` (a training step, or the op alone): one timed block."""
     def block():
         for _ in range(INTERVAL):
-            call()
+            unit()
 
-    return block, call
+    return block
 
 
 def _floor_row(sgd: dict, op: dict, make) -> dict:
@@ -297,7 +297,7 @@ def run(cfg: Config) -> list[dict]:
         row = lambda name, timing, **kw: make_row("train", label, name, "fp32", None, timing, problem=problem,
                                                    batch=xshape[0], **kw)
         with num_threads(threads if dev.type == "cpu" else None) as n_threads:
-            blocks, warm_steps, states, done = {}, {}, {}, {}
+            units, states, done = {}, {}, {}  # name -> one step (or op call), its block's unit and warm-up
             for name, fac in facs.items():
                 if not _runs_on(name, problem):
                     continue
@@ -308,12 +308,13 @@ def run(cfg: Config) -> list[dict]:
                 except Exception as exc:
                     done[name] = row(name, {}, error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
-                blocks[name], warm_steps[name], states[name] = _training_block(model, opt, fsd, batches, fsd_batch)
+                units[name], states[name] = _training_step(model, opt, fsd, batches, fsd_batch)
             if problem == "small-mlp":
                 torch.manual_seed(0)
-                blocks[OP_ALONE], warm_steps[OP_ALONE] = _op_alone_block(make_model().to(dev))
+                units[OP_ALONE] = _op_alone_call(make_model().to(dev))
+            blocks = {name: _block(unit) for name, unit in units.items()}
             tick = lambda desc: cfg.tick(f"train {label}: {len(blocks)} optimizers interleaved, {desc}")
-            for name, per_block in cfg.timer.interleaved(blocks, on_round=tick, before=warm_steps).items():
+            for name, per_block in cfg.timer.interleaved(blocks, on_round=tick, before=units).items():
                 if "error" in per_block:
                     done[name] = row(name, {}, error=per_block["error"])
                     continue
