@@ -269,8 +269,49 @@ void check_written_apart(const std::array<std::pair<const char*, TensorList>, K>
 
 }  // namespace overlap
 
-inline void check_momentum_group(TensorList Gs, TensorList Ms, TensorList As, TensorList Ss, TensorList Bs,
-                                 TensorList Vs, TensorList Outs, double momentum) {
+// A layer with a bias gradient (bias_grads[i] defined; an empty list: none) has the matrix
+// [grads[i] | bias_grads[i]]: grads[i] its first n − 1 columns (m, n − 1), bias_grads[i] (m,) its last,
+// and momenta, vs, out that whole (m, n) matrix. Its momenta then stand for its grad in the rules
+// below, once checked against grads[i] and bias_grads[i] here.
+inline std::vector<Tensor> layer_grads(TensorList Gs, TensorList Gbs, TensorList Ms) {
+  std::vector<Tensor> layers(Gs.begin(), Gs.end());
+  if (Gbs.empty()) return layers;
+  TORCH_CHECK_VALUE(Gbs.size() == Gs.size(), "bias_grads must have one entry per layer (", Gs.size(), "), got ",
+                    Gbs.size());
+  TORCH_CHECK_VALUE(Ms.size() == Gs.size(), "momenta must have one tensor per layer (", Gs.size(), "), got ",
+                    Ms.size());
+  for (size_t i = 0; i < Gs.size(); ++i) {
+    if (!Gbs[i].defined()) continue;
+    const std::string prefix = "layer " + std::to_string(i) + ": ";
+    check_tensor(Gs[i], prefix + "grad");
+    check_tensor(Gbs[i], prefix + "bias_grad");
+    TORCH_CHECK_VALUE(Gs[i].dim() == 2, prefix, "grad with a bias_grad must be 2-D (m, n - 1), got shape ",
+                      shape_str(Gs[i].sizes()));
+    const int64_t m = Gs[i].size(0), n = Gs[i].size(1) + 1;
+    TORCH_CHECK_VALUE(Gbs[i].dim() == 1 && Gbs[i].size(0) == m, prefix,
+                      "bias_grad must have shape (m,), one value per row of grad (", m, "), got shape ",
+                      shape_str(Gbs[i].sizes()));
+    TORCH_CHECK_TYPE(Gbs[i].scalar_type() == Gs[i].scalar_type(), prefix, "bias_grad has dtype ",
+                     dtype_str(Gbs[i].scalar_type()), " but grad has ", dtype_str(Gs[i].scalar_type()));
+    TORCH_CHECK_VALUE(Gbs[i].device() == Gs[i].device(), prefix, "bias_grad is on ", Gbs[i].device(),
+                      " but grad is on ", Gs[i].device());
+    check_tensor(Ms[i], prefix + "momenta");
+    TORCH_CHECK_VALUE(Ms[i].dim() == 2 && Ms[i].size(0) == m && Ms[i].size(1) == n, prefix,
+                      "momenta must have the shape of the matrix [grad | bias_grad] (", m, ", ", n, "), got shape ",
+                      shape_str(Ms[i].sizes()));
+    TORCH_CHECK_TYPE(Ms[i].scalar_type() == Gs[i].scalar_type(), prefix, "momenta has dtype ",
+                     dtype_str(Ms[i].scalar_type()), " but grad has ", dtype_str(Gs[i].scalar_type()));
+    TORCH_CHECK_VALUE(Ms[i].device() == Gs[i].device(), prefix, "momenta is on ", Ms[i].device(),
+                      " but grad is on ", Gs[i].device());
+    layers[i] = Ms[i];
+  }
+  return layers;
+}
+
+inline void check_momentum_group(TensorList Gs_, TensorList Ms, TensorList As, TensorList Ss, TensorList Bs,
+                                 TensorList Vs, TensorList Outs, double momentum, TensorList Gbs = {}) {
+  const std::vector<Tensor> layers = layer_grads(Gs_, Gbs, Ms);
+  const TensorList Gs(layers);
   check_group(Gs, As, Ss, Bs);
   const std::array<std::pair<const char*, TensorList>, 3> likes = {
       std::pair<const char*, TensorList>{"momenta", Ms}, {"vs", Vs}, {"out", Outs}};
@@ -288,10 +329,10 @@ inline void check_momentum_group(TensorList Gs, TensorList Ms, TensorList As, Te
     }
   }
   // every written tensor (vs, out) against every argument
-  const std::array<std::pair<const char*, TensorList>, 7> all = {
-      std::pair<const char*, TensorList>{"grads", Gs}, {"momenta", Ms}, {"As", As}, {"Ss", Ss}, {"Bs", Bs},
-      {"vs", Vs}, {"out", Outs}};
-  overlap::check_written_apart(all, 5);
+  const std::array<std::pair<const char*, TensorList>, 8> all = {
+      std::pair<const char*, TensorList>{"grads", Gs_}, {"bias_grads", Gbs}, {"momenta", Ms}, {"As", As},
+      {"Ss", Ss}, {"Bs", Bs}, {"vs", Vs}, {"out", Outs}};
+  overlap::check_written_apart(all, 6);
 }
 
 // --------------------------------------------------------------------------------------------

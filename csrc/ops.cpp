@@ -838,23 +838,31 @@ std::array<Tensor, 4> backward(const Tensor& dY_, const Tensor& G_, Tensor A_, c
 // cache when the op reads it); the finiteness of v and of Y is read on the way.
 
 // (v finite, Y finite) for one layer on this path; V and Y are row-major (is_row_major: written in
-// place).
+// place). Gb defined: the layer's matrix is [G | Gb] (a bias gradient as its last column), its v
+// formed column block by column block with the same rounding.
 template <typename T>
-std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& M_, double momentum, Tensor A_,
-                                    const Tensor& S_, Tensor B_, const Tensor& V_, const Tensor& Y_) {
+std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& Gb, const Tensor& M_, double momentum,
+                                    Tensor A_, const Tensor& S_, Tensor B_, const Tensor& V_, const Tensor& Y_) {
   const Tensor G = row_major(G_), M = row_major(M_), S = row_major(S_);
   const std::optional<Mat<T>> A = factor_view<T>(A_), B = factor_view<T>(B_);
-  const int64_t m = G.size(0), n = G.size(1), rows = block_rows(m, n, A.has_value());
-  const Mat<T> g = row_major_view<T>(G), mm = row_major_view<T>(M), s = row_major_view<T>(S);
+  const int64_t m = M.size(0), n = M.size(1), rows = block_rows(m, n, A.has_value());
+  const Mat<T> mm = row_major_view<T>(M), s = row_major_view<T>(S);
   const Mat<T> v = row_major_view<T>(V_), y = row_major_view<T>(Y_);
   const Mat<T>* a = A ? &*A : nullptr;
   const Mat<T>* b = B ? &*B : nullptr;
   const T mu = static_cast<T>(momentum);
+  // the columns G gives (all, or all but the bias column), and the bias column as an (m, 1) matrix
+  const int64_t cols = Gb.defined() ? n - 1 : n;
+  const std::optional<Mat<T>> g = cols > 0 ? std::optional<Mat<T>>(row_major_view<T>(G)) : std::nullopt;
+  const std::optional<Mat<T>> gb =
+      Gb.defined() ? std::optional<Mat<T>>(Mat<T>{Gb.data_ptr<T>(), m, 1, Gb.stride(0), false})
+                   : std::nullopt;
   std::atomic<bool> v_finite{true}, y_finite{true};
   // v = μ·m + g on rows [r0, r0 + r) and its finiteness; then, after Y's rows, theirs
   const auto form_v = [&](int64_t r0, int64_t r) {
-    const Mat<T> vb = v.row_block(r0, r);
-    momentum_rows(vb, mm.row_block(r0, r), g.row_block(r0, r), mu);
+    const Mat<T> vb = v.row_block(r0, r), mb = mm.row_block(r0, r);
+    if (g) momentum_rows(Mat<T>{vb.p, r, cols, vb.ld, false}, Mat<T>{mb.p, r, cols, mb.ld, false}, g->row_block(r0, r), mu);
+    if (gb) momentum_rows(Mat<T>{vb.p + cols, r, 1, vb.ld, false}, Mat<T>{mb.p + cols, r, 1, mb.ld, false}, gb->row_block(r0, r), mu);
     if (!finite_rows(vb)) v_finite.store(false, std::memory_order_relaxed);
   };
   const auto check_y = [&](int64_t r0, int64_t r) {
@@ -1386,13 +1394,27 @@ void carry_generic(const Tensor& Y, double momentum, const Tensor& Out) {
 }
 
 // Any device: the elementwise ops above and the device's grouped op through the dispatcher.
-Tensor precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double momentum,
+// A layer's whole gradient matrix: G, or [G | Gb] with a bias gradient Gb (a copy).
+Tensor with_bias_column(const Tensor& G, const Tensor& Gb) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return Gb.defined() ? at::cat({G, Gb.unsqueeze(1)}, 1) : G;
+}
+
+// bias_grads as a list with an undefined tensor for each layer without one (empty: no list given)
+TensorVec bias_list(const std::optional<OptionalTensorList>& Gbs) {
+  return Gbs.has_value() ? layer::factors(*Gbs) : TensorVec{};
+}
+
+Tensor precondition_momentum_grouped_any(TensorList Gs_, TensorList Ms, double momentum,
                                          const OptionalTensorList& As_, TensorList Ss,
                                          const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs,
-                                         bool carry) {
-  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
-  checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
-  if (Gs.empty()) return at::ones({2}, at::kBool);  // (no tensor to dispatch the grouped op on)
+                                         bool carry, const std::optional<OptionalTensorList>& Gbs_) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_), Gbs = bias_list(Gbs_);
+  checks::check_momentum_group(Gs_, Ms, As, Ss, Bs, Vs, Outs, momentum, Gbs);
+  if (Gs_.empty()) return at::ones({2}, at::kBool);  // (no tensor to dispatch the grouped op on)
+  TensorVec whole(Gs_.begin(), Gs_.end());
+  for (size_t i = 0; i < Gbs.size(); ++i) whole[i] = with_bias_column(Gs_[i], Gbs[i]);
+  const TensorList Gs(whole);
   for (size_t i = 0; i < Gs.size(); ++i) momentum_generic(Gs[i], Ms[i], momentum, Vs[i]);
   static const auto grouped =
       c10::Dispatcher::singleton()
@@ -1409,19 +1431,20 @@ Tensor precondition_momentum_grouped_any(TensorList Gs, TensorList Ms, double mo
   return at::stack({all_finite(Vs), all_finite(Outs)});
 }
 
-std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double momentum, const Tensor& A,
-                                     const Tensor& S, const Tensor& B, const Tensor& V, const Tensor& Y,
-                                     bool carry) {
+std::pair<bool, bool> momentum_layer(const Tensor& G_, const Tensor& Gb, const Tensor& M, double momentum,
+                                     const Tensor& A, const Tensor& S, const Tensor& B, const Tensor& V,
+                                     const Tensor& Y, bool carry) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  const bool direct = direct::applies(G, A) && direct::is_row_major(V) && direct::is_row_major(Y);
-  const bool f32 = G.scalar_type() == at::kFloat;
+  const bool direct = direct::applies(M, A) && direct::is_row_major(V) && direct::is_row_major(Y);
+  const bool f32 = G_.scalar_type() == at::kFloat;
+  if (direct && !carry) {  // a bias column read where v is formed
+    return f32 ? direct::momentum_step<float>(G_, Gb, M, momentum, A, S, B, V, Y)
+               : direct::momentum_step<double>(G_, Gb, M, momentum, A, S, B, V, Y);
+  }
+  const Tensor G = with_bias_column(G_, Gb);
   if (direct && carry && !A.defined()) {
     return f32 ? direct::momentum_carry_step<float>(G, M, momentum, S, B, V, Y)
                : direct::momentum_carry_step<double>(G, M, momentum, S, B, V, Y);
-  }
-  if (direct && !carry) {
-    return f32 ? direct::momentum_step<float>(G, M, momentum, A, S, B, V, Y)
-               : direct::momentum_step<double>(G, M, momentum, A, S, B, V, Y);
   }
   momentum_generic(G, M, momentum, V);
   if (carry) {
@@ -1435,13 +1458,14 @@ std::pair<bool, bool> momentum_layer(const Tensor& G, const Tensor& M, double mo
 Tensor precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double momentum,
                                          const OptionalTensorList& As_, TensorList Ss,
                                          const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs,
-                                         bool carry) {
-  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_);
-  checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum);
+                                         bool carry, const std::optional<OptionalTensorList>& Gbs_) {
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_), Gbs = bias_list(Gbs_);
+  checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum, Gbs);
   std::atomic<bool> v_finite{true}, y_finite{true};  // (an empty call: both true)
-  for_each_layer(Gs, [&](int64_t i) {
-    const auto [v_ok, y_ok] =
-        momentum_layer(Gs[i], Ms[i], momentum, As[i], Ss[i], Bs[i], Vs[i], Outs[i], carry);
+  for_each_layer(Ms, [&](int64_t i) {  // (momenta: every layer's whole matrix)
+    const Tensor no_bias;
+    const auto [v_ok, y_ok] = momentum_layer(Gs[i], Gbs.empty() ? no_bias : Gbs[i], Ms[i], momentum, As[i], Ss[i],
+                                             Bs[i], Vs[i], Outs[i], carry);
     if (!v_ok) v_finite.store(false, std::memory_order_relaxed);
     if (!y_ok) y_finite.store(false, std::memory_order_relaxed);
   });
@@ -1464,7 +1488,8 @@ TORCH_LIBRARY(apo, m) {
       "Tensor[] Ss, Tensor?[] Bs, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
   m.def(
       "precondition_momentum_grouped(Tensor[] grads, Tensor[] momenta, float momentum, Tensor?[] As, "
-      "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False) -> Tensor");
+      "Tensor[] Ss, Tensor?[] Bs, Tensor(a!)[] vs, Tensor(b!)[] out, bool carry=False, "
+      "Tensor?[]? bias_grads=None) -> Tensor");
   m.def("all_finite(Tensor[] tensors) -> Tensor");
   m.def("lookahead_write(Tensor[] params, Tensor[] deltas, Tensor(a!)[] out) -> Tensor");
   m.def(

@@ -290,8 +290,13 @@ def test_layer_mapping_tied_weights_and_unsupported_modules():
 
 
 def test_one_grouped_call_per_step(monkeypatch):
-    calls = {"fwd": 0, "bwd": 0}
+    calls = {"fwd": 0, "bwd": 0, "fused": 0}
     fwd, bwd = preconditioners._grouped, preconditioners._grouped_backward
+    fused = preconditioners.momentum_precondition_many
+
+    def count_fused(*a, **k):
+        calls["fused"] += 1
+        return fused(*a, **k)
 
     def count_fwd(*a, **k):
         calls["fwd"] += 1
@@ -303,13 +308,16 @@ def test_one_grouped_call_per_step(monkeypatch):
 
     monkeypatch.setattr(preconditioners, "_grouped", count_fwd)  # the op, public or registered
     monkeypatch.setattr(preconditioners, "_grouped_backward", count_bwd)
+    monkeypatch.setattr("apo_kernels.optim.precond.momentum_precondition_many", count_fused)
     m = mlp()
     x, y = data()
     opt = APOPrecond(m, **opt_kwargs(meta_interval=3))
     opt.step(closure_for(opt, m, x, y))  # meta-step: lookahead + update, one backward
-    assert calls == {"fwd": 2, "bwd": 1}
-    opt.step(closure_for(opt, m, x, y))  # plain step: one grouped call for both layers
-    assert calls == {"fwd": 3, "bwd": 1}
+    assert calls == {"fwd": 2, "bwd": 1, "fused": 0}
+    # plain step: one grouped call for both layers (on the CPU backend the fused momentum op's)
+    opt.step(closure_for(opt, m, x, y))
+    assert calls["fwd"] + calls["fused"] == 3 and calls["bwd"] == 1
+    assert calls["fused"] == (1 if opt._fused_layers else 0)
 
 
 def test_warmup_follows_sgd_momentum_while_phi_is_learnt():
@@ -1028,9 +1036,9 @@ def test_a_layout_whose_split_copies_still_steps_like_sgd():
 
 
 class _WholeMatrices(nn.Module):
-    """Layers whose matrix is their one parameter (an embedding, a linear without bias), which the
-    CPU backend's plain steps give to the fused momentum op, next to layers it does not (a linear
-    with bias, a LayerNorm's diagonal)."""
+    """Layers whose matrix is their one parameter (an embedding, a linear without bias) or their
+    weight with the bias as its last column (a linear with bias), which the CPU backend's plain steps
+    give to the fused momentum op, next to a parameter it does not (a LayerNorm's diagonal)."""
 
     def __init__(self):
         super().__init__()
@@ -1054,7 +1062,7 @@ def test_fused_momentum_step_is_bit_for_bit_the_unfused_step(monkeypatch):
     m2 = copy.deepcopy(m1)
     kw = opt_kwargs(lr=0.05, meta_interval=3, weight_decay=0.01, backend="cpu", carry_direction=False)
     fused, plain = APOPrecond(m1, **kw), APOPrecond(m2, **kw)
-    assert [layer.name for layer in fused._fused_layers] == ["emb", "mix"]
+    assert [layer.name for layer in fused._fused_layers] == ["emb", "mix", "out"]
     plain._fused_layers = []
     calls = []
     real = preconditioners.momentum_precondition_many
@@ -1106,7 +1114,7 @@ def test_carried_direction_follows_the_unfused_step(monkeypatch):
     def strided_grads(opt, m):  # the fused layers' gradients column-major: a step without the fused op
         def closure():
             loss = closure_for(opt, m, tok, y)()
-            for layer in (m.emb, m.mix):
+            for layer in (m.emb, m.mix, m.out):
                 layer.weight.grad = layer.weight.grad.T.contiguous().T
             return loss
         return closure
@@ -1142,6 +1150,45 @@ class _BiasFree(nn.Module):
 
     def forward(self, x):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class _WithBiases(nn.Module):
+    """A conv and linear layers with bias (their matrices: the weight, bias as the last column)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.a = nn.Linear(12, 9)
+        self.b = nn.Linear(9, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.conv(x)).flatten(1))))
+
+
+@pytest.mark.parametrize("max_precond_dim", [None, 4], ids=["whole", "tiles"])
+def test_fused_step_with_bias_columns_is_bit_for_bit_the_unfused_step(max_precond_dim):
+    """Layers with bias take the fused op, which reads the weight and bias gradients as they are:
+    θ, φ and the momentum follow the unfused step exactly, over plain steps and meta-steps, with the
+    bias column in a layer's last column block (tiles: row and column blocks of width ≤ 4)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 2, 6), torch.randint(0, 4, (8,))
+    m1 = _WithBiases()
+    m2 = copy.deepcopy(m1)
+    kw = opt_kwargs(lr=0.05, meta_interval=3, weight_decay=0.01, max_precond_dim=max_precond_dim, backend="cpu")
+    fused, plain = APOPrecond(m1, **kw), APOPrecond(m2, **kw)
+    assert [layer.name for layer in fused._fused_layers] == ["conv", "a", "b"]
+    if max_precond_dim:
+        assert [layer.precond.col_blocks[-1] for layer in fused.layers] == [(4, 7), (10, 13), (7, 10)]
+    plain._fused_layers = []
+    for _ in range(7):
+        for opt, m in ((fused, m1), (plain, m2)):
+            opt.step(closure_for(opt, m, x, y))
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(a, b)
+            assert torch.equal(fused.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
+        assert all(torch.equal(a, b) for a, b in zip(fused.phi, plain.phi))
+    assert fused.meta_steps == plain.meta_steps > 0 and fused.skipped_steps == 0
 
 
 def test_fused_step_takes_column_blocks_anywhere_in_the_buffers():

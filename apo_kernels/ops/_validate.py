@@ -149,11 +149,56 @@ def check_group(grads, As, Ss, Bs, *, grad_outs=_NOT_GIVEN, fast: bool = True, l
             check_grad_out(grad_outs[i], g, prefix=prefix)
 
 
-def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, *, fake: bool = False) -> None:
+def _layer_grads(grads, bias_grads, momenta) -> list:
+    """Each layer's gradient matrix as the rules below read it (apo_checks.h's layer_grads, same
+    messages): grads[i], or, for a layer with a bias gradient, its momenta, once checked against
+    grads[i] (m, n − 1) and bias_grads[i] (m,) as the matrix [grad | bias_grad] (m, n)."""
+    if bias_grads is None:
+        return grads
+    for name, seq in (("bias_grads", bias_grads), ("momenta", momenta)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+        if len(seq) != len(grads):
+            raise ValueError(f"{name} must have one {'entry' if name == 'bias_grads' else 'tensor'} per layer "
+                             f"({len(grads)}), got {len(seq)}")
+    layers = list(grads)
+    for i, (g, gb, m) in enumerate(zip(grads, bias_grads, momenta)):
+        if gb is None:
+            continue
+        prefix = f"layer {i}: "
+        _check_tensor(prefix + "grad", g)
+        _check_tensor(prefix + "bias_grad", gb)
+        if g.ndim != 2:
+            raise ValueError(f"{prefix}grad with a bias_grad must be 2-D (m, n - 1), got shape {_shape(g)}")
+        rows, cols = g.shape[0], g.shape[1] + 1
+        _require(gb.ndim == 1 and gb.shape[0] == rows, ValueError, lambda: (
+            f"{prefix}bias_grad must have shape (m,), one value per row of grad ({rows}), got shape {_shape(gb)}"))
+        if gb.dtype != g.dtype:
+            raise TypeError(f"{prefix}bias_grad has dtype {gb.dtype} but grad has {g.dtype}")
+        if gb.device != g.device:
+            raise ValueError(f"{prefix}bias_grad is on {gb.device} but grad is on {g.device}")
+        _check_tensor(prefix + "momenta", m)
+        _require(m.ndim == 2 and m.shape[0] == rows and m.shape[1] == cols, ValueError, lambda: (
+            f"{prefix}momenta must have the shape of the matrix [grad | bias_grad] ({rows}, {cols}), "
+            f"got shape {_shape(m)}"))
+        if m.dtype != g.dtype:
+            raise TypeError(f"{prefix}momenta has dtype {m.dtype} but grad has {g.dtype}")
+        if m.device != g.device:
+            raise ValueError(f"{prefix}momenta is on {m.device} but grad is on {g.device}")
+        layers[i] = m
+    return layers
+
+
+def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, *, bias_grads=None,
+                         fake: bool = False) -> None:
     """The momentum step's arguments (apo_checks.h's check_momentum_group, same messages): the
-    grouped op's lists; momenta, vs, out one per layer, like grads[i]; a finite momentum; vs and out
-    written, so sharing no element with any argument or each other. ``fake``: the fake kernel's
-    check (no fast path; fake tensors have no addresses to compare)."""
+    grouped op's lists; momenta, vs, out one per layer, like grads[i] (like the matrix [grads[i] |
+    bias_grads[i]] where a layer has a bias gradient); a finite momentum; vs and out written, so
+    sharing no element with any argument or each other. ``fake``: the fake kernel's check (no fast
+    path; fake tensors have no addresses to compare)."""
+    given_grads = grads
+    if isinstance(grads, Sequence) and not isinstance(grads, torch.Tensor):
+        grads = _layer_grads(grads, bias_grads, momenta)
     check_group(grads, As, Ss, Bs, fast=not fake)
     likes = {"momenta": momenta, "vs": vs, "out": out}
     for name, seq in likes.items():
@@ -170,8 +215,8 @@ def check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, *, fake:
                 raise ValueError(f"layer {i}: {name} has elements that share memory (an expanded tensor); "
                                  "it is written")
     if not fake:
-        _check_written_apart([("grads", grads), ("momenta", momenta), ("As", As), ("Ss", Ss), ("Bs", Bs),
-                              ("vs", vs), ("out", out)], first_written=5)
+        _check_written_apart([("grads", given_grads), ("bias_grads", list(bias_grads or [])), ("momenta", momenta),
+                              ("As", As), ("Ss", Ss), ("Bs", Bs), ("vs", vs), ("out", out)], first_written=6)
 
 
 def check_momentum(momentum) -> None:

@@ -257,7 +257,7 @@ def precondition_grouped_backward(
 def precondition_momentum_grouped(
     grads: Sequence[Tensor], momenta: Sequence[Tensor], momentum: float, As: Sequence[Optional[Tensor]],
     Ss: Sequence[Tensor], Bs: Sequence[Optional[Tensor]], *, vs: Sequence[Tensor], out: Sequence[Tensor],
-    carry: bool = False, backend: str = "auto",
+    carry: bool = False, bias_grads: Optional[Sequence[Optional[Tensor]]] = None, backend: str = "auto",
 ) -> Tensor:
     """A momentum optimizer's preconditioned step direction, per layer, in one call (no autograd):
 
@@ -273,8 +273,13 @@ def precondition_momentum_grouped(
     differently. The CPU kernel then forms Y(grads[i]) only on the nonzero rows of a layer whose A is
     None: an embedding's step costs elementwise passes plus GEMMs on the rows the batch touched.
 
-    Layers as in ``precondition_grouped``; momenta, vs and out have grads[i]'s shape, dtype and
-    device, and vs and out share no memory with any argument. Returns a bool tensor of shape (2,) on
+    ``bias_grads``: per layer None or a bias gradient (m,), the last column of the layer's gradient
+    matrix, whose other columns are grads[i] (m, n − 1): the layer's G is [grads[i] | bias_grads[i]]
+    (a linear or conv layer's weight and bias gradients as they are, no concatenation). The CPU
+    kernel reads both where it forms v.
+
+    Layers as in ``precondition_grouped``; momenta, vs and out have the shape of the layer's matrix
+    G and grads[i]'s dtype and device, and vs and out share no memory with any argument. Returns a bool tensor of shape (2,) on
     the inputs' device: (every v finite, every out finite); on a GPU nothing waits until it is read.
     The CPU kernel forms each block of rows' v and Y while they are in cache; other backends compose
     the elementwise ops and their grouped op.
@@ -284,26 +289,33 @@ def precondition_momentum_grouped(
     check_bool("carry", carry)
     _validate.check_group(grads, As, Ss, Bs, layers=False)
     _validate.check_momentum(momentum)  # the schema's float would take a bool
+    if bias_grads is not None and (isinstance(bias_grads, Tensor) or not isinstance(bias_grads, Sequence)):
+        raise TypeError(f"bias_grads must be a list or tuple of tensors or None, got {type(bias_grads).__name__}")
+    bias_grads = None if bias_grads is None or all(b is None for b in bias_grads) else list(bias_grads)
     if len(grads) == 0 or not isinstance(grads[0], Tensor):
-        _validate.check_momentum_group(*args)
+        _validate.check_momentum_group(*args, bias_grads=bias_grads)
         if len(grads) == 0:
             return torch.ones(2, dtype=torch.bool)
     family = resolve(backend, grads[0].device).family
     if family.momentum_grouped is None:  # composed here: the rules are checked here
-        _validate.check_momentum_group(*args)
+        _validate.check_momentum_group(*args, bias_grads=bias_grads)
         lists = (list(grads), list(momenta), float(momentum), list(As), list(Ss), list(Bs), list(vs), list(out))
-        return _momentum_grouped_composite(family, *lists, carry=carry)
+        return _momentum_grouped_composite(family, *lists, carry=carry, bias_grads=bias_grads)
     try:  # the registered op checks every argument itself, with the same messages
         return family.momentum_grouped(list(grads), list(momenta), momentum, list(As), list(Ss), list(Bs),
-                                       list(vs), list(out), carry)
+                                       list(vs), list(out), carry, bias_grads)
     except (RuntimeError, NotImplementedError):
-        _validate.check_momentum_group(*args)  # refused by the dispatcher: the Python rules name the argument
+        # refused by the dispatcher: the Python rules name the argument
+        _validate.check_momentum_group(*args, bias_grads=bias_grads)
         raise
 
 
-def _momentum_grouped_composite(family: OpFamily, grads, momenta, momentum, As, Ss, Bs, vs, out, *, carry: bool):
+def _momentum_grouped_composite(family: OpFamily, grads, momenta, momentum, As, Ss, Bs, vs, out, *, carry: bool,
+                                bias_grads=None):
     """The momentum step from a family's grouped op (a family without a fused one)."""
     with torch.no_grad():
+        if bias_grads is not None:  # each layer's whole matrix G (torch.cat: a copy)
+            grads = [g if b is None else torch.cat([g, b.unsqueeze(1)], dim=1) for g, b in zip(grads, bias_grads)]
         for v, m, g in zip(vs, momenta, grads):
             torch.mul(m, momentum, out=v)
             v.add_(g)

@@ -38,7 +38,7 @@ class OpFamily:
     tensor (a masked-off list: an empty list); plain Python families may return None there.
 
     Optional, a fused momentum step (None: the public function composes it from ``grouped``):
-    momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out, carry) -> bool Tensor (2,)
+    momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out, carry, bias_grads) -> bool Tensor (2,)
 
     ``checks_inputs``: the grouped op applies the input rules itself, with _validate.py's messages
     (the C++ checks of apo_checks.h, the Triton launchers), so the public grouped call does not
@@ -145,8 +145,9 @@ def library_family(prefix: str) -> OpFamily:
             for ts, m in zip(lists, mask)
         )
 
-    def fake_momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out, carry=False):
-        _validate.check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, fake=True)
+    def fake_momentum_grouped(grads, momenta, momentum, As, Ss, Bs, vs, out, carry=False, bias_grads=None):
+        _validate.check_momentum_group(grads, momenta, momentum, As, Ss, Bs, vs, out, bias_grads=bias_grads,
+                                       fake=True)
         return grads[0].new_empty((2,), dtype=torch.bool) if grads else torch.empty(2, dtype=torch.bool)
 
     if fam.momentum_grouped is not None:

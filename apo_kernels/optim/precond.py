@@ -104,6 +104,20 @@ def _whole_matrix(layer: _Layer) -> bool:
     return offset == 0 and stride == torch.empty(size, device="meta").stride()
 
 
+def _bias_last_column(layer: _Layer) -> bool:
+    """Whether the layer's matrix is its weight, reshaped, with its bias as the last column (a linear
+    or conv layer with bias): the fused momentum op then reads both gradients as they are."""
+    if layer.view_geometry is None or len(layer.params) != 2:
+        return False
+    m, n = layer.shape
+    weight = torch.empty(layer.shape, device="meta")[:, :n - 1]
+    try:
+        weight = weight.view(layer.params[0].shape)
+    except RuntimeError:
+        return False
+    return layer.view_geometry == [(tuple(weight.shape), weight.stride(), 0), ((m,), (n,), n - 1)]
+
+
 def _view_geometry(layer: Layer) -> Optional[list[tuple[tuple[int, ...], tuple[int, ...], int]]]:
     """(size, stride, offset) of each tensor the layer's ``split`` returns for a contiguous (m, n)
     matrix when they are all views of it (every built-in layout), else None; probed on a meta tensor
@@ -358,14 +372,15 @@ class APOPrecond(APOCore):
         # sharded mode: φ only for this rank's preconditioners (the others' are placeholders)
         self._shards = distributed.shard_preconditioners(model, self.layers, self.diagonals, shard_preconditioners)
         # Layers whose plain steps take the fused momentum op, whose CPU kernel forms v and Y one block
-        # of rows at a time: one parameter that is the layer's whole matrix (an embedding, a linear or
-        # conv without bias), with the full structure and momentum, unsharded
-        self._fused_layers = [layer for layer in self.layers if _whole_matrix(layer)] if (
+        # of rows at a time: a layer whose matrix is its one parameter (an embedding, a linear or conv
+        # without bias) or its weight with its bias as the last column, with the full structure and
+        # momentum, unsharded
+        self._fused_layers = [layer for layer in self.layers if _whole_matrix(layer) or _bias_last_column(layer)] if (
             structure == "full" and momentum != 0 and resolved == "cpu" and self._shards is None) else []
         # Those of them with a fixed identity A (an embedding: its gradient is zero on the rows the
         # batch did not touch) carry their direction between meta-steps, Y_t = μ·Y_{t−1} + Y(g_t)
-        self._carried_layers = [layer for layer in self._fused_layers if not layer.precond.learn_left] \
-            if carry_direction else []
+        self._carried_layers = [layer for layer in self._fused_layers
+                                if not layer.precond.learn_left and _whole_matrix(layer)] if carry_direction else []
         # φ's tensor versions at which the directions copy holds Y(momentum) of every carried layer
         # (set by an update that took those Ys; None: the next fused step forms Y(v) again)
         self._carry_versions: Optional[tuple[int, ...]] = None
@@ -524,7 +539,7 @@ class APOPrecond(APOCore):
         other parameters' v with foreach ops (the same rounding)."""
         mb = self._buffers
         cur, spare, out = mb.mats[mb.current], mb.mats[mb.spare], mb.mats[mb.DIRECTIONS]
-        taken = {self._index[id(layer.weight)] for layer in fused}
+        taken = {self._index[id(p)] for layer in fused for p in layer.params}
         rest = [i for i in range(len(grads)) if i not in taken]
         held, vs = mb.views[mb.current], mb.views[mb.spare]
         plan.rest_vs = [vs[i] for i in rest]
@@ -542,13 +557,22 @@ class APOPrecond(APOCore):
                                 ([l for l in fused if l.index in carried], True)):
             if not group:
                 continue
+            weights, biases = self._fused_grads(group, grads)
             v_ok, y_ok = momentum_precondition_many(
-                [layer.precond for layer in group], [grads[self._index[id(layer.weight)]].view(layer.shape) for layer in group],
-                [cur[layer.index] for layer in group], mom, [spare[layer.index] for layer in group],
-                [out[layer.index] for layer in group], carry=carrying, backend=self.backend).tolist()
+                [layer.precond for layer in group], weights, [cur[layer.index] for layer in group], mom,
+                [spare[layer.index] for layer in group], [out[layer.index] for layer in group], carry=carrying,
+                bias_grads=biases, backend=self.backend, checked=True).tolist()
             flags = [flags[0] and v_ok, flags[1] and y_ok]
         plan.fused_v_finite, plan.ready_finite = flags
         plan.ready = {layer.index: out[layer.index] for layer in fused}
+
+    def _fused_grads(self, layers: list[_Layer], grads: list[Tensor]) -> tuple[list[Tensor], Optional[list]]:
+        """The fused op's gradients of ``layers``: each weight's as its matrix columns (m, n) or, with a
+        bias, (m, n − 1); the bias gradients (None for a layer without one; None for none at all)."""
+        weights = [grads[self._index[id(layer.weight)]].view(layer.m, layer.n - (len(layer.params) - 1))
+                   for layer in layers]
+        biases = [grads[self._index[id(layer.params[1])]] if len(layer.params) == 2 else None for layer in layers]
+        return weights, biases if any(b is not None for b in biases) else None
 
     def _phi_versions(self) -> tuple[int, ...]:
         """The version counters of φ's tensors: any in-place change of φ (a meta-step, a shrink, a

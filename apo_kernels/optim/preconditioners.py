@@ -307,23 +307,50 @@ def precondition_many(
 @torch.no_grad()
 def momentum_precondition_many(
     preconds: Sequence[StructuredPreconditioner], grads: Sequence[Tensor], momenta: Sequence[Tensor],
-    momentum: float, vs: Sequence[Tensor], outs: Sequence[Tensor], *, carry: bool = False, backend: str = "auto",
+    momentum: float, vs: Sequence[Tensor], outs: Sequence[Tensor], *, carry: bool = False,
+    bias_grads: Optional[Sequence[Optional[Tensor]]] = None, backend: str = "auto", checked: bool = False,
 ) -> Tensor:
     """For each layer v_i = momentum·momenta[i] + grads[i] into vs[i] and Y_i = preconds[i] applied to
     v_i into outs[i] (all (m_i, n_i), φ's dtype and device), every tile in ONE call of
     ``apo_kernels.precondition_momentum_grouped``; returns its flags, a bool tensor (every v finite,
     every Y finite). ``carry``: outs hold the directions of ``momenta`` at these φ, carried forward
-    (``precondition_momentum_grouped``'s ``carry``)."""
-    tiles = [[], [], [], [], [], [], []]  # grads, momenta, As, S²s, Bs, vs, outs
-    for pc, g, m, v, y in zip(preconds, grads, momenta, vs, outs):
-        g_tiles, As, Ss, Bs = pc.op_inputs(g)
-        for k, ts in enumerate((g_tiles, pc.tiles(m), As, Ss, Bs, pc.tiles(v), pc.tiles(y))):
+    (``precondition_momentum_grouped``'s ``carry``). ``bias_grads[i]``, where given, is the last
+    column of layer i's gradient (m_i,), grads[i] its other columns (m_i, n_i − 1). ``checked``
+    (inputs known valid): the registered op of the backend's family where it has one, as
+    ``precondition_many``'s (the kernel still checks its inputs)."""
+    tiles = [[], [], [], [], [], [], [], []]  # grads, bias grads, momenta, As, S²s, Bs, vs, outs
+    bias_grads = [None] * len(preconds) if bias_grads is None else bias_grads
+    for pc, g, b, m, v, y in zip(preconds, grads, bias_grads, momenta, vs, outs):
+        _, As, Ss, Bs = pc.op_inputs(m)  # (the factors of each tile; m stands for the layer's shape)
+        g_tiles, b_tiles = _column_split_tiles(pc, g, b)
+        for k, ts in enumerate((g_tiles, b_tiles, pc.tiles(m), As, Ss, Bs, pc.tiles(v), pc.tiles(y))):
             tiles[k] += ts
     if not tiles[0]:
         return torch.ones(2, dtype=torch.bool)
-    g_tiles, m_tiles, As, Ss, Bs, v_tiles, y_tiles = tiles
-    return apo_kernels.precondition_momentum_grouped(g_tiles, m_tiles, momentum, As, Ss, Bs, vs=v_tiles,
-                                                     out=y_tiles, carry=carry, backend=backend)
+    g_tiles, b_tiles, m_tiles, As, Ss, Bs, v_tiles, y_tiles = tiles
+    b_tiles = b_tiles if any(b is not None for b in b_tiles) else None
+    fused = resolve(backend, g_tiles[0].device).family.momentum_grouped if checked else None
+    if fused is not None:
+        return fused(g_tiles, m_tiles, momentum, As, Ss, Bs, v_tiles, y_tiles, carry, b_tiles)
+    return apo_kernels.precondition_momentum_grouped(g_tiles, m_tiles, momentum, As, Ss, Bs, vs=v_tiles, out=y_tiles,
+                                                     carry=carry, bias_grads=b_tiles, backend=backend)
+
+
+def _column_split_tiles(pc: "StructuredPreconditioner", g: Tensor, b: Optional[Tensor]):
+    """The tiles of the matrix [g | b] (b None: of g) as the fused op takes them: per tile its part of
+    g and, for the tiles of the last column block, its part of b (else None); ``pc.tiles``' order."""
+    if b is None:
+        tiles = pc.tiles(g)
+        return tiles, [None] * len(tiles)
+    if len(pc.row_blocks) == 1 and len(pc.col_blocks) == 1:  # one tile: no views to make
+        return [g], [b]
+    last = g.shape[1]  # the bias column's index
+    g_tiles, b_tiles = [], []
+    for r0, r1 in pc.row_blocks:
+        for c0, c1 in pc.col_blocks:
+            g_tiles.append(g[r0:r1, c0:min(c1, last)])
+            b_tiles.append(b[r0:r1] if c1 > last else None)
+    return g_tiles, b_tiles
 
 
 def _op_inputs_many(preconds, Gs) -> tuple[list, list, list, list, list[int]]:
