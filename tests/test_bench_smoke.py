@@ -519,6 +519,19 @@ def test_plain_step_parts_diagnosis_runs_and_reports_every_variant():
     assert all(float(t) > 0 for _, t, _ in rows) and float(rows[0][2]) == 0.0
 
 
+def test_precond_plain_step_measure_reports_every_variant():
+    # python/measure_precond_plain_step.py: the fused momentum op's A/B the README's log quotes
+    proc = subprocess.run([sys.executable, python_script("measure_precond_plain_step"), "--repeats", "2",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) ms\s+([0-9.]+)× SGD$", proc.stdout, re.M)
+    names = [name for name, _, _ in rows]
+    assert names == [f"{opt}, {tag}{suffix}" for tag in ("with biases", "without biases")
+                     for opt, suffix in (("SGD", ""), ("APO-Precond", ""), ("APO-Precond", ", unfused"))], proc.stdout
+    assert all(float(t) > 0 for _, t, _ in rows)
+    assert [float(r) for name, _, r in rows if name.startswith("SGD")] == [1.0, 1.0]
+
+
 def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
     # python/measure_meta_overhead.py --meta-step-parts: every piece is reported, and with "the rest"
     # the closures and APO's own pieces add up to the meta-step (the FSD term is inside a closure)

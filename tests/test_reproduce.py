@@ -278,6 +278,7 @@ SCRIPT_FLAG_CASES = [
     ("measure_embedding_step.py", ("--rounds", "0"), "argument --rounds: expected an integer >= 1"),
     ("measure_embedding_step.py", ("--threads", "0"), "argument --threads: expected an integer >= 1"),
     ("measure_meta_overhead.py", ("--threads", "0"), "argument --threads: expected an integer >= 1"),
+    ("measure_precond_plain_step.py", ("--repeats", "0"), "argument --repeats: expected an integer >= 1"),
     ("measure_meta_overhead.py", ("--meta-cost", "--batch", "0"), "argument --batch: expected an integer >= 1"),
     ("measure_bf16_gemm_quality.py", ("--seeds", "1"), "argument --seeds: expected an integer >= 2"),
     ("measure_bf16_gemm_quality.py", ("--experiments", "nope"), "--experiments: expected a comma list of"),
