@@ -271,10 +271,11 @@ class APOPrecond(APOCore):
 
     Fused momentum step (CPU backend, structure="full", momentum on, unsharded): on a plain step past
     warm-up and on a meta-step (its lookahead), every layer whose matrix is its one parameter (an
-    embedding, a linear or conv without bias) forms v = μ·buf + g and Y(v) in one call of
-    ``apo_kernels.precondition_momentum_grouped``, one block of rows at a time, bit for bit the
-    unfused step. With ``carry_direction`` (default), such a layer with a fixed identity A (an
-    embedding) carries its direction from one plain step to the next while φ is unchanged:
+    embedding, a linear or conv without bias) or its weight with the bias as the last column (a
+    linear or conv with bias: the op reads both gradients as they are) forms v = μ·buf + g and Y(v)
+    in one call of ``apo_kernels.precondition_momentum_grouped``, one block of rows at a time, bit for
+    bit the unfused step. With ``carry_direction`` (default), such a layer whose matrix is its one
+    parameter and whose A is a fixed identity (an embedding) carries its direction from one plain step to the next while φ is unchanged:
     Y_t = μ·Y_{t−1} + Y(g_t), which the op forms only on the gradient's nonzero rows (those the batch
     touched), the same direction as Y(v_t) in exact arithmetic, rounded differently (the carried
     rounding errors decay with μ). After a meta-step, a skipped step or a restored state, Y(v) is
