@@ -15,7 +15,7 @@ import torch
 import apo_kernels
 from apo_kernels.ops import reference
 from conftest import backend_skip_reason, cpu_backends
-from test_momentum_op import MU, flag_pair, nan_like, skip_unsupported
+from test_momentum_op import ENTRY_POINTS, MU, flag_pair, nan_like, skip_unsupported
 from test_op import TOL
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -158,12 +158,6 @@ def _entry(where):
         return apo_kernels.precondition_momentum_grouped(gs, ms, MU, As, Ss, Bs, vs=vs, out=out, bias_grads=bs,
                                                          backend=where)
     return public
-
-
-ENTRY_POINTS = [pytest.param(p.values[0], marks=p.marks, id=f"public-{p.id}") for p in cpu_backends()]
-_CPU_SKIP = backend_skip_reason("cpu")
-ENTRY_POINTS.append(pytest.param(
-    "op", id="torch.ops.apo", marks=[pytest.mark.skip(reason=f"cpu: {_CPU_SKIP}")] if _CPU_SKIP else []))
 
 
 @pytest.mark.parametrize("where", ENTRY_POINTS)

@@ -1052,6 +1052,16 @@ class _WholeMatrices(nn.Module):
         return self.out(self.norm(self.mix(self.emb(tok).flatten(1))))
 
 
+def step_alike(fused, m1, plain, m2, x, y):
+    """One step of each optimizer on the same batch; θ, the momentum and φ stay bit for bit equal."""
+    for opt, m in ((fused, m1), (plain, m2)):
+        opt.step(closure_for(opt, m, x, y))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(fused.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
+    assert all(torch.equal(a, b) for a, b in zip(fused.phi, plain.phi))
+
+
 def test_fused_momentum_step_is_bit_for_bit_the_unfused_step(monkeypatch):
     """The fused momentum op (v and Y of whole-matrix layers in one pass) changes no value: θ, φ and
     the momentum follow the unfused step exactly, over plain steps, meta-steps (whose lookahead
@@ -1077,12 +1087,7 @@ def test_fused_momentum_step_is_bit_for_bit_the_unfused_step(monkeypatch):
             for opt in (fused, plain):
                 with torch.no_grad():
                     opt.layers[0].precond.S.fill_(60.0)
-        for opt, m in ((fused, m1), (plain, m2)):
-            opt.step(closure_for(opt, m, tok, y))
-        for a, b in zip(m1.parameters(), m2.parameters()):
-            assert torch.equal(a, b)
-            assert torch.equal(fused.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
-        assert all(torch.equal(a, b) for a, b in zip(fused.phi, plain.phi))
+        step_alike(fused, m1, plain, m2, tok, y)
     # every step with momentum buffers (from step 1) took the fused op: a plain step for its update,
     # a meta-step (3, 6 and 7, after the failed 5 and 6 asked for one at once) for its lookahead
     assert calls == list(range(1, 8))
@@ -1182,12 +1187,7 @@ def test_fused_step_with_bias_columns_is_bit_for_bit_the_unfused_step(max_precon
         assert [layer.precond.col_blocks[-1] for layer in fused.layers] == [(4, 7), (10, 13), (7, 10)]
     plain._fused_layers = []
     for _ in range(7):
-        for opt, m in ((fused, m1), (plain, m2)):
-            opt.step(closure_for(opt, m, x, y))
-        for a, b in zip(m1.parameters(), m2.parameters()):
-            assert torch.equal(a, b)
-            assert torch.equal(fused.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
-        assert all(torch.equal(a, b) for a, b in zip(fused.phi, plain.phi))
+        step_alike(fused, m1, plain, m2, x, y)
     assert fused.meta_steps == plain.meta_steps > 0 and fused.skipped_steps == 0
 
 
