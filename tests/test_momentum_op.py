@@ -535,6 +535,15 @@ ERRORS = {
 }
 
 
+def assert_refused_untouched(call, tensors, exc, message):
+    """``call()`` raises ``exc`` matching ``message`` and writes none of ``tensors``."""
+    before = [t.clone() for t in tensors]
+    with pytest.raises(exc, match=message):
+        call()
+    for k, (t, t0) in enumerate(zip(tensors, before)):
+        assert torch.equal(t, t0), f"a refused call wrote tensor {k}"
+
+
 @pytest.mark.parametrize("where", ENTRY_POINTS)
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_bad_arguments_are_refused(where, case):
@@ -542,11 +551,9 @@ def test_bad_arguments_are_refused(where, case):
     a = _error_args()
     edit(a)
     tensors = [t for key in ("grads", "momenta", "As", "Ss", "Bs", "vs", "out") for t in a[key] if t is not None]
-    before = [t.clone() for t in tensors]
-    with pytest.raises(exc, match=message):
-        entry(where)(a["grads"], a["momenta"], a["mu"], a["As"], a["Ss"], a["Bs"], a["vs"], a["out"])
-    for k, (t, t0) in enumerate(zip(tensors, before)):
-        assert torch.equal(t, t0), f"a refused call wrote tensor {k}"
+    assert_refused_untouched(
+        lambda: entry(where)(a["grads"], a["momenta"], a["mu"], a["As"], a["Ss"], a["Bs"], a["vs"], a["out"]),
+        tensors, exc, message)
 
 
 def _shares(a, b) -> bool:
