@@ -100,6 +100,29 @@ def test_non_finite_bias_gradient_is_flagged(backend, value):
     assert flags[0] is False
 
 
+@pytest.mark.parametrize("carry", [False, True], ids=["Y(v)", "carried"])
+def test_composite_kernel_takes_bias_columns(carry):
+    """The registered op's composite kernel (CompositeExplicitAutograd: every device but CPU, a GPU's
+    included), run here on CPU tensors by redispatch, gives the CPU kernel's v and flags and its Y to
+    float32 rounding."""
+    reason = backend_skip_reason("cpu")
+    if reason:
+        pytest.skip(f"cpu: {reason}")
+    op = torch.ops.apo.precondition_momentum_grouped.default
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    gs, bs, ms, As, Ss, Bs = make(LAYERS, torch.float32)
+    held = [torch.randn(M.shape) for M in ms]
+    results = []
+    for run in (lambda *a: op.redispatch(composite, *a), op):
+        vs, out = nan_like(ms), [h.clone() for h in held]
+        results.append((flag_pair(run(gs, ms, MU, As, Ss, Bs, vs, out, carry, bs), gs), vs, out))
+    (flags, vs, out), (want_flags, want_vs, want_out) = results
+    assert flags == want_flags == (True, True)
+    for i in range(len(ms)):
+        assert torch.equal(vs[i], want_vs[i]), f"layer {i}: v"
+        torch.testing.assert_close(out[i], want_out[i], rtol=1e-5, atol=1e-6, msg=f"layer {i}: Y")
+
+
 def test_all_none_bias_grads_is_no_bias():
     gs, _, ms, As, Ss, Bs = make([((5, 4), False, (False, False))], torch.float32)
     a = call("cpu", gs, [None], ms, As, Ss, Bs)
