@@ -269,10 +269,10 @@ void check_written_apart(const std::array<std::pair<const char*, TensorList>, K>
 
 }  // namespace overlap
 
-// A layer with a bias gradient (bias_grads[i] defined; an empty list: none) has the matrix
-// [grads[i] | bias_grads[i]]: grads[i] its first n − 1 columns (m, n − 1), bias_grads[i] (m,) its last,
-// and momenta, vs, out that whole (m, n) matrix. Its momenta then stand for its grad in the rules
-// below, once checked against grads[i] and bias_grads[i] here.
+// A layer with a bias gradient (bias_grads[i] defined; an empty list or an undefined entry: none)
+// has the matrix [grads[i] | bias_grads[i]]: grads[i] its first n − 1 columns (m, n − 1),
+// bias_grads[i] (m,) its last, and momenta, vs, out that whole (m, n) matrix. Its momenta then stand
+// for its grad in the rules below, once checked against grads[i] and bias_grads[i] here.
 inline std::vector<Tensor> layer_grads(TensorList Gs, TensorList Gbs, TensorList Ms) {
   std::vector<Tensor> layers(Gs.begin(), Gs.end());
   if (Gbs.empty()) return layers;

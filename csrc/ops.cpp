@@ -861,8 +861,14 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& Gb, const Te
   // v = μ·m + g on rows [r0, r0 + r) and its finiteness; then, after Y's rows, theirs
   const auto form_v = [&](int64_t r0, int64_t r) {
     const Mat<T> vb = v.row_block(r0, r), mb = mm.row_block(r0, r);
-    if (g) momentum_rows(Mat<T>{vb.p, r, cols, vb.ld, false}, Mat<T>{mb.p, r, cols, mb.ld, false}, g->row_block(r0, r), mu);
-    if (gb) momentum_rows(Mat<T>{vb.p + cols, r, 1, vb.ld, false}, Mat<T>{mb.p + cols, r, 1, mb.ld, false}, gb->row_block(r0, r), mu);
+    if (g) {
+      momentum_rows(Mat<T>{vb.p, r, cols, vb.ld, false}, Mat<T>{mb.p, r, cols, mb.ld, false}, g->row_block(r0, r),
+                    mu);
+    }
+    if (gb) {
+      momentum_rows(Mat<T>{vb.p + cols, r, 1, vb.ld, false}, Mat<T>{mb.p + cols, r, 1, mb.ld, false},
+                    gb->row_block(r0, r), mu);
+    }
     if (!finite_rows(vb)) v_finite.store(false, std::memory_order_relaxed);
   };
   const auto check_y = [&](int64_t r0, int64_t r) {
@@ -1400,16 +1406,17 @@ Tensor with_bias_column(const Tensor& G, const Tensor& Gb) {
   return Gb.defined() ? at::cat({G, Gb.unsqueeze(1)}, 1) : G;
 }
 
-// bias_grads as a list with an undefined tensor for each layer without one (empty: no list given)
-TensorVec bias_list(const std::optional<OptionalTensorList>& Gbs) {
-  return Gbs.has_value() ? layer::factors(*Gbs) : TensorVec{};
+// bias_grads as a list with an undefined tensor for each layer without one (none given: `layers`
+// undefined tensors; a given list keeps its length, for the checks to name a wrong one)
+TensorVec bias_list(const std::optional<OptionalTensorList>& Gbs, size_t layers) {
+  return Gbs.has_value() ? layer::factors(*Gbs) : TensorVec(layers);
 }
 
 Tensor precondition_momentum_grouped_any(TensorList Gs_, TensorList Ms, double momentum,
                                          const OptionalTensorList& As_, TensorList Ss,
                                          const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs,
                                          bool carry, const std::optional<OptionalTensorList>& Gbs_) {
-  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_), Gbs = bias_list(Gbs_);
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_), Gbs = bias_list(Gbs_, Gs_.size());
   checks::check_momentum_group(Gs_, Ms, As, Ss, Bs, Vs, Outs, momentum, Gbs);
   if (Gs_.empty()) return at::ones({2}, at::kBool);  // (no tensor to dispatch the grouped op on)
   TensorVec whole(Gs_.begin(), Gs_.end());
@@ -1459,13 +1466,12 @@ Tensor precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double mo
                                          const OptionalTensorList& As_, TensorList Ss,
                                          const OptionalTensorList& Bs_, TensorList Vs, TensorList Outs,
                                          bool carry, const std::optional<OptionalTensorList>& Gbs_) {
-  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_), Gbs = bias_list(Gbs_);
+  const TensorVec As = layer::factors(As_), Bs = layer::factors(Bs_), Gbs = bias_list(Gbs_, Gs.size());
   checks::check_momentum_group(Gs, Ms, As, Ss, Bs, Vs, Outs, momentum, Gbs);
   std::atomic<bool> v_finite{true}, y_finite{true};  // (an empty call: both true)
   for_each_layer(Ms, [&](int64_t i) {  // (momenta: every layer's whole matrix)
-    const Tensor no_bias;
-    const auto [v_ok, y_ok] = momentum_layer(Gs[i], Gbs.empty() ? no_bias : Gbs[i], Ms[i], momentum, As[i], Ss[i],
-                                             Bs[i], Vs[i], Outs[i], carry);
+    const auto [v_ok, y_ok] =
+        momentum_layer(Gs[i], Gbs[i], Ms[i], momentum, As[i], Ss[i], Bs[i], Vs[i], Outs[i], carry);
     if (!v_ok) v_finite.store(false, std::memory_order_relaxed);
     if (!y_ok) y_finite.store(false, std::memory_order_relaxed);
   });

@@ -275,7 +275,8 @@ class APOPrecond(APOCore):
     linear or conv with bias: the op reads both gradients as they are) forms v = μ·buf + g and Y(v)
     in one call of ``apo_kernels.precondition_momentum_grouped``, one block of rows at a time, bit for
     bit the unfused step. With ``carry_direction`` (default), such a layer whose matrix is its one
-    parameter and whose A is a fixed identity (an embedding) carries its direction from one plain step to the next while φ is unchanged:
+    parameter and whose A is a fixed identity (an embedding) carries its direction from one plain step
+    to the next while φ is unchanged:
     Y_t = μ·Y_{t−1} + Y(g_t), which the op forms only on the gradient's nonzero rows (those the batch
     touched), the same direction as Y(v_t) in exact arithmetic, rounded differently (the carried
     rounding errors decay with μ). After a meta-step, a skipped step or a restored state, Y(v) is
@@ -567,13 +568,13 @@ class APOPrecond(APOCore):
         plan.fused_v_finite, plan.ready_finite = flags
         plan.ready = {layer.index: out[layer.index] for layer in fused}
 
-    def _fused_grads(self, layers: list[_Layer], grads: list[Tensor]) -> tuple[list[Tensor], Optional[list]]:
+    def _fused_grads(self, layers: list[_Layer], grads: list[Tensor]) -> tuple[list[Tensor], list[Optional[Tensor]]]:
         """The fused op's gradients of ``layers``: each weight's as its matrix columns (m, n) or, with a
-        bias, (m, n − 1); the bias gradients (None for a layer without one; None for none at all)."""
+        bias, (m, n − 1); the bias gradients (None for a layer without one)."""
         weights = [grads[self._index[id(layer.weight)]].view(layer.m, layer.n - (len(layer.params) - 1))
                    for layer in layers]
         biases = [grads[self._index[id(layer.params[1])]] if len(layer.params) == 2 else None for layer in layers]
-        return weights, biases if any(b is not None for b in biases) else None
+        return weights, biases
 
     def _phi_versions(self) -> tuple[int, ...]:
         """The version counters of φ's tensors: any in-place change of φ (a meta-step, a shrink, a

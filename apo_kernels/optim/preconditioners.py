@@ -321,14 +321,13 @@ def momentum_precondition_many(
     tiles = [[], [], [], [], [], [], [], []]  # grads, bias grads, momenta, As, S²s, Bs, vs, outs
     bias_grads = [None] * len(preconds) if bias_grads is None else bias_grads
     for pc, g, b, m, v, y in zip(preconds, grads, bias_grads, momenta, vs, outs):
-        _, As, Ss, Bs = pc.op_inputs(m)  # (the factors of each tile; m stands for the layer's shape)
+        m_tiles, As, Ss, Bs = pc.op_inputs(m)  # (m has the layer's whole shape, as v and y)
         g_tiles, b_tiles = _column_split_tiles(pc, g, b)
-        for k, ts in enumerate((g_tiles, b_tiles, pc.tiles(m), As, Ss, Bs, pc.tiles(v), pc.tiles(y))):
+        for k, ts in enumerate((g_tiles, b_tiles, m_tiles, As, Ss, Bs, pc.tiles(v), pc.tiles(y))):
             tiles[k] += ts
     if not tiles[0]:
         return torch.ones(2, dtype=torch.bool)
-    g_tiles, b_tiles, m_tiles, As, Ss, Bs, v_tiles, y_tiles = tiles
-    b_tiles = b_tiles if any(b is not None for b in b_tiles) else None
+    g_tiles, b_tiles, m_tiles, As, Ss, Bs, v_tiles, y_tiles = tiles  # (b_tiles: None where a tile has no bias)
     fused = resolve(backend, g_tiles[0].device).family.momentum_grouped if checked else None
     if fused is not None:
         return fused(g_tiles, m_tiles, momentum, As, Ss, Bs, v_tiles, y_tiles, carry, b_tiles)
