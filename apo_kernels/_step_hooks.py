@@ -18,13 +18,16 @@ import functools
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim import sgd as _torch_sgd
 
-__all__ = ["step_with_hooks", "step_quietly", "warn_at_caller"]
+from ._numerics import all_finite
+from .ops import backends
+
+__all__ = ["checked_sgd_step", "step_with_hooks", "step_quietly", "warn_at_caller"]
 
 
 def _anyone_listening(opt: torch.optim.Optimizer) -> bool:
@@ -233,6 +236,50 @@ def _single_tensor_sgd_step(opt: torch.optim.Optimizer) -> bool:
                maximize=group["maximize"], has_sparse_grad=False)
         for p, b in zip(params, bufs):
             opt.state[p]["momentum_buffer"] = b
+    return True
+
+
+def _plain_native_sgd_group(group: dict) -> bool:
+    """A group ``apo::sgd_step`` steps as torch does: its per-tensor step (``_plain_single_tensor_sgd_group``)
+    with float hyperparameters (a tensor lr is read back as a float by torch, another rounding)."""
+    return _plain_single_tensor_sgd_group(group) and not any(
+        isinstance(group[k], torch.Tensor) for k in ("lr", "momentum", "dampening", "weight_decay"))
+
+
+@torch.no_grad()
+def checked_sgd_step(opt: torch.optim.Optimizer, lrs: Sequence[float]) -> Optional[bool]:
+    """A CPU ``torch.optim.SGD``'s step with group k's lr taken as ``lrs[k]``, taken only when every
+    gradient is finite: True when taken, False (nothing written) when a gradient is not finite. One
+    ``apo::sgd_step`` per group, bit for bit torch's per-tensor step (the CPU default), where the
+    guard and the step were a check and three ATen ops per parameter. None, having changed nothing,
+    where that call is not torch's step: no native module, another optimizer, a group asking for
+    foreach or fused or with a tensor hyperparameter, a parameter off the CPU or a gradient in another
+    dtype or layout, a parameter without a momentum buffer yet (the step that creates them is
+    torch's), a grad scaler's flags, or someone listening to the step (hooks, a profiler, a scheduler
+    that wrapped it): the caller then checks and steps as before."""
+    op, step = backends.native_sgd_step, type(opt).step
+    if (op is None or type(opt) is not torch.optim.SGD or not getattr(step, "hooked", False)
+            or "step" in vars(opt) or _anyone_listening(opt) or _scaler_flags(opt)):
+        return None
+    calls = []
+    for group, lr in zip(opt.param_groups, lrs):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        if not _plain_native_sgd_group(group) or not all(
+                p.is_cpu and p.grad.layout == torch.strided and p.grad.dtype == p.dtype for p in params):
+            return None
+        bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
+        if any(b is None for b in bufs):
+            return None
+        calls.append((group, params, [p.grad for p in params], bufs, float(lr)))
+    if len(calls) > 1 and not all_finite(g for _, _, grads, _, _ in calls for g in grads):
+        return False  # every group checked before any is written
+    for group, params, grads, bufs, lr in calls:
+        if not op(params, grads, bufs, lr, group["momentum"], group["dampening"], group["weight_decay"],
+                  group["nesterov"], group["maximize"]):
+            return False
+    opt._optimizer_step_code()
     return True
 
 

@@ -17,6 +17,10 @@
 //   - sgd_lookahead: lists of one length (momenta empty or of that length), per parameter a gradient,
 //     a delta and an out of its shape, out of its dtype, all on one device, deltas and out sharing no
 //     element with any argument.
+//   - sgd_step: lists of one length (momenta: one per parameter with a momentum, none without),
+//     per parameter a gradient and a momentum of its shape and dtype, all on one device, params and
+//     momenta sharing no element with any argument; lr, momentum, weight_decay finite and >= 0,
+//     dampening finite, nesterov only with a momentum and no dampening (torch.optim.SGD's rules).
 //   - kron_precondition: grad 2-D (m, n), L (m, m) or None, R (n, n) or None and out (m, n) of its
 //     dtype and device, out sharing no element with grad, L or R.
 //   - kl_value_and_grad: new_out and old_out of one shape, dtype and device, at least 1-D and not
@@ -405,6 +409,53 @@ inline void check_sgd_lookahead(TensorList params, TensorList grads, TensorList 
       std::pair<const char*, TensorList>{"params", params}, {"grads", grads}, {"momenta", momenta},
       {"deltas", deltas}, {"out", out}};
   overlap::check_written_apart(all, 3);
+}
+
+// torch.optim.SGD's step (sgd_step): per parameter a gradient and (with a momentum) a momentum buffer
+// of its shape and dtype, all on one device; params and momenta are written, so they share no element
+// with any argument; the hyperparameters follow torch.optim.SGD's rules.
+
+inline void check_sgd_step(TensorList params, TensorList grads, TensorList momenta, double lr, double momentum,
+                           double dampening, double weight_decay, bool nesterov) {
+  for (const auto& [name, v] : {std::pair<const char*, double>{"lr", lr}, {"momentum", momentum},
+                                {"weight_decay", weight_decay}}) {
+    TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, name, " must be a finite number >= 0, got ", v);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(dampening), "dampening must be a finite number, got ", dampening);
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0),
+                    "nesterov requires momentum > 0 and dampening = 0, got momentum=", momentum,
+                    ", dampening=", dampening);
+  const size_t n_momenta = momentum != 0.0 ? params.size() : 0;
+  TORCH_CHECK_VALUE(grads.size() == params.size() && momenta.size() == n_momenta,
+                    "params and grads must have the same length and momenta one tensor per parameter with a "
+                    "momentum (none without), got {'params': ", params.size(), ", 'grads': ", grads.size(),
+                    ", 'momenta': ", momenta.size(), "} at momentum=", momentum);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    check_tensor(params[i], "params" + at_i);
+    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "params", at_i, " is on ", params[i].device(),
+                      " but params[0] is on ", params[0].device());
+    std::vector<std::pair<const char*, const Tensor*>> others = {{"grads", &grads[i]}};
+    if (n_momenta != 0) others.push_back({"momenta", &momenta[i]});
+    for (const auto& [name, t] : others) {
+      check_tensor(*t, name + at_i);
+      TORCH_CHECK_VALUE(t->sizes() == params[i].sizes(), name, at_i, " must have the shape of params", at_i, " ",
+                        shape_str(params[i].sizes()), ", got ", shape_str(t->sizes()));
+      TORCH_CHECK_VALUE(t->device() == params[0].device(), name, at_i, " is on ", t->device(),
+                        " but params[0] is on ", params[0].device());
+      TORCH_CHECK_TYPE(t->scalar_type() == params[i].scalar_type(), name, at_i, " has dtype ",
+                       dtype_str(t->scalar_type()), " but params", at_i, " has ", dtype_str(params[i].scalar_type()));
+    }
+    std::vector<std::pair<const char*, const Tensor*>> written = {{"params", &params[i]}};
+    if (n_momenta != 0) written.push_back({"momenta", &momenta[i]});
+    for (const auto& [name, t] : written) {
+      TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name, at_i,
+                        " has elements that share memory (an expanded tensor); it is written");
+    }
+  }
+  const std::array<std::pair<const char*, TensorList>, 3> all = {
+      std::pair<const char*, TensorList>{"grads", grads}, {"params", params}, {"momenta", momenta}};
+  overlap::check_written_apart(all, 1);
 }
 
 // The kron structure's step (kron_precondition): grad 2-D (m, n); L (m, m) or None, R (n, n) or None

@@ -277,6 +277,26 @@ APO_INLINE double sgd_lookahead(T* out, T* delta, const T* theta, const T* grad,
   return sum;
 }
 
+// torch.optim.SGD's per-tensor step on one parameter, rounded as torch rounds it (its add with alpha
+// is one fused multiply-add, its mul_ one rounded product), in its order: g = ±grad; with a decay term
+// (W) g = fma(θ, wd, g); with a momentum (M) buf = fma(g, 1 − τ, round(buf·μ)) and g = nesterov ?
+// fma(buf, μ, g) : buf; then θ = fma(g, −lr, θ). sign is ±1 (maximize), so g·sign is exact.
+template <bool M, bool W, typename T>
+APO_INLINE void sgd_step(T* theta, T* mom, const T* grad, T sign, T wd, T mu, T damp1, bool nesterov, T neg_lr,
+                         int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    T g = grad[j] * sign;
+    if constexpr (W) g = std::fma(theta[j], wd, g);
+    if constexpr (M) {
+      const T b = std::fma(g, damp1, mom[j] * mu);
+      mom[j] = b;
+      g = nesterov ? std::fma(b, mu, g) : b;
+    }
+    theta[j] = std::fma(g, neg_lr, theta[j]);
+  }
+}
+
 APO_SIMD_CLONES void mul_f32(const Mat<float>& o, const Mat<float>& x, const Mat<float>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void mul_f64(const Mat<double>& o, const Mat<double>& x, const Mat<double>& y) { mul(o, x, y); }
 APO_SIMD_CLONES void momentum_f32(const Mat<float>& v, const Mat<float>& m, const Mat<float>& g, float mu) {
@@ -308,6 +328,20 @@ APO_SGD_LOOKAHEAD_CLONE(double, true, false, sgd_lookahead_f64_m)
 APO_SGD_LOOKAHEAD_CLONE(double, false, true, sgd_lookahead_f64_c)
 APO_SGD_LOOKAHEAD_CLONE(double, true, true, sgd_lookahead_f64_mc)
 #undef APO_SGD_LOOKAHEAD_CLONE
+#define APO_SGD_STEP_CLONE(T, M, W, name)                                                                   \
+  APO_SIMD_CLONES void name(T* t, T* m, const T* g, T sign, T wd, T mu, T damp1, bool nesterov, T neg_lr, \
+                            int64_t n) {                                                                  \
+    sgd_step<M, W>(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);                                   \
+  }
+APO_SGD_STEP_CLONE(float, false, false, sgd_step_f32)
+APO_SGD_STEP_CLONE(float, true, false, sgd_step_f32_m)
+APO_SGD_STEP_CLONE(float, false, true, sgd_step_f32_w)
+APO_SGD_STEP_CLONE(float, true, true, sgd_step_f32_mw)
+APO_SGD_STEP_CLONE(double, false, false, sgd_step_f64)
+APO_SGD_STEP_CLONE(double, true, false, sgd_step_f64_m)
+APO_SGD_STEP_CLONE(double, false, true, sgd_step_f64_w)
+APO_SGD_STEP_CLONE(double, true, true, sgd_step_f64_mw)
+#undef APO_SGD_STEP_CLONE
 APO_SIMD_CLONES bool finite_f32(const Mat<float>& x) { return finite(x); }
 APO_SIMD_CLONES bool finite_f64(const Mat<double>& x) { return finite(x); }
 
@@ -346,6 +380,22 @@ inline double sgd_lookahead_rows(double* o, double* d, const double* t, const do
   if (m != nullptr) return loops::sgd_lookahead_f64_m(o, d, t, g, m, a, b, c, n);
   if (c != 0.0) return loops::sgd_lookahead_f64_c(o, d, t, g, m, a, b, c, n);
   return loops::sgd_lookahead_f64(o, d, t, g, m, a, b, c, n);
+}
+
+// sgd_step's loop for the terms present (m null: no momentum; wd = 0: no decay term)
+inline void sgd_step_rows(float* t, float* m, const float* g, float sign, float wd, float mu, float damp1,
+                          bool nesterov, float neg_lr, int64_t n) {
+  if (m != nullptr && wd != 0.0f) return loops::sgd_step_f32_mw(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
+  if (m != nullptr) return loops::sgd_step_f32_m(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
+  if (wd != 0.0f) return loops::sgd_step_f32_w(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
+  return loops::sgd_step_f32(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
+}
+inline void sgd_step_rows(double* t, double* m, const double* g, double sign, double wd, double mu, double damp1,
+                          bool nesterov, double neg_lr, int64_t n) {
+  if (m != nullptr && wd != 0.0) return loops::sgd_step_f64_mw(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
+  if (m != nullptr) return loops::sgd_step_f64_m(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
+  if (wd != 0.0) return loops::sgd_step_f64_w(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
+  return loops::sgd_step_f64(t, m, g, sign, wd, mu, damp1, nesterov, neg_lr, n);
 }
 
 // out = x ⊙ y (row-major views; out may be x or y). Split over rows on the intra-op threads when big
@@ -1478,6 +1528,92 @@ Tensor precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double mo
   return cpu_flags(v_finite.load(), y_finite.load());
 }
 
+// ---------------------------------------------------------------------------------------------
+// apo::sgd_step: torch.optim.SGD's step (its per-tensor step, the CPU default) on every parameter,
+// taken only when every gradient is finite. Returns a 0-d bool tensor on their device: true when the
+// step was taken; false (a NaN or inf in some gradient) leaves params and momenta as they were. APO-LR's
+// plain step over SGD: the guard that keeps a non-finite gradient out of the momentum, and the step, in
+// one call where they were a check and three ATen ops per parameter. momenta: the momentum buffers,
+// one per parameter (none at momentum = 0), all existing (the step that creates them is torch's).
+// Bit for bit torch's step, whose adds with alpha are fused multiply-adds and whose mul_ is one
+// rounded product, in its order (direct::sgd_step).
+
+struct SGDHyper {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+// theta, grad and the momentum dense with one layout, float32 or float64: element k of each is the
+// k-th in memory.
+template <typename T>
+void sgd_step_dense(const Tensor& theta, const Tensor* mom, const Tensor& grad, const SGDHyper& h) {
+  T* t = theta.data_ptr<T>();
+  T* m = mom != nullptr ? mom->data_ptr<T>() : nullptr;
+  const T* g = grad.const_data_ptr<T>();
+  at::parallel_for(0, theta.numel(), kLookaheadGrain, [&](int64_t begin, int64_t end) {
+    direct::sgd_step_rows(t + begin, m != nullptr ? m + begin : nullptr, g + begin, h.maximize ? T(-1) : T(1),
+                          T(h.weight_decay), T(h.momentum), T(1.0 - h.dampening), h.nesterov, T(-h.lr), end - begin);
+  });
+}
+
+// The same with the ATen ops torch.optim.SGD's per-tensor step calls (any device, dtype and layout).
+void sgd_step_generic(const Tensor& Theta, const Tensor* Mom, const Tensor& grad, const SGDHyper& h) {
+  Tensor theta = Theta;  // (handles: the schema's outputs are written through them)
+  Tensor g = h.maximize ? grad.neg() : grad;
+  if (h.weight_decay != 0.0) g = g.add(theta, h.weight_decay);
+  if (Mom != nullptr) {
+    Tensor buf = *Mom;
+    // μ as Python passes it, a wrapped number (a half-precision buffer is multiplied in fp32)
+    buf.mul_(at::native::wrapped_scalar_tensor(h.momentum)).add_(g, 1.0 - h.dampening);
+    g = h.nesterov ? g.add(buf, h.momentum) : buf;
+  }
+  theta.add_(g, -h.lr);
+}
+
+bool sgd_step_direct(const Tensor& theta, const Tensor* mom, const Tensor& grad) {
+  const auto type = theta.scalar_type();
+  if (type != at::kFloat && type != at::kDouble) return false;
+  if (!theta.is_non_overlapping_and_dense()) return false;
+  return grad.strides() == theta.strides() && (mom == nullptr || mom->strides() == theta.strides());
+}
+
+Tensor sgd_step_cpu(TensorList params, TensorList grads, TensorList momenta, double lr, double momentum,
+                    double dampening, double weight_decay, bool nesterov, bool maximize) {
+  checks::check_sgd_step(params, grads, momenta, lr, momentum, dampening, weight_decay, nesterov);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  for (const Tensor& g : grads) {
+    if (!finite_cpu(g)) return at::scalar_tensor(false, at::kBool);
+  }
+  const SGDHyper h{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor* mom = momenta.empty() ? nullptr : &momenta[i];
+    if (!sgd_step_direct(params[i], mom, grads[i])) {
+      sgd_step_generic(params[i], mom, grads[i], h);
+    } else if (params[i].scalar_type() == at::kFloat) {
+      sgd_step_dense<float>(params[i], mom, grads[i], h);
+    } else {
+      sgd_step_dense<double>(params[i], mom, grads[i], h);
+    }
+  }
+  return at::scalar_tensor(true, at::kBool);
+}
+
+// Any other device: ATen's ops, after one sync on the gradients' finiteness (nothing may be written
+// before it is known).
+Tensor sgd_step_any(TensorList params, TensorList grads, TensorList momenta, double lr, double momentum,
+                    double dampening, double weight_decay, bool nesterov, bool maximize) {
+  checks::check_sgd_step(params, grads, momenta, lr, momentum, dampening, weight_decay, nesterov);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (params.empty()) return at::scalar_tensor(true, at::kBool);
+  const auto flag = at::TensorOptions().dtype(at::kBool).device(params[0].device());
+  if (!all_finite(grads).item<bool>()) return at::scalar_tensor(false, flag);
+  const SGDHyper h{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  for (size_t i = 0; i < params.size(); ++i) {
+    sgd_step_generic(params[i], momenta.empty() ? nullptr : &momenta[i], grads[i], h);
+  }
+  return at::scalar_tensor(true, flag);
+}
+
 }  // namespace
 }  // namespace apo
 
@@ -1501,6 +1637,9 @@ TORCH_LIBRARY(apo, m) {
   m.def(
       "sgd_lookahead(Tensor[] params, Tensor[] grads, Tensor[] momenta, float grad_coef, float momentum_coef, "
       "float decay_coef, Tensor(a!)[] deltas, Tensor(b!)[] out) -> Tensor");
+  m.def(
+      "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize) -> Tensor");
   m.def("kron_precondition(Tensor grad, Tensor? L, Tensor? R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
@@ -1516,6 +1655,7 @@ TORCH_LIBRARY_IMPL(apo, CPU, m) {
   m.impl("all_finite", &apo::all_finite_cpu);
   m.impl("lookahead_write", &apo::lookahead_write_cpu);
   m.impl("sgd_lookahead", &apo::sgd_lookahead_cpu);
+  m.impl("sgd_step", &apo::sgd_step_cpu);
   m.impl("kron_precondition", &apo::kron_precondition_cpu);
 }
 
@@ -1525,5 +1665,6 @@ TORCH_LIBRARY_IMPL(apo, CompositeExplicitAutograd, m) {
   m.impl("all_finite", &apo::all_finite_any);
   m.impl("lookahead_write", &apo::lookahead_write_any);
   m.impl("sgd_lookahead", &apo::sgd_lookahead_any);
+  m.impl("sgd_step", &apo::sgd_step_any);
   m.impl("kron_precondition", &apo::kron_precondition_any);
 }

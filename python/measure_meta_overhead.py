@@ -36,10 +36,12 @@ core. Variants:
 ``--meta-cost``: the wall time of a plain step and of a meta-step (4-layer MLP of width 1024,
 batch 128) for APOPrecond and APOLR(SGD+momentum), with torch SGD for reference.
 
-``--plain-step-parts``: what APO-LR's plain step (no meta-step) costs beyond SGD's, with one piece
-removed at a time: the finiteness check of the loss and gradients at θ, the lr swap around the base
-optimizer's step, both. A diagnosis, not a configuration: the pieces are switched off on the
-instance, and a step without the check would let a non-finite gradient into the momentum. Every
+``--plain-step-parts``: what APO-LR's plain step (no meta-step) costs beyond SGD's: as it runs (the
+gradient check and SGD's step in one native call, ``apo::sgd_step``), then with the check and the
+step apart (the check, then the base optimizer's step with the lr swap around it), and from that
+one piece removed at a time: the finiteness check of the loss and gradients at θ, the lr swap, both.
+A diagnosis, not a configuration: the pieces are switched off on the instance, and a step without
+the check would let a non-finite gradient into the momentum. Every
 variant trains its own copy in 10-step blocks, the blocks in a shuffled order each round.
 
 ``--meta-step-parts``: APO-LR(SGD+momentum)'s meta-step (λ_FSD = 0.1 on the step's batch, K = 10)
@@ -47,19 +49,20 @@ timed in pieces, each the median over meta-steps of its time within one: the clo
 (with the FSD term's value and gradient, which run inside the closure at θ'), each piece of APO's
 own work (the gradient check, the lookahead direction, writing and restoring θ', the
 meta-gradient, the Adam step on φ, the base optimizer's step) and what none of them covers; then
-the plain step in the same way (its closure, its gradient check, the base step with the lr swap,
-the rest). A diagnosis: the pieces are timed by wrapping them.
+the plain step in the same way (its closure, its gradient check and base step, the rest). A diagnosis: the pieces are timed by wrapping them.
 
 ``--free-pieces``: APO-LR's throughput (λ_FSD = 0.1 on the step's batch) next to the same optimizer
 with pieces of its own work made free, and the bound, interleaved as above: with Δ, the
 meta-gradient and φ's Adam step free (the first meta-step's Δ reused, a zero meta-gradient, no step
-on φ), then also without the gradient check at θ. A timing oracle, not a configuration (its values
+on φ), then also without the meta-steps' gradient check at θ. A timing oracle, not a configuration (its values
 are wrong): what a faster version of those pieces, native code included, could buy at the most.
 
-``--direct-calls``: APO-LR (λ_FSD = 0.1 on the step's batch) with its two shortcuts on and off in
-one process, interleaved as above: the base optimizer's step by a direct call of the function
-torch's step calls, and SGD's lookahead formed in the pass that writes θ' (``apo::sgd_lookahead``);
-then with the base step through torch's step, then also with Δ formed before θ' is written.
+``--direct-calls``: APO-LR (λ_FSD = 0.1 on the step's batch) with its three shortcuts on and off in
+one process, interleaved as above: the plain step's gradient check and base step in one native call
+(``apo::sgd_step``), the base optimizer's step by a direct call of the function torch's step calls,
+and SGD's lookahead formed in the pass that writes θ' (``apo::sgd_lookahead``); then with the check
+and the step apart, then also with the base step through torch's step, then also with Δ formed
+before θ' is written.
 """
 import argparse
 import random
@@ -176,7 +179,8 @@ def print_throughput(rows, repeats, clock_name, fsd_batches):
 class _FreePieces(APOLR):
     """APO-LR with pieces of its own work made free, to time what removing them could buy (a timing
     oracle: its values are wrong). ``free`` names the pieces: "meta" reuses the first meta-step's Δ,
-    sets a zero meta-gradient and skips φ's Adam step; "check" skips the gradient check at θ."""
+    sets a zero meta-gradient and skips φ's Adam step; "check" skips the gradient check at θ of the
+    meta-steps (a plain step's check is in the pass of its base step, ``apo::sgd_step``)."""
 
     def __init__(self, *args, free=(), **kwargs):
         super().__init__(*args, **kwargs)
@@ -213,7 +217,7 @@ def free_pieces(row: str, repeats: int, clock_name: str):
         "SGD": (base_sgd, False),
         "APO-LR": (apo(()), True),
         "  Δ, meta-gradient, φ's step free": (apo(("meta",)), True),
-        "  the same, and no gradient check": (apo(("meta", "check")), True),
+        "  the same, and no gradient check on meta-steps": (apo(("meta", "check")), True),
         "passes only (the bound)": (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1, own_batch=True), True),
     }
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
@@ -232,20 +236,22 @@ def print_variants(row: str, repeats: int, clock_name: str, res: dict, note: str
 
 
 def direct_calls(row: str, repeats: int, clock_name: str):
-    """APO-LR (λ_FSD = 0.1 on the step's batch, K = 10) with this build's two shortcuts on and off in
-    one process, each variant's blocks between the others': the base optimizer's step by a direct call
-    of the function torch's step calls (``_step_hooks._single_tensor_sgd_step``) and SGD's lookahead
-    formed in the pass that writes θ' (``apo::sgd_lookahead``). Off: torch's step, and Δ formed
-    first. One process, so machine states hit the variants alike."""
-    native, single = backends.native_sgd_lookahead, _step_hooks._single_tensor_sgd_step
+    """APO-LR (λ_FSD = 0.1 on the step's batch, K = 10) with this build's three shortcuts on and off in
+    one process, each variant's blocks between the others': the gradient check and the base step in
+    one native call (``apo::sgd_step``), the base optimizer's step by a direct call of the function
+    torch's step calls (``_step_hooks._single_tensor_sgd_step``) and SGD's lookahead formed in the
+    pass that writes θ' (``apo::sgd_lookahead``). Off: the check and then the step, torch's step, and
+    Δ formed first. One process, so machine states hit the variants alike."""
+    native, single, checked = backends.native_sgd_lookahead, _step_hooks._single_tensor_sgd_step, backends.native_sgd_step
 
-    def switches(one_pass: bool, direct_step: bool):
+    def switches(one_pass: bool, direct_step: bool, one_call: bool = False):
         def apply():
             backends.native_sgd_lookahead = native if one_pass else None
             _step_hooks._single_tensor_sgd_step = single if direct_step else (lambda opt: False)
+            backends.native_sgd_step = checked if one_call else None
         return apply
 
-    both = switches(True, True)
+    both = switches(True, True, True)
 
     def apo(m):
         return APOLR(m, base_sgd(m), lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
@@ -253,7 +259,8 @@ def direct_calls(row: str, repeats: int, clock_name: str):
     chosen = {
         "SGD": (base_sgd, False, both),
         "APO-LR": (apo, True, both),
-        "  its base step through torch's step": (apo, True, switches(True, False)),
+        "  its check and base step apart": (apo, True, switches(True, True)),
+        "  and its base step through torch's step": (apo, True, switches(True, False)),
         "  and Δ formed before θ' is written": (apo, True, switches(False, False)),
         "passes only (the bound)": (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1, own_batch=True), True, both),
     }
@@ -275,8 +282,9 @@ def plain_step_parts(row: str, repeats: int, clock_name: str):
         step_quietly(self.base_optimizer)
         return True
 
-    removed = {"APO-LR plain step": (), "  without the gradient check": ("check",),
-               "  without the lr swap": ("swap",), "  without both": ("check", "swap")}
+    removed = {"APO-LR plain step": (), "  its check and step apart": ("fused",),
+               "    without the gradient check": ("fused", "check"), "    without the lr swap": ("fused", "swap"),
+               "    without both": ("fused", "check", "swap")}
     blocks = {}
     for name in ["SGD", *removed]:
         torch.manual_seed(0)
@@ -284,6 +292,8 @@ def plain_step_parts(row: str, repeats: int, clock_name: str):
         sgd = base_sgd(model)
         # λ_FSD = 0 and a meta-step only at step 0, in the warm-up block
         opt = sgd if name == "SGD" else APOLR(model, sgd, lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=10**9)
+        if "fused" in removed.get(name, ()):  # the check, then the base step, as on a meta-step
+            opt._checked_plain_update = types.MethodType(lambda self, loss, plan: None, opt)
         if "check" in removed.get(name, ()):
             opt._local_grads_finite = types.MethodType(lambda self, loss, plan: True, opt)
         if "swap" in removed.get(name, ()):
@@ -346,8 +356,10 @@ META_STEP_PARTS = (
     (APOLR, "_meta_backward", "meta-gradient ⟨∇θ'Q, Δ⟩"),
     (_core, "step_quietly", "Adam step on φ"),
     (APOLR, "_after_meta_step", "clamp and record φ"),
-    (APOLR, "_apply", "base step with the lr swap"),
+    (APOLR, "_apply", "base step"),
 )
+# the plain step's gradient check and base step, one native call where it applies
+PLAIN_STEP_PARTS = ((APOLR, "_checked_plain_update", "checked base step"),)
 INSIDE_CLOSURE = ((discrepancy, "value_and_grad", "of which the FSD value and gradient"),)
 
 
@@ -371,7 +383,7 @@ def meta_step_parts(row: str, repeats: int, clock_name: str):
         opt.step(closure, fsd_inputs=(x,))
         return clock() - t0, timers.step
 
-    for owner, attr, part in META_STEP_PARTS + INSIDE_CLOSURE:
+    for owner, attr, part in META_STEP_PARTS + INSIDE_CLOSURE + PLAIN_STEP_PARTS:
         timers.wrap(owner, attr, part)
     meta, plain = [], []
     try:
@@ -402,8 +414,9 @@ def meta_step_parts(row: str, repeats: int, clock_name: str):
     print(f"    {'the rest':42s} {(total - closures - sum(own.values())) * 1e6:8.1f} µs")
     plain_total = statistics.median(t for t, _ in plain)
     print(f"  {'plain step':44s} {plain_total * 1e6:8.1f} µs")
-    plain_parts = {"its closure": med(plain, "closures"), "its gradient check": med(plain, "gradient check at θ"),
-                   "its base step with the lr swap": med(plain, "base step with the lr swap")}
+    plain_parts = {"its closure": med(plain, "closures"),
+                   "its gradient check and base step": med(plain, "checked base step") + med(plain, "gradient check at θ")
+                   + med(plain, "base step")}
     for part, t in plain_parts.items():
         print(f"    {part:42s} {t * 1e6:8.1f} µs")
     print(f"    {'the rest of it':42s} {(plain_total - sum(plain_parts.values())) * 1e6:8.1f} µs")
@@ -457,11 +470,13 @@ def main():
     ap.add_argument("--batch", type=cli_int(1), default=128, help="--meta-cost: batch size")
     ap.add_argument("--backend", default="auto", help="--meta-cost: APOPrecond's backend")
     ap.add_argument("--plain-step-parts", action="store_true",
-                    help="APO-LR's plain step beyond SGD's, with the gradient check / the lr swap removed (diagnosis)")
+                    help="APO-LR's plain step beyond SGD's: one native call, then the check and step apart with pieces "
+                         "removed (diagnosis)")
     ap.add_argument("--free-pieces", action="store_true",
                     help="APO-LR's throughput with Δ, the meta-gradient, φ's step (and the check) made free (oracle)")
     ap.add_argument("--direct-calls", action="store_true",
-                    help="APO-LR with its direct base step and one-pass SGD lookahead on and off, in one process")
+                    help="APO-LR with its checked native step, direct base step and one-pass SGD lookahead on and "
+                         "off, in one process")
     ap.add_argument("--meta-step-parts", action="store_true",
                     help="APO-LR's meta-step timed in pieces: the closures and each piece of its own work (diagnosis)")
     args = ap.parse_args()

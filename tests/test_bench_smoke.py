@@ -514,8 +514,9 @@ def test_plain_step_parts_diagnosis_runs_and_reports_every_variant():
                            "--threads", "1", "--clock", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) µs\s+\(\s*([+-][0-9.]+) µs over SGD\)$", proc.stdout, re.M)
-    assert [name for name, _, _ in rows] == ["SGD", "APO-LR plain step", "without the gradient check",
-                                             "without the lr swap", "without both"], proc.stdout
+    assert [name for name, _, _ in rows] == ["SGD", "APO-LR plain step", "its check and step apart",
+                                             "without the gradient check", "without the lr swap",
+                                             "without both"], proc.stdout
     assert all(float(t) > 0 for _, t, _ in rows) and float(rows[0][2]) == 0.0
 
 
@@ -543,8 +544,8 @@ def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
                 re.findall(r"^\s+(\S.*?)\s+(-?[0-9.]+) µs$", proc.stdout, re.M))
     own = ["gradient check at θ", "lookahead direction Δ (SGD: its plan)", "snapshot of θ",
            "θ' = θ + Δ and ‖Δ‖² (SGD: and Δ)", "θ restored",
-           "meta-gradient ⟨∇θ'Q, Δ⟩", "Adam step on φ", "clamp and record φ", "base step with the lr swap"]
-    plain = ["its closure", "its gradient check", "its base step with the lr swap"]
+           "meta-gradient ⟨∇θ'Q, Δ⟩", "Adam step on φ", "clamp and record φ", "base step"]
+    plain = ["its closure", "its gradient check and base step"]
     assert set(own) | set(plain) | {"meta-step", "closures at θ and θ'", "of which the FSD value and gradient",
                                     "the rest", "plain step", "the rest of it"} == set(rows), proc.stdout
     assert all(rows[name] > 0 for name in own + ["closures at θ and θ'", "of which the FSD value and gradient"])
@@ -564,47 +565,53 @@ def test_free_pieces_oracle_reports_every_variant():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+)$", proc.stdout, re.M)
     assert [name for name, *_ in rows] == ["SGD", "APO-LR", "Δ, meta-gradient, φ's step free",
-                                           "the same, and no gradient check", "passes only (the bound)"], proc.stdout
+                                           "the same, and no gradient check on meta-steps",
+                                           "passes only (the bound)"], proc.stdout
     assert float(rows[0][3]) == 1.0 and all(float(r[3]) > 0 for r in rows)
 
 
 def test_direct_calls_switch_what_they_name_and_put_them_back(monkeypatch, capsys):
     # python/measure_meta_overhead.py --direct-calls: each variant runs with its own switches (the
-    # one-pass lookahead called on the variants that keep it, the direct base step likewise), every
-    # variant is reported, and the shortcuts are back on afterwards
+    # one-call checked step, the one-pass lookahead and the direct base step each called on the
+    # variants that keep it), every variant is reported, and the shortcuts are back on afterwards
     from apo_kernels import _step_hooks
     from apo_kernels.ops import backends
 
     if backends.native_sgd_lookahead is None:
         pytest.skip("the native module apo_kernels._C is not built")
     script = load_python_script("measure_meta_overhead")
-    native, single = backends.native_sgd_lookahead, _step_hooks._single_tensor_sgd_step
-    seen = {"one pass": 0, "direct": 0}
+    native, single, checked = backends.native_sgd_lookahead, _step_hooks._single_tensor_sgd_step, backends.native_sgd_step
+    seen = {"one pass": 0, "direct": 0, "one call": 0}
 
-    def one_pass(*args):
-        seen["one pass"] += 1
-        return native(*args)
+    def counted(name, fn):
+        def run(*args):
+            seen[name] += 1
+            return fn(*args)
+        return run
 
-    def direct(opt):
-        seen["direct"] += 1
-        return single(opt)
-
+    one_pass, direct, one_call = counted("one pass", native), counted("direct", single), counted("one call", checked)
     monkeypatch.setattr(backends, "native_sgd_lookahead", one_pass)
     monkeypatch.setattr(_step_hooks, "_single_tensor_sgd_step", direct)
+    monkeypatch.setattr(backends, "native_sgd_step", one_call)
     script.direct_calls("small", 1, "wall")
     out = capsys.readouterr().out
     rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+)$", out, re.M)
-    assert [name for name, *_ in rows] == ["SGD", "APO-LR", "its base step through torch's step",
+    assert [name for name, *_ in rows] == ["SGD", "APO-LR", "its check and base step apart",
+                                           "and its base step through torch's step",
                                            "and Δ formed before θ' is written", "passes only (the bound)"], out
     # blocks of 10 steps, a warm-up, then an untimed and a timed one: APO-LR's meta-steps with the one
-    # pass (2 variants × 3 blocks), its base steps by the direct call (1 variant × 30 steps)
-    assert seen == {"one pass": 6, "direct": 30}
+    # pass (3 variants × 3 blocks); its base steps in one checked call (1 variant × 30 steps but the
+    # first, which creates the momentum buffers by the direct call), by the direct call (1 variant ×
+    # 30 steps, and that first step)
+    assert seen == {"one pass": 9, "direct": 31, "one call": 29}
     assert backends.native_sgd_lookahead is one_pass and _step_hooks._single_tensor_sgd_step is direct
+    assert backends.native_sgd_step is one_call
 
 
 def test_free_pieces_oracle_frees_what_it_names(monkeypatch):
     # the oracle's variants skip exactly the pieces they name: Δ is formed once, φ never moves, the
-    # gradient check at θ is not computed; the plain APO-LR beside them does all three
+    # meta-steps' gradient check at θ is not computed (a plain step's is in its native base step);
+    # the plain APO-LR beside them does all three
     from apo_kernels.bench.train_bench import base_sgd, closure_for, small_mlp
     from apo_kernels.optim import _core, lr as apo_lr
 
@@ -631,7 +638,7 @@ def test_free_pieces_oracle_frees_what_it_names(monkeypatch):
         assert opt.meta_steps == 3 and opt.skipped_steps == 0
         assert calls["directions"] == (1 if "meta" in free else 3)
         assert torch.equal(opt.log_lr, phi0) == ("meta" in free)
-        assert calls["check"] == (0 if "check" in free else 6)
+        assert calls["check"] == (0 if "check" in free else 3)
 
 
 def test_small_model_op_measurement_runs():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from apo_kernels.ops import backends
 from apo_kernels.optim import APOLR, lr_directions
 from apo_kernels.optim.lr import NOT_LINEAR_IN_LR
 from _tiny import one_thread, closure_for  # noqa: F401  (one_thread: autouse fixture)
@@ -345,6 +346,60 @@ def test_non_finite_step_is_skipped_with_lr_and_params_unchanged():
     opt.step(closure_for(opt, m, bad, y))
     assert opt.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before[0], m.parameters())) and opt.lr == before[1]
+
+
+def _two_group_apolr(model, checked=True):
+    """APO-LR with one learnt lr per group over a two-group SGD (nesterov; the second group with its
+    own lr and weight decay); ``checked=False``: a hook on the base optimizer's step, so that its
+    steps are torch's own, after the separate check."""
+    params = list(model.parameters())
+    base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.03, "weight_decay": 0.01}],
+                           lr=0.05, momentum=0.9, nesterov=True)
+    if not checked:
+        base.register_step_post_hook(lambda *args: None)
+    return APOLR(model, base, lambda_fsd=0.0, lambda_wsd=0.1, meta_interval=3, per_group=True)
+
+
+def _poisoned(closure, model, value):
+    """The closure with ``value`` written into the last parameter's gradient after its backward."""
+    def run():
+        loss = closure()
+        list(model.parameters())[-1].grad.view(-1)[0] = value
+        return loss
+    return run
+
+
+@pytest.mark.skipif(backends.native_sgd_step is None, reason="the native module apo_kernels._C is not built")
+def test_plain_steps_in_one_native_call_match_the_check_and_torchs_step(monkeypatch):
+    """APO-LR's plain steps over torch's default SGD are one checked native call per group
+    (apo::sgd_step): bit for bit the check and then torch's own step, with meta-steps among them, per
+    group lrs, and a plain step whose gradient holds a NaN (in the second group only) skipped alike,
+    nothing written anywhere and the step not counted."""
+    calls = []
+    native = backends.native_sgd_step
+    monkeypatch.setattr(backends, "native_sgd_step", lambda *args: calls.append(len(args[0])) or native(*args))
+    models = [mlp(), mlp()]
+    opts = [_two_group_apolr(models[0]), _two_group_apolr(models[1], checked=False)]
+    x, y = batch()
+    for k in range(8):
+        state = [([p.clone() for p in m.parameters()], [o.state[p]["momentum_buffer"].clone() for p in m.parameters()]
+                  if o.step_count else None) for m, o in zip(models, opts)]
+        for m, o in zip(models, opts):
+            closure = closure_for(o, m, x, y)
+            o.step(_poisoned(closure, m, float("nan")) if k == 5 else closure)
+        if k == 5:  # a plain step: skipped, nothing written, not counted
+            for (params, bufs), m, o in zip(state, models, opts):
+                assert o.skipped_steps == 1 and o.step_count == 5
+                assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
+                assert all(torch.equal(a, o.state[p]["momentum_buffer"]) for a, p in zip(bufs, m.parameters()))
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(a, b)
+            assert torch.equal(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"])
+        assert opts[0].learnt_lrs == opts[1].learnt_lrs
+    # one call per group on the plain steps 1, 2, 4, 6 and on the base steps of the meta-steps 3 and 7
+    # (step 0's creates the buffers: torch's); none on the NaN step, whose gradients of both groups
+    # are checked before either group's call
+    assert opts[0].meta_steps == 3 and calls == [2] * 12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -1,6 +1,7 @@
 """The optimizers' step wrapper (apo_kernels._step_hooks): torch.optim's step hooks and profiler range
 exactly when someone listens, and no profiler range otherwise; and torch.optim's state-dict hooks."""
 import contextlib
+import functools
 import warnings
 
 import pytest
@@ -9,7 +10,9 @@ from torch.optim import optimizer as torch_optimizer
 
 from apo_kernels import _step_hooks
 from apo_kernels.baselines import EKFAC, KFAC
+from apo_kernels.ops import backends
 from apo_kernels.optim import APOLR, APOPrecond
+from apo_kernels.optim import lr as apo_lr
 from _tiny import one_thread, mlp, data, closure_for  # noqa: F401  (one_thread: autouse fixture)
 
 OPTIMIZERS = {
@@ -372,7 +375,9 @@ def test_fused_sgd_step_leaves_other_optimizers_to_torch(case):
 def test_apolr_base_sgd_takes_the_direct_step_and_matches_torchs(direct, monkeypatch):
     """APO-LR over a fused SGD, or torch's default SGD on CPU, steps it by the direct call when nobody
     listens: the same parameters and momentum buffers, bit for bit, as a twin whose base optimizer
-    has a listener (torch's own step), over steps with meta-steps among them."""
+    has a listener (torch's own step), over steps with meta-steps among them. Over the default SGD
+    the steps after the first (which creates the momentum buffers) are the native checked step
+    (``checked_sgd_step``)."""
     options, name, _ = DIRECT_SGD[direct]
 
     def make():
@@ -387,10 +392,21 @@ def test_apolr_base_sgd_takes_the_direct_step_and_matches_torchs(direct, monkeyp
     calls = []
     original = getattr(_step_hooks, name)
     monkeypatch.setattr(_step_hooks, name, lambda o: calls.append(o) or original(o))
+    native_calls, native = [], apo_lr.checked_sgd_step
+
+    def counted(o, lrs):
+        done = native(o, lrs)
+        if done is not None:
+            native_calls.append(o)
+        return done
+
+    monkeypatch.setattr(apo_lr, "checked_sgd_step", counted)
     for _ in range(5):
         opt.step(closure_for(opt, model, x, y))
         twin.step(closure_for(twin, twin_model, x, y))
-    assert opt.meta_steps == twin.meta_steps == 3 and calls.count(opt.base_optimizer) == 5
+    native_steps = 4 if direct == "per-tensor" and backends.native_sgd_step is not None else 0
+    assert native_calls == [opt.base_optimizer] * native_steps
+    assert opt.meta_steps == twin.meta_steps == 3 and calls.count(opt.base_optimizer) == 5 - native_steps
     assert twin.base_optimizer not in calls
     assert opt.learnt_lrs == twin.learnt_lrs
     for a, b in zip(model.parameters(), twin_model.parameters()):
@@ -425,3 +441,100 @@ def test_single_tensor_sgd_step_leaves_other_optimizers_to_torch(case):
     if device == "cpu":
         assert all(torch.equal(a, b) for a, b in zip(before, params))
     assert len(opt.state) == 0
+
+
+@pytest.mark.skipif(backends.native_sgd_step is None, reason="the native module apo_kernels._C is not built")
+@pytest.mark.parametrize("kwargs", SGD_CONFIGS, ids=str)
+def test_checked_sgd_step_is_torchs_step_at_the_lrs_given(kwargs):
+    """``checked_sgd_step(opt, lrs)``: torch's default SGD step with group k's lr taken as lrs[k], bit for
+    bit, over two groups (the second with its own lr), a parameter without a gradient left alone; a
+    NaN in the second group's gradient writes nothing in either group."""
+    gen = torch.Generator().manual_seed(3)
+
+    def make():
+        ps = [torch.randn(5, 3, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+        groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.2}]
+        return ps, torch.optim.SGD(groups, **kwargs)
+
+    (ps, opt), (twin_ps, twin) = make(), make()
+    lrs = [0.011, 0.07]
+    for step in range(4):
+        grads = [torch.randn(5, 3, generator=gen) for _ in ps]
+        for p, q, g in zip(ps, twin_ps, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ps[1].grad = twin_ps[1].grad = None  # no gradient: no step, no state
+        for group, lr in zip(twin.param_groups, lrs):
+            group["lr"] = lr
+        twin.step()
+        expected = None if step == 0 and kwargs.get("momentum", 0) else True  # torch creates the buffers
+        done = _step_hooks.checked_sgd_step(opt, lrs)
+        if done is None:
+            assert expected is None
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr
+            opt.step()
+        assert done is expected
+        assert all(torch.equal(a, b) for a, b in zip(ps, twin_ps))
+        assert all(torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
+                   for a, b in zip(ps, twin_ps) if b in twin.state)
+    assert ps[1] not in opt.state or "momentum_buffer" not in opt.state[ps[1]]
+    ps[2].grad = torch.randn(5, 3, generator=gen)
+    ps[2].grad[4, 2] = float("nan")
+    ps[0].grad = torch.randn(5, 3, generator=gen)
+    before = [p.clone() for p in ps] + [s["momentum_buffer"].clone() for s in opt.state.values()
+                                        if s.get("momentum_buffer") is not None]
+    assert _step_hooks.checked_sgd_step(opt, lrs) is False
+    after = list(ps) + [s["momentum_buffer"] for s in opt.state.values() if s.get("momentum_buffer") is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.skipif(backends.native_sgd_step is None, reason="the native module apo_kernels._C is not built")
+@pytest.mark.parametrize("case", ["foreach", "fused", "tensor lr", "tensor momentum", "no buffer yet", "grad scaler",
+                                  "gradient of another dtype", "sparse gradient", "meta device", "step hook",
+                                  "global step hook", "step wrapped on the instance", "Adam"])
+def test_checked_sgd_step_leaves_other_cases_to_the_caller(case):
+    """Where the native step is not torch's step, or someone listens to the step, ``checked_sgd_step``
+    returns None having changed nothing (the caller then checks and steps as before)."""
+    device = "meta" if case == "meta device" else "cpu"
+    p, q = torch.randn(4, device=device), torch.randn(3, device=device)
+    params = [p, q]
+    make = {
+        "foreach": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
+        "fused": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+        "tensor lr": lambda: torch.optim.SGD(params, lr=torch.tensor(0.1), momentum=0.9),
+        "tensor momentum": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        "Adam": lambda: torch.optim.Adam(params, lr=0.1),
+    }.get(case, lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    opt = make()
+    for t in params:
+        t.grad = torch.ones_like(t)
+        if case != "no buffer yet" and isinstance(opt, torch.optim.SGD):
+            opt.state[t]["momentum_buffer"] = torch.zeros_like(t)
+    if case == "tensor momentum":
+        opt.param_groups[0]["momentum"] = torch.tensor(0.9)
+    if case == "grad scaler":
+        opt.found_inf = torch.zeros(())
+    if case == "gradient of another dtype":
+        q.grad_dtype = None  # torch refuses a gradient of another dtype unless told
+        q.grad = torch.ones(3, dtype=torch.float64)
+    if case == "sparse gradient":
+        q.grad = torch.ones_like(q).to_sparse()
+    undo = []
+    if case == "step hook":
+        undo.append(opt.register_step_pre_hook(lambda *args: None))
+    if case == "global step hook":
+        undo.append(torch_optimizer.register_optimizer_step_pre_hook(lambda *args: None))
+    if case == "step wrapped on the instance":  # as an lr scheduler that counts the calls does
+        opt.step = functools.partial(type(opt).step, opt)
+    before = [t.clone() for t in params]
+    state_before = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state.items()}
+    try:
+        assert _step_hooks.checked_sgd_step(opt, [0.05]) is None
+    finally:
+        for handle in undo:
+            handle.remove()
+    if device == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert opt.state.keys() == state_before.keys()
+    if device == "cpu":
+        assert all(torch.equal(opt.state[k][n], v) for k, s in state_before.items() for n, v in s.items())

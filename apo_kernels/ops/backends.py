@@ -210,6 +210,17 @@ if _native_error is None:
     def _fake_sgd_lookahead(params, grads, momenta, grad_coef, momentum_coef, decay_coef, deltas, out):
         _on_one_device("params, grads, momenta, deltas, out", (*params, *grads, *momenta, *deltas, *out))
         return (params[0].new_empty((), dtype=torch.float64) if params else torch.empty((), dtype=torch.float64))
+# apo::sgd_step(params, grads, momenta, lr, momentum, dampening, weight_decay, nesterov, maximize) -> 0-d
+# bool tensor: torch.optim.SGD's per-tensor step, taken only when every gradient is finite (APO-LR's
+# plain step, apo_kernels._step_hooks.checked_sgd_step); None without the native module
+native_sgd_step: Optional[Callable] = None
+if _native_error is None:
+    native_sgd_step = torch.ops.apo.sgd_step.default
+
+    @torch.library.register_fake("apo::sgd_step")
+    def _fake_sgd_step(params, grads, momenta, lr, momentum, dampening, weight_decay, nesterov, maximize):
+        _on_one_device("params, grads, momenta", (*params, *grads, *momenta))
+        return (params[0].new_empty((), dtype=torch.bool) if params else torch.empty((), dtype=torch.bool))
 # apo::kron_precondition(grad, L, R, out) -> None: out = L·G·R, the kron structure's step
 # (apo_kernels.optim.kron); None without the native module
 native_kron_precondition: Optional[Callable] = None

@@ -14,6 +14,11 @@ A subclass supplies these hooks; only ``_apply`` and ``_shrink_phi`` mutate stat
     _shrink_phi(factor)                     multiply φ's step size by factor < 1 (a recovery)
     _no_step_size_helps(plan) -> str|None   after a non-finite lookahead: why no step size can make
                                             it finite (then φ is kept and the step skipped), or None
+    _checked_plain_update(loss, plan)       a step without a meta-update: the check of the loss and
+        -> bool|None                        gradients at θ and ``_apply`` in one pass where the subclass
+                                            has one (True: applied; False: not finite, nothing
+                                            written), else None (checked, then applied, as on a
+                                            meta-step)
 
 Recoveries: a step too large to evaluate is information, not an error.
 - A non-finite lookahead, meta-objective or meta-gradient: φ's step size is multiplied by SHRINK
@@ -322,7 +327,8 @@ class APOCore(torch.optim.Optimizer):
         # model forwards of the meta-step (closure, FSD) run under it, as the user intended
         with self._no_autocast():
             plan = self._prepare()  # changes no state: a step skipped below leaves it as it was
-        if not self._grads_finite(loss, plan):
+            fused = None if meta or self._replicas.world != 1 else self._checked_plain_update(loss, plan)
+        if fused is False or (fused is None and not self._grads_finite(loss, plan)):
             self.skipped_steps += 1
             return loss
         loss_at_theta = None
@@ -334,7 +340,7 @@ class APOCore(torch.optim.Optimizer):
             args = (closure if self.meta_batch == "same" else meta_closure, fsd_inputs, scale,
                     rng0 if self.meta_batch == "same" else None, loss_at_theta, step_forward)
             meta_ok = self._with_recoveries(lambda: self._meta_update(plan, *args))
-        updated = meta_ok and self._with_recoveries(lambda: self._apply_outside_autocast(plan))
+        updated = fused or (meta_ok and self._with_recoveries(lambda: self._apply_outside_autocast(plan)))
         if not updated:
             self.skipped_steps += 1
         # after a failure, learn the (shrunk) step again at once rather than meta_interval steps later
@@ -401,6 +407,11 @@ class APOCore(torch.optim.Optimizer):
         self.last_meta = {"step": self._apo_step, "Q": obj.value, "loss": obj.loss,
                           "fsd": obj.fsd, "wsd": obj.wsd}
         self._after_meta_step()
+        return None
+
+    def _checked_plain_update(self, loss, plan) -> Optional[bool]:
+        """None: no fused check and update here (the default). On one process only: with several
+        replicas the check is agreed between them before anything is written."""
         return None
 
     def _no_step_size_helps(self, plan) -> Optional[str]:

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .._args import check_bool, check_number, check_optimizer_state_shapes, check_type
-from .._numerics import all_finite
-from .._step_hooks import step_quietly, step_with_hooks
+from .._numerics import all_finite, loss_finite
+from .._step_hooks import checked_sgd_step, step_quietly, step_with_hooks
 from ..ops import backends
 from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
                     with_state_dict_hooks)
@@ -595,7 +595,17 @@ class APOLR(APOCore):
         self.log_lr.add_(math.log(factor))
         self._clamp_and_record()
 
+    def _checked_plain_update(self, loss, plan) -> Optional[bool]:
+        # SGD: the gradient check and its step in one native call per group (checked_sgd_step)
+        if not loss_finite(loss):
+            return False
+        return checked_sgd_step(self.base_optimizer, self.lrs)
+
     def _apply(self, plan) -> bool:
+        # SGD: its step with the effective lr passed to it, where checked_sgd_step applies
+        done = checked_sgd_step(self.base_optimizer, self.lrs)
+        if done is not None:
+            return done
         # the effective lr only for the base optimizer's step; the scheduler's values are restored
         saved = [g["lr"] for g in self.base_optimizer.param_groups]
         saved = [v.clone() if isinstance(v, Tensor) else v for v in saved]
