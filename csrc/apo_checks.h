@@ -21,6 +21,7 @@
 //     per parameter a gradient and a momentum of its shape and dtype, all on one device, params and
 //     momenta sharing no element with any argument; lr, momentum, weight_decay finite and >= 0,
 //     dampening finite, nesterov only with a momentum and no dampening (torch.optim.SGD's rules).
+//   - dot_sum: lists of one length, per pair one shape, all on one device.
 //   - kron_precondition: grad 2-D (m, n), L (m, m) or None, R (n, n) or None and out (m, n) of its
 //     dtype and device, out sharing no element with grad, L or R.
 //   - kl_value_and_grad: new_out and old_out of one shape, dtype and device, at least 1-D and not
@@ -456,6 +457,24 @@ inline void check_sgd_step(TensorList params, TensorList grads, TensorList momen
   const std::array<std::pair<const char*, TensorList>, 3> all = {
       std::pair<const char*, TensorList>{"grads", grads}, {"params", params}, {"momenta", momenta}};
   overlap::check_written_apart(all, 1);
+}
+
+// The sum of dot products (dot_sum): per pair one shape (any float dtypes), all on one device.
+
+inline void check_dot_sum(TensorList a, TensorList b) {
+  TORCH_CHECK_VALUE(a.size() == b.size(), "a and b must have the same length, got {'a': ", a.size(), ", 'b': ",
+                    b.size(), "}");
+  for (size_t i = 0; i < a.size(); ++i) {
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    check_tensor(a[i], "a" + at_i);
+    check_tensor(b[i], "b" + at_i);
+    TORCH_CHECK_VALUE(b[i].sizes() == a[i].sizes(), "b", at_i, " must have the shape of a", at_i, " ",
+                      shape_str(a[i].sizes()), ", got ", shape_str(b[i].sizes()));
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"a", &a[i]}, {"b", &b[i]}}) {
+      TORCH_CHECK_VALUE(t->device() == a[0].device(), name, at_i, " is on ", t->device(), " but a[0] is on ",
+                        a[0].device());
+    }
+  }
 }
 
 // The kron structure's step (kron_precondition): grad 2-D (m, n); L (m, m) or None, R (n, n) or None

@@ -258,6 +258,15 @@ APO_INLINE double add_sumsq(T* out, const T* theta, const T* delta, int64_t n) {
   return sum;
 }
 
+// Σ x·y in double (each product exact in double for float inputs; summed in SIMD lanes, in no fixed order).
+template <typename T>
+APO_INLINE double dot(const T* x, const T* y, int64_t n) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(x[j]) * static_cast<double>(y[j]);
+  return sum;
+}
+
 // Δ = a·g + b·m + c·θ (each product and sum rounded, in this order: the terms torch.optim.SGD's step
 // at lr = 1 adds up), out = θ + Δ, returning Σ Δ² in double. M: a momentum term; C: a decay term.
 template <bool M, bool C, typename T>
@@ -315,6 +324,8 @@ APO_SIMD_CLONES double add_sumsq_f32(float* o, const float* t, const float* d, i
 APO_SIMD_CLONES double add_sumsq_f64(double* o, const double* t, const double* d, int64_t n) {
   return add_sumsq(o, t, d, n);
 }
+APO_SIMD_CLONES double dot_f32(const float* x, const float* y, int64_t n) { return dot(x, y, n); }
+APO_SIMD_CLONES double dot_f64(const double* x, const double* y, int64_t n) { return dot(x, y, n); }
 #define APO_SGD_LOOKAHEAD_CLONE(T, M, C, name)                                                             \
   APO_SIMD_CLONES double name(T* o, T* d, const T* t, const T* g, const T* m, T a, T b, T c, int64_t n) { \
     return sgd_lookahead<M, C>(o, d, t, g, m, a, b, c, n);                                                \
@@ -365,6 +376,8 @@ inline double add_sumsq(float* o, const float* t, const float* d, int64_t n) { r
 inline double add_sumsq(double* o, const double* t, const double* d, int64_t n) {
   return loops::add_sumsq_f64(o, t, d, n);
 }
+inline double dot_rows(const float* x, const float* y, int64_t n) { return loops::dot_f32(x, y, n); }
+inline double dot_rows(const double* x, const double* y, int64_t n) { return loops::dot_f64(x, y, n); }
 
 // sgd_lookahead's loop for the terms present (m null: no momentum term; c = 0: no decay term)
 inline double sgd_lookahead_rows(float* o, float* d, const float* t, const float* g, const float* m, float a,
@@ -1226,6 +1239,10 @@ Tensor all_finite_any(TensorList ts) {
 
 // Elements one thread takes before the pass is split over threads (256 KiB of float32).
 constexpr int64_t kLookaheadGrain = int64_t(1) << 16;
+// Elements one thread takes in the elementwise passes of APO-LR's steps (sgd_step, sgd_lookahead, dot_sum:
+// 64 KiB of float32). Each reads two or three tensors and writes up to two: a 65536-element layer is
+// worth a second thread (the small MLP's SGD step, 2 threads: 29.8 → 23.6 µs), a smaller one is not.
+constexpr int64_t kStepGrain = int64_t(1) << 14;
 
 // out, theta and delta dense with one layout: element k of each is the k-th in memory.
 template <typename T>
@@ -1310,7 +1327,7 @@ double sgd_lookahead_dense(const Tensor& out, const Tensor& delta, const Tensor&
   const T* g = grad.const_data_ptr<T>();
   const T* m = mom != nullptr ? mom->const_data_ptr<T>() : nullptr;
   return at::parallel_reduce(
-      0, out.numel(), kLookaheadGrain, 0.0,
+      0, out.numel(), kStepGrain, 0.0,
       [&](int64_t begin, int64_t end, double sum) {
         return sum + direct::sgd_lookahead_rows(o + begin, d + begin, t + begin, g + begin,
                                                 m != nullptr ? m + begin : nullptr, T(a), T(b), T(c),
@@ -1529,6 +1546,58 @@ Tensor precondition_momentum_grouped_cpu(TensorList Gs, TensorList Ms, double mo
 }
 
 // ---------------------------------------------------------------------------------------------
+// apo::dot_sum: Σ_i ⟨a_i, b_i⟩ as a 0-d float64 tensor on their device, every product and sum in
+// float64. APO-LR's meta-gradient, Σ over a group's parameters of ⟨∇θ'Q, Δ⟩: one call where it was a
+// dot per parameter, their stack and its read-back.
+
+template <typename T>
+double dot_dense(const Tensor& a, const Tensor& b) {
+  const T* x = a.const_data_ptr<T>();
+  const T* y = b.const_data_ptr<T>();
+  return at::parallel_reduce(
+      0, a.numel(), kStepGrain, 0.0,
+      [&](int64_t begin, int64_t end, double sum) { return sum + direct::dot_rows(x + begin, y + begin, end - begin); },
+      std::plus<double>());
+}
+
+Tensor dot_sum_generic(TensorList a, TensorList b) {
+  std::vector<Tensor> each;
+  each.reserve(a.size());
+  for (size_t i = 0; i < a.size(); ++i) each.push_back(at::mul(a[i].to(at::kDouble), b[i].to(at::kDouble)).sum());
+  return each.empty() ? at::zeros({}, at::TensorOptions().dtype(at::kDouble)) : at::stack(each).sum();
+}
+
+Tensor dot_sum_cpu(TensorList a, TensorList b) {
+  checks::check_dot_sum(a, b);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  double sum = 0.0;
+  std::vector<Tensor> rest_a, rest_b;  // pairs off the direct loop: ATen's ops
+  for (size_t i = 0; i < a.size(); ++i) {
+    const auto type = a[i].scalar_type();
+    const bool direct = (type == at::kFloat || type == at::kDouble) && b[i].scalar_type() == type &&
+                        a[i].is_non_overlapping_and_dense() && b[i].strides() == a[i].strides();
+    if (direct && type == at::kFloat) {
+      sum += dot_dense<float>(a[i], b[i]);
+    } else if (direct) {
+      sum += dot_dense<double>(a[i], b[i]);
+    } else {
+      rest_a.push_back(a[i]);
+      rest_b.push_back(b[i]);
+    }
+  }
+  if (!rest_a.empty()) sum += dot_sum_generic(rest_a, rest_b).item<double>();
+  return at::scalar_tensor(sum, at::kDouble);
+}
+
+// Any other device: ATen's ops, no sync.
+Tensor dot_sum_any(TensorList a, TensorList b) {
+  checks::check_dot_sum(a, b);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (a.empty()) return at::scalar_tensor(0.0, at::kDouble);
+  return dot_sum_generic(a, b);
+}
+
+// ---------------------------------------------------------------------------------------------
 // apo::sgd_step: torch.optim.SGD's step (its per-tensor step, the CPU default) on every parameter,
 // taken only when every gradient is finite. Returns a 0-d bool tensor on their device: true when the
 // step was taken; false (a NaN or inf in some gradient) leaves params and momenta as they were. APO-LR's
@@ -1550,7 +1619,7 @@ void sgd_step_dense(const Tensor& theta, const Tensor* mom, const Tensor& grad, 
   T* t = theta.data_ptr<T>();
   T* m = mom != nullptr ? mom->data_ptr<T>() : nullptr;
   const T* g = grad.const_data_ptr<T>();
-  at::parallel_for(0, theta.numel(), kLookaheadGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, theta.numel(), kStepGrain, [&](int64_t begin, int64_t end) {
     direct::sgd_step_rows(t + begin, m != nullptr ? m + begin : nullptr, g + begin, h.maximize ? T(-1) : T(1),
                           T(h.weight_decay), T(h.momentum), T(1.0 - h.dampening), h.nesterov, T(-h.lr), end - begin);
   });
@@ -1640,6 +1709,7 @@ TORCH_LIBRARY(apo, m) {
   m.def(
       "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize) -> Tensor");
+  m.def("dot_sum(Tensor[] a, Tensor[] b) -> Tensor");
   m.def("kron_precondition(Tensor grad, Tensor? L, Tensor? R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
@@ -1656,6 +1726,7 @@ TORCH_LIBRARY_IMPL(apo, CPU, m) {
   m.impl("lookahead_write", &apo::lookahead_write_cpu);
   m.impl("sgd_lookahead", &apo::sgd_lookahead_cpu);
   m.impl("sgd_step", &apo::sgd_step_cpu);
+  m.impl("dot_sum", &apo::dot_sum_cpu);
   m.impl("kron_precondition", &apo::kron_precondition_cpu);
 }
 
@@ -1666,5 +1737,6 @@ TORCH_LIBRARY_IMPL(apo, CompositeExplicitAutograd, m) {
   m.impl("lookahead_write", &apo::lookahead_write_any);
   m.impl("sgd_lookahead", &apo::sgd_lookahead_any);
   m.impl("sgd_step", &apo::sgd_step_any);
+  m.impl("dot_sum", &apo::dot_sum_any);
   m.impl("kron_precondition", &apo::kron_precondition_any);
 }

@@ -348,6 +348,30 @@ def test_non_finite_step_is_skipped_with_lr_and_params_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(before[0], m.parameters())) and opt.lr == before[1]
 
 
+@pytest.mark.skipif(backends.native_dot_sum is None, reason="the native module apo_kernels._C is not built")
+@pytest.mark.parametrize("per_group", [False, True])
+def test_meta_gradient_from_one_native_dot_sum_per_group_matches_the_dot_per_parameter(per_group, monkeypatch):
+    """The meta-gradient Σ ⟨∇θ'Q, Δ⟩ of each group is one apo::dot_sum call (float64 sums); without the
+    native op it is a float64 dot per parameter: the same value to 1e-12."""
+    x, y = batch()
+
+    def meta_gradient():
+        model = mlp()
+        params = list(model.parameters())
+        base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.03}], lr=0.05, momentum=0.9)
+        opt = APOLR(model, base, lambda_fsd=0.1, lambda_wsd=0.1, per_group=per_group)
+        opt.step(closure_for(opt, model, x, y), fsd_inputs=(x,))
+        return opt.meta_gradient(closure_for(opt, model, x, y), fsd_inputs=(x,))[1][0]
+
+    calls = []
+    native = backends.native_dot_sum
+    monkeypatch.setattr(backends, "native_dot_sum", lambda a, b: calls.append(len(a)) or native(a, b))
+    with_op = meta_gradient()
+    assert calls[-2:] == [2, 2]  # one call per group, of its two parameters
+    monkeypatch.setattr(backends, "native_dot_sum", None)
+    torch.testing.assert_close(with_op, meta_gradient(), rtol=1e-12, atol=0)
+
+
 def _two_group_apolr(model, checked=True):
     """APO-LR with one learnt lr per group over a two-group SGD (nesterov; the second group with its
     own lr and weight decay); ``checked=False``: a hook on the base optimizer's step, so that its

@@ -221,6 +221,16 @@ if _native_error is None:
     def _fake_sgd_step(params, grads, momenta, lr, momentum, dampening, weight_decay, nesterov, maximize):
         _on_one_device("params, grads, momenta", (*params, *grads, *momenta))
         return (params[0].new_empty((), dtype=torch.bool) if params else torch.empty((), dtype=torch.bool))
+# apo::dot_sum(a, b) -> 0-d float64 tensor: Σ_i ⟨a_i, b_i⟩ in float64 (APO-LR's meta-gradient,
+# apo_kernels.optim.lr); None without the native module
+native_dot_sum: Optional[Callable] = None
+if _native_error is None:
+    native_dot_sum = torch.ops.apo.dot_sum.default
+
+    @torch.library.register_fake("apo::dot_sum")
+    def _fake_dot_sum(a, b):
+        _on_one_device("a, b", (*a, *b))
+        return (a[0].new_empty((), dtype=torch.float64) if a else torch.empty((), dtype=torch.float64))
 # apo::kron_precondition(grad, L, R, out) -> None: out = L·G·R, the kron structure's step
 # (apo_kernels.optim.kron); None without the native module
 native_kron_precondition: Optional[Callable] = None

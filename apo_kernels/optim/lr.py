@@ -195,6 +195,22 @@ def _adam_direction(p: Tensor, group: dict, state: dict, decoupled: bool) -> Ten
     return d if extra is None else d + extra
 
 
+def _sum_of_dots(xs: list[Tensor], ys: list[Tensor]) -> float:
+    """Σ ⟨x_i, y_i⟩ as a Python float: tensors on one device in one call of the native ``apo::dot_sum``
+    (products and sums in float64), else a dot per pair, summed in float64 in order."""
+    if not xs:
+        return 0.0
+    if backends.native_dot_sum is not None:
+        try:
+            return float(backends.native_dot_sum(xs, ys))
+        except ValueError:  # tensors on several devices: a dot per pair below
+            pass
+    total = 0.0
+    for x, y in zip(xs, ys):
+        total += float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()))
+    return total
+
+
 def _is_decoupled(opt, group) -> bool:
     return bool(group.get("decoupled_weight_decay", False)) or isinstance(opt, torch.optim.AdamW)
 
@@ -568,24 +584,17 @@ class APOLR(APOCore):
 
     def _meta_backward(self, plan, dQ) -> bool:
         # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩
-        # (float64 sums in order, as Python floats: no tensor op per parameter)
         dQ = iter(dQ)
-        grads = []
-        for deltas in plan.deltas:
-            dots = [torch.dot(next(dQ).reshape(-1), d.reshape(-1)) for d in deltas]
-            total = 0.0
-            one_device = len({t.device for t in dots}) == 1
-            for v in (torch.stack(dots).tolist() if one_device else [float(t) for t in dots]):  # one read-back
-                total += v
-            grads.append(total)
+        grads = [_sum_of_dots([next(dQ) for _ in deltas], deltas) for deltas in plan.deltas]
         grads = grads if self.per_group else [sum(grads)]
         self.log_lr.grad = torch.tensor(grads, dtype=torch.float64)
         return all(map(math.isfinite, grads))  # read off the Python floats: no check of its own
 
     def _clamp_and_record(self):
-        lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
-        hi = math.inf if self.max_lr is None else math.log(self.max_lr)
-        self.log_lr.clamp_(lo, hi)
+        if self.min_lr is not None or self.max_lr is not None:  # no bounds: nothing to clamp
+            lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
+            hi = math.inf if self.max_lr is None else math.log(self.max_lr)
+            self.log_lr.clamp_(lo, hi)
         self.lr_history.append((self._apo_step, self.learnt_lrs))
 
     def _after_meta_step(self):

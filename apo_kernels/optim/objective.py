@@ -53,6 +53,8 @@ def _tensors(tree) -> list[Tensor]:
 
 
 def _autocast_state() -> tuple:
+    if not torch._C._is_any_autocast_enabled():  # the common case, one call: no region open anywhere
+        return ()
     return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
 
 

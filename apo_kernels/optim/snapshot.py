@@ -46,7 +46,7 @@ class RNGState:
 
 
 def cuda_devices_of(params: Iterable[Tensor]) -> list[int]:
-    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    return sorted({p.get_device() for p in params if p.is_cuda})  # is_cuda: no device object per tensor
 
 
 def borrowed(g: Tensor) -> bool:
