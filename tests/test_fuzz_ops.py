@@ -237,6 +237,8 @@ def build_cases() -> list[Case]:
     _momentum_cases(torch, add)
     _lookahead_cases(torch, add)
     _sgd_lookahead_cases(torch, add)
+    _sgd_step_cases(torch, add)
+    _dot_sum_cases(torch, add)
     _kron_cases(torch, add)
     return cases
 
@@ -472,6 +474,56 @@ def _sgd_lookahead_cases(torch, add) -> None:
         whole(lambda a: a[7].__setitem__(2, a[6][0][:GROUP_SHAPES[2][0], :GROUP_SHAPES[2][1]])))
     add("native/sgd-lookahead/deltas expanded", _names("deltas"),
         whole(lambda a: a[6].__setitem__(1, torch.zeros(1).expand(*GROUP_SHAPES[1]))))
+
+
+# torch.optim.SGD's checked step: per parameter θ and g, and a momentum buffer (args: params, grads,
+# momenta, lr, momentum, dampening, weight_decay, nesterov, maximize); params and momenta written.
+SGD_STEP_LISTS = {"params": 0, "grads": 1, "momenta": 2}
+
+
+def _sgd_step_call(torch):
+    params = [torch.randn(m, n, generator=torch.Generator().manual_seed(i)) for i, (m, n) in enumerate(GROUP_SHAPES)]
+    like = lambda: [torch.randn_like(p) for p in params]  # noqa: E731
+    return torch.ops.apo.sgd_step, [params, like(), like(), 0.01, 0.9, 0.0, 1e-4, False, False]
+
+
+def _sgd_step_cases(torch, add) -> None:
+    _per_parameter_cases(torch, add, "sgd-step", lambda: _sgd_step_call(torch), SGD_STEP_LISTS,
+                         "params, grads, momenta")
+
+    def whole(fn):
+        return _edited(lambda: _sgd_step_call(torch), fn)
+
+    lengths = "params and grads must have the same length"
+    add("native/sgd-step/grads shorter", lengths, whole(lambda a: a[1].pop()))
+    add("native/sgd-step/momenta shorter", lengths, whole(lambda a: a[2].pop()))
+    add("native/sgd-step/momenta without momentum", lengths, whole(lambda a: a.__setitem__(4, 0.0)))
+    add("native/sgd-step/momenta are the grads", _names("momenta"), whole(lambda a: a.__setitem__(2, a[1])))
+    add("native/sgd-step/params are the momenta", _names("params"), whole(lambda a: a.__setitem__(0, a[2])))
+    add("native/sgd-step/a parameter in another's memory", _names("params"),
+        whole(lambda a: a[0].__setitem__(2, a[0][0][:GROUP_SHAPES[2][0], :GROUP_SHAPES[2][1]])))
+    add("native/sgd-step/params expanded", _names("params"),
+        whole(lambda a: a[0].__setitem__(1, torch.zeros(1).expand(*GROUP_SHAPES[1]))))
+    for k, name, bad in ((3, "lr", float("nan")), (3, "lr", -1.0), (4, "momentum", float("inf")),
+                         (5, "dampening", float("nan")), (6, "weight_decay", -0.1)):
+        add(f"native/sgd-step/{name}={bad}", _names(name), whole(lambda a, k=k, bad=bad: a.__setitem__(k, bad)))
+    add("native/sgd-step/nesterov with dampening", "nesterov requires",
+        whole(lambda a: (a.__setitem__(5, 0.1), a.__setitem__(7, True))))
+
+
+# The sum of dot products: lists a and b, one shape per pair.
+DOT_SUM_LISTS = {"a": 0, "b": 1}
+
+
+def _dot_sum_call(torch):
+    a = [torch.randn(m, n, generator=torch.Generator().manual_seed(i)) for i, (m, n) in enumerate(GROUP_SHAPES)]
+    return torch.ops.apo.dot_sum, [a, [torch.randn_like(t) for t in a]]
+
+
+def _dot_sum_cases(torch, add) -> None:
+    _per_parameter_cases(torch, add, "dot-sum", lambda: _dot_sum_call(torch), DOT_SUM_LISTS, "a, b")
+    add("native/dot-sum/b shorter", "a and b must have the same length",
+        _edited(lambda: _dot_sum_call(torch), lambda a: a[1].pop()))
 
 
 # The kron step: out = L·G·R for one layer (grad (m, n), L (m, m), R (n, n), out written).
