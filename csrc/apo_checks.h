@@ -372,6 +372,16 @@ inline void check_lookahead(TensorList params, TensorList deltas, TensorList out
   overlap::check_written_apart(all, 2);
 }
 
+// name[i] of a per-parameter list: a tensor of params[i]'s shape on params[0]'s device.
+inline void check_per_param(const Tensor& t, const char* name, size_t i, TensorList params) {
+  const std::string at_i = "[" + std::to_string(i) + "]";
+  check_tensor(t, name + at_i);
+  TORCH_CHECK_VALUE(t.sizes() == params[i].sizes(), name, at_i, " must have the shape of params", at_i, " ",
+                    shape_str(params[i].sizes()), ", got ", shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.device() == params[0].device(), name, at_i, " is on ", t.device(), " but params[0] is on ",
+                    params[0].device());
+}
+
 // APO-LR's SGD lookahead (sgd_lookahead): per parameter a gradient, a delta and an out of its shape
 // (momenta: none, or one of its shape per parameter), any float dtype, out of the parameter's dtype,
 // all on one device; deltas and out share no element with any argument.
@@ -391,13 +401,7 @@ inline void check_sgd_lookahead(TensorList params, TensorList grads, TensorList 
     std::vector<std::pair<const char*, const Tensor*>> others = {{"grads", &grads[i]}, {"deltas", &deltas[i]},
                                                                  {"out", &out[i]}};
     if (!momenta.empty()) others.push_back({"momenta", &momenta[i]});
-    for (const auto& [name, t] : others) {
-      check_tensor(*t, name + at_i);
-      TORCH_CHECK_VALUE(t->sizes() == params[i].sizes(), name, at_i, " must have the shape of params", at_i, " ",
-                        shape_str(params[i].sizes()), ", got ", shape_str(t->sizes()));
-      TORCH_CHECK_VALUE(t->device() == params[0].device(), name, at_i, " is on ", t->device(),
-                        " but params[0] is on ", params[0].device());
-    }
+    for (const auto& [name, t] : others) check_per_param(*t, name, i, params);
     TORCH_CHECK_TYPE(out[i].scalar_type() == params[i].scalar_type(), "out", at_i, " has dtype ",
                      dtype_str(out[i].scalar_type()), " but params", at_i, " has ",
                      dtype_str(params[i].scalar_type()));
@@ -439,11 +443,7 @@ inline void check_sgd_step(TensorList params, TensorList grads, TensorList momen
     std::vector<std::pair<const char*, const Tensor*>> others = {{"grads", &grads[i]}};
     if (n_momenta != 0) others.push_back({"momenta", &momenta[i]});
     for (const auto& [name, t] : others) {
-      check_tensor(*t, name + at_i);
-      TORCH_CHECK_VALUE(t->sizes() == params[i].sizes(), name, at_i, " must have the shape of params", at_i, " ",
-                        shape_str(params[i].sizes()), ", got ", shape_str(t->sizes()));
-      TORCH_CHECK_VALUE(t->device() == params[0].device(), name, at_i, " is on ", t->device(),
-                        " but params[0] is on ", params[0].device());
+      check_per_param(*t, name, i, params);
       TORCH_CHECK_TYPE(t->scalar_type() == params[i].scalar_type(), name, at_i, " has dtype ",
                        dtype_str(t->scalar_type()), " but params", at_i, " has ", dtype_str(params[i].scalar_type()));
     }

@@ -414,6 +414,16 @@ def test_apolr_base_sgd_takes_the_direct_step_and_matches_torchs(direct, monkeyp
         assert torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
 
 
+def _optimizer_for(case: str, params):
+    """The optimizer of a refusal case: torch's SGD with momentum unless the case names another."""
+    return {
+        "foreach": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
+        "fused": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+        "tensor lr": lambda: torch.optim.SGD(params, lr=torch.tensor(0.1), momentum=0.9),
+        "Adam": lambda: torch.optim.Adam(params, lr=0.1),
+    }.get(case, lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9))()
+
+
 @pytest.mark.parametrize("case", ["foreach", "fused", "grad scaler", "sparse gradient", "meta device", "Adam"])
 def test_single_tensor_sgd_step_leaves_other_optimizers_to_torch(case):
     """A group that asks for foreach or fused, a parameter off the CPU, a sparse gradient or a grad
@@ -421,15 +431,7 @@ def test_single_tensor_sgd_step_leaves_other_optimizers_to_torch(case):
     device = "meta" if case == "meta device" else "cpu"
     p, q = torch.randn(4, device=device), torch.randn(3, device=device)
     params = [p, q]
-    make = {
-        "foreach": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
-        "fused": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
-        "grad scaler": lambda: torch.optim.SGD(params, lr=0.1),
-        "sparse gradient": lambda: torch.optim.SGD(params, lr=0.1),
-        "meta device": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-        "Adam": lambda: torch.optim.Adam(params, lr=0.1),
-    }[case]
-    opt = make()
+    opt = _optimizer_for(case, params)
     if case == "grad scaler":
         opt.found_inf = torch.zeros(())
     for t in params:
@@ -498,14 +500,7 @@ def test_checked_sgd_step_leaves_other_cases_to_the_caller(case):
     device = "meta" if case == "meta device" else "cpu"
     p, q = torch.randn(4, device=device), torch.randn(3, device=device)
     params = [p, q]
-    make = {
-        "foreach": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
-        "fused": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
-        "tensor lr": lambda: torch.optim.SGD(params, lr=torch.tensor(0.1), momentum=0.9),
-        "tensor momentum": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-        "Adam": lambda: torch.optim.Adam(params, lr=0.1),
-    }.get(case, lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9))
-    opt = make()
+    opt = _optimizer_for(case, params)
     for t in params:
         t.grad = torch.ones_like(t)
         if case != "no buffer yet" and isinstance(opt, torch.optim.SGD):
