@@ -7,7 +7,7 @@ the terms' magnitudes (each product and sum is rounded once: 1–3 roundings, fl
 against ``(θ.to(Δ.dtype) + Δ).to(θ.dtype)`` with the op's own Δ, bit for bit (one rounded addition);
 Σ‖Δ‖² against the float64 sum of the op's Δ squared, to 1e-12 relative. The inputs cover what the CPU
 kernel treats differently: float32 / float64 laid out densely and alike in every tensor (its own
-loop, split over threads above 2^16 elements), every combination of the momentum and decay terms,
+loop, split over threads above 2^14 elements), every combination of the momentum and decay terms,
 and everything else (ATen's ops): other layouts, half-precision parameters with float32 deltas. A
 NaN or inf in g, m or (with a decay term) θ, anywhere, makes the sum not finite.
 """
