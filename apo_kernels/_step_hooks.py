@@ -246,6 +246,14 @@ def _plain_native_sgd_group(group: dict) -> bool:
         isinstance(group[k], torch.Tensor) for k in ("lr", "momentum", "dampening", "weight_decay"))
 
 
+def _counted_by_a_scheduler(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.step`` on the instance is an lr scheduler's call counter around the class's own
+    step (torch's ``patch_track_step_called``: it sets ``opt._opt_called`` and calls that step), which
+    a direct call stands in for by setting the flag itself. Any other replacement is someone's own."""
+    own = vars(opt).get("step")
+    return getattr(own, "_wrapped_by_lr_sched", False) and getattr(own, "__wrapped__", None) is type(opt).step
+
+
 @torch.no_grad()
 def checked_sgd_step(opt: torch.optim.Optimizer, lrs: Sequence[float]) -> Optional[bool]:
     """A CPU ``torch.optim.SGD``'s step with group k's lr taken as ``lrs[k]``, taken only when every
@@ -255,11 +263,13 @@ def checked_sgd_step(opt: torch.optim.Optimizer, lrs: Sequence[float]) -> Option
     where that call is not torch's step: no native module, another optimizer, a group asking for
     foreach or fused or with a tensor hyperparameter, a parameter off the CPU or a gradient in another
     dtype or layout, a parameter without a momentum buffer yet (the step that creates them is
-    torch's), a grad scaler's flags, or someone listening to the step (hooks, a profiler, a scheduler
-    that wrapped it): the caller then checks and steps as before."""
+    torch's), a grad scaler's flags, or someone listening to the step (hooks, a profiler, a wrapper of
+    its step on the instance other than an lr scheduler's call counter, whose flag is set here as its
+    wrapper sets it): the caller then checks and steps as before."""
     op, step = backends.native_sgd_step, type(opt).step
+    counted = _counted_by_a_scheduler(opt)
     if (op is None or type(opt) is not torch.optim.SGD or not getattr(step, "hooked", False)
-            or "step" in vars(opt) or _anyone_listening(opt) or _scaler_flags(opt)):
+            or ("step" in vars(opt) and not counted) or _anyone_listening(opt) or _scaler_flags(opt)):
         return None
     calls = []
     for group, lr in zip(opt.param_groups, lrs):
@@ -279,6 +289,8 @@ def checked_sgd_step(opt: torch.optim.Optimizer, lrs: Sequence[float]) -> Option
         if not op(params, grads, bufs, lr, group["momentum"], group["dampening"], group["weight_decay"],
                   group["nesterov"], group["maximize"]):
             return False
+    if counted:
+        opt._opt_called = True  # what the scheduler's wrapper records: its step was called
     opt._optimizer_step_code()
     return True
 

@@ -533,3 +533,39 @@ def test_checked_sgd_step_leaves_other_cases_to_the_caller(case):
     assert opt.state.keys() == state_before.keys()
     if device == "cpu":
         assert all(torch.equal(opt.state[k][n], v) for k, s in state_before.items() for n, v in s.items())
+
+
+@pytest.mark.skipif(backends.native_sgd_step is None, reason="the native module apo_kernels._C is not built")
+def test_apolr_with_a_scheduler_on_its_base_sgd_takes_the_native_step_and_torchs_bits(monkeypatch):
+    """An lr scheduler on APO-LR's base SGD wraps its step on the instance to record the call
+    (``_opt_called``); the native checked step stands in for that wrapper: it records the call as the
+    wrapper does, the scheduler raises no warning of a call before the optimizer's step, and the
+    parameters and buffers are bit for bit those of a twin whose base steps are torch's own (a hook)."""
+    def make(hooked):
+        torch.manual_seed(0)
+        model = mlp()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        if hooked:
+            base.register_step_post_hook(lambda *args: None)
+        sched = torch.optim.lr_scheduler.StepLR(base, step_size=2, gamma=0.5)
+        return model, APOLR(model, base, lambda_fsd=0.0, lambda_wsd=0.1, meta_interval=3), sched
+
+    (model, opt, sched), (twin_model, twin, twin_sched) = make(False), make(True)
+    native_calls, native = [], apo_lr.checked_sgd_step
+    monkeypatch.setattr(apo_lr, "checked_sgd_step",
+                        lambda o, lrs: (lambda done: native_calls.append(done) or done)(native(o, lrs)))
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler's "lr_scheduler.step() before optimizer.step()"
+        for _ in range(6):
+            opt.base_optimizer._opt_called = False
+            opt.step(closure_for(opt, model, x, y))
+            assert opt.base_optimizer._opt_called
+            twin.step(closure_for(twin, twin_model, x, y))
+            sched.step()
+            twin_sched.step()
+    assert native_calls.count(True) == 5  # every step but the first (which creates the buffers)
+    assert opt.learnt_lrs == twin.learnt_lrs and sched.get_last_lr() == twin_sched.get_last_lr()
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], twin.state[b]["momentum_buffer"])
