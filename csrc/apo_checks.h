@@ -274,6 +274,12 @@ void check_written_apart(const std::array<std::pair<const char*, TensorList>, K>
 
 }  // namespace overlap
 
+// A tensor the op writes must not hold one element at two indices (an expanded tensor).
+inline void check_not_expanded(const Tensor& t, const std::string& name) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+                    " has elements that share memory (an expanded tensor); it is written");
+}
+
 // A layer with a bias gradient (bias_grads[i] defined; an empty list or an undefined entry: none)
 // has the matrix [grads[i] | bias_grads[i]]: grads[i] its first n − 1 columns (m, n − 1),
 // bias_grads[i] (m,) its last, and momenta, vs, out that whole (m, n) matrix. Its momenta then stand
@@ -328,10 +334,7 @@ inline void check_momentum_group(TensorList Gs_, TensorList Ms, TensorList As, T
   for (size_t i = 0; i < Gs.size(); ++i) {
     const std::string prefix = "layer " + std::to_string(i) + ": ";
     for (const auto& [name, list] : likes) check_like_grad(list[i], Gs[i], name, prefix);
-    for (const auto& [name, list] : {likes[1], likes[2]}) {
-      TORCH_CHECK_VALUE(at::has_internal_overlap(list[i]) != at::MemOverlap::Yes, prefix, name,
-                        " has elements that share memory (an expanded tensor); it is written");
-    }
+    for (const auto& [name, list] : {likes[1], likes[2]}) check_not_expanded(list[i], prefix + name);
   }
   // every written tensor (vs, out) against every argument
   const std::array<std::pair<const char*, TensorList>, 8> all = {
@@ -364,8 +367,7 @@ inline void check_lookahead(TensorList params, TensorList deltas, TensorList out
     TORCH_CHECK_TYPE(out[i].scalar_type() == params[i].scalar_type(), "out", at_i, " has dtype ",
                      dtype_str(out[i].scalar_type()), " but params", at_i, " has ",
                      dtype_str(params[i].scalar_type()));
-    TORCH_CHECK_VALUE(at::has_internal_overlap(out[i]) != at::MemOverlap::Yes, "out", at_i,
-                      " has elements that share memory (an expanded tensor); it is written");
+    check_not_expanded(out[i], "out" + at_i);
   }
   const std::array<std::pair<const char*, TensorList>, 3> all = {
       std::pair<const char*, TensorList>{"params", params}, {"deltas", deltas}, {"out", out}};
@@ -395,9 +397,7 @@ inline void check_sgd_lookahead(TensorList params, TensorList grads, TensorList 
                     ", 'deltas': ", deltas.size(), ", 'out': ", out.size(), "}");
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string at_i = "[" + std::to_string(i) + "]";
-    check_tensor(params[i], "params" + at_i);
-    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "params", at_i, " is on ", params[i].device(),
-                      " but params[0] is on ", params[0].device());
+    check_per_param(params[i], "params", i, params);
     std::vector<std::pair<const char*, const Tensor*>> others = {{"grads", &grads[i]}, {"deltas", &deltas[i]},
                                                                  {"out", &out[i]}};
     if (!momenta.empty()) others.push_back({"momenta", &momenta[i]});
@@ -405,10 +405,8 @@ inline void check_sgd_lookahead(TensorList params, TensorList grads, TensorList 
     TORCH_CHECK_TYPE(out[i].scalar_type() == params[i].scalar_type(), "out", at_i, " has dtype ",
                      dtype_str(out[i].scalar_type()), " but params", at_i, " has ",
                      dtype_str(params[i].scalar_type()));
-    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"deltas", &deltas[i]}, {"out", &out[i]}}) {
-      TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name, at_i,
-                        " has elements that share memory (an expanded tensor); it is written");
-    }
+    check_not_expanded(deltas[i], "deltas" + at_i);
+    check_not_expanded(out[i], "out" + at_i);
   }
   const std::array<std::pair<const char*, TensorList>, 5> all = {
       std::pair<const char*, TensorList>{"params", params}, {"grads", grads}, {"momenta", momenta},
@@ -437,9 +435,7 @@ inline void check_sgd_step(TensorList params, TensorList grads, TensorList momen
                     ", 'momenta': ", momenta.size(), "} at momentum=", momentum);
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string at_i = "[" + std::to_string(i) + "]";
-    check_tensor(params[i], "params" + at_i);
-    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "params", at_i, " is on ", params[i].device(),
-                      " but params[0] is on ", params[0].device());
+    check_per_param(params[i], "params", i, params);
     std::vector<std::pair<const char*, const Tensor*>> others = {{"grads", &grads[i]}};
     if (n_momenta != 0) others.push_back({"momenta", &momenta[i]});
     for (const auto& [name, t] : others) {
@@ -447,12 +443,8 @@ inline void check_sgd_step(TensorList params, TensorList grads, TensorList momen
       TORCH_CHECK_TYPE(t->scalar_type() == params[i].scalar_type(), name, at_i, " has dtype ",
                        dtype_str(t->scalar_type()), " but params", at_i, " has ", dtype_str(params[i].scalar_type()));
     }
-    std::vector<std::pair<const char*, const Tensor*>> written = {{"params", &params[i]}};
-    if (n_momenta != 0) written.push_back({"momenta", &momenta[i]});
-    for (const auto& [name, t] : written) {
-      TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, name, at_i,
-                        " has elements that share memory (an expanded tensor); it is written");
-    }
+    check_not_expanded(params[i], "params" + at_i);
+    if (n_momenta != 0) check_not_expanded(momenta[i], "momenta" + at_i);
   }
   const std::array<std::pair<const char*, TensorList>, 3> all = {
       std::pair<const char*, TensorList>{"grads", grads}, {"params", params}, {"momenta", momenta}};
@@ -496,8 +488,7 @@ inline void check_kron(const Tensor& G, const Tensor& L, const Tensor& R, const 
                       " for grad of shape ", shape_str(G.sizes()), ", got ", shape_str(t->sizes()));
   }
   check_like_grad(out, G, "out");
-  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
-                    "out has elements that share memory (an expanded tensor); it is written");
+  check_not_expanded(out, "out");
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"grad", &G}, {"L", &L}, {"R", &R}}) {
     TORCH_CHECK_VALUE(!t->defined() || !overlap::may_share(out, *t), "out shares memory with ", name,
                       "; the output must not overlap the inputs");

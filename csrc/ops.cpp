@@ -1244,6 +1244,18 @@ constexpr int64_t kLookaheadGrain = int64_t(1) << 16;
 // worth a second thread (the small MLP's SGD step, 2 threads: 29.8 → 23.6 µs), a smaller one is not.
 constexpr int64_t kStepGrain = int64_t(1) << 14;
 
+// Whether one loop over memory can take these tensors: `first` float32 or float64 and dense, every
+// other (null: absent) of its dtype and strides, so element k of each is the k-th in memory
+// (contiguous, channels-last, any permutation of the dimensions).
+bool dense_alike(const Tensor& first, std::initializer_list<const Tensor*> others) {
+  const auto type = first.scalar_type();
+  if ((type != at::kFloat && type != at::kDouble) || !first.is_non_overlapping_and_dense()) return false;
+  for (const Tensor* t : others) {
+    if (t != nullptr && (t->scalar_type() != type || t->strides() != first.strides())) return false;
+  }
+  return true;
+}
+
 // out, theta and delta dense with one layout: element k of each is the k-th in memory.
 template <typename T>
 double lookahead_dense(const Tensor& out, const Tensor& theta, const Tensor& delta) {
@@ -1278,13 +1290,8 @@ Tensor lookahead_write_cpu(TensorList params, TensorList deltas, TensorList out)
   double sum = 0.0;
   std::vector<Tensor> rest;  // deltas of the parameters written by ATen's ops
   for (size_t i = 0; i < params.size(); ++i) {
-    const auto type = params[i].scalar_type();
-    // one loop over memory wherever the three tensors lay their elements out alike and densely
-    // (contiguous, channels-last, any permutation of the dimensions)
-    const bool direct = (type == at::kFloat || type == at::kDouble) && deltas[i].scalar_type() == type &&
-                        params[i].is_non_overlapping_and_dense() && deltas[i].strides() == params[i].strides() &&
-                        out[i].strides() == params[i].strides();
-    if (direct && type == at::kFloat) {
+    const bool direct = dense_alike(params[i], {&deltas[i], &out[i]});
+    if (direct && params[i].scalar_type() == at::kFloat) {
       sum += lookahead_dense<float>(out[i], params[i], deltas[i]);
     } else if (direct) {
       sum += lookahead_dense<double>(out[i], params[i], deltas[i]);
@@ -1348,17 +1355,6 @@ void sgd_lookahead_generic(const Tensor& Out, const Tensor& Delta, const Tensor&
   lookahead_generic(Out, theta, delta);
 }
 
-bool sgd_lookahead_direct(const Tensor& out, const Tensor& delta, const Tensor& theta, const Tensor& grad,
-                          const Tensor* mom) {
-  const auto type = theta.scalar_type();
-  if (type != at::kFloat && type != at::kDouble) return false;
-  if (!theta.is_non_overlapping_and_dense()) return false;
-  for (const Tensor* t : {&out, &delta, &grad, mom}) {
-    if (t != nullptr && (t->scalar_type() != type || t->strides() != theta.strides())) return false;
-  }
-  return true;
-}
-
 Tensor sgd_lookahead_cpu(TensorList params, TensorList grads, TensorList momenta, double grad_coef,
                          double momentum_coef, double decay_coef, TensorList deltas, TensorList out) {
   checks::check_sgd_lookahead(params, grads, momenta, deltas, out);
@@ -1367,7 +1363,7 @@ Tensor sgd_lookahead_cpu(TensorList params, TensorList grads, TensorList momenta
   std::vector<Tensor> rest;  // deltas formed by ATen's ops
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor* mom = momenta.empty() ? nullptr : &momenta[i];
-    if (!sgd_lookahead_direct(out[i], deltas[i], params[i], grads[i], mom)) {
+    if (!dense_alike(params[i], {&out[i], &deltas[i], &grads[i], mom})) {
       sgd_lookahead_generic(out[i], deltas[i], params[i], grads[i], mom, grad_coef, momentum_coef, decay_coef);
       rest.push_back(deltas[i]);
     } else if (params[i].scalar_type() == at::kFloat) {
@@ -1564,7 +1560,7 @@ Tensor dot_sum_generic(TensorList a, TensorList b) {
   std::vector<Tensor> each;
   each.reserve(a.size());
   for (size_t i = 0; i < a.size(); ++i) each.push_back(at::mul(a[i].to(at::kDouble), b[i].to(at::kDouble)).sum());
-  return each.empty() ? at::zeros({}, at::TensorOptions().dtype(at::kDouble)) : at::stack(each).sum();
+  return at::stack(each).sum();  // (callers pass at least one pair)
 }
 
 Tensor dot_sum_cpu(TensorList a, TensorList b) {
@@ -1573,10 +1569,8 @@ Tensor dot_sum_cpu(TensorList a, TensorList b) {
   double sum = 0.0;
   std::vector<Tensor> rest_a, rest_b;  // pairs off the direct loop: ATen's ops
   for (size_t i = 0; i < a.size(); ++i) {
-    const auto type = a[i].scalar_type();
-    const bool direct = (type == at::kFloat || type == at::kDouble) && b[i].scalar_type() == type &&
-                        a[i].is_non_overlapping_and_dense() && b[i].strides() == a[i].strides();
-    if (direct && type == at::kFloat) {
+    const bool direct = dense_alike(a[i], {&b[i]});
+    if (direct && a[i].scalar_type() == at::kFloat) {
       sum += dot_dense<float>(a[i], b[i]);
     } else if (direct) {
       sum += dot_dense<double>(a[i], b[i]);
@@ -1639,13 +1633,6 @@ void sgd_step_generic(const Tensor& Theta, const Tensor* Mom, const Tensor& grad
   theta.add_(g, -h.lr);
 }
 
-bool sgd_step_direct(const Tensor& theta, const Tensor* mom, const Tensor& grad) {
-  const auto type = theta.scalar_type();
-  if (type != at::kFloat && type != at::kDouble) return false;
-  if (!theta.is_non_overlapping_and_dense()) return false;
-  return grad.strides() == theta.strides() && (mom == nullptr || mom->strides() == theta.strides());
-}
-
 Tensor sgd_step_cpu(TensorList params, TensorList grads, TensorList momenta, double lr, double momentum,
                     double dampening, double weight_decay, bool nesterov, bool maximize) {
   checks::check_sgd_step(params, grads, momenta, lr, momentum, dampening, weight_decay, nesterov);
@@ -1656,7 +1643,7 @@ Tensor sgd_step_cpu(TensorList params, TensorList grads, TensorList momenta, dou
   const SGDHyper h{lr, momentum, dampening, weight_decay, nesterov, maximize};
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor* mom = momenta.empty() ? nullptr : &momenta[i];
-    if (!sgd_step_direct(params[i], mom, grads[i])) {
+    if (!dense_alike(params[i], {&grads[i], mom})) {
       sgd_step_generic(params[i], mom, grads[i], h);
     } else if (params[i].scalar_type() == at::kFloat) {
       sgd_step_dense<float>(params[i], mom, grads[i], h);
