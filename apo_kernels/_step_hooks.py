@@ -52,18 +52,42 @@ def step_with_hooks(step: Callable) -> Callable:
     return wrapper
 
 
+def _counted_by_a_scheduler(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.step`` on the instance is an lr scheduler's call counter around the class's own
+    step (torch's ``patch_track_step_called``: it sets ``opt._opt_called`` and calls that step), which
+    a direct call stands in for by setting the flag itself (``_record_call``). Any other replacement
+    is someone's own."""
+    own = vars(opt).get("step")
+    return getattr(own, "_wrapped_by_lr_sched", False) and getattr(own, "__wrapped__", None) is type(opt).step
+
+
+def _quiet(opt: torch.optim.Optimizer) -> bool:
+    """Whether a direct call may stand in for ``opt.step()``: the class's step is torch's wrapper
+    (``hooked``), no hook or profiler listens, and the instance's step is the class's own or a
+    scheduler's call counter around it."""
+    return (getattr(type(opt).step, "hooked", False) and ("step" not in vars(opt) or _counted_by_a_scheduler(opt))
+            and not _anyone_listening(opt))
+
+
+def _record_call(opt: torch.optim.Optimizer) -> None:
+    """What ``opt.step()`` records beyond the step, after a direct call (``_quiet``): a scheduler's
+    call counter's flag, and the profiler's Python-tracer entry."""
+    if "step" in vars(opt):  # (a quiet optimizer's own step: the scheduler's counter)
+        opt._opt_called = True
+    opt._optimizer_step_code()
+
+
 def step_quietly(opt: torch.optim.Optimizer):
     """``opt.step()`` for a stock torch optimizer that an APO optimizer drives itself (its
     meta-optimizer), with the same rule: torch's wrapper only when someone listens, or when the
-    instance's step was replaced (a scheduler wraps it to count calls). A fused ``torch.optim.Adam``
-    or ``torch.optim.SGD`` goes straight to its kernel, and a CPU ``torch.optim.SGD`` with torch's
-    default step to that step's function (``_direct_step``)."""
-    step = type(opt).step
-    inner = getattr(step, "__wrapped__", None)
-    if inner is None or not getattr(step, "hooked", False) or "step" in vars(opt) or _anyone_listening(opt):
+    instance's step was replaced by anything but a scheduler's call counter (``_quiet``). A fused
+    ``torch.optim.Adam`` or ``torch.optim.SGD`` goes straight to its kernel, and a CPU
+    ``torch.optim.SGD`` with torch's default step to that step's function (``_direct_step``)."""
+    inner = getattr(type(opt).step, "__wrapped__", None)
+    if inner is None or not _quiet(opt):
         return opt.step()
     out = None if _direct_step(opt) else inner(opt)
-    opt._optimizer_step_code()
+    _record_call(opt)
     return out
 
 
@@ -246,14 +270,6 @@ def _plain_native_sgd_group(group: dict) -> bool:
         isinstance(group[k], torch.Tensor) for k in ("lr", "momentum", "dampening", "weight_decay"))
 
 
-def _counted_by_a_scheduler(opt: torch.optim.Optimizer) -> bool:
-    """Whether ``opt.step`` on the instance is an lr scheduler's call counter around the class's own
-    step (torch's ``patch_track_step_called``: it sets ``opt._opt_called`` and calls that step), which
-    a direct call stands in for by setting the flag itself. Any other replacement is someone's own."""
-    own = vars(opt).get("step")
-    return getattr(own, "_wrapped_by_lr_sched", False) and getattr(own, "__wrapped__", None) is type(opt).step
-
-
 @torch.no_grad()
 def checked_sgd_step(opt: torch.optim.Optimizer, lrs: Sequence[float]) -> Optional[bool]:
     """A CPU ``torch.optim.SGD``'s step with group k's lr taken as ``lrs[k]``, taken only when every
@@ -266,32 +282,27 @@ def checked_sgd_step(opt: torch.optim.Optimizer, lrs: Sequence[float]) -> Option
     torch's), a grad scaler's flags, or someone listening to the step (hooks, a profiler, a wrapper of
     its step on the instance other than an lr scheduler's call counter, whose flag is set here as its
     wrapper sets it): the caller then checks and steps as before."""
-    op, step = backends.native_sgd_step, type(opt).step
-    counted = _counted_by_a_scheduler(opt)
-    if (op is None or type(opt) is not torch.optim.SGD or not getattr(step, "hooked", False)
-            or ("step" in vars(opt) and not counted) or _anyone_listening(opt) or _scaler_flags(opt)):
+    op = backends.native_sgd_step
+    if op is None or type(opt) is not torch.optim.SGD or not _quiet(opt):
         return None
+    groups = _direct_groups(opt, _plain_native_sgd_group, lambda params: all(
+        p.is_cpu and p.grad.layout == torch.strided and p.grad.dtype == p.dtype for p in params))
+    if groups is None:
+        return None
+    lr_of = {id(group): float(lr) for group, lr in zip(opt.param_groups, lrs)}
     calls = []
-    for group, lr in zip(opt.param_groups, lrs):
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            continue
-        if not _plain_native_sgd_group(group) or not all(
-                p.is_cpu and p.grad.layout == torch.strided and p.grad.dtype == p.dtype for p in params):
-            return None
+    for group, params in groups:
         bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
         if any(b is None for b in bufs):
             return None
-        calls.append((group, params, [p.grad for p in params], bufs, float(lr)))
+        calls.append((group, params, [p.grad for p in params], bufs, lr_of[id(group)]))
     if len(calls) > 1 and not all_finite(g for _, _, grads, _, _ in calls for g in grads):
         return False  # every group checked before any is written
     for group, params, grads, bufs, lr in calls:
         if not op(params, grads, bufs, lr, group["momentum"], group["dampening"], group["weight_decay"],
                   group["nesterov"], group["maximize"]):
             return False
-    if counted:
-        opt._opt_called = True  # what the scheduler's wrapper records: its step was called
-    opt._optimizer_step_code()
+    _record_call(opt)
     return True
 
 

@@ -135,6 +135,19 @@ def test_meta_optimizer_steps_quietly_unless_someone_listens(name):
     assert meta.param_groups[0]["lr"] == pytest.approx(lr0 / 2)
 
 
+@pytest.mark.parametrize("name", ["APOLR", "APOPrecond"])
+def test_a_schedulers_call_counter_alone_keeps_the_meta_optimizer_quiet(name):
+    """A scheduler's call counter on the meta-optimizer's step, with nobody listening, is stood in for:
+    the step opens no profiler range, and the counter's flag is set as its wrapper sets it."""
+    model, opt, x, y = _setup(name)
+    meta = opt.meta_optimizer
+    torch.optim.lr_scheduler.StepLR(meta, step_size=1, gamma=0.5)  # wraps meta.step on the instance
+    meta._opt_called = False
+    with _record_function_raises(meta):
+        opt.step(closure_for(opt, model, x, y))  # step 0 is a meta-step
+    assert opt.meta_steps == 1 and meta._opt_called
+
+
 def test_apolr_base_optimizer_steps_quietly_unless_someone_listens():
     """APO-LR's base optimizer (the user's torch.optim.SGD) follows the same rule: its step opens no
     profiler range of its own in a quiet loop; its hooks, a scheduler's wrapper on it and a running
