@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from apo_kernels.optim import APOLR, APOPrecond, lr_directions
 from apo_kernels.optim.objective import StepForward, proximal_objective_grad
-from apo_kernels.optim.snapshot import RNGState, lookahead
+from apo_kernels.optim.snapshot import RNGState, lookahead, parameters_of, submodules
+from hypothesis import given, settings, strategies as st
 from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -332,6 +333,66 @@ def test_lookahead_context_restores_theta_grads_and_buffers_bit_for_bit():
     after = [t.detach() for t in (*m.parameters(), *m.buffers())]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads))
+
+
+class _OwnWalk(torch.nn.Module):
+    """A module that lists its submodules and parameters its own way (here: without its children's)."""
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        yield prefix, self
+
+    def parameters(self, recurse=True):
+        return iter(self._parameters.values())
+
+
+class _ReversedParameters(torch.nn.Sequential):
+    """A container whose ``parameters()`` lists them in reverse."""
+
+    def parameters(self, recurse=True):
+        return iter(list(super().parameters(recurse))[::-1])
+
+
+@st.composite
+def _module_trees(draw):
+    """A random module tree: nested containers, a module and a parameter shared between places,
+    None entries, buffers, and now and then a class with its own walk."""
+    shared_leaf, shared_param = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.zeros(1))
+
+    def build(depth):
+        kind = draw(st.sampled_from(["leaf", "shared", "seq", "own"] if depth < 3 else ["leaf", "shared"]))
+        if kind == "leaf":
+            leaves = [lambda: torch.nn.Linear(2, 2), lambda: torch.nn.BatchNorm1d(2), torch.nn.Identity]
+            m = draw(st.sampled_from(leaves))()
+        elif kind == "shared":
+            m = shared_leaf
+        else:
+            m = (torch.nn.Sequential if kind == "seq" else _OwnWalk)()
+            for i in range(draw(st.integers(0, 3))):
+                m.add_module(f"c{i}", build(depth + 1))
+            if draw(st.booleans()):
+                m.register_module("none", None)
+            if draw(st.booleans()):
+                m.register_parameter("tied", shared_param)
+            if draw(st.booleans()):
+                m.register_parameter("empty", None)
+        return m
+
+    root = draw(st.sampled_from([torch.nn.Sequential, _ReversedParameters]))()
+    for i in range(draw(st.integers(1, 4))):
+        root.add_module(f"r{i}", build(0))
+    return root
+
+
+@settings(max_examples=60, deadline=None)
+@given(_module_trees(), st.data())
+def test_the_snapshots_walk_lists_what_modules_and_parameters_list(model, data):
+    assert [id(m) for m in submodules(model)] == [id(m) for m in model.modules()]
+    params = list(model.parameters())
+    assert [id(p) for p in parameters_of(model, submodules(model))] == [id(p) for p in params]
+    first = data.draw(st.permutations(params)) if params else []
+    first = first[:data.draw(st.integers(0, len(first)))]
+    expected = list({id(p): p for p in (*first, *params)}.values())
+    assert [id(p) for p in parameters_of(model, submodules(model), first=first)] == [id(p) for p in expected]
 
 
 SGD_CONFIGS = {

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .._numerics import loss_scalar
 from . import discrepancy
-from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, borrowed, cuda_devices_of
+from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, borrowed, cuda_devices_of, submodules
 
 __all__ = ["MetaObjective", "StepForward", "proximal_objective_grad"]
 
@@ -76,7 +76,7 @@ class StepForward:
         self.module = module
         self.inputs = tuple(fsd_inputs) if isinstance(fsd_inputs, (tuple, list)) else (fsd_inputs,)
         self.cuda_devices = list(cuda_devices)
-        self._submodules = list(module.modules())  # whose train/eval flags the setting compares
+        self._submodules = submodules(module)  # whose train/eval flags the setting compares
         self.calls = 0  # calls on exactly the FSD inputs
         self._rng_at_call: Optional[RNGState] = None
         self._found: Optional[tuple] = None
