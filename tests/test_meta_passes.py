@@ -336,13 +336,10 @@ def test_lookahead_context_restores_theta_grads_and_buffers_bit_for_bit():
 
 
 class _OwnWalk(torch.nn.Module):
-    """A module that lists its submodules and parameters its own way (here: without its children's)."""
+    """A module that lists its submodules its own way (here: without its children)."""
 
     def named_modules(self, memo=None, prefix="", remove_duplicate=True):
         yield prefix, self
-
-    def parameters(self, recurse=True):
-        return iter(self._parameters.values())
 
 
 class _ReversedParameters(torch.nn.Sequential):

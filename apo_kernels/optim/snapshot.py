@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..ops import backends
 
 __all__ = ["RNGState", "cuda_devices_of", "LookaheadBuffers", "ModelSnapshot", "add_and_sum_squares", "lookahead",
-           "submodules"]
+           "parameters_of", "submodules"]
 
 
 class RNGState:
