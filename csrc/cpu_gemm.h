@@ -9,6 +9,11 @@
 // to 0.87 ms at 2 threads. On Intel MKL runs its own AVX-512 kernels and brgemm measured no faster.
 // So `auto` takes oneDNN on AMD CPUs with AVX-512 and keeps MKL everywhere else.
 //
+// A big layer (one the BLAS engine leaves to torch's matmul) joins the engine, as blocked brgemm
+// GEMMs, only where brgemm runs at full width: on Zen 4 MKL's threaded GEMMs beat the blocked ones
+// there (the 2048² op's forward + backward 1.40 → 1.54–1.65 s), so `auto` leaves big layers to torch's
+// matmul on Zen 4; APO_KERNELS_CPU_GEMM=onednn puts them on the engine on any CPU.
+//
 // The choice is fixed per process (the same on every rank of identical machines, so replicas stay
 // bit-identical) and can be forced with APO_KERNELS_CPU_GEMM=auto|blas|onednn. The result is an fp32
 // GEMM either way (fp32 products, fp32 sums); only the order of the sums, hence the last bits, can
@@ -41,8 +46,6 @@ namespace cpu_gemm {
 
 enum class Engine { blas, onednn };
 
-inline const char* name(Engine e) { return e == Engine::onednn ? "onednn" : "blas"; }
-
 // torch exports an fp32 brgemm (oneDNN's micro-kernel where torch was built with oneDNN ukernels,
 // else a plain GEMM fallback inside torch).
 #ifdef CPUBLAS_BRGEMM_F32F32F32
@@ -51,41 +54,64 @@ constexpr bool kHaveBrgemm = true;
 constexpr bool kHaveBrgemm = false;
 #endif
 
-// AMD with AVX-512: vendor AuthenticAMD and AVX-512F (Zen 4 and later).
-inline bool amd_avx512() {
+// AMD with AVX-512 (Zen 4 and later): the CPU's family, or 0 on any other CPU.
+inline unsigned amd_avx512_family() {
 #if defined(__x86_64__) && defined(__GNUC__)
   unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
   char vendor[13];
   std::memcpy(vendor, &b, 4), std::memcpy(vendor + 4, &d, 4), std::memcpy(vendor + 8, &c, 4);
   vendor[12] = '\0';
-  if (std::strcmp(vendor, "AuthenticAMD") != 0) return false;
+  if (std::strcmp(vendor, "AuthenticAMD") != 0) return 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const unsigned base = (a >> 8) & 0xF, ext = (a >> 20) & 0xFF;
+  const unsigned family = base == 0xF ? base + ext : base;
   unsigned a7 = 0, b7 = 0, c7 = 0, d7 = 0;
-  if (!__get_cpuid_count(7, 0, &a7, &b7, &c7, &d7)) return false;
+  if (!__get_cpuid_count(7, 0, &a7, &b7, &c7, &d7)) return 0;
   const bool avx512f = (b7 >> 16) & 1;
-  return avx512f;
+  return avx512f ? family : 0;
 #else
-  return false;
+  return 0;
 #endif
 }
 
-// The engine for this process: APO_KERNELS_CPU_GEMM if set, else the rule above. A bad value is a
+constexpr unsigned kFullWidthFamily = 0x1A;  // Zen 5: 512-bit FMAs at full width
+
+// APO_KERNELS_CPU_GEMM, checked: auto, blas or onednn (set but empty: auto). A bad value is a
 // ValueError at the first fp32 call that would use it.
-inline Engine choose() {
+inline std::string requested() {
   const char* env = std::getenv("APO_KERNELS_CPU_GEMM");
-  const std::string v = env && *env ? env : "auto";  // set but empty: as if unset
+  const std::string v = env && *env ? env : "auto";
   TORCH_CHECK_VALUE(v == "auto" || v == "blas" || v == "onednn",
                     "APO_KERNELS_CPU_GEMM must be auto, blas or onednn, got '", v, "'");
-  if (v == "blas") return Engine::blas;
   TORCH_CHECK_VALUE(v != "onednn" || kHaveBrgemm,
                     "APO_KERNELS_CPU_GEMM=onednn: this torch exports no fp32 brgemm (at::native::cpublas)");
-  if (v == "onednn") return Engine::onednn;
-  return kHaveBrgemm && amd_avx512() ? Engine::onednn : Engine::blas;
+  return v;
+}
+
+// The engine for this process: the one asked for, else the rule above.
+inline Engine choose() {
+  const std::string v = requested();
+  if (v != "auto") return v == "onednn" ? Engine::onednn : Engine::blas;
+  return kHaveBrgemm && amd_avx512_family() != 0 ? Engine::onednn : Engine::blas;
 }
 
 inline Engine engine() {
   static const Engine e = choose();
   return e;
+}
+
+// Whether a big fp32 layer takes the engine's blocked GEMMs rather than torch's matmul (see above).
+inline bool big_layers_on_engine() {
+  static const bool yes = engine() == Engine::onednn &&
+                          (requested() == "onednn" || amd_avx512_family() >= kFullWidthFamily);
+  return yes;
+}
+
+// What this process runs, as torch.ops.apo.cpu_gemm_engine() reports it.
+inline std::string description() {
+  if (engine() == Engine::blas) return "blas";
+  return big_layers_on_engine() ? "onednn" : "onednn (big layers: torch matmul)";
 }
 
 // Scratch memory: this thread's, grown on demand and kept, up to kKeepElems (a small layer's or a row

@@ -474,8 +474,8 @@ inline bool applies(const Tensor& G, const Tensor& A) {
   if (m > INT_MAX || n > INT_MAX) return false;
   const bool small = schedule::layer_cost(double(m) * double(n), double(m), double(n)) < schedule::kBigLayerCost;
   // A big fp32 layer with a learnt A is one block of oneDNN GEMMs (cpu_gemm.h blocks and threads
-  // them); on BLAS it stays on the ATen path.
-  const bool big_onednn = t == at::kFloat && A.defined() && cpu_gemm::engine() == cpu_gemm::Engine::onednn;
+  // them) where the engine takes big layers; elsewhere it stays on the ATen path.
+  const bool big_onednn = t == at::kFloat && A.defined() && cpu_gemm::big_layers_on_engine();
   return small || (!A.defined() && n <= kRowBlockMaxWidth) || big_onednn;
 }
 
@@ -1700,7 +1700,7 @@ TORCH_LIBRARY(apo, m) {
   m.def("kron_precondition(Tensor grad, Tensor? L, Tensor? R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
-  m.def("cpu_gemm_engine() -> str", [] { return std::string(apo::cpu_gemm::name(apo::cpu_gemm::engine())); });
+  m.def("cpu_gemm_engine() -> str", [] { return apo::cpu_gemm::description(); });
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {

@@ -779,7 +779,7 @@ def test_brgemm_rates_measurement_builds_and_runs(tmp_path):
     # header says; every row printed, the AVX-512 transposes equal to the scalar ones
     torch_dir = os.path.dirname(torch.__file__)
     exe = tmp_path / "brgemm_rates"
-    subprocess.run(["g++", "-O2", "-std=c++20", str(BRGEMM_RATES), f"-I{ROOT / 'csrc'}", f"-I{torch_dir}/include",
+    subprocess.run(["g++", "-O3", "-std=c++20", str(BRGEMM_RATES), f"-I{ROOT / 'csrc'}", f"-I{torch_dir}/include",
                     "-o", str(exe), f"-L{torch_dir}/lib", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir}/lib"],
                    check=True, capture_output=True, timeout=300)
     out = subprocess.run([str(exe), "0.01"], check=True, capture_output=True, text=True, timeout=120).stdout

@@ -1,9 +1,11 @@
 """The GEMM engine of the CPU direct path's fp32 layers (csrc/cpu_gemm.h): torch's BLAS or oneDNN.
 
 `auto` takes oneDNN's brgemm micro-kernel on AMD CPUs with AVX-512, where MKL runs its AVX2 code,
-and BLAS everywhere else; APO_KERNELS_CPU_GEMM forces either. The op's tests run under the engine
-this machine picks; here the direct-path suites run again, in a subprocess, under the other one, so
-that both are checked against the float64 reference wherever the tests run.
+and BLAS everywhere else; big layers join oneDNN only on AMD family ≥ 0x1A (full-width AVX-512) and
+stay on torch's matmul on Zen 4. APO_KERNELS_CPU_GEMM forces either engine, big layers included. The
+op's tests run under what this machine picks; here the direct-path suites run again, in a
+subprocess, under each forced engine that differs from it, so that every route is checked against
+the float64 reference wherever the tests run.
 """
 import os
 import subprocess
@@ -33,8 +35,9 @@ def _python(code, engine, timeout=120):
                           text=True, timeout=timeout)
 
 
-def _cpu_wants_onednn():
-    """The rule of csrc/cpu_gemm.h, read from /proc/cpuinfo: AuthenticAMD with avx512f."""
+def _auto_here():
+    """What csrc/cpu_gemm.h's rule picks, as cpu_gemm_engine() reports it, read from /proc/cpuinfo:
+    AuthenticAMD with avx512f takes oneDNN, with big layers on it from family 0x1A."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
@@ -44,9 +47,15 @@ def _cpu_wants_onednn():
     for line in text.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
-    if "vendor_id" not in fields or "flags" not in fields:
+    if not {"vendor_id", "cpu family", "flags"} <= fields.keys():
         return None
-    return fields["vendor_id"] == "AuthenticAMD" and "avx512f" in fields["flags"].split()
+    if fields["vendor_id"] != "AuthenticAMD" or "avx512f" not in fields["flags"].split():
+        return "blas"
+    return "onednn" if int(fields["cpu family"]) >= 0x1A else "onednn (big layers: torch matmul)"
+
+
+def _last_line(done):
+    return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -56,23 +65,23 @@ def test_the_engine_asked_for_is_the_one_used(engine):
             "print(torch.ops.apo.cpu_gemm_engine())")
     done = _python(code, engine)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == engine
+    assert _last_line(done) == engine
 
 
 def test_an_empty_value_is_auto():
     code = "import torch, apo_kernels; print(torch.ops.apo.cpu_gemm_engine())"
     empty, auto = _python(code, ""), _python(code, "auto")
     assert empty.returncode == 0 and auto.returncode == 0, empty.stderr + auto.stderr
-    assert empty.stdout.split()[-1] == auto.stdout.split()[-1]
+    assert _last_line(empty) == _last_line(auto)
 
 
 def test_auto_follows_the_cpu():
     if (os.environ.get("APO_KERNELS_CPU_GEMM") or "auto") != "auto":
         pytest.skip("APO_KERNELS_CPU_GEMM is set for this run: auto is not what it uses")
-    wants = _cpu_wants_onednn()
+    wants = _auto_here()
     if wants is None:
-        pytest.skip("no /proc/cpuinfo with vendor and family to read the rule from")
-    assert torch.ops.apo.cpu_gemm_engine() == ("onednn" if wants else "blas")
+        pytest.skip("no /proc/cpuinfo with vendor, family and flags to read the rule from")
+    assert torch.ops.apo.cpu_gemm_engine() == wants
 
 
 def test_a_bad_value_is_a_value_error_naming_the_variable():
@@ -122,13 +131,15 @@ print(torch.ops.apo.cpu_gemm_engine(), worst)
 
 
 @pytest.mark.slow
-def test_direct_path_suites_under_the_other_engine():
-    """The direct-path suites, run by pytest in a subprocess under the engine this process does not use."""
-    other = "blas" if torch.ops.apo.cpu_gemm_engine() == "onednn" else "onednn"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *DIRECT_PATH_SUITES],
-                          env=_env(other), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
-    assert done.returncode == 0 and " passed" in summary, f"under {other}: {summary}\n{done.stdout[-3000:]}"
+def test_direct_path_suites_under_the_other_engines():
+    """The direct-path suites, run by pytest in a subprocess under each forced engine that is not what
+    this process runs (on Zen 4 both: its auto keeps big layers off oneDNN)."""
+    others = [e for e in ENGINES if e != torch.ops.apo.cpu_gemm_engine()]
+    for other in others:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *DIRECT_PATH_SUITES],
+                              env=_env(other), cwd=ROOT, capture_output=True, text=True, timeout=900)
+        summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+        assert done.returncode == 0 and " passed" in summary, f"under {other}: {summary}\n{done.stdout[-3000:]}"
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -189,7 +189,8 @@ def _cpu_name() -> str:
 
 
 def _cpu_gemm_engine() -> str:
-    """The GEMM engine of the CPU op's fp32 direct path in this process (blas or onednn)."""
+    """The GEMM engine of the CPU op's fp32 direct path in this process (blas, onednn, or onednn with big
+    layers on torch's matmul)."""
     try:
         return torch.ops.apo.cpu_gemm_engine()
     except Exception as exc:  # no native module, or a bad APO_KERNELS_CPU_GEMM

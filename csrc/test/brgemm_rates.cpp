@@ -8,9 +8,10 @@
 //  3. the transposing copy of cpu_gemm.h (AVX-512 register tiles where the CPU has them) against the
 //     scalar tile loop, ns per element.
 //
-// Build and run (any x86-64 torch with oneDNN; the include and library folders are torch's):
+// Build and run (any x86-64 torch with oneDNN; the include and library folders are torch's; -O3 as the
+// extension is built: at -O2 GCC keeps the transposing copy's 32 vectors on the stack):
 //   TORCH_DIR=$(python -c "import torch, os; print(os.path.dirname(torch.__file__))")
-//   g++ -O2 -std=c++20 csrc/test/brgemm_rates.cpp -Icsrc -I$TORCH_DIR/include -o build/brgemm_rates \
+//   g++ -O3 -std=c++20 csrc/test/brgemm_rates.cpp -Icsrc -I$TORCH_DIR/include -o build/brgemm_rates \
 //       -L$TORCH_DIR/lib -ltorch_cpu -lc10 -Wl,-rpath,$TORCH_DIR/lib
 //   build/brgemm_rates [seconds per measurement, default 0.2]
 #include <ATen/ATen.h>
@@ -101,7 +102,7 @@ int main(int argc, char** argv) {
   if (argc > 1) budget = std::max(0.01, std::atof(argv[1]));
   at::set_num_threads(1);
   at::manual_seed(0);
-  std::printf("cpu_gemm.h's engine here: %s\n", apo::cpu_gemm::name(apo::cpu_gemm::engine()));
+  std::printf("cpu_gemm.h's engine here: %s\n", apo::cpu_gemm::description().c_str());
   for (const auto& s : std::vector<std::array<int64_t, 3>>{
            {32, 32, 32}, {64, 64, 64}, {128, 128, 128}, {256, 257, 256}, {100, 256, 256}, {512, 512, 512}}) {
     fp32_and_bf16(s[0], s[1], s[2]);
