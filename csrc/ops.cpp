@@ -1699,7 +1699,8 @@ TORCH_LIBRARY(apo, m) {
   m.def("dot_sum(Tensor[] a, Tensor[] b) -> Tensor");
   m.def("kron_precondition(Tensor grad, Tensor? L, Tensor? R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
-  // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas" or "onednn".
+  // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas", "onednn" or
+  // "onednn (big layers: torch matmul)".
   m.def("cpu_gemm_engine() -> str", [] { return apo::cpu_gemm::description(); });
 }
 
