@@ -226,6 +226,92 @@ inline void transpose_into(float* dst, const float* src, int64_t rows, int64_t c
   transpose_into(dst, cols, src, rows, cols, ld);
 }
 
+// ---- a width just past a multiple of 16: the last columns in vectors of rows
+//
+// The micro-kernel writes C in 16-float vectors; a width of 16·w + r ends in a masked vector column
+// with r live floats, computed like a full one at a narrower register block: on Zen 4 (one thread) a
+// 256×257·257×257 product ran at 106 GFLOP/s against 115 for its first 256 columns alone, and a
+// Linear layer with a bias has such a width (in_features + 1) in all four of the op's GEMMs. So for
+// r ≤ kMaxTail the micro-kernel takes the 16·w columns and the last r are formed here: a vector per
+// column whose lanes are 16 rows of C, fed by X's 16×16 tiles transposed. Each element is one chain
+// of FMAs from 0, k in order, then + C where add_c, which is how the micro-kernel forms every element
+// (csrc/test/brgemm_rates.cpp checks it bit for bit), so a product has the same bits however it is
+// cut into columns or rows (a thread's share, the transposed form of a product, a padded width).
+// One thread, Zen 4, against the micro-kernel alone (37–256 rows, depth 33–260): at r = 1 0.67–0.94×
+// the time (256×257·257×257 0.93×), r = 2–5 0.69–0.99×; with the limit raised, r = 6–8 lost on
+// shallow products (37×38·38×38 1.10×, 37×40·40×40 1.13×).
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxTail = 5;
+
+#if APO_X86_AVX512_TRANSPOSE
+// c[q·ldc + j] (+)= Σ_k x[q·ldx + k] · y[k·ldy + j] for C columns j and the first `rows` ≤ 16 of the
+// 16 rows of X at x: a vector per column, a lane per row, X's 16×16 tiles transposed (a vector per
+// k), each lane's FMAs in k order.
+template <int C>
+__attribute__((target("avx512f"))) inline void tail_16_rows(int64_t K, const float* x, int64_t ldx, const float* y,
+                                                            int64_t ldy, float* c, int64_t ldc, bool add_c,
+                                                            int64_t rows) {
+  alignas(64) float tile[kLanes * kLanes];
+  __m512 acc[C];
+  for (int j = 0; j < C; ++j) acc[j] = _mm512_setzero_ps();
+  const int64_t k16 = K / kLanes * kLanes;
+  for (int64_t k0 = 0; k0 < k16; k0 += kLanes) {
+    transpose16_avx512(tile, kLanes, x + k0, ldx);  // tile row t: x[q·ldx + k0 + t], q = 0..15
+    for (int t = 0; t < kLanes; ++t) {
+      const __m512 xt = _mm512_load_ps(tile + t * kLanes);
+      const float* yk = y + (k0 + t) * ldy;
+      for (int j = 0; j < C; ++j) acc[j] = _mm512_fmadd_ps(xt, _mm512_set1_ps(yk[j]), acc[j]);
+    }
+  }
+  for (int64_t k = k16; k < K; ++k) {
+    for (int q = 0; q < kLanes; ++q) tile[q] = x[q * ldx + k];
+    const __m512 xk = _mm512_load_ps(tile);
+    for (int j = 0; j < C; ++j) acc[j] = _mm512_fmadd_ps(xk, _mm512_set1_ps(y[k * ldy + j]), acc[j]);
+  }
+  for (int j = 0; j < C; ++j) {
+    _mm512_store_ps(tile, acc[j]);
+    for (int64_t q = 0; q < rows; ++q) {
+      float& out = c[q * ldc + j];
+      out = add_c ? out + tile[q] : tile[q];
+    }
+  }
+}
+
+template <int C>
+inline void tail_columns_of(int64_t M, int64_t K, const float* x, int64_t ldx, const float* y, int64_t ldy, float* c,
+                            int64_t ldc, bool add_c) {
+  const int64_t whole = M / kLanes * kLanes, rest = M - whole;
+  for (int64_t i = 0; i < whole; i += kLanes) {
+    tail_16_rows<C>(K, x + i * ldx, ldx, y, ldy, c + i * ldc, ldc, add_c, kLanes);
+  }
+  if (rest == 0) return;
+  // the last rows, copied into a block of 16 (the rows past M are zeros, never stored)
+  Scratch<float, 5> block(static_cast<size_t>(kLanes * K));
+  for (int64_t q = 0; q < kLanes; ++q) {
+    float* row = block.data() + q * K;
+    if (q < rest) {
+      std::memcpy(row, x + (whole + q) * ldx, static_cast<size_t>(K) * sizeof(float));
+    } else {
+      std::fill(row, row + K, 0.f);
+    }
+  }
+  tail_16_rows<C>(K, block.data(), K, y, ldy, c + whole * ldc, ldc, add_c, rest);
+}
+
+// C's first r columns at c (+)= X (M×K) · Y's r columns at y (row stride ldy), 1 ≤ r ≤ kMaxTail.
+inline void tail_columns(int64_t M, int64_t r, int64_t K, const float* x, int64_t ldx, const float* y, int64_t ldy,
+                         float* c, int64_t ldc, bool add_c) {
+  switch (r) {
+    case 1: return tail_columns_of<1>(M, K, x, ldx, y, ldy, c, ldc, add_c);
+    case 2: return tail_columns_of<2>(M, K, x, ldx, y, ldy, c, ldc, add_c);
+    case 3: return tail_columns_of<3>(M, K, x, ldx, y, ldy, c, ldc, add_c);
+    case 4: return tail_columns_of<4>(M, K, x, ldx, y, ldy, c, ldc, add_c);
+    default: return tail_columns_of<5>(M, K, x, ldx, y, ldy, c, ldc, add_c);
+  }
+}
+#endif
+
 // C (M×N, ldc) = X (M×K) · Y (K×N) on row-major operands, the micro-kernel on this thread or, outside
 // a parallel region, C's rows split over the intra-op threads (one contiguous block each; a GEMM under
 // kSplitWork multiply-adds is not worth a thread's start). Above kPanel columns or depth the product
@@ -234,21 +320,41 @@ inline void transpose_into(float* dst, const float* src, int64_t rows, int64_t c
 // product streamed all of Y per call: 135–166 GFLOP/s against 250 at 512³).
 constexpr int64_t kRowBlock = 128;  // (also the kron op's largest block of rows)
 
+// Whether an N-wide product's last N mod 16 columns are formed in vectors of rows (above).
+inline bool splits_tail(int64_t N) {
+  return APO_X86_AVX512_TRANSPOSE && N > kLanes && N % kLanes >= 1 && N % kLanes <= kMaxTail && have_avx512();
+}
+
+// One micro-kernel product (a width of 16·w + r, r ≤ kMaxTail: its last r columns as above).
+inline void brgemm_call(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* y, int64_t ldy,
+                        float* c, int64_t ldc, bool add_c) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+#if APO_X86_AVX512_TRANSPOSE
+  if (splits_tail(N)) {
+    const int64_t r = N % kLanes, whole = N - r;
+    at::native::cpublas::brgemm(M, whole, K, ldx, ldy, ldc, add_c, x, y, c, /*is_vnni=*/false);
+    return tail_columns(M, r, K, x, ldx, y + whole, ldy, c + whole, ldc, add_c);
+  }
+#endif
+  at::native::cpublas::brgemm(M, N, K, ldx, ldy, ldc, add_c, x, y, c, /*is_vnni=*/false);
+#else
+  TORCH_CHECK(false, "apo-kernels: no fp32 brgemm in this torch");
+#endif
+}
+
 inline void brgemm_block(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* y, int64_t ldy,
                          float* c, int64_t ldc, bool add_c) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   constexpr int64_t kPanel = 256, kBlockAbove = 512;
-  if (N <= kBlockAbove && K <= kBlockAbove) {
-    return at::native::cpublas::brgemm(M, N, K, ldx, ldy, ldc, add_c, x, y, c, /*is_vnni=*/false);
-  }
+  if (N <= kBlockAbove && K <= kBlockAbove) return brgemm_call(M, N, K, x, ldx, y, ldy, c, ldc, add_c);
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int64_t nb = std::min(kPanel, N - n0);
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t mb = std::min(kRowBlock, M - m0);
       for (int64_t k0 = 0; k0 < K; k0 += kPanel) {
         const int64_t kb = std::min(kPanel, K - k0);
-        at::native::cpublas::brgemm(mb, nb, kb, ldx, ldy, ldc, add_c || k0 > 0, x + m0 * ldx + k0, y + k0 * ldy + n0,
-                                    c + m0 * ldc + n0, false);
+        brgemm_call(mb, nb, kb, x + m0 * ldx + k0, ldx, y + k0 * ldy + n0, ldy, c + m0 * ldc + n0, ldc,
+                    add_c || k0 > 0);
       }
     }
   }

@@ -500,7 +500,8 @@ inline int64_t block_rows(int64_t m, int64_t n, bool has_a) {
 // thread): where MKL splits them over threads the extra columns cost more than the alignment gains.
 // The op alone on 256×257 (the MNIST-1D MLP's middle layer), 2 threads on 2 cores of an Intel Xeon,
 // padded and unpadded alternately in one process: unpadded 0.89× the time; 64 layers of 32–128 in
-// the shared loop: unpadded 1.03×.
+// the shared loop: unpadded 1.03×. On the oneDNN engine a width of 16·w + 1 to 5 is not padded: its
+// GEMMs form those last columns apart (cpu_gemm.h), cheaper than 11–15 padded ones, same bits.
 constexpr int64_t kPadTo = 16;
 
 // The threads that work started here gets: one inside a parallel region (nested regions run
@@ -509,14 +510,22 @@ inline int64_t threads_here() { return at::in_parallel_region() ? 1 : at::get_nu
 
 inline bool blas_on_one_thread() { return threads_here() == 1; }
 
+// (a width of 16·w + r, r ≤ cpu_gemm::kMaxTail, on the oneDNN engine: its last r columns cost less
+// formed as the engine forms them than padded to a whole vector, with the same bits)
+inline bool onednn_splits_tail(int64_t n) {
+  return cpu_gemm::engine() == cpu_gemm::Engine::onednn && cpu_gemm::splits_tail(n);
+}
+
+template <typename T>
 inline int64_t padded_width(int64_t n, bool has_a, bool has_b) {
-  if (!blas_on_one_thread()) return n;
+  if (!blas_on_one_thread() || (std::is_same_v<T, float> && onednn_splits_tail(n))) return n;
   return has_a && has_b && n % kPadTo != 0 ? (n + kPadTo - 1) / kPadTo * kPadTo : n;
 }
 
 // The elements of forward_block's workspace for a block of `rows` rows.
+template <typename T>
 inline int64_t forward_workspace(int64_t rows, int64_t n, bool has_a, bool has_b) {
-  const int64_t np = padded_width(n, has_a, has_b);
+  const int64_t np = padded_width<T>(n, has_a, has_b);
   return 2 * rows * np + (np == n ? 0 : n * np);
 }
 
@@ -524,7 +533,7 @@ inline int64_t forward_workspace(int64_t rows, int64_t n, bool has_a, bool has_b
 template <typename T>
 void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<T>* B, const Mat<T>& Y, T* w) {
   if (!A && !B) return mul(Y, S, G);
-  const int64_t r = G.rows, n = G.cols, np = padded_width(n, A != nullptr, B != nullptr);
+  const int64_t r = G.rows, n = G.cols, np = padded_width<T>(n, A != nullptr, B != nullptr);
   const Mat<T> w1 = buffer(w, r, np), w2 = buffer(w + r * np, r, np);
   // B as the first GEMM reads it (n×n'): B itself, or B with n' − n zero columns appended
   // (a column-major B, e.g. from torch.linalg.qr or eigh, is padded as it is stored: Bᵀ's rows copied
@@ -673,7 +682,7 @@ Tensor forward(const Tensor& G_, Tensor A_, const Tensor& S_, Tensor B_) {
   }
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
-    const Workspace<T> ws(forward_workspace(rows, n, a != nullptr, b != nullptr));
+    const Workspace<T> ws(forward_workspace<T>(rows, n, a != nullptr, b != nullptr));
     T* w = ws.data();
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows, r = std::min(rows, m - r0);
@@ -945,7 +954,7 @@ std::pair<bool, bool> momentum_step(const Tensor& G_, const Tensor& Gb, const Te
   }
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
-    const Workspace<T> ws(forward_workspace(rows, n, a != nullptr, b != nullptr));
+    const Workspace<T> ws(forward_workspace<T>(rows, n, a != nullptr, b != nullptr));
     T* w = ws.data();
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows, r = std::min(rows, m - r0);
@@ -976,7 +985,7 @@ std::pair<bool, bool> momentum_carry_step(const Tensor& G_, const Tensor& M_, do
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     const SerialBlasInRegion serial;
     // gathered g, S and Y(g) rows, then forward_block's own workspace
-    const Workspace<T> ws(3 * rows * n + forward_workspace(rows, n, false, b != nullptr));
+    const Workspace<T> ws(3 * rows * n + forward_workspace<T>(rows, n, false, b != nullptr));
     T* w = ws.data();
     std::vector<int64_t> touched;
     for (int64_t k = begin; k < end; ++k) {

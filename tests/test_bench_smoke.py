@@ -776,7 +776,8 @@ BRGEMM_RATES_SKIP = _brgemm_rates_skip_reason()
 @pytest.mark.skipif(BRGEMM_RATES_SKIP is not None, reason=str(BRGEMM_RATES_SKIP))
 def test_brgemm_rates_measurement_builds_and_runs(tmp_path):
     # csrc/test/brgemm_rates.cpp: the rates the log quotes for the CPU GEMM engine, built as its
-    # header says; every row printed, the AVX-512 transposes equal to the scalar ones
+    # header says; every row printed, the AVX-512 transposes equal to the scalar ones, the ragged
+    # widths' last columns bit for bit the micro-kernel's
     torch_dir = os.path.dirname(torch.__file__)
     exe = tmp_path / "brgemm_rates"
     subprocess.run(["g++", "-O3", "-std=c++20", str(BRGEMM_RATES), f"-I{ROOT / 'csrc'}", f"-I{torch_dir}/include",
@@ -787,3 +788,5 @@ def test_brgemm_rates_measurement_builds_and_runs(tmp_path):
     rows = re.findall(r"fp32 MKL +([0-9.]+) +brgemm +([0-9.]+) GFLOP/s .* bf16 brgemm +([0-9.]+|n/a)", out)
     assert len(rows) == 6 and all(x == "n/a" or float(x) > 0 for row in rows for x in row), out
     assert out.count("(same: yes)") == 4, out
+    # the ragged widths through cpu_gemm.h: the micro-kernel's bits, overwriting and adding
+    assert out.count("(same bits: yes)") == 7 and "NO)" not in out, out

@@ -104,8 +104,10 @@ import torch, apo_kernels
 from apo_kernels.ops import reference
 gen = torch.Generator().manual_seed(1)
 worst = 0.0
-# small layers, a row-blocked one (5003×37) and big ones (600×700, 300×1100: blocked GEMMs on oneDNN)
-for m, n in [(1, 1), (10, 257), (256, 41), (37, 53), (64, 64), (130, 7), (17, 100), (5003, 37), (600, 700), (300, 1100)]:
+# small layers, a row-blocked one (5003×37) and big ones (600×700, 300×1100, 67×1029: blocked GEMMs on
+# oneDNN); widths of 16·w + 1 to 5 (257, 53, 99, 37, 67, 1029 in its last panel) end in oneDNN's tail columns
+for m, n in [(1, 1), (10, 257), (256, 41), (37, 53), (64, 64), (130, 7), (17, 100), (37, 99), (5003, 37), (600, 700),
+             (300, 1100), (67, 1029)]:
     G, S = torch.randn(m, n, generator=gen), torch.rand(m, n, generator=gen) + 0.5
     A = torch.eye(m) + torch.randn(m, m, generator=gen) / m ** 0.5
     B = torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5
@@ -145,8 +147,9 @@ def test_direct_path_suites_under_the_other_engines():
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_layer_alone_gives_the_same_bits_on_any_thread_count(engine):
     """A layer with a learnt A that runs alone: on oneDNN one parallel region, each thread a share of
-    the rows through the whole chain (uneven shares at 3 threads, a share of 11 rows at 33×300);
-    forward and the momentum step against float64, their finiteness flags with a NaN in the last
+    the rows through the whole chain (uneven shares at 3 threads, a share of 11 rows at 33×300;
+    widths of 16·w + 1 to 5, whose last columns oneDNN's route forms apart, also in the transposed
+    products of a thread's rows, whose width is its share); forward and the momentum step against float64, their finiteness flags with a NaN in the last
     thread's rows, and on oneDNN the same bits at 1, 2 and 3 threads."""
     code = """
 import torch, apo_kernels
@@ -154,7 +157,7 @@ from apo_kernels.ops import reference
 op = torch.ops.apo
 gen = torch.Generator().manual_seed(2)
 worst, same_bits = 0.0, True
-for m, n in [(256, 257), (67, 70), (33, 300), (300, 33), (600, 700)]:
+for m, n in [(256, 257), (67, 70), (33, 300), (300, 33), (37, 99), (100, 34), (600, 700)]:
     G, M, S = torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen), torch.rand(m, n, generator=gen) + 0.5
     A = torch.eye(m) + torch.randn(m, m, generator=gen) / m ** 0.5
     B = torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5
@@ -190,8 +193,8 @@ print(torch.ops.apo.cpu_gemm_engine(), worst, same_bits)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_layer_alone_gives_the_same_backward_bits_on_any_thread_count(engine):
     """The backward of a layer with a learnt A that runs alone: on oneDNN one parallel region (rows
-    per thread, then dB's rows per thread, uneven at 3 threads); every output mask a meta-step or a
-    user asks for, and factors stored either way round, against float64, and on oneDNN the same bits
+    per thread, then dB's rows per thread, uneven at 3 threads; widths of 16·w + 1 to 5 as above);
+    every output mask a meta-step or a user asks for, and factors stored either way round, against float64, and on oneDNN the same bits
     at 1, 2 and 3 threads."""
     code = """
 import torch, apo_kernels
@@ -201,7 +204,7 @@ gen = torch.Generator().manual_seed(3)
 worst, same_bits = 0.0, True
 masks = [[True] * 4, [False, True, True, True], [True, False, False, False], [False, False, True, False],
          [False, False, False, True], [True, True, False, False]]
-for m, n in [(256, 257), (67, 70), (33, 300), (300, 33), (600, 700)]:
+for m, n in [(256, 257), (67, 70), (33, 300), (300, 33), (37, 99), (100, 34), (600, 700)]:
     G, dY, S = torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen), torch.rand(m, n, generator=gen) + 0.5
     A = torch.eye(m) + torch.randn(m, m, generator=gen) / m ** 0.5
     B = torch.eye(n) + torch.randn(n, n, generator=gen) / n ** 0.5

@@ -6,7 +6,10 @@
 //  2. the same product with bf16 A and B through the bf16 micro-kernel, B packed by hand into its
 //     pair-interleaved (VNNI) layout, against an fp32 GEMM of the same bf16 inputs;
 //  3. the transposing copy of cpu_gemm.h (AVX-512 register tiles where the CPU has them) against the
-//     scalar tile loop, ns per element.
+//     scalar tile loop, ns per element;
+//  4. products of width 16·w + r through cpu_gemm.h (the last r columns in vectors of rows where
+//     r ≤ kMaxTail) against the micro-kernel alone: the time of each, and whether the two give the
+//     same bits, overwriting C and adding to it.
 //
 // Build and run (any x86-64 torch with oneDNN; the include and library folders are torch's; -O3 as the
 // extension is built: at -O2 GCC keeps the transposing copy's 32 vectors on the stack):
@@ -96,6 +99,25 @@ void transposes(int64_t n) {
               t_fast / (n * n) * 1e9, t_slow / (n * n) * 1e9, fast == slow ? "yes" : "NO");
 }
 
+void ragged_width(int64_t M, int64_t N, int64_t K) {
+  const at::Tensor X = at::randn({M, K}), Y = at::randn({K, N}), C0 = at::randn({M, N});
+  at::Tensor alone = at::empty({M, N}), split = at::empty({M, N});
+  const float *x = X.data_ptr<float>(), *y = Y.data_ptr<float>();
+  const double t_alone = time_call([&] {
+    at::native::cpublas::brgemm(M, N, K, K, N, N, false, x, y, alone.data_ptr<float>(), false);
+  });
+  const double t_split = time_call([&] { apo::cpu_gemm::brgemm_call(M, N, K, x, K, y, N, split.data_ptr<float>(), N, false); });
+  bool same = at::equal(alone, split);
+  at::Tensor alone_add = C0.clone(), split_add = C0.clone();
+  at::native::cpublas::brgemm(M, N, K, K, N, N, true, x, y, alone_add.data_ptr<float>(), false);
+  apo::cpu_gemm::brgemm_call(M, N, K, x, K, y, N, split_add.data_ptr<float>(), N, true);
+  same = same && at::equal(alone_add, split_add);
+  std::printf("width %lld×%lld·%lld×%lld (r = %lld)  cpu_gemm.h %.2f µs, micro-kernel alone %.2f µs: %.3f× (same bits: %s)\n",
+              static_cast<long long>(M), static_cast<long long>(K), static_cast<long long>(K),
+              static_cast<long long>(N), static_cast<long long>(N % 16), t_split * 1e6, t_alone * 1e6,
+              t_split / t_alone, same ? "yes" : "NO");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -108,5 +130,9 @@ int main(int argc, char** argv) {
     fp32_and_bf16(s[0], s[1], s[2]);
   }
   for (int64_t n : {32, 64, 128, 256}) transposes(n);
+  for (const auto& s : std::vector<std::array<int64_t, 3>>{{256, 257, 257}, {256, 65, 65}, {100, 33, 33}, {37, 99, 99},
+                                                           {37, 261, 261}, {37, 38, 38}, {37, 40, 40}}) {
+    ragged_width(s[0], s[1], s[2]);
+  }
   return 0;
 }
