@@ -149,8 +149,9 @@ def test_a_layer_alone_gives_the_same_bits_on_any_thread_count(engine):
     """A layer with a learnt A that runs alone: on oneDNN one parallel region, each thread a share of
     the rows through the whole chain (uneven shares at 3 threads, a share of 11 rows at 33×300;
     widths of 16·w + 1 to 5, whose last columns oneDNN's route forms apart, also in the transposed
-    products of a thread's rows, whose width is its share); forward and the momentum step against float64, their finiteness flags with a NaN in the last
-    thread's rows, and on oneDNN the same bits at 1, 2 and 3 threads."""
+    products of a thread's rows, whose width is its share); forward and the momentum step against
+    float64, their finiteness flags with a NaN in the last thread's rows, and on oneDNN the same bits
+    at 1, 2 and 3 threads."""
     code = """
 import torch, apo_kernels
 from apo_kernels.ops import reference
@@ -194,8 +195,8 @@ print(torch.ops.apo.cpu_gemm_engine(), worst, same_bits)
 def test_a_layer_alone_gives_the_same_backward_bits_on_any_thread_count(engine):
     """The backward of a layer with a learnt A that runs alone: on oneDNN one parallel region (rows
     per thread, then dB's rows per thread, uneven at 3 threads; widths of 16·w + 1 to 5 as above);
-    every output mask a meta-step or a user asks for, and factors stored either way round, against float64, and on oneDNN the same bits
-    at 1, 2 and 3 threads."""
+    every output mask a meta-step or a user asks for, and factors stored either way round, against
+    float64, and on oneDNN the same bits at 1, 2 and 3 threads."""
     code = """
 import torch, apo_kernels
 from apo_kernels.ops import reference

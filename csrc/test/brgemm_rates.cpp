@@ -106,13 +106,16 @@ void ragged_width(int64_t M, int64_t N, int64_t K) {
   const double t_alone = time_call([&] {
     at::native::cpublas::brgemm(M, N, K, K, N, N, false, x, y, alone.data_ptr<float>(), false);
   });
-  const double t_split = time_call([&] { apo::cpu_gemm::brgemm_call(M, N, K, x, K, y, N, split.data_ptr<float>(), N, false); });
+  const double t_split = time_call([&] {
+    apo::cpu_gemm::brgemm_call(M, N, K, x, K, y, N, split.data_ptr<float>(), N, false);
+  });
   bool same = at::equal(alone, split);
   at::Tensor alone_add = C0.clone(), split_add = C0.clone();
   at::native::cpublas::brgemm(M, N, K, K, N, N, true, x, y, alone_add.data_ptr<float>(), false);
   apo::cpu_gemm::brgemm_call(M, N, K, x, K, y, N, split_add.data_ptr<float>(), N, true);
   same = same && at::equal(alone_add, split_add);
-  std::printf("width %lld×%lld·%lld×%lld (r = %lld)  cpu_gemm.h %.2f µs, micro-kernel alone %.2f µs: %.3f× (same bits: %s)\n",
+  std::printf("width %lld×%lld·%lld×%lld (r = %lld)  cpu_gemm.h %.2f µs, micro-kernel alone %.2f µs: %.3f× "
+              "(same bits: %s)\n",
               static_cast<long long>(M), static_cast<long long>(K), static_cast<long long>(K),
               static_cast<long long>(N), static_cast<long long>(N % 16), t_split * 1e6, t_alone * 1e6,
               t_split / t_alone, same ? "yes" : "NO");
