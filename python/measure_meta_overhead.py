@@ -26,7 +26,9 @@ core. Variants:
 - ``APO-LR λ_FSD=…``: APOLR over that SGD, K = 10, λ_WSD = 0, FSD on a second batch (as the bench);
 - ``passes only λ_FSD=…``: the same SGD plus, on every 10th step, only the passes a meta-step must
   make: the closure once more (forward + backward on the step's batch), and with the FSD term a
-  forward at θ without a graph and a forward + backward at θ' on the FSD batch. No lookahead, no
+  forward at θ without a graph and a forward + backward at θ' on the FSD batch (on the MLP rows,
+  whose models map rows each on its own, inside the closure's at θ', on its batch with the FSD
+  rows appended, as APO-LR's). No lookahead, no
   restore, no meta-gradient: the throughput APO-LR would have with zero overhead, its bound;
 - ``… own batch`` (``--fsd-batch own``): the FSD term on the step's own batch, ``fsd_inputs=(x,)``
   with the closure's tensor ``x``. APO-LR then takes f(x; θ) from the closure's forward at θ and

@@ -64,7 +64,9 @@ def test_a_meta_step_makes_only_the_passes_it_needs(name, lambda_fsd, fsd_batch)
     # plain step: the closure (1 forward, 1 backward). Meta-step: the closure at θ and at θ'
     # (2 + 2), and with the FSD term on another batch a forward at θ without a graph and a forward
     # + backward at θ'; when the FSD batch is the step's own, the closure's forward at θ is f(x̃; θ)
-    # and its forward and backward at θ' carry the FSD term: no pass more than without it
+    # and its forward and backward at θ' carry the FSD term: no pass more than without it. (The
+    # counter's hook on the model keeps the FSD term on another batch off the closure's passes:
+    # tests/test_joint_fsd.py counts the passes of a model without hooks.)
     m = mlp()
     x, y = data()
     x_fsd = data(seed=5)[0] if fsd_batch == "other" else x

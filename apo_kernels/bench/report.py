@@ -49,7 +49,8 @@ class Target:
 
 _THROUGHPUT_WHY = ("a meta-step every 10 steps costs a closure at θ' (forward + backward), an FSD forward at θ and an "
                    "FSD forward + backward at θ' ≈ 2.3 steps of passes (10/12.3 ≈ 0.81 where they are the whole step, "
-                   "more where SGD's update is a real share of it); the row's measured bound is target "
+                   "more where SGD's update is a real share of it; on an MLP the FSD rows ride on the closure's "
+                   "passes at θ', which costs less than passes of their own); the row's measured bound is target "
                    "apo-lr-throughput-bound")
 
 TARGETS: tuple[Target, ...] = (

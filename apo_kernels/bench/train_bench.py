@@ -31,6 +31,7 @@ passes a meta-step must make. Its throughput against SGD is the most APO-LR can 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optim.discrepancy import kl, value_and_grad
+from ..optim.objective import JointFSD, rows_independent
 from .common import Config, add_ratios, divide_times, make_row, num_threads
 
 INTERVAL = 10
@@ -81,7 +83,8 @@ def small_cnn(channels: int = 32, classes: int = 10) -> nn.Module:
 class MetaPassesOnly:
     """SGD plus, every INTERVAL steps, only the forward and backward passes an APO-LR meta-step must
     make: the closure once more (the loss at the lookahead) and, with the FSD term on another batch,
-    a forward at θ without a graph and a forward + backward at θ' on that batch. With ``own_batch``
+    a forward at θ without a graph and a forward + backward at θ' on that batch (on a model that maps
+    rows each on its own, inside the closure's, on its batch with those rows appended). With ``own_batch``
     (the FSD batch is the step's) f(x; θ) is the closure's own output and the FSD term rides on the
     closure at θ' (its gradient at the output added to the closure's backward), as APO-LR does. No
     lookahead, restore or meta-gradient: the throughput APO-LR would have with no overhead of its
@@ -115,12 +118,19 @@ class MetaPassesOnly:
             for p in params:
                 p.grad = None
             ride = self._ride(outputs[0]) if fsd and self.own_batch else None
-            closure()  # the loss at the lookahead (and the FSD term, on the own batch)
-            if ride is not None:
-                ride.remove()
+            joint = None
             if fsd and not self.own_batch:
                 with torch.no_grad():
                     old = self.model(*fsd_inputs)  # f(x̃; θ)
+                # on a model that maps rows each on its own the FSD passes at θ' ride on the closure's
+                # (its batch with the FSD rows appended), as APO-LR's do
+                if rows_independent(self.model):
+                    joint = JointFSD(self.model, fsd_inputs, old, kl, self.lambda_fsd)
+            with joint or contextlib.nullcontext():
+                closure()  # the loss at the lookahead (and the FSD term, on the own batch or joint)
+            if ride is not None:
+                ride.remove()
+            if fsd and not self.own_batch and joint is None:
                 new = self.model(*fsd_inputs)  # f(x̃; θ') and its backward
                 torch.autograd.grad(new, params, value_and_grad(kl, new, old)[1])
             for p, g in zip(params, grads):
