@@ -221,8 +221,7 @@ def rows_independent(model: nn.Module) -> bool:
     numbers: an nn.Sequential (or one module) of ``_ROW_WISE`` modules, dropout only where it is off
     (eval mode or p = 0), nn.Flatten only from dimension 1 on, no forward set on an instance and no
     module hooks anywhere (a hook may read the batch as a whole)."""
-    from torch.nn.modules import module as module_globals
-    if any(getattr(module_globals, name, None) for name in _GLOBAL_HOOKS):
+    if any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
         return False
     for m in submodules(model):
         kind = type(m)
