@@ -6,6 +6,7 @@
     python python/measure_meta_overhead.py --meta-step-parts [--rows small] [--repeats 200] [--threads 2]
     python python/measure_meta_overhead.py --free-pieces [--rows small] [--repeats 60] [--threads 2]
     python python/measure_meta_overhead.py --direct-calls [--rows small] [--repeats 200] [--threads 2]
+    python python/measure_meta_overhead.py --joint-fsd [--rows small,mlp1024] [--repeats 40]
 
 Throughput (default): apo-bench's ``train`` rows (the same models, batches and data as
 ``apo_kernels.bench.train_bench`` on CPU; ``small``, ``mlp256``, ``cnn8``: the small MLP row and
@@ -65,6 +66,10 @@ one process, interleaved as above: the plain step's gradient check and base step
 and SGD's lookahead formed in the pass that writes θ' (``apo::sgd_lookahead``); then with the check
 and the step apart, then also with the base step through torch's step, then also with Δ formed
 before θ' is written.
+
+``--joint-fsd``: APO-LR and its bound (λ_FSD = 0.1 on another batch) with the FSD term's forward and
+backward at θ' carried by the closure's, on its batch with the FSD rows appended (a model that maps
+rows each on its own: the MLP rows), and apart, interleaved in one process.
 """
 import argparse
 import random
@@ -77,8 +82,9 @@ import torch
 from apo_kernels import _step_hooks
 from apo_kernels._args import cli_int
 from apo_kernels._step_hooks import step_quietly
+from apo_kernels.bench import train_bench
 from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, base_sgd, closure_for, mlp, small_cnn, small_mlp
-from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, snapshot
+from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, objective, snapshot
 from apo_kernels.optim import lr as apo_lr
 from apo_kernels.ops import backends
 
@@ -365,6 +371,39 @@ PLAIN_STEP_PARTS = ((APOLR, "_checked_plain_update", "checked base step"),)
 INSIDE_CLOSURE = ((discrepancy, "value_and_grad", "of which the FSD value and gradient"),)
 
 
+def joint_fsd(row: str, repeats: int, clock_name: str):
+    """APO-LR (λ_FSD = 0.1 on another batch, K = 10) and its bound with the FSD term's passes at θ'
+    carried by the closure's (its batch with the FSD rows appended, ``objective.JointFSD``) and apart
+    (``rows_independent`` switched to False before each of their blocks), interleaved in one process."""
+    joined, bound_joined = objective.rows_independent, train_bench.rows_independent
+
+    def switch(on: bool):
+        def apply():
+            objective.rows_independent = joined if on else (lambda model: False)
+            train_bench.rows_independent = bound_joined if on else (lambda model: False)
+        return apply
+
+    def apo(m):
+        return APOLR(m, base_sgd(m), lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
+
+    chosen = {
+        "SGD": (base_sgd, False, switch(True)),
+        "APO-LR, joint": (apo, False, switch(True)),
+        "APO-LR, apart": (apo, False, switch(False)),
+        "passes only (the bound), joint": (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1), False, switch(True)),
+        "passes only (the bound), apart": (lambda m: MetaPassesOnly(m, base_sgd(m), 0.1), False, switch(False)),
+    }
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    try:
+        res = throughput(row, repeats, clock, chosen=chosen)
+    finally:
+        switch(True)()
+    print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on another batch: {repeats} interleaved 10-step blocks, {clock_name} time")
+    print(f"  {'':40s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
+    for name, r in res.items():
+        print(f"  {name:40s} {r['meta_ms']:6.3f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
+
+
 def meta_step_parts(row: str, repeats: int, clock_name: str):
     """APO-LR(SGD+momentum)'s meta-step on ``row``, λ_FSD = 0.1 on the step's batch, K = 10, timed in
     pieces: the closures, each piece of APO's own work (the median over meta-steps of its time in
@@ -479,6 +518,9 @@ def main():
     ap.add_argument("--direct-calls", action="store_true",
                     help="APO-LR with its checked native step, direct base step and one-pass SGD lookahead on and "
                          "off, in one process")
+    ap.add_argument("--joint-fsd", action="store_true",
+                    help="APO-LR and its bound with the FSD term on another batch joined to the closure at θ' and "
+                         "apart, in one process")
     ap.add_argument("--meta-step-parts", action="store_true",
                     help="APO-LR's meta-step timed in pieces: the closures and each piece of its own work (diagnosis)")
     args = ap.parse_args()
@@ -502,6 +544,9 @@ def main():
     elif args.direct_calls:
         for row in rows:
             direct_calls(row, args.repeats, args.clock)
+    elif args.joint_fsd:
+        for row in rows:
+            joint_fsd(row, args.repeats, args.clock)
     elif args.meta_step_parts:
         for row in rows:
             meta_step_parts(row, args.repeats, args.clock)

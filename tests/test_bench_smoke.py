@@ -608,6 +608,34 @@ def test_direct_calls_switch_what_they_name_and_put_them_back(monkeypatch, capsy
     assert backends.native_sgd_step is one_call
 
 
+def test_joint_fsd_switches_only_its_variants_and_puts_it_back(monkeypatch, capsys):
+    # python/measure_meta_overhead.py --joint-fsd: the FSD term joined to the closure in the "joint"
+    # variants only (APO-LR's and its bound's), every variant reported, the switch back on afterwards
+    from apo_kernels.bench import train_bench
+    from apo_kernels.optim import objective
+
+    seen = {"APO-LR": 0, "bound": 0}
+
+    def counted(name, fn):
+        def run(model):
+            seen[name] += 1
+            return fn(model)
+        return run
+
+    apo, bound = counted("APO-LR", objective.rows_independent), counted("bound", train_bench.rows_independent)
+    monkeypatch.setattr(objective, "rows_independent", apo)
+    monkeypatch.setattr(train_bench, "rows_independent", bound)
+    script = load_python_script("measure_meta_overhead")
+    script.joint_fsd("small", 1, "wall")
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+)$", out, re.M)
+    assert [name for name, *_ in rows] == ["SGD", "APO-LR, joint", "APO-LR, apart", "passes only (the bound), joint",
+                                           "passes only (the bound), apart"], out
+    # one meta-step per block: a warm-up, an untimed and a timed block of each joint variant
+    assert seen == {"APO-LR": 3, "bound": 3}
+    assert objective.rows_independent is apo and train_bench.rows_independent is bound
+
+
 def test_free_pieces_oracle_frees_what_it_names(monkeypatch):
     # the oracle's variants skip exactly the pieces they name: Δ is formed once, φ never moves, the
     # meta-steps' gradient check at θ is not computed (a plain step's is in its native base step);
