@@ -31,3 +31,26 @@ def closure_for(opt, model, x, y):
         loss.backward()
         return loss
     return closure
+
+
+def trained_state(model, opt):
+    """θ, φ and the last meta-step's record after a run, to compare two runs (``assert_trained_alike``)."""
+    return [p.detach().clone() for p in model.parameters()], [t.detach().clone() for t in opt.phi], opt.last_meta
+
+
+def assert_trained_alike(a, b):
+    """Two runs' ``trained_state``: θ, φ and Q's terms equal to float64 rounding, with an FSD term."""
+    (theta_a, phi_a, meta_a), (theta_b, phi_b, meta_b) = a, b
+    for x, y in zip(theta_a + phi_a, theta_b + phi_b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    assert meta_a.keys() == meta_b.keys() and meta_a["fsd"] > 0.0
+    for k in meta_a:
+        assert meta_a[k] == pytest.approx(meta_b[k], rel=1e-12, abs=1e-15)
+
+
+def assert_same_objective(a, b):
+    """Two ``MetaObjective``s with an FSD term: Q, D_F and ∇θ'Q equal to float64 rounding."""
+    assert a.value == pytest.approx(b.value, rel=1e-12) and a.fsd == pytest.approx(b.fsd, rel=1e-12)
+    assert a.fsd > 0.0
+    for ga, gb in zip(a.grads, b.grads):
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)

@@ -10,7 +10,8 @@ from torch import nn
 
 from apo_kernels.optim import APOLR, APOPrecond, objective
 from apo_kernels.optim.objective import proximal_objective_grad, rows_independent
-from _tiny import one_thread, data  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import (one_thread, data, closure_for, assert_same_objective, assert_trained_alike,  # noqa: F401
+                   trained_state)  # (one_thread: autouse fixture)
 
 
 def _mlp(dtype=torch.float64, seed=0, *middle):
@@ -87,15 +88,6 @@ def _apo_precond(model):
 OPTIMIZERS = {"APOLR": _apo_lr, "APOPrecond": _apo_precond}
 
 
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 @pytest.mark.parametrize("row_wise", [True, False], ids=["row-wise", "a-layer-of-its-own"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_a_meta_step_with_fsd_on_another_batch_makes_one_pass_at_the_lookahead(name, row_wise):
@@ -106,7 +98,7 @@ def test_a_meta_step_with_fsd_on_another_batch_makes_one_pass_at_the_lookahead(n
     x, y = data()
     x_fsd = data(n=11, seed=5)[0]
     opt = OPTIMIZERS[name](m)
-    closure = _closure(opt, m, x, y)
+    closure = closure_for(opt, m, x, y)
     per_step = []
     with _passes(m) as count:
         for _ in range(6):
@@ -130,18 +122,12 @@ def test_joint_fsd_trains_as_the_fsd_terms_own_passes(name, monkeypatch):
         x, y = data(dtype=torch.float64)
         x_fsd = data(n=11, dtype=torch.float64, seed=5)[0]
         opt = OPTIMIZERS[name](m)
-        closure = _closure(opt, m, x, y)
+        closure = closure_for(opt, m, x, y)
         for _ in range(7):
             opt.step(closure, fsd_inputs=(x_fsd,))
         assert opt.meta_steps == 3
-        runs.append(([p.detach().clone() for p in m.parameters()], [t.detach().clone() for t in opt.phi],
-                     opt.last_meta))
-    (theta_a, phi_a, meta_a), (theta_b, phi_b, meta_b) = runs
-    for a, b in zip(theta_a + phi_a, theta_b + phi_b):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    assert meta_a["fsd"] > 0.0
-    for k in meta_a:
-        assert meta_a[k] == pytest.approx(meta_b[k], rel=1e-12, abs=1e-15)
+        runs.append(trained_state(m, opt))
+    assert_trained_alike(*runs)
 
 
 def _objective(m, closure, x_fsd, joint, *, fsd="kl", grad_scale=None):
@@ -152,13 +138,6 @@ def _objective(m, closure, x_fsd, joint, *, fsd="kl", grad_scale=None):
         obj = proximal_objective_grad(m, params, deltas, closure, fsd_inputs=(x_fsd,), lambda_fsd=0.7,
                                       lambda_wsd=0.3, fsd=fsd, grad_scale=grad_scale, joint_fsd=joint)
     return obj, (count["forwards"], count["backwards"])
-
-
-def _same_objective(a, b):
-    assert a.value == pytest.approx(b.value, rel=1e-12) and a.fsd == pytest.approx(b.fsd, rel=1e-12)
-    assert a.fsd > 0.0
-    for ga, gb in zip(a.grads, b.grads):
-        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
 
 
 def _loss_closure(m, x, y, scale=1.0, body=None):
@@ -184,7 +163,7 @@ def test_joint_fsd_equals_the_fsd_terms_own_forward_and_backward(fsd):
     assert passes == (2, 1)  # a forward at θ, the closure at θ' with the FSD rows appended
     separate, passes = _objective(m, closure, x_fsd, False, fsd=fsd_fn)
     assert passes == (3, 2)  # a forward at θ, the closure at θ', the FSD term's forward and backward
-    _same_objective(joint, separate)
+    assert_same_objective(joint, separate)
 
 
 def test_joint_fsd_is_scaled_with_the_loss():
@@ -195,7 +174,7 @@ def test_joint_fsd_is_scaled_with_the_loss():
     joint, passes = _objective(m, _loss_closure(m, x, y, scale=1024.0), x_fsd, True, grad_scale=1024.0)
     assert passes == (2, 1)
     separate, _ = _objective(m, _loss_closure(m, x, y), x_fsd, False)
-    _same_objective(joint, separate)
+    assert_same_objective(joint, separate)
 
 
 def test_joint_fsd_rides_on_the_first_call_with_gradients_and_falls_back_otherwise():
@@ -215,14 +194,14 @@ def test_joint_fsd_rides_on_the_first_call_with_gradients_and_falls_back_otherwi
     for body in (looks_first, calls_twice):
         obj, passes = _objective(m, _loss_closure(m, x, y, body=body), x_fsd, True)
         assert passes == (2 + (body is calls_twice) + (body is looks_first), 1)
-        _same_objective(obj, separate)
+        assert_same_objective(obj, separate)
 
     def keyword_input():  # inputs it cannot match: the FSD term's own passes
         return F.cross_entropy(m(input=x), y)
 
     obj, passes = _objective(m, _loss_closure(m, x, y, body=keyword_input), x_fsd, True)
     assert passes == (3, 2)
-    _same_objective(obj, separate)
+    assert_same_objective(obj, separate)
 
     def under_autocast():  # f(x̃; θ') would be formed unlike f(x̃; θ): the FSD term's own passes
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
@@ -252,4 +231,4 @@ def test_joint_fsd_reruns_the_closure_when_its_backward_passes_twice():
     # forwards: at θ, the joint closure, the closure again alone, the FSD term's own; backwards: two
     # in each closure, one of the FSD term's own
     assert passes == (4, 5)
-    _same_objective(obj, separate)
+    assert_same_objective(obj, separate)

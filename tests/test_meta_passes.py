@@ -13,7 +13,8 @@ from apo_kernels.optim import APOLR, APOPrecond, lr_directions
 from apo_kernels.optim.objective import StepForward, proximal_objective_grad
 from apo_kernels.optim.snapshot import RNGState, lookahead, parameters_of, submodules
 from hypothesis import given, settings, strategies as st
-from _tiny import one_thread, mlp, data  # noqa: F401  (one_thread: autouse fixture)
+from _tiny import (one_thread, mlp, data, assert_same_objective, assert_trained_alike,  # noqa: F401
+                   trained_state)  # (one_thread: autouse fixture)
 
 
 def _apo_lr(model, lambda_fsd):
@@ -96,14 +97,8 @@ def test_fsd_on_the_steps_own_batch_trains_as_with_forwards_of_its_own(name):
         for _ in range(7):
             opt.step(closure, fsd_inputs=(x if own else x.clone(),))
         assert opt.meta_steps == 3
-        runs.append(([p.detach().clone() for p in m.parameters()], [t.detach().clone() for t in opt.phi],
-                     opt.last_meta))
-    (theta_a, phi_a, meta_a), (theta_b, phi_b, meta_b) = runs
-    for a, b in zip(theta_a + phi_a, theta_b + phi_b):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    assert meta_a.keys() == meta_b.keys() and meta_a["fsd"] > 0.0
-    for k in meta_a:
-        assert meta_a[k] == pytest.approx(meta_b[k], rel=1e-12, abs=1e-15)
+        runs.append(trained_state(m, opt))
+    assert_trained_alike(*runs)
 
 
 def _objective(m, x, y, closure, *, own, fsd="kl", grad_scale=None, lambda_fsd=0.7):
@@ -139,13 +134,6 @@ def _loss_closure(m, x, y, scale=1.0, extra=None):
     return closure
 
 
-def _same_objective(a, b):
-    assert a.value == pytest.approx(b.value, rel=1e-12) and a.fsd == pytest.approx(b.fsd, rel=1e-12)
-    assert a.fsd > 0.0
-    for ga, gb in zip(a.grads, b.grads):
-        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-14)
-
-
 @pytest.mark.parametrize("fsd", ["kl", "mse", "bernoulli", "callable"])
 def test_fsd_carried_by_the_closure_equals_its_own_forward_and_backward(fsd):
     fsd_fn = (lambda new, old: (new - old).abs().pow(3).sum()) if fsd == "callable" else fsd
@@ -156,7 +144,7 @@ def test_fsd_carried_by_the_closure_equals_its_own_forward_and_backward(fsd):
     assert passes == (1, 1)  # the closure at θ' only
     separate, passes = _objective(m, x, y, closure, own=False, fsd=fsd_fn)
     assert passes == (3, 2)  # the closure, a forward at θ, a forward + backward at θ'
-    _same_objective(fused, separate)
+    assert_same_objective(fused, separate)
 
 
 def test_fsd_carried_by_the_closure_is_scaled_with_the_loss():
@@ -166,7 +154,7 @@ def test_fsd_carried_by_the_closure_is_scaled_with_the_loss():
     fused, passes = _objective(m, x, y, _loss_closure(m, x, y, scale=1024.0), own=True, grad_scale=1024.0)
     assert passes == (1, 1)
     separate, _ = _objective(m, x, y, _loss_closure(m, x, y), own=False)
-    _same_objective(fused, separate)
+    assert_same_objective(fused, separate)
 
 
 def test_fsd_falls_back_to_passes_of_its_own_where_the_closure_cannot_carry_it():
@@ -182,7 +170,7 @@ def test_fsd_falls_back_to_passes_of_its_own_where_the_closure_cannot_carry_it()
 
     fallback, passes = _objective(m, x, y, _loss_closure(m, x, y, extra=draws_at_the_lookahead), own=True)
     assert passes == (2, 2)  # the closure at θ', and a forward + backward of the FSD term's own
-    _same_objective(fallback, separate)
+    assert_same_objective(fallback, separate)
 
     def calls_again_after_the_backward(when):  # the closure at θ' calls the model twice: ambiguous
         calls["n"] += 1
@@ -192,7 +180,7 @@ def test_fsd_falls_back_to_passes_of_its_own_where_the_closure_cannot_carry_it()
     calls["n"] = 0
     rerun, passes = _objective(m, x, y, _loss_closure(m, x, y, extra=calls_again_after_the_backward), own=True)
     assert passes == (5, 3)  # the closure twice (two forwards, one backward each), the FSD term's own
-    _same_objective(rerun, separate)
+    assert_same_objective(rerun, separate)
 
 
 def test_fsd_on_a_model_returning_a_dict_runs_passes_of_its_own():
@@ -230,7 +218,7 @@ def test_fsd_on_a_model_returning_a_dict_runs_passes_of_its_own():
                                                fsd=fsd, rng=rng, step_forward=watch))
         handle.remove()
         assert len(calls) == (2 if fsd_inputs[0] is x else 3)  # the closure and the term's forward at θ'
-    _same_objective(*results)
+    assert_same_objective(*results)
 
 
 def test_reused_forward_replays_its_dropout_masks_at_the_lookahead():

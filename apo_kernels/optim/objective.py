@@ -58,7 +58,23 @@ def _autocast_state() -> tuple:
     return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
 
 
-class StepForward:
+class _CallHooks:
+    """While open (a context manager), ``self._before`` and ``self._after`` hook every call of
+    ``self.module`` (a forward pre-hook and a forward hook, keyword arguments included)."""
+
+    module: nn.Module
+
+    def __enter__(self):
+        self._handles = [self.module.register_forward_pre_hook(self._before, with_kwargs=True),
+                         self.module.register_forward_hook(self._after, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class StepForward(_CallHooks):
     """f(x̃; θ) for the FSD term from the step's own forward, when the FSD batch is the step's batch.
 
     A context manager around the step's closure at θ: for that call only, hooks on ``module`` (the
@@ -80,15 +96,6 @@ class StepForward:
         self.calls = 0  # calls on exactly the FSD inputs
         self._rng_at_call: Optional[RNGState] = None
         self._found: Optional[tuple] = None
-
-    def __enter__(self) -> "StepForward":
-        self._handles = [self.module.register_forward_pre_hook(self._before, with_kwargs=True),
-                         self.module.register_forward_hook(self._after, with_kwargs=True)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
 
     def _matches(self, args, kwargs) -> bool:
         return not kwargs and len(args) == len(self.inputs) and all(a is b for a, b in zip(args, self.inputs))
@@ -131,7 +138,7 @@ def _joinable(fsd_inputs, old_out) -> bool:
     return all(isinstance(x, Tensor) and x.dim() >= 1 and x.shape[0] == old_out.shape[0] for x in fsd_inputs)
 
 
-class FusedFSD:
+class FusedFSD(_CallHooks):
     """The FSD term at θ' carried by the closure's own forward and backward at θ', when the FSD
     batch is the step's batch (the paper's App. D: f(x̃; θ') serves the loss and the FSD term).
 
@@ -154,20 +161,11 @@ class FusedFSD:
 
     def __init__(self, watch: StepForward, old_out, rng: RNGState, fsd_fn, coef: float):
         self.watch, self.old_out, self.rng, self.fsd_fn, self.coef = watch, old_out, rng, fsd_fn, coef
+        self.module = watch.module
         self.calls = self.added = self.fired = 0
         self.value: Optional[float] = None
         self._matched = self._eligible = False  # the current call is on the FSD inputs / may carry the term
         self._grad_out: Optional[Tensor] = None
-
-    def __enter__(self) -> "FusedFSD":
-        module = self.watch.module
-        self._handles = [module.register_forward_pre_hook(self._before, with_kwargs=True),
-                         module.register_forward_hook(self._after, with_kwargs=True)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
 
     def _before(self, module, args, kwargs):
         matches = self.watch._matches(args, kwargs)
@@ -237,7 +235,7 @@ def rows_independent(model: nn.Module) -> bool:
     return True
 
 
-class JointFSD:
+class JointFSD(_CallHooks):
     """The FSD forward and backward at θ' carried by the closure's own forward and backward at θ', when
     the FSD batch is another batch and the model maps rows each on its own (``rows_independent``).
 
@@ -262,15 +260,6 @@ class JointFSD:
         self._rows: Optional[int] = None  # the rows of the call being carried, between its two hooks
         self._pad: Optional[Tensor] = None
         self._autocast = _autocast_state()  # f(x̃; θ)'s: f(x̃; θ') must be formed alike
-
-    def __enter__(self) -> "JointFSD":
-        self._handles = [self.module.register_forward_pre_hook(self._before, with_kwargs=True),
-                         self.module.register_forward_hook(self._after, with_kwargs=True)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
 
     def _matches(self, args, kwargs) -> bool:
         return not kwargs and len(args) == len(self.inputs) and all(
