@@ -221,7 +221,10 @@ def rows_independent(model: nn.Module) -> bool:
     module hooks anywhere (a hook may read the batch as a whole)."""
     if any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
         return False
-    for m in submodules(model):
+    stack = [model]  # (a walk that stops at the first module not known: a user's model class at once)
+    while stack:
+        m = stack.pop()
+        stack.extend(c for c in m._modules.values() if c is not None)
         kind = type(m)
         if "forward" in vars(m) or any(getattr(m, name, None) for name in _MODULE_HOOKS):
             return False  # (a forward set on the instance is not its class's)
