@@ -34,6 +34,7 @@ def test_rows_independent_takes_only_row_wise_sequential_models():
     assert rows_independent(nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.GELU(), nn.LayerNorm(5),
                                           nn.Dropout(0.0), nn.Linear(5, 2)))
     assert rows_independent(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)))
+    assert not rows_independent(nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten()))  # writes θ
     assert rows_independent(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5)).eval())  # dropout off
     assert not rows_independent(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5)))  # draws masks
     assert not rows_independent(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)))  # mixes rows

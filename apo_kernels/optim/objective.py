@@ -217,8 +217,8 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 def rows_independent(model: nn.Module) -> bool:
     """Whether ``model`` is known to map the rows of its input batch each on its own, drawing no random
     numbers: an nn.Sequential (or one module) of ``_ROW_WISE`` modules, dropout only where it is off
-    (eval mode or p = 0), nn.Flatten only from dimension 1 on, no forward set on an instance and no
-    module hooks anywhere (a hook may read the batch as a whole)."""
+    (eval mode or p = 0), nn.Flatten only from dimension 1 on, nn.Embedding only without ``max_norm``,
+    no forward set on an instance and no module hooks anywhere (a hook may read the batch as a whole)."""
     if any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS):
         return False
     stack = [model]  # (a walk that stops at the first module not known: a user's model class at once)
@@ -228,6 +228,8 @@ def rows_independent(model: nn.Module) -> bool:
         kind = type(m)
         if "forward" in vars(m) or any(getattr(m, name, None) for name in _MODULE_HOOKS):
             return False  # (a forward set on the instance is not its class's)
+        if kind is nn.Embedding and m.max_norm is not None:
+            return False  # (its forward renormalizes the rows it reads in place: more rows, other θ')
         if kind is nn.Sequential or kind in _ROW_WISE:
             continue
         if kind in _DROPOUT:
