@@ -259,7 +259,8 @@ class JointFSD(_CallHooks):
     """
 
     def __init__(self, module: nn.Module, fsd_inputs: Sequence[Tensor], old_out: Tensor, fsd_fn, coef: float):
-        self.module, self.inputs, self.old_out, self.fsd_fn, self.coef = module, tuple(fsd_inputs), old_out, fsd_fn, coef
+        self.module, self.inputs, self.old_out = module, tuple(fsd_inputs), old_out
+        self.fsd_fn, self.coef = fsd_fn, coef
         self.calls = self.fired = 0
         self.value: Optional[float] = None
         self._rows: Optional[int] = None  # the rows of the call being carried, between its two hooks
@@ -365,8 +366,9 @@ def proximal_objective_grad(
     is f(x̃; θ') too and its backward carries the FSD term (``FusedFSD``), so a meta-step costs the
     passes it costs without the FSD term. With ``joint_fsd`` on a model that maps rows each on its
     own, the FSD forward and backward at θ' run inside the closure's, on its batch with the FSD rows
-    appended (``JointFSD``): one forward and one backward at θ' in all. ∇θ'Q is the gradient the closure's backward wrote (taken,
-    not copied), plus λ_FSD times FSD's where a backward of its own computed that. Over the
+    appended (``JointFSD``): one forward and one backward at θ' in all. ∇θ'Q is the gradient the
+    closure's backward wrote (taken, not copied), plus λ_FSD times FSD's where a backward of its own
+    computed that. Over the
     parameters: one pass writes θ' and sums ‖Δ‖² (the WSD term, and the check that Δ is finite:
     when it is not, nothing more is computed and Q is NaN).
 
