@@ -233,10 +233,11 @@ def free_pieces(row: str, repeats: int, clock_name: str):
     print_variants(row, repeats, clock_name, res, " (values of the free variants are wrong: a timing oracle)")
 
 
-def print_variants(row: str, repeats: int, clock_name: str, res: dict, note: str = "") -> None:
-    """The table of ``throughput``'s variants with the FSD term on the step's batch (the modes that
-    choose their own variants)."""
-    print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on the step's batch: {repeats} interleaved 10-step blocks, "
+def print_variants(row: str, repeats: int, clock_name: str, res: dict, note: str = "",
+                   batch: str = "the step's batch") -> None:
+    """The table of ``throughput``'s variants with the FSD term on ``batch`` (the modes that choose
+    their own variants)."""
+    print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on {batch}: {repeats} interleaved 10-step blocks, "
           f"{clock_name} time{note}")
     print(f"  {'':40s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
     for name, r in res.items():
@@ -398,10 +399,7 @@ def joint_fsd(row: str, repeats: int, clock_name: str):
         res = throughput(row, repeats, clock, chosen=chosen)
     finally:
         switch(True)()
-    print(f"\n{ROWS[row][0]}, λ_FSD=0.1 on another batch: {repeats} interleaved 10-step blocks, {clock_name} time")
-    print(f"  {'':40s} {'1st step':>9s} {'other':>9s}  throughput vs SGD")
-    for name, r in res.items():
-        print(f"  {name:40s} {r['meta_ms']:6.3f} ms {r['plain_ms']:6.3f} ms  {r['throughput']:.3f}")
+    print_variants(row, repeats, clock_name, res, batch="another batch")
 
 
 def meta_step_parts(row: str, repeats: int, clock_name: str):

@@ -368,9 +368,8 @@ def proximal_objective_grad(
     own, the FSD forward and backward at θ' run inside the closure's, on its batch with the FSD rows
     appended (``JointFSD``): one forward and one backward at θ' in all. ∇θ'Q is the gradient the
     closure's backward wrote (taken, not copied), plus λ_FSD times FSD's where a backward of its own
-    computed that. Over the
-    parameters: one pass writes θ' and sums ‖Δ‖² (the WSD term, and the check that Δ is finite:
-    when it is not, nothing more is computed and Q is NaN).
+    computed that. Over the parameters: one pass writes θ' and sums ‖Δ‖² (the WSD term, and the
+    check that Δ is finite: when it is not, nothing more is computed and Q is NaN).
 
     The FSD forwards at θ and θ' run from the same RNG state (equal dropout masks; with
     ``step_forward``, the state the step's own forward started from) and under the caller's
