@@ -26,6 +26,7 @@
 
 #include "apo_checks.h"
 #include "cpu_gemm.h"
+#include "cpu_handoff.h"
 #include "cpu_schedule.h"
 #include "cpu_simd.h"
 
@@ -1711,6 +1712,8 @@ TORCH_LIBRARY(apo, m) {
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas", "onednn" or
   // "onednn (big layers: torch matmul)".
   m.def("cpu_gemm_engine() -> str", [] { return apo::cpu_gemm::description(); });
+  // Two intra-op threads' cache-line round trip in ns, NaN without a second thread (cpu_handoff.h).
+  m.def("cpu_thread_handoff_ns(int rounds) -> float", &apo::handoff::round_trip_ns);
 }
 
 TORCH_LIBRARY_IMPL(apo, CPU, m) {

@@ -83,6 +83,7 @@ from apo_kernels import _step_hooks
 from apo_kernels._args import cli_int
 from apo_kernels._step_hooks import step_quietly
 from apo_kernels.bench import train_bench
+from apo_kernels.bench.timing import thread_handoff_ns
 from apo_kernels.bench.train_bench import INTERVAL, MetaPassesOnly, base_sgd, closure_for, mlp, small_cnn, small_mlp
 from apo_kernels.optim import APOLR, APOPrecond, _core, discrepancy, objective, snapshot
 from apo_kernels.optim import lr as apo_lr
@@ -530,7 +531,8 @@ def main():
     if not fsd_batches or set(fsd_batches) - {"other", "own"}:
         ap.error("--fsd-batch: a comma-separated list of other, own")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # the threads' cache-line round trip moves with where the host runs the vCPUs, and the timings with it
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, their round trip {thread_handoff_ns()} ns")
     if args.meta_cost:
         meta_cost(args.repeats, args.batch, args.backend)
     elif args.plain_step_parts:
@@ -550,6 +552,7 @@ def main():
             meta_step_parts(row, args.repeats, args.clock)
     else:
         print_throughput(rows, args.repeats, args.clock, fsd_batches)
+    print(f"the threads' round trip at the end: {thread_handoff_ns()} ns")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from apo_kernels._args import cli_int
+from apo_kernels.bench.timing import thread_handoff_ns
 from apo_kernels.bench.train_bench import base_sgd, closure_for, small_mlp
 from apo_kernels.optim import APOPrecond
 
@@ -68,6 +69,7 @@ def main():
     gen = torch.Generator().manual_seed(2)
     batches = [(torch.randn(100, 40, generator=gen), torch.randint(0, 10, (100,), generator=gen)) for _ in range(4)]
     steps, times = {}, {}
+    handoff = thread_handoff_ns()  # the threads' round trip: where the host runs the vCPUs moves it, and the timings
     for name, (bias, factory, fused) in variants().items():
         model, opt = build(bias, factory, fused)
         count = [0]
@@ -89,8 +91,8 @@ def main():
                 steps[name]()
             times[name].append((time.perf_counter() - t0) / STEPS)
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} rounds of {STEPS}-step "
-          f"blocks, shuffled; median step")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (their round trip {handoff} ns at the start, "
+          f"{thread_handoff_ns()} ns at the end), {args.repeats} rounds of {STEPS}-step blocks, shuffled; median step")
     for name, t in med.items():
         sgd = med["SGD, " + name.split(", ")[1]]
         print(f"  {name:40s} {t * 1e3:7.3f} ms  {t / sgd:6.3f}× SGD")

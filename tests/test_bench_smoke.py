@@ -66,6 +66,45 @@ def test_quick_json_sections(quick_run):
     assert res["op"]["single"] and res["op"]["grouped"] and res["precond"] and res["train"] and res["lowprec"]
 
 
+def test_quick_run_probes_the_threads_handoff_around_each_section(quick_run):
+    out, res, _ = quick_run
+    probes = res["meta"]["thread_handoff_ns"]
+    assert list(probes) == ["start"] + [f"after {s}" for s in ("op", "precond", "train", "lowprec")]
+    assert all(ns is None for ns in probes.values())  # --threads 1: no second thread to hand off to
+    assert "two CPU threads' cache-line round trip (ns): start –, after op –" in (out / "summary.md").read_text()
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_thread_handoff_probe_times_a_round_trip_between_two_threads(two_threads):
+    ns = torch.ops.apo.cpu_thread_handoff_ns(2000)
+    assert math.isfinite(ns) and 1.0 < ns < 1e6  # a cache line's round trip: tens to hundreds of ns
+    assert timing.thread_handoff_ns() > 1.0
+    torch.set_num_threads(1)
+    assert math.isnan(torch.ops.apo.cpu_thread_handoff_ns(2000)) and timing.thread_handoff_ns() is None
+
+
+@pytest.mark.parametrize("rounds", [0, -5, 10**6 + 1])
+def test_thread_handoff_probe_refuses_a_bad_round_count(rounds):
+    with pytest.raises(ValueError, match=rf"rounds must be in \[1, 1000000\], got {rounds}"):
+        torch.ops.apo.cpu_thread_handoff_ns(rounds)
+
+
+def test_summary_says_when_the_threads_handoff_moved_during_the_run():
+    steady = report._handoff_lines({"start": 80.0, "after op": 95.5})
+    assert steady == ["- two CPU threads' cache-line round trip (ns): start 80, after op 95.5"]
+    moved = report._handoff_lines({"start": 80.0, "after op": None, "after train": 350.0})
+    assert moved[0].startswith("- two CPU threads' cache-line round trip (ns): start 80, after op –, after train 350 —")
+    assert "it moved during the run" in moved[0]
+    assert report._handoff_lines(None) == [] and "moved" not in report._handoff_lines({"start": None})[0]
+
+
 def test_quick_timings_finite_positive_with_ratios(quick_run):
     _, res, _ = quick_run
     for name, rows in [("op", res["op"]["single"]), ("grouped", res["op"]["grouped"]), ("precond", res["precond"])]:

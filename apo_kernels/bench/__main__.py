@@ -148,7 +148,7 @@ def run(args) -> dict:
     """Run the selected sections; returns the result dict (also written to ``args.out``)."""
     from . import lowprec, op_bench, precond_bench, report, train_bench
     from .common import cpu_gemm_rates
-    from .timing import env_info
+    from .timing import env_info, thread_handoff_ns
 
     try:
         import rich  # noqa: F401
@@ -186,15 +186,15 @@ def run(args) -> dict:
     for b, why in cfg.skipped_backends.items():
         notes.append(f"backend {b} not timed: {why}")
     res["notes"] = notes
+    # the CPU threads' handoff around each section: where it moved, the timings on either side differ
+    handoff = meta["thread_handoff_ns"] = {"start": thread_handoff_ns()} if cfg.device.type == "cpu" else None
+    sections = {"op": op_bench.run, "precond": precond_bench.run, "train": train_bench.run, "lowprec": lowprec.run}
     with progress:
-        if "op" in cfg.sections:
-            res["op"] = op_bench.run(cfg)
-        if "precond" in cfg.sections:
-            res["precond"] = precond_bench.run(cfg)
-        if "train" in cfg.sections:
-            res["train"] = train_bench.run(cfg)
-        if "lowprec" in cfg.sections:
-            res["lowprec"] = lowprec.run(cfg)
+        for name, run in sections.items():
+            if name in cfg.sections:
+                res[name] = run(cfg)
+                if handoff is not None:
+                    handoff[f"after {name}"] = thread_handoff_ns()
         progress.update(task, description="done", completed=progress.tasks[0].total)
     res["targets"] = report.evaluate_targets(res, cfg.is_cuda)
     try:

@@ -288,6 +288,22 @@ def print_tables(res: dict, console=None) -> None:
         console.print(t)
 
 
+HANDOFF_MOVED = 2.0  # probes this far apart: the host moved the threads' cores during the run
+
+
+def _handoff_lines(probes) -> list[str]:
+    """The summary's line on the CPU threads' cache-line round trip (``timing.thread_handoff_ns``)."""
+    if not probes:
+        return []
+    line = "- two CPU threads' cache-line round trip (ns): " + ", ".join(
+        f"{when} {'–' if ns is None else f'{ns:g}'}" for when, ns in probes.items())
+    known = [ns for ns in probes.values() if ns is not None]
+    if known and max(known) > HANDOFF_MOVED * min(known):
+        line += (" — it moved during the run: multi-threaded timings on either side of a move do not compare "
+                 "(where the threads' cores are far apart every parallel region costs more)")
+    return [line]
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [
@@ -302,6 +318,7 @@ def markdown(res: dict) -> str:
         f"- timing: {m['timing']}",
         f"- load average (1/5/15 min) at start {m.get('load_avg_at_start')}, at end {m.get('load_avg_at_end')} "
         f"(on a {m.get('cpu_count', '?')}-CPU machine: above that, other processes competed for the cores)",
+        *_handoff_lines(m.get("thread_handoff_ns")),
         f"- wall time: {m.get('wall_s', 0):.1f} s",
         "",
     ]

@@ -23,6 +23,7 @@ fixed count replaces blocked_autorange's block-size estimate, which would run ea
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import statistics
@@ -32,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Timer", "TimerSettings", "summarize", "env_info", "DTYPES"]
+__all__ = ["Timer", "TimerSettings", "summarize", "env_info", "thread_handoff_ns", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -195,6 +196,21 @@ def _cpu_gemm_engine() -> str:
         return torch.ops.apo.cpu_gemm_engine()
     except Exception as exc:  # no native module, or a bad APO_KERNELS_CPU_GEMM
         return f"unavailable ({type(exc).__name__})"
+
+
+HANDOFF_ROUNDS = 100_000  # ≈ 10–40 ms a probe
+
+
+def thread_handoff_ns() -> float | None:
+    """Two of torch's intra-op threads' cache-line round trip in ns (``apo::cpu_thread_handoff_ns``),
+    rounded; None on one thread or without the native module. Every parallel region pays it: on a
+    virtual machine it moves with where the host runs the vCPUs (60–90 or 340–380 ns on the 2-vCPU
+    AMD EPYC machines, switching within a process), and with it every multi-threaded CPU timing."""
+    try:
+        ns = float(torch.ops.apo.cpu_thread_handoff_ns(HANDOFF_ROUNDS))
+    except Exception:  # no native module
+        return None
+    return round(ns, 1) if math.isfinite(ns) else None
 
 
 def env_info(device: torch.device) -> dict:
