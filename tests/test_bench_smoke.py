@@ -66,10 +66,13 @@ def test_quick_json_sections(quick_run):
     assert res["op"]["single"] and res["op"]["grouped"] and res["precond"] and res["train"] and res["lowprec"]
 
 
-def test_quick_run_probes_the_threads_handoff_around_each_section(quick_run):
+def test_quick_run_probes_the_threads_handoff_around_each_section_and_training_problem(quick_run):
     out, res, _ = quick_run
     probes = res["meta"]["thread_handoff_ns"]
-    assert list(probes) == ["start"] + [f"after {s}" for s in ("op", "precond", "train", "lowprec")]
+    problems = [f"before {label}" for label, *_ in train_bench.problems(make_config(build_parser().parse_args(
+        ["--quick", "--device", "cpu", "--threads", "1"])))]
+    assert len(problems) == 3 and problems[-1] == "before CNN c=8 32×32 batch=32"
+    assert list(probes) == ["start", "after op", "after precond", *problems, "after train", "after lowprec"]
     assert all(ns is None for ns in probes.values())  # --threads 1: no second thread to hand off to
     assert "two CPU threads' cache-line round trip (ns): start –, after op –" in (out / "summary.md").read_text()
 

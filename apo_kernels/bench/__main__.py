@@ -186,15 +186,22 @@ def run(args) -> dict:
     for b, why in cfg.skipped_backends.items():
         notes.append(f"backend {b} not timed: {why}")
     res["notes"] = notes
-    # the CPU threads' handoff around each section: where it moved, the timings on either side differ
-    handoff = meta["thread_handoff_ns"] = {"start": thread_handoff_ns()} if cfg.device.type == "cpu" else None
+    # the CPU threads' round trip at the start, before each training problem and after each section:
+    # where it moved, the timings on either side do not compare
+    if cfg.device.type == "cpu":
+        handoff = meta["thread_handoff_ns"] = {}
+
+        def probe(where: str):
+            handoff[where] = thread_handoff_ns()
+
+        cfg.probe = probe
+    cfg.probe("start")
     sections = {"op": op_bench.run, "precond": precond_bench.run, "train": train_bench.run, "lowprec": lowprec.run}
     with progress:
         for name, run in sections.items():
             if name in cfg.sections:
                 res[name] = run(cfg)
-                if handoff is not None:
-                    handoff[f"after {name}"] = thread_handoff_ns()
+                cfg.probe(f"after {name}")
         progress.update(task, description="done", completed=progress.tasks[0].total)
     res["targets"] = report.evaluate_targets(res, cfg.is_cuda)
     try:

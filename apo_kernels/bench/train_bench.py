@@ -307,6 +307,7 @@ def run(cfg: Config) -> list[dict]:
         row = lambda name, timing, **kw: make_row("train", label, name, "fp32", None, timing, problem=problem,
                                                    batch=xshape[0], **kw)
         with num_threads(threads if dev.type == "cpu" else None) as n_threads:
+            cfg.probe(f"before {label}")
             units, states, done = {}, {}, {}  # name -> one step (or op call), its block's unit and warm-up
             for name, fac in facs.items():
                 if not _runs_on(name, problem):
