@@ -80,7 +80,8 @@ class Config:
     sections: list[str]
     threads: Optional[int] = None  # --threads: torch's CPU threads, None = torch's choice
     tick: Callable[[str], None] = lambda desc: None
-    # probe("before <problem>"): apo-bench records the CPU threads' round trip there (timing.thread_handoff_ns)
+    # probe(where): apo-bench records the CPU threads' round trip at that point of the run
+    # (timing.thread_handoff_ns); the train section calls it before each problem
     probe: Callable[[str], None] = lambda where: None
     timer: Optional[Timer] = None
     notes: list[str] = field(default_factory=list)
