@@ -1206,20 +1206,22 @@ void check_one_device(TensorList ts) {
 constexpr int64_t kFiniteGrain = int64_t(1) << 18;
 
 template <typename T>
-bool finite_contiguous(const T* p, int64_t n) {
+bool finite_contiguous(const T* p, int64_t n, int64_t grain) {
   std::atomic<bool> ok{true};
-  at::parallel_for(0, n, kFiniteGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     const direct::Mat<T> chunk{const_cast<T*>(p) + begin, 1, end - begin, end - begin, false};
     if (!direct::finite_rows(chunk)) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }
 
-bool finite_cpu(const Tensor& t) {
+// grain: elements one thread reads before the check is split (a pass that follows over the same
+// elements with the same grain finds each share in the cache of the thread that checked it).
+bool finite_cpu(const Tensor& t, int64_t grain = kFiniteGrain) {
   if (!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type())) return true;
   if (t.numel() == 0) return true;
-  if (t.is_contiguous() && t.scalar_type() == at::kFloat) return finite_contiguous(t.const_data_ptr<float>(), t.numel());
-  if (t.is_contiguous() && t.scalar_type() == at::kDouble) return finite_contiguous(t.const_data_ptr<double>(), t.numel());
+  if (t.is_contiguous() && t.scalar_type() == at::kFloat) return finite_contiguous(t.const_data_ptr<float>(), t.numel(), grain);
+  if (t.is_contiguous() && t.scalar_type() == at::kDouble) return finite_contiguous(t.const_data_ptr<double>(), t.numel(), grain);
   return at::isfinite(t).all().item<bool>();
 }
 
@@ -1647,8 +1649,9 @@ Tensor sgd_step_cpu(TensorList params, TensorList grads, TensorList momenta, dou
                     double dampening, double weight_decay, bool nesterov, bool maximize) {
   checks::check_sgd_step(params, grads, momenta, lr, momentum, dampening, weight_decay, nesterov);
   at::AutoDispatchBelowADInplaceOrView guard;
+  // split as the step below is: each thread checks the gradients it then reads for its share of the step
   for (const Tensor& g : grads) {
-    if (!finite_cpu(g)) return at::scalar_tensor(false, at::kBool);
+    if (!finite_cpu(g, kStepGrain)) return at::scalar_tensor(false, at::kBool);
   }
   const SGDHyper h{lr, momentum, dampening, weight_decay, nesterov, maximize};
   for (size_t i = 0; i < params.size(); ++i) {
