@@ -17,7 +17,7 @@ import torch
 
 from apo_kernels.bench import op_bench, report, timing, train_bench
 from apo_kernels.bench.__main__ import _pick_backends, build_parser, make_config
-from apo_kernels.bench.common import divide_times
+from apo_kernels.bench.common import divide_times, num_threads
 from apo_kernels.bench.common import timed_backends
 from apo_kernels.ops import Backend, reference, register, unregister, usable
 from conftest import ROOT, load_python_script, load_script, python_script
@@ -77,20 +77,13 @@ def test_quick_run_probes_the_threads_handoff_around_each_section_and_training_p
     assert "two CPU threads' cache-line round trip (ns): start –, after op –" in (out / "summary.md").read_text()
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_thread_handoff_probe_times_a_round_trip_between_two_threads(two_threads):
-    ns = torch.ops.apo.cpu_thread_handoff_ns(2000)
-    assert math.isfinite(ns) and 1.0 < ns < 1e6  # a cache line's round trip: tens to hundreds of ns
-    assert timing.thread_handoff_ns() > 1.0
-    torch.set_num_threads(1)
-    assert math.isnan(torch.ops.apo.cpu_thread_handoff_ns(2000)) and timing.thread_handoff_ns() is None
+def test_thread_handoff_probe_times_a_round_trip_between_two_threads():
+    with num_threads(2):
+        ns = torch.ops.apo.cpu_thread_handoff_ns(2000)
+        assert math.isfinite(ns) and 1.0 < ns < 1e6  # a cache line's round trip: tens to hundreds of ns
+        assert timing.thread_handoff_ns() > 1.0
+    with num_threads(1):
+        assert math.isnan(torch.ops.apo.cpu_thread_handoff_ns(2000)) and timing.thread_handoff_ns() is None
 
 
 @pytest.mark.parametrize("rounds", [0, -5, 10**6 + 1])
