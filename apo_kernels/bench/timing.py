@@ -202,10 +202,9 @@ HANDOFF_ROUNDS = 100_000  # ≈ 10–40 ms a probe
 
 
 def thread_handoff_ns() -> float | None:
-    """Two of torch's intra-op threads' cache-line round trip in ns (``apo::cpu_thread_handoff_ns``),
-    rounded; None on one thread or without the native module. Every parallel region pays it: on a
-    virtual machine it moves with where the host runs the vCPUs (60–110 or 300–380 ns on the 2-vCPU
-    AMD EPYC machines, switching within a process), and with it every multi-threaded CPU timing."""
+    """Two of torch's intra-op threads' cache-line round trip in ns (``apo::cpu_thread_handoff_ns``;
+    why it moves CPU timings, and what it read: csrc/cpu_handoff.h), rounded; None on one thread or
+    without the native module."""
     try:
         ns = float(torch.ops.apo.cpu_thread_handoff_ns(HANDOFF_ROUNDS))
     except Exception:  # no native module
