@@ -196,11 +196,11 @@ def run(args) -> dict:
 
         cfg.probe = probe
     cfg.probe("start")
-    sections = {"op": op_bench.run, "precond": precond_bench.run, "train": train_bench.run, "lowprec": lowprec.run}
+    runs = {"op": op_bench.run, "precond": precond_bench.run, "train": train_bench.run, "lowprec": lowprec.run}
     with progress:
-        for name, run in sections.items():
+        for name in SECTIONS:
             if name in cfg.sections:
-                res[name] = run(cfg)
+                res[name] = runs[name](cfg)
                 cfg.probe(f"after {name}")
         progress.update(task, description="done", completed=progress.tasks[0].total)
     res["targets"] = report.evaluate_targets(res, cfg.is_cuda)
