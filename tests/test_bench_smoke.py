@@ -19,6 +19,7 @@ from apo_kernels.bench import op_bench, report, timing, train_bench
 from apo_kernels.bench.__main__ import _pick_backends, build_parser, make_config
 from apo_kernels.bench.common import divide_times, num_threads
 from apo_kernels.bench.common import timed_backends
+from apo_kernels.bench.shapes import layer_set
 from apo_kernels.ops import Backend, reference, register, unregister, usable
 from conftest import ROOT, load_python_script, load_script, python_script
 
@@ -66,15 +67,18 @@ def test_quick_json_sections(quick_run):
     assert res["op"]["single"] and res["op"]["grouped"] and res["precond"] and res["train"] and res["lowprec"]
 
 
-def test_quick_run_probes_the_threads_handoff_around_each_section_and_training_problem(quick_run):
+def test_quick_run_probes_the_threads_handoff_around_each_section_layer_set_and_training_problem(quick_run):
     out, res, _ = quick_run
     probes = res["meta"]["thread_handoff_ns"]
-    problems = [f"before {label}" for label, *_ in train_bench.problems(make_config(build_parser().parse_args(
-        ["--quick", "--device", "cpu", "--threads", "1"])))]
+    cfg = make_config(build_parser().parse_args(["--quick", "--device", "cpu", "--threads", "1"]))
+    problems = [f"before {label}" for label, *_ in train_bench.problems(cfg)]
     assert len(problems) == 3 and problems[-1] == "before CNN c=8 32×32 batch=32"
-    assert list(probes) == ["start", "after op", "after precond", *problems, "after train", "after lowprec"]
+    layer_sets = [f"before grouped {layer_set(name, cfg.scale)[0]}" for name in cfg.layer_sets]
+    assert layer_sets and "before grouped 64 layers 32–128" in layer_sets
+    assert list(probes) == ["start", *layer_sets, "after op", "after precond", *problems, "after train",
+                            "after lowprec"]
     assert all(ns is None for ns in probes.values())  # --threads 1: no second thread to hand off to
-    assert "two CPU threads' cache-line round trip (ns): start –, after op –" in (out / "summary.md").read_text()
+    assert f"two CPU threads' cache-line round trip (ns): start –, {layer_sets[0]} –" in (out / "summary.md").read_text()
 
 
 def test_thread_handoff_probe_times_a_round_trip_between_two_threads():

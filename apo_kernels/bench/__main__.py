@@ -186,8 +186,8 @@ def run(args) -> dict:
     for b, why in cfg.skipped_backends.items():
         notes.append(f"backend {b} not timed: {why}")
     res["notes"] = notes
-    # the CPU threads' round trip at the start, before each training problem and after each section:
-    # where it moved, the timings on either side do not compare
+    # the CPU threads' round trip at the start, before each grouped layer set and training problem and
+    # after each section: where it moved, the timings on either side do not compare
     if cfg.device.type == "cpu":
         handoff = meta["thread_handoff_ns"] = {}
 

@@ -140,6 +140,9 @@ def run(cfg: Config) -> dict:
     grouped: list[dict] = []
     for set_name in cfg.layer_sets:
         label, shapes = layer_set(set_name, cfg.scale)
+        # the loop of chains opens a parallel region per torch op, the grouped call a few: where the
+        # threads' cores are far apart the loop slows far more, and their ratio moves with it
+        cfg.probe(f"before grouped {label}")
         for dname in _grouped_dtypes(cfg):
             dt = cfg.dtype(dname)
             layers = [_inputs(m, n, dt, dev, gen) for m, n in shapes]
