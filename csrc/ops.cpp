@@ -111,6 +111,7 @@ struct Mat {
   bool t;
   Mat transposed() const { return {p, cols, rows, ld, !t}; }
   Mat row_block(int64_t r0, int64_t r) const { return {p + r0 * ld, r, cols, ld, false}; }  // !t only
+  Mat col_block(int64_t c0, int64_t c) const { return {p + c0, rows, c, ld, false}; }         // !t only
 };
 
 template <typename T>
@@ -574,10 +575,10 @@ void forward_block(const Mat<T>& G, const Mat<T>* A, const Mat<T>& S, const Mat<
 // Run through forward_block, each of its GEMMs splits its rows over the threads in a region of its
 // own, while the transposed copies of A and B, a momentum step's v = μ·m + g and the finiteness reads
 // run on the calling thread as the others wait: on the MNIST-1D MLP's 256×257 layer (Zen 5, 2
-// threads) that waiting was 10 % of the threads' time. Here each thread keeps one share of the rows
-// through the whole chain and copies its own rows of Aᵀ; the threads meet only where a GEMM reads
-// every row of the one before (Aᵀ·H and A·M), and Bᵀ is copied once, each thread its share of its
-// rows. A row's arithmetic is forward_block's: each product element is one thread's whole sum.
+// threads) that waiting was 10 % of the threads' time. Here the threads run the whole chain in one
+// region and meet only where a product reads results another thread made (forward_one_region and
+// backward_one_region say how each shares its work out). Each product element is still one
+// thread's whole sum, as in forward_block: the same bits on any thread count.
 // (OpenMP directly, as ATen's at::parallel_for does: a barrier needs every thread of the team.)
 
 // The first exception thrown by any thread of one parallel region, rethrown after it: a thread that
@@ -602,11 +603,11 @@ class RegionErrors {
   std::exception_ptr error_;
 };
 
-// Thread t's share of Bᵀ (n×n, row-major at bt) from a row-major B: its rows [c0, c0 + c) of the
-// copy, which every thread reads after the next barrier.
-inline void copy_bt_share(const Mat<float>& bt, const Mat<float>& B, int64_t t, int64_t threads) {
-  const int64_t n = B.rows, c0 = n * t / threads, c = n * (t + 1) / threads - c0;
-  cpu_gemm::transpose_into(bt.p + c0 * n, B.p + c0, c, n, B.ld);
+// Thread t's share of Fᵀ (n×n, row-major at ft) from a row-major factor F: its rows [c0, c0 + c) of
+// the copy, which every thread reads after the next barrier.
+inline void copy_transposed_share(const Mat<float>& ft, const Mat<float>& F, int64_t t, int64_t threads) {
+  const int64_t n = F.rows, c0 = n * t / threads, c = n * (t + 1) / threads - c0;
+  cpu_gemm::transpose_into(ft.p + c0 * n, F.p + c0, c, n, F.ld);
 }
 
 // (for a layer whose GEMMs the engine would split over the threads; a smaller one stays on one)
@@ -621,41 +622,77 @@ Mat<T> rows_of(const Mat<T>& X, int64_t r0, int64_t r) {
   return X.t ? Mat<T>{X.p + r0, r, X.cols, X.ld, true} : X.row_block(r0, r);
 }
 
+// Whether the threads share one transposed copy of a row-major k×k factor, each thread copying its
+// share of the rows before a barrier, rather than each thread copying it whole where a product needs
+// it: for a factor above 512², whose product with a thread's share of `share` columns or rows of the
+// other operand copies the factor (cpu_gemm::onednn_gemm copies it whole where k ≤ 2·share, else the
+// other operand). Whole copies per thread, against one shared copy, 2 threads on Zen 4 (oneDNN forced
+// for the big layers, the two taking turns in one process): 256×257 0.837 against 0.936 ms with the
+// threads far apart (0.640 against 0.657 near), 512² 5.73 against 6.28 ms (4.93 / 4.90 near); 1024²
+// 44.7 against 42.8 ms (44.5 / 40.9 near), 2048² 379 against 366 ms (378 / 357 near).
+constexpr int64_t kOwnCopiesMaxElems = int64_t(512) * 512;
+inline bool shared_copy(int64_t k, int64_t share) { return k * k > kOwnCopiesMaxElems && k <= 2 * share; }
+
 // Y = A (S ⊙ (Aᵀ G B)) Bᵀ; before(r0, r) runs first on each thread's rows (a momentum step forms
 // them in G there), after(r0, r) last, on the same rows of Y.
+//
+// Rows, then columns, then rows: T = G·B by rows (a row of T needs only that row of G), then
+// M = S ⊙ (Aᵀ·T) and Z = A·M by columns (a column of either needs only that column of the one
+// before), then Y = Z·Bᵀ by rows. So a thread reads results of another thread twice, a quarter of T
+// and a quarter of Z, where rows throughout read half of T, half of S ⊙ (Aᵀ·T) and half of Bᵀ (each
+// thread had copied its share). Every line that crosses between cores costs a round trip, more
+// where the host runs the two vCPUs far apart (csrc/cpu_handoff.h). On the MNIST-1D MLP's 256×257
+// layer, 2 threads on Zen 4, the two schedules taking turns in one process: 887 → 763 µs with the
+// threads far apart, 667 → 650 µs with them near. The intermediates' rows are padded to whole
+// cache lines and each column share starts on a line, so no line is written by two threads. Where
+// B is stored row-major Z·Bᵀ needs Bᵀ, and Aᵀ·T needs Aᵀ where A is: each thread makes its own copy
+// as its product needs it, cheaper than reading another thread's, except of a big factor (one
+// shared copy, shared_copy above).
 template <typename Before, typename After>
 void forward_one_region(const Mat<float>& G, const Mat<float>& A, const Mat<float>& S, const Mat<float>* B,
                         const Mat<float>& Y, const Before& before, const After& after) {
 #if AT_PARALLEL_OPENMP
   const int64_t m = G.rows, n = G.cols;
-  const bool copy_bt = B && !B->t;  // (a column-major B's transpose is row-major as it is)
-  const Workspace<float> ws(2 * m * n + (copy_bt ? n * n : 0));
-  const Mat<float> h1 = buffer(ws.data(), m, n), h2 = buffer(ws.data() + m * n, m, n);
-  const Mat<float> bt = copy_bt ? buffer(ws.data() + 2 * m * n, n, n) : B ? B->transposed() : Mat<float>{};
-  const Mat<float> H = B ? h1 : G;
+  constexpr int64_t kLine = 16;  // floats per 64-byte cache line
+  const int64_t ld = (n + kLine - 1) / kLine * kLine, lines = ld / kLine;
+  const int64_t most = at::get_num_threads();  // the region's team size at most
+  const bool copy_at = !A.t && shared_copy(m, (n + most - 1) / most);
+  const bool copy_bt = B && !B->t && shared_copy(n, (m + most - 1) / most);
+  const Workspace<float> ws(3 * m * ld + (copy_at ? m * m : 0) + (copy_bt ? n * n : 0) + kLine);
+  float* p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
+  const Mat<float> T{p, m, n, ld, false}, M{p + m * ld, m, n, ld, false}, Z{p + 2 * m * ld, m, n, ld, false};
+  float* q = p + 3 * m * ld;
+  const Mat<float> at = copy_at ? buffer(q, m, m) : A.transposed();
+  const Mat<float> bt = copy_bt ? buffer(q + (copy_at ? m * m : 0), n, n) : B ? B->transposed() : Mat<float>{};
+  const Mat<float> X = B ? T : G;  // what Aᵀ multiplies
   RegionErrors errors;
 #pragma omp parallel
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t r0 = m * t / threads, r = m * (t + 1) / threads - r0;  // (r = 0 when m < threads)
+    const int64_t c0 = lines * t / threads * kLine, c = std::min(n, lines * (t + 1) / threads * kLine) - c0;
     errors.guarded([&] {
       if (r > 0) before(r0, r);
-      if (r > 0 && B) gemm(h1.row_block(r0, r), G.row_block(r0, r), *B);
-      if (copy_bt) copy_bt_share(bt, *B, t, threads);
+      if (r > 0 && B) gemm(T.row_block(r0, r), G.row_block(r0, r), *B);
+      if (copy_at) copy_transposed_share(at, A, t, threads);
+      if (copy_bt) copy_transposed_share(bt, *B, t, threads);
+    });
+#pragma omp barrier
+    errors.guarded([&] {
+      if (c <= 0) return;
+      const Mat<float> h = M.col_block(c0, c);
+      gemm(h, at, X.col_block(c0, c));
+      mul_rows(h, S.col_block(c0, c), h);
+      gemm(Z.col_block(c0, c), A, h);
     });
 #pragma omp barrier
     errors.guarded([&] {
       if (r == 0) return;
-      const Mat<float> h = h2.row_block(r0, r);
-      gemm(h, rows_of(A.transposed(), r0, r), H);
-      mul_rows(h, S.row_block(r0, r), h);
-    });
-#pragma omp barrier
-    errors.guarded([&] {
-      if (r == 0) return;
-      const Mat<float> am = B ? h1.row_block(r0, r) : Y.row_block(r0, r);
-      gemm(am, rows_of(A, r0, r), h2);
-      if (B) gemm(Y.row_block(r0, r), am, bt);
+      if (B) {
+        gemm(Y.row_block(r0, r), Z.row_block(r0, r), bt);
+      } else {
+        copy_rows(Y.row_block(r0, r), Z.row_block(r0, r));
+      }
       after(r0, r);
     });
   }
@@ -792,7 +829,7 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
     errors.guarded([&] {
       if (r > 0 && B) gemm(dyb.row_block(r0, r), dY.row_block(r0, r), *B);
       if (r > 0 && B && need_h) gemm(gb.row_block(r0, r), G.row_block(r0, r), *B);
-      if (copy_bt) copy_bt_share(bt, *B, t, threads);
+      if (copy_bt) copy_transposed_share(bt, *B, t, threads);
     });
 #pragma omp barrier
     errors.guarded([&] {
