@@ -111,7 +111,6 @@ struct Mat {
   bool t;
   Mat transposed() const { return {p, cols, rows, ld, !t}; }
   Mat row_block(int64_t r0, int64_t r) const { return {p + r0 * ld, r, cols, ld, false}; }  // !t only
-  Mat col_block(int64_t c0, int64_t c) const { return {p + c0, rows, c, ld, false}; }         // !t only
 };
 
 template <typename T>
@@ -603,11 +602,11 @@ class RegionErrors {
   std::exception_ptr error_;
 };
 
-// Thread t's share of Fᵀ (n×n, row-major at ft) from a row-major factor F: its rows [c0, c0 + c) of
-// the copy, which every thread reads after the next barrier.
-inline void copy_transposed_share(const Mat<float>& ft, const Mat<float>& F, int64_t t, int64_t threads) {
-  const int64_t n = F.rows, c0 = n * t / threads, c = n * (t + 1) / threads - c0;
-  cpu_gemm::transpose_into(ft.p + c0 * n, F.p + c0, c, n, F.ld);
+// Thread t's share of Bᵀ (n×n, row-major at bt) from a row-major B: its rows [c0, c0 + c) of the
+// copy, which every thread reads after the next barrier.
+inline void copy_bt_share(const Mat<float>& bt, const Mat<float>& B, int64_t t, int64_t threads) {
+  const int64_t n = B.rows, c0 = n * t / threads, c = n * (t + 1) / threads - c0;
+  cpu_gemm::transpose_into(bt.p + c0 * n, B.p + c0, c, n, B.ld);
 }
 
 // (for a layer whose GEMMs the engine would split over the threads; a smaller one stays on one)
@@ -623,76 +622,68 @@ Mat<T> rows_of(const Mat<T>& X, int64_t r0, int64_t r) {
 }
 
 // Whether the threads share one transposed copy of a row-major k×k factor, each thread copying its
-// share of the rows before a barrier, rather than each thread copying it whole where a product needs
-// it: for a factor above 512², whose product with a thread's share of `share` columns or rows of the
-// other operand copies the factor (cpu_gemm::onednn_gemm copies it whole where k ≤ 2·share, else the
-// other operand). Whole copies per thread, against one shared copy, 2 threads on Zen 4 (oneDNN forced
-// for the big layers, the two taking turns in one process): 256×257 0.837 against 0.936 ms with the
-// threads far apart (0.640 against 0.657 near), 512² 5.73 against 6.28 ms (4.93 / 4.90 near); 1024²
-// 44.7 against 42.8 ms (44.5 / 40.9 near), 2048² 379 against 366 ms (378 / 357 near).
+// share of the rows before a barrier (copy_bt_share), rather than each thread copying it whole where
+// its product needs it: for a factor above 512² that the product with a thread's `share` rows of
+// the other operand would copy whole (cpu_gemm::onednn_gemm does where k ≤ 2·share, else it copies
+// the other operand). Bᵀ copied by each thread against one copy shared out, 2 threads on Zen 4 (oneDNN forced
+// for the big layers, the two taking turns in one process): 256×257 alike (0.63 ms with the threads
+// near, 0.75 far apart); 512² 5.20–5.42 against 5.49–5.63 ms far apart, alike near; 1024²
+// 44.4–45.8 against 41.9–43.8 ms far apart, 43.8 against 40.4 near; 2048² within 2 % either way.
 constexpr int64_t kOwnCopiesMaxElems = int64_t(512) * 512;
 inline bool shared_copy(int64_t k, int64_t share) { return k * k > kOwnCopiesMaxElems && k <= 2 * share; }
+
+constexpr int64_t kLine = 16;  // floats per 64-byte cache line
 
 // Y = A (S ⊙ (Aᵀ G B)) Bᵀ; before(r0, r) runs first on each thread's rows (a momentum step forms
 // them in G there), after(r0, r) last, on the same rows of Y.
 //
-// Rows, then columns, then rows: T = G·B by rows (a row of T needs only that row of G), then
-// M = S ⊙ (Aᵀ·T) and Z = A·M by columns (a column of either needs only that column of the one
-// before), then Y = Z·Bᵀ by rows. So a thread reads results of another thread twice, a quarter of T
-// and a quarter of Z, where rows throughout read half of T, half of S ⊙ (Aᵀ·T) and half of Bᵀ (each
-// thread had copied its share). Every line that crosses between cores costs a round trip, more
-// where the host runs the two vCPUs far apart (csrc/cpu_handoff.h). On the MNIST-1D MLP's 256×257
-// layer, 2 threads on Zen 4, the two schedules taking turns in one process: 887 → 763 µs with the
-// threads far apart, 667 → 650 µs with them near. The intermediates' rows are padded to whole
-// cache lines and each column share starts on a line, so no line is written by two threads. Where
-// B is stored row-major Z·Bᵀ needs Bᵀ, and Aᵀ·T needs Aᵀ where A is: each thread makes its own copy
-// as its product needs it, cheaper than reading another thread's, except of a big factor (one
-// shared copy, shared_copy above).
+// Each thread keeps one share of the rows through the whole chain: T = G·B, M = S ⊙ (Aᵀ·T),
+// Z = A·M, Y = Z·Bᵀ. The threads meet where a product reads every row of the one before (Aᵀ·T and
+// A·M), and there read lines another core wrote. Every such line costs a round trip, more where the
+// host runs the two vCPUs far apart (csrc/cpu_handoff.h), so nothing else crosses: each thread
+// makes its own transposed copies (its rows of Aᵀ, and Bᵀ where B is stored row-major) except of a
+// big factor (shared_copy above); Z has its own buffer, so no thread overwrites lines another has
+// read in the same call; and the intermediates' rows are padded to whole cache lines, so no line
+// is written by two threads. Against one Bᵀ copy shared out, Z written over T and unpadded rows, 2
+// threads on Zen 4, the op alone, the two builds taking turns: the MNIST-1D MLP's 256×257 layer
+// 0.73–0.75 against 0.85–0.90 ms with the threads far apart, 0.63 against 0.66–0.67 ms with them
+// near; 128×128 110–117 against 126–145 µs and 88–89 against 93–95 µs; 64×512 0.40–0.41 against
+// 0.68–0.85 ms and 0.35 against 0.41–0.43 ms.
 template <typename Before, typename After>
 void forward_one_region(const Mat<float>& G, const Mat<float>& A, const Mat<float>& S, const Mat<float>* B,
                         const Mat<float>& Y, const Before& before, const After& after) {
 #if AT_PARALLEL_OPENMP
-  const int64_t m = G.rows, n = G.cols;
-  constexpr int64_t kLine = 16;  // floats per 64-byte cache line
-  const int64_t ld = (n + kLine - 1) / kLine * kLine, lines = ld / kLine;
+  const int64_t m = G.rows, n = G.cols, ld = (n + kLine - 1) / kLine * kLine;
   const int64_t most = at::get_num_threads();  // the region's team size at most
-  const bool copy_at = !A.t && shared_copy(m, (n + most - 1) / most);
   const bool copy_bt = B && !B->t && shared_copy(n, (m + most - 1) / most);
-  const Workspace<float> ws(3 * m * ld + (copy_at ? m * m : 0) + (copy_bt ? n * n : 0) + kLine);
+  const Workspace<float> ws(3 * m * ld + (copy_bt ? n * n : 0) + kLine);
   float* p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
   const Mat<float> T{p, m, n, ld, false}, M{p + m * ld, m, n, ld, false}, Z{p + 2 * m * ld, m, n, ld, false};
-  float* q = p + 3 * m * ld;
-  const Mat<float> at = copy_at ? buffer(q, m, m) : A.transposed();
-  const Mat<float> bt = copy_bt ? buffer(q + (copy_at ? m * m : 0), n, n) : B ? B->transposed() : Mat<float>{};
+  const Mat<float> bt = copy_bt ? buffer(p + 3 * m * ld, n, n) : B ? B->transposed() : Mat<float>{};
   const Mat<float> X = B ? T : G;  // what Aᵀ multiplies
   RegionErrors errors;
 #pragma omp parallel
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t r0 = m * t / threads, r = m * (t + 1) / threads - r0;  // (r = 0 when m < threads)
-    const int64_t c0 = lines * t / threads * kLine, c = std::min(n, lines * (t + 1) / threads * kLine) - c0;
     errors.guarded([&] {
       if (r > 0) before(r0, r);
       if (r > 0 && B) gemm(T.row_block(r0, r), G.row_block(r0, r), *B);
-      if (copy_at) copy_transposed_share(at, A, t, threads);
-      if (copy_bt) copy_transposed_share(bt, *B, t, threads);
-    });
-#pragma omp barrier
-    errors.guarded([&] {
-      if (c <= 0) return;
-      const Mat<float> h = M.col_block(c0, c);
-      gemm(h, at, X.col_block(c0, c));
-      mul_rows(h, S.col_block(c0, c), h);
-      gemm(Z.col_block(c0, c), A, h);
+      if (copy_bt) copy_bt_share(bt, *B, t, threads);
     });
 #pragma omp barrier
     errors.guarded([&] {
       if (r == 0) return;
-      if (B) {
-        gemm(Y.row_block(r0, r), Z.row_block(r0, r), bt);
-      } else {
-        copy_rows(Y.row_block(r0, r), Z.row_block(r0, r));
-      }
+      const Mat<float> h = M.row_block(r0, r);
+      gemm(h, rows_of(A.transposed(), r0, r), X);
+      mul_rows(h, S.row_block(r0, r), h);
+    });
+#pragma omp barrier
+    errors.guarded([&] {
+      if (r == 0) return;
+      const Mat<float> z = B ? Z.row_block(r0, r) : Y.row_block(r0, r);
+      gemm(z, rows_of(A, r0, r), M);
+      if (B) gemm(Y.row_block(r0, r), z, bt);
       after(r0, r);
     });
   }
@@ -829,7 +820,7 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
     errors.guarded([&] {
       if (r > 0 && B) gemm(dyb.row_block(r0, r), dY.row_block(r0, r), *B);
       if (r > 0 && B && need_h) gemm(gb.row_block(r0, r), G.row_block(r0, r), *B);
-      if (copy_bt) copy_transposed_share(bt, *B, t, threads);
+      if (copy_bt) copy_bt_share(bt, *B, t, threads);
     });
 #pragma omp barrier
     errors.guarded([&] {
