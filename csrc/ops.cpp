@@ -625,10 +625,10 @@ Mat<T> rows_of(const Mat<T>& X, int64_t r0, int64_t r) {
 // share of the rows before a barrier (copy_bt_share), rather than each thread copying it whole where
 // its product needs it: for a factor above 512² that the product with a thread's `share` rows of
 // the other operand would copy whole (cpu_gemm::onednn_gemm does where k ≤ 2·share, else it copies
-// the other operand). Bᵀ copied by each thread against one copy shared out, 2 threads on Zen 4 (oneDNN forced
-// for the big layers, the two taking turns in one process): 256×257 alike (0.63 ms with the threads
-// near, 0.75 far apart); 512² 5.20–5.42 against 5.49–5.63 ms far apart, alike near; 1024²
-// 44.4–45.8 against 41.9–43.8 ms far apart, 43.8 against 40.4 near; 2048² within 2 % either way.
+// the other operand). Bᵀ copied by each thread against one copy shared out, 2 threads on Zen 4
+// (oneDNN forced for big layers, the two taking turns in one process): 256×257 alike (0.63 ms with
+// the threads near, 0.75 far apart); 512² 5.20–5.42 against 5.49–5.63 ms far apart, alike near;
+// 1024² 44.4–45.8 against 41.9–43.8 ms far apart, 43.8 against 40.4 near; 2048² within 2 %.
 constexpr int64_t kOwnCopiesMaxElems = int64_t(512) * 512;
 inline bool shared_copy(int64_t k, int64_t share) { return k * k > kOwnCopiesMaxElems && k <= 2 * share; }
 
