@@ -634,6 +634,13 @@ inline bool shared_copy(int64_t k, int64_t share) { return k * k > kOwnCopiesMax
 
 constexpr int64_t kLine = 16;  // floats per 64-byte cache line
 
+// n floats rounded up to whole cache lines; the first float at or after p that starts a line (a
+// buffer of kLine floats more than it holds has room for the shift)
+inline int64_t whole_lines(int64_t n) { return (n + kLine - 1) / kLine * kLine; }
+inline float* line_start(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
 // Y = A (S ⊙ (Aᵀ G B)) Bᵀ; before(r0, r) runs first on each thread's rows (a momentum step forms
 // them in G there), after(r0, r) last, on the same rows of Y.
 //
@@ -653,11 +660,11 @@ template <typename Before, typename After>
 void forward_one_region(const Mat<float>& G, const Mat<float>& A, const Mat<float>& S, const Mat<float>* B,
                         const Mat<float>& Y, const Before& before, const After& after) {
 #if AT_PARALLEL_OPENMP
-  const int64_t m = G.rows, n = G.cols, ld = (n + kLine - 1) / kLine * kLine;
+  const int64_t m = G.rows, n = G.cols, ld = whole_lines(n);
   const int64_t most = at::get_num_threads();  // the region's team size at most
   const bool copy_bt = B && !B->t && shared_copy(n, (m + most - 1) / most);
   const Workspace<float> ws(3 * m * ld + (copy_bt ? n * n : 0) + kLine);
-  float* p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
+  float* p = line_start(ws.data());
   const Mat<float> T{p, m, n, ld, false}, M{p + m * ld, m, n, ld, false}, Z{p + 2 * m * ld, m, n, ld, false};
   const Mat<float> bt = copy_bt ? buffer(p + 3 * m * ld, n, n) : B ? B->transposed() : Mat<float>{};
   const Mat<float> X = B ? T : G;  // what Aᵀ multiplies
@@ -801,15 +808,14 @@ void backward_one_region(const Mat<float>& dY, const Mat<float>& G, const Mat<fl
   // on 2 threads of Zen 4, against parts packed end to end, the builds taking turns: 128×128 318
   // against 362–364 µs with the threads far apart (214–218 against 225–227 near), 256×257 2.03
   // against 2.09–2.10 ms (1.61–1.63 against 1.63–1.64)
-  const auto lines = [](int64_t elems) { return (elems + kLine - 1) / kLine * kLine; };
   int64_t total = kLine;
-  for (const auto& [need, elems] : parts) total += need ? lines(elems) : 0;
+  for (const auto& [need, elems] : parts) total += need ? whole_lines(elems) : 0;
   const Workspace<float> ws(total);
-  float* next = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63));
+  float* next = line_start(ws.data());
   const auto take = [&](int k, int64_t rows, int64_t cols) {
     if (!parts[k].first) return Mat<float>{};
     const Mat<float> x = buffer(next, rows, cols);
-    next += lines(parts[k].second);
+    next += whole_lines(parts[k].second);
     return x;
   };
   const Mat<float> dyb = B ? take(0, m, n) : dY, gb = B ? take(1, m, n) : G;
