@@ -1,5 +1,6 @@
 """Every relative link in the project's Markdown (README, docs/, the measurement log) reaches a file
 that exists and, where it names an anchor in a Markdown file, a heading that makes that anchor."""
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@functools.cache  # the log alone links to README's headings dozens of times
 def anchors(path: Path) -> set[str]:
     return {anchor(h) for h in HEADING.findall(path.read_text(encoding="utf-8"))}
 
