@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(backends.native_all_finite is None,
 BAD = [float("nan"), float("inf"), -float("inf")]
 SHAPES = [(1,), (7,), (15,), (16,), (17,), (33, 5), (3, 129), (2, 3, 31)]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
-BIG = (1 << 18) * 3 + 5  # above the kernel's per-thread grain: the threaded path
+BIG = (1 << 18) * 3 + 5  # far above the kernel's grain (3·2^15 elements): the threaded path
+GRAIN = 3 << 15  # the kernel's: tensors above it are split over the threads
 
 
 def op(tensors):
@@ -58,13 +59,16 @@ def test_matches_isfinite_with_one_bad_value_anywhere(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_tensor_threaded_path(dtype):
-    t = torch.randn(BIG, dtype=dtype)
+@pytest.mark.parametrize("n", [GRAIN, GRAIN + 1, BIG])
+def test_large_tensor_threaded_path(dtype, n):
+    t = torch.randn(n, dtype=dtype)
     assert bool(op([t])) is True
-    for pos in (0, BIG // 2, (1 << 18) - 1, (1 << 18), BIG - 1):  # first, middle, chunk edges, last
-        u = t.clone()
-        u[pos] = float("inf")
-        assert bool(op([u])) is False, pos
+    half = (n + 1) // 2  # where two threads' shares meet
+    for pos in (0, half - 1, half, (1 << 18) - 1, 1 << 18, n - 1):  # first, chunk edges, last
+        if pos < n:
+            u = t.clone()
+            u[pos] = float("inf")
+            assert bool(op([u])) is False, pos
 
 
 def test_integer_bool_and_empty_inputs_are_finite():
