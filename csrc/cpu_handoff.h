@@ -5,8 +5,9 @@
 // of each one. On a virtual machine the host decides where the vCPUs run: on the 2-vCPU AMD EPYC
 // machines it was 60–110 ns on some runs and 300–380 ns on others (the two cores near each other, or
 // far apart), and it switched within a process. At 340 ns a small model's step on two threads took
-// 1.5× its time at 80 ns, longer than on one thread. apo-bench records it around each section
-// and training problem.
+// 1.5× its time at 80 ns, longer than on one thread. At times it read 500 ns to several µs: the host
+// took the second vCPU away part of the time, and 2-thread regions stalled. apo-bench records it
+// around each section and training problem.
 #pragma once
 
 #include <ATen/Parallel.h>

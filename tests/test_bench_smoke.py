@@ -105,6 +105,15 @@ def test_summary_says_when_the_threads_handoff_moved_during_the_run():
     assert report._handoff_lines(None) == [] and "moved" not in report._handoff_lines({"start": None})[0]
 
 
+def test_summary_says_when_a_probe_saw_the_second_thread_descheduled():
+    far = report._handoff_lines({"start": 320.0, "after op": 380.0})  # cores far apart: no stalls
+    assert "taken away" not in far[0] and "moved" not in far[0]
+    stalling = report._handoff_lines({"start": 320.0, "after train": 2600.0})
+    assert "a probe read over 450 ns: the second thread's CPU was taken away at times" in stalling[0]
+    assert "it moved during the run" in stalling[0]
+    assert "taken away" in report._handoff_lines({"start": 520.0, "after op": 700.0})[0]
+
+
 def test_quick_timings_finite_positive_with_ratios(quick_run):
     _, res, _ = quick_run
     for name, rows in [("op", res["op"]["single"]), ("grouped", res["op"]["grouped"]), ("precond", res["precond"])]:
