@@ -64,7 +64,8 @@ def test_large_tensor_threaded_path(dtype, n):
     t = torch.randn(n, dtype=dtype)
     assert bool(op([t])) is True
     half = (n + 1) // 2  # where two threads' shares meet
-    for pos in (0, half - 1, half, (1 << 18) - 1, 1 << 18, n - 1):  # first, chunk edges, last
+    # first; where the two threads' shares meet; either side of 2^18 elements; last
+    for pos in (0, half - 1, half, (1 << 18) - 1, 1 << 18, n - 1):
         if pos < n:
             u = t.clone()
             u[pos] = float("inf")
