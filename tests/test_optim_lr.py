@@ -508,6 +508,32 @@ def test_bad_arguments_raise_naming_the_argument():
         opt.step()
 
 
+
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.Adam])
+def test_a_base_optimizer_that_ascends_the_loss_is_refused_while_meta_steps_are_on(kind):
+    # Q minimizes the closure's loss: over an ascending base optimizer the meta-step would only shrink the lr
+    m = mlp()
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"^base_optimizer: param group 0 has maximize=True"):
+        APOLR(m, kind(m.parameters(), lr=0.1, maximize=True), lambda_fsd=0.0, lambda_wsd=0.0)
+    # with meta-steps off APOLR is the base optimizer, and ascends as it does
+    opt = APOLR(m, kind(m.parameters(), lr=0.1, maximize=True), lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=0)
+    before = F.cross_entropy(m(x), y).item()
+    for _ in range(3):
+        opt.step(closure_for(opt, m, x, y))
+    assert F.cross_entropy(m(x), y).item() > before
+    # a group switched to maximize after construction: refused at the next meta-step, before the closure runs
+    opt = APOLR(m, kind([{"params": m[0].parameters()}, {"params": m[2].parameters()}], lr=0.1),
+                lambda_fsd=0.0, lambda_wsd=0.0, meta_interval=2)
+    opt.step(closure_for(opt, m, x, y))
+    opt.step(closure_for(opt, m, x, y))  # a plain step
+    opt.param_groups[1]["maximize"] = True
+    theta = [p.detach().clone() for p in m.parameters()]
+    calls = []
+    with pytest.raises(ValueError, match=r"^base_optimizer: param group 1 has maximize=True"):
+        opt.step(lambda: calls.append(1))
+    assert not calls and all(torch.equal(p, q) for p, q in zip(m.parameters(), theta))
+
 # --------------------------------------------------------------------------------------------
 # Learning-rate schedulers compose with the learnt lr as a multiplier
 # --------------------------------------------------------------------------------------------

@@ -238,6 +238,17 @@ def _eps_underflow(optimizer: torch.optim.Optimizer) -> Optional[str]:
     return None
 
 
+def _check_not_maximizing(optimizer: torch.optim.Optimizer) -> None:
+    """A meta-step learns the lr that minimizes the closure's loss at the lookahead. A group with
+    ``maximize=True`` ascends that loss, so the meta-step would shrink its lr toward 0 every time:
+    refused by name rather than learnt wrong."""
+    for k, g in enumerate(optimizer.param_groups):
+        if g.get("maximize", False):
+            raise ValueError(f"base_optimizer: param group {k} has maximize=True, but APO-LR learns the lr that "
+                             "minimizes the closure's loss, so it would shrink this lr toward 0; return the "
+                             "negated objective from the closure and keep maximize=False (or meta_interval=0)")
+
+
 def _scaled(d: Tensor, scale: float) -> Tensor:
     d = d.to(_cdtype(d))  # d is fresh: scaled in place
     return d if scale == 1.0 else d.mul_(scale)
@@ -379,6 +390,9 @@ class APOLR(APOCore):
     their own schedule in the group. The lookahead uses the learnt lr without the schedule's factor:
     the meta-step learns the greedy lr at the base step, and a decay cannot be learnt back.
 
+    The meta-step minimizes the closure's loss, so a base optimizer that ascends it (a group with
+    ``maximize=True``) is refused while meta-steps are on: return the negated objective instead.
+
     A lookahead that is not finite means the lr is too large to evaluate: the learnt lr is divided
     by 10 and the meta-step retried (``recoveries``; see ``apo_kernels.optim._core``). Unless the base
     optimizer's direction at lr = 1 is itself not finite (float16 Adam with an eps that is 0 in
@@ -436,6 +450,8 @@ class APOLR(APOCore):
             for p in g["params"]:
                 if id(p) not in model_params:
                     raise ValueError("base_optimizer holds a parameter that is not one of model.parameters()")
+        if meta_interval > 0:
+            _check_not_maximizing(base_optimizer)
         hint = _eps_underflow(base_optimizer)
         if hint is not None:  # its own steps would write NaN into θ: the plain steps are its steps
             warnings.warn(f"base_optimizer: {hint}", UserWarning, stacklevel=2)
@@ -523,6 +539,8 @@ class APOLR(APOCore):
             raise ValueError(f"base_optimizer: {len(self.base_optimizer.param_groups)} param groups where APOLR was "
                              f"built for {len(self._lr0)}; φ holds one learnt lr per group, fixed at construction: "
                              f"build APOLR after the base optimizer's last add_param_group")
+        if self.meta_due():  # a group's hyperparameters may have changed since construction
+            _check_not_maximizing(self.base_optimizer)
         return self._run_step(closure, fsd_inputs, meta_closure)
 
     # ---- hooks ---------------------------------------------------------------------------
