@@ -16,6 +16,7 @@ import re
 import signal
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,43 @@ def _healthy(rank, world, out_dir):
                 sharded=resumed_as == "sharded", resume=ckpt)
     for kind in KINDS:
         out[f"branch/{kind}"] = _branch_on_one_rank(rank, world, kind)
+    for kind in ("lr", "precond"):
+        out[f"nan_fsd/{kind}"] = _nan_fsd_batch_on_one_rank(rank, world, kind)
     out["fsdp"] = _fsdp_refusals(world)
     return out
+
+
+def _nan_fsd_batch_on_one_rank(rank, world, kind, steps=2 * META_INTERVAL + 1):
+    """FSD on a batch of its own; at the second meta-step the last rank's FSD batch holds a NaN.
+    Every rank must skip that meta-step together (no rank left waiting in a collective), keep φ and
+    take the step."""
+    model = mlp()
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = _optimizer(kind, net)
+    phi_before = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(steps):
+            x, y = _batch(s, rank, world)
+            fsd = x.flip(0) + 0.5
+            if s == META_INTERVAL:
+                phi_before, recoveries_before = [p.detach().clone() for p in opt.phi], opt.recoveries
+                if rank == world - 1:
+                    fsd[0, 0] = math.nan
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure, fsd_inputs=(fsd,))
+            if s == META_INTERVAL:
+                phi_after, recoveries_there = [p.detach().clone() for p in opt.phi], opt.recoveries - recoveries_before
+    return {"replicas": apo_dist.check_replicas(opt), "skipped": opt.skipped_steps, "meta_steps": opt.meta_steps,
+            "recoveries_there": recoveries_there, "phi_kept": all(torch.equal(a, b) for a, b in zip(phi_before, phi_after)),
+            "warned": sum("fsd_inputs: the FSD term is not finite even at θ' = θ" in str(w.message)
+                          for w in caught)}
 
 
 class _Branchy(nn.Module):
@@ -354,6 +390,16 @@ def test_a_layer_that_only_some_ranks_batches_reach_trains_the_same_on_every_ran
                                        rtol=1e-6, atol=1e-7)
     for x, y in zip(ranks[0][f"branch/{kind}"]["theta"], ranks[1][f"branch/{kind}"]["theta"]):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["lr", "precond"])
+def test_a_nan_in_one_ranks_fsd_batch_skips_that_meta_step_on_every_rank(healthy, kind):
+    ranks, _ = healthy
+    for out in ranks:
+        got = out[f"nan_fsd/{kind}"]
+        assert got["replicas"] == {"phi": True, "theta": True}
+        assert got["skipped"] == 0 and got["recoveries_there"] == 0 and got["phi_kept"] and got["warned"] == 1
+        assert got["meta_steps"] == 2  # of the three at 0, META_INTERVAL and 2·META_INTERVAL
 
 
 @pytest.mark.parametrize("kind", ["lr", "precond"])

@@ -532,6 +532,68 @@ def test_objective_of_a_non_finite_delta_is_nan_without_calling_the_closure():
     assert obj.wsd == pytest.approx(0.5 * sum(float((d.double() ** 2).sum()) for d in deltas), rel=1e-12)
 
 
+@pytest.mark.parametrize("joint", [True, False], ids=["rows-joined", "apart"])
+@pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
+def test_a_non_finite_fsd_batch_skips_the_meta_step_keeps_phi_and_takes_the_step(kind, joint):
+    """A NaN in f(x̃; θ) (here from the FSD batch) makes the FSD term non-finite at every θ': no
+    step size helps. The meta-step is skipped with a warning naming fsd_inputs, φ and the
+    meta-optimizer's state are kept, and the real update is taken (the step's gradients are
+    finite). Before, every retry shrank φ by 10: one such batch left APO-LR's lr 10⁻⁴ times smaller."""
+    # apart: a Flatten from dimension 0 (undone at once) hides that the rows are independent, so the FSD
+    # passes at θ' run on their own instead of inside the closure's
+    m = mlp() if joint else nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Flatten(0), nn.Unflatten(0, (-1, 8)),
+                                          nn.Linear(8, 3))
+    x, y = data()
+    if kind == "APOLR":
+        opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.1, lambda_wsd=0.0,
+                    meta_interval=2)
+    else:
+        opt = APOPrecond(m, lr=0.1, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, meta_interval=2)
+    closure = closure_for(opt, m, x, y)
+    clean = x[:5] + 0.5
+    for _ in range(2):
+        opt.step(closure, fsd_inputs=(clean,))
+    phi = [p.detach().clone() for p in opt.phi]
+    meta_state = copy.deepcopy(opt.meta_optimizer.state_dict())
+    theta = [p.detach().clone() for p in m.parameters()]
+    bad = clean.clone()
+    bad[1, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match=rf"{kind}: fsd_inputs: the FSD term is not finite even at θ' = θ.*"
+                                            r"the meta-step is skipped, φ kept and the step taken") as record:
+        opt.step(closure, fsd_inputs=(bad,))
+    assert {w.filename for w in record} == {__file__}
+    assert all(torch.equal(p, q) for p, q in zip(opt.phi, phi))
+    assert opt.meta_optimizer.state_dict()["state"].keys() == meta_state["state"].keys()
+    assert opt.recoveries == 0 and opt.skipped_steps == 0 and opt.meta_steps == 1
+    assert all(torch.isfinite(p).all() and not torch.equal(p, q) for p, q in zip(m.parameters(), theta))
+    opt.step(closure, fsd_inputs=(bad,))  # a plain step: the FSD batch is not used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure, fsd_inputs=(clean,))  # the next meta-step, on a clean batch
+    assert opt.meta_steps == 2 and opt.recoveries == 0
+
+
+def test_the_meta_objective_probe_names_a_non_finite_fsd_batch():
+    m = mlp()
+    x, y = data()
+    opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1), lambda_fsd=0.1, lambda_wsd=0.0)
+    bad = x.clone()
+    bad[0, 0] = float("nan")  # (an inf would not do: tanh of ±inf is ±1)
+    with pytest.raises(ValueError, match=r"^fsd_inputs: the FSD term is not finite even at θ' = θ"):
+        opt.meta_objective(closure_for(opt, m, x, y), fsd_inputs=(bad,))
+    # an infinite output is the discrepancy's to judge: masked logits (−inf) are fine under "kl",
+    # and make ½‖new − old‖² NaN at θ' = θ under "mse"
+    masked = _MaskedLogits()
+    for fsd, usable in (("kl", True), ("mse", False)):
+        opt = APOLR(masked, torch.optim.SGD(masked.parameters(), lr=0.1), lambda_fsd=0.1, lambda_wsd=0.0, fsd=fsd)
+        probe = lambda: opt.meta_objective(closure_for(opt, masked, x, y.clamp(max=1)), fsd_inputs=(x + 0.5,))
+        if usable:
+            assert math.isfinite(probe())
+        else:
+            with pytest.raises(ValueError, match=r"^fsd_inputs: the FSD term is not finite even at θ' = θ"):
+                probe()
+
+
 # --------------------------------------------------------------------------------------------
 # fsd="bernoulli"
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,10 @@ different: it says nothing about φ, so that step is skipped with θ, φ and all
 the step counter not advanced. A lookahead that no step size makes finite (APO-LR: the base
 optimizer's own direction is not finite although the gradients are, e.g. Adam's eps rounding to 0 in
 float16) is not a recovery either: φ is kept, the step is skipped with a warning that says why, and
-the next step retries. Non-finite values never reach θ, momentum, φ or the meta-optimizer.
+the next step retries. Nor is an FSD batch on which the FSD term is not finite even at θ' = θ (a NaN
+in the data): no step size helps there, and the step's own gradients are finite, so the meta-step
+is skipped with a warning, φ kept, and the real update taken with it. Non-finite values never reach θ,
+momentum, φ or the meta-optimizer.
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_scala
 from .._step_hooks import step_quietly, warn_at_caller
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
-from .objective import StepForward, proximal_objective_grad
+from .objective import FSDReferenceNotFinite, StepForward, proximal_objective_grad
 
 
 META_BATCHES = ("same", "fresh")
@@ -168,7 +171,14 @@ def with_load_state_dict_hooks(load_state_dict: Callable) -> Callable:
 
 
 class _NoStepSizeHelps(Exception):
-    """A meta-step failed in a way that no step size fixes (``APOCore._no_step_size_helps``)."""
+    """A meta-step failed in a way that no step size fixes (``APOCore._no_step_size_helps``).
+    ``update``: whether the step's real update may still be taken with φ as it is (the failure lies
+    in the meta-step's own batch, not in the step)."""
+
+    def __init__(self, update: bool = False):
+        super().__init__()
+        self.update = update
+
 
 class _Plan:
     """What one step derives from the gradient at θ (subclasses add fields). ``form_deltas``: set by a
@@ -352,12 +362,13 @@ class APOCore(torch.optim.Optimizer):
         """Run ``attempt()`` until it succeeds (returns None); after each failure it returns the
         factor by which φ's step must shrink, and φ is shrunk. At most 1 + MAX_RECOVERIES_PER_STEP
         attempts; after a last failure φ is still shrunk, so the next step starts smaller. A failure
-        that no step size fixes (``_NoStepSizeHelps``) ends the attempts with φ as it was."""
+        that no step size fixes (``_NoStepSizeHelps``) ends the attempts with φ as it was; the result
+        is then whether the step's update may still be taken (its ``update``)."""
         for _ in range(self.MAX_RECOVERIES_PER_STEP + 1):
             try:
                 factor = attempt()
-            except _NoStepSizeHelps:
-                return False
+            except _NoStepSizeHelps as failure:
+                return failure.update
             if factor is None:
                 return True
             self._recover(factor)
@@ -376,7 +387,12 @@ class APOCore(torch.optim.Optimizer):
 
     def _meta_update(self, plan, closure, fsd_inputs, scale, rng, loss_at_theta, step_forward) -> Optional[float]:
         """One meta-step; None when done, else the factor by which φ's step must shrink first."""
-        found = self._objective(plan, closure, fsd_inputs, scale, rng, step_forward)
+        try:
+            found = self._objective(plan, closure, fsd_inputs, scale, rng, step_forward)
+        except FSDReferenceNotFinite as e:  # the FSD batch is at fault: keep φ, take the step
+            warn_at_caller(f"{type(self).__name__}: {e}; the meta-step is skipped, φ kept and the step taken",
+                           RuntimeWarning)
+            raise _NoStepSizeHelps(update=True) from None
         if found is None:
             why = self._no_step_size_helps(plan)
             if why is not None:  # shrinking φ would only destroy it: keep it and skip this step
@@ -441,7 +457,7 @@ class APOCore(torch.optim.Optimizer):
             distributed.local_module(self.model), plan.params, deltas, closure, fsd_inputs=fsd_inputs,
             lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
             grad_scale=scale, rng=rng, buffers=self._lookahead_buffers, step_forward=step_forward,
-            form_deltas=plan.form_deltas, joint_fsd=self._replicas.world == 1,
+            form_deltas=plan.form_deltas, joint_fsd=self._replicas.world == 1, all_ranks=self._replicas.all_true,
         )
         if not math.isfinite(obj.wsd):  # Δ is not finite (found by the pass that writes θ'; Δ is
             return None                 # the same on every rank, so every rank returns here)

@@ -21,11 +21,32 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .._numerics import loss_scalar
+from .._numerics import all_finite, loss_scalar
 from . import discrepancy
 from .snapshot import LookaheadBuffers, ModelSnapshot, RNGState, borrowed, cuda_devices_of, submodules
 
-__all__ = ["JointFSD", "MetaObjective", "StepForward", "proximal_objective_grad", "rows_independent"]
+__all__ = ["FSDReferenceNotFinite", "JointFSD", "MetaObjective", "StepForward", "proximal_objective_grad",
+           "rows_independent"]
+
+
+class FSDReferenceNotFinite(ValueError):
+    """The FSD term is not finite even at θ' = θ: the model's output at θ on ``fsd_inputs`` holds a
+    NaN, or an inf the discrepancy cannot take. Then no step size makes Q finite: the batch is at
+    fault, not φ."""
+
+
+def _fsd_finite_at_theta(fsd_fn, old_out) -> bool:
+    """Whether D_F(f(x̃; θ), f(x̃; θ)), the FSD term at θ' = θ, is finite. A finite output passes
+    (the common case, one native check); an infinite one passes where the discrepancy takes it
+    (masked logits, −inf, under "kl")."""
+    if all_finite(_tensors(old_out)):
+        return True
+    with torch.no_grad():
+        return math.isfinite(float(fsd_fn(old_out, old_out)))
+
+
+def _one_rank(flag: bool, what: str) -> bool:
+    return flag
 
 
 def _detach_tree(x):
@@ -336,6 +357,7 @@ def proximal_objective_grad(
     step_forward: Optional[StepForward] = None,
     form_deltas: Optional[Callable[[list, list], float]] = None,
     joint_fsd: bool = False,
+    all_ranks: Callable[[bool, str], bool] = _one_rank,
 ) -> MetaObjective:
     """Q(φ) and ∇θ'Q at θ' = θ + Δ, using the real model; θ is restored exactly afterwards.
 
@@ -359,6 +381,11 @@ def proximal_objective_grad(
             the closure's (``JointFSD``) where the model maps rows each on its own
             (``rows_independent``). Off where the closure's backward is not all there is to the
             gradient (an optimizer over several processes averages the FSD gradient itself).
+        all_ranks: ``all_ranks(flag, what)`` is True when ``flag`` is True on every process (the
+            check of f(x̃; θ) must end every rank's meta-step alike); one process by default.
+
+    Raises ``FSDReferenceNotFinite`` (θ, buffers and the RNG restored) when the FSD term is not
+    finite even at θ' = θ.
 
     Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
     at θ without a graph and a forward + backward at θ' on ``fsd_inputs``. When ``step_forward``
@@ -402,6 +429,10 @@ def proximal_objective_grad(
                     old_out = _detach_tree(model(*fsd_inputs))
                 if joint_fsd and _joinable(fsd_inputs, old_out) and rows_independent(model):
                     rider = JointFSD(model, fsd_inputs, old_out, fsd_fn, coef)
+            if not all_ranks(_fsd_finite_at_theta(fsd_fn, old_out), "the finiteness of the FSD term at θ"):
+                raise FSDReferenceNotFinite(
+                    "fsd_inputs: the FSD term is not finite even at θ' = θ (the model's output at θ on them "
+                    "holds a NaN, or an inf that fsd cannot take), so no step size makes it finite")
         sum_sq = snap.write(deltas, form_deltas)  # ‖Δ‖², from the pass that writes θ'
         if not math.isfinite(sum_sq):  # Δ is not finite: there is no θ' to evaluate
             nan = float("nan")
