@@ -351,12 +351,12 @@ def test_autocast_around_step_evaluates_the_lookahead_not_stale_casts(make):
 # --------------------------------------------------------------------------------------------
 # A step too large to evaluate shrinks the step; training never stalls
 # --------------------------------------------------------------------------------------------
-def _make_apolr(model, lr):
-    return APOLR(model, torch.optim.SGD(model.parameters(), lr=lr), lambda_fsd=0.0, lambda_wsd=0.0)
+def _make_apolr(model, lr, **kw):
+    return APOLR(model, torch.optim.SGD(model.parameters(), lr=lr), lambda_fsd=0.0, lambda_wsd=0.0, **kw)
 
 
-def _make_precond(model, lr):
-    return APOPrecond(model, lr=lr, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.05)
+def _make_precond(model, lr, **kw):
+    return APOPrecond(model, lr=lr, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.05, **kw)
 
 
 @pytest.mark.parametrize("make", [_make_apolr, _make_precond], ids=["APOLR", "APOPrecond"])
@@ -571,6 +571,50 @@ def test_a_non_finite_fsd_batch_skips_the_meta_step_keeps_phi_and_takes_the_step
         warnings.simplefilter("error")
         opt.step(closure, fsd_inputs=(clean,))  # the next meta-step, on a clean batch
     assert opt.meta_steps == 2 and opt.recoveries == 0
+
+
+@pytest.mark.parametrize("make", [_make_apolr, _make_precond], ids=["APOLR", "APOPrecond"])
+def test_a_fresh_meta_batch_tells_a_nan_in_its_data_from_a_step_too_large(make):
+    """meta_batch="fresh": the step never sees the meta-batch's loss at θ, so after a lookahead that
+    is not finite the meta-closure is run at θ itself. A NaN in that batch: the meta-step is skipped
+    with a warning naming meta_closure, φ kept and the step taken. A step too large: φ shrinks."""
+    m = mlp()
+    x, y = data(64)
+    opt = make(m, 0.1, meta_batch="fresh", meta_interval=2)
+    meta_x = x.flip(0).clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    def meta_closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(m(meta_x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, meta_closure=meta_closure)
+    opt.step(closure, meta_closure=meta_closure)
+    phi = [p.detach().clone() for p in opt.phi]
+    theta = [p.detach().clone() for p in m.parameters()]
+    meta_x[3, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"meta_closure: its loss is not finite at θ itself \(Δ = 0\), so no "
+                                            r"step size helps; the meta-step is skipped, φ kept and the step taken"):
+        opt.step(closure, meta_closure=meta_closure)
+    assert all(torch.equal(p, q) for p, q in zip(opt.phi, phi))
+    assert opt.recoveries == 0 and opt.skipped_steps == 0 and opt.meta_steps == 1
+    assert all(torch.isfinite(p).all() and not torch.equal(p, q) for p, q in zip(m.parameters(), theta))
+    # a lookahead that overflows, on a clean fresh batch, is a step too large: φ shrinks
+    m = mlp()  # (the closures read m, opt and meta_x when called)
+    opt = make(m, 1e38, meta_batch="fresh")
+    meta_x = x.flip(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step(closure, meta_closure=meta_closure)
+    assert opt.recoveries > 0 and all(torch.isfinite(p).all() for p in m.parameters())
 
 
 def test_the_meta_objective_probe_names_a_non_finite_fsd_batch():

@@ -43,7 +43,9 @@ optimizer's own direction is not finite although the gradients are, e.g. Adam's 
 float16) is not a recovery either: φ is kept, the step is skipped with a warning that says why, and
 the next step retries. Nor is an FSD batch on which the FSD term is not finite even at θ' = θ (a NaN
 in the data): no step size helps there, and the step's own gradients are finite, so the meta-step
-is skipped with a warning, φ kept, and the real update taken with it. Non-finite values never reach θ,
+is skipped with a warning, φ kept, and the real update taken with it. The same holds for a fresh
+meta-batch (``meta_batch="fresh"``) whose loss is not finite at θ itself: after a failed lookahead
+its closure is run once at Δ = 0 to tell the two apart. Non-finite values never reach θ,
 momentum, φ or the meta-optimizer.
 """
 from __future__ import annotations
@@ -398,6 +400,11 @@ class APOCore(torch.optim.Optimizer):
             if why is not None:  # shrinking φ would only destroy it: keep it and skip this step
                 warn_at_caller(f"{type(self).__name__}: {why}; the step is skipped and φ kept", RuntimeWarning)
                 raise _NoStepSizeHelps
+            if self.meta_batch == "fresh" and not self._loss_finite_at_theta(plan, closure, scale):
+                warn_at_caller(f"{type(self).__name__}: meta_closure: its loss is not finite at θ itself (Δ = 0), so "
+                               "no step size helps; the meta-step is skipped, φ kept and the step taken",
+                               RuntimeWarning)
+                raise _NoStepSizeHelps(update=True)
             return self.SHRINK
         obj, deltas = found
         if self._searching and loss_at_theta is not None and obj.value > loss_at_theta:
@@ -424,6 +431,16 @@ class APOCore(torch.optim.Optimizer):
                           "fsd": obj.fsd, "wsd": obj.wsd}
         self._after_meta_step()
         return None
+
+    def _loss_finite_at_theta(self, plan, closure, scale) -> bool:
+        """After a lookahead that is not finite on a fresh meta-batch (whose loss at θ the step never
+        saw): whether that batch's loss is finite at θ itself, Δ = 0. Where it is not (a NaN in the
+        batch), no step size helps. The closure runs as at θ', θ and ``.grad`` restored after it."""
+        with self._no_autocast():
+            zeros = [torch.zeros_like(p) for p in plan.params]
+        obj = proximal_objective_grad(distributed.local_module(self.model), plan.params, zeros, closure,
+                                      grad_scale=scale, buffers=self._lookahead_buffers)
+        return self._replicas.all_true(math.isfinite(obj.loss), "the finiteness of the meta-batch's loss at θ")
 
     def _checked_plain_update(self, loss, plan) -> Optional[bool]:
         """None: no fused check and update here (the default). On one process only: with several
