@@ -544,11 +544,14 @@ def test_a_non_finite_fsd_batch_skips_the_meta_step_keeps_phi_and_takes_the_step
     m = mlp() if joint else nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Flatten(0), nn.Unflatten(0, (-1, 8)),
                                           nn.Linear(8, 3))
     x, y = data()
-    if kind == "APOLR":
-        opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.1, lambda_wsd=0.0,
-                    meta_interval=2)
-    else:
-        opt = APOPrecond(m, lr=0.1, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, meta_interval=2)
+
+    def make(model, meta_interval):
+        if kind == "APOLR":
+            return APOLR(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.1,
+                         lambda_wsd=0.0, meta_interval=meta_interval)
+        return APOPrecond(model, lr=0.1, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, meta_interval=meta_interval)
+
+    opt = make(m, meta_interval=2)
     closure = closure_for(opt, m, x, y)
     clean = x[:5] + 0.5
     for _ in range(2):
@@ -556,6 +559,10 @@ def test_a_non_finite_fsd_batch_skips_the_meta_step_keeps_phi_and_takes_the_step
     phi = [p.detach().clone() for p in opt.phi]
     meta_state = copy.deepcopy(opt.meta_optimizer.state_dict())
     theta = [p.detach().clone() for p in m.parameters()]
+    twin_model = copy.deepcopy(m)  # the same state stepping with meta-steps off: the plain step
+    twin = make(twin_model, meta_interval=0)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin.step(closure_for(twin, twin_model, x, y))
     bad = clean.clone()
     bad[1, 2] = float("nan")
     with pytest.warns(RuntimeWarning, match=rf"{kind}: fsd_inputs: the FSD term is not finite even at θ' = θ.*"
@@ -566,6 +573,7 @@ def test_a_non_finite_fsd_batch_skips_the_meta_step_keeps_phi_and_takes_the_step
     assert opt.meta_optimizer.state_dict()["state"].keys() == meta_state["state"].keys()
     assert opt.recoveries == 0 and opt.skipped_steps == 0 and opt.meta_steps == 1
     assert all(torch.isfinite(p).all() and not torch.equal(p, q) for p, q in zip(m.parameters(), theta))
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), twin_model.parameters()))
     opt.step(closure, fsd_inputs=(bad,))  # a plain step: the FSD batch is not used
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -599,6 +607,10 @@ def test_a_fresh_meta_batch_tells_a_nan_in_its_data_from_a_step_too_large(make):
     opt.step(closure, meta_closure=meta_closure)
     phi = [p.detach().clone() for p in opt.phi]
     theta = [p.detach().clone() for p in m.parameters()]
+    twin_model = copy.deepcopy(m)  # the same state stepping with meta-steps off: the plain step
+    twin = make(twin_model, 0.1, meta_batch="fresh", meta_interval=0)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin.step(closure_for(twin, twin_model, x, y))
     meta_x[3, 1] = float("nan")
     with pytest.warns(RuntimeWarning, match=r"meta_closure: its loss is not finite at θ itself \(Δ = 0\), so no "
                                             r"step size helps; the meta-step is skipped, φ kept and the step taken"):
@@ -606,6 +618,7 @@ def test_a_fresh_meta_batch_tells_a_nan_in_its_data_from_a_step_too_large(make):
     assert all(torch.equal(p, q) for p, q in zip(opt.phi, phi))
     assert opt.recoveries == 0 and opt.skipped_steps == 0 and opt.meta_steps == 1
     assert all(torch.isfinite(p).all() and not torch.equal(p, q) for p, q in zip(m.parameters(), theta))
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), twin_model.parameters()))
     # a lookahead that overflows, on a clean fresh batch, is a step too large: φ shrinks
     m = mlp()  # (the closures read m, opt and meta_x when called)
     opt = make(m, 1e38, meta_batch="fresh")
