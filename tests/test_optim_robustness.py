@@ -287,6 +287,31 @@ def test_a_state_dict_that_does_not_fit_is_refused_before_anything_is_loaded(kin
     opt.load_state_dict(kept)  # its own state still loads
 
 
+# where a NaN can sit in each optimizer's saved state: (entry named in the error, its tensor in the dict)
+POISONED_ENTRIES = {
+    "APOLR": [("log_lr", lambda st: st["log_lr"]),
+              (r"base_optimizer\['state'\]\[0\]\['momentum_buffer'\]",
+               lambda st: st["base_optimizer"]["state"][0]["momentum_buffer"]),
+              (r"meta_optimizer\['state'\]\[0\]\['exp_avg_sq'\]", lambda st: st["meta_optimizer"]["state"][0]["exp_avg_sq"])],
+    "APOPrecond": [(r"phi\[0\]", lambda st: st["phi"][0]),
+                   (r"momentum\[1\]", lambda st: st["momentum"][1]),
+                   (r"meta_optimizer\['state'\]\[2\]\['exp_avg'\]", lambda st: st["meta_optimizer"]["state"][2]["exp_avg"])],
+}
+
+
+@pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
+def test_a_state_dict_holding_a_nan_is_refused_naming_the_entry(kind):
+    # a NaN loaded into φ made every later meta-step retry and shrink it without end, every step skipped
+    opt = _trained(kind)
+    kept = copy.deepcopy(opt.state_dict())
+    for name, entry in POISONED_ENTRIES[kind]:
+        bad = copy.deepcopy(kept)
+        entry(bad).view(-1)[-1] = float("nan")
+        with pytest.raises(ValueError, match=rf"^state_dict: {name} holds a NaN or inf, which no step recovers from"):
+            opt.load_state_dict(bad)
+        assert _same_state(opt.state_dict(), kept)  # nothing was loaded
+    opt.load_state_dict(kept)
+
 @pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
 def test_resuming_with_a_scheduler_on_the_optimizer_continues_the_schedule_bit_for_bit(kind):
     # the usual resume: build model, optimizer and scheduler, load the optimizer's state and the

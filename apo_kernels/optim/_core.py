@@ -172,6 +172,28 @@ def with_load_state_dict_hooks(load_state_dict: Callable) -> Callable:
 
 
 
+def check_state_finite(entries: dict) -> None:
+    """Every floating tensor of a state being loaded is finite. ``entries``: label -> part of the
+    state (φ, buffers, a torch optimizer's per-parameter ``state``; not hyperparameters, where a user
+    may keep an inf on purpose). A NaN in φ would otherwise load, and then every meta-step would
+    retry and shrink it without end, every step skipped: refused before anything is loaded, naming
+    the entry."""
+    def walk(x, path: str) -> None:
+        if isinstance(x, Tensor):
+            if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"state_dict: {path} holds a NaN or inf, which no step recovers from; "
+                                 "nothing was loaded")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}[{k!r}]")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+
+    for label, part in entries.items():
+        walk(part, label)
+
+
 class _NoStepSizeHelps(Exception):
     """A meta-step failed in a way that no step size fixes (``APOCore._no_step_size_helps``).
     ``update``: whether the step's real update may still be taken with φ as it is (the failure lies

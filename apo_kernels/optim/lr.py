@@ -26,8 +26,8 @@ from .._args import check_bool, check_number, check_optimizer_state_shapes, chec
 from .._numerics import all_finite, loss_finite
 from .._step_hooks import checked_sgd_step, step_quietly, step_with_hooks
 from ..ops import backends
-from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
-                    with_state_dict_hooks)
+from ._core import (APOCore, _Plan, check_common_args, check_state_finite, momentum_catch_up,
+                    with_load_state_dict_hooks, with_state_dict_hooks)
 from .snapshot import LookaheadBuffers
 
 
@@ -683,6 +683,9 @@ class APOLR(APOCore):
                              f"{self.log_lr.numel()} expected (per_group={self.per_group}, "
                              f"{len(self.param_groups)} param groups)")
         self._check_base_state_shapes(state["base_optimizer"])
+        check_state_finite({"log_lr": state["log_lr"],
+                            "base_optimizer['state']": state["base_optimizer"].get("state", {}),
+                            "meta_optimizer['state']": state["meta_optimizer"].get("state", {})})
         self.base_optimizer.load_state_dict(state["base_optimizer"])
         # torch.optim's load builds new param_groups and state objects: share them again, or a
         # scheduler on this optimizer would schedule groups the base optimizer no longer reads

@@ -41,8 +41,8 @@ from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_finit
 from .._step_hooks import step_with_hooks, warn_at_caller
 from ..layers import Layer, LayerView, find_layers
 from ..ops import resolve_backend
-from ._core import (APOCore, _Plan, check_common_args, momentum_catch_up, with_load_state_dict_hooks,
-                    with_state_dict_hooks)
+from ._core import (APOCore, _Plan, check_common_args, check_state_finite, momentum_catch_up,
+                    with_load_state_dict_hooks, with_state_dict_hooks)
 from .kron import KronPreconditioner
 from .preconditioners import (
     S_PARAMS,
@@ -744,6 +744,8 @@ class APOPrecond(APOCore):
             if not 0 <= int(i) < len(self._params) or buf.shape != self._params[int(i)].shape:
                 raise ValueError(f"state_dict: momentum buffer {i} of shape {tuple(buf.shape)} fits no parameter of "
                                  f"this model (a different model?)")
+        check_state_finite({"phi": state["phi"], "momentum": state["momentum"],
+                            "meta_optimizer['state']": state["meta_optimizer"].get("state", {})})
         with torch.no_grad():
             for t, s in zip(self._phi, state["phi"]):
                 t.copy_(s.to(device=t.device, dtype=t.dtype))
