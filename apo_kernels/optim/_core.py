@@ -171,7 +171,6 @@ def with_load_state_dict_hooks(load_state_dict: Callable) -> Callable:
     return wrapper
 
 
-
 def check_state_finite(entries: dict) -> None:
     """Every floating tensor of a state being loaded is finite. ``entries``: label -> part of the
     state (φ, buffers, a torch optimizer's per-parameter ``state``; not hyperparameters, where a user
