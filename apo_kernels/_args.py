@@ -13,8 +13,14 @@ import numbers
 import re
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["check_number", "check_int", "check_choice", "check_bool", "check_pair", "check_type",
+__all__ = ["FLOAT32_MAX", "check_number", "check_int", "check_choice", "check_bool", "check_pair", "check_type",
            "check_optimizer_state_shapes", "cli_int", "cli_ints", "cli_device"]
+
+
+# the largest float32: a coefficient that scales float32 tensors (torch's alpha=, a weight decay, an
+# lr bound) above it makes torch raise "value cannot be converted to type float without overflow"
+# at the first step, naming nothing
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _range_text(low, low_ok, high, high_ok) -> str:

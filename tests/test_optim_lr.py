@@ -298,6 +298,25 @@ def test_diverging_learning_rate_shrinks():
     assert opt.lr < 1.7 and math.isfinite(loss) and loss < 0.1
 
 
+@pytest.mark.parametrize("meta_lr", [1e3, 1e30])
+def test_a_huge_meta_lr_keeps_the_learnt_lr_a_finite_nonzero_double(meta_lr):
+    # one Adam step on log lr moves it by about meta_lr: past ±709, exp(φ − φ₀) overflowed (an
+    # OverflowError in the lr swap), and an lr above the largest float32 made torch's SGD step raise.
+    # φ now stays within LOG_LR_REACH of φ₀, and the lr at most the largest float32.
+    from apo_kernels._args import FLOAT32_MAX
+    from apo_kernels.optim.lr import LOG_LR_REACH
+
+    m = mlp()
+    x, y = batch()
+    opt = APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.1, lambda_wsd=0.0,
+                meta_lr=meta_lr, meta_interval=2)
+    for _ in range(6):
+        opt.step(closure_for(opt, m, x, y), fsd_inputs=(x,))
+    assert opt.meta_steps + opt.recoveries > 0
+    for _, lrs in opt.lr_history:
+        assert all(0.0 < lr <= FLOAT32_MAX * (1 + 1e-12) for lr in lrs)
+        assert all(abs(math.log(lr / 0.1)) <= LOG_LR_REACH * (1 + 1e-12) for lr in lrs)
+
 def test_fresh_batch_ablation_decays_the_learning_rate_faster():
     same, _ = run_regression(0.3, steps=600, batch_size=8)
     fresh, _ = run_regression(0.3, steps=600, batch_size=8, meta_batch="fresh")

@@ -838,6 +838,12 @@ def _kfac(**kw):
     (_precond, dict(meta_interval=2.0), TypeError, "meta_interval"),
     (_kfac, dict(inverse_interval=2.0), TypeError, "inverse_interval"),
     (_kfac, dict(fisher=None), TypeError, "fisher"),
+    # coefficients that scale float32 tensors stop at the largest float32 (torch's step raised, naming nothing)
+    (_apolr, dict(lambda_wsd=1e300), ValueError, "lambda_wsd"),
+    (_precond, dict(lambda_fsd=1e39), ValueError, "lambda_fsd"),
+    (_apolr, dict(min_lr=1e300), ValueError, "min_lr"),
+    (_precond, dict(weight_decay=1e300), ValueError, "weight_decay"),
+    (_kfac, dict(weight_decay=1e300), ValueError, "weight_decay"),
 ], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
 def test_the_same_mistake_raises_the_same_exception_in_every_optimizer(make, kwargs, exc, name):
     with pytest.raises(exc, match=rf"^{name}\b"):

@@ -67,7 +67,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .._args import check_choice, check_int, check_number, check_optimizer_state_shapes, check_type
+from .._args import FLOAT32_MAX, check_choice, check_int, check_number, check_optimizer_state_shapes, check_type
 from .. import distributed
 from .._numerics import all_finite
 from .._step_hooks import step_with_hooks, warn_at_caller
@@ -325,7 +325,7 @@ class KFAC(torch.optim.Optimizer):
             lr=check_number("lr", lr, low=0.0, low_ok=False),
             damping=check_number("damping", damping, low=0.0, low_ok=False),
             momentum=check_number("momentum", momentum, high=1.0, high_ok=False),
-            weight_decay=check_number("weight_decay", weight_decay),
+            weight_decay=check_number("weight_decay", weight_decay, high=FLOAT32_MAX),
             stat_decay=check_number("stat_decay", stat_decay, high=1.0, high_ok=False),
             kl_clip=None if kl_clip is None else check_number("kl_clip", kl_clip, low=0.0, low_ok=False),
         )

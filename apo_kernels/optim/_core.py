@@ -59,7 +59,7 @@ import torch
 from torch.autograd.graph import increment_version
 from torch import Tensor, nn
 
-from .._args import check_choice, check_int, check_number, check_type
+from .._args import FLOAT32_MAX, check_choice, check_int, check_number, check_type
 from .. import distributed
 from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_scalar, no_autocast
 from .._step_hooks import step_quietly, warn_at_caller
@@ -82,8 +82,9 @@ def check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd
             raise ValueError(f"model: {name!r} ({type(module).__name__}) has sparse=True; APO needs dense "
                              f"gradients (the lookahead and the preconditioners read every row): build it "
                              f"with sparse=False")
-    for name, v in (("lambda_fsd", lambda_fsd), ("lambda_wsd", lambda_wsd), ("meta_lr", meta_lr)):
-        check_number(name, v)
+    for name, v in (("lambda_fsd", lambda_fsd), ("lambda_wsd", lambda_wsd)):
+        check_number(name, v, high=FLOAT32_MAX)  # they scale float32 gradients
+    check_number("meta_lr", meta_lr)
     check_int("meta_interval", meta_interval, low=0)  # 0 turns meta-steps off
     discrepancy.resolve(fsd)
     check_choice("meta_batch", meta_batch, META_BATCHES)

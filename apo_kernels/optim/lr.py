@@ -22,7 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._args import check_bool, check_number, check_optimizer_state_shapes, check_type
+from .._args import FLOAT32_MAX, check_bool, check_number, check_optimizer_state_shapes, check_type
 from .._numerics import all_finite, loss_finite
 from .._step_hooks import checked_sgd_step, step_quietly, step_with_hooks
 from ..ops import backends
@@ -289,6 +289,10 @@ def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[T
 
 
 # torch.optim optimizers whose update is not lr times a direction that lr does not change
+# how far (in log) the learnt lr may move from its initial value: e^700 ≈ 1e304, short of where exp
+# overflows (e^709.8) or underflows
+LOG_LR_REACH = 700.0
+
 NOT_LINEAR_IN_LR = {
     torch.optim.LBFGS: "LBFGS's update is not linear in lr (a line search per step)",
     torch.optim.Rprop: "Rprop's lr is only its first step size (its per-entry step sizes adapt in its state)",
@@ -432,7 +436,7 @@ class APOLR(APOCore):
         check_bool("per_group", per_group)
         bounds = {}
         for name, v in (("min_lr", min_lr), ("max_lr", max_lr)):
-            bounds[name] = None if v is None else check_number(name, v, low=0.0, low_ok=False)
+            bounds[name] = None if v is None else check_number(name, v, low=0.0, low_ok=False, high=FLOAT32_MAX)
         if None not in bounds.values() and bounds["min_lr"] > bounds["max_lr"]:
             raise ValueError(f"min_lr must be <= max_lr, got min_lr={min_lr} > max_lr={max_lr}")
         check_type("base_optimizer", base_optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer")
@@ -609,10 +613,18 @@ class APOLR(APOCore):
         return all(map(math.isfinite, grads))  # read off the Python floats: no check of its own
 
     def _clamp_and_record(self):
-        if self.min_lr is not None or self.max_lr is not None:  # no bounds: nothing to clamp
-            lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
-            hi = math.inf if self.max_lr is None else math.log(self.max_lr)
-            self.log_lr.clamp_(lo, hi)
+        # φ stays within ±LOG_LR_REACH of φ₀, where exp(φ − φ₀) is a finite, nonzero double, and the learnt
+        # lr at most the largest float32, which torch's steps take for float32 parameters: one meta-step of
+        # a huge meta_lr could carry φ past either (an OverflowError in the lr swap, a RuntimeError in the
+        # base step), and shrinks past the other end (an lr of exactly 0, which no meta-gradient moves)
+        lo = -math.inf if self.min_lr is None else math.log(self.min_lr)
+        hi = math.log(FLOAT32_MAX) - 1e-6  # (a margin: lr0·exp(φ − φ₀) rounds)
+        hi = hi if self.max_lr is None else min(hi, math.log(self.max_lr))
+        values = self.log_lr.tolist()
+        clamped = [min(max(v, v0 - LOG_LR_REACH, lo), v0 + LOG_LR_REACH, hi)
+                   for v, v0 in zip(values, self._log_lr0.tolist())]
+        if clamped != values:
+            self.log_lr.copy_(torch.tensor(clamped, dtype=self.log_lr.dtype))
         self.lr_history.append((self._apo_step, self.learnt_lrs))
 
     def _after_meta_step(self):

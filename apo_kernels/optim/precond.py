@@ -35,7 +35,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._args import check_bool, check_choice, check_int, check_number, check_pair
+from .._args import FLOAT32_MAX, check_bool, check_choice, check_int, check_number, check_pair
 from .. import distributed
 from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_finite
 from .._step_hooks import step_with_hooks, warn_at_caller
@@ -311,7 +311,7 @@ class APOPrecond(APOCore):
         check_common_args(model, lambda_fsd, lambda_wsd, meta_lr, meta_interval, fsd, meta_batch, grad_scaler)
         lr = check_number("lr", lr, low=0.0, low_ok=False)
         momentum = check_number("momentum", momentum, low=0.0, high=1.0, high_ok=False)
-        weight_decay = check_number("weight_decay", weight_decay)
+        weight_decay = check_number("weight_decay", weight_decay, high=FLOAT32_MAX)
         update_scale = check_number("update_scale", update_scale, low=0.0, low_ok=False)
         warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
         for name, v in (("max_precond_dim", max_precond_dim), ("small_full_max", small_full_max)):
