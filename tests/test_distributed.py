@@ -61,15 +61,15 @@ def _batch(step: int, rank: int, world: int):
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def _optimizer(kind: str, net: nn.Module, sharded: bool = False):
+def _optimizer(kind: str, net: nn.Module, sharded: bool = False, meta_batch: str = "same"):
     # large steps on purpose: the first meta-steps overshoot, so the overshoot recovery (a decision
     # on the loss values, which must be every rank's) is exercised
     if kind == "lr":
         return APOLR(net, torch.optim.SGD(net.parameters(), lr=2.0, momentum=0.9),
-                     lambda_fsd=0.3, lambda_wsd=0.1, meta_lr=0.2, meta_interval=META_INTERVAL)
+                     lambda_fsd=0.3, lambda_wsd=0.1, meta_lr=0.2, meta_interval=META_INTERVAL, meta_batch=meta_batch)
     if kind == "precond":
         return APOPrecond(net, lr=1.0, lambda_fsd=0.3, lambda_wsd=0.1, meta_lr=0.05,
-                          meta_interval=META_INTERVAL, shard_preconditioners=sharded)
+                          meta_interval=META_INTERVAL, shard_preconditioners=sharded, meta_batch=meta_batch)
     return {"kfac": KFAC, "ekfac": EKFAC}[kind](net, lr=0.05, damping=1e-2, inverse_interval=3)
 
 
@@ -148,18 +148,19 @@ def _healthy(rank, world, out_dir):
     for kind in KINDS:
         out[f"branch/{kind}"] = _branch_on_one_rank(rank, world, kind)
     for kind in ("lr", "precond"):
-        out[f"nan_fsd/{kind}"] = _nan_fsd_batch_on_one_rank(rank, world, kind)
+        out[f"nan_fsd/{kind}"] = _nan_batch_on_one_rank(rank, world, kind)
+        out[f"nan_fresh/{kind}"] = _nan_batch_on_one_rank(rank, world, kind, fresh=True)
     out["fsdp"] = _fsdp_refusals(world)
     return out
 
 
-def _nan_fsd_batch_on_one_rank(rank, world, kind, steps=2 * META_INTERVAL + 1):
-    """FSD on a batch of its own; at the second meta-step the last rank's FSD batch holds a NaN.
-    Every rank must skip that meta-step together (no rank left waiting in a collective), keep φ and
-    take the step."""
+def _nan_batch_on_one_rank(rank, world, kind, steps=2 * META_INTERVAL + 1, fresh=False):
+    """FSD on a batch of its own; at the second meta-step the last rank's FSD batch holds a NaN (with
+    ``fresh``: its fresh meta-batch, which the meta-closure reads). Every rank must skip that meta-step
+    together (no rank left waiting in a collective), keep φ and take the step."""
     model = mlp()
     net = nn.parallel.DistributedDataParallel(model)
-    opt = _optimizer(kind, net)
+    opt = _optimizer(kind, net, meta_batch="fresh" if fresh else "same")
     phi_before = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -171,19 +172,22 @@ def _nan_fsd_batch_on_one_rank(rank, world, kind, steps=2 * META_INTERVAL + 1):
                 if rank == world - 1:
                     fsd[0, 0] = math.nan
 
-            def closure():
+            def closure(x=x):
                 opt.zero_grad()
                 loss = F.cross_entropy(net(x), y)
                 loss.backward()
                 return loss
 
-            opt.step(closure, fsd_inputs=(fsd,))
+            if fresh:  # the FSD batch clean, the fresh meta-batch as the FSD batch would have been
+                opt.step(closure, fsd_inputs=(x.flip(0) + 0.5,), meta_closure=lambda: closure(fsd))
+            else:
+                opt.step(closure, fsd_inputs=(fsd,))
             if s == META_INTERVAL:
                 phi_after, recoveries_there = [p.detach().clone() for p in opt.phi], opt.recoveries - recoveries_before
     return {"replicas": apo_dist.check_replicas(opt), "skipped": opt.skipped_steps, "meta_steps": opt.meta_steps,
             "recoveries_there": recoveries_there, "phi_kept": all(torch.equal(a, b) for a, b in zip(phi_before, phi_after)),
-            "warned": sum("fsd_inputs: the FSD term is not finite even at θ' = θ" in str(w.message)
-                          for w in caught)}
+            "warned": sum(("meta_closure: its loss is not finite at θ itself" if fresh else
+                           "fsd_inputs: the FSD term is not finite even at θ' = θ") in str(w.message) for w in caught)}
 
 
 class _Branchy(nn.Module):
@@ -392,11 +396,12 @@ def test_a_layer_that_only_some_ranks_batches_reach_trains_the_same_on_every_ran
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("batch", ["nan_fsd", "nan_fresh"], ids=["FSD batch", "fresh meta-batch"])
 @pytest.mark.parametrize("kind", ["lr", "precond"])
-def test_a_nan_in_one_ranks_fsd_batch_skips_that_meta_step_on_every_rank(healthy, kind):
+def test_a_nan_in_one_ranks_fsd_or_fresh_meta_batch_skips_that_meta_step_on_every_rank(healthy, kind, batch):
     ranks, _ = healthy
     for out in ranks:
-        got = out[f"nan_fsd/{kind}"]
+        got = out[f"{batch}/{kind}"]
         assert got["replicas"] == {"phi": True, "theta": True}
         assert got["skipped"] == 0 and got["recoveries_there"] == 0 and got["phi_kept"] and got["warned"] == 1
         assert got["meta_steps"] == 2  # of the three at 0, META_INTERVAL and 2·META_INTERVAL
