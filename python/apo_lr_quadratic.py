@@ -10,6 +10,7 @@ fresh-batch ablation (short-horizon bias, APO paper App. D).
 
 Run:  python python/apo_lr_quadratic.py
 """
+import argparse
 import math
 
 import torch
@@ -58,6 +59,8 @@ def train(lr0, steps=500, momentum=0.9, batch_size=None, meta_batch="same", apo=
 
 
 def main():
+    # no options: --help says what the script shows, and an unknown flag is refused
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     fixed = {10 ** (k / 4): train(10 ** (k / 4), apo=False)[1] for k in range(-16, 5)}
     best_lr = min((v, lr) for lr, v in fixed.items() if math.isfinite(v))[1]
     print(f"SGD+momentum, 500 full-batch steps: best fixed lr {best_lr:.3g}, loss {fixed[best_lr]:.5f}")

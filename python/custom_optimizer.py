@@ -17,6 +17,7 @@ Algorithm 1 of APO, every ``K`` steps:
 
 Run:  python python/custom_optimizer.py
 """
+import argparse
 import math
 
 import torch
@@ -66,6 +67,8 @@ class TinyAPO:
 
 
 def main():
+    # no options: --help says what the script shows, and an unknown flag is refused
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     x = torch.randn(256, 10) * torch.logspace(0, -1.5, 10)     # badly scaled features
     y = (x @ torch.randn(10, 4)).argmax(1)

@@ -4,7 +4,9 @@ import re
 import subprocess
 import sys
 
-from conftest import python_script
+import pytest
+
+from conftest import PYTHON_SCRIPTS, python_script
 
 
 def _run(name: str, *flags: str) -> str:
@@ -68,3 +70,16 @@ def test_the_readme_optimizer_snippet_runs_with_a_model_and_loaders():
     exec(compile(snippet, "README.md (the optimizers)", "exec"), namespace)
     opt = namespace["opt"]
     assert opt.meta_steps == 2 and opt.skipped_steps == 0 and torch.isfinite(namespace["loss"])
+
+
+SCRIPTS = sorted(p.stem for p in PYTHON_SCRIPTS.glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_answers_help_and_refuses_an_unknown_flag(name):
+    # --help prints the usage and runs nothing; an unknown flag is argparse's error (exit 2), not a run
+    out = _run(name, "--help")
+    assert out.startswith(f"usage: {name}.py"), out
+    proc = subprocess.run([sys.executable, python_script(name), "--no-such-flag"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr, proc.stderr
