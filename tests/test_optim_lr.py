@@ -317,6 +317,7 @@ def test_a_huge_meta_lr_keeps_the_learnt_lr_a_finite_nonzero_double(meta_lr):
         assert all(0.0 < lr <= FLOAT32_MAX * (1 + 1e-12) for lr in lrs)
         assert all(abs(math.log(lr / 0.1)) <= LOG_LR_REACH * (1 + 1e-12) for lr in lrs)
 
+
 def test_fresh_batch_ablation_decays_the_learning_rate_faster():
     same, _ = run_regression(0.3, steps=600, batch_size=8)
     fresh, _ = run_regression(0.3, steps=600, batch_size=8, meta_batch="fresh")
@@ -527,7 +528,6 @@ def test_bad_arguments_raise_naming_the_argument():
         opt.step()
 
 
-
 @pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.Adam])
 def test_a_base_optimizer_that_ascends_the_loss_is_refused_while_meta_steps_are_on(kind):
     # Q minimizes the closure's loss: over an ascending base optimizer the meta-step would only shrink the lr
@@ -552,6 +552,7 @@ def test_a_base_optimizer_that_ascends_the_loss_is_refused_while_meta_steps_are_
     with pytest.raises(ValueError, match=r"^base_optimizer: param group 1 has maximize=True"):
         opt.step(lambda: calls.append(1))
     assert not calls and all(torch.equal(p, q) for p, q in zip(m.parameters(), theta))
+
 
 # --------------------------------------------------------------------------------------------
 # Learning-rate schedulers compose with the learnt lr as a multiplier

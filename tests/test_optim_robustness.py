@@ -312,6 +312,7 @@ def test_a_state_dict_holding_a_nan_is_refused_naming_the_entry(kind):
         assert _same_state(opt.state_dict(), kept)  # nothing was loaded
     opt.load_state_dict(kept)
 
+
 @pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
 def test_resuming_with_a_scheduler_on_the_optimizer_continues_the_schedule_bit_for_bit(kind):
     # the usual resume: build model, optimizer and scheduler, load the optimizer's state and the

@@ -180,7 +180,7 @@ def check_state_finite(entries: dict) -> None:
     the entry."""
     def walk(x, path: str) -> None:
         if isinstance(x, Tensor):
-            if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+            if not all_finite([x]):  # (an integer tensor is finite)
                 raise ValueError(f"state_dict: {path} holds a NaN or inf, which no step recovers from; "
                                  "nothing was loaded")
         elif isinstance(x, dict):
@@ -458,8 +458,7 @@ class APOCore(torch.optim.Optimizer):
         """After a lookahead that is not finite on a fresh meta-batch (whose loss at θ the step never
         saw): whether that batch's loss is finite at θ itself, Δ = 0. Where it is not (a NaN in the
         batch), no step size helps. The closure runs as at θ', θ and ``.grad`` restored after it."""
-        with self._no_autocast():
-            zeros = [torch.zeros_like(p) for p in plan.params]
+        zeros = [torch.zeros_like(p) for p in plan.params]
         obj = proximal_objective_grad(distributed.local_module(self.model), plan.params, zeros, closure,
                                       grad_scale=scale, buffers=self._lookahead_buffers)
         return self._replicas.all_true(math.isfinite(obj.loss), "the finiteness of the meta-batch's loss at θ")

@@ -288,11 +288,11 @@ def lr_directions(optimizer: torch.optim.Optimizer, params_by_group: list[list[T
     return out
 
 
-# torch.optim optimizers whose update is not lr times a direction that lr does not change
 # how far (in log) the learnt lr may move from its initial value: e^700 ≈ 1e304, short of where exp
 # overflows (e^709.8) or underflows
 LOG_LR_REACH = 700.0
 
+# torch.optim optimizers whose update is not lr times a direction that lr does not change
 NOT_LINEAR_IN_LR = {
     torch.optim.LBFGS: "LBFGS's update is not linear in lr (a line search per step)",
     torch.optim.Rprop: "Rprop's lr is only its first step size (its per-entry step sizes adapt in its state)",

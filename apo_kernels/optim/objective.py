@@ -45,10 +45,6 @@ def _fsd_finite_at_theta(fsd_fn, old_out) -> bool:
         return math.isfinite(float(fsd_fn(old_out, old_out)))
 
 
-def _one_rank(flag: bool, what: str) -> bool:
-    return flag
-
-
 def _detach_tree(x):
     if isinstance(x, Tensor):  # the common output, without the pytree walk (tens of µs on a small model)
         return x.detach()
@@ -357,7 +353,7 @@ def proximal_objective_grad(
     step_forward: Optional[StepForward] = None,
     form_deltas: Optional[Callable[[list, list], float]] = None,
     joint_fsd: bool = False,
-    all_ranks: Callable[[bool, str], bool] = _one_rank,
+    all_ranks: Optional[Callable[[bool, str], bool]] = None,
 ) -> MetaObjective:
     """Q(φ) and ∇θ'Q at θ' = θ + Δ, using the real model; θ is restored exactly afterwards.
 
@@ -382,7 +378,7 @@ def proximal_objective_grad(
             (``rows_independent``). Off where the closure's backward is not all there is to the
             gradient (an optimizer over several processes averages the FSD gradient itself).
         all_ranks: ``all_ranks(flag, what)`` is True when ``flag`` is True on every process (the
-            check of f(x̃; θ) must end every rank's meta-step alike); one process by default.
+            check of f(x̃; θ) must end every rank's meta-step alike); None: one process.
 
     Raises ``FSDReferenceNotFinite`` (θ, buffers and the RNG restored) when the FSD term is not
     finite even at θ' = θ.
@@ -429,7 +425,10 @@ def proximal_objective_grad(
                     old_out = _detach_tree(model(*fsd_inputs))
                 if joint_fsd and _joinable(fsd_inputs, old_out) and rows_independent(model):
                     rider = JointFSD(model, fsd_inputs, old_out, fsd_fn, coef)
-            if not all_ranks(_fsd_finite_at_theta(fsd_fn, old_out), "the finiteness of the FSD term at θ"):
+            usable = _fsd_finite_at_theta(fsd_fn, old_out)
+            if all_ranks is not None:
+                usable = all_ranks(usable, "the finiteness of the FSD term at θ")
+            if not usable:
                 raise FSDReferenceNotFinite(
                     "fsd_inputs: the FSD term is not finite even at θ' = θ (the model's output at θ on them "
                     "holds a NaN, or an inf that fsd cannot take), so no step size makes it finite")
