@@ -1,4 +1,5 @@
-// apo-kernels: which GEMM the CPU direct path calls for fp32 (csrc/ops.cpp), and the oneDNN route.
+// apo-kernels: which GEMM the CPU direct path calls for fp32 (csrc/ops.cpp), the oneDNN route, and
+// whether a big bf16 layer's forward runs on bf16 GEMMs (below).
 //
 // The direct path calls torch's BLAS (MKL) by default. MKL runs its AVX-512 kernels on Intel CPUs
 // only; on AMD it takes its AVX2 code path. There oneDNN's brgemm micro-kernel (JIT-compiled AVX-512,
@@ -6,7 +7,9 @@
 // on Zen 5 (CPU family 0x1A, 512-bit FMAs at full width) 2.2–2.7× MKL (one thread, 32³–512³: 250–287
 // against 93–120 GFLOP/s); on Zen 4 (family 0x19, AVX-512 on 256-bit halves) 1.1–1.4× (102–116
 // against 72–103 GFLOP/s, the core's FMA peak being 116), which took the MNIST-1D MLP's op from 1.03
-// to 0.87 ms at 2 threads. On Intel MKL runs its own AVX-512 kernels and brgemm measured no faster.
+// to 0.87 ms at 2 threads. On Intel MKL runs its own AVX-512 kernels, and brgemm wins no clear case: on
+// a Xeon with AMX it took the MNIST-1D MLP's plain step from 2.00 to 1.90× SGD but the grouped op over
+// 64 small layers from 0.35–0.37 to 0.39–0.42× the loop.
 // So `auto` takes oneDNN on AMD CPUs with AVX-512 and keeps MKL everywhere else.
 //
 // A big layer (one the BLAS engine leaves to torch's matmul) joins the engine, as blocked brgemm
@@ -113,6 +116,43 @@ inline std::string description() {
   if (engine() == Engine::blas) return "blas";
   return big_layers_on_engine() ? "onednn" : "onednn (big layers: torch matmul)";
 }
+
+// ---- bf16 layers off the direct path (ops.cpp's forward_layer)
+//
+// By default a bf16 layer is computed in fp32 and rounded once. On a CPU with AMX-BF16 tiles torch's bf16
+// GEMMs run several times faster than its fp32 ones (Intel Xeon, 2 threads: 1024² 5.4×), so there a bf16
+// layer's forward, from a cost of 128·128·256 up, feeds bf16 operands to torch's GEMMs as the torch
+// chain in bf16 does (each product rounded to bf16, sums in fp32): the op at the chain's speed and
+// accuracy, 2–6× faster than rounded once from 256² to 2048². Below that size bf16 GEMMs measured slower
+// than the fp32 route, and the backward (the meta-gradient, every K steps) stays rounded once.
+// APO_KERNELS_CPU_BF16_GEMM=auto|bf16|fp32 forces either route on any CPU; fixed per process.
+constexpr double kBf16OperandsMinCost = 128.0 * 128.0 * 256.0;
+
+inline bool has_amx_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (d >> 22) & 1;  // CPUID.(EAX=7, ECX=0):EDX[22] = AMX-BF16
+#else
+  return false;
+#endif
+}
+
+inline bool bf16_operands_chosen() {
+  const char* env = std::getenv("APO_KERNELS_CPU_BF16_GEMM");
+  const std::string v = env && *env ? env : "auto";
+  TORCH_CHECK_VALUE(v == "auto" || v == "bf16" || v == "fp32",
+                    "APO_KERNELS_CPU_BF16_GEMM must be auto, bf16 or fp32, got '", v, "'");
+  return v == "auto" ? has_amx_bf16() : v == "bf16";
+}
+
+inline bool bf16_operands() {
+  static const bool yes = bf16_operands_chosen();
+  return yes;
+}
+
+// What this process does with bf16 layers, as torch.ops.apo.cpu_bf16_gemm() reports it.
+inline std::string bf16_description() { return bf16_operands() ? "bf16" : "fp32"; }
 
 // Scratch memory: this thread's, grown on demand and kept, up to kKeepElems (a small layer's or a row
 // block's worth); a bigger request (a big layer's) is owned by the object for the call, so that no

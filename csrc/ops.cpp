@@ -1065,6 +1065,13 @@ std::pair<bool, bool> momentum_carry_step(const Tensor& G_, const Tensor& M_, do
 // One layer (2-D, or 3-D with the batch handled by bmm): the shared maths of apo_checks.h with
 // ⊙S as in-place ATen multiplies (while H or D is still hot in cache). Undefined A/B = identity.
 
+// Whether a bf16 layer is big enough for bf16 GEMM operands to pay (cpu_gemm.h); a batched layer by
+// one matrix's size.
+inline bool bf16_operands_pay(const Tensor& G) {
+  const double m = double(G.size(-2)), n = double(G.size(-1));
+  return schedule::layer_cost(m * n, m, n) >= cpu_gemm::kBf16OperandsMinCost;
+}
+
 Tensor forward_layer(const Tensor& G_, const Tensor& A_, const Tensor& S_, const Tensor& B_) {
   // The op's autograd (registered from Python) wraps this kernel; its internal GEMMs must not
   // record a graph, in this thread or in a parallel_for worker.
@@ -1076,6 +1083,9 @@ Tensor forward_layer(const Tensor& G_, const Tensor& A_, const Tensor& S_, const
   auto scale = [](const Tensor& H, const Tensor& S, bool own_h) {
     return own_h ? Tensor(H).mul_(S) : at::mul(H, S);
   };
+  if (G_.scalar_type() == at::kBFloat16 && bf16_operands_pay(G_) && cpu_gemm::bf16_operands()) {
+    return layer::finish(layer::forward(G_, A_, S_, B_, scale), G_.scalar_type());
+  }
   return layer::finish(layer::forward(layer::up(G_), layer::up(A_), layer::up(S_), layer::up(B_), scale),
                        G_.scalar_type());
 }
@@ -1757,6 +1767,9 @@ TORCH_LIBRARY(apo, m) {
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas", "onednn" or
   // "onednn (big layers: torch matmul)".
   m.def("cpu_gemm_engine() -> str", [] { return apo::cpu_gemm::description(); });
+  // What the CPU op's forward does with a bf16 layer from 128·128·256 of cost up (cpu_gemm.h): "bf16"
+  // (bf16 GEMM operands, as the torch chain in bf16) or "fp32" (computed in fp32, rounded once).
+  m.def("cpu_bf16_gemm() -> str", [] { return apo::cpu_gemm::bf16_description(); });
   // Two intra-op threads' cache-line round trip in ns, NaN without a second thread (cpu_handoff.h).
   m.def("cpu_thread_handoff_ns(int rounds) -> float", &apo::handoff::round_trip_ns);
 }

@@ -320,7 +320,8 @@ def markdown(res: dict) -> str:
         f"- command: `{m['command']}`",
         f"- torch {m['torch']} (CUDA {m['torch_cuda']}), triton {m['triton']}, apo-kernels {m['apo_kernels']}, "
         f"python {m['python']}, {m['threads']} threads"
-        + (f", CPU op's fp32 GEMMs: {m['cpu_gemm']}" if "cpu_gemm" in m else ""),
+        + (f", CPU op's fp32 GEMMs: {m['cpu_gemm']}" if "cpu_gemm" in m else "")
+        + (f", its big bf16 layers' GEMMs: {m['cpu_bf16_gemm']}" if "cpu_bf16_gemm" in m else ""),
         f"- backends: " + "; ".join(f"{k}: {v}" for k, v in m["backends"].items()),
         f"- timing: {m['timing']}",
         f"- load average (1/5/15 min) at start {m.get('load_avg_at_start')}, at end {m.get('load_avg_at_end')} "

@@ -198,6 +198,14 @@ def _cpu_gemm_engine() -> str:
         return f"unavailable ({type(exc).__name__})"
 
 
+def _cpu_bf16_gemm() -> str:
+    """What the CPU op's forward does with big bf16 layers in this process: bf16 GEMM operands or fp32."""
+    try:
+        return torch.ops.apo.cpu_bf16_gemm()
+    except Exception as exc:  # no native module, or a bad APO_KERNELS_CPU_BF16_GEMM
+        return f"unavailable ({type(exc).__name__})"
+
+
 HANDOFF_ROUNDS = 100_000  # ≈ 10–40 ms a probe
 
 
@@ -234,7 +242,7 @@ def env_info(device: torch.device) -> dict:
         extra = dict(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1))
     else:
         name = _cpu_name()
-        extra = dict(cpu_count=os.cpu_count(), cpu_gemm=_cpu_gemm_engine())
+        extra = dict(cpu_count=os.cpu_count(), cpu_gemm=_cpu_gemm_engine(), cpu_bf16_gemm=_cpu_bf16_gemm())
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:

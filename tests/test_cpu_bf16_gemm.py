@@ -1,0 +1,163 @@
+"""What the CPU op does with a bf16 layer (csrc/cpu_gemm.h): bf16 GEMM operands or fp32, rounded once.
+
+`auto` feeds bf16 operands to torch's GEMMs on CPUs with AMX-BF16 tiles, for a layer's forward from a
+cost of 128·128·256 up (the torch chain's accuracy, held to tests/_contract.py's HALF_OPERANDS rule);
+smaller layers, the backward, and every layer elsewhere are computed in fp32 and rounded once.
+APO_KERNELS_CPU_BF16_GEMM=bf16|fp32 forces either route on any CPU. Each route runs here in a
+subprocess, whatever this machine picks, against the float64 reference.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import apo_kernels  # noqa: F401  (registers torch.ops.apo.*)
+from conftest import ROOT
+
+ROUTES = ("bf16", "fp32")
+
+
+def _python(code, route, timeout=120):
+    env = dict(os.environ)
+    env["APO_KERNELS_CPU_BF16_GEMM"] = route
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _amx_bf16_here():
+    """Whether /proc/cpuinfo lists AMX-BF16 (None where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return "amx_bf16" in value.split()
+    return None
+
+
+def test_auto_takes_bf16_operands_exactly_where_the_cpu_has_amx_bf16():
+    amx = _amx_bf16_here()
+    if amx is None:
+        pytest.skip("no readable /proc/cpuinfo flags: nothing to compare cpuid's answer with")
+    done = _python("import torch, apo_kernels; print(torch.ops.apo.cpu_bf16_gemm())", "auto")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == ("bf16" if amx else "fp32")
+    assert torch.ops.apo.cpu_bf16_gemm() == ("bf16" if amx else "fp32") or "APO_KERNELS_CPU_BF16_GEMM" in os.environ
+
+
+def test_a_bad_route_is_a_value_error_naming_the_variable():
+    code = """
+import torch, apo_kernels
+G = torch.randn(256, 257).bfloat16()
+try:
+    torch.ops.apo.precondition(G, torch.eye(256).bfloat16(), torch.ones(256, 257).bfloat16(), torch.eye(257).bfloat16())
+except ValueError as e:
+    print("ValueError:", e)
+"""
+    done = _python(code, "fast")
+    assert done.returncode == 0, done.stderr
+    assert "ValueError:" in done.stdout and "APO_KERNELS_CPU_BF16_GEMM" in done.stdout and "'fast'" in done.stdout
+
+
+# Each layer's forward error and its torch chain's (in units of bf16's roundoff), for the single op
+# (2-D, batched, identity factors) and the grouped op, and the backward's worst ratio to its chain.
+_ERRORS = """
+import torch, apo_kernels
+from apo_kernels.ops import reference
+u = 2.0 ** -8
+gen = torch.Generator().manual_seed(3)
+def layer(m, n, batch=()):
+    G, S = torch.randn(*batch, m, n, generator=gen), torch.rand(*batch, m, n, generator=gen) + 0.5
+    A = torch.eye(m) + torch.randn(*batch, m, m, generator=gen) / m ** 0.5
+    B = torch.eye(n) + torch.randn(*batch, n, n, generator=gen) / n ** 0.5
+    return [t.bfloat16() for t in (G, A, S, B)]
+def err(out, want):
+    return ((out.double() - want).norm() / want.norm()).item() / u
+d = lambda t: None if t is None else t.double()
+cases = {"small 64x64": layer(64, 64), "big 256x257": layer(256, 257), "big 129x300 batched": layer(129, 300, (2,))}
+G, A, S, B = layer(300, 160)
+cases["big 300x160, A identity"] = [G, None, S, B]
+cases["big 160x300, B identity"] = [G.t().contiguous(), B, S.t().contiguous(), None]
+for name, (G, A, S, B) in cases.items():
+    y = torch.ops.apo.precondition(G, A, S, B)
+    want, chain = reference.precondition(d(G), d(A), d(S), d(B)), reference.precondition(G, A, S, B)
+    print("forward", name.replace(" ", "_"), err(y, want), err(chain, want))
+grouped = [layer(64, 64), layer(256, 257), layer(33, 20), layer(200, 150)]
+ys = torch.ops.apo.precondition_grouped(*[list(x) for x in zip(*grouped)])
+for (G, A, S, B), y in zip(grouped, ys):
+    want, chain = reference.precondition(d(G), d(A), d(S), d(B)), reference.precondition(G, A, S, B)
+    print("grouped", f"{G.shape[0]}x{G.shape[1]}", err(y, want), err(chain, want))
+G, A, S, B = layer(256, 257)
+dY = torch.randn(256, 257, generator=gen).bfloat16()
+outs = torch.ops.apo.precondition_backward(dY, G, A, S, B, [True] * 4)
+wants = reference.precondition_backward(d(dY), d(G), d(A), d(S), d(B), [True] * 4)
+chains = reference.precondition_backward(dY, G, A, S, B, [True] * 4)
+print("backward", max(err(o, w) / err(c, w) for o, w, c in zip(outs, wants, chains)))
+"""
+
+
+def _errors(route):
+    done = _python(_ERRORS, route, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["forward"], ["grouped"])]
+    forward = {f"{kind} {name}": (float(e), float(c)) for kind, name, e, c in rows}
+    backward = float(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("backward")))
+    return forward, backward
+
+
+def _is_big(name):
+    return "big" in name or any(s in name for s in ("256x257", "200x150"))
+
+
+def test_bf16_operands_give_the_chains_accuracy_on_big_layers_and_rounded_once_below():
+    """Forced bf16: a big layer's forward has the torch chain's error (bf16 operands, each product
+    rounded: k ≈ 1, within HALF_OPERANDS' 2×), so it is not the rounded-once result (≤ 0.8× the chain,
+    ≈ 0.5× here); a small layer's is; the backward stays rounded once."""
+    forward, backward = _errors("bf16")
+    for name, (e, chain) in forward.items():
+        if _is_big(name):
+            assert 0.9 * chain <= e <= 2.0 * chain, f"{name}: {e:.3f}u against the chain's {chain:.3f}u"
+        else:
+            assert e <= min(1.0, 0.8 * chain), f"{name}: {e:.3f}u, not rounded once (chain {chain:.3f}u)"
+    assert backward <= 0.8, f"backward at {backward:.2f}× its chain: not rounded once"
+
+
+def test_the_fp32_route_rounds_every_layer_once():
+    forward, backward = _errors("fp32")
+    for name, (e, chain) in forward.items():
+        assert e <= min(1.0, 0.8 * chain), f"{name}: {e:.3f}u, not rounded once (chain {chain:.3f}u)"
+    assert backward <= 0.8, f"backward at {backward:.2f}× its chain: not rounded once"
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_apo_precond_trains_a_bf16_model_on_either_route(route):
+    """Both routes through the optimizer's plain step (the fused momentum op) and its meta-steps: the
+    loss falls, and every parameter stays finite."""
+    code = """
+import torch, apo_kernels
+from torch import nn
+from apo_kernels.optim import APOPrecond
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(200, 256), nn.Tanh(), nn.Linear(256, 10)).bfloat16()
+x, y = torch.randn(128, 200).bfloat16(), torch.randint(0, 10, (128,))
+opt = APOPrecond(model, lr=0.05, meta_interval=5, meta_lr=0.01, lambda_fsd=0.0, lambda_wsd=0.0)
+def closure():
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    return loss
+first = closure().item()
+for _ in range(30):
+    last = opt.step(closure).item()
+print(torch.ops.apo.cpu_bf16_gemm(), first, last, all(p.isfinite().all().item() for p in model.parameters()))
+"""
+    done = _python(code, route, timeout=300)
+    assert done.returncode == 0, done.stderr
+    used, first, last, finite = done.stdout.split()[-4:]
+    assert used == route and finite == "True"
+    assert float(last) < 0.7 * float(first), done.stdout
