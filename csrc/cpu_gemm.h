@@ -80,13 +80,19 @@ inline unsigned amd_avx512_family() {
 
 constexpr unsigned kFullWidthFamily = 0x1A;  // Zen 5: 512-bit FMAs at full width
 
-// APO_KERNELS_CPU_GEMM, checked: auto, blas or onednn (set but empty: auto). A bad value is a
-// ValueError at the first fp32 call that would use it.
-inline std::string requested() {
-  const char* env = std::getenv("APO_KERNELS_CPU_GEMM");
+// An APO_KERNELS_CPU_* choice: "auto", `first` or `second` (unset or empty: auto). A bad value is a
+// ValueError naming the variable, at the first call that would use it.
+inline std::string env_choice(const char* name, const char* first, const char* second) {
+  const char* env = std::getenv(name);
   const std::string v = env && *env ? env : "auto";
-  TORCH_CHECK_VALUE(v == "auto" || v == "blas" || v == "onednn",
-                    "APO_KERNELS_CPU_GEMM must be auto, blas or onednn, got '", v, "'");
+  TORCH_CHECK_VALUE(v == "auto" || v == first || v == second, name, " must be auto, ", first, " or ", second,
+                    ", got '", v, "'");
+  return v;
+}
+
+// APO_KERNELS_CPU_GEMM, checked: auto, blas or onednn.
+inline std::string requested() {
+  const std::string v = env_choice("APO_KERNELS_CPU_GEMM", "blas", "onednn");
   TORCH_CHECK_VALUE(v != "onednn" || kHaveBrgemm,
                     "APO_KERNELS_CPU_GEMM=onednn: this torch exports no fp32 brgemm (at::native::cpublas)");
   return v;
@@ -139,10 +145,7 @@ inline bool has_amx_bf16() {
 }
 
 inline bool bf16_operands_chosen() {
-  const char* env = std::getenv("APO_KERNELS_CPU_BF16_GEMM");
-  const std::string v = env && *env ? env : "auto";
-  TORCH_CHECK_VALUE(v == "auto" || v == "bf16" || v == "fp32",
-                    "APO_KERNELS_CPU_BF16_GEMM must be auto, bf16 or fp32, got '", v, "'");
+  const std::string v = env_choice("APO_KERNELS_CPU_BF16_GEMM", "bf16", "fp32");
   return v == "auto" ? has_amx_bf16() : v == "bf16";
 }
 

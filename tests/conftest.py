@@ -7,6 +7,8 @@ torch does not import triton.)
 """
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +42,35 @@ def load_script(path, name: str):
 def load_python_script(name: str):
     """``python/<name>.py`` imported as a module, without running its ``main``."""
     return load_script(python_script(name), name)
+
+
+def env_with(name: str, value: str) -> dict:
+    """This process's environment with ``name`` set to ``value``."""
+    env = dict(os.environ)
+    env[name] = value
+    return env
+
+
+def run_python(code: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -c code`` in the repository under ``env``, its output captured as text (for choices a
+    process makes once, at its first use, from its environment)."""
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def cpuinfo_fields():
+    """The first processor's fields in /proc/cpuinfo (vendor_id, cpu family, flags, …), or None where
+    it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def backend_skip_reason(backend: str, device_type: str = "cpu"):

@@ -7,43 +7,25 @@ APO_KERNELS_CPU_BF16_GEMM=bf16|fp32 forces either route on any CPU. Each route r
 subprocess, whatever this machine picks, against the float64 reference.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import apo_kernels  # noqa: F401  (registers torch.ops.apo.*)
-from conftest import ROOT
+from conftest import cpuinfo_fields, env_with, run_python
 
 ROUTES = ("bf16", "fp32")
 
 
 def _python(code, route, timeout=120):
-    env = dict(os.environ)
-    env["APO_KERNELS_CPU_BF16_GEMM"] = route
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _amx_bf16_here():
-    """Whether /proc/cpuinfo lists AMX-BF16 (None where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return "amx_bf16" in value.split()
-    return None
+    return run_python(code, env_with("APO_KERNELS_CPU_BF16_GEMM", route), timeout)
 
 
 def test_auto_takes_bf16_operands_exactly_where_the_cpu_has_amx_bf16():
-    amx = _amx_bf16_here()
-    if amx is None:
+    fields = cpuinfo_fields()
+    if fields is None or "flags" not in fields:
         pytest.skip("no readable /proc/cpuinfo flags: nothing to compare cpuid's answer with")
+    amx = "amx_bf16" in fields["flags"].split()
     done = _python("import torch, apo_kernels; print(torch.ops.apo.cpu_bf16_gemm())", "auto")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == ("bf16" if amx else "fp32")
@@ -87,11 +69,12 @@ for name, (G, A, S, B) in cases.items():
     y = torch.ops.apo.precondition(G, A, S, B)
     want, chain = reference.precondition(d(G), d(A), d(S), d(B)), reference.precondition(G, A, S, B)
     print("forward", name.replace(" ", "_"), err(y, want), err(chain, want))
-grouped = [layer(64, 64), layer(256, 257), layer(33, 20), layer(200, 150)]
-ys = torch.ops.apo.precondition_grouped(*[list(x) for x in zip(*grouped)])
-for (G, A, S, B), y in zip(grouped, ys):
+grouped = {"small_64x64": layer(64, 64), "big_256x257": layer(256, 257), "small_33x20": layer(33, 20),
+           "big_200x150": layer(200, 150)}
+ys = torch.ops.apo.precondition_grouped(*[list(x) for x in zip(*grouped.values())])
+for (name, (G, A, S, B)), y in zip(grouped.items(), ys):
     want, chain = reference.precondition(d(G), d(A), d(S), d(B)), reference.precondition(G, A, S, B)
-    print("grouped", f"{G.shape[0]}x{G.shape[1]}", err(y, want), err(chain, want))
+    print("grouped", name, err(y, want), err(chain, want))
 G, A, S, B = layer(256, 257)
 dY = torch.randn(256, 257, generator=gen).bfloat16()
 outs = torch.ops.apo.precondition_backward(dY, G, A, S, B, [True] * 4)
@@ -110,17 +93,13 @@ def _errors(route):
     return forward, backward
 
 
-def _is_big(name):
-    return "big" in name or any(s in name for s in ("256x257", "200x150"))
-
-
 def test_bf16_operands_give_the_chains_accuracy_on_big_layers_and_rounded_once_below():
     """Forced bf16: a big layer's forward has the torch chain's error (bf16 operands, each product
     rounded: k ≈ 1, within HALF_OPERANDS' 2×), so it is not the rounded-once result (≤ 0.8× the chain,
     ≈ 0.5× here); a small layer's is; the backward stays rounded once."""
     forward, backward = _errors("bf16")
     for name, (e, chain) in forward.items():
-        if _is_big(name):
+        if "big" in name:
             assert 0.9 * chain <= e <= 2.0 * chain, f"{name}: {e:.3f}u against the chain's {chain:.3f}u"
         else:
             assert e <= min(1.0, 0.8 * chain), f"{name}: {e:.3f}u, not rounded once (chain {chain:.3f}u)"

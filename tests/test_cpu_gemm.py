@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import apo_kernels  # noqa: F401  (registers torch.ops.apo.*)
-from conftest import ROOT
+from conftest import ROOT, cpuinfo_fields, env_with, run_python
 
 ENGINES = ("blas", "onednn")
 # The suites that run every direct-path route (small, row-blocked, grouped, the momentum step, the
@@ -25,29 +25,18 @@ DIRECT_PATH_SUITES = ["tests/test_cpu_schedule.py", "tests/test_momentum_op.py",
 
 
 def _env(engine):
-    env = dict(os.environ)
-    env["APO_KERNELS_CPU_GEMM"] = engine
-    return env
+    return env_with("APO_KERNELS_CPU_GEMM", engine)
 
 
 def _python(code, engine, timeout=120):
-    return subprocess.run([sys.executable, "-c", code], env=_env(engine), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_python(code, _env(engine), timeout)
 
 
 def _auto_here():
     """What csrc/cpu_gemm.h's rule picks, as cpu_gemm_engine() reports it, read from /proc/cpuinfo:
     AuthenticAMD with avx512f takes oneDNN, with big layers on it from family 0x1A."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    if not {"vendor_id", "cpu family", "flags"} <= fields.keys():
+    fields = cpuinfo_fields()
+    if fields is None or not {"vendor_id", "cpu family", "flags"} <= fields.keys():
         return None
     if fields["vendor_id"] != "AuthenticAMD" or "avx512f" not in fields["flags"].split():
         return "blas"

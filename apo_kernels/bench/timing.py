@@ -189,20 +189,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_gemm_engine() -> str:
-    """The GEMM engine of the CPU op's fp32 direct path in this process (blas, onednn, or onednn with big
-    layers on torch's matmul)."""
+def _cpu_op_report(name: str) -> str:
+    """A choice the CPU op made for this process, as ``torch.ops.apo.<name>()`` reports it: the GEMM
+    engine of its fp32 direct path (``cpu_gemm_engine``), what its forward does with big bf16 layers
+    (``cpu_bf16_gemm``)."""
     try:
-        return torch.ops.apo.cpu_gemm_engine()
-    except Exception as exc:  # no native module, or a bad APO_KERNELS_CPU_GEMM
-        return f"unavailable ({type(exc).__name__})"
-
-
-def _cpu_bf16_gemm() -> str:
-    """What the CPU op's forward does with big bf16 layers in this process: bf16 GEMM operands or fp32."""
-    try:
-        return torch.ops.apo.cpu_bf16_gemm()
-    except Exception as exc:  # no native module, or a bad APO_KERNELS_CPU_BF16_GEMM
+        return getattr(torch.ops.apo, name)()
+    except Exception as exc:  # no native module, or a bad APO_KERNELS_CPU_* value
         return f"unavailable ({type(exc).__name__})"
 
 
@@ -242,7 +235,8 @@ def env_info(device: torch.device) -> dict:
         extra = dict(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1))
     else:
         name = _cpu_name()
-        extra = dict(cpu_count=os.cpu_count(), cpu_gemm=_cpu_gemm_engine(), cpu_bf16_gemm=_cpu_bf16_gemm())
+        extra = dict(cpu_count=os.cpu_count(), cpu_gemm=_cpu_op_report("cpu_gemm_engine"),
+                     cpu_bf16_gemm=_cpu_op_report("cpu_bf16_gemm"))
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
