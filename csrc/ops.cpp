@@ -1267,13 +1267,36 @@ bool finite_contiguous(const T* p, int64_t n, int64_t grain) {
   return ok.load();
 }
 
+// bf16 and fp16: a value is not finite exactly when its exponent bits are all ones (`exponent`, the
+// mask of those bits), read as integers. Blocks of 4096 values, each one vectorized loop with no exit,
+// then a look at its result: a bad value stops the thread's share at the end of its block. ATen's
+// isfinite(t).all() took 4.3 ms on a bf16 MLP's 2.4 M gradients (four passes and two temporaries).
+bool finite_half_contiguous(const uint16_t* p, int64_t n, uint16_t exponent, int64_t grain) {
+  constexpr int64_t kBlock = 4096;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end && ok.load(std::memory_order_relaxed); b += kBlock) {
+      const int64_t stop = std::min(end, b + kBlock);
+      uint16_t bad = 0;
+      for (int64_t i = b; i < stop; ++i) bad |= static_cast<uint16_t>((p[i] & exponent) == exponent);
+      if (bad) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
+}
+
 // grain: elements one thread reads before the check is split (a pass that follows over the same
-// elements with the same grain finds each share in the cache of the thread that checked it).
+// elements with the same grain finds each share in the cache of the thread that checked it; a
+// half-precision tensor is split at the same bytes, twice the elements).
 bool finite_cpu(const Tensor& t, int64_t grain = kFiniteGrain) {
   if (!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type())) return true;
   if (t.numel() == 0) return true;
   if (t.is_contiguous() && t.scalar_type() == at::kFloat) return finite_contiguous(t.const_data_ptr<float>(), t.numel(), grain);
   if (t.is_contiguous() && t.scalar_type() == at::kDouble) return finite_contiguous(t.const_data_ptr<double>(), t.numel(), grain);
+  if (t.is_contiguous() && (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf)) {
+    const uint16_t exponent = t.scalar_type() == at::kBFloat16 ? 0x7F80 : 0x7C00;
+    return finite_half_contiguous(static_cast<const uint16_t*>(t.const_data_ptr()), t.numel(), exponent, 2 * grain);
+  }
   return at::isfinite(t).all().item<bool>();
 }
 

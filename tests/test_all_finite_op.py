@@ -3,7 +3,8 @@ bool tensor on their device; the optimizers' per-step guard (``apo_kernels._nume
 
 Oracle: ``torch.isfinite(t).all()`` per tensor. Exact (a yes/no answer, no tolerance). The inputs
 cover what the CPU kernel treats differently: contiguous float32 / float64 (the integer exponent
-test, split over threads above 2^18 elements), every other floating and complex dtype and every
+test, split over threads above 3·2^15 elements), contiguous bfloat16 / float16 (their exponent bits,
+split above twice as many elements: the same bytes), every other floating and complex dtype and every
 strided view (ATen's isfinite), integer and bool tensors (always finite), empty tensors and lists.
 A NaN, +inf or -inf goes to a random position, the last element included (the tail after the last
 whole SIMD vector).
@@ -58,10 +59,10 @@ def test_matches_isfinite_with_one_bad_value_anywhere(dtype, shape):
                 assert bool(op([u] + others)) is False
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [GRAIN, GRAIN + 1, BIG])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [GRAIN, GRAIN + 1, 2 * GRAIN + 1, BIG])
 def test_large_tensor_threaded_path(dtype, n):
-    t = torch.randn(n, dtype=dtype)
+    t = torch.randn(n).to(dtype)
     assert bool(op([t])) is True
     half = (n + 1) // 2  # where two threads' shares meet
     # first; where the two threads' shares meet; either side of 2^18 elements; last

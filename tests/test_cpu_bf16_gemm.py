@@ -140,3 +140,96 @@ print(torch.ops.apo.cpu_bf16_gemm(), first, last, all(p.isfinite().all().item() 
     used, first, last, finite = done.stdout.split()[-4:]
     assert used == route and finite == "True"
     assert float(last) < 0.7 * float(first), done.stdout
+
+
+# APOPrecond on a bf16 model: which operands each call of the op takes. The update's calls are recorded
+# (the grouped op for the full structure, apo::kron_precondition for kron) with their dtypes, and on
+# bf16 operands whether they are φ of that moment rounded to bf16 (a stale image after a meta-step
+# would not be). The lookahead's calls, on a meta-step, come before the update's in the same step.
+_UPDATE_OPERANDS = """
+import torch, apo_kernels
+from torch import nn
+from apo_kernels.optim import APOPrecond, preconditioners
+from apo_kernels.ops import backends
+torch.manual_seed(0)
+structure = "STRUCTURE"
+model = nn.Sequential(nn.Linear(200, 256), nn.Tanh(), nn.Linear(256, 10)).bfloat16()
+x, y = torch.randn(128, 200).bfloat16(), torch.randint(0, 10, (128,))
+opt = APOPrecond(model, lr=0.05, meta_interval=3, meta_lr=0.05, lambda_fsd=0.0, lambda_wsd=0.0, structure=structure)
+calls = []
+if structure == "full":
+    grouped = preconditioners._grouped
+    def spy(grads, As, Ss, Bs, backend, checked):
+        calls.append((grads[0].dtype, [t.clone() for t in As], [t.clone() for t in Ss], [t.clone() for t in Bs]))
+        return grouped(grads, As, Ss, Bs, backend, checked)
+    preconditioners._grouped = spy
+else:
+    kron = backends.native_kron_precondition
+    def spy(G, L, R, out):
+        calls.append((G.dtype, [L.clone()], [], [R.clone()]))
+        return kron(G, L, R, out)
+    backends.native_kron_precondition = spy
+def closure():
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    return loss
+def phi_now():  # per layer: (left factors, S², right factors) of this moment, float32
+    out = []
+    for layer in opt.layers:
+        pc = layer.precond
+        if structure == "full":
+            out.append((pc.A, [pc.S2()], pc.B))
+        else:
+            L, R = pc.factors()
+            out.append((L, [], R))
+    return out
+for step in range(7):
+    before = len(calls)
+    opt.step(closure)
+    update = calls[before:][-len(opt.layers):] if structure == "kron" else calls[-1:]
+    lookahead = calls[before:len(calls) - len(update)]
+    meta = step % 3 == 0
+    phi = phi_now()
+    if structure == "full":  # one grouped call: the layers' tiles in order
+        want = [sum((list(p[k]) for p in phi), []) for k in range(3)]
+        got = [update[0][1], update[0][2], update[0][3]]
+    else:
+        want = [sum((list(p[k]) for p in phi), []) for k in range(3)]
+        got = [sum((c[k + 1] for c in update), []) for k in range(3)]
+    dtypes = {c[0] for c in update}
+    image = all(torch.equal(g, w.to(g.dtype)) for gs, ws in zip(got, want) for g, w in zip(gs, ws))
+    print("step", step, meta, *sorted(str(d) for d in dtypes), image, *sorted({str(c[0]) for c in lookahead}))
+print("meta_steps", opt.meta_steps, torch.ops.apo.cpu_bf16_gemm())
+"""
+
+
+@pytest.mark.parametrize("structure", ("full", "kron"))
+@pytest.mark.parametrize("route", ROUTES)
+def test_apo_precond_updates_a_bf16_model_on_phis_bf16_image_where_the_op_takes_bf16_operands(route, structure):
+    """On the bf16 route the update of a bf16 layer takes bf16 G and φ rounded to bf16, φ of that very
+    step (the image follows every meta-step); the lookahead of a meta-step keeps φ's float32, and on the
+    fp32 route every call does."""
+    done = _python(_UPDATE_OPERANDS.replace("STRUCTURE", structure), route, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("step")]
+    *_, meta_steps, used = done.stdout.split()
+    assert used == route and int(meta_steps) == 3 and len(rows) == 7
+    want = "torch.bfloat16" if route == "bf16" else "torch.float32"
+    for _, step, meta, dtype, image, *lookahead in rows:
+        assert dtype == want, (step, dtype)
+        assert image == "True", f"step {step}: the update's operands are not φ of this step"
+        assert lookahead == (["torch.float32"] if meta == "True" else []), (step, lookahead)
+
+
+def test_half_operands_pay_only_for_bf16_on_the_cpu_backend_where_it_takes_bf16_gemms():
+    from apo_kernels.ops import backends
+
+    cpu = torch.device("cpu")
+    route = torch.ops.apo.cpu_bf16_gemm() == "bf16"
+    assert backends.half_operands_pay("auto", cpu, torch.bfloat16) is route
+    assert backends.half_operands_pay("cpu", cpu, torch.bfloat16) is route
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        assert backends.half_operands_pay("cpu", cpu, dtype) is False
+    assert backends.half_operands_pay("reference", cpu, torch.bfloat16) is False
+    assert backends.half_operands_pay("reference", torch.device("meta"), torch.bfloat16) is False

@@ -31,7 +31,7 @@ from .library import OpFamily, library_family
 
 __all__ = [
     "Backend", "OpFamily", "register", "unregister", "registered", "get", "names", "backends",
-    "usable", "check_name", "resolve", "BACKEND_ENV",
+    "usable", "check_name", "resolve", "half_operands_pay", "BACKEND_ENV",
 ]
 
 BACKEND_ENV = "APO_KERNELS_BACKEND"
@@ -157,6 +157,24 @@ def resolve(backend: str, device: torch.device) -> Backend:
             f"backend={backend!r} runs on {'/'.join(chosen.devices)} tensors here, but the inputs are on {device}"
         )
     return chosen
+
+
+_cpu_bf16_gemms: Optional[bool] = None  # the native module's choice, made once per process (csrc/cpu_gemm.h)
+
+
+def half_operands_pay(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the op, called through ``backend`` on ``dtype`` tensors of ``device``, multiplies a big
+    layer's operands in ``dtype`` (each product rounded to it, sums in float32) and so runs faster
+    than on float32 tensors: the cpu backend on bf16 where its forward takes bf16 GEMMs
+    (``torch.ops.apo.cpu_bf16_gemm() == "bf16"``, a CPU with AMX-BF16 unless forced). An optimizer that
+    keeps φ in float32 for a bf16 model then runs its update on a bf16 image of φ. False elsewhere,
+    the CUDA kernels included: their half-precision speed is not measured."""
+    global _cpu_bf16_gemms
+    if dtype != torch.bfloat16 or device.type != "cpu" or resolve(backend, device).name != "cpu":
+        return False
+    if _cpu_bf16_gemms is None:
+        _cpu_bf16_gemms = torch.ops.apo.cpu_bf16_gemm() == "bf16"
+    return _cpu_bf16_gemms
 
 
 # --------------------------------------------------------------------------------------------

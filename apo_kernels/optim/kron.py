@@ -86,6 +86,7 @@ class KronPreconditioner(StructuredPreconditioner):
         self._cache_key: Optional[tuple] = None
         self._L: list[Optional[Tensor]] = []
         self._R: list[Optional[Tensor]] = []
+        self._images: dict[torch.dtype, tuple[list, list]] = {}  # L and R rounded to a dtype, with them
 
     # ---- φ ------------------------------------------------------------------------------
     def u(self) -> Tensor:
@@ -109,12 +110,13 @@ class KronPreconditioner(StructuredPreconditioner):
         return self.A + [self.su, self.sv] + self.B
 
     # ---- the cached factors ----------------------------------------------------------------
-    def factors(self) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+    def factors(self, dtype: Optional[torch.dtype] = None) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         """(L blocks, R blocks) at the current φ; None for a fixed side (L = diag(u) there).
 
         Rebuilt only when a tensor of φ was written since the last call (its version counter
         moved: a meta-optimizer step, a recovery's scale_s2, load_state_dict, an in-place edit
-        of ``parameters()``); otherwise the cached blocks are returned.
+        of ``parameters()``); otherwise the cached blocks are returned. ``dtype``: the blocks
+        rounded to it, cast once per rebuild (the update of a half-precision model).
         """
         key = tuple(t._version for t in self.parameters())
         if key != self._cache_key:
@@ -125,13 +127,18 @@ class KronPreconditioner(StructuredPreconditioner):
                 self._R = [(b * v[c0:c1]) @ b.T for b, (c0, c1) in zip(self.B, self.col_blocks)] or \
                     [None] * len(self.col_blocks)
             self._cache_key = key
-        return self._L, self._R
+            self._images = {}
+        if dtype is None or dtype == self.su.dtype:
+            return self._L, self._R
+        if dtype not in self._images:
+            self._images[dtype] = tuple([None if f is None else f.to(dtype) for f in fs] for fs in (self._L, self._R))
+        return self._images[dtype]
 
     # ---- the step ---------------------------------------------------------------------------
     def _left(self, X: Tensor, Ls: list[Optional[Tensor]], out: Optional[Tensor] = None) -> Tensor:
         """L·X (m, n): per row block, or a row scaling by u for a fixed left side."""
         if Ls[0] is None:
-            return torch.mul(X, self.u()[:, None], out=out)
+            return torch.mul(X, self.u()[:, None].to(X.dtype), out=out)
         if len(Ls) == 1:
             return torch.mm(Ls[0], X, out=out)
         return torch.cat([L @ X[r0:r1] for L, (r0, r1) in zip(Ls, self.row_blocks)], dim=0)
@@ -139,7 +146,7 @@ class KronPreconditioner(StructuredPreconditioner):
     def _right(self, X: Tensor, Rs: list[Optional[Tensor]], out: Optional[Tensor] = None) -> Tensor:
         """X·R (m, n): per column block, or a column scaling by v for a fixed right side."""
         if Rs[0] is None:
-            return torch.mul(X, self.v(), out=out)
+            return torch.mul(X, self.v().to(X.dtype), out=out)
         if len(Rs) == 1:
             return torch.mm(X, Rs[0], out=out)
         return torch.cat([X[:, c0:c1] @ R for R, (c0, c1) in zip(Rs, self.col_blocks)], dim=1)
@@ -154,7 +161,7 @@ class KronPreconditioner(StructuredPreconditioner):
 
     @torch.no_grad()
     def apply(self, G: Tensor, *, backend: str = "auto", out: Optional[Tensor] = None,
-              work: Optional[Tensor] = None) -> Tensor:
+              work: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
         """Y = L·G·R, shape (m, n): 2 GEMMs (per block) with the cached L and R; a fixed side is
         a row (column) scaling by u (v). With at most one block per side (``native_step``), one call
         of ``apo::kron_precondition`` (on CPU the op's GEMM engine, blocks of rows over the threads;
@@ -164,8 +171,11 @@ class KronPreconditioner(StructuredPreconditioner):
         ``out``, ``work``: (m, n) tensors in G's dtype for Y and for the intermediate L·G, instead
         of fresh ones; Y is then ``out`` (``work`` serves the matmul route; the native op keeps a
         block of rows' intermediate of its own). A blocked layout assembles fresh tensors whatever
-        is passed."""
-        Ls, Rs = self.factors()
+        is passed. ``dtype``: on G, L and R rounded to it (``factors``), Y in it; ``out`` and
+        ``work`` must then be in it too."""
+        if dtype is not None:
+            G = G.to(dtype)
+        Ls, Rs = self.factors(G.dtype)
         if self.native_step:
             out = torch.empty_like(G) if out is None else out
             backends.native_kron_precondition(G, Ls[0], Rs[0], out)  # None: an identity side

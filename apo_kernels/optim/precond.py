@@ -40,7 +40,7 @@ from .. import distributed
 from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_finite
 from .._step_hooks import step_with_hooks, warn_at_caller
 from ..layers import Layer, LayerView, find_layers
-from ..ops import resolve_backend
+from ..ops import backends, resolve_backend
 from ._core import (APOCore, _Plan, check_common_args, check_state_finite, momentum_catch_up,
                     with_load_state_dict_hooks, with_state_dict_hooks)
 from .kron import KronPreconditioner
@@ -610,27 +610,50 @@ class APOPrecond(APOCore):
                                                torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
                                                for p in layer.params]))
 
-    def _directions(self, plan) -> tuple[list[Tensor], list[Tensor]]:
+    def _half_operands(self, layers: list[_Layer]) -> dict[int, torch.dtype]:
+        """Layer index -> the half-precision dtype the update multiplies that layer's operands in: its
+        parameters' dtype where they are all bf16 and the op runs bf16 operands faster than φ's float32
+        (``backends.half_operands_pay``: the CPU op on AMX), on one process (not sharded). The update
+        then takes G and φ's cached bf16 image, rounded as torch's bf16 chain rounds (the rule a bf16
+        layer's forward of the op keeps there); the lookahead keeps φ's dtype, so the meta-gradient is
+        the exact op's."""
+        out = {}
+        for layer in layers:
+            dtype = layer.weight.dtype
+            if (dtype != self.phi_dtype and self._shards is None and all(p.dtype == dtype for p in layer.params)
+                    and backends.half_operands_pay(self.backend, layer.weight.device, dtype)):
+                out[layer.index] = dtype
+        return out
+
+    def _directions(self, plan, update: bool = False) -> tuple[list[Tensor], list[Tensor]]:
         """(Y(φ) per parameter of ``plan.params``: the preconditioned step at the current φ (lr folded
         into S); the tensors that hold them, each layer's whole Y, to be checked at once). Fresh
         tensors (the op's results) or views of them, except where this step's buffers hold a
         directions copy (the kron structure, the fused momentum step): there Y overwrites the
-        previous step's."""
+        previous step's. ``update``: for the update of θ (not a lookahead), in half precision where
+        ``_half_operands`` says so."""
         mb = plan.buffers if plan.buffers is not None and len(plan.buffers.flat) > plan.buffers.DIRECTIONS else None
+        half = self._half_operands(plan.layers) if update else {}
         # Ys the fused momentum step formed at the φ of ``_prepare`` (and checked): used once, by the
         # first call (a meta-step's lookahead, or the update); any later one (a retry after φ
         # shrank, the update after a meta-step) forms every Y again
         ready, plan.ready, plan.ready_finite = plan.ready or {}, None, True
         if self.structure == "kron":  # L·G·R with the cached factors: 2 GEMMs, no op call
-            Ys = [l.precond.apply(G) if mb is None else
+            Ys = [l.precond.apply(G, dtype=half[l.index]) if l.index in half else
+                  l.precond.apply(G) if mb is None else
                   l.precond.apply(G, out=mb.mats[mb.DIRECTIONS][l.index], work=mb.work_for(G.shape))
                   for l, G in zip(plan.layers, plan.Gs)]
         else:
-            # G is built here in φ's dtype and device with each layer's shape: the op directly
+            # G is built here in φ's dtype and device with each layer's shape: the op directly, one
+            # grouped call per operand dtype (φ's, and a half-precision image of φ where ``half`` says)
             todo = [(l, G) for l, G in zip(plan.layers, plan.Gs) if l.index not in ready]
-            done = iter(precondition_many([l.precond for l, _ in todo], [G for _, G in todo], backend=self.backend,
-                                          checked=True))
-            Ys = [ready[l.index] if l.index in ready else next(done) for l in plan.layers]
+            formed = {}
+            for dtype in dict.fromkeys(half.get(l.index) for l, _ in todo):
+                batch = [(l, G) for l, G in todo if half.get(l.index) == dtype]
+                formed.update(zip([l.index for l, _ in batch], precondition_many(
+                    [l.precond for l, _ in batch], [G for _, G in batch], backend=self.backend, checked=True,
+                    operand_dtype=dtype)))
+            Ys = [ready[l.index] if l.index in ready else formed[l.index] for l in plan.layers]
         parts = [y for layer, Y in zip(plan.layers, Ys) for y in layer.split(Y)]
         diags = [d.apply(plan.v_of[id(p)], out=None if mb is None else mb.views[mb.DIRECTIONS][self._index[id(p)]])
                  for p, d in plan.diags]
@@ -679,7 +702,7 @@ class APOPrecond(APOCore):
             # them and no meta-step's lookahead took them first)
             carries = bool(self._carried_layers) and plan.ready is not None and all(
                 layer.index in plan.ready for layer in self._carried_layers)
-            (steps, whole), scale = self._directions(plan), self.update_scale * self.schedule_factor()
+            (steps, whole), scale = self._directions(plan, update=True), self.update_scale * self.schedule_factor()
         if not (fused_finite and all_finite_scratch(whole)):  # this step's own tensors (v: the spare buffer)
             return False
         params = plan.params

@@ -124,6 +124,7 @@ class StructuredPreconditioner:
         self._init_factors(m, n, max_dim, learn_left, learn_right, s_param, dtype, device)
         self.S = _init_s(self.shape, init_s, s_param, dtype, device)
         self._s2_cache: tuple[int, Optional[Tensor]] = (-1, None)
+        self._image_cache: tuple = ((), None)
 
     def _init_factors(self, m, n, max_dim, learn_left, learn_right, s_param, dtype, device) -> None:
         """Shape, blocks and identity-initialized A/B blocks (shared with the kron structure)."""
@@ -167,13 +168,27 @@ class StructuredPreconditioner:
             return [X]
         return [X[r0:r1, c0:c1] for r0, r1 in self.row_blocks for c0, c1 in self.col_blocks]
 
-    def op_inputs(self, G: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    def _image(self, dtype: torch.dtype) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """(A blocks, S², B blocks) rounded to ``dtype``, cast again only when a tensor of φ was written
+        (version counters, as ``_op_S2``): the operands of an update in half precision, which reads
+        them every step while φ changes every meta_interval steps."""
+        key = (dtype, *((id(t), t._version) for t in self.parameters()))
+        if key != self._image_cache[0]:
+            with torch.no_grad():
+                image = ([a.to(dtype) for a in self.A], self._op_S2().to(dtype), [b.to(dtype) for b in self.B])
+            self._image_cache = (key, image)
+        return self._image_cache[1]
+
+    def op_inputs(self, G: Tensor, dtype: Optional[torch.dtype] = None
+                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """(grads, As, S²s, Bs) tile lists for the grouped op, for the (m, n) matrix G; None for a
-        fixed side (identity)."""
+        fixed side (identity). ``dtype``: A, S² and B from their image in that dtype (``_image``),
+        for a G of that dtype."""
+        A, S2, B = (self.A, self._op_S2(), self.B) if dtype is None else self._image(dtype)
         nr, nc = len(self.row_blocks), len(self.col_blocks)
-        As = [self.A[k // nc] if self.learn_left else None for k in range(nr * nc)]
-        Bs = [self.B[k % nc] if self.learn_right else None for k in range(nr * nc)]
-        return self.tiles(G), As, self.tiles(self._op_S2()), Bs
+        As = [A[k // nc] if self.learn_left else None for k in range(nr * nc)]
+        Bs = [B[k % nc] if self.learn_right else None for k in range(nr * nc)]
+        return self.tiles(G), As, self.tiles(S2), Bs
 
     def assemble(self, tiles: Sequence[Tensor]) -> Tensor:
         """Inverse of ``tiles``: the (m, n) matrix from its tiles."""
@@ -199,9 +214,10 @@ class StructuredPreconditioner:
         _add_grad(self.S, dS, owned=True)
 
     @torch.no_grad()
-    def apply(self, G: Tensor, *, backend: str = "auto") -> Tensor:
-        """Y = A·(S²⊙(AᵀGB))·Bᵀ, shape (m, n) (one grouped op call over the tiles)."""
-        return precondition_many([self], [G], backend=backend)[0]
+    def apply(self, G: Tensor, *, backend: str = "auto", dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Y = A·(S²⊙(AᵀGB))·Bᵀ, shape (m, n) (one grouped op call over the tiles); ``dtype``: on G and
+        φ rounded to it (``precondition_many``'s ``operand_dtype``)."""
+        return precondition_many([self], [G], backend=backend, operand_dtype=dtype)[0]
 
     @torch.no_grad()
     def meta_backward(self, dY: Tensor, G: Tensor, *, backend: str = "auto") -> None:
@@ -231,6 +247,7 @@ class DiagonalPreconditioner:
         self.shape, self.s_param = tuple(shape), s_param
         self.S = _init_s(self.shape, init_s, s_param, dtype, device)
         self._s2_cache: tuple[int, Optional[Tensor]] = (-1, None)
+        self._image_cache: tuple = ((), None)
 
     def S2(self) -> Tensor:
         return _s2(self.S, self.s_param)
@@ -279,7 +296,7 @@ def _grouped_backward(grad_outs, grads, As, Ss, Bs, mask, backend: str, checked:
 @torch.no_grad()
 def precondition_many(
     preconds: Sequence[StructuredPreconditioner], Gs: Sequence[Tensor], *, backend: str = "auto",
-    checked: bool = False,
+    checked: bool = False, operand_dtype: Optional[torch.dtype] = None,
 ) -> list[Tensor]:
     """Y_i = preconds[i] applied to Gs[i] (m_i, n_i), all tiles of all layers in ONE grouped call.
 
@@ -287,15 +304,18 @@ def precondition_many(
     ``checked=True``: the caller guarantees each G has its preconditioner's shape, φ's dtype and
     device (an optimizer building G itself): the registered op is called directly, without the
     public function's Python checks and autograd layer (the kernels still check their inputs).
+    ``operand_dtype``: the op runs on G and φ rounded to it (φ's cached image) and Y is in it.
     """
     out: list[Optional[Tensor]] = [None] * len(preconds)
+    if operand_dtype is not None:
+        Gs = [G.to(operand_dtype) for G in Gs]
     by_op = []
     for i, (pc, G) in enumerate(zip(preconds, Gs)):
         if pc.uses_op:
             by_op.append(i)
         else:
-            out[i] = pc.apply(G, backend=backend)
-    grads, As, Ss, Bs, counts = _op_inputs_many([preconds[i] for i in by_op], [Gs[i] for i in by_op])
+            out[i] = pc.apply(G, backend=backend, dtype=operand_dtype)
+    grads, As, Ss, Bs, counts = _op_inputs_many([preconds[i] for i in by_op], [Gs[i] for i in by_op], operand_dtype)
     if grads:
         Ys, k = _grouped(grads, As, Ss, Bs, backend, checked), 0
         for i, c in zip(by_op, counts):
@@ -352,11 +372,12 @@ def _column_split_tiles(pc: "StructuredPreconditioner", g: Tensor, b: Optional[T
     return g_tiles, b_tiles
 
 
-def _op_inputs_many(preconds, Gs) -> tuple[list, list, list, list, list[int]]:
-    """The op's tiles of every layer, concatenated for one grouped call, and each layer's tile count."""
+def _op_inputs_many(preconds, Gs, dtype: Optional[torch.dtype] = None) -> tuple[list, list, list, list, list[int]]:
+    """The op's tiles of every layer, concatenated for one grouped call, and each layer's tile count
+    (φ's image in ``dtype`` where given)."""
     grads, As, Ss, Bs, counts = [], [], [], [], []
     for pc, G in zip(preconds, Gs):
-        g, a, s, b = pc.op_inputs(G)
+        g, a, s, b = pc.op_inputs(G, dtype)
         grads += g
         As += a
         Ss += s
