@@ -581,6 +581,25 @@ def test_precond_plain_step_measure_reports_every_variant():
     assert [float(r) for name, _, r in rows if name.startswith("SGD")] == [1.0, 1.0]
 
 
+def test_bf16_model_step_measure_reports_every_variant_and_both_updates_train():
+    # python/measure_bf16_model_step.py: the A/B of φ's bf16 image the README's log quotes (its time
+    # rows, and its quality rows in a short run)
+    script = python_script("measure_bf16_model_step")
+    proc = subprocess.run([sys.executable, script, "--width", "64", "--repeats", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+) ms\s+([0-9.]+)× SGD$", proc.stdout, re.M)
+    assert [name for name, _, _ in rows] == ["SGD+momentum"] + [
+        f"APO-Precond {s}, {phi}" for s in ("full", "kron") for phi in ("φ's bf16 image", "float32 φ")], proc.stdout
+    assert all(float(t) > 0 for _, t, _ in rows) and float(rows[0][2]) == 1.0
+    pytest.importorskip("mnist1d", reason="the quality run trains on MNIST-1D (the paper extra)")
+    proc = subprocess.run([sys.executable, script, "--quality", "--seeds", "1", "--steps", "30", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accs = re.findall(r"test acc ([0-9.]+) ±", proc.stdout)
+    assert len(accs) == 2 and all(10.0 < float(a) <= 100.0 for a in accs), proc.stdout
+
+
 def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
     # python/measure_meta_overhead.py --meta-step-parts: every piece is reported, and with "the rest"
     # the closures and APO's own pieces add up to the meta-step (the FSD term is inside a closure)

@@ -261,7 +261,9 @@ class APOPrecond(APOCore):
     ``apo_kernels.optim._core``). No state aliases ``.grad``.
 
     Per-layer statistics: ``preconditioner_stats()``. φ is float32 (float64 for a float64 model)
-    whatever the model's dtype; the momentum buffer has φ's dtype. The momentum buffers are views of
+    whatever the model's dtype; the momentum buffer has φ's dtype. The update of a bf16 layer runs on
+    bf16 operands (its G and a bf16 image of φ, cast after each change of φ) where the op is faster so
+    (``backends.half_operands_pay``: the CPU op on AMX-BF16), one process; the lookahead keeps φ's dtype. The momentum buffers are views of
     one of two flat buffers the optimizer keeps (the other receives the next step's v), so a step
     allocates no momentum-sized tensor; a buffer read from ``state`` is overwritten two steps later
     (``state_dict()`` returns copies). Between steps that is one more φ-dtype copy of the parameters
