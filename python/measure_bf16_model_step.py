@@ -1,19 +1,22 @@
-"""APO-Precond on a bf16 model: its update on φ's bf16 image against float32 φ, in time and in quality.
+"""APO-Precond on a bf16 model: its step on φ's bf16 image against float32 φ, in time and in quality.
 
-    python python/measure_bf16_model_step.py [--width 1024] [--repeats 8] [--threads 2]
+    python python/measure_bf16_model_step.py [--width 1024] [--repeats 8] [--threads 2] [--meta-interval K]
     python python/measure_bf16_model_step.py --quality [--seeds 3] [--steps 3000]
 
 APO-Precond keeps φ in float32 for a bf16 model. Where the op runs bf16 operands faster than float32
-(``apo_kernels.ops.backends.half_operands_pay``: the CPU op on AMX-BF16), the update of a bf16 layer
-takes the bf16 gradient matrix and a bf16 image of φ, cast once after each meta-step; the lookahead
-keeps float32. Each run compares, in one process, that update with the float32 one (the same optimizer
-with ``half_operands_pay`` answering False on the instance's module: the op on float32 G and φ, the
-result rounded once into the parameters, as before the image).
+(``apo_kernels.ops.backends.half_operands_pay``: the CPU op on AMX-BF16), the step of a bf16 layer
+(its update, and a meta-step's lookahead) takes the bf16 gradient matrix and a bf16 image of φ, cast
+once after each meta-step; the meta-gradient stays the float32 op's backward. Each run compares, in
+one process, that step with the float32 one (the same optimizer with ``half_operands_pay`` answering
+False on the instance's module: the op on float32 G and φ, the result rounded once into the
+parameters, as before the image).
 
-Time (default): the plain step (no meta-step in the timed run) of SGD+momentum, APO-Precond ``full``
-and ``kron``, each with the image and without, on apo-bench's MLP (256-w-w-w-10, batch 256) in bf16.
-Every variant trains its own copy in 10-step blocks, the blocks in a shuffled order each round, each
-timed block after an untimed step of its own; prints the median step and its ratio to SGD's.
+Time (default): SGD+momentum and APO-Precond ``full`` and ``kron``, each with the image and without,
+on apo-bench's MLP (256-w-w-w-10, batch 256) in bf16; plain steps only (no meta-step in the timed
+run), or with ``--meta-interval K`` a meta-step every K steps (λ_WSD 0.1; a block of 10 steps then
+holds one at K = 10). Every variant trains its own copy in 10-step blocks, the blocks in a shuffled
+order each round, each block after an untimed step of its own; prints per variant the median over
+rounds of a block's mean step and its ratio to SGD's.
 
 ``--quality``: MNIST-1D (``mnist1d``'s ``make_dataset``, as the paper experiments), the MLP
 40-256-256-10 in bf16, APO-Precond at the classification experiment's point (lr 0.1, λ_WSD 0.3,
@@ -50,7 +53,7 @@ def use_image(on: bool) -> None:
     backends.half_operands_pay = _HALF_OPERANDS_PAY if on else (lambda backend, device, dtype: False)
 
 
-def time_plain_steps(width: int, repeats: int) -> None:
+def time_steps(width: int, repeats: int, meta_interval: int) -> None:
     x, y = torch.randn(256, 256).bfloat16(), torch.randint(0, 10, (256,))
     variants = {}
     for name, structure, image in (("SGD+momentum", None, None),
@@ -61,7 +64,7 @@ def time_plain_steps(width: int, repeats: int) -> None:
         torch.manual_seed(0)
         model = mlp(width).bfloat16()
         opt = base_sgd(model) if structure is None else APOPrecond(
-            model, lr=0.01, lambda_fsd=0.0, lambda_wsd=0.0, meta_lr=0.01, meta_interval=10**9, structure=structure)
+            model, lr=0.01, lambda_fsd=0.0, lambda_wsd=0.1, meta_lr=0.01, meta_interval=meta_interval, structure=structure)
 
         def closure(opt=opt, model=model):
             opt.zero_grad()
@@ -85,14 +88,15 @@ def time_plain_steps(width: int, repeats: int) -> None:
         random.shuffle(order)
         for name in order:
             step(name)  # the warm step: the block starts from the caches its own steps leave
+            t0 = time.perf_counter()
             for _ in range(STEPS):
-                t0 = time.perf_counter()
                 step(name)
-                times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / STEPS)
     use_image(True)
     sgd = statistics.median(times["SGD+momentum"])
     print(f"bf16 MLP 256-{width}-{width}-{width}-10, batch 256, {torch.get_num_threads()} threads, "
-          f"the op's bf16 route: {torch.ops.apo.cpu_bf16_gemm()}; {repeats} rounds of {STEPS}-step blocks")
+          f"the op's bf16 route: {torch.ops.apo.cpu_bf16_gemm()}; {repeats} rounds of {STEPS}-step blocks, "
+          + ("plain steps" if meta_interval > 10**6 else f"a meta-step every {meta_interval} steps"))
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:36s} {med * 1e3:8.2f} ms  {med / sgd:5.2f}× SGD")
@@ -144,6 +148,8 @@ def main() -> None:
     p.add_argument("--width", type=cli_int(low=1), default=1024)
     p.add_argument("--repeats", type=cli_int(low=1), default=8)
     p.add_argument("--threads", type=cli_int(low=1), default=2)
+    p.add_argument("--meta-interval", type=cli_int(low=1), default=10**9,
+                   help="APO-Precond's K in the timed run (default: none there, plain steps only)")
     p.add_argument("--quality", action="store_true", help="train on MNIST-1D with and without the image")
     p.add_argument("--seeds", type=cli_int(low=1), default=3)
     p.add_argument("--steps", type=cli_int(low=1), default=3000)
@@ -152,7 +158,7 @@ def main() -> None:
     if args.quality:
         quality(args.seeds, args.steps)
     else:
-        time_plain_steps(args.width, args.repeats)
+        time_steps(args.width, args.repeats, args.meta_interval)
 
 
 if __name__ == "__main__":

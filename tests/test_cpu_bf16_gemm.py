@@ -145,7 +145,8 @@ print(torch.ops.apo.cpu_bf16_gemm(), first, last, all(p.isfinite().all().item() 
 # APOPrecond on a bf16 model: which operands each call of the op takes. The update's calls are recorded
 # (the grouped op for the full structure, apo::kron_precondition for kron) with their dtypes, and on
 # bf16 operands whether they are φ of that moment rounded to bf16 (a stale image after a meta-step
-# would not be). The lookahead's calls, on a meta-step, come before the update's in the same step.
+# would not be). The lookahead's calls, on a meta-step, come before the update's in the same step;
+# the meta-gradient's (the full structure's grouped backward) are recorded by dtype.
 _UPDATE_OPERANDS = """
 import torch, apo_kernels
 from torch import nn
@@ -156,9 +157,13 @@ structure = "STRUCTURE"
 model = nn.Sequential(nn.Linear(200, 256), nn.Tanh(), nn.Linear(256, 10)).bfloat16()
 x, y = torch.randn(128, 200).bfloat16(), torch.randint(0, 10, (128,))
 opt = APOPrecond(model, lr=0.05, meta_interval=3, meta_lr=0.05, lambda_fsd=0.0, lambda_wsd=0.0, structure=structure)
-calls = []
+calls, backward = [], set()
 if structure == "full":
-    grouped = preconditioners._grouped
+    grouped, grouped_backward = preconditioners._grouped, preconditioners._grouped_backward
+    def spy_backward(dYs, grads, As, Ss, Bs, mask, backend, checked):
+        backward.update(str(t.dtype) for t in (*dYs, *grads, *As, *Ss, *Bs) if t is not None and t.numel())
+        return grouped_backward(dYs, grads, As, Ss, Bs, mask, backend, checked)
+    preconditioners._grouped_backward = spy_backward
     def spy(grads, As, Ss, Bs, backend, checked):
         calls.append((grads[0].dtype, [t.clone() for t in As], [t.clone() for t in Ss], [t.clone() for t in Bs]))
         return grouped(grads, As, Ss, Bs, backend, checked)
@@ -200,16 +205,17 @@ for step in range(7):
     dtypes = {c[0] for c in update}
     image = all(torch.equal(g, w.to(g.dtype)) for gs, ws in zip(got, want) for g, w in zip(gs, ws))
     print("step", step, meta, *sorted(str(d) for d in dtypes), image, *sorted({str(c[0]) for c in lookahead}))
+print("backward", *sorted(backward))
 print("meta_steps", opt.meta_steps, torch.ops.apo.cpu_bf16_gemm())
 """
 
 
 @pytest.mark.parametrize("structure", ("full", "kron"))
 @pytest.mark.parametrize("route", ROUTES)
-def test_apo_precond_updates_a_bf16_model_on_phis_bf16_image_where_the_op_takes_bf16_operands(route, structure):
-    """On the bf16 route the update of a bf16 layer takes bf16 G and φ rounded to bf16, φ of that very
-    step (the image follows every meta-step); the lookahead of a meta-step keeps φ's float32, and on the
-    fp32 route every call does."""
+def test_apo_precond_steps_a_bf16_model_on_phis_bf16_image_where_the_op_takes_bf16_operands(route, structure):
+    """On the bf16 route the step of a bf16 layer takes bf16 G and φ rounded to bf16, φ of that very
+    step (the image follows every meta-step), in the update and in a meta-step's lookahead alike; the
+    meta-gradient is the op's backward at φ in float32. On the fp32 route every call is float32."""
     done = _python(_UPDATE_OPERANDS.replace("STRUCTURE", structure), route, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("step")]
@@ -219,7 +225,9 @@ def test_apo_precond_updates_a_bf16_model_on_phis_bf16_image_where_the_op_takes_
     for _, step, meta, dtype, image, *lookahead in rows:
         assert dtype == want, (step, dtype)
         assert image == "True", f"step {step}: the update's operands are not φ of this step"
-        assert lookahead == (["torch.float32"] if meta == "True" else []), (step, lookahead)
+        assert lookahead == ([want] if meta == "True" else []), (step, lookahead)
+    backward = next(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("backward"))
+    assert backward == (["torch.float32"] if structure == "full" else []), backward
 
 
 def test_half_operands_pay_only_for_bf16_on_the_cpu_backend_where_it_takes_bf16_gemms():

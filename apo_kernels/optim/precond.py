@@ -261,9 +261,9 @@ class APOPrecond(APOCore):
     ``apo_kernels.optim._core``). No state aliases ``.grad``.
 
     Per-layer statistics: ``preconditioner_stats()``. φ is float32 (float64 for a float64 model)
-    whatever the model's dtype; the momentum buffer has φ's dtype. The update of a bf16 layer runs on
-    bf16 operands (its G and a bf16 image of φ, cast after each change of φ) where the op is faster so
-    (``backends.half_operands_pay``: the CPU op on AMX-BF16), one process; the lookahead keeps φ's dtype. The momentum buffers are views of
+    whatever the model's dtype; the momentum buffer has φ's dtype. The step of a bf16 layer (update and
+    lookahead) runs on bf16 operands (its G and a bf16 image of φ, cast after each change of φ) where
+    the op is faster so (``backends.half_operands_pay``: the CPU op on AMX-BF16), one process. The momentum buffers are views of
     one of two flat buffers the optimizer keeps (the other receives the next step's v), so a step
     allocates no momentum-sized tensor; a buffer read from ``state`` is overwritten two steps later
     (``state_dict()`` returns copies). Between steps that is one more φ-dtype copy of the parameters
@@ -613,12 +613,13 @@ class APOPrecond(APOCore):
                                                for p in layer.params]))
 
     def _half_operands(self, layers: list[_Layer]) -> dict[int, torch.dtype]:
-        """Layer index -> the half-precision dtype the update multiplies that layer's operands in: its
+        """Layer index -> the half-precision dtype a step multiplies that layer's operands in: its
         parameters' dtype where they are all bf16 and the op runs bf16 operands faster than φ's float32
-        (``backends.half_operands_pay``: the CPU op on AMX), on one process (not sharded). The update
-        then takes G and φ's cached bf16 image, rounded as torch's bf16 chain rounds (the rule a bf16
-        layer's forward of the op keeps there); the lookahead keeps φ's dtype, so the meta-gradient is
-        the exact op's."""
+        (``backends.half_operands_pay``: the CPU op on AMX), on one process (not sharded). Y then comes
+        from G and φ's cached bf16 image, rounded as torch's bf16 chain rounds (the rule a bf16 layer's
+        forward of the op keeps there), in the update and in the lookahead alike: a meta-step judges
+        the step the updates take. The meta-gradient is the op's backward at φ in float32, the
+        gradient of the same rule up to that rounding."""
         out = {}
         for layer in layers:
             dtype = layer.weight.dtype
@@ -627,15 +628,14 @@ class APOPrecond(APOCore):
                 out[layer.index] = dtype
         return out
 
-    def _directions(self, plan, update: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+    def _directions(self, plan) -> tuple[list[Tensor], list[Tensor]]:
         """(Y(φ) per parameter of ``plan.params``: the preconditioned step at the current φ (lr folded
         into S); the tensors that hold them, each layer's whole Y, to be checked at once). Fresh
         tensors (the op's results) or views of them, except where this step's buffers hold a
         directions copy (the kron structure, the fused momentum step): there Y overwrites the
-        previous step's. ``update``: for the update of θ (not a lookahead), in half precision where
-        ``_half_operands`` says so."""
+        previous step's. In half precision where ``_half_operands`` says so."""
         mb = plan.buffers if plan.buffers is not None and len(plan.buffers.flat) > plan.buffers.DIRECTIONS else None
-        half = self._half_operands(plan.layers) if update else {}
+        half = self._half_operands(plan.layers)
         # Ys the fused momentum step formed at the φ of ``_prepare`` (and checked): used once, by the
         # first call (a meta-step's lookahead, or the update); any later one (a retry after φ
         # shrank, the update after a meta-step) forms every Y again
@@ -704,7 +704,7 @@ class APOPrecond(APOCore):
             # them and no meta-step's lookahead took them first)
             carries = bool(self._carried_layers) and plan.ready is not None and all(
                 layer.index in plan.ready for layer in self._carried_layers)
-            (steps, whole), scale = self._directions(plan, update=True), self.update_scale * self.schedule_factor()
+            (steps, whole), scale = self._directions(plan), self.update_scale * self.schedule_factor()
         if not (fused_finite and all_finite_scratch(whole)):  # this step's own tensors (v: the spare buffer)
             return False
         params = plan.params
