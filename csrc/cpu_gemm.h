@@ -123,14 +123,14 @@ inline std::string description() {
   return big_layers_on_engine() ? "onednn" : "onednn (big layers: torch matmul)";
 }
 
-// ---- bf16 layers off the direct path (ops.cpp's forward_layer)
+// ---- bf16 layers off the direct path (ops.cpp's forward_layer and backward_layer)
 //
 // By default a bf16 layer is computed in fp32 and rounded once. On a CPU with AMX-BF16 tiles torch's bf16
 // GEMMs run several times faster than its fp32 ones (Intel Xeon, 2 threads: 1024² 5.4×), so there a bf16
-// layer's forward, from a cost of 128·128·256 up, feeds bf16 operands to torch's GEMMs as the torch
-// chain in bf16 does (each product rounded to bf16, sums in fp32): the op at the chain's speed and
-// accuracy, 2–6× faster than rounded once from 256² to 2048². Below that size bf16 GEMMs measured slower
-// than the fp32 route, and the backward (the meta-gradient, every K steps) stays rounded once.
+// layer, from a cost of 128·128·256 up, feeds bf16 operands to torch's GEMMs as the torch chain in bf16
+// does (each product rounded to bf16, sums in fp32), forward and backward: the op at the chain's speed
+// and accuracy, 2–6× faster than rounded once from 256² to 2048². Below that size bf16 GEMMs measured
+// slower than the fp32 route.
 // APO_KERNELS_CPU_BF16_GEMM=auto|bf16|fp32 forces either route on any CPU; fixed per process.
 constexpr double kBf16OperandsMinCost = 128.0 * 128.0 * 256.0;
 

@@ -1065,9 +1065,11 @@ std::pair<bool, bool> momentum_carry_step(const Tensor& G_, const Tensor& M_, do
 // One layer (2-D, or 3-D with the batch handled by bmm): the shared maths of apo_checks.h with
 // ⊙S as in-place ATen multiplies (while H or D is still hot in cache). Undefined A/B = identity.
 
-// Whether a bf16 layer is big enough for bf16 GEMM operands to pay (cpu_gemm.h); a batched layer by
-// one matrix's size.
-inline bool bf16_operands_pay(const Tensor& G) {
+// Whether a layer's GEMMs take its bf16 operands themselves (cpu_gemm.h), forward and backward: a bf16
+// layer big enough for them to pay, where this process feeds bf16 operands to torch's GEMMs; a batched
+// layer by one matrix's size.
+inline bool takes_bf16_operands(const Tensor& G) {
+  if (G.scalar_type() != at::kBFloat16 || !cpu_gemm::bf16_operands()) return false;
   const double m = double(G.size(-2)), n = double(G.size(-1));
   return schedule::layer_cost(m * n, m, n) >= cpu_gemm::kBf16OperandsMinCost;
 }
@@ -1083,7 +1085,7 @@ Tensor forward_layer(const Tensor& G_, const Tensor& A_, const Tensor& S_, const
   auto scale = [](const Tensor& H, const Tensor& S, bool own_h) {
     return own_h ? Tensor(H).mul_(S) : at::mul(H, S);
   };
-  if (G_.scalar_type() == at::kBFloat16 && bf16_operands_pay(G_) && cpu_gemm::bf16_operands()) {
+  if (takes_bf16_operands(G_)) {
     return layer::finish(layer::forward(G_, A_, S_, B_, scale), G_.scalar_type());
   }
   return layer::finish(layer::forward(layer::up(G_), layer::up(A_), layer::up(S_), layer::up(B_), scale),
@@ -1109,8 +1111,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_layer(const Tensor& dY_, con
     if (need_e) e.E = own ? Tensor(D).mul_(S) : at::mul(D, S);
     return e;
   };
-  out = layer::backward(layer::up(dY_), layer::up(G_), layer::up(A_), layer::up(S_),
-                                              layer::up(B_), mask, elementwise);
+  out = takes_bf16_operands(G_)
+            ? layer::backward(dY_, G_, A_, S_, B_, mask, elementwise)
+            : layer::backward(layer::up(dY_), layer::up(G_), layer::up(A_), layer::up(S_), layer::up(B_), mask,
+                              elementwise);
   for (Tensor& t : out) t = t.defined() ? layer::finish(t, G_.scalar_type()) : layer::empty_slot(G_);
   return {out[0], out[1], out[2], out[3]};
 }
@@ -1790,8 +1794,8 @@ TORCH_LIBRARY(apo, m) {
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas", "onednn" or
   // "onednn (big layers: torch matmul)".
   m.def("cpu_gemm_engine() -> str", [] { return apo::cpu_gemm::description(); });
-  // What the CPU op's forward does with a bf16 layer from 128·128·256 of cost up (cpu_gemm.h): "bf16"
-  // (bf16 GEMM operands, as the torch chain in bf16) or "fp32" (computed in fp32, rounded once).
+  // What the CPU op does with a bf16 layer from 128·128·256 of cost up (cpu_gemm.h), forward and
+  // backward: "bf16" (bf16 GEMM operands, as the torch chain in bf16) or "fp32" (in fp32, rounded once).
   m.def("cpu_bf16_gemm() -> str", [] { return apo::cpu_gemm::bf16_description(); });
   // Two intra-op threads' cache-line round trip in ns, NaN without a second thread (cpu_handoff.h).
   m.def("cpu_thread_handoff_ns(int rounds) -> float", &apo::handoff::round_trip_ns);

@@ -1,7 +1,7 @@
 """APO-Precond on a bf16 model: its step on φ's bf16 image against float32 φ, in time and in quality.
 
     python python/measure_bf16_model_step.py [--width 1024] [--repeats 8] [--threads 2] [--meta-interval K]
-    python python/measure_bf16_model_step.py --quality [--seeds 3] [--steps 3000]
+    python python/measure_bf16_model_step.py --quality [--seeds 3] [--steps 3000] [--hidden 256]
 
 APO-Precond keeps φ in float32 for a bf16 model. Where the op runs bf16 operands faster than float32
 (``apo_kernels.ops.backends.half_operands_pay``: the CPU op on AMX-BF16), the step of a bf16 layer
@@ -21,8 +21,9 @@ rounds of a block's mean step and its ratio to SGD's.
 ``--quality``: MNIST-1D (``mnist1d``'s ``make_dataset``, as the paper experiments), the MLP
 40-256-256-10 in bf16, APO-Precond at the classification experiment's point (lr 0.1, λ_WSD 0.3,
 λ_FSD 0.1 on another batch, K = 10, batch 100) with the image and without, on the same seeds: final
-training loss and test accuracy, mean ± std. (Its 256×257 layer takes the op's bf16 GEMMs, the
-256×41 and 10×257 ones are computed in fp32 from their bf16 operands.)
+training loss and test accuracy, mean ± std. (At the paper's width 256 its 256×257 layer takes the
+op's bf16 GEMMs, the 256×41 and 10×257 ones are computed in fp32 from their bf16 operands; at
+``--hidden 512`` the first two layers take them.)
 """
 from __future__ import annotations
 
@@ -102,10 +103,10 @@ def time_steps(width: int, repeats: int, meta_interval: int) -> None:
         print(f"  {name:36s} {med * 1e3:8.2f} ms  {med / sgd:5.2f}× SGD")
 
 
-def train(seed: int, steps: int, image: bool, data) -> tuple[float, float]:
+def train(seed: int, steps: int, image: bool, data, hidden: int) -> tuple[float, float]:
     xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
     torch.manual_seed(seed)
-    model = small_mlp().bfloat16()
+    model = small_mlp(width=hidden).bfloat16()
     opt = APOPrecond(model, lr=0.1, lambda_fsd=0.1, lambda_wsd=0.3, meta_lr=0.1, meta_interval=10)
     gen = torch.Generator().manual_seed(seed)
     use_image(image)
@@ -128,14 +129,14 @@ def train(seed: int, steps: int, image: bool, data) -> tuple[float, float]:
     return loss, acc
 
 
-def quality(seeds: int, steps: int) -> None:
+def quality(seeds: int, steps: int, hidden: int) -> None:
     from paper.common import mnist1d
 
     data = mnist1d()
-    print(f"MNIST-1D, MLP 40-256-256-10 in bf16, APO-Precond, {steps} steps, seeds 0..{seeds - 1}, "
+    print(f"MNIST-1D, MLP 40-{hidden}-{hidden}-10 in bf16, APO-Precond, {steps} steps, seeds 0..{seeds - 1}, "
           f"the op's bf16 route: {torch.ops.apo.cpu_bf16_gemm()}")
     for name, image in (("φ's bf16 image", True), ("float32 φ", False)):
-        runs = [train(seed, steps, image, data) for seed in range(seeds)]
+        runs = [train(seed, steps, image, data, hidden) for seed in range(seeds)]
         losses, accs = zip(*runs)
         sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         print(f"  {name:16s} train loss {statistics.mean(losses):.4f} ± {sd(losses):.4f}   "
@@ -153,10 +154,11 @@ def main() -> None:
     p.add_argument("--quality", action="store_true", help="train on MNIST-1D with and without the image")
     p.add_argument("--seeds", type=cli_int(low=1), default=3)
     p.add_argument("--steps", type=cli_int(low=1), default=3000)
+    p.add_argument("--hidden", type=cli_int(low=1), default=256, help="the quality run's hidden width")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.quality:
-        quality(args.seeds, args.steps)
+        quality(args.seeds, args.steps, args.hidden)
     else:
         time_steps(args.width, args.repeats, args.meta_interval)
 

@@ -26,7 +26,7 @@ Two exceptions, each named by the test that uses it:
   2u and the Frobenius error is twice as large (≈ 0.84u), so both bounds are doubled; a chain that
   truncated every GEMM would be ≈ 2x the torch chain and still fail (2).
 - :data:`HALF_OPERANDS`: paths that deliberately feed half-precision operands to tensor cores or to
-  a CPU's AMX tiles (documented in their kernel files; :func:`forward_policy` says where the `cpu`
+  a CPU's AMX tiles (documented in their kernel files; :func:`policy` says where the `cpu`
   backend does) do not round once; they are held to flash-attention's own rule instead,
   ``err ≤ 2 · chain_err + FP32_SLACK``.
 """
@@ -74,9 +74,9 @@ def check_half(out, oracle, chain, dtype, what: str = "", policy: str = ROUNDED_
     return err
 
 
-def forward_policy(backend: str, dtype) -> str:
-    """The policy ``backend``'s forward is held to in ``dtype``: HALF_OPERANDS for the `cpu` backend's
-    bfloat16 where this process feeds bf16 GEMM operands to big enough bf16 layers
+def policy(backend: str, dtype) -> str:
+    """The policy ``backend``'s forward and backward are held to in ``dtype``: HALF_OPERANDS for the
+    `cpu` backend's bfloat16 where this process feeds bf16 GEMM operands to big enough bf16 layers
     (``torch.ops.apo.cpu_bf16_gemm() == "bf16"``, csrc/cpu_gemm.h; a smaller layer, still rounded once,
     meets that bound too), ROUNDED_ONCE otherwise. Interpreted Triton's truncation is the caller's."""
     import apo_kernels  # noqa: F401  (registers torch.ops.apo)

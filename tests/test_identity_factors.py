@@ -73,7 +73,8 @@ def chain_inputs(ins):
 
 def check(out, oracle, chain, dtype, what, backend, device, elementwise=False):
     """``out`` against the float64 ``oracle``; ``chain``: the torch formulas in ``dtype``."""
-    policy = _contract.TRUNCATED_ONCE if interpreted(backend, device) and dtype == torch.bfloat16 else _contract.ROUNDED_ONCE
+    policy = (_contract.TRUNCATED_ONCE if interpreted(backend, device) and dtype == torch.bfloat16
+              else _contract.policy(backend, dtype))
     out = out.detach().cpu()
     if dtype in _contract.HALF_DTYPES and elementwise:
         assert out.dtype == dtype and out.shape == oracle.shape, what

@@ -37,14 +37,11 @@ def ids(shape):
     return "x".join(map(str, shape))
 
 
-def check_close(out, ref, dtype, chain=None, what="", backend=None, forward=False):
+def check_close(out, ref, dtype, chain=None, what="", backend=None):
     """out vs the float64 ``ref``; ``chain``: the same output by the torch formulas in ``dtype``
-    (required for half precision); ``forward``: ``out`` is the forward's Y. Interpreted Triton stores
-    bfloat16 rounded toward zero."""
+    (required for half precision). Interpreted Triton stores bfloat16 rounded toward zero."""
     truncated = backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    policy = _contract.TRUNCATED_ONCE if truncated else _contract.ROUNDED_ONCE
-    if forward and not truncated:
-        policy = _contract.forward_policy(backend, dtype)
+    policy = _contract.TRUNCATED_ONCE if truncated else _contract.policy(backend, dtype)
     _contract.check(out, ref, dtype, TOL.get(dtype), chain=chain, what=what, policy=policy)
 
 
@@ -68,7 +65,7 @@ def test_forward_matches_float64(backend, dtype, shape):
     out = apo_kernels.precondition(G, A, S, B, backend=backend)
     assert out.shape == G.shape and out.dtype == dtype
     ref = reference.precondition(*(t.double() for t in (G, A, S, B)))
-    check_close(out, ref, dtype, chain=reference.precondition(G, A, S, B), what="Y", backend=backend, forward=True)
+    check_close(out, ref, dtype, chain=reference.precondition(G, A, S, B), what="Y", backend=backend)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

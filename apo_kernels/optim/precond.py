@@ -261,9 +261,10 @@ class APOPrecond(APOCore):
     ``apo_kernels.optim._core``). No state aliases ``.grad``.
 
     Per-layer statistics: ``preconditioner_stats()``. φ is float32 (float64 for a float64 model)
-    whatever the model's dtype; the momentum buffer has φ's dtype. The step of a bf16 layer (update and
-    lookahead) runs on bf16 operands (its G and a bf16 image of φ, cast after each change of φ) where
-    the op is faster so (``backends.half_operands_pay``: the CPU op on AMX-BF16), one process. The momentum buffers are views of
+    whatever the model's dtype; the momentum buffer has φ's dtype. The step of a bf16 layer (update,
+    lookahead and the op's meta-gradient) runs on bf16 operands (its G and a bf16 image of φ, cast
+    after each change of φ) where the op is faster so (``backends.half_operands_pay``: the CPU op on
+    AMX-BF16), one process. The momentum buffers are views of
     one of two flat buffers the optimizer keeps (the other receives the next step's v), so a step
     allocates no momentum-sized tensor; a buffer read from ``state`` is overwritten two steps later
     (``state_dict()`` returns copies). Between steps that is one more φ-dtype copy of the parameters
@@ -616,10 +617,10 @@ class APOPrecond(APOCore):
         """Layer index -> the half-precision dtype a step multiplies that layer's operands in: its
         parameters' dtype where they are all bf16 and the op runs bf16 operands faster than φ's float32
         (``backends.half_operands_pay``: the CPU op on AMX), on one process (not sharded). Y then comes
-        from G and φ's cached bf16 image, rounded as torch's bf16 chain rounds (the rule a bf16 layer's
-        forward of the op keeps there), in the update and in the lookahead alike: a meta-step judges
-        the step the updates take. The meta-gradient is the op's backward at φ in float32, the
-        gradient of the same rule up to that rounding."""
+        from G and φ's cached bf16 image, rounded as torch's bf16 chain rounds (the rule a bf16 layer of
+        the op keeps there), in the update and in the lookahead alike: a meta-step judges the step the
+        updates take. The meta-gradient is the op's backward on the same operands, added to φ's
+        gradient in float32."""
         out = {}
         for layer in layers:
             dtype = layer.weight.dtype
@@ -683,7 +684,11 @@ class APOPrecond(APOCore):
         dYs = [_matrix(layer, [dy[id(p)] if id(p) in dy else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
                                for p in layer.params])
                for layer in plan.layers]
-        meta_backward_many([l.precond for l in plan.layers], dYs, plan.Gs, backend=self.backend, checked=True)
+        half = self._half_operands(plan.layers)  # the backward on the operands the lookahead's Y took
+        for dtype in dict.fromkeys(half.get(l.index) for l in plan.layers):
+            batch = [i for i, l in enumerate(plan.layers) if half.get(l.index) == dtype]
+            meta_backward_many([plan.layers[i].precond for i in batch], [dYs[i] for i in batch],
+                               [plan.Gs[i] for i in batch], backend=self.backend, checked=True, operand_dtype=dtype)
         for p, d in plan.diags:
             d.meta_backward(dy[id(p)], plan.v_of[id(p)])
 

@@ -394,11 +394,14 @@ def meta_backward_many(
     *,
     backend: str = "auto",
     checked: bool = False,
+    operand_dtype: Optional[torch.dtype] = None,
 ) -> None:
     """For each layer add ∂⟨dY_i, Y_i⟩/∂(A_i, S_i, B_i) into their ``.grad``: ONE grouped backward
     call with output_mask (False, learn A?, True, learn B?) — the op's d_grad is never computed.
     A preconditioner that does not use the op (``uses_op`` False: kron) takes its own meta_backward.
-    ``checked``: as in ``precondition_many`` (dY too has its preconditioner's shape, dtype, device)."""
+    ``checked``: as in ``precondition_many`` (dY too has its preconditioner's shape, dtype, device).
+    ``operand_dtype``: the op's backward runs on dY, G and φ rounded to it (φ's cached image, as
+    ``precondition_many``); its gradients are added to φ's in φ's dtype."""
     by_op = []
     for pc, dY, G in zip(preconds, dYs, Gs):
         if pc.uses_op:
@@ -408,7 +411,9 @@ def meta_backward_many(
     if not by_op:
         return
     preconds, dYs, Gs = zip(*by_op)
-    grads, As, Ss, Bs, counts = _op_inputs_many(preconds, Gs)
+    if operand_dtype is not None:
+        dYs, Gs = [t.to(operand_dtype) for t in dYs], [t.to(operand_dtype) for t in Gs]
+    grads, As, Ss, Bs, counts = _op_inputs_many(preconds, Gs, operand_dtype)
     grad_outs = [t for pc, dY in zip(preconds, dYs) for t in pc.tiles(dY)]
     if not grads:
         return
@@ -416,5 +421,8 @@ def meta_backward_many(
     _, dAs, dS2s, dBs = _grouped_backward(grad_outs, grads, As, Ss, Bs, mask, backend, checked)
     k = 0
     for pc, c in zip(preconds, counts):
-        pc.accumulate_meta_grad(dAs[k:k + c] if dAs else [], dS2s[k:k + c], dBs[k:k + c] if dBs else [])
+        parts = [ts[k:k + c] if ts else [] for ts in (dAs, dS2s, dBs)]
+        if operand_dtype is not None:
+            parts = [[t.to(pc.S.dtype) for t in ts] for ts in parts]
+        pc.accumulate_meta_grad(*parts)
         k += c
