@@ -165,10 +165,10 @@ _cpu_bf16_gemms: Optional[bool] = None  # the native module's choice, made once 
 def half_operands_pay(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the op, called through ``backend`` on ``dtype`` tensors of ``device``, multiplies a big
     layer's operands in ``dtype`` (each product rounded to it, sums in float32) and so runs faster
-    than on float32 tensors: the cpu backend on bf16 where its forward takes bf16 GEMMs
+    than on float32 tensors: the cpu backend on bf16 where it takes bf16 GEMMs, forward and backward
     (``torch.ops.apo.cpu_bf16_gemm() == "bf16"``, a CPU with AMX-BF16 unless forced). An optimizer that
-    keeps φ in float32 for a bf16 model then runs its update on a bf16 image of φ. False elsewhere,
-    the CUDA kernels included: their half-precision speed is not measured."""
+    keeps φ in float32 for a bf16 model then runs its step on a bf16 image of φ. False elsewhere, the
+    CUDA kernels included: their half-precision speed is not measured."""
     global _cpu_bf16_gemms
     if dtype != torch.bfloat16 or device.type != "cpu" or resolve(backend, device).name != "cpu":
         return False

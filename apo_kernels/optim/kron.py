@@ -116,7 +116,7 @@ class KronPreconditioner(StructuredPreconditioner):
         Rebuilt only when a tensor of φ was written since the last call (its version counter
         moved: a meta-optimizer step, a recovery's scale_s2, load_state_dict, an in-place edit
         of ``parameters()``); otherwise the cached blocks are returned. ``dtype``: the blocks
-        rounded to it, cast once per rebuild (the update of a half-precision model).
+        rounded to it, cast once per rebuild (the step of a half-precision model).
         """
         key = tuple(t._version for t in self.parameters())
         if key != self._cache_key:

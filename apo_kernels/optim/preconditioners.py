@@ -170,8 +170,8 @@ class StructuredPreconditioner:
 
     def _image(self, dtype: torch.dtype) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """(A blocks, S², B blocks) rounded to ``dtype``, cast again only when a tensor of φ was written
-        (version counters, as ``_op_S2``): the operands of an update in half precision, which reads
-        them every step while φ changes every meta_interval steps."""
+        (version counters, as ``_op_S2``): the operands of a step in half precision, which reads them
+        every step while φ changes every meta_interval steps (one more copy of φ, in ``dtype``)."""
         key = (dtype, *((id(t), t._version) for t in self.parameters()))
         if key != self._image_cache[0]:
             with torch.no_grad():
@@ -247,7 +247,6 @@ class DiagonalPreconditioner:
         self.shape, self.s_param = tuple(shape), s_param
         self.S = _init_s(self.shape, init_s, s_param, dtype, device)
         self._s2_cache: tuple[int, Optional[Tensor]] = (-1, None)
-        self._image_cache: tuple = ((), None)
 
     def S2(self) -> Tensor:
         return _s2(self.S, self.s_param)
