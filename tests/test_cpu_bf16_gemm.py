@@ -204,12 +204,9 @@ for step in range(7):
     lookahead = calls[before:len(calls) - len(update)]
     meta = step % 3 == 0
     phi = phi_now()
-    if structure == "full":  # one grouped call: the layers' tiles in order
-        want = [sum((list(p[k]) for p in phi), []) for k in range(3)]
-        got = [update[0][1], update[0][2], update[0][3]]
-    else:
-        want = [sum((list(p[k]) for p in phi), []) for k in range(3)]
-        got = [sum((c[k + 1] for c in update), []) for k in range(3)]
+    want = [sum((list(p[k]) for p in phi), []) for k in range(3)]
+    # full: one grouped call, the layers' tiles in order; kron: one call per layer
+    got = [sum((c[k + 1] for c in update), []) for k in range(3)]
     dtypes = {c[0] for c in update}
     image = all(torch.equal(g, w.to(g.dtype)) for gs, ws in zip(got, want) for g, w in zip(gs, ws))
     print("step", step, meta, *sorted(str(d) for d in dtypes), image, *sorted({str(c[0]) for c in lookahead}))

@@ -91,6 +91,15 @@ class _Layer:
         return [Y.as_strided(size, stride, base + offset) for size, stride, offset in self.view_geometry]
 
 
+def _by_operand_dtype(layers: list[_Layer], half: dict[int, torch.dtype]) -> list[tuple[Optional[torch.dtype], list[int]]]:
+    """The positions in ``layers`` grouped by the dtype their op call runs in (``half``'s, None for φ's),
+    in first-seen order: one grouped call of the op per group."""
+    groups: dict[Optional[torch.dtype], list[int]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(half.get(layer.index), []).append(i)
+    return list(groups.items())
+
+
 def _matrix(layer: _Layer, parts: list[Tensor]) -> Tensor:
     """The layer's (m, n) matrix of tensors shaped like its parameters (a copy)."""
     return layer.matrix(*parts) if len(parts) == 2 else layer.matrix(parts[0], None)
@@ -651,11 +660,10 @@ class APOPrecond(APOCore):
             # grouped call per operand dtype (φ's, and a half-precision image of φ where ``half`` says)
             todo = [(l, G) for l, G in zip(plan.layers, plan.Gs) if l.index not in ready]
             formed = {}
-            for dtype in dict.fromkeys(half.get(l.index) for l, _ in todo):
-                batch = [(l, G) for l, G in todo if half.get(l.index) == dtype]
-                formed.update(zip([l.index for l, _ in batch], precondition_many(
-                    [l.precond for l, _ in batch], [G for _, G in batch], backend=self.backend, checked=True,
-                    operand_dtype=dtype)))
+            for dtype, batch in _by_operand_dtype([l for l, _ in todo], half):
+                formed.update(zip([todo[i][0].index for i in batch], precondition_many(
+                    [todo[i][0].precond for i in batch], [todo[i][1] for i in batch], backend=self.backend,
+                    checked=True, operand_dtype=dtype)))
             Ys = [ready[l.index] if l.index in ready else formed[l.index] for l in plan.layers]
         parts = [y for layer, Y in zip(plan.layers, Ys) for y in layer.split(Y)]
         diags = [d.apply(plan.v_of[id(p)], out=None if mb is None else mb.views[mb.DIRECTIONS][self._index[id(p)]])
@@ -684,9 +692,8 @@ class APOPrecond(APOCore):
         dYs = [_matrix(layer, [dy[id(p)] if id(p) in dy else torch.zeros(p.shape, dtype=self.phi_dtype, device=p.device)
                                for p in layer.params])
                for layer in plan.layers]
-        half = self._half_operands(plan.layers)  # the backward on the operands the lookahead's Y took
-        for dtype in dict.fromkeys(half.get(l.index) for l in plan.layers):
-            batch = [i for i, l in enumerate(plan.layers) if half.get(l.index) == dtype]
+        # the backward on the operands the lookahead's Y took
+        for dtype, batch in _by_operand_dtype(plan.layers, self._half_operands(plan.layers)):
             meta_backward_many([plan.layers[i].precond for i in batch], [dYs[i] for i in batch],
                                [plan.Gs[i] for i in batch], backend=self.backend, checked=True, operand_dtype=dtype)
         for p, d in plan.diags:
