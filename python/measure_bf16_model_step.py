@@ -46,11 +46,12 @@ from apo_kernels.optim import APOPrecond
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python/paper
 
 STEPS = 10
+NO_META = 10**9  # the default meta_interval: longer than any run, so plain steps only
 _HALF_OPERANDS_PAY = backends.half_operands_pay
 
 
 def use_image(on: bool) -> None:
-    """The update on φ's bf16 image where the op pays for it (on), or on float32 φ (off)."""
+    """The step on φ's bf16 image where the op pays for it (on), or on float32 φ (off)."""
     backends.half_operands_pay = _HALF_OPERANDS_PAY if on else (lambda backend, device, dtype: False)
 
 
@@ -97,7 +98,7 @@ def time_steps(width: int, repeats: int, meta_interval: int) -> None:
     sgd = statistics.median(times["SGD+momentum"])
     print(f"bf16 MLP 256-{width}-{width}-{width}-10, batch 256, {torch.get_num_threads()} threads, "
           f"the op's bf16 route: {torch.ops.apo.cpu_bf16_gemm()}; {repeats} rounds of {STEPS}-step blocks, "
-          + ("plain steps" if meta_interval > 10**6 else f"a meta-step every {meta_interval} steps"))
+          + ("plain steps" if meta_interval == NO_META else f"a meta-step every {meta_interval} steps"))
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:36s} {med * 1e3:8.2f} ms  {med / sgd:5.2f}× SGD")
@@ -149,7 +150,7 @@ def main() -> None:
     p.add_argument("--width", type=cli_int(low=1), default=1024)
     p.add_argument("--repeats", type=cli_int(low=1), default=8)
     p.add_argument("--threads", type=cli_int(low=1), default=2)
-    p.add_argument("--meta-interval", type=cli_int(low=1), default=10**9,
+    p.add_argument("--meta-interval", type=cli_int(low=1), default=NO_META,
                    help="APO-Precond's K in the timed run (default: none there, plain steps only)")
     p.add_argument("--quality", action="store_true", help="train on MNIST-1D with and without the image")
     p.add_argument("--seeds", type=cli_int(low=1), default=3)
