@@ -9,6 +9,10 @@ with a hook registered or a profiler running, the call goes through torch's own 
 ``step`` runs directly, followed by ``_optimizer_step_code`` (the profiler's Python-tracer entry).
 The wrapper is marked ``hooked``, so torch does not wrap it again.
 
+``zero_grad_quietly`` does the same for ``zero_grad``, whose profiler range torch opens on every call
+too: run cold after a step that opened none, it took 48 µs on the small MLP where it takes 24 µs after
+torch's own step, whose range had just run (the clearing itself is 5 µs).
+
 ``warn_at_caller``: a warning raised inside a step, attributed to the user's ``step`` call however
 many wrappers (this one, ``torch.no_grad``) stand between.
 """
@@ -27,7 +31,8 @@ from torch.optim import sgd as _torch_sgd
 from ._numerics import all_finite
 from .ops import backends
 
-__all__ = ["checked_sgd_step", "step_with_hooks", "step_quietly", "warn_at_caller"]
+__all__ = ["checked_sgd_step", "step_with_hooks", "step_quietly", "stock_zero_grad", "warn_at_caller",
+           "zero_grad_quietly"]
 
 
 def _anyone_listening(opt: torch.optim.Optimizer) -> bool:
@@ -50,6 +55,24 @@ def step_with_hooks(step: Callable) -> Callable:
 
     wrapper.hooked = True  # torch.optim.Optimizer._patch_step_function: already wrapped
     return wrapper
+
+
+def zero_grad_quietly(opt: torch.optim.Optimizer, set_to_none: bool = True) -> None:
+    """torch's ``Optimizer.zero_grad(opt, set_to_none)`` (the caller's word that it is ``opt``'s),
+    without its profiler range when no profiler runs: setting every gradient to None is then all it
+    does. ``set_to_none=False`` (gradients zeroed in place) or a running profiler: torch's call."""
+    if not set_to_none or torch.autograd.profiler._is_profiler_enabled:
+        torch.optim.Optimizer.zero_grad(opt, set_to_none)
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad = None
+
+
+def stock_zero_grad(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.zero_grad`` is torch's own (neither its class nor the instance has another)."""
+    return type(opt).zero_grad is torch.optim.Optimizer.zero_grad and "zero_grad" not in vars(opt)
 
 
 def _counted_by_a_scheduler(opt: torch.optim.Optimizer) -> bool:

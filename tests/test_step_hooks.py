@@ -1,5 +1,6 @@
 """The optimizers' step wrapper (apo_kernels._step_hooks): torch.optim's step hooks and profiler range
-exactly when someone listens, and no profiler range otherwise; and torch.optim's state-dict hooks."""
+exactly when someone listens, and no profiler range otherwise (``zero_grad``'s range too); and
+torch.optim's state-dict hooks."""
 import contextlib
 import functools
 import warnings
@@ -100,6 +101,69 @@ def test_profiler_sees_the_step_range(name):
         opt.step(closure_for(opt, model, x, y))
     names = {e.name for e in prof.events()}
     assert f"Optimizer.step#{name}.step" in names
+
+
+@contextlib.contextmanager
+def _zero_grad_range_raises():
+    """record_function raises for any optimizer's zero_grad range while inside."""
+    original = torch.autograd.profiler.record_function
+
+    def Refused(name, *args, **kwargs):
+        if name.startswith("Optimizer.zero_grad#"):
+            raise AssertionError(f"record_function was opened: {name}")
+        return original(name, *args, **kwargs)
+
+    torch.autograd.profiler.record_function = Refused
+    try:
+        yield
+    finally:
+        torch.autograd.profiler.record_function = original
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_zero_grad_opens_no_profiler_range_when_nobody_listens(name):
+    model, opt, x, y = _setup(name)
+    opt.step(closure_for(opt, model, x, y))
+    assert any(p.grad is not None for p in model.parameters())
+    with _zero_grad_range_raises():
+        opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.step(closure_for(opt, model, x, y))  # the closures zero the grads the same way
+    with _zero_grad_range_raises(), pytest.raises(AssertionError, match="record_function"):
+        opt.zero_grad(set_to_none=False)  # zeroing in place is torch's own call
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_zero_grad_in_place_and_under_a_profiler_is_torchs(name):
+    model, opt, x, y = _setup(name)
+    opt.step(closure_for(opt, model, x, y))
+    grads = [p.grad for p in model.parameters()]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+    opt.step(closure_for(opt, model, x, y))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert any(e.name.startswith("Optimizer.zero_grad#") for e in prof.events())
+
+
+def test_apolr_zero_grad_is_a_base_optimizers_own():
+    """A base optimizer with a zero_grad of its own (its class's or the instance's) gets that call."""
+    class Counting(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none=True):
+            Counting.calls += 1
+            super().zero_grad(set_to_none)
+
+    model, (x, y) = mlp(), data()
+    opt = APOLR(model, Counting(model.parameters(), lr=0.1), lambda_fsd=0.0, lambda_wsd=0.1, meta_interval=0)
+    opt.step(closure_for(opt, model, x, y))
+    assert Counting.calls == 1
+    calls = []
+    opt.base_optimizer.zero_grad = lambda set_to_none=True: calls.append(set_to_none)
+    opt.zero_grad(set_to_none=False)
+    assert calls == [False] and Counting.calls == 1
 
 
 def test_lr_scheduler_sees_the_step():

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from .._args import FLOAT32_MAX, check_choice, check_int, check_number, check_type
 from .. import distributed
 from .._numerics import all_finite, all_finite_scratch, checked_loss, loss_scalar, no_autocast
-from .._step_hooks import step_quietly, warn_at_caller
+from .._step_hooks import step_quietly, warn_at_caller, zero_grad_quietly
 from . import discrepancy
 from .snapshot import LookaheadBuffers, RNGState, cuda_devices_of
 from .objective import FSDReferenceNotFinite, StepForward, proximal_objective_grad
@@ -292,6 +292,10 @@ class APOCore(torch.optim.Optimizer):
             return contextlib.nullcontext()
         device_type = self._device_type()
         return no_autocast(device_type) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``, without its profiler range when no profiler runs (``zero_grad_quietly``)."""
+        zero_grad_quietly(self, set_to_none)
 
     # ---- the step ------------------------------------------------------------------------
     @property

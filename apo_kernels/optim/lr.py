@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .._args import FLOAT32_MAX, check_bool, check_number, check_optimizer_state_shapes, check_type
 from .._numerics import all_finite, loss_finite
-from .._step_hooks import checked_sgd_step, step_quietly, step_with_hooks
+from .._step_hooks import checked_sgd_step, step_quietly, step_with_hooks, stock_zero_grad, zero_grad_quietly
 from ..ops import backends
 from ._core import (APOCore, _Plan, check_common_args, check_state_finite, momentum_catch_up,
                     with_load_state_dict_hooks, with_state_dict_hooks)
@@ -528,7 +528,10 @@ class APOLR(APOCore):
         return self.lrs[0]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        if stock_zero_grad(self.base_optimizer):
+            zero_grad_quietly(self.base_optimizer, set_to_none)
+        else:
+            self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     @step_with_hooks
     @torch.no_grad()
