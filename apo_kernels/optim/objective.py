@@ -45,6 +45,13 @@ def _fsd_finite_at_theta(fsd_fn, old_out) -> bool:
         return math.isfinite(float(fsd_fn(old_out, old_out)))
 
 
+def _refuse_unless(usable: bool) -> None:
+    if not usable:
+        raise FSDReferenceNotFinite(
+            "fsd_inputs: the FSD term is not finite even at θ' = θ (the model's output at θ on them "
+            "holds a NaN, or an inf that fsd cannot take), so no step size makes it finite")
+
+
 def _detach_tree(x):
     if isinstance(x, Tensor):  # the common output, without the pytree walk (tens of µs on a small model)
         return x.detach()
@@ -109,7 +116,7 @@ class StepForward(_CallHooks):
         self.module = module
         self.inputs = tuple(fsd_inputs) if isinstance(fsd_inputs, (tuple, list)) else (fsd_inputs,)
         self.cuda_devices = list(cuda_devices)
-        self._submodules = submodules(module)  # whose train/eval flags the setting compares
+        self._submodules: Optional[list[nn.Module]] = None  # whose train/eval flags the setting compares
         self.calls = 0  # calls on exactly the FSD inputs
         self._rng_at_call: Optional[RNGState] = None
         self._found: Optional[tuple] = None
@@ -129,6 +136,8 @@ class StepForward(_CallHooks):
         self._rng_at_call = None
 
     def _state(self, out) -> tuple:
+        if self._submodules is None:  # walked at the first call on the FSD inputs (none: an FSD batch of its own)
+            self._submodules = submodules(self.module)
         return ([t._version for t in _tensors(self.inputs)], [t._version for t in _tensors(out)],
                 [m.training for m in self._submodules], _autocast_state())
 
@@ -381,7 +390,8 @@ def proximal_objective_grad(
             check of f(x̃; θ) must end every rank's meta-step alike); None: one process.
 
     Raises ``FSDReferenceNotFinite`` (θ, buffers and the RNG restored) when the FSD term is not
-    finite even at θ' = θ.
+    finite even at θ' = θ: over several processes checked before θ' is written, on one process only
+    when the term at θ' came out not finite (a finite one says f(x̃; θ) is usable).
 
     Passes over the model: the closure at θ' (forward + backward) and, when λ_FSD ≠ 0, a forward
     at θ without a graph and a forward + backward at θ' on ``fsd_inputs``. When ``step_forward``
@@ -420,18 +430,13 @@ def proximal_objective_grad(
                 old_out, rng_fsd = found
                 rider = FusedFSD(step_forward, old_out, rng_fsd, fsd_fn, coef)
             else:
-                rng_fsd = RNGState(rng_outer.cuda_devices)
+                rng_fsd = rng_outer  # (nothing has drawn since: the state to replay)
                 with torch.no_grad():
                     old_out = _detach_tree(model(*fsd_inputs))
                 if joint_fsd and _joinable(fsd_inputs, old_out) and rows_independent(model):
                     rider = JointFSD(model, fsd_inputs, old_out, fsd_fn, coef)
-            usable = _fsd_finite_at_theta(fsd_fn, old_out)
-            if all_ranks is not None:
-                usable = all_ranks(usable, "the finiteness of the FSD term at θ")
-            if not usable:
-                raise FSDReferenceNotFinite(
-                    "fsd_inputs: the FSD term is not finite even at θ' = θ (the model's output at θ on them "
-                    "holds a NaN, or an inf that fsd cannot take), so no step size makes it finite")
+            if all_ranks is not None:  # every rank must end its meta-step alike: agreed before θ' is written
+                _refuse_unless(all_ranks(_fsd_finite_at_theta(fsd_fn, old_out), "the finiteness of the FSD term at θ"))
         sum_sq = snap.write(deltas, form_deltas)  # ‖Δ‖², from the pass that writes θ'
         if not math.isfinite(sum_sq):  # Δ is not finite: there is no θ' to evaluate
             nan = float("nan")
@@ -473,6 +478,10 @@ def proximal_objective_grad(
             if pairs:
                 torch._foreach_add_([g for g, _ in pairs], [fg.to(g.dtype) for g, fg in pairs], alpha=lambda_fsd)
             del f, fsd_grads
+        if need_fsd and all_ranks is None and not math.isfinite(fsd_value):
+            # on one process f(x̃; θ) is checked only once the term at θ' is not finite: a finite
+            # D_F(f(x̃; θ'), f(x̃; θ)) holds no NaN of f(x̃; θ), and the check, a cold call there, is spared
+            _refuse_unless(_fsd_finite_at_theta(fsd_fn, old_out))
         loss_value = loss_scalar(loss)
         del loss, old_out
     finally:
