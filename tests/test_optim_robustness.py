@@ -558,6 +558,30 @@ def test_objective_of_a_non_finite_delta_is_nan_without_calling_the_closure():
     assert obj.wsd == pytest.approx(0.5 * sum(float((d.double() ** 2).sum()) for d in deltas), rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
+def test_one_process_checks_f_at_theta_only_when_the_fsd_term_is_not_finite(kind, monkeypatch):
+    """On one process a finite FSD term at θ' says f(x̃; θ) is usable, so a healthy meta-step makes no
+    check of it (a cold native call after the forward); a NaN in it is still caught, by that check."""
+    from apo_kernels.optim import objective
+    checked = []
+    real = objective._fsd_finite_at_theta
+    monkeypatch.setattr(objective, "_fsd_finite_at_theta", lambda *a: checked.append(1) or real(*a))
+    m, (x, y) = mlp(), data()
+    opt = (APOLR(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), lambda_fsd=0.1, lambda_wsd=0.0,
+                 meta_interval=1) if kind == "APOLR" else
+           APOPrecond(m, lr=0.1, lambda_fsd=0.1, lambda_wsd=0.0, meta_lr=0.01, meta_interval=1))
+    closure = closure_for(opt, m, x, y)
+    clean = x[:5] + 0.5
+    for _ in range(2):
+        opt.step(closure, fsd_inputs=(clean,))
+    assert opt.meta_steps == 2 and not checked
+    bad = clean.clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="fsd_inputs: the FSD term is not finite even at θ' = θ"):
+        opt.step(closure, fsd_inputs=(bad,))
+    assert checked == [1] and opt.meta_steps == 2
+
+
 @pytest.mark.parametrize("joint", [True, False], ids=["rows-joined", "apart"])
 @pytest.mark.parametrize("kind", ["APOLR", "APOPrecond"])
 def test_a_non_finite_fsd_batch_skips_the_meta_step_keeps_phi_and_takes_the_step(kind, joint):

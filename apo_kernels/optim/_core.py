@@ -499,7 +499,8 @@ class APOCore(torch.optim.Optimizer):
             distributed.local_module(self.model), plan.params, deltas, closure, fsd_inputs=fsd_inputs,
             lambda_fsd=self.lambda_fsd, lambda_wsd=self.lambda_wsd, fsd=self.fsd,
             grad_scale=scale, rng=rng, buffers=self._lookahead_buffers, step_forward=step_forward,
-            form_deltas=plan.form_deltas, joint_fsd=self._replicas.world == 1, all_ranks=self._replicas.all_true,
+            form_deltas=plan.form_deltas, joint_fsd=self._replicas.world == 1,
+            all_ranks=None if self._replicas.world == 1 else self._replicas.all_true,
         )
         if not math.isfinite(obj.wsd):  # Δ is not finite (found by the pass that writes θ'; Δ is
             return None                 # the same on every rank, so every rank returns here)
