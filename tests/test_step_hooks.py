@@ -32,13 +32,13 @@ def _setup(name):
 
 
 @contextlib.contextmanager
-def _record_function_raises(opt):
-    """torch.autograd.profiler.record_function raises for ``opt``'s step range while inside: shows
-    whether its step opens one (other ranges open as usual: zero_grad's, the base optimizer's step)."""
+def _ranges_refused(refused):
+    """torch.autograd.profiler.record_function raises for the ranges ``refused(name)`` picks while
+    inside; other ranges open as usual."""
     original = torch.autograd.profiler.record_function
 
     def Refused(name, *args, **kwargs):
-        if name == f"Optimizer.step#{type(opt).__name__}.step":
+        if refused(name):
             raise AssertionError(f"record_function was opened: {name}")
         return original(name, *args, **kwargs)
 
@@ -47,6 +47,17 @@ def _record_function_raises(opt):
         yield
     finally:
         torch.autograd.profiler.record_function = original
+
+
+def _record_function_raises(opt):
+    """Inside it ``opt``'s step range raises: shows whether its step opens one (zero_grad's and the base
+    optimizer's step open theirs as usual)."""
+    return _ranges_refused(lambda name: name == f"Optimizer.step#{type(opt).__name__}.step")
+
+
+def _zero_grad_range_raises():
+    """Inside it any optimizer's zero_grad range raises."""
+    return _ranges_refused(lambda name: name.startswith("Optimizer.zero_grad#"))
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -101,23 +112,6 @@ def test_profiler_sees_the_step_range(name):
         opt.step(closure_for(opt, model, x, y))
     names = {e.name for e in prof.events()}
     assert f"Optimizer.step#{name}.step" in names
-
-
-@contextlib.contextmanager
-def _zero_grad_range_raises():
-    """record_function raises for any optimizer's zero_grad range while inside."""
-    original = torch.autograd.profiler.record_function
-
-    def Refused(name, *args, **kwargs):
-        if name.startswith("Optimizer.zero_grad#"):
-            raise AssertionError(f"record_function was opened: {name}")
-        return original(name, *args, **kwargs)
-
-    torch.autograd.profiler.record_function = Refused
-    try:
-        yield
-    finally:
-        torch.autograd.profiler.record_function = original
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
