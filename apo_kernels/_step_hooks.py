@@ -19,6 +19,7 @@ many wrappers (this one, ``torch.no_grad``) stand between.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import warnings
@@ -31,8 +32,8 @@ from torch.optim import sgd as _torch_sgd
 from ._numerics import all_finite
 from .ops import backends
 
-__all__ = ["checked_sgd_step", "step_with_hooks", "step_quietly", "stock_zero_grad", "warn_at_caller",
-           "zero_grad_quietly"]
+__all__ = ["checked_sgd_step", "dot_adam_step", "step_with_hooks", "step_quietly", "stock_zero_grad",
+           "warn_at_caller", "zero_grad_quietly"]
 
 
 def _anyone_listening(opt: torch.optim.Optimizer) -> bool:
@@ -180,13 +181,7 @@ def _fused_adam_step(opt: torch.optim.Optimizer) -> bool:
     steps = []
     for group, params in calls:
         for p in params:
-            if len(state[p]) == 0:  # Adam._init_group's lazy state for a fused group
-                _torch_optimizer._device_dtype_check_for_fused(p)
-                state[p]["step"] = torch.zeros((), dtype=_torch_optimizer._get_scalar_dtype(is_fused=True),
-                                               device=p.device)
-                for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
-                    state[p][key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps.append(state[p]["step"])
+            steps.append(_fused_adam_state(opt, group, p)["step"])
     if not calls:
         return True
     torch._foreach_add_(steps, 1)
@@ -199,6 +194,49 @@ def _fused_adam_step(opt: torch.optim.Optimizer) -> bool:
                            beta2=float(beta2), weight_decay=group["weight_decay"], eps=group["eps"],
                            maximize=group["maximize"], grad_scale=None, found_inf=None)
     return True
+
+
+def _fused_adam_state(opt: torch.optim.Adam, group: dict, p: torch.Tensor) -> dict:
+    """``p``'s state in a fused ``torch.optim.Adam``, created as Adam._init_group creates it when empty."""
+    state = opt.state[p]
+    if len(state) == 0:
+        _torch_optimizer._device_dtype_check_for_fused(p)
+        state["step"] = torch.zeros((), dtype=_torch_optimizer._get_scalar_dtype(is_fused=True), device=p.device)
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+@torch.no_grad()
+def dot_adam_step(opt: torch.optim.Optimizer, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
+                  segments: Sequence[int]) -> Optional[list[float]]:
+    """The step of ``opt``, a fused ``torch.optim.Adam`` on one 1-D CPU parameter, whose gradient entry
+    e is Σ ⟨a_i, b_i⟩ (float64) over the e-th run of ``segments[e]`` consecutive pairs: one native call,
+    ``apo::dot_adam_step``, that forms the gradient and takes torch's step (its counter, then its kernel
+    with the group's hyperparameters: the same bits as ``.grad`` set to that gradient and ``opt.step()``).
+    ``.grad`` is not touched. Returns the gradient as floats, the step taken only when every entry is
+    finite (nothing written otherwise). None, having changed nothing, where that is not ``opt.step()``:
+    no native module, another optimizer or group (weight decay, amsgrad, maximize, a tensor lr), a pair
+    off the CPU, someone listening to the step, a grad scaler's flags (the caller then sets ``.grad``
+    and steps)."""
+    op = backends.native_dot_adam_step
+    if op is None or type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or not _quiet(opt):
+        return None
+    group = opt.param_groups[0]
+    if (len(group["params"]) != 1 or _scaler_flags(opt) or not _plain_fused_adam_group(group) or group["amsgrad"]
+            or group["weight_decay"] != 0 or group["maximize"]):
+        return None
+    param = group["params"][0]
+    if not param.is_cpu or param.dim() != 1 or param.numel() != len(segments) or not all(
+            t.is_cpu for t in (*a, *b)):
+        return None
+    state = _fused_adam_state(opt, group, param)
+    beta1, beta2 = group["betas"]
+    grad = op(list(a), list(b), list(segments), param, state["exp_avg"], state["exp_avg_sq"], state["step"],
+              group["lr"], float(beta1), float(beta2), group["eps"]).tolist()
+    if all(map(math.isfinite, grad)):
+        _record_call(opt)
+    return grad
 
 
 def _plain_fused_sgd_group(group: dict) -> bool:

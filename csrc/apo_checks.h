@@ -22,6 +22,10 @@
 //     momenta sharing no element with any argument; lr, momentum, weight_decay finite and >= 0,
 //     dampening finite, nesterov only with a momentum and no dampening (torch.optim.SGD's rules).
 //   - dot_sum: lists of one length, per pair one shape, all on one device.
+//   - dot_adam_step: a and b as dot_sum's; one segment length (>= 0) per entry of param, summing to
+//     the number of pairs; param 1-D, exp_avg and exp_avg_sq of its shape, float32 or float64 and
+//     contiguous, step 0-D, all on param's device, the four written apart from every argument; lr and
+//     eps finite and >= 0, betas in [0, 1).
 //   - kron_precondition: grad 2-D (m, n), L (m, m) or None, R (n, n) or None and out (m, n) of its
 //     dtype and device, out sharing no element with grad, L or R.
 //   - kl_value_and_grad: new_out and old_out of one shape, dtype and device, at least 1-D and not
@@ -467,6 +471,61 @@ inline void check_dot_sum(TensorList a, TensorList b) {
                         a[0].device());
     }
   }
+}
+
+// One step of torch.optim.Adam on a sum of dot products (dot_adam_step): a and b as dot_sum's, on
+// param's device; segments one non-negative length per entry of param, summing to the number of pairs;
+// param 1-D float32 or float64 and contiguous, exp_avg and exp_avg_sq of its shape, dtype and device
+// (contiguous too: torch's kernel walks them as flat arrays), step a 0-d float32 or float64 on its
+// device; the four are written, so they share no element with any argument; lr and eps finite and
+// >= 0, betas in [0, 1) (torch.optim.Adam's rules).
+
+inline void check_dot_adam_step(TensorList a, TensorList b, at::IntArrayRef segments, const Tensor& param,
+                                const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step, double lr,
+                                double beta1, double beta2, double eps) {
+  check_dot_sum(a, b);
+  for (const auto& [name, v] : {std::pair<const char*, double>{"lr", lr}, {"eps", eps}}) {
+    TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, name, " must be a finite number >= 0, got ", v);
+  }
+  for (const auto& [name, v] : {std::pair<const char*, double>{"beta1", beta1}, {"beta2", beta2}}) {
+    TORCH_CHECK_VALUE(v >= 0.0 && v < 1.0, name, " must be in [0, 1), got ", v);
+  }
+  const std::array<std::pair<const char*, const Tensor*>, 3> state = {
+      std::pair<const char*, const Tensor*>{"param", &param}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}};
+  for (const auto& [name, t] : state) {
+    check_tensor(*t, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name, " has dtype ",
+                     dtype_str(t->scalar_type()), "; supported dtypes are float32, float64");
+    TORCH_CHECK_VALUE(t->sizes() == param.sizes(), name, " must have param's shape ", shape_str(param.sizes()),
+                      ", got ", shape_str(t->sizes()));
+    TORCH_CHECK_TYPE(t->scalar_type() == param.scalar_type(), name, " has dtype ", dtype_str(t->scalar_type()),
+                     " but param has ", dtype_str(param.scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == param.device(), name, " is on ", t->device(), " but param is on ",
+                      param.device());
+    TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+  }
+  TORCH_CHECK_VALUE(param.dim() == 1, "param must be 1-D, got shape ", shape_str(param.sizes()));
+  check_tensor(step, "step");
+  TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, "step has dtype ",
+                   dtype_str(step.scalar_type()), "; supported dtypes are float32, float64");
+  TORCH_CHECK_VALUE(step.dim() == 0, "step must be 0-D, got shape ", shape_str(step.sizes()));
+  TORCH_CHECK_VALUE(step.device() == param.device(), "step is on ", step.device(), " but param is on ",
+                    param.device());
+  TORCH_CHECK_VALUE(a.empty() || a[0].device() == param.device(), "a[0] is on ", a.empty() ? param.device() : a[0].device(),
+                    " but param is on ", param.device());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(segments.size()) == param.numel(),
+                    "segments must have one length per entry of param (", param.numel(), "), got ", segments.size());
+  int64_t total = 0;
+  for (size_t e = 0; e < segments.size(); ++e) {
+    TORCH_CHECK_VALUE(segments[e] >= 0, "segments[", e, "] must be >= 0, got ", segments[e]);
+    total += segments[e];
+  }
+  TORCH_CHECK_VALUE(total == static_cast<int64_t>(a.size()), "segments must sum to the number of pairs (", a.size(),
+                    "), got ", total);
+  const std::array<std::pair<const char*, TensorList>, 6> all = {
+      std::pair<const char*, TensorList>{"a", a}, {"b", b}, {"param", TensorList(param)},
+      {"exp_avg", TensorList(exp_avg)}, {"exp_avg_sq", TensorList(exp_avg_sq)}, {"step", TensorList(step)}};
+  overlap::check_written_apart(all, 2);
 }
 
 // The kron structure's step (kron_precondition): grad 2-D (m, n); L (m, m) or None, R (n, n) or None

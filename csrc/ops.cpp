@@ -1654,9 +1654,8 @@ Tensor dot_sum_generic(TensorList a, TensorList b) {
   return at::stack(each).sum();  // (callers pass at least one pair)
 }
 
-Tensor dot_sum_cpu(TensorList a, TensorList b) {
-  checks::check_dot_sum(a, b);
-  at::AutoDispatchBelowADInplaceOrView guard;
+// Σ_i ⟨a_i, b_i⟩ in float64 on the CPU (the caller checked the pairs and set the dispatch guard).
+double dots_cpu(TensorList a, TensorList b) {
   double sum = 0.0;
   std::vector<Tensor> rest_a, rest_b;  // pairs off the direct loop: ATen's ops
   for (size_t i = 0; i < a.size(); ++i) {
@@ -1671,7 +1670,13 @@ Tensor dot_sum_cpu(TensorList a, TensorList b) {
     }
   }
   if (!rest_a.empty()) sum += dot_sum_generic(rest_a, rest_b).item<double>();
-  return at::scalar_tensor(sum, at::kDouble);
+  return sum;
+}
+
+Tensor dot_sum_cpu(TensorList a, TensorList b) {
+  checks::check_dot_sum(a, b);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return at::scalar_tensor(dots_cpu(a, b), at::kDouble);
 }
 
 // Any other device: ATen's ops, no sync.
@@ -1680,6 +1685,41 @@ Tensor dot_sum_any(TensorList a, TensorList b) {
   at::AutoDispatchBelowADInplaceOrView guard;
   if (a.empty()) return at::scalar_tensor(0.0, at::kDouble);
   return dot_sum_generic(a, b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// apo::dot_adam_step: one step of torch.optim.Adam (fused; no weight decay, amsgrad or maximize) on a
+// 1-D param whose gradient entry e is Σ ⟨a_i, b_i⟩ in float64 over the e-th run of `segments[e]`
+// consecutive pairs. APO-LR's meta-step: ∂Q/∂log lr per group and φ's step in one call, where they
+// were a dot_sum, a tensor from its floats, the step counter's increment and torch's kernel, each a
+// cold call after the lookahead's backward. The step is torch's own: the counter incremented as
+// torch.optim.Adam increments it, then at::_fused_adam_ with these hyperparameters (the same kernel and
+// arguments: the same bits). Returns the gradient, float64 on param's device; when an entry is not
+// finite nothing is written. Off the CPU the sums are read back before the step (one sync).
+
+Tensor dot_adam_step(TensorList a, TensorList b, at::IntArrayRef segments, const Tensor& param,
+                     const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step, double lr, double beta1,
+                     double beta2, double eps) {
+  checks::check_dot_adam_step(a, b, segments, param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  Tensor sums = at::empty({static_cast<int64_t>(segments.size())}, at::kDouble);
+  double* g = sums.data_ptr<double>();
+  bool finite = true;
+  size_t k = 0;
+  for (size_t e = 0; e < segments.size(); ++e) {
+    const size_t n = static_cast<size_t>(segments[e]);
+    const TensorList run_a = a.slice(k, n), run_b = b.slice(k, n);
+    g[e] = run_a.empty() || run_a[0].is_cpu() ? dots_cpu(run_a, run_b) : dot_sum_generic(run_a, run_b).item<double>();
+    finite = finite && std::isfinite(g[e]);
+    k += n;
+  }
+  Tensor grad = sums.to(param.device());
+  if (finite) {
+    step.add_(1);  // torch.optim.Adam's count, before its kernel reads it
+    at::_fused_adam_({param}, {grad.to(param.scalar_type())}, {exp_avg}, {exp_avg_sq}, {}, {step}, lr, beta1,
+                     beta2, /*weight_decay=*/0.0, eps, /*amsgrad=*/false, /*maximize=*/false);
+  }
+  return grad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1789,6 +1829,9 @@ TORCH_LIBRARY(apo, m) {
       "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize) -> Tensor");
   m.def("dot_sum(Tensor[] a, Tensor[] b) -> Tensor");
+  m.def(
+      "dot_adam_step(Tensor[] a, Tensor[] b, int[] segments, Tensor(a!) param, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_sq, Tensor(d!) step, float lr, float beta1, float beta2, float eps) -> Tensor");
   m.def("kron_precondition(Tensor grad, Tensor? L, Tensor? R, Tensor(a!) out) -> ()");
   m.def("kl_value_and_grad(Tensor new_out, Tensor old_out, float scale) -> (Tensor, Tensor)");  // discrepancy.cpp
   // The GEMM engine of the CPU direct path's fp32 layers in this process (cpu_gemm.h): "blas", "onednn" or
@@ -1823,5 +1866,6 @@ TORCH_LIBRARY_IMPL(apo, CompositeExplicitAutograd, m) {
   m.impl("sgd_lookahead", &apo::sgd_lookahead_any);
   m.impl("sgd_step", &apo::sgd_step_any);
   m.impl("dot_sum", &apo::dot_sum_any);
+  m.impl("dot_adam_step", &apo::dot_adam_step);  // (one kernel for every device: its CPU sums are direct)
   m.impl("kron_precondition", &apo::kron_precondition_any);
 }

@@ -239,6 +239,7 @@ def build_cases() -> list[Case]:
     _sgd_lookahead_cases(torch, add)
     _sgd_step_cases(torch, add)
     _dot_sum_cases(torch, add)
+    _dot_adam_step_cases(torch, add)
     _kron_cases(torch, add)
     return cases
 
@@ -524,6 +525,48 @@ def _dot_sum_cases(torch, add) -> None:
     _per_parameter_cases(torch, add, "dot-sum", lambda: _dot_sum_call(torch), DOT_SUM_LISTS, "a, b")
     add("native/dot-sum/b shorter", "a and b must have the same length",
         _edited(lambda: _dot_sum_call(torch), lambda a: a[1].pop()))
+
+
+# φ's Adam step on a sum of dot products: lists a and b as dot_sum's, the segments, then φ, its two
+# moments and its step counter (written), lr, beta1, beta2, eps.
+DOT_ADAM_STATE = {"param": 3, "exp_avg": 4, "exp_avg_sq": 5}
+
+
+def _dot_adam_step_call(torch):
+    a, b = _dot_sum_call(torch)[1]
+    phi = torch.zeros(2, dtype=torch.float64)
+    return torch.ops.apo.dot_adam_step, [a, b, [2, 1], phi, torch.zeros_like(phi), torch.zeros_like(phi),
+                                         torch.zeros(()), 0.01, 0.0, 0.9, 1e-8]
+
+
+def _dot_adam_step_cases(torch, add) -> None:
+    _per_parameter_cases(torch, add, "dot-adam-step", lambda: _dot_adam_step_call(torch), DOT_SUM_LISTS,
+                         "a, b, param, exp_avg, exp_avg_sq, step")
+
+    def whole(fn):
+        return _edited(lambda: _dot_adam_step_call(torch), fn)
+
+    add("native/dot-adam-step/b shorter", "a and b must have the same length", whole(lambda a: a[1].pop()))
+    add("native/dot-adam-step/segments too few", _names("segments"), whole(lambda a: a.__setitem__(2, [3])))
+    add("native/dot-adam-step/segments sum short", _names("segments"), whole(lambda a: a.__setitem__(2, [1, 1])))
+    add("native/dot-adam-step/a negative segment", _names("segments"), whole(lambda a: a.__setitem__(2, [4, -1])))
+    for name, k in DOT_ADAM_STATE.items():
+        add(f"native/dot-adam-step/{name} 2-D", _names(name),
+            whole(lambda a, k=k: a.__setitem__(k, a[k].reshape(1, 2))))
+        add(f"native/dot-adam-step/{name} int64", _names(name), whole(lambda a, k=k: a.__setitem__(k, a[k].long())))
+        add(f"native/dot-adam-step/{name} strided", _names(name),
+            whole(lambda a, k=k: a.__setitem__(k, torch.zeros(4, dtype=torch.float64)[::2])))
+        add(f"native/dot-adam-step/{name} on meta", f"{_names(name)}|a, b, param, exp_avg, exp_avg_sq, step",
+            whole(lambda a, k=k: a.__setitem__(k, a[k].to("meta"))))
+    add("native/dot-adam-step/exp_avg float32", _names("exp_avg"), whole(lambda a: a.__setitem__(4, a[4].float())))
+    add("native/dot-adam-step/exp_avg is param", _names("exp_avg"), whole(lambda a: a.__setitem__(4, a[3])))
+    add("native/dot-adam-step/step in param's memory", f"{_names('step')}|{_names('param')}",
+        whole(lambda a: a.__setitem__(6, a[3][0])))
+    add("native/dot-adam-step/step 1-D", _names("step"), whole(lambda a: a.__setitem__(6, torch.zeros(1))))
+    add("native/dot-adam-step/step None", _names("step"), whole(lambda a: a.__setitem__(6, None)))
+    for k, name, bad in ((7, "lr", float("nan")), (7, "lr", -0.1), (8, "beta1", 1.0), (9, "beta2", -0.5),
+                         (10, "eps", float("inf"))):
+        add(f"native/dot-adam-step/{name}={bad}", _names(name), whole(lambda a, k=k, bad=bad: a.__setitem__(k, bad)))
 
 
 # The kron step: out = L·G·R for one layer (grad (m, n), L (m, m), R (n, n), out written).

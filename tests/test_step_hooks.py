@@ -362,6 +362,72 @@ def test_meta_optimizer_step_goes_straight_to_the_kernel_and_matches_torchs():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(backends.native_dot_adam_step is None, reason="the native module apo_kernels._C is not built")
+@pytest.mark.parametrize("per_group", [False, True])
+def test_apolr_meta_gradient_and_step_in_one_native_call_match_torchs_step(per_group, monkeypatch):
+    """APO-LR's meta-gradient and φ's Adam step are one apo::dot_adam_step call when nobody listens to
+    the meta-optimizer: φ, its moments and θ the same bits as the dot sums, ``.grad`` and torch's own
+    step (a listener on the twin's meta-optimizer), over meta-steps of a two-group SGD."""
+    def run(listen):
+        torch.manual_seed(0)
+        model = mlp()
+        params = list(model.parameters())
+        base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.03}], lr=0.05, momentum=0.9)
+        opt = APOLR(model, base, lambda_fsd=0.1, lambda_wsd=0.1, meta_interval=2, per_group=per_group)
+        if listen:
+            opt.meta_optimizer.register_step_post_hook(lambda o, args, kwargs: None)
+        x, y = data()
+        for _ in range(5):
+            opt.step(closure_for(opt, model, x, y), fsd_inputs=(x,))
+        return opt, model
+
+    calls = []
+    native = backends.native_dot_adam_step
+    monkeypatch.setattr(backends, "native_dot_adam_step", lambda *args: calls.append(args[2]) or native(*args))
+    opt, model = run(listen=False)
+    assert calls == [[2, 2] if per_group else [4]] * 3 and opt.meta_steps == 3
+    twin, twin_model = run(listen=True)
+    assert len(calls) == 3 and twin.meta_steps == 3  # the twin's steps are torch's
+    assert torch.equal(opt.log_lr, twin.log_lr) and opt.log_lr._version > 0
+    ours, theirs = opt.meta_optimizer.state[opt.log_lr], twin.meta_optimizer.state[twin.log_lr]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
+    assert opt.log_lr.grad is None and opt.lr_history == twin.lr_history
+
+
+@pytest.mark.skipif(backends.native_dot_adam_step is None, reason="the native module apo_kernels._C is not built")
+def test_dot_adam_step_leaves_other_optimizers_to_torch():
+    """Where one native call is not ``opt.step()`` (another optimizer or group, a second parameter, someone
+    listening, a pair off the CPU), ``dot_adam_step`` returns None and changes nothing."""
+    a, b = [torch.randn(3, 2)], [torch.randn(3, 2)]
+    cases = {
+        "foreach Adam": lambda phi: torch.optim.Adam([phi], lr=0.1),
+        "amsgrad": lambda phi: torch.optim.Adam([phi], lr=0.1, amsgrad=True, fused=True),
+        "weight decay": lambda phi: torch.optim.Adam([phi], lr=0.1, weight_decay=0.1, fused=True),
+        "maximize": lambda phi: torch.optim.Adam([phi], lr=0.1, maximize=True, fused=True),
+        "a tensor lr": lambda phi: torch.optim.Adam([phi], lr=torch.tensor(0.1), fused=True),
+        "AdamW": lambda phi: torch.optim.AdamW([phi], lr=0.1, fused=True),
+        "SGD": lambda phi: torch.optim.SGD([phi], lr=0.1),
+        "two parameters": lambda phi: torch.optim.Adam([phi, torch.zeros(1, dtype=torch.float64)], lr=0.1, fused=True),
+        "a step hook": lambda phi: _hooked(torch.optim.Adam([phi], lr=0.1, fused=True)),
+    }
+    for name, make in cases.items():
+        phi = torch.zeros(1, dtype=torch.float64)
+        opt = make(phi)
+        assert _step_hooks.dot_adam_step(opt, a, b, [1]) is None, name
+        assert torch.equal(phi, torch.zeros(1, dtype=torch.float64)) and len(opt.state) == 0, name
+    phi = torch.zeros(1, dtype=torch.float64)
+    opt = torch.optim.Adam([phi], lr=0.1, fused=True)
+    meta = [torch.randn(3, 2, device="meta")]
+    assert _step_hooks.dot_adam_step(opt, meta, meta, [1]) is None and len(opt.state) == 0  # off the CPU
+    assert _step_hooks.dot_adam_step(opt, a, b, [1]) is not None and phi.item() != 0.0  # the plain case steps
+
+
+def _hooked(opt):
+    opt.register_step_pre_hook(lambda o, args, kwargs: None)
+    return opt
+
+
 SGD_CONFIGS = [dict(lr=0.05), dict(lr=0.01, momentum=0.9),
                dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
                dict(lr=0.03, momentum=0.5, dampening=0.3, maximize=True, weight_decay=0.1)]

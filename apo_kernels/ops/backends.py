@@ -249,6 +249,17 @@ if _native_error is None:
     def _fake_dot_sum(a, b):
         _on_one_device("a, b", (*a, *b))
         return (a[0].new_empty((), dtype=torch.float64) if a else torch.empty((), dtype=torch.float64))
+# apo::dot_adam_step(a, b, segments, param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps) -> gradient:
+# torch.optim.Adam's fused step on a 1-D param whose gradient is a float64 sum of dot products per
+# segment (APO-LR's meta-step, apo_kernels._step_hooks.dot_adam_step); None without the native module
+native_dot_adam_step: Optional[Callable] = None
+if _native_error is None:
+    native_dot_adam_step = torch.ops.apo.dot_adam_step.default
+
+    @torch.library.register_fake("apo::dot_adam_step")
+    def _fake_dot_adam_step(a, b, segments, param, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
+        _on_one_device("a, b, param, exp_avg, exp_avg_sq, step", (*a, *b, param, exp_avg, exp_avg_sq, step))
+        return param.new_empty((len(segments),), dtype=torch.float64)
 # apo::kron_precondition(grad, L, R, out) -> None: out = L·G·R, the kron structure's step
 # (apo_kernels.optim.kron); None without the native module
 native_kron_precondition: Optional[Callable] = None

@@ -8,6 +8,9 @@ A subclass supplies these hooks; only ``_apply`` and ``_shrink_phi`` mutate stat
     _meta_backward(plan, dQ) -> bool|None  set ``.grad`` of φ from ∇θ'Q (list like the deltas);
                                             whether it is finite where the subclass knows, else
                                             None (then it is checked here)
+    _meta_backward_and_step(plan, dQ)       on one process, the meta-gradient and φ's step in one
+        -> bool|None                        call where the subclass has one (False: not finite,
+                                            nothing written), else None (the default)
     _apply(plan) -> bool                    the real update θ ← u(θ, φ, B) with the (new) φ, and
                                             its state update; False (nothing written) when the
                                             update it would write is not finite
@@ -435,25 +438,43 @@ class APOCore(torch.optim.Optimizer):
             factor = self._overshoot_factor(plan, deltas, loss_at_theta, obj.value)
             if factor is not None:
                 return factor
-        self._zero_meta_grads()
-        with self._no_autocast():
-            finite = self._meta_backward(plan, obj.grads)
-        if finite is None:
-            finite = all_finite_scratch(self._meta_grads())
-        if not self._replicas.all_true(finite, "the meta-gradient's finiteness"):
-            self._zero_meta_grads()
+        if not self._meta_step(plan, obj.grads):
             return self.SHRINK
-        step_quietly(self.meta_optimizer)
-        if any(g.get("fused") for g in self.meta_optimizer.param_groups):
-            # torch's fused Adam writes φ without moving its version counters, which the caches
-            # built from φ read (kron's L and R, the carried direction)
-            increment_version([p for g in self.meta_optimizer.param_groups for p in g["params"]])
-        self._zero_meta_grads()
         self.meta_steps += 1
         self._searching = False
         self.last_meta = {"step": self._apo_step, "Q": obj.value, "loss": obj.loss,
                           "fsd": obj.fsd, "wsd": obj.wsd}
         self._after_meta_step()
+        return None
+
+    def _meta_step(self, plan, dQ) -> bool:
+        """The meta-gradient from ∇θ'Q and the meta-optimizer's step on φ; False, with nothing written,
+        when the meta-gradient is not finite (on every rank: the ranks agree before φ is written)."""
+        with self._no_autocast():
+            done = self._meta_backward_and_step(plan, dQ) if self._replicas.world == 1 else None
+        if done is False:
+            return False
+        if done is None:
+            self._zero_meta_grads()
+            with self._no_autocast():
+                finite = self._meta_backward(plan, dQ)
+            if finite is None:
+                finite = all_finite_scratch(self._meta_grads())
+            if not self._replicas.all_true(finite, "the meta-gradient's finiteness"):
+                self._zero_meta_grads()
+                return False
+            step_quietly(self.meta_optimizer)
+            self._zero_meta_grads()
+        if done or any(g.get("fused") for g in self.meta_optimizer.param_groups):
+            # torch's fused Adam writes φ without moving its version counters, which the caches
+            # built from φ read (kron's L and R, the carried direction, APO-LR's learnt lrs)
+            increment_version([p for g in self.meta_optimizer.param_groups for p in g["params"]])
+        return True
+
+    def _meta_backward_and_step(self, plan, dQ) -> Optional[bool]:
+        """On one process: the meta-gradient and φ's step in one call where the subclass has one (True:
+        taken; False: the meta-gradient is not finite and nothing was written), else None (the
+        default: ``_meta_backward``, then the meta-optimizer's step)."""
         return None
 
     def _loss_finite_at_theta(self, plan, closure, scale) -> bool:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from .._args import FLOAT32_MAX, check_bool, check_number, check_optimizer_state_shapes, check_type
 from .._numerics import all_finite, loss_finite
-from .._step_hooks import checked_sgd_step, step_quietly, step_with_hooks, stock_zero_grad, zero_grad_quietly
+from .._step_hooks import (checked_sgd_step, dot_adam_step, step_quietly, step_with_hooks, stock_zero_grad,
+                           zero_grad_quietly)
 from ..ops import backends
 from ._core import (APOCore, _Plan, check_common_args, check_state_finite, momentum_catch_up,
                     with_load_state_dict_hooks, with_state_dict_hooks)
@@ -476,7 +477,7 @@ class APOLR(APOCore):
         self._lr0 = [float(g.get("initial_lr", g["lr"])) for g in base_optimizer.param_groups]
         init = [math.log(lr) for lr in self._lr0] if self.per_group else [math.log(self._lr0[0])]
         self.log_lr = torch.tensor(init, dtype=torch.float64)  # φ
-        self._log_lr0 = self.log_lr.clone()
+        self._log_lr0 = init  # φ₀ as floats: every read of φ − φ₀ would otherwise read a tensor back too
         self.meta_lr = float(meta_lr)
         self.meta_optimizer = self._make_meta_optimizer()
         self._init_core()
@@ -500,15 +501,21 @@ class APOLR(APOCore):
 
     def _learnt_factors(self) -> list[float]:
         """learnt lr / its initial value per group: exp(φ − φ₀), exactly 1 until φ moves. Kept until
-        φ or φ₀ changes (any in-place write moves a tensor's version): every step reads it, and two
-        reads of φ back to Python cost more there than the rest of the lr swap."""
-        key = (id(self.log_lr), self.log_lr._version, id(self._log_lr0), self._log_lr0._version)
+        φ changes (any in-place write moves a tensor's version) or φ₀ is replaced: every step reads it,
+        and a read of φ back to Python costs more there than the rest of the lr swap."""
         cached = getattr(self, "_factors_cache", None)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == self._factors_key():
             return cached[1]
-        f = [math.exp(v - v0) for v, v0 in zip(self.log_lr.tolist(), self._log_lr0.tolist())]  # float64 either way
+        return self._keep_factors(self.log_lr.tolist())
+
+    def _factors_key(self) -> tuple:
+        return id(self.log_lr), self.log_lr._version, id(self._log_lr0)
+
+    def _keep_factors(self, values: list[float]) -> list[float]:
+        """The factors of φ's ``values`` (just read from it), kept for φ as it is now."""
+        f = [math.exp(v - v0) for v, v0 in zip(values, self._log_lr0)]  # float64 either way
         f = f if self.per_group else f * len(self._lr0)
-        self._factors_cache = (key, f)
+        self._factors_cache = (self._factors_key(), f)
         return f
 
     @property
@@ -608,12 +615,24 @@ class APOLR(APOCore):
         return 1.0
 
     def _meta_backward(self, plan, dQ) -> bool:
-        # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩
-        dQ = iter(dQ)
-        grads = [_sum_of_dots([next(dQ) for _ in deltas], deltas) for deltas in plan.deltas]
-        grads = grads if self.per_group else [sum(grads)]
+        # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩; one lr for all groups: one
+        # sum over every parameter (the sums of _meta_backward_and_step's call, to the bit)
+        if self.per_group:
+            dQ = iter(dQ)
+            grads = [_sum_of_dots([next(dQ) for _ in deltas], deltas) for deltas in plan.deltas]
+        else:
+            grads = [_sum_of_dots(list(dQ), [d for ds in plan.deltas for d in ds])]
         self.log_lr.grad = torch.tensor(grads, dtype=torch.float64)
         return all(map(math.isfinite, grads))  # read off the Python floats: no check of its own
+
+    def _meta_backward_and_step(self, plan, dQ) -> Optional[bool]:
+        # the dots of _meta_backward and φ's Adam step in one native call (dot_adam_step), where the
+        # meta-optimizer's step is torch's fused kernel: cold after the lookahead's backward, the dot, the
+        # gradient tensor and torch's step were four calls and its Python
+        deltas = [d for ds in plan.deltas for d in ds]
+        segments = [len(ds) for ds in plan.deltas] if self.per_group else [len(deltas)]
+        grads = dot_adam_step(self.meta_optimizer, list(dQ), deltas, segments)
+        return None if grads is None else all(map(math.isfinite, grads))
 
     def _clamp_and_record(self):
         # φ stays within ±LOG_LR_REACH of φ₀, where exp(φ − φ₀) is a finite, nonzero double, and the learnt
@@ -624,10 +643,10 @@ class APOLR(APOCore):
         hi = math.log(FLOAT32_MAX) - 1e-6  # (a margin: lr0·exp(φ − φ₀) rounds)
         hi = hi if self.max_lr is None else min(hi, math.log(self.max_lr))
         values = self.log_lr.tolist()
-        clamped = [min(max(v, v0 - LOG_LR_REACH, lo), v0 + LOG_LR_REACH, hi)
-                   for v, v0 in zip(values, self._log_lr0.tolist())]
+        clamped = [min(max(v, v0 - LOG_LR_REACH, lo), v0 + LOG_LR_REACH, hi) for v, v0 in zip(values, self._log_lr0)]
         if clamped != values:
             self.log_lr.copy_(torch.tensor(clamped, dtype=self.log_lr.dtype))
+        self._keep_factors(clamped)  # (the values φ now holds: the learnt lrs need no second read)
         self.lr_history.append((self._apo_step, self.learnt_lrs))
 
     def _after_meta_step(self):
@@ -712,5 +731,4 @@ class APOLR(APOCore):
         self._load_core_state(state)
         self.lr_history = [(s, list(l)) for s, l in state["lr_history"]]
         self._lr0 = list(state["lr0"])
-        init = [math.log(lr) for lr in self._lr0] if self.per_group else [math.log(self._lr0[0])]
-        self._log_lr0 = torch.tensor(init, dtype=torch.float64)
+        self._log_lr0 = [math.log(lr) for lr in self._lr0] if self.per_group else [math.log(self._lr0[0])]
