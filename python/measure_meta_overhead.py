@@ -3,7 +3,7 @@
     python python/measure_meta_overhead.py [--rows mlp1024,mlp2048,cnn,...] [--fsd-batch other,own] [--repeats 7] [--threads N] [--clock cpu]
     python python/measure_meta_overhead.py --meta-cost [--repeats 10]
     python python/measure_meta_overhead.py --plain-step-parts [--rows small] [--repeats 60] [--threads 1 --clock cpu]
-    python python/measure_meta_overhead.py --meta-step-parts [--rows small] [--repeats 200] [--threads 2]
+    python python/measure_meta_overhead.py --meta-step-parts [--rows small] [--fsd-batch own,other] [--repeats 200] [--threads 2]
     python python/measure_meta_overhead.py --free-pieces [--rows small] [--repeats 60] [--threads 2]
     python python/measure_meta_overhead.py --direct-calls [--rows small] [--repeats 200] [--threads 2]
     python python/measure_meta_overhead.py --joint-fsd [--rows small,mlp1024] [--repeats 40]
@@ -47,11 +47,12 @@ A diagnosis, not a configuration: the pieces are switched off on the instance, a
 the check would let a non-finite gradient into the momentum. Every
 variant trains its own copy in 10-step blocks, the blocks in a shuffled order each round.
 
-``--meta-step-parts``: APO-LR(SGD+momentum)'s meta-step (λ_FSD = 0.1 on the step's batch, K = 10)
+``--meta-step-parts``: APO-LR(SGD+momentum)'s meta-step (λ_FSD = 0.1 on each ``--fsd-batch``, K = 10)
 timed in pieces, each the median over meta-steps of its time within one: the closures at θ and θ'
-(with the FSD term's value and gradient, which run inside the closure at θ'), each piece of APO's
-own work (the gradient check, the lookahead direction, writing and restoring θ', the
-meta-gradient, the Adam step on φ, the base optimizer's step) and what none of them covers; then
+(with the FSD term's value and gradient, which run inside the closure at θ' on the step's batch, and
+on another batch inside it where the rows join, else after it), each piece of APO's own work (the
+gradient check, the lookahead direction, writing and restoring θ', the meta-gradient with the Adam
+step on φ, the base optimizer's step) and what none of them covers; then
 the plain step in the same way (its closure, its gradient check and base step, the rest). A diagnosis: the pieces are timed by wrapping them.
 
 ``--free-pieces``: APO-LR's throughput (λ_FSD = 0.1 on the step's batch) next to the same optimizer
@@ -205,6 +206,11 @@ class _FreePieces(APOLR):
             dirs = apo_lr.lr_directions(self.base_optimizer, plan.params_by_group, self._lookahead_scales(plan))
             self._kept_deltas = [d for ds in dirs for d in ds]
         return self._kept_deltas
+
+    def _meta_backward_and_step(self, plan, dQ):
+        if "meta" not in self._free:
+            return super()._meta_backward_and_step(plan, dQ)
+        return None  # (the free meta-gradient below, and no step)
 
     def _meta_backward(self, plan, dQ):
         if "meta" not in self._free:
@@ -363,8 +369,7 @@ META_STEP_PARTS = (
     (snapshot.ModelSnapshot, "__init__", "snapshot of θ"),
     (snapshot.ModelSnapshot, "write", "θ' = θ + Δ and ‖Δ‖² (SGD: and Δ)"),
     (snapshot.ModelSnapshot, "restore", "θ restored"),
-    (APOLR, "_meta_backward", "meta-gradient ⟨∇θ'Q, Δ⟩"),
-    (_core, "step_quietly", "Adam step on φ"),
+    (_core.APOCore, "_meta_step", "meta-gradient ⟨∇θ'Q, Δ⟩ and Adam step on φ"),
     (APOLR, "_after_meta_step", "clamp and record φ"),
     (APOLR, "_apply", "base step"),
 )
@@ -403,14 +408,16 @@ def joint_fsd(row: str, repeats: int, clock_name: str):
     print_variants(row, repeats, clock_name, res, batch="another batch")
 
 
-def meta_step_parts(row: str, repeats: int, clock_name: str):
-    """APO-LR(SGD+momentum)'s meta-step on ``row``, λ_FSD = 0.1 on the step's batch, K = 10, timed in
-    pieces: the closures, each piece of APO's own work (the median over meta-steps of its time in
-    one meta-step) and what none of them covers. A diagnosis: the pieces are timed by wrapping them."""
+def meta_step_parts(row: str, repeats: int, clock_name: str, own_batch: bool = True):
+    """APO-LR(SGD+momentum)'s meta-step on ``row``, λ_FSD = 0.1 on the step's batch (``own_batch``) or
+    another, K = 10, timed in pieces: the closures, each piece of APO's own work (the median over
+    meta-steps of its time in one meta-step) and what none of them covers. A diagnosis: the pieces are
+    timed by wrapping them."""
     label, make_model, shape = ROWS[row]
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)
+    fsd_x = x if own_batch else torch.randn(*shape, generator=gen)
     torch.manual_seed(0)
     model = make_model()
     opt = APOLR(model, base_sgd(model), lambda_fsd=0.1, lambda_wsd=0.0, meta_interval=INTERVAL)
@@ -420,7 +427,7 @@ def meta_step_parts(row: str, repeats: int, clock_name: str):
     def step():
         timers.step = {}
         t0 = clock()
-        opt.step(closure, fsd_inputs=(x,))
+        opt.step(closure, fsd_inputs=(fsd_x,))
         return clock() - t0, timers.step
 
     for owner, attr, part in META_STEP_PARTS + INSIDE_CLOSURE + PLAIN_STEP_PARTS:
@@ -440,7 +447,8 @@ def meta_step_parts(row: str, repeats: int, clock_name: str):
         return statistics.median(parts.get(key, 0.0) for _, parts in steps)
 
     total = statistics.median(t for t, _ in meta)
-    print(f"\n{label}, APO-LR(SGD+momentum), λ_FSD=0.1 on the step's batch, K={INTERVAL}: "
+    batch = "the step's batch" if own_batch else "another batch"
+    print(f"\n{label}, APO-LR(SGD+momentum), λ_FSD=0.1 on {batch}, K={INTERVAL}: "
           f"{len(meta)} meta-steps, {clock_name} time; medians")
     print(f"  {'meta-step':44s} {total * 1e6:8.1f} µs")
     closures, closures_label = med(meta, "closures"), "closures at θ and θ'"
@@ -549,7 +557,8 @@ def main():
             joint_fsd(row, args.repeats, args.clock)
     elif args.meta_step_parts:
         for row in rows:
-            meta_step_parts(row, args.repeats, args.clock)
+            for batch in fsd_batches:
+                meta_step_parts(row, args.repeats, args.clock, own_batch=batch == "own")
     else:
         print_throughput(rows, args.repeats, args.clock, fsd_batches)
     print(f"the threads' round trip at the end: {thread_handoff_ns()} ns")

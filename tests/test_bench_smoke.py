@@ -611,7 +611,7 @@ def test_meta_step_parts_diagnosis_accounts_for_the_whole_meta_step():
                 re.findall(r"^\s+(\S.*?)\s+(-?[0-9.]+) µs$", proc.stdout, re.M))
     own = ["gradient check at θ", "lookahead direction Δ (SGD: its plan)", "snapshot of θ",
            "θ' = θ + Δ and ‖Δ‖² (SGD: and Δ)", "θ restored",
-           "meta-gradient ⟨∇θ'Q, Δ⟩", "Adam step on φ", "clamp and record φ", "base step"]
+           "meta-gradient ⟨∇θ'Q, Δ⟩ and Adam step on φ", "clamp and record φ", "base step"]
     plain = ["its closure", "its gradient check and base step"]
     assert set(own) | set(plain) | {"meta-step", "closures at θ and θ'", "of which the FSD value and gradient",
                                     "the rest", "plain step", "the rest of it"} == set(rows), proc.stdout
