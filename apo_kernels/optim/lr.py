@@ -490,7 +490,7 @@ class APOLR(APOCore):
         return state
 
     def _make_meta_optimizer(self) -> torch.optim.Optimizer:
-        # fused: one kernel on φ's scalars, which ``step_quietly`` calls directly
+        # fused: torch's one kernel on φ's scalars, which ``dot_adam_step`` (else ``step_quietly``) calls directly
         return torch.optim.Adam([self.log_lr], lr=self.meta_lr, betas=(0.0, 0.9), fused=True)
 
     # ---- public ------------------------------------------------------------------------
