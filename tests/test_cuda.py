@@ -723,6 +723,45 @@ def test_lookahead_write_on_cuda():
 
 
 @requires_cuda
+def test_dot_adam_step_on_cuda():
+    """apo::dot_adam_step on CUDA tensors (the one kernel: ATen's sums, read back, then torch's fused Adam
+    on the device): the gradient against the float64 sums, φ, its moments and counter bit for bit
+    torch.optim.Adam(fused=True)'s on the device; a NaN writes nothing; CPU and CUDA mixed: refused."""
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(33, 17, generator=gen), torch.randn(5, generator=gen, dtype=torch.float64),
+         torch.randn(40, generator=gen)]
+    b = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in a]
+    param = torch.randn(2, generator=gen, dtype=torch.float64).to(dev)
+    twin = param.clone()
+    adam = torch.optim.Adam([twin], lr=0.05, betas=(0.0, 0.9), fused=True)
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    step = torch.zeros((), device=dev)
+    got = torch.ops.apo.dot_adam_step([t.to(dev) for t in a], [t.to(dev) for t in b], [2, 1], param, exp_avg,
+                                      exp_avg_sq, step, 0.05, 0.0, 0.9, 1e-8)
+    want = [sum(float((x.double() * y.double()).sum()) for x, y in zip(a[:2], b[:2])),
+            float((a[2].double() * b[2].double()).sum())]
+    assert got.device.type == "cuda" and got.dtype == torch.float64
+    assert all(math.isclose(g, w, rel_tol=1e-12, abs_tol=1e-12) for g, w in zip(got.tolist(), want))
+    twin.grad = got.clone()
+    adam.step()
+    st = adam.state[twin]
+    assert torch.equal(param, twin) and torch.equal(exp_avg, st["exp_avg"]) and torch.equal(exp_avg_sq, st["exp_avg_sq"])
+    assert float(step) == float(st["step"]) == 1.0
+    b[2][-1] = float("nan")
+    before = [t.clone() for t in (param, exp_avg, exp_avg_sq, step)]
+    got = torch.ops.apo.dot_adam_step([t.to(dev) for t in a], [t.to(dev) for t in b], [2, 1], param, exp_avg,
+                                      exp_avg_sq, step, 0.05, 0.0, 0.9, 1e-8)
+    assert math.isnan(got.tolist()[1])
+    assert all(torch.equal(x, y) for x, y in zip((param, exp_avg, exp_avg_sq, step), before))
+    with pytest.raises(ValueError, match="a\\[0\\] is on cpu but param is on cuda:0"):
+        torch.ops.apo.dot_adam_step([torch.ones(2)], [torch.ones(2)], [1], torch.zeros(1, device=dev,
+                                    dtype=torch.float64), torch.zeros(1, device=dev, dtype=torch.float64),
+                                    torch.zeros(1, device=dev, dtype=torch.float64), torch.zeros((), device=dev),
+                                    0.1, 0.0, 0.9, 1e-8)
+
+
+@requires_cuda
 def test_kron_precondition_on_cuda():
     """apo::kron_precondition's composite kernel on CUDA tensors: out = L·G·R against float64 (1e-5 in
     float32, 1e-12 in float64, 1e-2 in bfloat16; cuBLAS's TF32 off), into a strided out too; CPU and
