@@ -614,24 +614,30 @@ class APOLR(APOCore):
             return momentum_catch_up(mom, k, starts_at_grad=False)
         return 1.0
 
+    def _meta_gradient_terms(self, plan) -> tuple[list[Tensor], list[int]]:
+        """Δ of every parameter in order, and how many of them each learnt lr's sum takes: ∂Q/∂log lr_k =
+        lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩, a group's run each, or one run of every
+        parameter for one lr over all groups. Both ways of forming the meta-gradient sum these runs, so
+        they agree to the bit."""
+        deltas = [d for ds in plan.deltas for d in ds]
+        return deltas, ([len(ds) for ds in plan.deltas] if self.per_group else [len(deltas)])
+
     def _meta_backward(self, plan, dQ) -> bool:
-        # ∂Q/∂log lr_k = lr_k · Σ_{p in group k} ⟨∇θ'Q_p, d_p⟩ = Σ ⟨∇θ'Q_p, Δ_p⟩; one lr for all groups: one
-        # sum over every parameter (the sums of _meta_backward_and_step's call, to the bit)
-        if self.per_group:
-            dQ = iter(dQ)
-            grads = [_sum_of_dots([next(dQ) for _ in deltas], deltas) for deltas in plan.deltas]
-        else:
-            grads = [_sum_of_dots(list(dQ), [d for ds in plan.deltas for d in ds])]
+        dQ = list(dQ)
+        deltas, runs = self._meta_gradient_terms(plan)
+        grads, k = [], 0
+        for n in runs:
+            grads.append(_sum_of_dots(dQ[k:k + n], deltas[k:k + n]))
+            k += n
         self.log_lr.grad = torch.tensor(grads, dtype=torch.float64)
         return all(map(math.isfinite, grads))  # read off the Python floats: no check of its own
 
     def _meta_backward_and_step(self, plan, dQ) -> Optional[bool]:
-        # the dots of _meta_backward and φ's Adam step in one native call (dot_adam_step), where the
+        # the sums of _meta_backward and φ's Adam step in one native call (dot_adam_step), where the
         # meta-optimizer's step is torch's fused kernel: cold after the lookahead's backward, the dot, the
         # gradient tensor and torch's step were four calls and its Python
-        deltas = [d for ds in plan.deltas for d in ds]
-        segments = [len(ds) for ds in plan.deltas] if self.per_group else [len(deltas)]
-        grads = dot_adam_step(self.meta_optimizer, list(dQ), deltas, segments)
+        deltas, runs = self._meta_gradient_terms(plan)
+        grads = dot_adam_step(self.meta_optimizer, list(dQ), deltas, runs)
         return None if grads is None else all(map(math.isfinite, grads))
 
     def _clamp_and_record(self):
